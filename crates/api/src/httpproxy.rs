@@ -1,0 +1,121 @@
+//! `HTTPProxy`: public hostnames routed through connectors to targets on devices.
+
+use gateway_api::apis::standard::gateways::GatewayStatusAddresses;
+use gateway_api::apis::standard::httproutes::{
+    HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesPath, HttpRouteRulesMatchesPathType,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Publishes `hostnames`; each rule matches requests and sends them to backends, each a
+/// target URL on a device reached through a connector chosen by name or by labels.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.datumapis.com",
+    version = "v1alpha",
+    kind = "HTTPProxy",
+    root = "HttpProxy",
+    plural = "httpproxies",
+    singular = "httpproxy",
+    namespaced,
+    status = "HttpProxyStatus",
+    shortname = "proxy",
+    derive = "Default",
+    derive = "PartialEq",
+    printcolumn(name = "Hostnames", type_ = "string", json_path = ".spec.hostnames"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Programmed",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProxySpec {
+    /// Public hostnames (`app.example.com`, or `*.example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    pub rules: Vec<HttpProxyRule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProxyRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Gateway API matches; absent means `PathPrefix /`.
+    #[serde(default = "default_matches")]
+    pub matches: Vec<HttpRouteRulesMatches>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteRulesFilters>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<HttpProxyBackend>,
+}
+
+/// The default match of a rule: every path.
+pub fn default_matches() -> Vec<HttpRouteRulesMatches> {
+    vec![HttpRouteRulesMatches {
+        path: Some(HttpRouteRulesMatchesPath {
+            r#type: Some(HttpRouteRulesMatchesPathType::PathPrefix),
+            value: Some("/".into()),
+        }),
+        ..Default::default()
+    }]
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProxyBackend {
+    /// Where the device sends the request, e.g. `http://127.0.0.1:3000`.
+    pub endpoint: String,
+    /// Which connector(s) carry the request; several matches mean several backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<ConnectorReference>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteRulesBackendRefsFilters>,
+}
+
+/// A connector by name, or every connector whose labels match, in the proxy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectorReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProxyStatus {
+    /// `Accepted`, `Programmed`, `ConnectorMetadataProgrammed`, `HostnamesInUse`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostname_statuses: Vec<HostnameStatus>,
+    /// A hostname that always routes to this proxy: `<uid>.<zone>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<GatewayStatusAddresses>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostnameStatus {
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

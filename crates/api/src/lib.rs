@@ -1,0 +1,80 @@
+//! Portway's resource types, validation rules and protocol constants.
+//!
+//! Every object of the system is declared here once, as a `kube::CustomResource` (or borrowed
+//! from `k8s-openapi` / `gateway-api`), so the API server, the agent, the operator and the
+//! gateway agree on one model. Validation lives beside the types; the API server runs it on
+//! every write, and clients may run it before sending.
+//!
+//! ```
+//! use portway_api::{Connector, ConnectorSpec, Validate};
+//! let c = Connector::new("laptop", ConnectorSpec { connector_class_name: "portway".into(), capabilities: vec![] });
+//! assert!(c.validate().is_empty());
+//! ```
+
+// kube's `printcolumn(...)` repeats keys such as `type_` once per column.
+#![allow(clippy::duplicated_attributes)]
+
+mod advertisement;
+mod condition;
+mod connector;
+mod crds;
+mod envoy;
+mod httpproxy;
+mod selector;
+pub mod validation;
+
+pub use advertisement::*;
+pub use condition::*;
+pub use connector::*;
+pub use crds::{all_crds, crds_yaml};
+pub use envoy::*;
+pub use httpproxy::*;
+pub use selector::*;
+pub use validation::{FieldError, FieldErrorKind, Validate};
+
+/// Re-exported so dependants use the same versions as the types.
+pub use gateway_api;
+pub use k8s_openapi;
+
+/// The API group of Portway's own kinds (shared with Datum's so manifests carry over).
+pub const GROUP: &str = "networking.datumapis.com";
+
+/// ALPN of the tunnel protocol: HTTP/1.1 CONNECT or absolute-form requests over QUIC streams,
+/// as spoken by `iroh-proxy-utils`, Datum Connect and iroh-gateway.
+pub const TUNNEL_ALPN: &[u8] = b"iroh-http-proxy/1";
+
+/// The ConnectorClass and GatewayClass that Portway serves by default.
+pub const DEFAULT_CLASS: &str = "portway";
+
+/// The controller name Portway's operator claims classes with.
+pub const CONTROLLER_NAME: &str = "portway.dev/operator";
+
+/// Request headers the operator sets per backend and the sidecar consumes. Public clients
+/// must never be able to set them: the edge drops every inbound `datum-*` header first.
+pub mod headers {
+    pub const PREFIX: &str = "datum-";
+    pub const NODE_ID: &str = "datum-node-id";
+    pub const TARGET_HOST: &str = "datum-target-host";
+    pub const TARGET_PORT: &str = "datum-target-port";
+    pub const TARGET_PROTO: &str = "datum-target-proto";
+    /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
+    pub const IROH_PREFIX: &str = "x-iroh-";
+}
+
+/// Label keys Portway sets on objects.
+pub mod labels {
+    pub const HOSTNAME: &str = "portway.dev/hostname";
+    pub const OS: &str = "portway.dev/os";
+    pub const AGENT_VERSION: &str = "portway.dev/agent-version";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const PROXY: &str = "portway.dev/httpproxy";
+}
+
+/// Field managers, so server-side apply tells the writers apart.
+pub mod managers {
+    pub const AGENT: &str = "portway-agent";
+    pub const OPERATOR: &str = "portway-operator";
+    pub const DNS: &str = "portway-dns";
+    pub const EDGE: &str = "portway-edge";
+    pub const SIDECAR: &str = "portway-sidecar";
+}

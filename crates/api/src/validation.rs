@@ -1,0 +1,1069 @@
+//! Validation of every kind the API server stores: one function per rule, one `Validate`
+//! impl per kind, each error naming the field and the reason.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
+use url::Url;
+
+use crate::{
+    BackendTrafficPolicy, ConnectionType, Connector, ConnectorAdvertisement, ConnectorClass,
+    HttpProxy,
+};
+
+/// Most lists in Portway's own kinds hold at most this many items.
+pub const MAX_ITEMS: usize = 16;
+/// Total size of all annotations on one object, as in Kubernetes.
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// One invalid field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `spec.rules[0].backends[1].endpoint`.
+    pub field: String,
+    pub kind: FieldErrorKind,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldErrorKind {
+    Required,
+    Invalid,
+    TooMany,
+    TooLong,
+    Duplicate,
+    NotSupported,
+    Forbidden,
+}
+
+impl FieldErrorKind {
+    /// The `reason` Kubernetes uses for this kind of error in `details.causes`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Required => "FieldValueRequired",
+            Self::Invalid => "FieldValueInvalid",
+            Self::TooMany => "FieldValueTooMany",
+            Self::TooLong => "FieldValueTooLong",
+            Self::Duplicate => "FieldValueDuplicate",
+            Self::NotSupported => "FieldValueNotSupported",
+            Self::Forbidden => "FieldValueForbidden",
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// The naming rule of a kind's `metadata.name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameRule {
+    /// RFC 1123 label: at most 63 of `[a-z0-9-]`, alphanumeric at both ends.
+    Label,
+    /// RFC 1123 subdomain: labels joined by dots, at most 253 characters.
+    Subdomain,
+}
+
+/// Validation of one kind's content (spec and status; metadata is checked by
+/// [`validate_meta`]).
+pub trait Validate {
+    /// The rule `metadata.name` must follow.
+    const NAME_RULE: NameRule = NameRule::Subdomain;
+
+    /// Every problem found; empty when valid.
+    fn validate(&self) -> Vec<FieldError>;
+}
+
+/// Accumulates errors under a path prefix.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, field: impl Into<String>, kind: FieldErrorKind, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            kind,
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, field: impl Into<String>, result: Result<(), String>) {
+        if let Err(message) = result {
+            self.push(field, FieldErrorKind::Invalid, message);
+        }
+    }
+
+    fn required(&mut self, field: impl Into<String>, value: &str) -> bool {
+        if value.is_empty() {
+            self.push(field, FieldErrorKind::Required, "Required value");
+            return false;
+        }
+        true
+    }
+
+    fn max_items<T>(&mut self, field: &str, list: &[T], max: usize) {
+        if list.len() > max {
+            self.push(
+                field,
+                FieldErrorKind::TooMany,
+                format!("must have at most {max} items, got {}", list.len()),
+            );
+        }
+    }
+
+    fn unique<'a>(&mut self, field: &str, values: impl IntoIterator<Item = (usize, &'a str)>) {
+        let mut seen = HashSet::new();
+        for (i, v) in values {
+            if !seen.insert(v) {
+                self.push(
+                    format!("{field}[{i}]"),
+                    FieldErrorKind::Duplicate,
+                    format!("duplicate value {v:?}"),
+                );
+            }
+        }
+    }
+
+    fn conditions(&mut self, field: &str, conditions: &[Condition]) {
+        for (i, c) in conditions.iter().enumerate() {
+            self.required(format!("{field}[{i}].type"), &c.type_);
+            if !matches!(c.status.as_str(), "True" | "False" | "Unknown") {
+                self.push(
+                    format!("{field}[{i}].status"),
+                    FieldErrorKind::NotSupported,
+                    format!("must be True, False or Unknown, got {:?}", c.status),
+                );
+            }
+            if !c.reason.is_empty() {
+                self.check(format!("{field}[{i}].reason"), condition_reason(&c.reason));
+            }
+        }
+        self.unique(
+            field,
+            conditions
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, c.type_.as_str())),
+        );
+    }
+}
+
+fn is_alnum_lower(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+/// An RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn dns1123_label(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 63 {
+        return Err(format!("must be at most 63 characters, got {}", s.len()));
+    }
+    let ok = s.chars().all(|c| is_alnum_lower(c) || c == '-')
+        && s.starts_with(is_alnum_lower)
+        && s.ends_with(is_alnum_lower);
+    if !ok {
+        return Err(format!(
+            "{s:?} must consist of lower case letters, digits and '-', and start and end with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// An RFC 1123 subdomain: labels joined by `.`, at most 253 characters.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 253 {
+        return Err(format!("must be at most 253 characters, got {}", s.len()));
+    }
+    if s.split('.').any(|label| dns1123_label(label).is_err()) {
+        return Err(format!(
+            "{s:?} must consist of lower case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// A DNS hostname; with `allow_wildcard`, `*.` may stand as the whole leading label.
+/// IP addresses are refused: a hostname routes by `Host` header and TLS SNI.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn hostname(s: &str, allow_wildcard: bool) -> Result<(), String> {
+    let rest = match s.strip_prefix("*.") {
+        Some(rest) if allow_wildcard => rest,
+        Some(_) => return Err(format!("{s:?}: a wildcard is not allowed here")),
+        None => s,
+    };
+    if rest.contains('*') {
+        return Err(format!(
+            "{s:?}: '*' is allowed only as the whole leading label, as in *.example.com"
+        ));
+    }
+    if rest.parse::<IpAddr>().is_ok() {
+        return Err(format!("{s:?} is an IP address; a hostname is required"));
+    }
+    dns1123_subdomain(rest)
+}
+
+/// An address a device offers: an IP address, or a DNS name with an optional leading `*.`.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn service_address(s: &str) -> Result<(), String> {
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    hostname(s, true).map_err(|e| format!("must be an IP address or DNS name: {e}"))
+}
+
+/// A TCP/UDP port number.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn port(p: i32) -> Result<(), String> {
+    if (1..=65535).contains(&p) {
+        Ok(())
+    } else {
+        Err(format!("must be between 1 and 65535, got {p}"))
+    }
+}
+
+/// An http(s) URL naming a host and optionally a port: no credentials, query or fragment.
+/// With `allow_path` false, only an empty path or `/` is accepted.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn http_url(s: &str, allow_path: bool) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme {:?} is not supported; use http or https",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{s:?} must not carry credentials"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?} must not have a query or fragment"));
+    }
+    if !allow_path && !matches!(url.path(), "" | "/") {
+        return Err(format!(
+            "{s:?} must not have a path; route by path with the rule's matches instead"
+        ));
+    }
+    Ok(url)
+}
+
+/// A lower-case hex iroh endpoint id (32 bytes).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn endpoint_id(s: &str) -> Result<(), String> {
+    if s.len() == 64
+        && s.chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 64 lower-case hex characters (an iroh endpoint id), got {s:?}"
+        ))
+    }
+}
+
+fn qualified_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// A label or annotation key: an optional DNS-subdomain prefix and `/`, then a name of at
+/// most 63 of `[A-Za-z0-9_.-]`.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn qualified_name(s: &str) -> Result<(), String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(prefix) = prefix {
+        dns1123_subdomain(prefix).map_err(|e| format!("prefix of {s:?}: {e}"))?;
+    }
+    if !qualified_name_part(name) {
+        return Err(format!(
+            "{s:?}: name part must be at most 63 of [A-Za-z0-9_.-], starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// A label value: empty, or at most 63 of `[A-Za-z0-9_.-]` with alphanumeric ends.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() || qualified_name_part(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be at most 63 of [A-Za-z0-9_.-], starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn condition_reason(s: &str) -> Result<(), String> {
+    let ok = s.len() <= 1024
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{s:?} must be CamelCase ([A-Za-z][A-Za-z0-9_,:]*)"))
+    }
+}
+
+/// Validates the user-settable parts of `metadata`: name, labels, annotations and
+/// owner references.
+pub fn validate_meta(meta: &ObjectMeta, rule: NameRule) -> Vec<FieldError> {
+    let mut errs = Errors::default();
+    match meta.name.as_deref() {
+        None | Some("") => errs.push(
+            "metadata.name",
+            FieldErrorKind::Required,
+            "name or generateName is required",
+        ),
+        Some(name) => errs.check(
+            "metadata.name",
+            match rule {
+                NameRule::Label => dns1123_label(name),
+                NameRule::Subdomain => dns1123_subdomain(name),
+            },
+        ),
+    }
+    validate_labels(&mut errs, "metadata.labels", meta.labels.as_ref());
+    let mut size = 0;
+    for key in meta.annotations.iter().flatten().map(|(k, v)| {
+        size += k.len() + v.len();
+        k
+    }) {
+        errs.check(format!("metadata.annotations[{key}]"), qualified_name(key));
+    }
+    if size > MAX_ANNOTATIONS_BYTES {
+        errs.push(
+            "metadata.annotations",
+            FieldErrorKind::TooLong,
+            format!("may not be more than {MAX_ANNOTATIONS_BYTES} bytes in total, got {size}"),
+        );
+    }
+    for (i, o) in meta.owner_references.iter().flatten().enumerate() {
+        let f = format!("metadata.ownerReferences[{i}]");
+        errs.required(format!("{f}.apiVersion"), &o.api_version);
+        errs.required(format!("{f}.kind"), &o.kind);
+        errs.required(format!("{f}.name"), &o.name);
+        errs.required(format!("{f}.uid"), &o.uid);
+    }
+    for (i, f) in meta.finalizers.iter().flatten().enumerate() {
+        errs.check(format!("metadata.finalizers[{i}]"), qualified_name(f));
+    }
+    errs.0
+}
+
+fn validate_labels(errs: &mut Errors, field: &str, labels: Option<&BTreeMap<String, String>>) {
+    for (k, v) in labels.into_iter().flatten() {
+        errs.check(format!("{field}[{k}]"), qualified_name(k));
+        errs.check(format!("{field}[{k}]"), label_value(v));
+    }
+}
+
+fn validate_selector(errs: &mut Errors, field: &str, sel: &LabelSelector) {
+    validate_labels(
+        errs,
+        &format!("{field}.matchLabels"),
+        sel.match_labels.as_ref(),
+    );
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        errs.check(format!("{f}.key"), qualified_name(&e.key));
+        let n = e.values.as_ref().map_or(0, Vec::len);
+        match e.operator.as_str() {
+            "In" | "NotIn" if n == 0 => errs.push(
+                format!("{f}.values"),
+                FieldErrorKind::Required,
+                "must be non-empty for In and NotIn",
+            ),
+            "Exists" | "DoesNotExist" if n > 0 => errs.push(
+                format!("{f}.values"),
+                FieldErrorKind::Forbidden,
+                "must be empty for Exists and DoesNotExist",
+            ),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => errs.push(
+                format!("{f}.operator"),
+                FieldErrorKind::NotSupported,
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            ),
+        }
+    }
+}
+
+impl Validate for ConnectorClass {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        if errs.required("spec.controllerName", &self.spec.controller_name) {
+            let ok = self
+                .spec
+                .controller_name
+                .split_once('/')
+                .is_some_and(|(domain, path)| {
+                    dns1123_subdomain(domain).is_ok() && !path.is_empty()
+                });
+            if !ok {
+                errs.push(
+                    "spec.controllerName",
+                    FieldErrorKind::Invalid,
+                    "must be a domain-prefixed path such as portway.dev/operator",
+                );
+            }
+        }
+        if let Some(status) = &self.status {
+            errs.conditions("status.conditions", &status.conditions);
+            errs.max_items("status.gateways", &status.gateways, 64);
+            for (i, g) in status.gateways.iter().enumerate() {
+                errs.check(
+                    format!("status.gateways[{i}].name"),
+                    dns1123_subdomain(&g.name),
+                );
+                errs.check(
+                    format!("status.gateways[{i}].endpointId"),
+                    endpoint_id(&g.endpoint_id),
+                );
+            }
+            errs.unique(
+                "status.gateways",
+                status
+                    .gateways
+                    .iter()
+                    .enumerate()
+                    .map(|(i, g)| (i, g.name.as_str())),
+            );
+        }
+        errs.0
+    }
+}
+
+impl Validate for Connector {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        if errs.required("spec.connectorClassName", &self.spec.connector_class_name) {
+            errs.check(
+                "spec.connectorClassName",
+                dns1123_subdomain(&self.spec.connector_class_name),
+            );
+        }
+        errs.max_items("spec.capabilities", &self.spec.capabilities, MAX_ITEMS);
+        let mut seen = HashSet::new();
+        for (i, c) in self.spec.capabilities.iter().enumerate() {
+            if !seen.insert(c.type_) {
+                errs.push(
+                    format!("spec.capabilities[{i}].type"),
+                    FieldErrorKind::Duplicate,
+                    "declared twice",
+                );
+            }
+        }
+        let Some(status) = &self.status else {
+            return errs.0;
+        };
+        errs.conditions("status.conditions", &status.conditions);
+        if let Some(details) = &status.connection_details {
+            let f = "status.connectionDetails.publicKey";
+            match (&details.type_, &details.public_key) {
+                (ConnectionType::PublicKey, None) => errs.push(
+                    f,
+                    FieldErrorKind::Required,
+                    "required when type is PublicKey",
+                ),
+                (ConnectionType::PublicKey, Some(pk)) => {
+                    errs.check(format!("{f}.id"), endpoint_id(&pk.id));
+                    if let Some(relay) = &pk.home_relay {
+                        errs.check(format!("{f}.homeRelay"), http_url(relay, true).map(drop));
+                    }
+                    errs.max_items(&format!("{f}.addresses"), &pk.addresses, MAX_ITEMS);
+                    for (i, a) in pk.addresses.iter().enumerate() {
+                        if a.address.parse::<IpAddr>().is_err() {
+                            errs.push(
+                                format!("{f}.addresses[{i}].address"),
+                                FieldErrorKind::Invalid,
+                                format!("{:?} is not an IP address", a.address),
+                            );
+                        }
+                        errs.check(format!("{f}.addresses[{i}].port"), port(a.port));
+                    }
+                }
+            }
+        }
+        if let Some(lease) = &status.lease_ref {
+            errs.check("status.leaseRef.name", dns1123_subdomain(&lease.name));
+        }
+        errs.0
+    }
+}
+
+impl Validate for ConnectorAdvertisement {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        if errs.required("spec.connectorRef.name", &self.spec.connector_ref.name) {
+            errs.check(
+                "spec.connectorRef.name",
+                dns1123_subdomain(&self.spec.connector_ref.name),
+            );
+        }
+        errs.max_items("spec.layer4", &self.spec.layer4, MAX_ITEMS);
+        errs.unique(
+            "spec.layer4",
+            self.spec
+                .layer4
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i, l.name.as_str())),
+        );
+        for (i, l4) in self.spec.layer4.iter().enumerate() {
+            let f = format!("spec.layer4[{i}]");
+            errs.check(format!("{f}.name"), dns1123_label(&l4.name));
+            if l4.services.is_empty() {
+                errs.push(
+                    format!("{f}.services"),
+                    FieldErrorKind::Required,
+                    "at least one service is required",
+                );
+            }
+            errs.max_items(&format!("{f}.services"), &l4.services, MAX_ITEMS);
+            for (j, svc) in l4.services.iter().enumerate() {
+                let f = format!("{f}.services[{j}]");
+                errs.check(format!("{f}.address"), service_address(&svc.address));
+                if svc.ports.is_empty() {
+                    errs.push(
+                        format!("{f}.ports"),
+                        FieldErrorKind::Required,
+                        "at least one port is required",
+                    );
+                }
+                errs.max_items(&format!("{f}.ports"), &svc.ports, MAX_ITEMS);
+                for (k, p) in svc.ports.iter().enumerate() {
+                    errs.check(format!("{f}.ports[{k}].port"), port(p.port));
+                    if let Some(name) = &p.name {
+                        errs.check(format!("{f}.ports[{k}].name"), dns1123_label(name));
+                    }
+                }
+            }
+        }
+        if let Some(status) = &self.status {
+            errs.conditions("status.conditions", &status.conditions);
+        }
+        errs.0
+    }
+}
+
+impl Validate for HttpProxy {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let spec = &self.spec;
+        errs.max_items("spec.hostnames", &spec.hostnames, MAX_ITEMS);
+        for (i, h) in spec.hostnames.iter().enumerate() {
+            errs.check(format!("spec.hostnames[{i}]"), hostname(h, true));
+        }
+        errs.unique(
+            "spec.hostnames",
+            spec.hostnames
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (i, h.as_str())),
+        );
+        if spec.rules.is_empty() {
+            errs.push(
+                "spec.rules",
+                FieldErrorKind::Required,
+                "at least one rule is required",
+            );
+        }
+        errs.max_items("spec.rules", &spec.rules, MAX_ITEMS);
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let f = format!("spec.rules[{i}]");
+            if let Some(name) = &rule.name {
+                errs.check(format!("{f}.name"), dns1123_label(name));
+            }
+            errs.max_items(&format!("{f}.matches"), &rule.matches, MAX_ITEMS);
+            for (j, m) in rule.matches.iter().enumerate() {
+                if let Some(value) = m.path.as_ref().and_then(|p| p.value.as_deref())
+                    && !value.starts_with('/')
+                {
+                    errs.push(
+                        format!("{f}.matches[{j}].path.value"),
+                        FieldErrorKind::Invalid,
+                        "must start with '/'",
+                    );
+                }
+            }
+            errs.max_items(&format!("{f}.filters"), &rule.filters, MAX_ITEMS);
+            errs.max_items(&format!("{f}.backends"), &rule.backends, MAX_ITEMS);
+            for (j, b) in rule.backends.iter().enumerate() {
+                let f = format!("{f}.backends[{j}]");
+                errs.check(
+                    format!("{f}.endpoint"),
+                    http_url(&b.endpoint, false).map(drop),
+                );
+                match &b.connector {
+                    None => {}
+                    Some(c) => match (&c.name, &c.selector) {
+                        (Some(name), None) => {
+                            errs.check(format!("{f}.connector.name"), dns1123_subdomain(name))
+                        }
+                        (None, Some(sel)) => {
+                            validate_selector(&mut errs, &format!("{f}.connector.selector"), sel)
+                        }
+                        _ => errs.push(
+                            format!("{f}.connector"),
+                            FieldErrorKind::Invalid,
+                            "exactly one of name or selector must be set",
+                        ),
+                    },
+                }
+                errs.max_items(&format!("{f}.filters"), &b.filters, MAX_ITEMS);
+            }
+        }
+        if let Some(status) = &self.status {
+            errs.conditions("status.conditions", &status.conditions);
+            for (i, h) in status.hostname_statuses.iter().enumerate() {
+                errs.conditions(
+                    &format!("status.hostnameStatuses[{i}].conditions"),
+                    &h.conditions,
+                );
+            }
+        }
+        errs.0
+    }
+}
+
+impl Validate for BackendTrafficPolicy {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        errs.max_items("spec.targetRefs", &self.spec.target_refs, MAX_ITEMS);
+        for (i, t) in self.spec.target_refs.iter().enumerate() {
+            errs.required(format!("spec.targetRefs[{i}].kind"), &t.kind);
+            if errs.required(format!("spec.targetRefs[{i}].name"), &t.name) {
+                errs.check(
+                    format!("spec.targetRefs[{i}].name"),
+                    dns1123_subdomain(&t.name),
+                );
+            }
+        }
+        errs.max_items("spec.httpUpgrade", &self.spec.http_upgrade, MAX_ITEMS);
+        for (i, u) in self.spec.http_upgrade.iter().enumerate() {
+            errs.required(format!("spec.httpUpgrade[{i}].type"), &u.type_);
+        }
+        errs.0
+    }
+}
+
+impl Validate for Namespace {
+    const NAME_RULE: NameRule = NameRule::Label;
+
+    fn validate(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+}
+
+impl Validate for Lease {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        if let Some(spec) = &self.spec
+            && let Some(d) = spec.lease_duration_seconds
+            && d <= 0
+        {
+            errs.push(
+                "spec.leaseDurationSeconds",
+                FieldErrorKind::Invalid,
+                format!("must be greater than 0, got {d}"),
+            );
+        }
+        errs.0
+    }
+}
+
+impl Validate for Service {
+    const NAME_RULE: NameRule = NameRule::Label;
+
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let ports = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_deref())
+            .unwrap_or_default();
+        for (i, p) in ports.iter().enumerate() {
+            errs.check(format!("spec.ports[{i}].port"), port(p.port));
+            match &p.name {
+                Some(name) => errs.check(format!("spec.ports[{i}].name"), dns1123_label(name)),
+                None if ports.len() > 1 => errs.push(
+                    format!("spec.ports[{i}].name"),
+                    FieldErrorKind::Required,
+                    "required when there is more than one port",
+                ),
+                None => {}
+            }
+        }
+        errs.unique(
+            "spec.ports",
+            ports
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((i, p.name.as_deref()?))),
+        );
+        errs.0
+    }
+}
+
+impl Validate for EndpointSlice {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let ip = |s: &str| s.parse::<IpAddr>();
+        let endpoints = self.endpoints.as_deref().unwrap_or_default();
+        for (i, e) in endpoints.iter().enumerate() {
+            if e.addresses.is_empty() {
+                errs.push(
+                    format!("endpoints[{i}].addresses"),
+                    FieldErrorKind::Required,
+                    "at least one address",
+                );
+            }
+            for (j, a) in e.addresses.iter().enumerate() {
+                let f = format!("endpoints[{i}].addresses[{j}]");
+                let ok = match self.address_type.as_str() {
+                    "IPv4" => ip(a).is_ok_and(|ip| ip.is_ipv4()),
+                    "IPv6" => ip(a).is_ok_and(|ip| ip.is_ipv6()),
+                    _ => dns1123_subdomain(a).is_ok(),
+                };
+                if !ok {
+                    errs.push(
+                        f,
+                        FieldErrorKind::Invalid,
+                        format!("{a:?} is not a valid {} address", self.address_type),
+                    );
+                }
+            }
+        }
+        if !matches!(self.address_type.as_str(), "IPv4" | "IPv6" | "FQDN") {
+            errs.push(
+                "addressType",
+                FieldErrorKind::NotSupported,
+                format!("{:?} is not one of IPv4, IPv6, FQDN", self.address_type),
+            );
+        }
+        errs.max_items("endpoints", endpoints, 1000);
+        for (i, p) in self.ports.iter().flatten().enumerate() {
+            if let Some(n) = p.port {
+                errs.check(format!("ports[{i}].port"), port(n));
+            }
+        }
+        errs.0
+    }
+}
+
+impl Validate for GatewayClass {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        errs.required("spec.controllerName", &self.spec.controller_name);
+        errs.0
+    }
+}
+
+impl Validate for Gateway {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        errs.required("spec.gatewayClassName", &self.spec.gateway_class_name);
+        let listeners = &self.spec.listeners;
+        errs.max_items("spec.listeners", listeners, 64);
+        for (i, l) in listeners.iter().enumerate() {
+            errs.check(format!("spec.listeners[{i}].name"), dns1123_label(&l.name));
+            errs.check(format!("spec.listeners[{i}].port"), port(l.port));
+            if let Some(h) = &l.hostname {
+                errs.check(format!("spec.listeners[{i}].hostname"), hostname(h, true));
+            }
+        }
+        errs.unique(
+            "spec.listeners",
+            listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i, l.name.as_str())),
+        );
+        errs.0
+    }
+}
+
+impl Validate for HttpRoute {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let hostnames = self.spec.hostnames.as_deref().unwrap_or_default();
+        errs.max_items("spec.hostnames", hostnames, MAX_ITEMS);
+        for (i, h) in hostnames.iter().enumerate() {
+            errs.check(format!("spec.hostnames[{i}]"), hostname(h, true));
+        }
+        let rules = self.spec.rules.as_deref().unwrap_or_default();
+        errs.max_items("spec.rules", rules, MAX_ITEMS);
+        for (i, r) in rules.iter().enumerate() {
+            for (j, b) in r.backend_refs.iter().flatten().enumerate() {
+                if let Some(p) = b.port {
+                    errs.check(format!("spec.rules[{i}].backendRefs[{j}].port"), port(p));
+                }
+            }
+        }
+        errs.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+
+    #[test]
+    fn labels_and_subdomains() {
+        assert!(dns1123_label("web-1").is_ok());
+        assert!(dns1123_label("-web").is_err());
+        assert!(dns1123_label("Web").is_err());
+        assert!(dns1123_label(&"a".repeat(64)).is_err());
+        assert!(dns1123_subdomain("a.b-c.d").is_ok());
+        assert!(dns1123_subdomain("a..b").is_err());
+        assert!(dns1123_subdomain(&"a.".repeat(127)).is_err());
+    }
+
+    #[test]
+    fn hostnames_allow_only_a_leading_wildcard() {
+        assert!(hostname("app.example.com", false).is_ok());
+        assert!(hostname("localhost", false).is_ok());
+        assert!(hostname("*.example.com", true).is_ok());
+        assert!(hostname("*.example.com", false).is_err());
+        assert!(hostname("a.*.example.com", true).is_err());
+        assert!(hostname("*example.com", true).is_err());
+        assert!(hostname("10.0.0.1", true).is_err());
+        assert!(hostname("UPPER.example.com", true).is_err());
+        assert!(service_address("10.0.0.1").is_ok());
+        assert!(service_address("::1").is_ok());
+        assert!(service_address("*.svc.local").is_ok());
+        assert!(service_address("a b").is_err());
+    }
+
+    #[test]
+    fn urls_ports_ids_and_keys() {
+        assert!(http_url("http://127.0.0.1:3000", false).is_ok());
+        assert!(http_url("https://app.internal/", false).is_ok());
+        assert!(http_url("ftp://x", false).unwrap_err().contains("scheme"));
+        assert!(
+            http_url("http://u:p@x", false)
+                .unwrap_err()
+                .contains("credentials")
+        );
+        assert!(http_url("http://x/a", false).unwrap_err().contains("path"));
+        assert!(http_url("http://x/a", true).is_ok());
+        assert!(http_url("not a url", false).is_err());
+        assert!(port(0).is_err() && port(65536).is_err() && port(443).is_ok());
+        assert!(endpoint_id(&"ab".repeat(32)).is_ok());
+        assert!(endpoint_id(&"AB".repeat(32)).is_err());
+        assert!(qualified_name("portway.dev/os").is_ok());
+        assert!(qualified_name("app").is_ok());
+        assert!(qualified_name("bad key").is_err());
+        assert!(qualified_name("Bad_Prefix/x").is_err());
+        assert!(
+            label_value("").is_ok() && label_value("a.b_c-1").is_ok() && label_value("-x").is_err()
+        );
+    }
+
+    fn proxy(spec: HttpProxySpec) -> HttpProxy {
+        HttpProxy::new("p", spec)
+    }
+
+    #[test]
+    fn proxy_errors_name_the_field() {
+        let p = proxy(HttpProxySpec {
+            hostnames: vec![
+                "ok.example.com".into(),
+                "bad_host".into(),
+                "ok.example.com".into(),
+            ],
+            rules: vec![HttpProxyRule {
+                backends: vec![HttpProxyBackend {
+                    endpoint: "gopher://x".into(),
+                    connector: Some(ConnectorReference {
+                        name: Some("c".into()),
+                        selector: Some(Default::default()),
+                    }),
+                    filters: vec![],
+                }],
+                ..Default::default()
+            }],
+        });
+        let fields: Vec<_> = p
+            .validate()
+            .into_iter()
+            .map(|e| (e.field, e.kind))
+            .collect();
+        assert!(
+            fields.contains(&("spec.hostnames[1]".into(), FieldErrorKind::Invalid)),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&("spec.hostnames[2]".into(), FieldErrorKind::Duplicate)),
+            "{fields:?}"
+        );
+        assert!(fields.contains(&(
+            "spec.rules[0].backends[0].endpoint".into(),
+            FieldErrorKind::Invalid
+        )));
+        assert!(fields.contains(&(
+            "spec.rules[0].backends[0].connector".into(),
+            FieldErrorKind::Invalid
+        )));
+        let empty = proxy(HttpProxySpec {
+            hostnames: vec![],
+            rules: vec![],
+        });
+        assert_eq!(empty.validate()[0].field, "spec.rules");
+        let many = proxy(HttpProxySpec {
+            hostnames: (0..17).map(|i| format!("h{i}.example.com")).collect(),
+            rules: vec![HttpProxyRule::default()],
+        });
+        assert_eq!(many.validate()[0].kind, FieldErrorKind::TooMany);
+    }
+
+    #[test]
+    fn advertisement_checks_addresses_and_ports() {
+        let mut adv = ConnectorAdvertisement::new(
+            "a",
+            ConnectorAdvertisementSpec {
+                connector_ref: LocalObjectReference { name: "c".into() },
+                layer4: vec![Layer4Advertisement {
+                    name: "web".into(),
+                    services: vec![Layer4Service {
+                        address: "a.*.example.com".into(),
+                        ports: vec![ServicePort {
+                            name: None,
+                            port: 70000,
+                            protocol: Protocol::Tcp,
+                        }],
+                    }],
+                }],
+            },
+        );
+        let fields: Vec<_> = adv.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.layer4[0].services[0].address",
+                "spec.layer4[0].services[0].ports[0].port"
+            ]
+        );
+        adv.spec.layer4[0].services[0] = Layer4Service {
+            address: "*.example.com".into(),
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+        };
+        assert!(adv.validate().is_empty());
+    }
+
+    #[test]
+    fn connector_status_is_checked() {
+        let mut c = Connector::new(
+            "c",
+            ConnectorSpec {
+                connector_class_name: "portway".into(),
+                capabilities: vec![],
+            },
+        );
+        c.status = Some(ConnectorStatus {
+            connection_details: Some(ConnectionDetails {
+                type_: ConnectionType::PublicKey,
+                public_key: Some(PublicKeyConnectionDetails {
+                    id: "xyz".into(),
+                    discovery_mode: DiscoveryMode::Dns,
+                    home_relay: Some("relay".into()),
+                    addresses: vec![PublicKeyAddress {
+                        address: "host".into(),
+                        port: 0,
+                    }],
+                }),
+            }),
+            ..Default::default()
+        });
+        let fields: Vec<_> = c.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "status.connectionDetails.publicKey.id",
+                "status.connectionDetails.publicKey.homeRelay",
+                "status.connectionDetails.publicKey.addresses[0].address",
+                "status.connectionDetails.publicKey.addresses[0].port",
+            ]
+        );
+    }
+
+    #[test]
+    fn meta_names_labels_annotations() {
+        let meta = ObjectMeta {
+            name: Some("Bad".into()),
+            labels: Some([("ok".to_string(), "-bad".to_string())].into()),
+            annotations: Some([("a b".to_string(), "v".to_string())].into()),
+            ..Default::default()
+        };
+        let fields: Vec<_> = validate_meta(&meta, NameRule::Subdomain)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "metadata.name",
+                "metadata.labels[ok]",
+                "metadata.annotations[a b]"
+            ]
+        );
+        let meta = ObjectMeta {
+            name: Some("a.b".into()),
+            ..Default::default()
+        };
+        assert!(validate_meta(&meta, NameRule::Subdomain).is_empty());
+        assert_eq!(validate_meta(&meta, NameRule::Label).len(), 1);
+    }
+}

@@ -1,0 +1,348 @@
+//! Bearer-token authentication from a tokens file, and authorisation by role.
+//!
+//! The tokens file is CSV like kube-apiserver's: `token,user,roles,namespaces`, where
+//! `roles` is a comma-separated list (quote it when it has several) of `admin`,
+//! `operator`, `agent`, `viewer`, and `namespaces` is a comma-separated list or `*`.
+//!
+//! | role       | namespaced kinds                                                   | cluster-scoped kinds |
+//! |------------|--------------------------------------------------------------------|----------------------|
+//! | `admin`    | every verb, every namespace                                        | every verb |
+//! | `operator` | every verb, every namespace                                        | ConnectorClass, GatewayClass: every verb; Namespace: read |
+//! | `agent`    | Connector, ConnectorAdvertisement, HTTPProxy, Lease: every verb, own namespaces only | ConnectorClass: read; own Namespace: get |
+//! | `viewer`   | read (get, list, watch), own namespaces only                       | Namespace (own), ConnectorClass, GatewayClass: read |
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::ApiError;
+use crate::registry::Res;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Operator,
+    Agent,
+    Viewer,
+}
+
+impl Role {
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "admin" => Some(Self::Admin),
+            "operator" => Some(Self::Operator),
+            "agent" => Some(Self::Agent),
+            "viewer" => Some(Self::Viewer),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespaces {
+    All,
+    Only(Vec<String>),
+}
+
+impl Namespaces {
+    fn allows(&self, ns: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(list) => list.iter().any(|n| n == ns),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub roles: Vec<Role>,
+    pub namespaces: Namespaces,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    List,
+    Watch,
+    Create,
+    Update,
+    Patch,
+    Delete,
+    DeleteCollection,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "get",
+            Self::List => "list",
+            Self::Watch => "watch",
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Patch => "patch",
+            Self::Delete => "delete",
+            Self::DeleteCollection => "deletecollection",
+        }
+    }
+
+    fn is_read(self) -> bool {
+        matches!(self, Self::Get | Self::List | Self::Watch)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    #[error("reading tokens file {path}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Line {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The users known by bearer token.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens {
+    by_token: HashMap<String, Arc<User>>,
+}
+
+impl Tokens {
+    /// # Errors
+    /// When the file cannot be read, or a line is malformed (the error names the line).
+    pub fn load(path: &Path) -> Result<Self, TokensError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// # Errors
+    /// When a line is malformed; the error names `source` and the line.
+    pub fn parse(text: &str, source: &str) -> Result<Self, TokensError> {
+        let mut by_token = HashMap::new();
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .comment(Some(b'#'))
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
+        for record in reader.records() {
+            let err = |line: usize, message: String| TokensError::Line {
+                path: source.to_owned(),
+                line,
+                message,
+            };
+            let record = record
+                .map_err(|e| err(e.position().map_or(0, |p| p.line() as usize), e.to_string()))?;
+            let line = record.position().map_or(0, |p| p.line() as usize);
+            if record.iter().all(str::is_empty) {
+                continue;
+            }
+            if record.len() < 3 {
+                return Err(err(line, "expected token,user,roles[,namespaces]".into()));
+            }
+            let (token, name) = (&record[0], &record[1]);
+            if token.len() < 16 {
+                return Err(err(line, "token must be at least 16 characters".into()));
+            }
+            let roles = record[2]
+                .split(',')
+                .filter(|r| !r.trim().is_empty())
+                .map(|r| {
+                    Role::parse(r).ok_or_else(|| {
+                        err(
+                            line,
+                            format!("unknown role {r:?}; use admin, operator, agent or viewer"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if roles.is_empty() {
+                return Err(err(line, "at least one role is required".into()));
+            }
+            let ns_field = record.get(3).unwrap_or_default();
+            let namespaces = if ns_field == "*" {
+                Namespaces::All
+            } else {
+                Namespaces::Only(
+                    ns_field
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            };
+            let scoped = roles
+                .iter()
+                .all(|r| matches!(r, Role::Agent | Role::Viewer));
+            if scoped && namespaces == Namespaces::Only(vec![]) {
+                return Err(err(
+                    line,
+                    "agent and viewer users need namespaces (a list, or *)".into(),
+                ));
+            }
+            let user = User {
+                name: name.to_owned(),
+                roles,
+                namespaces,
+            };
+            if by_token.insert(token.to_owned(), Arc::new(user)).is_some() {
+                return Err(err(line, "duplicate token".into()));
+            }
+        }
+        Ok(Self { by_token })
+    }
+
+    /// The user an `Authorization: Bearer …` header names.
+    pub fn authenticate(&self, header: Option<&str>) -> Option<Arc<User>> {
+        let token = header?.strip_prefix("Bearer ")?.trim();
+        self.by_token.get(token).cloned()
+    }
+}
+
+/// What a request touches, for authorisation.
+pub struct Access<'a> {
+    pub verb: Verb,
+    pub res: Res,
+    /// The namespace of the request; for Namespace objects, the namespace's own name.
+    pub ns: Option<&'a str>,
+}
+
+fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
+    let in_own_ns =
+        a.ns.is_some_and(|ns| user.namespaces.allows(ns)) || user.namespaces == Namespaces::All;
+    let kind = a.res.kind;
+    match role {
+        Role::Admin => true,
+        Role::Operator => match (a.res.namespaced, kind) {
+            (true, _) => true,
+            (false, "Namespace") => a.verb.is_read(),
+            (false, _) => true,
+        },
+        Role::Agent => match (a.res.namespaced, kind) {
+            (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "Lease") => in_own_ns,
+            (true, _) => false,
+            (false, "ConnectorClass") => a.verb.is_read(),
+            (false, "Namespace") => a.verb == Verb::Get && in_own_ns,
+            (false, _) => false,
+        },
+        Role::Viewer => {
+            a.verb.is_read()
+                && match (a.res.namespaced, kind) {
+                    (true, _) => in_own_ns,
+                    (false, "Namespace") => in_own_ns,
+                    (false, _) => true,
+                }
+        }
+    }
+}
+
+/// # Errors
+/// 403 with Kubernetes' wording when no role of `user` allows the access.
+pub fn authorize(user: &User, a: &Access<'_>) -> Result<(), ApiError> {
+    if user.roles.iter().any(|r| role_allows(*r, user, a)) {
+        return Ok(());
+    }
+    let res = a.res;
+    let scope = match (a.ns, res.namespaced) {
+        (Some(ns), true) => format!("in the namespace \"{ns}\""),
+        _ => "at the cluster scope".to_owned(),
+    };
+    Err(ApiError::forbidden(format!(
+        "{} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+        res.key(),
+        user.name,
+        a.verb.as_str(),
+        res.plural,
+        res.group,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::registry;
+
+    #[test]
+    fn parses_roles_and_namespaces_and_names_bad_lines() {
+        let t = Tokens::parse(
+            "# comment\nadmintoken-0000000000,alice,admin\nagenttoken-0000000000,dev,agent,\"p1,p2\"\n",
+            "tokens.csv",
+        )
+        .unwrap();
+        let dev = t
+            .authenticate(Some("Bearer agenttoken-0000000000"))
+            .unwrap();
+        assert_eq!(
+            dev.namespaces,
+            Namespaces::Only(vec!["p1".into(), "p2".into()])
+        );
+        assert!(t.authenticate(Some("Bearer nope")).is_none());
+        assert!(t.authenticate(None).is_none());
+        let err = Tokens::parse("x0000000000000000,u,wizard,*\n", "t.csv")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("t.csv:1:") && err.contains("wizard"),
+            "{err}"
+        );
+        assert!(Tokens::parse("x0000000000000000,u,agent\n", "t").is_err());
+    }
+
+    #[test]
+    fn role_table() {
+        let reg = registry();
+        let conn = reg.by_key("connectors.networking.datumapis.com").unwrap();
+        let route = reg.by_key("httproutes.gateway.networking.k8s.io").unwrap();
+        let class = reg
+            .by_key("connectorclasses.networking.datumapis.com")
+            .unwrap();
+        let ns = reg.by_key("namespaces").unwrap();
+        let user = |role, namespaces| User {
+            name: "u".into(),
+            roles: vec![role],
+            namespaces,
+        };
+        let own = Namespaces::Only(vec!["p1".into()]);
+        let ok = |u: &User, verb, res, ns| authorize(u, &Access { verb, res, ns }).is_ok();
+
+        let agent = user(Role::Agent, own.clone());
+        assert!(ok(&agent, Verb::Create, conn, Some("p1")));
+        assert!(!ok(&agent, Verb::Get, conn, Some("p2")));
+        assert!(!ok(&agent, Verb::List, conn, None));
+        assert!(!ok(&agent, Verb::Get, route, Some("p1")));
+        assert!(ok(&agent, Verb::Watch, class, None));
+        assert!(!ok(&agent, Verb::Update, class, None));
+        assert!(ok(&agent, Verb::Get, ns, Some("p1")));
+        assert!(!ok(&agent, Verb::Delete, ns, Some("p1")));
+
+        let viewer = user(Role::Viewer, own);
+        assert!(ok(&viewer, Verb::List, route, Some("p1")));
+        assert!(!ok(&viewer, Verb::Patch, conn, Some("p1")));
+        let operator = user(Role::Operator, Namespaces::All);
+        assert!(ok(&operator, Verb::Create, route, Some("any")));
+        assert!(ok(&operator, Verb::Update, class, None));
+        assert!(!ok(&operator, Verb::Delete, ns, Some("p1")));
+        let err = authorize(
+            &viewer,
+            &Access {
+                verb: Verb::Delete,
+                res: conn,
+                ns: Some("p1"),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "connectors.networking.datumapis.com is forbidden: User \"u\" cannot delete resource \"connectors\" in API group \"networking.datumapis.com\" in the namespace \"p1\""
+        );
+    }
+}

@@ -1,0 +1,608 @@
+//! The write path inside a transaction: admission (system metadata, status rules,
+//! decoding, validation, generation, field ownership) and deletion with finalizers,
+//! owner-reference cascades and namespace teardown.
+
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::apply::{self, Managed, Scope, Writer};
+use crate::error::{ApiError, Result};
+use crate::registry::{Res, registry};
+use crate::store::Txn;
+
+/// How unknown fields are treated (`fieldValidation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Reject (the default here: a typo should not vanish silently).
+    Strict,
+    /// Drop them.
+    Ignore,
+}
+
+impl FieldValidation {
+    /// # Errors
+    /// 400 for a value other than Strict, Warn or Ignore.
+    pub fn parse(s: Option<&str>) -> Result<Self> {
+        match s {
+            None | Some("" | "Strict") => Ok(Self::Strict),
+            Some("Warn" | "Ignore") => Ok(Self::Ignore),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation must be Strict, Warn or Ignore, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Everything about a write that does not depend on the stored state.
+#[derive(Clone)]
+pub struct WriteCtx {
+    pub res: Res,
+    /// The namespace from the URL (empty for cluster-scoped kinds).
+    pub ns: String,
+    pub manager: String,
+    pub validation: FieldValidation,
+    pub dry_run: bool,
+    pub now: String,
+}
+
+pub fn now() -> String {
+    Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub fn new_uid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    // RFC 4122 version 4, variant 1.
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+pub fn name_of(v: &Value) -> &str {
+    v["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn is_deleting(v: &Value) -> bool {
+    v["metadata"]["deletionTimestamp"].is_string()
+}
+
+fn finalizers(v: &Value) -> Vec<String> {
+    v["metadata"]["finalizers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Checks `apiVersion`/`kind` against the URL's kind, filling them when absent.
+///
+/// # Errors
+/// 400 when the body is not an object or names another kind.
+pub fn check_type(res: Res, body: &mut Value) -> Result<()> {
+    let Some(obj) = body.as_object_mut() else {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    };
+    let api_version = res.api_version();
+    match obj.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => {
+            obj.insert("apiVersion".into(), json!(api_version));
+        }
+        Some(v) if v == api_version => {}
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({api_version})"
+            )));
+        }
+    }
+    match obj.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            obj.insert("kind".into(), json!(res.kind));
+        }
+        Some(k) if k == res.kind => {}
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                res.kind
+            )));
+        }
+    }
+    if !obj.get("metadata").is_none_or(Value::is_object) {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    obj.entry("metadata").or_insert_with(|| json!({}));
+    Ok(())
+}
+
+/// The part of an object that `generation` tracks: everything but metadata and status.
+fn spec_of(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("metadata");
+        o.remove("status");
+    }
+    v
+}
+
+/// Two versions are the same write if they differ only in resourceVersion and
+/// managedFields timestamps.
+fn same(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+        v
+    };
+    strip(a) == strip(b)
+}
+
+/// Admits `new` (a full object from the client, or the result of a patch) against `old`.
+/// Returns the canonical object to store. `scope` says which part the write may change;
+/// `applied` carries the field ownership a server-side apply already worked out.
+///
+/// # Errors
+/// 400/409/422 as Kubernetes would answer.
+pub fn admit(
+    ctx: &WriteCtx,
+    old: Option<&Value>,
+    mut new: Value,
+    scope: Scope,
+    applied: Option<Vec<Managed>>,
+) -> Result<Value> {
+    let res = ctx.res;
+    check_type(res, &mut new)?;
+    let meta = &mut new["metadata"];
+    if res.namespaced {
+        match meta["namespace"].as_str() {
+            None | Some("") => meta["namespace"] = json!(ctx.ns),
+            Some(ns) if ns == ctx.ns => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+        }
+    } else if let Some(m) = meta.as_object_mut() {
+        m.remove("namespace");
+    }
+    let name = name_of(&new).to_owned();
+    match old {
+        Some(old) => {
+            let sent_rv = new["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default();
+            let old_rv = old["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default();
+            if !sent_rv.is_empty() && sent_rv != old_rv {
+                return Err(ApiError::conflict(
+                    res,
+                    &name,
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ));
+            }
+            if let Some(old_uid) = old["metadata"]["uid"].as_str()
+                && new["metadata"]["uid"]
+                    .as_str()
+                    .is_some_and(|u| !u.is_empty() && u != old_uid)
+            {
+                return Err(ApiError::conflict(
+                    res,
+                    &name,
+                    "Precondition failed: UID in precondition does not match",
+                ));
+            }
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+            ] {
+                match old["metadata"].get(field) {
+                    Some(v) => new["metadata"][field] = v.clone(),
+                    None => {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove(field);
+                        }
+                    }
+                }
+            }
+            match scope {
+                Scope::Main {
+                    status_subresource: true,
+                } => match old.get("status") {
+                    Some(s) => new["status"] = s.clone(),
+                    None => {
+                        if let Some(o) = new.as_object_mut() {
+                            o.remove("status");
+                        }
+                    }
+                },
+                Scope::Main {
+                    status_subresource: false,
+                } => {}
+                Scope::Status => {
+                    let status = new.get("status").cloned();
+                    let meta_rv = new["metadata"]["resourceVersion"].clone();
+                    new = old.clone();
+                    match status {
+                        Some(s) => new["status"] = s,
+                        None => {
+                            if let Some(o) = new.as_object_mut() {
+                                o.remove("status");
+                            }
+                        }
+                    }
+                    new["metadata"]["resourceVersion"] = meta_rv;
+                }
+            }
+            if is_deleting(old) {
+                let before = finalizers(old);
+                if let Some(added) = finalizers(&new).into_iter().find(|f| !before.contains(f)) {
+                    return Err(ApiError::invalid(
+                        res,
+                        &name,
+                        &[portway_api::FieldError {
+                            field: "metadata.finalizers".into(),
+                            kind: portway_api::FieldErrorKind::Forbidden,
+                            message: format!(
+                                "no new finalizers can be added if the object is being deleted, found new finalizers [{added}]"
+                            ),
+                        }],
+                    ));
+                }
+            }
+        }
+        None => {
+            let meta = &mut new["metadata"];
+            if let Some(m) = meta.as_object_mut() {
+                for field in [
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "managedFields",
+                    "resourceVersion",
+                    "selfLink",
+                ] {
+                    m.remove(field);
+                }
+            }
+            meta["uid"] = json!(new_uid());
+            meta["creationTimestamp"] = json!(ctx.now);
+            meta["generation"] = json!(1);
+            if res.status
+                && scope != Scope::Status
+                && let Some(o) = new.as_object_mut()
+            {
+                o.remove("status");
+            }
+            if res.kind == "Namespace" {
+                new["status"] = json!({"phase": "Active"});
+            }
+        }
+    }
+
+    let decoded = res
+        .decode(&new)
+        .map_err(|e| ApiError::invalid(res, &name, &[e]))?;
+    if !decoded.unknown.is_empty() && ctx.validation == FieldValidation::Strict {
+        let list = decoded
+            .unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: {list}"
+        )));
+    }
+    if !decoded.errors.is_empty() {
+        return Err(ApiError::invalid(res, &name, &decoded.errors));
+    }
+    let mut out = decoded.value;
+    if let Some(old) = old {
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        let bump = spec_of(old) != spec_of(&out);
+        out["metadata"]["generation"] = json!(if bump { generation + 1 } else { generation });
+    }
+    let entries = match applied {
+        Some(mut entries) => {
+            apply::prune(&mut entries, &out);
+            entries
+        }
+        None => {
+            let writer = Writer {
+                manager: &ctx.manager,
+                api_version: &res.api_version(),
+                time: &ctx.now,
+                scope,
+            };
+            let mut entries = old.map(Managed::parse_all).unwrap_or_default();
+            apply::record_update(&mut entries, old, &out, &writer);
+            entries
+        }
+    };
+    out["metadata"]["managedFields"] = Managed::render_all(&entries);
+    if out["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(Vec::is_empty)
+        && let Some(m) = out["metadata"].as_object_mut()
+    {
+        m.remove("managedFields");
+    }
+    Ok(out)
+}
+
+/// Stores an admitted object unless it is unchanged or this is a dry run; then removes it
+/// if it was being deleted and its last finalizer is gone.
+pub fn commit(
+    txn: &mut Txn<'_>,
+    ctx: &WriteCtx,
+    old: Option<&Value>,
+    new: Value,
+) -> Result<Arc<Value>> {
+    if let Some(old) = old
+        && same(old, &new)
+    {
+        return Ok(Arc::new(old.clone()));
+    }
+    if ctx.dry_run {
+        return Ok(Arc::new(new));
+    }
+    if old.is_none() && ctx.res.namespaced {
+        let ns_res = registry().namespaces();
+        match txn.get(ns_res, "", &ctx.ns) {
+            None => return Err(ApiError::namespace_not_found(&ctx.ns)),
+            Some(ns) if is_deleting(&ns) => {
+                return Err(ApiError::forbidden(format!(
+                    "unable to create new content in namespace {} because it is being terminated",
+                    ctx.ns
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    if is_deleting(&new) && finalizers(&new).is_empty() {
+        let name = name_of(&new).to_owned();
+        txn.put(ctx.res, new);
+        return remove(txn, ctx.res, &ctx.ns, &name, Propagation::Background)
+            .map(|v| v.unwrap_or_else(|| Arc::new(Value::Null)));
+    }
+    Ok(txn.put(ctx.res, new))
+}
+
+/// Creates an object.
+///
+/// # Errors
+/// 409 AlreadyExists, or any admission error.
+pub fn create(txn: &mut Txn<'_>, ctx: &WriteCtx, mut body: Value) -> Result<Arc<Value>> {
+    check_type(ctx.res, &mut body)?;
+    let meta = &mut body["metadata"];
+    if meta["name"].as_str().is_none_or(str::is_empty) {
+        match meta["generateName"].as_str() {
+            Some(prefix) if !prefix.is_empty() => {
+                meta["name"] = json!(format!("{prefix}{}", random_suffix()));
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    ctx.res,
+                    "",
+                    &[portway_api::FieldError {
+                        field: "metadata.name".into(),
+                        kind: portway_api::FieldErrorKind::Required,
+                        message: "name or generateName is required".into(),
+                    }],
+                ));
+            }
+        }
+    }
+    let name = name_of(&body).to_owned();
+    if txn.get(ctx.res, &ctx.ns, &name).is_some() {
+        return Err(ApiError::already_exists(ctx.res, &name));
+    }
+    let scope = Scope::Main {
+        status_subresource: ctx.res.status,
+    };
+    let new = admit(ctx, None, body, scope, None)?;
+    commit(txn, ctx, None, new)
+}
+
+/// Kubernetes' `propagationPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    Background,
+    Foreground,
+    Orphan,
+}
+
+impl Propagation {
+    /// # Errors
+    /// 400 for an unknown policy.
+    pub fn parse(s: Option<&str>) -> Result<Self> {
+        match s {
+            None | Some("" | "Background") => Ok(Self::Background),
+            Some("Foreground") => Ok(Self::Foreground),
+            Some("Orphan") => Ok(Self::Orphan),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "propagationPolicy must be Background, Foreground or Orphan, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Deletes an object: marks it when finalizers remain, removes it otherwise. Returns its
+/// last state.
+///
+/// # Errors
+/// 404 when absent.
+pub fn delete(
+    txn: &mut Txn<'_>,
+    ctx: &WriteCtx,
+    name: &str,
+    policy: Propagation,
+) -> Result<Arc<Value>> {
+    let res = ctx.res;
+    let old = txn
+        .get(res, &ctx.ns, name)
+        .ok_or_else(|| ApiError::not_found(res, name))?;
+    if ctx.dry_run {
+        return Ok(old);
+    }
+    mark_or_remove(txn, res, &old, policy).map(|v| v.unwrap_or(old))
+}
+
+fn mark_or_remove(
+    txn: &mut Txn<'_>,
+    res: Res,
+    obj: &Value,
+    policy: Propagation,
+) -> Result<Option<Arc<Value>>> {
+    let ns = obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let name = name_of(obj).to_owned();
+    let pending =
+        !finalizers(obj).is_empty() || (res.kind == "Namespace" && !namespace_empty(txn, &name));
+    if pending {
+        if is_deleting(obj) {
+            return Ok(Some(Arc::new(obj.clone())));
+        }
+        let mut marked = obj.clone();
+        marked["metadata"]["deletionTimestamp"] = json!(now());
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        if res.kind == "Namespace" {
+            marked["status"]["phase"] = json!("Terminating");
+        }
+        let marked = txn.put(res, marked);
+        if res.kind == "Namespace" {
+            for (r, child) in namespace_contents(txn, &name) {
+                mark_or_remove(txn, r, &child, Propagation::Background)?;
+            }
+            if namespace_empty(txn, &name) {
+                return remove(txn, res, "", &name, policy);
+            }
+        }
+        return Ok(Some(marked));
+    }
+    remove(txn, res, &ns, &name, policy)
+}
+
+fn namespace_contents(txn: &Txn<'_>, ns: &str) -> Vec<(Res, Arc<Value>)> {
+    registry()
+        .all()
+        .filter(|r| r.namespaced)
+        .flat_map(|r| txn.list(r, Some(ns)).into_iter().map(move |o| (r, o)))
+        .collect()
+}
+
+fn namespace_empty(txn: &Txn<'_>, ns: &str) -> bool {
+    registry()
+        .all()
+        .filter(|r| r.namespaced)
+        .all(|r| txn.list(r, Some(ns)).is_empty())
+}
+
+/// Removes an object for good and collects what depended on it.
+fn remove(
+    txn: &mut Txn<'_>,
+    res: Res,
+    ns: &str,
+    name: &str,
+    policy: Propagation,
+) -> Result<Option<Arc<Value>>> {
+    let Some(last) = txn.remove(res, ns, name) else {
+        return Ok(None);
+    };
+    let uid = last["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let scope = if res.namespaced { Some(ns) } else { None };
+    let dependents: Vec<(Res, Arc<Value>)> = registry()
+        .all()
+        .filter(|r| r.namespaced || !res.namespaced)
+        .flat_map(|r| txn.list(r, scope).into_iter().map(move |o| (r, o)))
+        .filter(|(_, o)| owner_uids(o).any(|u| u == uid))
+        .collect();
+    for (r, dep) in dependents {
+        if policy == Propagation::Orphan {
+            let mut orphan = (*dep).clone();
+            if let Some(refs) = orphan["metadata"]["ownerReferences"].as_array_mut() {
+                refs.retain(|o| o["uid"] != uid.as_str());
+            }
+            txn.put(r, orphan);
+        } else if !has_live_owner(txn, &dep) {
+            mark_or_remove(txn, r, &dep, Propagation::Background)?;
+        }
+    }
+    if res.namespaced
+        && let Some(nsobj) = txn.get(registry().namespaces(), "", ns)
+        && is_deleting(&nsobj)
+        && finalizers(&nsobj).is_empty()
+        && namespace_empty(txn, ns)
+    {
+        remove(
+            txn,
+            registry().namespaces(),
+            "",
+            ns,
+            Propagation::Background,
+        )?;
+    }
+    Ok(Some(last))
+}
+
+fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["uid"].as_str())
+}
+
+/// Whether any owner of `obj` still exists (Kubernetes only collects dependents whose
+/// owners are all gone).
+fn has_live_owner(txn: &Txn<'_>, obj: &Value) -> bool {
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| {
+            let (Some(api_version), Some(kind), Some(name), Some(uid)) = (
+                o["apiVersion"].as_str(),
+                o["kind"].as_str(),
+                o["name"].as_str(),
+                o["uid"].as_str(),
+            ) else {
+                return false;
+            };
+            registry().by_kind(api_version, kind).is_some_and(|r| {
+                let owner_ns = if r.namespaced { ns } else { "" };
+                txn.get(r, owner_ns, name)
+                    .is_some_and(|owner| owner["metadata"]["uid"] == uid)
+            })
+        })
+}

@@ -1,0 +1,288 @@
+//! Test helpers that start real Portway parts and tools on loopback.
+//!
+//! [`Process`] runs a built binary with `--ready-file`, waits for the file, kills the
+//! child on drop and prints its log when the test failed. [`eventually`] polls a
+//! condition with a deadline instead of sleeping.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// A child process of a test, killed on drop.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    ready: Value,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `bin args… --ready-file F` and waits (up to 120 s) until F holds JSON.
+    ///
+    /// # Errors
+    /// When the process cannot start, exits early, or never becomes ready; the error
+    /// carries its log.
+    pub async fn start<I, S>(name: &str, bin: &Path, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::start_with_env(name, bin, args, std::iter::empty::<(&str, &str)>()).await
+    }
+
+    /// As [`Process::start`], with extra environment variables.
+    ///
+    /// # Errors
+    /// As [`Process::start`].
+    pub async fn start_with_env<I, S, E, K, V>(
+        name: &str,
+        bin: &Path,
+        args: I,
+        env: E,
+    ) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+        E: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let dir = tempfile::tempdir()?;
+        let ready_file = dir.path().join("ready.json");
+        let log = dir.path().join("log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .envs(env)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut p = Self {
+            name: name.to_owned(),
+            child,
+            log,
+            ready: Value::Null,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready_file)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                p.ready = v;
+                return Ok(p);
+            }
+            if let Some(status) = p.child.try_wait()? {
+                bail!(
+                    "{name} exited with {status} before it was ready:\n{}",
+                    p.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{name} was not ready within 120 s:\n{}", p.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The JSON the process wrote to its ready file.
+    pub fn ready(&self) -> &Value {
+        &self.ready
+    }
+
+    /// A string field of the ready file.
+    pub fn ready_str(&self, key: &str) -> String {
+        self.ready[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} ready file has no {key}: {}", self.name, self.ready))
+            .to_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit.
+    ///
+    /// # Errors
+    /// When the process does not exit in time or exits unsuccessfully.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        signal(self.child.id(), "TERM")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "{} exited with {status} after SIGTERM:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends a signal by name (`TERM`, `INT`, `STOP`, `CONT`) with the `kill` tool.
+///
+/// # Errors
+/// When `kill` fails.
+pub fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} -----\n{}\n----- end of {} -----",
+                self.name,
+                self.logs(),
+                self.name
+            );
+        }
+    }
+}
+
+/// Polls `check` until it returns `Ok`, or panics with its last error after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => {
+                panic!("{what}: not true within {timeout:?}: {e:#}")
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A kube client from a kubeconfig file.
+///
+/// # Errors
+/// When the file cannot be read or describes no usable cluster.
+pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The kubectl binaries to test against: the one on PATH, plus `$PORTWAY_KUBECTL_EXTRA`
+/// (a path list; `.ci/run` puts Debian's kubectl 1.20 there).
+pub fn kubectls() -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::from("kubectl")];
+    if let Ok(extra) = std::env::var("PORTWAY_KUBECTL_EXTRA") {
+        out.extend(std::env::split_paths(&extra).filter(|p| p.exists()));
+    }
+    out
+}
+
+/// Runs kubectl with a kubeconfig and a private cache directory.
+pub struct Kubectl {
+    pub bin: PathBuf,
+    pub kubeconfig: PathBuf,
+    cache: tempfile::TempDir,
+}
+
+impl Kubectl {
+    pub fn new(bin: PathBuf, kubeconfig: &Path) -> Self {
+        Self {
+            bin,
+            kubeconfig: kubeconfig.to_owned(),
+            cache: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECACHEDIR", self.cache.path())
+            .env("HOME", self.cache.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()));
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// Runs kubectl and panics with its output unless it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let (ok, out, err) = self.run(args, stdin);
+        assert!(ok, "{} {args:?} failed:\n{out}\n{err}", self.bin.display());
+        out
+    }
+}
