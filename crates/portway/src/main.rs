@@ -22,8 +22,110 @@ struct Cli {
 enum Command {
     /// Run the Kubernetes-compatible API server on an embedded SQLite store.
     Apiserver(ApiserverArgs),
+    /// Run the authoritative DNS server for iroh discovery records.
+    Dns(DnsArgs),
+    /// Run an iroh relay.
+    Relay(RelayArgs),
     /// Print the CustomResourceDefinitions of Portway's kinds (YAML).
     Crds,
+}
+
+#[derive(Parser)]
+struct DnsArgs {
+    /// Kubeconfig of the control plane (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// UDP and TCP address to answer on.
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    listen: SocketAddr,
+    /// The zone to serve; records are _iroh.<z32-node-id>[.<project>].<zone>.
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    /// TTL of the TXT records, in seconds.
+    #[arg(long, default_value_t = 5)]
+    ttl: u32,
+    /// Write the bound address here as JSON once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct RelayArgs {
+    /// Address to serve the relay on (HTTP, or HTTPS with --tls-cert).
+    #[arg(long, default_value = "127.0.0.1:3340")]
+    listen: SocketAddr,
+    /// Certificate chain (PEM) to serve HTTPS and QUIC address discovery with.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Plain HTTP listener kept beside HTTPS (captive-portal checks).
+    #[arg(long, requires = "tls_cert")]
+    http_listen: Option<SocketAddr>,
+    /// Hostname to put in the relay URL (the name on the certificate).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Write the relay URL here as JSON once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+/// A kube client from a kubeconfig file, or kube's defaults.
+async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
+    let config = match path {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding a kubeconfig (use --kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn dns(args: DnsArgs) -> Result<()> {
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let mut config = portway_discovery::dns::Config::new(args.zone);
+    config.listen = args.listen;
+    config.ttl = args.ttl;
+    let server = portway_discovery::dns::Server::bind(config, client)
+        .await
+        .context("starting the DNS server")?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &json!({"dns": server.local_addr()}))?;
+    }
+    eprintln!("DNS at {} (udp+tcp)", server.local_addr());
+    shutdown_signal().await;
+    server.shutdown();
+    server.join().await;
+    Ok(())
+}
+
+async fn relay(args: RelayArgs) -> Result<()> {
+    let config = portway_discovery::relay::Config {
+        listen: args.listen,
+        tls: args.tls_cert.zip(args.tls_key),
+        http_listen: args.http_listen,
+        hostname: args.hostname,
+    };
+    let server = portway_discovery::relay::Server::bind(config)
+        .await
+        .context("starting the relay")?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(
+            path,
+            &json!({"relay": server.url().to_string(), "quic": server.quic_addr()}),
+        )?;
+    }
+    eprintln!("relay at {}", server.url());
+    shutdown_signal().await;
+    server.shutdown().await;
+    Ok(())
 }
 
 #[derive(Parser)]
@@ -116,7 +218,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // hickory logs every query at info.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -126,6 +230,8 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Apiserver(args) => apiserver(args).await,
+            Command::Dns(args) => dns(args).await,
+            Command::Relay(args) => relay(args).await,
             Command::Crds => {
                 print!("{}", portway_api::crds_yaml()?);
                 Ok(())

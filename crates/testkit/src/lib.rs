@@ -286,3 +286,64 @@ impl Kubectl {
         out
     }
 }
+
+/// One `dig` answer: the response code and the answer section's data fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigAnswer {
+    pub status: String,
+    pub authoritative: bool,
+    pub answers: Vec<String>,
+}
+
+/// Queries `server` with the real `dig` (UDP, or TCP with `tcp`).
+///
+/// # Errors
+/// When dig cannot run or prints no status.
+pub fn dig(server: std::net::SocketAddr, name: &str, rtype: &str, tcp: bool) -> Result<DigAnswer> {
+    let mut cmd = Command::new("dig");
+    cmd.arg(format!("@{}", server.ip())).args([
+        "-p",
+        &server.port().to_string(),
+        name,
+        rtype,
+        "+norecurse",
+        "+time=2",
+        "+tries=1",
+    ]);
+    if tcp {
+        cmd.arg("+tcp");
+    }
+    let out = cmd
+        .output()
+        .context("running dig (install bind9-dnsutils)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = text
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|s| s.split(',').next())
+        .with_context(|| format!("dig printed no status:\n{text}"))?
+        .to_owned();
+    let authoritative = text.lines().any(|l| {
+        l.starts_with(";; flags:") && l.split(';').nth(2).is_some_and(|f| f.contains(" aa"))
+    });
+    let mut answers = Vec::new();
+    let mut in_answer = false;
+    for line in text.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+        } else if line.trim().is_empty() || line.starts_with(";;") {
+            in_answer = false;
+        } else if in_answer {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() >= 5 {
+                answers.push(fields[4..].join(" ").trim_matches('"').to_owned());
+            }
+        }
+    }
+    answers.sort();
+    Ok(DigAnswer {
+        status,
+        authoritative,
+        answers,
+    })
+}

@@ -1,0 +1,438 @@
+//! `portway dns`: an authoritative DNS server for one zone whose TXT records are derived
+//! from Connectors (watched through kube-rs), plus the controller that keeps each
+//! Connector's `IrohDNSPublished` condition up to date.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{
+    Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::rdata::{NS, SOA, TXT};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use portway_api::{Connector, condition, set_condition};
+use serde_json::json;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::zone::{self, CONDITION, Decision, Reason, Records};
+
+/// How the DNS server listens and what it serves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// UDP and TCP on the same address (default `127.0.0.1:5353`).
+    pub listen: SocketAddr,
+    /// The zone, e.g. `portway.localhost`; records are `_iroh.<z32-id>[.<project>].<zone>`.
+    pub zone: String,
+    /// TTL of the TXT records (default 5 s, so changes spread quickly).
+    pub ttl: u32,
+}
+
+impl Config {
+    pub fn new(zone: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5353)),
+            zone: zone.into(),
+            ttl: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("zone {zone:?} is not a valid DNS name: {reason}")]
+    Zone { zone: String, reason: String },
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the handler answers from; swapped whole on every change.
+struct ZoneData {
+    origin: String,
+    soa: Record,
+    ns: Record,
+    records: HashMap<String, Vec<Record>>,
+    /// Every name that exists, including empty non-terminals (they answer NODATA, not
+    /// NXDOMAIN).
+    names: HashSet<String>,
+}
+
+impl ZoneData {
+    fn build(origin: &str, origin_name: &Name, serial: u32, ttl: u32, records: &Records) -> Self {
+        let host = |label: &str| {
+            Name::from_ascii(format!("{label}.{origin}.")).unwrap_or_else(|_| origin_name.clone())
+        };
+        let soa = Record::from_rdata(
+            origin_name.clone(),
+            ttl,
+            RData::SOA(SOA::new(
+                host("ns"),
+                host("hostmaster"),
+                serial,
+                60,
+                10,
+                600,
+                ttl,
+            )),
+        );
+        let ns = Record::from_rdata(origin_name.clone(), ttl, RData::NS(NS(host("ns"))));
+        let mut by_name = HashMap::new();
+        let mut names = HashSet::new();
+        for (name, strings) in records {
+            let Ok(owner) = Name::from_ascii(format!("{name}.")) else {
+                continue;
+            };
+            let recs = strings
+                .iter()
+                .map(|s| {
+                    Record::from_rdata(owner.clone(), ttl, RData::TXT(TXT::new(vec![s.clone()])))
+                })
+                .collect();
+            by_name.insert(name.clone(), recs);
+            let mut n = name.as_str();
+            while let Some((_, parent)) = n.split_once('.') {
+                names.insert(n.to_owned());
+                if parent == origin {
+                    break;
+                }
+                n = parent;
+            }
+        }
+        Self {
+            origin: origin.to_owned(),
+            soa,
+            ns,
+            records: by_name,
+            names,
+        }
+    }
+}
+
+struct Handler {
+    zone: watch::Receiver<Arc<ZoneData>>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let zone = self.zone.borrow().clone();
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let query = match request.request_info() {
+            Ok(info)
+                if request.metadata.message_type == MessageType::Query
+                    && request.metadata.op_code == OpCode::Query =>
+            {
+                info.query
+            }
+            Ok(_) => {
+                meta.response_code = ResponseCode::NotImp;
+                return send(&mut response, builder.build_no_records(meta), meta).await;
+            }
+            Err(_) => {
+                meta.response_code = ResponseCode::FormErr;
+                return send(&mut response, builder.build_no_records(meta), meta).await;
+            }
+        };
+        let qname = query
+            .name()
+            .to_string()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let qtype = query.query_type();
+        let in_zone = qname == zone.origin || qname.ends_with(&format!(".{}", zone.origin));
+        if !in_zone {
+            meta.response_code = ResponseCode::Refused;
+            return send(&mut response, builder.build_no_records(meta), meta).await;
+        }
+        meta.authoritative = true;
+        let empty: Vec<Record> = Vec::new();
+        let (answers, negative): (&[Record], bool) = if qname == zone.origin {
+            match qtype {
+                RecordType::SOA => (std::slice::from_ref(&zone.soa), false),
+                RecordType::NS => (std::slice::from_ref(&zone.ns), false),
+                _ => (&empty, true),
+            }
+        } else if let Some(records) = zone.records.get(&qname) {
+            match qtype {
+                RecordType::TXT | RecordType::ANY => (records.as_slice(), false),
+                _ => (&empty, true),
+            }
+        } else {
+            if !zone.names.contains(&qname) {
+                meta.response_code = ResponseCode::NXDomain;
+            }
+            (&empty, true)
+        };
+        // Negative answers carry the SOA, whose minimum TTL bounds negative caching.
+        let soa = negative.then_some(&zone.soa);
+        let msg = builder.build(
+            meta,
+            answers.iter(),
+            std::iter::empty(),
+            soa,
+            std::iter::empty(),
+        );
+        send(&mut response, msg, meta).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    response: &mut R,
+    msg: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    meta: Metadata,
+) -> ResponseInfo {
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "sending a DNS response failed");
+            let mut failed = meta;
+            failed.response_code = ResponseCode::ServFail;
+            Header {
+                metadata: failed,
+                counts: HeaderCounts::default(),
+            }
+            .into()
+        }
+    }
+}
+
+/// A running DNS server and its controller.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    dns: hickory_server::Server<Handler>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+/// Binds TCP on the port UDP got (retrying when the OS picks a port TCP cannot have).
+async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), Error> {
+    let err = |source| Error::Bind {
+        addr: listen,
+        source,
+    };
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(listen).await.map_err(err)?;
+        let addr = udp.local_addr().map_err(err)?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(err(
+        last.unwrap_or_else(|| std::io::Error::other("no free port"))
+    ))
+}
+
+impl Server {
+    /// Binds UDP and TCP, starts answering (an empty zone until the first list of
+    /// Connectors arrives) and starts the controller.
+    ///
+    /// # Errors
+    /// When the zone name is invalid or the sockets cannot be bound.
+    pub async fn bind(config: Config, client: kube::Client) -> Result<Self, Error> {
+        let origin = config.zone.trim_end_matches('.').to_ascii_lowercase();
+        let origin_name = Name::from_ascii(format!("{origin}.")).map_err(|e| Error::Zone {
+            zone: config.zone.clone(),
+            reason: e.to_string(),
+        })?;
+        if origin.is_empty() {
+            return Err(Error::Zone {
+                zone: config.zone,
+                reason: "must not be empty".into(),
+            });
+        }
+        let (udp, tcp) = bind_pair(config.listen).await?;
+        let addr = udp.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (zone_tx, zone_rx) = watch::channel(Arc::new(ZoneData::build(
+            &origin,
+            &origin_name,
+            1,
+            config.ttl,
+            &BTreeMap::new(),
+        )));
+        let mut dns = hickory_server::Server::new(Handler { zone: zone_rx });
+        dns.register_socket(udp);
+        dns.register_listener(tcp, Duration::from_secs(10), 64);
+        let shutdown = CancellationToken::new();
+        let controller = tokio::spawn(run_controller(
+            client,
+            zone_tx,
+            origin.clone(),
+            origin_name,
+            config.ttl,
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, zone = %origin, "dns listening (udp and tcp)");
+        Ok(Self {
+            addr,
+            shutdown,
+            dns,
+            controller,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.dns.shutdown_token().cancel();
+    }
+
+    pub async fn join(mut self) {
+        let _ = self.dns.block_until_done().await;
+        let _ = self.controller.await;
+    }
+}
+
+/// How often everything is re-derived even without events, to retry failed status writes.
+const RESYNC: Duration = Duration::from_secs(30);
+
+async fn run_controller(
+    client: kube::Client,
+    zone_tx: watch::Sender<Arc<ZoneData>>,
+    origin: String,
+    origin_name: Name,
+    ttl: u32,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Connector> = Api::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let mut events = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .ready_chunks(1024)
+    .boxed();
+    let mut serial = 1u32;
+    let mut published = Records::new();
+    let mut ready = false;
+    let mut resync = tokio::time::interval(RESYNC);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            batch = events.next() => {
+                let Some(batch) = batch else { return };
+                for e in batch {
+                    match e {
+                        Ok(watcher::Event::InitDone) => ready = true,
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(error = %err, "watching connectors"),
+                    }
+                }
+            }
+            _ = resync.tick() => {}
+        }
+        if !ready {
+            continue;
+        }
+        let connectors: Vec<Arc<Connector>> = reader.state();
+        let (records, decisions) = zone::desired(connectors.iter().map(AsRef::as_ref), &origin);
+        if records != published {
+            serial = serial.wrapping_add(1);
+            zone_tx.send_replace(Arc::new(ZoneData::build(
+                &origin,
+                &origin_name,
+                serial,
+                ttl,
+                &records,
+            )));
+            tracing::debug!(serial, names = records.len(), "zone updated");
+            published = records;
+        }
+        let by_key: HashMap<(&str, &str), &Connector> = connectors
+            .iter()
+            .map(|c| {
+                (
+                    (
+                        c.metadata.namespace.as_deref().unwrap_or_default(),
+                        c.metadata.name.as_deref().unwrap_or_default(),
+                    ),
+                    c.as_ref(),
+                )
+            })
+            .collect();
+        for d in &decisions {
+            if let Some(c) = by_key.get(&(d.namespace.as_str(), d.name.as_str())) {
+                write_condition(&client, c, d).await;
+            }
+        }
+    }
+}
+
+fn wanted(c: &Connector, d: &Decision) -> Option<Vec<Condition>> {
+    let mut conditions = c
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let new = condition(
+        CONDITION,
+        d.reason == Reason::Published,
+        d.reason.as_str(),
+        d.message.clone(),
+        c.metadata.generation,
+    );
+    set_condition(&mut conditions, new).then_some(conditions)
+}
+
+/// Writes the condition if it changed, guarded by resourceVersion so a concurrent writer's
+/// conditions are never overwritten (a conflict is retried on the next event).
+async fn write_condition(client: &kube::Client, c: &Connector, d: &Decision) {
+    let Some(conditions) = wanted(c, d) else {
+        return;
+    };
+    let api: Api<Connector> = Api::namespaced(client.clone(), &d.namespace);
+    let patch = json!({
+        "metadata": {"resourceVersion": c.metadata.resource_version},
+        "status": {"conditions": conditions},
+    });
+    let params = PatchParams {
+        field_manager: Some(portway_api::managers::DNS.into()),
+        ..Default::default()
+    };
+    match api
+        .patch_status(&d.name, &params, &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!(connector = %format!("{}/{}", d.namespace, d.name), reason = d.reason.as_str(), "condition written")
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(connector = %format!("{}/{}", d.namespace, d.name), error = %e, "writing IrohDNSPublished")
+        }
+    }
+}
