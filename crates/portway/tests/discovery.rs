@@ -351,3 +351,59 @@ async fn endpoints_find_each_other_by_node_id_through_dns_and_relay() {
         server.close().await;
     }
 }
+
+#[tokio::test]
+async fn relay_serves_https_with_a_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let relay = Process::start(
+        "relay",
+        bin(),
+        [
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--hostname",
+            "localhost",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    let url = relay.ready_str("relay");
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    assert!(
+        relay.ready()["quic"].is_string(),
+        "QUIC address discovery runs beside HTTPS: {}",
+        relay.ready()
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--cacert",
+            cert_path.to_str().unwrap(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && code == "200",
+        "curl {url}: {code} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
