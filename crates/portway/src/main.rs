@@ -26,6 +26,8 @@ enum Command {
     Dns(DnsArgs),
     /// Run an iroh relay.
     Relay(RelayArgs),
+    /// Run the device agent: register this device and serve its tunnels.
+    Agent(AgentArgs),
     /// Print the CustomResourceDefinitions of Portway's kinds (YAML).
     Crds,
 }
@@ -69,6 +71,177 @@ struct RelayArgs {
     /// Write the relay URL here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+    /// Kubeconfig of the control plane (an agent token scoped to the project suffices).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The project (namespace) to register in; or `project` in --config.
+    #[arg(long)]
+    project: Option<String>,
+    /// Connector name (default: `name` in --config, else this machine's hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the key and cached policy live (default: $XDG_STATE_HOME/portway/agent).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// TOML file with project, name, labels, relays and [[tunnel]] entries; re-read when it
+    /// changes.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A tunnel: NAME=HOST:PORT[,http|tcp][,HOSTNAME...] (repeatable).
+    #[arg(long)]
+    tunnel: Vec<String>,
+    /// A label for the connector, KEY=VALUE (repeatable).
+    #[arg(long)]
+    label: Vec<String>,
+    /// Relay URL (repeatable); or `relays` in --config.
+    #[arg(long)]
+    relay: Vec<String>,
+    /// Also use n0's public relays and discovery.
+    #[arg(long)]
+    n0: bool,
+    /// Local UDP address for direct iroh paths.
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Heartbeat lease duration, in seconds (renewed at half of it).
+    #[arg(long, default_value_t = 30)]
+    lease_seconds: u64,
+    /// ConnectorClass of a newly created connector.
+    #[arg(long)]
+    connector_class: Option<String>,
+    /// Write the node id and connector here as JSON once registered.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Show or rotate the agent's iroh key.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+        /// Where the key lives (default: $XDG_STATE_HOME/portway/agent).
+        #[arg(long, global = true)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Print the NodeID (hex and z-base-32); creates the key if there is none.
+    Show,
+    /// Replace the key with a new one (the old one is kept as key.old). The NodeID
+    /// changes; the agent takes its connector over on the next start.
+    Rotate,
+}
+
+fn default_state_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("portway").join("agent")
+}
+
+async fn agent(args: AgentArgs) -> Result<()> {
+    if let Some(AgentCommand::Key { action, state_dir }) = args.command {
+        let path = state_dir
+            .or(args.state_dir)
+            .unwrap_or_else(default_state_dir)
+            .join("key");
+        let key = match action {
+            KeyAction::Show => portway_discovery::endpoint::load_or_create_key(&path)?.0,
+            KeyAction::Rotate => portway_discovery::endpoint::rotate_key(&path)?,
+        };
+        println!(
+            "node id: {}
+z32:     {}
+key:     {}",
+            key.public(),
+            key.public().to_z32(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let file = match &args.config {
+        Some(path) => portway_agent::config::load(path)?,
+        None => portway_agent::config::FileConfig::default(),
+    };
+    let project = args
+        .project
+        .or(file.project)
+        .context("no project: pass --project or set `project` in --config")?;
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let mut config = portway_agent::Config::new(project, state_dir);
+    if let Some(name) = args.name.or(file.name) {
+        config.name = name;
+    }
+    if let Some(class) = args.connector_class.or(file.connector_class) {
+        config.connector_class = class;
+    }
+    config.labels = file.labels;
+    for l in &args.label {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        portway_api::validation::qualified_name(k)
+            .map_err(|e| anyhow::anyhow!("--label {l:?}: {e}"))?;
+        portway_api::validation::label_value(v)
+            .map_err(|e| anyhow::anyhow!("--label {l:?}: {e}"))?;
+        config.labels.insert(k.to_owned(), v.to_owned());
+    }
+    let flag_tunnels = args
+        .tunnel
+        .iter()
+        .map(|t| portway_agent::Tunnel::parse_flag(t).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    config.tunnels = file.tunnels;
+    config.tunnels.extend(flag_tunnels.iter().cloned());
+    for r in args.relay.iter().chain(&file.relays) {
+        config.relays.push(
+            r.parse()
+                .with_context(|| format!("relay {r:?} is not a URL"))?,
+        );
+    }
+    if config.relays.is_empty() && !args.n0 {
+        anyhow::bail!(
+            "no relay: pass --relay URL (or --n0 for n0's public relays), or set `relays` in --config"
+        );
+    }
+    config.n0 = args.n0;
+    config.bind_addr = args.bind;
+    config.lease_duration = std::time::Duration::from_secs(args.lease_seconds.max(2));
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let agent = portway_agent::Agent::start(config, client)
+        .await
+        .context("starting the agent")?;
+    eprintln!("agent {} starting", agent.node_id());
+    let _follow = args
+        .config
+        .clone()
+        .map(|path| agent.follow_config_file(path, flag_tunnels));
+    let reg = tokio::select! {
+        reg = agent.registered() => Some(reg),
+        () = shutdown_signal() => None,
+    };
+    if let Some(reg) = reg {
+        eprintln!("registered as connector {}/{}", reg.project, reg.connector);
+        if let Some(path) = &args.ready_file {
+            write_ready_file(
+                path,
+                &json!({"node_id": agent.node_id().to_string(), "z32": agent.node_id().to_z32(), "project": reg.project, "connector": reg.connector}),
+            )?;
+        }
+        shutdown_signal().await;
+    }
+    agent.shutdown(false).await;
+    Ok(())
 }
 
 /// A kube client from a kubeconfig file, or kube's defaults.
@@ -216,6 +389,9 @@ async fn apiserver(args: ApiserverArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Both ring and aws-lc-rs end up linked (reqwest insists on the latter), so rustls
+    // cannot pick a process default by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             // hickory logs every query at info.
@@ -232,6 +408,7 @@ fn main() -> Result<()> {
             Command::Apiserver(args) => apiserver(args).await,
             Command::Dns(args) => dns(args).await,
             Command::Relay(args) => relay(args).await,
+            Command::Agent(args) => agent(args).await,
             Command::Crds => {
                 print!("{}", portway_api::crds_yaml()?);
                 Ok(())

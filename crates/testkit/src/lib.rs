@@ -211,11 +211,18 @@ where
     }
 }
 
+/// Selects ring as rustls' process-wide provider (both ring and aws-lc-rs are linked, so
+/// rustls cannot choose on its own). Idempotent.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A kube client from a kubeconfig file.
 ///
 /// # Errors
 /// When the file cannot be read or describes no usable cluster.
 pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
+    install_crypto();
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config =
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
@@ -346,4 +353,75 @@ pub fn dig(server: std::net::SocketAddr, name: &str, rtype: &str, tcp: bool) -> 
         authoritative,
         answers,
     })
+}
+
+/// A minimal HTTP/1.1 origin for tests: answers every request with
+/// `target <port> saw <request line>` (and `Connection: close`). Stops when dropped.
+pub struct HttpTarget {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpTarget {
+    /// # Errors
+    /// When no loopback port can be bound.
+    pub async fn spawn() -> Result<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let line = text.lines().next().unwrap_or_default();
+                    let body = format!("target {} saw {line}", addr.port());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(resp.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for HttpTarget {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies an admin kubeconfig, replacing its token, namespace and user name.
+///
+/// # Errors
+/// When the source cannot be read or the copy written.
+pub fn kubeconfig_with_token(admin: &Path, token: &str, namespace: &str, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(admin)?;
+    let replaced: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let trimmed = l.trim_start();
+            let indent = &l[..l.len() - trimmed.len()];
+            if trimmed.starts_with("token:") {
+                format!("{indent}token: {token}")
+            } else if trimmed.starts_with("namespace:") {
+                format!("{indent}namespace: {namespace}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(out, replaced.join("\n") + "\n")?;
+    Ok(())
 }

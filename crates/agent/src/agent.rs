@@ -1,0 +1,785 @@
+//! The agent at runtime: the tunnel server (always up), and a control loop that
+//! registers, heartbeats and writes tunnel objects, restarting with capped backoff
+//! whenever the API is unreachable.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use futures::StreamExt;
+use iroh::protocol::Router;
+use iroh::{Endpoint, EndpointAddr, RelayUrl, Watcher};
+use iroh_proxy_utils::upstream::{UpstreamMetrics, UpstreamProxy};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use portway_api::{
+    Connector, ConnectorAdvertisement, ConnectorClass, ConnectorSpec, HttpProxy, TUNNEL_ALPN,
+    labels, managers,
+};
+use portway_discovery::endpoint;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::objects;
+use crate::policy::{Gatekeeper, Policy};
+use crate::tunnel::Tunnel;
+
+/// Annotation listing the label keys the agent set, so it can remove ones dropped from
+/// its configuration without touching labels others set.
+const MANAGED_LABELS: &str = "portway.dev/agent-labels";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The project (namespace) the connector lives in.
+    pub project: String,
+    /// Connector name; default: this machine's hostname.
+    pub name: String,
+    /// Default `portway`.
+    pub connector_class: String,
+    /// Holds `key` (the iroh identity, mode 0600) and `policy.json` (the last known
+    /// allow-lists, so tunnels serve through API outages and restarts).
+    pub state_dir: PathBuf,
+    /// The user's labels, added to the device labels.
+    pub labels: BTreeMap<String, String>,
+    pub tunnels: Vec<Tunnel>,
+    pub relays: Vec<RelayUrl>,
+    /// Also use n0's public relays and discovery.
+    pub n0: bool,
+    /// Local UDP address for direct paths; default all interfaces, random port.
+    pub bind_addr: Option<SocketAddr>,
+    /// Default 30 s; renewed at half of it.
+    pub lease_duration: Duration,
+}
+
+impl Config {
+    pub fn new(project: impl Into<String>, state_dir: PathBuf) -> Self {
+        Self {
+            project: project.into(),
+            name: default_name(),
+            connector_class: portway_api::DEFAULT_CLASS.into(),
+            state_dir,
+            labels: BTreeMap::new(),
+            tunnels: Vec::new(),
+            relays: Vec::new(),
+            n0: false,
+            bind_addr: None,
+            lease_duration: Duration::from_secs(30),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// This machine's hostname as a DNS label, or `device`.
+pub fn default_name() -> String {
+    let cleaned: String = hostname()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let cleaned = cleaned
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .trim_matches('-')
+        .chars()
+        .take(63)
+        .collect::<String>();
+    let cleaned = cleaned.trim_matches('-').to_owned();
+    if cleaned.is_empty() {
+        "device".into()
+    } else {
+        cleaned
+    }
+}
+
+/// The labels describing this device.
+pub fn device_labels() -> BTreeMap<String, String> {
+    let host: String = hostname()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let host = host
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned();
+    BTreeMap::from([
+        (labels::HOSTNAME.to_owned(), host),
+        (labels::OS.to_owned(), std::env::consts::OS.to_owned()),
+        (
+            labels::AGENT_VERSION.to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+    ])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the agent key")]
+    Key(#[from] endpoint::KeyError),
+    #[error("starting the iroh endpoint")]
+    Bind(#[from] endpoint::BindError),
+    #[error("starting the tunnel server: {0}")]
+    Proxy(String),
+    #[error("API request failed")]
+    Kube(#[from] kube::Error),
+    #[error(
+        "connector {project}/{name} belongs to another device (endpoint {other}) whose lease is current; \
+         choose another name with --name"
+    )]
+    NameTaken {
+        project: String,
+        name: String,
+        other: String,
+    },
+}
+
+/// The connector the agent registered as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub project: String,
+    pub connector: String,
+}
+
+/// Counters for status displays.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub requests: u64,
+    pub active: u64,
+    pub denied: u64,
+}
+
+struct Shared {
+    config: Config,
+    client: kube::Client,
+    endpoint: Endpoint,
+    tunnels: watch::Receiver<Vec<Tunnel>>,
+    policy: watch::Sender<Arc<Policy>>,
+    registered: watch::Sender<Option<Registration>>,
+    /// Session state as a word ("registering", "online", "api unreachable: …").
+    state: watch::Sender<String>,
+    shutdown: CancellationToken,
+}
+
+/// A running agent.
+pub struct Agent {
+    shared: Arc<Shared>,
+    router: Router,
+    metrics: Arc<UpstreamMetrics>,
+    denied: Arc<AtomicU64>,
+    tunnels: watch::Sender<Vec<Tunnel>>,
+    control: JoinHandle<()>,
+}
+
+impl Agent {
+    /// Loads the key, binds the endpoint, starts serving tunnels (with the cached policy)
+    /// and starts the control loop. Returns once the endpoint is bound.
+    ///
+    /// # Errors
+    /// When the key cannot be loaded (a corrupt key is never replaced) or the endpoint
+    /// cannot be bound.
+    pub async fn start(config: Config, client: kube::Client) -> Result<Self, Error> {
+        let (key, created) = endpoint::load_or_create_key(&config.state_dir.join("key"))?;
+        if created {
+            tracing::info!(node_id = %key.public(), "created a new agent key");
+        }
+        let cached = load_policy(&config);
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(cached));
+        let ep = endpoint::bind(&endpoint::Config {
+            secret_key: Some(key),
+            relays: config.relays.clone(),
+            dns: None,
+            n0: config.n0,
+            alpns: vec![TUNNEL_ALPN.to_vec()],
+            bind_addr: config.bind_addr,
+            relay_only: false,
+        })
+        .await?;
+        let denied = Arc::new(AtomicU64::new(0));
+        let proxy = UpstreamProxy::new(Gatekeeper {
+            policy: policy_rx,
+            denied: denied.clone(),
+        })
+        .map_err(|e| Error::Proxy(e.to_string()))?;
+        let metrics = proxy.metrics();
+        let router = Router::builder(ep.clone())
+            .accept(TUNNEL_ALPN, proxy)
+            .spawn();
+        let (tunnels_tx, tunnels_rx) = watch::channel(config.tunnels.clone());
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            endpoint: ep,
+            tunnels: tunnels_rx,
+            policy: policy_tx,
+            registered: watch::channel(None).0,
+            state: watch::channel("starting".to_owned()).0,
+            shutdown: CancellationToken::new(),
+        });
+        let control = tokio::spawn(control_loop(shared.clone()));
+        tracing::info!(node_id = %shared.endpoint.id(), "agent started");
+        Ok(Self {
+            shared,
+            router,
+            metrics,
+            denied,
+            tunnels: tunnels_tx,
+            control,
+        })
+    }
+
+    pub fn node_id(&self) -> iroh::EndpointId {
+        self.shared.endpoint.id()
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.shared.endpoint
+    }
+
+    /// Resolves with the connector once the agent has registered.
+    pub async fn registered(&self) -> Registration {
+        let mut rx = self.shared.registered.subscribe();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// A short word on the control loop's state.
+    pub fn state(&self) -> watch::Receiver<String> {
+        self.shared.state.subscribe()
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            requests: self.metrics.accepted_requests(),
+            active: self.metrics.active_requests(),
+            denied: self.denied.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Replaces the tunnels; the control loop writes (and prunes) their objects.
+    pub fn set_tunnels(&self, tunnels: Vec<Tunnel>) {
+        self.tunnels.send_replace(tunnels);
+    }
+
+    /// Re-reads `path` every two seconds when it changed, and applies its tunnels (plus
+    /// `extra`, the ones from flags). An invalid file is reported and ignored: the
+    /// tunnels in effect stay.
+    pub fn follow_config_file(&self, path: PathBuf, extra: Vec<Tunnel>) -> JoinHandle<()> {
+        let tunnels = self.tunnels.clone();
+        let shutdown = self.shared.shutdown.clone();
+        tokio::spawn(async move {
+            let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut last = modified(&path);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                let now = modified(&path);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                match crate::config::load(&path) {
+                    Ok(file) => {
+                        let mut next = file.tunnels;
+                        next.extend(extra.iter().cloned());
+                        tracing::info!(path = %path.display(), tunnels = next.len(), "config changed; applying its tunnels");
+                        tunnels.send_replace(next);
+                    }
+                    Err(e) => tracing::error!("{}; keeping the tunnels in effect", error_chain(&e)),
+                }
+            }
+        })
+    }
+
+    /// Stops: releases the lease so gateways see the device offline at once, optionally
+    /// deletes the tunnels' advertisements and proxies (never the connector), closes the
+    /// endpoint.
+    pub async fn shutdown(self, remove_tunnels: bool) {
+        self.shared.shutdown.cancel();
+        let _ = self.control.await;
+        if let Some(reg) = self.shared.registered.borrow().clone() {
+            let s = &self.shared;
+            let cleanup = async {
+                release_lease(s, &reg).await;
+                if remove_tunnels {
+                    prune(s, &reg.connector, &HashSet::new()).await.ok();
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), cleanup)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "API did not answer during shutdown; the lease will expire on its own"
+                );
+            }
+        }
+        let _ = self.router.shutdown().await;
+        self.shared.endpoint.close().await;
+    }
+}
+
+fn policy_path(config: &Config) -> PathBuf {
+    config.state_dir.join("policy.json")
+}
+
+fn load_policy(config: &Config) -> Policy {
+    std::fs::read(policy_path(config))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn store_policy(config: &Config, policy: &Policy) {
+    let path = policy_path(config);
+    let tmp = path.with_extension("tmp");
+    let ok = serde_json::to_vec(policy)
+        .ok()
+        .is_some_and(|b| std::fs::write(&tmp, b).is_ok() && std::fs::rename(&tmp, &path).is_ok());
+    if !ok {
+        tracing::warn!(path = %path.display(), "could not cache the tunnel policy");
+    }
+}
+
+/// Capped exponential backoff with jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d.mul_f64(rand::random_range(0.75..1.25))
+    }
+}
+
+async fn control_loop(s: Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    let mut watchers: Option<(String, JoinHandle<()>)> = None;
+    loop {
+        let result = session(&s, &mut backoff, &mut watchers).await;
+        if s.shutdown.is_cancelled() {
+            break;
+        }
+        let wait = backoff.step();
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                let why = error_chain(&e);
+                tracing::warn!(error = %why, retry_in = ?wait, "control plane session failed");
+                s.state.send_replace(format!("api unreachable: {why}"));
+            }
+        }
+        tokio::select! {
+            () = s.shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    if let Some((_, w)) = watchers {
+        w.abort();
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn pp() -> PatchParams {
+    PatchParams {
+        field_manager: Some(managers::AGENT.into()),
+        ..Default::default()
+    }
+}
+
+async fn session(
+    s: &Arc<Shared>,
+    backoff: &mut Backoff,
+    watchers: &mut Option<(String, JoinHandle<()>)>,
+) -> Result<(), Error> {
+    s.state.send_replace("registering".into());
+    let connector = register(s).await?;
+    let name = connector.metadata.name.clone().unwrap_or_default();
+    if watchers.as_ref().is_none_or(|(n, _)| *n != name) {
+        if let Some((_, old)) = watchers.take() {
+            old.abort();
+        }
+        *watchers = Some((
+            name.clone(),
+            tokio::spawn(watch_policy(s.clone(), name.clone())),
+        ));
+    }
+    let reg = Registration {
+        project: s.config.project.clone(),
+        connector: name.clone(),
+    };
+    let mut tunnels = s.tunnels.clone();
+    let current = tunnels.borrow_and_update().clone();
+    sync_tunnels(s, &connector, &current).await?;
+    renew_lease(s, &connector).await?;
+    let mut addrs = s.endpoint.watch_addr();
+    patch_status(s, &name, &addrs.get()).await?;
+    s.registered.send_replace(Some(reg));
+    s.state.send_replace("online".into());
+    backoff.reset();
+    tracing::info!(connector = %format!("{}/{name}", s.config.project), node_id = %s.endpoint.id(), "registered");
+
+    let half = s.config.lease_duration / 2;
+    let jitter = || half.mul_f64(rand::random_range(0.8..1.0));
+    let mut next_renew = tokio::time::Instant::now() + jitter();
+    let mut resync = tokio::time::interval(Duration::from_secs(60));
+    resync.reset();
+    loop {
+        tokio::select! {
+            () = s.shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(next_renew) => {
+                renew_lease(s, &connector).await?;
+                next_renew = tokio::time::Instant::now() + jitter();
+            }
+            addr = addrs.updated() => {
+                if let Ok(addr) = addr {
+                    patch_status(s, &name, &addr).await?;
+                }
+            }
+            changed = tunnels.changed() => {
+                if changed.is_ok() {
+                    let current = tunnels.borrow_and_update().clone();
+                    sync_tunnels(s, &connector, &current).await?;
+                }
+            }
+            _ = resync.tick() => {
+                patch_status(s, &name, &s.endpoint.addr()).await?;
+                let current = tunnels.borrow().clone();
+                sync_tunnels(s, &connector, &current).await?;
+            }
+        }
+    }
+}
+
+/// Finds the connector by this endpoint's id, or by name, or creates it; then brings its
+/// class and labels up to date.
+async fn register(s: &Shared) -> Result<Connector, Error> {
+    let api: Api<Connector> = Api::namespaced(s.client.clone(), &s.config.project);
+    let id = s.endpoint.id().to_string();
+    let by_id = api
+        .list(&ListParams::default().fields(&format!("status.connectionDetails.publicKey.id={id}")))
+        .await?;
+    let existing = match by_id.items.into_iter().next() {
+        Some(c) => Some(c),
+        None => match api.get_opt(&s.config.name).await? {
+            Some(c) => {
+                check_takeover(s, &c).await?;
+                Some(c)
+            }
+            None => None,
+        },
+    };
+    let connector = match existing {
+        Some(c) => c,
+        None => {
+            let c = Connector::new(
+                &s.config.name,
+                ConnectorSpec {
+                    connector_class_name: s.config.connector_class.clone(),
+                    capabilities: vec![],
+                },
+            );
+            match api
+                .create(
+                    &PostParams {
+                        field_manager: Some(managers::AGENT.into()),
+                        ..Default::default()
+                    },
+                    &c,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(&s.config.name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let name = connector.metadata.name.clone().unwrap_or_default();
+    let mut wanted = device_labels();
+    wanted.extend(s.config.labels.clone());
+    let previous: Vec<String> = connector
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MANAGED_LABELS))
+        .map(|v| {
+            v.split(',')
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut label_patch = serde_json::Map::new();
+    for k in previous.iter().filter(|k| !wanted.contains_key(*k)) {
+        label_patch.insert(k.clone(), serde_json::Value::Null);
+    }
+    for (k, v) in &wanted {
+        label_patch.insert(k.clone(), json!(v));
+    }
+    let patch = json!({
+        "metadata": {
+            "labels": label_patch,
+            "annotations": {MANAGED_LABELS: wanted.keys().cloned().collect::<Vec<_>>().join(",")},
+        },
+        "spec": {"connectorClassName": s.config.connector_class},
+    });
+    Ok(api.patch(&name, &pp(), &Patch::Merge(&patch)).await?)
+}
+
+/// Refuses to adopt a connector another device still holds.
+async fn check_takeover(s: &Shared, c: &Connector) -> Result<(), Error> {
+    let Some(other) = c
+        .endpoint_id()
+        .filter(|o| *o != s.endpoint.id().to_string())
+    else {
+        return Ok(());
+    };
+    let name = c.metadata.name.clone().unwrap_or_default();
+    let leases: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.project);
+    let held = leases
+        .get_opt(&name)
+        .await?
+        .and_then(|l| l.spec)
+        .is_some_and(|spec| {
+            let holder = spec.holder_identity.unwrap_or_default();
+            let expires = spec
+                .renew_time
+                .map(|t| t.0.as_second() + i64::from(spec.lease_duration_seconds.unwrap_or(0)))
+                .unwrap_or(0);
+            !holder.is_empty()
+                && holder != s.endpoint.id().to_string()
+                && expires > Timestamp::now().as_second()
+        });
+    if held {
+        return Err(Error::NameTaken {
+            project: s.config.project.clone(),
+            name,
+            other: other.to_owned(),
+        });
+    }
+    tracing::info!(connector = %name, previous = other, "taking over a connector whose device is gone (or whose key was rotated)");
+    Ok(())
+}
+
+async fn patch_status(s: &Shared, name: &str, addr: &EndpointAddr) -> Result<(), Error> {
+    let api: Api<Connector> = Api::namespaced(s.client.clone(), &s.config.project);
+    let details = endpoint::connection_details(addr);
+    let patch = json!({"status": {"connectionDetails": details, "leaseRef": {"name": name}}});
+    api.patch_status(name, &pp(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+fn now() -> serde_json::Value {
+    serde_json::to_value(MicroTime(Timestamp::now())).unwrap_or_default()
+}
+
+/// Creates or renews the heartbeat Lease (named after the connector, owned by it).
+async fn renew_lease(s: &Shared, connector: &Connector) -> Result<(), Error> {
+    let name = connector.metadata.name.clone().unwrap_or_default();
+    let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.project);
+    let holder = s.endpoint.id().to_string();
+    let duration = i32::try_from(s.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    let renew = json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": now()}});
+    match api.patch(&name, &pp(), &Patch::Merge(&renew)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let mut lease: Lease = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {labels::MANAGED_BY: managers::AGENT}},
+                "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "acquireTime": now(), "renewTime": now()},
+            }))
+            .map_err(|e| Error::Proxy(e.to_string()))?;
+            lease.metadata.owner_references =
+                kube::Resource::controller_owner_ref(connector, &()).map(|o| vec![o]);
+            match api
+                .create(
+                    &PostParams {
+                        field_manager: Some(managers::AGENT.into()),
+                        ..Default::default()
+                    },
+                    &lease,
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Gives the lease up, so the connector goes not-ready at once instead of at expiry.
+async fn release_lease(s: &Shared, reg: &Registration) {
+    let api: Api<Lease> = Api::namespaced(s.client.clone(), &reg.project);
+    let release = json!({"spec": {"holderIdentity": null, "renewTime": null}});
+    match api
+        .patch(&reg.connector, &pp(), &Patch::Merge(&release))
+        .await
+    {
+        Ok(_) => tracing::info!(connector = %reg.connector, "lease released"),
+        Err(e) => tracing::warn!(error = %e, "releasing the lease"),
+    }
+}
+
+/// Applies the tunnels' advertisements and proxies, and deletes ones no longer wanted.
+async fn sync_tunnels(s: &Shared, connector: &Connector, tunnels: &[Tunnel]) -> Result<(), Error> {
+    let (ads, proxies) = objects::desired(connector, tunnels);
+    let apply = PatchParams::apply(managers::AGENT).force();
+    let ad_api: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
+    let proxy_api: Api<HttpProxy> = Api::namespaced(s.client.clone(), &s.config.project);
+    let mut keep = HashSet::new();
+    for ad in &ads {
+        let name = ad.metadata.name.clone().unwrap_or_default();
+        ad_api.patch(&name, &apply, &Patch::Apply(ad)).await?;
+        keep.insert(("ad", name));
+    }
+    for p in &proxies {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        proxy_api.patch(&name, &apply, &Patch::Apply(p)).await?;
+        keep.insert(("proxy", name));
+    }
+    prune(
+        s,
+        connector.metadata.name.as_deref().unwrap_or_default(),
+        &keep,
+    )
+    .await
+}
+
+async fn prune(s: &Shared, connector: &str, keep: &HashSet<(&str, String)>) -> Result<(), Error> {
+    let lp = ListParams::default().labels(&objects::selector(connector));
+    let ad_api: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
+    for ad in ad_api.list(&lp).await? {
+        let name = ad.metadata.name.unwrap_or_default();
+        if !keep.contains(&("ad", name.clone())) {
+            tracing::info!(advertisement = %name, "removing advertisement of a tunnel no longer configured");
+            ad_api.delete(&name, &DeleteParams::default()).await?;
+        }
+    }
+    let proxy_api: Api<HttpProxy> = Api::namespaced(s.client.clone(), &s.config.project);
+    for p in proxy_api.list(&lp).await? {
+        let name = p.metadata.name.unwrap_or_default();
+        if !keep.contains(&("proxy", name.clone())) {
+            tracing::info!(httpproxy = %name, "removing HTTPProxy of a tunnel no longer configured");
+            proxy_api.delete(&name, &DeleteParams::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the policy in step with the ConnectorClass (gateways) and this connector's
+/// advertisements (targets). Until a watch has listed once, the cached policy stands.
+async fn watch_policy(s: Arc<Shared>, connector: String) {
+    let classes: Api<ConnectorClass> = Api::all(s.client.clone());
+    let class_cfg =
+        watcher::Config::default().fields(&format!("metadata.name={}", s.config.connector_class));
+    let (class_store, class_writer) = reflector::store();
+    let class_events = reflector(class_writer, watcher(classes, class_cfg).default_backoff())
+        .map(|e| e.map(|_| ()));
+
+    let ads: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
+    let ad_cfg = watcher::Config::default().fields(&format!("spec.connectorRef.name={connector}"));
+    let (ad_store, ad_writer) = reflector::store();
+    let ad_events =
+        reflector(ad_writer, watcher(ads, ad_cfg).default_backoff()).map(|e| e.map(|_| ()));
+
+    let mut events = futures::stream::select(class_events, ad_events).boxed();
+    while let Some(event) = events.next().await {
+        if let Err(e) = event {
+            tracing::debug!(error = %e, "policy watch interrupted; keeping the last policy");
+            continue;
+        }
+        let mut next = Policy::clone(&s.policy.borrow());
+        if ready(&class_store) {
+            next.gateways = class_store
+                .state()
+                .iter()
+                .flat_map(|c| {
+                    c.status
+                        .iter()
+                        .flat_map(|st| st.gateways.iter().map(|g| g.endpoint_id.clone()))
+                })
+                .collect();
+        }
+        if ready(&ad_store) {
+            let mut specs: Vec<_> = ad_store
+                .state()
+                .iter()
+                .filter(|a| a.metadata.deletion_timestamp.is_none())
+                .map(|a| (a.metadata.name.clone(), a.spec.clone()))
+                .collect();
+            specs.sort_by(|a, b| a.0.cmp(&b.0));
+            next.advertisements = specs.into_iter().map(|(_, spec)| spec).collect();
+        }
+        if **s.policy.borrow() != next {
+            tracing::info!(
+                gateways = next.gateways.len(),
+                advertisements = next.advertisements.len(),
+                "tunnel policy updated"
+            );
+            store_policy(&s.config, &next);
+            s.policy.send_replace(Arc::new(next));
+        }
+    }
+}
+
+/// Whether a reflector has listed at least once.
+fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
+    store: &reflector::Store<K>,
+) -> bool {
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some()
+}

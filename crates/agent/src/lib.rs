@@ -1,0 +1,31 @@
+//! The device agent: owns the iroh key, registers a Connector, heartbeats, advertises
+//! tunnels and serves them safely.
+//!
+//! It accepts iroh connections on ALPN `iroh-http-proxy/1` (the `iroh-proxy-utils`
+//! upstream proxy, the wire protocol of Datum Connect and iroh-gateway): each QUIC stream
+//! carries one HTTP/1.1 `CONNECT host:port` or absolute-form request. A stream is served
+//! only when its dialer is a gateway listed in the ConnectorClass's `status.gateways` and
+//! its target is in one of this connector's ConnectorAdvertisements; anything else gets
+//! 403. Both lists are watched and cached on disk, so tunnels keep serving when the API is
+//! away.
+//!
+//! ```no_run
+//! # async fn run(client: kube::Client) -> Result<(), portway_agent::Error> {
+//! use portway_agent::{Agent, Config, Tunnel};
+//! let mut config = Config::new("default", "state".into());
+//! config.tunnels.push(Tunnel::parse_flag("web=127.0.0.1:3000,http,app.localhost").unwrap());
+//! config.relays.push("http://127.0.0.1:3340/".parse().unwrap());
+//! let agent = Agent::start(config, client).await?;
+//! println!("{:?}", agent.registered().await);
+//! agent.shutdown(false).await;
+//! # Ok(()) }
+//! ```
+
+mod agent;
+pub mod config;
+pub mod objects;
+pub mod policy;
+pub mod tunnel;
+
+pub use agent::{Agent, Config, Error, Registration, Stats, default_name, device_labels};
+pub use tunnel::{Protocol, Target, Tunnel};

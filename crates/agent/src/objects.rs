@@ -1,0 +1,189 @@
+//! What the agent writes for its tunnels, as a pure function: one ConnectorAdvertisement
+//! per tunnel and, for HTTP tunnels with hostnames, one HTTPProxy, each owned by the
+//! Connector (so deleting the Connector removes them).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use portway_api::{
+    Connector, ConnectorAdvertisement, ConnectorAdvertisementSpec, ConnectorReference, HttpProxy,
+    HttpProxyBackend, HttpProxyRule, HttpProxySpec, Layer4Advertisement, Layer4Service,
+    LocalObjectReference, ServicePort, default_matches, labels, managers,
+};
+
+use crate::tunnel::{Protocol, Tunnel};
+
+/// Labels every object the agent writes carries, so it can find (and prune) its own.
+pub const CONNECTOR_LABEL: &str = "portway.dev/connector";
+pub const TUNNEL_LABEL: &str = "portway.dev/tunnel";
+
+/// `<connector>-<tunnel>`, shortened to fit a name if needed.
+pub fn object_name(connector: &str, tunnel: &str) -> String {
+    let max_prefix = 253usize.saturating_sub(tunnel.len() + 1);
+    let prefix = connector
+        .get(..connector.len().min(max_prefix))
+        .unwrap_or(connector)
+        .trim_end_matches(['-', '.']);
+    format!("{prefix}-{tunnel}")
+}
+
+/// The label selector matching every object the agent wrote for this connector.
+pub fn selector(connector: &str) -> String {
+    format!(
+        "{}={},{CONNECTOR_LABEL}={connector}",
+        labels::MANAGED_BY,
+        managers::AGENT
+    )
+}
+
+fn meta(connector: &Connector, tunnel: &Tunnel) -> ObjectMeta {
+    let name = connector.metadata.name.clone().unwrap_or_default();
+    ObjectMeta {
+        name: Some(object_name(&name, &tunnel.name)),
+        namespace: connector.metadata.namespace.clone(),
+        labels: Some(BTreeMap::from([
+            (labels::MANAGED_BY.to_owned(), managers::AGENT.to_owned()),
+            (CONNECTOR_LABEL.to_owned(), name),
+            (TUNNEL_LABEL.to_owned(), tunnel.name.clone()),
+        ])),
+        owner_references: connector.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// The advertisements and proxies `tunnels` call for.
+pub fn desired(
+    connector: &Connector,
+    tunnels: &[Tunnel],
+) -> (Vec<ConnectorAdvertisement>, Vec<HttpProxy>) {
+    let connector_name = connector.metadata.name.clone().unwrap_or_default();
+    let mut advertisements = Vec::new();
+    let mut proxies = Vec::new();
+    for t in tunnels {
+        advertisements.push(ConnectorAdvertisement {
+            metadata: meta(connector, t),
+            spec: ConnectorAdvertisementSpec {
+                connector_ref: LocalObjectReference {
+                    name: connector_name.clone(),
+                },
+                layer4: vec![Layer4Advertisement {
+                    name: t.name.clone(),
+                    services: vec![Layer4Service {
+                        address: t.target.host.clone(),
+                        ports: vec![ServicePort {
+                            name: Some(t.protocol.as_str().to_owned()),
+                            port: i32::from(t.target.port),
+                            protocol: portway_api::Protocol::Tcp,
+                        }],
+                    }],
+                }],
+            },
+            status: None,
+        });
+        if t.protocol == Protocol::Http && !t.hostnames.is_empty() {
+            proxies.push(HttpProxy {
+                metadata: meta(connector, t),
+                spec: HttpProxySpec {
+                    hostnames: t.hostnames.clone(),
+                    rules: vec![HttpProxyRule {
+                        name: None,
+                        matches: default_matches(),
+                        filters: vec![],
+                        backends: vec![HttpProxyBackend {
+                            endpoint: format!("http://{}", t.target),
+                            connector: Some(ConnectorReference {
+                                name: Some(connector_name.clone()),
+                                selector: None,
+                            }),
+                            filters: vec![],
+                        }],
+                    }],
+                },
+                status: None,
+            });
+        }
+    }
+    (advertisements, proxies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::Target;
+    use portway_api::{ConnectorSpec, Validate};
+
+    fn connector() -> Connector {
+        let mut c = Connector::new(
+            "laptop",
+            ConnectorSpec {
+                connector_class_name: "portway".into(),
+                capabilities: vec![],
+            },
+        );
+        c.metadata.namespace = Some("p1".into());
+        c.metadata.uid = Some("uid-1".into());
+        c
+    }
+
+    fn tunnel(name: &str, protocol: Protocol, hostnames: &[&str]) -> Tunnel {
+        Tunnel {
+            name: name.into(),
+            target: Target {
+                host: "127.0.0.1".into(),
+                port: 3000,
+            },
+            protocol,
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn one_advertisement_per_tunnel_and_proxies_for_http_hostnames() {
+        let tunnels = [
+            tunnel("web", Protocol::Http, &["web.example.com"]),
+            tunnel("api", Protocol::Http, &[]),
+            tunnel("db", Protocol::Tcp, &[]),
+        ];
+        let (ads, proxies) = desired(&connector(), &tunnels);
+        assert_eq!(
+            ads.iter()
+                .map(|a| a.metadata.name.clone().unwrap())
+                .collect::<Vec<_>>(),
+            ["laptop-web", "laptop-api", "laptop-db"]
+        );
+        assert_eq!(proxies.len(), 1);
+        let p = &proxies[0];
+        assert_eq!(
+            p.spec.rules[0].backends[0].endpoint,
+            "http://127.0.0.1:3000"
+        );
+        assert_eq!(
+            p.spec.rules[0].backends[0]
+                .connector
+                .as_ref()
+                .unwrap()
+                .name
+                .as_deref(),
+            Some("laptop")
+        );
+        assert_eq!(
+            p.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        assert_eq!(p.metadata.namespace.as_deref(), Some("p1"));
+        assert!(ads.iter().all(|a| a.validate().is_empty()) && p.validate().is_empty());
+        assert!(
+            ads[0]
+                .spec
+                .allows("127.0.0.1", 3000, portway_api::Protocol::Tcp)
+        );
+    }
+
+    #[test]
+    fn names_stay_valid() {
+        let long = "a".repeat(250);
+        let n = object_name(&long, "web");
+        assert!(n.len() <= 253 && n.ends_with("-web"));
+    }
+}
