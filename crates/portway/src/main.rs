@@ -28,6 +28,8 @@ enum Command {
     Relay(RelayArgs),
     /// Run the device agent: register this device and serve its tunnels.
     Agent(AgentArgs),
+    /// Run the operator: HTTPProxy → Gateway API objects, connector readiness.
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions of Portway's kinds (YAML).
     Crds,
 }
@@ -71,6 +73,40 @@ struct RelayArgs {
     /// Write the relay URL here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct OperatorArgs {
+    /// Kubeconfig of the control plane (an operator or admin token).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Sidecar address(es) the generated EndpointSlices point at (comma-separated or
+    /// repeated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    sidecar: Vec<SocketAddr>,
+    /// Zone for canonical hostnames (`<uid>.<zone>`).
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    /// Write {"operator": "ready"} here once the caches are synced and controllers run.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn operator(args: OperatorArgs) -> Result<()> {
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let mut config = portway_operator::Config::new(args.sidecar);
+    config.proxy.zone = args.zone;
+    let operator = portway_operator::Operator::start(config, client)
+        .await
+        .context("starting the operator")?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &json!({"operator": "started"}))?;
+    }
+    eprintln!("operator running");
+    shutdown_signal().await;
+    operator.shutdown();
+    operator.join().await;
+    Ok(())
 }
 
 #[derive(Parser)]
@@ -409,6 +445,7 @@ fn main() -> Result<()> {
             Command::Dns(args) => dns(args).await,
             Command::Relay(args) => relay(args).await,
             Command::Agent(args) => agent(args).await,
+            Command::Operator(args) => operator(args).await,
             Command::Crds => {
                 print!("{}", portway_api::crds_yaml()?);
                 Ok(())

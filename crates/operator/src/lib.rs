@@ -1,0 +1,570 @@
+//! The operator: validates HTTPProxies against advertisements and programs Gateway API
+//! objects; keeps connector readiness.
+//!
+//! Three controllers on `kube::runtime::Controller`, fed by one shared watch per kind:
+//! - HTTPProxy → Gateway, HTTPRoute, Service + EndpointSlice per backend connector,
+//!   BackendTrafficPolicy, and the proxy's status ([`proxy::desired`] decides everything);
+//! - Connector → `Accepted` (its class exists) and `Ready` (its Lease is current),
+//!   requeued at lease expiry;
+//! - ConnectorAdvertisement → `Accepted` (its connector exists).
+//!
+//! It also makes sure the default `portway` ConnectorClass and GatewayClass exist.
+//!
+//! ```no_run
+//! # async fn run(client: kube::Client) -> Result<(), portway_operator::Error> {
+//! let config = portway_operator::Config::new(vec!["127.0.0.1:4001".parse().unwrap()]);
+//! let operator = portway_operator::Operator::start(config, client).await?;
+//! operator.join().await;
+//! # Ok(()) }
+//! ```
+
+pub mod connector;
+mod hostnames;
+mod informer;
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::Controller;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use portway_api::{
+    BackendTrafficPolicy, CONTROLLER_NAME, Connector, ConnectorAdvertisement, ConnectorClass,
+    HttpProxy, managers,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::hostnames::HostnameIndex;
+use crate::informer::{Subscriber, pending, relisted, touched};
+
+/// What the operator needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub proxy: proxy::desired::Config,
+    /// The ConnectorClass created by default (`portway`).
+    pub connector_class: String,
+    /// Reconciles in flight per controller (default 16).
+    pub concurrency: u16,
+}
+
+impl Config {
+    /// Defaults: zone `portway.localhost`, classes `portway`, controller
+    /// `portway.dev/operator`.
+    pub fn new(sidecars: Vec<SocketAddr>) -> Self {
+        Self {
+            proxy: proxy::desired::Config {
+                sidecars,
+                zone: "portway.localhost".into(),
+                gateway_class: portway_api::DEFAULT_CLASS.into(),
+                controller_name: CONTROLLER_NAME.into(),
+            },
+            connector_class: portway_api::DEFAULT_CLASS.into(),
+            concurrency: 16,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API request failed")]
+    Kube(#[from] kube::Error),
+    #[error("encoding an object")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            Self::Kube(kube::Error::Api(_)) => "api",
+            Self::Kube(_) => "transport",
+            Self::Json(_) => "encoding",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ErrorLabels {
+    controller: &'static str,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ControllerLabel {
+    controller: &'static str,
+}
+
+/// Counters exported at `/metrics` by whoever embeds the operator.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    reconciles: Family<ControllerLabel, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    writes: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("portway_operator");
+        sub.register(
+            "reconciles",
+            "Reconciles run, by controller",
+            self.reconciles.clone(),
+        );
+        sub.register(
+            "reconcile_errors",
+            "Reconciles that failed, by controller and error kind",
+            self.errors.clone(),
+        );
+        sub.register(
+            "writes",
+            "Objects created, changed or deleted",
+            self.writes.clone(),
+        );
+    }
+}
+
+pub(crate) struct Ctx {
+    client: kube::Client,
+    config: Config,
+    connectors: Store<Connector>,
+    advertisements: Store<ConnectorAdvertisement>,
+    leases: Store<Lease>,
+    classes: Store<ConnectorClass>,
+    routes: Store<HttpRoute>,
+    gateways: Store<Gateway>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    policies: Store<BackendTrafficPolicy>,
+    hostnames: Arc<HostnameIndex>,
+    metrics: Metrics,
+}
+
+/// A running operator.
+pub struct Operator {
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    metrics: Metrics,
+}
+
+type Tx<K> = mpsc::UnboundedSender<ObjectRef<K>>;
+
+fn object_ref<K: Resource<DynamicType = ()>>(o: &K) -> ObjectRef<K> {
+    ObjectRef::from_obj(o)
+}
+
+/// Sends refs for every object in `store` within `ns` (all namespaces with `None`) that
+/// `pick` accepts.
+fn send_matching<K: Resource<DynamicType = ()> + Clone>(
+    tx: &Tx<K>,
+    store: &Store<K>,
+    ns: Option<&str>,
+    pick: impl Fn(&K) -> bool,
+) {
+    for o in store.state() {
+        if ns.is_none_or(|ns| o.meta().namespace.as_deref() == Some(ns)) && pick(&o) {
+            let _ = tx.send(object_ref(o.as_ref()));
+        }
+    }
+}
+
+/// Maps a child object to its owning HTTPProxy.
+fn owner_subscriber<K: Resource + Send + Sync + 'static>(tx: Tx<HttpProxy>) -> Subscriber<K> {
+    Box::new(move |e| {
+        if let Some(o) = touched(e) {
+            let ns = o.meta().namespace.clone().unwrap_or_default();
+            for r in o
+                .meta()
+                .owner_references
+                .iter()
+                .flatten()
+                .filter(|r| r.kind == "HTTPProxy")
+            {
+                let _ = tx.send(ObjectRef::new(&r.name).within(&ns));
+            }
+        }
+    })
+}
+
+async fn ensure_classes(client: &kube::Client, config: &Config) -> Result<(), Error> {
+    let pp = PostParams {
+        field_manager: Some(managers::OPERATOR.into()),
+        ..Default::default()
+    };
+    let classes: Api<ConnectorClass> = Api::all(client.clone());
+    if classes.get_opt(&config.connector_class).await?.is_none() {
+        let cls = serde_json::from_value(json!({
+            "metadata": {"name": config.connector_class},
+            "spec": {"controllerName": config.proxy.controller_name},
+        }))?;
+        match classes.create(&pp, &cls).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let gateway_classes: Api<GatewayClass> = Api::all(client.clone());
+    let name = &config.proxy.gateway_class;
+    if gateway_classes.get_opt(name).await?.is_none() {
+        let gc = serde_json::from_value(
+            json!({"metadata": {"name": name}, "spec": {"controllerName": config.proxy.controller_name}}),
+        )?;
+        match gateway_classes.create(&pp, &gc).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let accepted = portway_api::condition(
+        "Accepted",
+        true,
+        "Accepted",
+        format!("handled by {}", config.proxy.controller_name),
+        None,
+    );
+    let status = json!({"status": {"conditions": [accepted]}});
+    gateway_classes
+        .patch_status(
+            name,
+            &PatchParams {
+                field_manager: Some(managers::OPERATOR.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&status),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A receiver as a stream.
+fn refs<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+}
+
+impl Operator {
+    /// Ensures the default classes, starts one watch per kind, waits until each has listed
+    /// once, then starts the controllers.
+    ///
+    /// # Errors
+    /// When the default classes cannot be read or created.
+    pub async fn start(config: Config, client: kube::Client) -> Result<Self, Error> {
+        ensure_classes(&client, &config).await?;
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::default();
+
+        let proxies = pending::<HttpProxy>();
+        let connectors = pending::<Connector>();
+        let ads = pending::<ConnectorAdvertisement>();
+        let leases = pending::<Lease>();
+        let classes = pending::<ConnectorClass>();
+        let routes = pending::<HttpRoute>();
+        let gateways = pending::<Gateway>();
+        let services = pending::<Service>();
+        let slices = pending::<EndpointSlice>();
+        let policies = pending::<BackendTrafficPolicy>();
+        let hostnames = Arc::new(HostnameIndex::default());
+
+        let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
+        let (conn_tx, conn_rx) = mpsc::unbounded_channel::<ObjectRef<Connector>>();
+        let (ad_tx, ad_rx) = mpsc::unbounded_channel::<ObjectRef<ConnectorAdvertisement>>();
+
+        let mut tasks = Vec::new();
+        let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![{
+            let (tx, store, index) = (proxy_tx.clone(), proxies.store.clone(), hostnames.clone());
+            Box::new(move |e| match e {
+                watcher::Event::Apply(p) => {
+                    let _ = tx.send(object_ref(p));
+                    for (ns, name) in index.upsert(p) {
+                        let _ = tx.send(ObjectRef::new(&name).within(&ns));
+                    }
+                }
+                watcher::Event::Delete(p) => {
+                    for (ns, name) in index.remove(p) {
+                        let _ = tx.send(ObjectRef::new(&name).within(&ns));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    let all = store.state();
+                    index.rebuild(all.iter().map(AsRef::as_ref));
+                    send_matching(&tx, &store, None, |_| true);
+                }
+                _ => {}
+            })
+        }];
+        let conn_subs: Vec<Subscriber<Connector>> = vec![{
+            let (ptx, ctx_, atx) = (proxy_tx.clone(), conn_tx.clone(), ad_tx.clone());
+            let (pstore, astore, cstore) = (
+                proxies.store.clone(),
+                ads.store.clone(),
+                connectors.store.clone(),
+            );
+            Box::new(move |e| {
+                if let Some(c) = touched(e) {
+                    let ns = c.namespace();
+                    send_matching(&ptx, &pstore, ns.as_deref(), |_| true);
+                    send_matching(&atx, &astore, ns.as_deref(), |a| {
+                        a.spec.connector_ref.name == c.name_any()
+                    });
+                    if matches!(e, watcher::Event::Apply(_)) {
+                        let _ = ctx_.send(object_ref(c));
+                    }
+                } else if relisted(e) {
+                    send_matching(&ctx_, &cstore, None, |_| true);
+                    send_matching(&ptx, &pstore, None, |_| true);
+                    send_matching(&atx, &astore, None, |_| true);
+                }
+            })
+        }];
+        let ad_subs: Vec<Subscriber<ConnectorAdvertisement>> = vec![{
+            let (ptx, atx, pstore, astore) = (
+                proxy_tx.clone(),
+                ad_tx.clone(),
+                proxies.store.clone(),
+                ads.store.clone(),
+            );
+            Box::new(move |e| {
+                if let Some(a) = touched(e) {
+                    send_matching(&ptx, &pstore, a.namespace().as_deref(), |_| true);
+                    if matches!(e, watcher::Event::Apply(_)) {
+                        let _ = atx.send(object_ref(a));
+                    }
+                } else if relisted(e) {
+                    send_matching(&atx, &astore, None, |_| true);
+                    send_matching(&ptx, &pstore, None, |_| true);
+                }
+            })
+        }];
+        let lease_subs: Vec<Subscriber<Lease>> = vec![{
+            let (tx, cstore) = (conn_tx.clone(), connectors.store.clone());
+            Box::new(move |e| {
+                if let Some(l) = touched(e) {
+                    let _ = tx.send(
+                        ObjectRef::new(&l.name_any()).within(&l.namespace().unwrap_or_default()),
+                    );
+                } else if relisted(e) {
+                    send_matching(&tx, &cstore, None, |_| true);
+                }
+            })
+        }];
+        let class_subs: Vec<Subscriber<ConnectorClass>> = vec![{
+            let (tx, cstore) = (conn_tx.clone(), connectors.store.clone());
+            Box::new(move |e| {
+                if let Some(cls) = touched(e) {
+                    send_matching(&tx, &cstore, None, |c| {
+                        c.spec.connector_class_name == cls.name_any()
+                    });
+                } else if relisted(e) {
+                    send_matching(&tx, &cstore, None, |_| true);
+                }
+            })
+        }];
+
+        let ctx = Arc::new(Ctx {
+            client: client.clone(),
+            config: config.clone(),
+            connectors: connectors.store.clone(),
+            advertisements: ads.store.clone(),
+            leases: leases.store.clone(),
+            classes: classes.store.clone(),
+            routes: routes.store.clone(),
+            gateways: gateways.store.clone(),
+            services: services.store.clone(),
+            slices: slices.store.clone(),
+            policies: policies.store.clone(),
+            hostnames,
+            metrics: metrics.clone(),
+        });
+        let stores_ready = {
+            let (a, b, c, d, e) = (
+                proxies.store.clone(),
+                connectors.store.clone(),
+                ads.store.clone(),
+                leases.store.clone(),
+                classes.store.clone(),
+            );
+            let (f, g, h, i, j) = (
+                routes.store.clone(),
+                gateways.store.clone(),
+                services.store.clone(),
+                slices.store.clone(),
+                policies.store.clone(),
+            );
+            async move {
+                let _ = futures::join!(
+                    a.wait_until_ready(),
+                    b.wait_until_ready(),
+                    c.wait_until_ready(),
+                    d.wait_until_ready(),
+                    e.wait_until_ready(),
+                    f.wait_until_ready(),
+                    g.wait_until_ready(),
+                    h.wait_until_ready(),
+                    i.wait_until_ready(),
+                    j.wait_until_ready()
+                );
+            }
+        };
+        let proxy_store = proxies.store.clone();
+        let conn_store = connectors.store.clone();
+        let ad_store = ads.store.clone();
+        let s = &shutdown;
+        tasks.push(proxies.spawn(Api::all(client.clone()), proxy_subs, s.clone()));
+        tasks.push(connectors.spawn(Api::all(client.clone()), conn_subs, s.clone()));
+        tasks.push(ads.spawn(Api::all(client.clone()), ad_subs, s.clone()));
+        tasks.push(leases.spawn(Api::all(client.clone()), lease_subs, s.clone()));
+        tasks.push(classes.spawn(Api::all(client.clone()), class_subs, s.clone()));
+        tasks.push(routes.spawn(
+            Api::all(client.clone()),
+            vec![owner_subscriber(proxy_tx.clone())],
+            s.clone(),
+        ));
+        tasks.push(gateways.spawn(
+            Api::all(client.clone()),
+            vec![owner_subscriber(proxy_tx.clone())],
+            s.clone(),
+        ));
+        tasks.push(services.spawn(
+            Api::all(client.clone()),
+            vec![owner_subscriber(proxy_tx.clone())],
+            s.clone(),
+        ));
+        tasks.push(slices.spawn(
+            Api::all(client.clone()),
+            vec![owner_subscriber(proxy_tx.clone())],
+            s.clone(),
+        ));
+        tasks.push(policies.spawn(
+            Api::all(client.clone()),
+            vec![owner_subscriber(proxy_tx)],
+            s.clone(),
+        ));
+
+        let cfg = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+        let stop = {
+            let s = shutdown.clone();
+            move || {
+                let s = s.clone();
+                async move { s.cancelled().await }
+            }
+        };
+        let proxy_controller = Controller::for_stream(futures::stream::pending(), proxy_store)
+            .with_config(cfg.clone())
+            .reconcile_on(refs(proxy_rx))
+            .graceful_shutdown_on(stop())
+            .run(
+                counted("httpproxy", proxy::reconcile::reconcile),
+                error_policy("httpproxy"),
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
+        let connector_controller = Controller::for_stream(futures::stream::pending(), conn_store)
+            .with_config(cfg.clone())
+            .reconcile_on(refs(conn_rx))
+            .graceful_shutdown_on(stop())
+            .run(
+                counted("connector", connector::reconcile_connector),
+                error_policy("connector"),
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
+        let ad_controller = Controller::for_stream(futures::stream::pending(), ad_store)
+            .with_config(cfg)
+            .reconcile_on(refs(ad_rx))
+            .graceful_shutdown_on(stop())
+            .run(
+                counted("advertisement", connector::reconcile_advertisement),
+                error_policy("advertisement"),
+                ctx,
+            )
+            .for_each(|_| futures::future::ready(()));
+        let shutdown_wait = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = stores_ready => {}
+                () = shutdown_wait.cancelled() => return,
+            }
+            tracing::info!("operator caches synced; reconciling");
+            futures::join!(proxy_controller, connector_controller, ad_controller);
+        }));
+        Ok(Self {
+            shutdown,
+            tasks,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Wraps a reconcile function to count its runs.
+fn counted<K, F, Fut>(
+    controller: &'static str,
+    f: F,
+) -> impl Fn(Arc<K>, Arc<Ctx>) -> futures::future::BoxFuture<'static, Result<Action, Error>>
+where
+    K: Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        ctx.metrics
+            .reconciles
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+        Box::pin(f(obj, ctx))
+    }
+}
+
+/// Backs off and counts the error by controller and kind. Conflicts (someone wrote the
+/// object meanwhile) retry at once: the next read sees the new version.
+fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Ctx>) -> Action
+where
+    K: Resource,
+{
+    move |obj, err, ctx| {
+        ctx.metrics
+            .errors
+            .get_or_create(&ErrorLabels {
+                controller,
+                error: err.label(),
+            })
+            .inc();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        tracing::warn!(controller, object = %name, error = %err, cause = ?std::error::Error::source(err), "reconcile failed");
+        match err.label() {
+            "conflict" => Action::requeue(Duration::from_millis(50)),
+            _ => Action::requeue(Duration::from_secs(2)),
+        }
+    }
+}

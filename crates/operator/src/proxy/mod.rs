@@ -1,0 +1,5 @@
+//! The HTTPProxy controller: HTTPProxy → Gateway, HTTPRoute, Service, EndpointSlice,
+//! BackendTrafficPolicy, validated against ConnectorAdvertisements.
+
+pub mod desired;
+pub mod reconcile;

@@ -1,0 +1,220 @@
+//! The thin shell around [`super::desired`]: read stores, decide, apply what differs,
+//! delete what is no longer wanted, write status.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use portway_api::{
+    BackendTrafficPolicy, Connector, ConnectorAdvertisement, HttpProxy, labels, managers,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::desired::{Inputs, desired, merged_conditions};
+use crate::hostnames::Claim;
+use crate::{Ctx, Error};
+
+/// Whether `have` already says everything `want` says (objects compared key by key,
+/// arrays element by element), so applying `want` would change nothing.
+pub fn contains(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w
+            .iter()
+            .all(|(k, wv)| h.get(k).is_some_and(|hv| contains(hv, wv)) || wv.is_null()),
+        (Value::Array(h), Value::Array(w)) => {
+            h.len() == w.len() && h.iter().zip(w).all(|(a, b)| contains(a, b))
+        }
+        (h, w) => h == w,
+    }
+}
+
+/// Server-side applies `want` unless the store's copy already matches.
+async fn apply<K>(ctx: &Ctx, store: &Store<K>, want: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+{
+    let name = want.name_any();
+    let ns = want.namespace().unwrap_or_default();
+    let want_value = serde_json::to_value(want)?;
+    if let Some(have) = store.get(&ObjectRef::new(&name).within(&ns))
+        && contains(&serde_json::to_value(have.as_ref())?, &want_value)
+    {
+        return Ok(());
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(
+        &name,
+        &PatchParams::apply(managers::OPERATOR).force(),
+        &Patch::Apply(&want_value),
+    )
+    .await?;
+    ctx.metrics.writes.inc();
+    Ok(())
+}
+
+/// Deletes this proxy's children of one kind that are not in `keep`.
+async fn prune<K>(
+    ctx: &Ctx,
+    store: &Store<K>,
+    proxy: &HttpProxy,
+    keep: &HashSet<String>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+{
+    let ns = proxy.namespace().unwrap_or_default();
+    let uid = proxy.uid().unwrap_or_default();
+    let stale: Vec<String> = store
+        .state()
+        .iter()
+        .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|o| o.owner_references().iter().any(|r| r.uid == uid))
+        .filter(|o| {
+            o.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(managers::OPERATOR)
+        })
+        .map(|o| o.name_any())
+        .filter(|n| !keep.contains(n))
+        .collect();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in stale {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                ctx.metrics.writes.inc();
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn names<K: Resource>(objs: impl IntoIterator<Item = K>) -> HashSet<String> {
+    objs.into_iter()
+        .map(|o| o.meta().name.clone().unwrap_or_default())
+        .collect()
+}
+
+pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if proxy.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = proxy.namespace().unwrap_or_default();
+    let name = proxy.name_any();
+    let in_ns = |o: &dyn Fn() -> Option<String>| o().as_deref() == Some(ns.as_str());
+    let connectors: Vec<Arc<Connector>> = ctx
+        .connectors
+        .state()
+        .into_iter()
+        .filter(|c| in_ns(&|| c.namespace()))
+        .collect();
+    let ads: Vec<Arc<ConnectorAdvertisement>> = ctx
+        .advertisements
+        .state()
+        .into_iter()
+        .filter(|a| in_ns(&|| a.namespace()))
+        .collect();
+    let route = ctx.routes.get(&ObjectRef::new(&name).within(&ns));
+    let gateway = ctx.gateways.get(&ObjectRef::new(&name).within(&ns));
+    let me = Claim::of(&proxy);
+    let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me);
+    let connector_refs: Vec<&Connector> = connectors.iter().map(AsRef::as_ref).collect();
+    let ad_refs: Vec<&ConnectorAdvertisement> = ads.iter().map(AsRef::as_ref).collect();
+    let addresses = gateway
+        .as_ref()
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default();
+    let d = desired(&Inputs {
+        proxy: &proxy,
+        connectors: &connector_refs,
+        advertisements: &ad_refs,
+        claimed_by: &claimed_by,
+        route_status: route.as_ref().and_then(|r| r.status.as_ref()),
+        gateway_addresses: &addresses,
+        config: &ctx.config.proxy,
+    });
+
+    // Children first (status may only claim what exists).
+    if let Some(g) = &d.gateway {
+        apply(&ctx, &ctx.gateways, g).await?;
+    }
+    for s in &d.services {
+        apply(&ctx, &ctx.services, s).await?;
+    }
+    for s in &d.slices {
+        apply(&ctx, &ctx.slices, s).await?;
+    }
+    if let Some(r) = &d.route {
+        apply(&ctx, &ctx.routes, r).await?;
+    }
+    if let Some(p) = &d.policy {
+        apply(&ctx, &ctx.policies, p).await?;
+    }
+    prune::<HttpRoute>(&ctx, &ctx.routes, &proxy, &names(d.route.clone())).await?;
+    prune::<Gateway>(&ctx, &ctx.gateways, &proxy, &names(d.gateway.clone())).await?;
+    prune::<BackendTrafficPolicy>(&ctx, &ctx.policies, &proxy, &names(d.policy.clone())).await?;
+    prune::<EndpointSlice>(&ctx, &ctx.slices, &proxy, &names(d.slices.clone())).await?;
+    prune::<Service>(&ctx, &ctx.services, &proxy, &names(d.services.clone())).await?;
+
+    let current = proxy.status.clone().unwrap_or_default();
+    let mut status = d.status;
+    status.conditions = merged_conditions(&current.conditions, &status.conditions);
+    for hs in &mut status.hostname_statuses {
+        let old = current
+            .hostname_statuses
+            .iter()
+            .find(|o| o.hostname == hs.hostname);
+        hs.conditions = merged_conditions(
+            old.map(|o| o.conditions.as_slice()).unwrap_or_default(),
+            &hs.conditions,
+        );
+    }
+    if status != current {
+        let api: Api<HttpProxy> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": status});
+        api.patch_status(
+            &name,
+            &PatchParams {
+                field_manager: Some(managers::OPERATOR.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        ctx.metrics.writes.inc();
+    }
+    Ok(Action::requeue(Duration::from_secs(15 * 60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contains_compares_what_we_set() {
+        let have = json!({"metadata": {"name": "a", "uid": "x", "labels": {"a": "1", "b": "2"}}, "spec": {"list": [{"x": 1, "d": 0}]}});
+        assert!(contains(
+            &have,
+            &json!({"metadata": {"labels": {"a": "1"}}, "spec": {"list": [{"x": 1}]}})
+        ));
+        assert!(!contains(&have, &json!({"spec": {"list": [{"x": 2}]}})));
+        assert!(!contains(
+            &have,
+            &json!({"spec": {"list": [{"x": 1}, {"x": 1}]}})
+        ));
+        assert!(!contains(&have, &json!({"spec": {"missing": 1}})));
+        assert!(contains(&have, &json!({"status": null})));
+    }
+}
