@@ -41,11 +41,11 @@ where
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
         let kind = K::kind(&()).into_owned();
-        let mut events = reflector::reflector(
-            self.writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        )
-        .boxed();
+        // managedFields are a large part of every object and never read here.
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+        let mut events = reflector::reflector(self.writer, stream).boxed();
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {

@@ -1,0 +1,278 @@
+//! Operator scale benchmark: N HTTPProxies across M projects against the real API server
+//! and operator processes; reports convergence time, single-change latency and RSS.
+//!
+//! ```sh
+//! cargo build --release -p portway --bins --examples
+//! target/release/examples/operator_scale --proxies 10000 --projects 1000
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use portway_api::{Connector, ConnectorAdvertisement, HttpProxy, is_condition_true};
+use serde_json::json;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(bin: &Path, args: &[&str], ready: &Path, log: &Path) -> (Proc, serde_json::Value) {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Proc(
+        Command::new(bin)
+            .args(args)
+            .arg("--ready-file")
+            .arg(ready)
+            .env("RUST_LOG", "warn")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = std::fs::read(ready)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return (child, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not ready; see {}",
+            args[0],
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let proxies_n = arg("--proxies", 10_000);
+    let projects = arg("--projects", 1_000).max(1);
+    let changes = arg("--changes", 30);
+    let bin: PathBuf = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("portway");
+    assert!(
+        bin.exists(),
+        "build the binary first: cargo build --release -p portway --bins --examples"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (apiserver, ready) = start(
+        &bin,
+        &[
+            "apiserver",
+            "--data",
+            d.join("api").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--history",
+            "200000",
+        ],
+        &d.join("api.ready"),
+        &d.join("api.log"),
+    );
+    let kubeconfig = ready["kubeconfig"].as_str().unwrap().to_owned();
+    let (operator, _) = start(
+        &bin,
+        &[
+            "operator",
+            "--kubeconfig",
+            &kubeconfig,
+            "--sidecar",
+            "127.0.0.1:4001",
+        ],
+        &d.join("op.ready"),
+        &d.join("op.log"),
+    );
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    println!(
+        "machine: {} cores; {proxies_n} proxies across {projects} projects",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let idle_rss = rss_mib(operator.0.id());
+
+    let t0 = Instant::now();
+    futures::stream::iter(0..projects)
+        .map(|p| {
+            let client = client.clone();
+            async move {
+                let ns = format!("p{p}");
+                let nss: Api<Namespace> = Api::all(client.clone());
+                nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap()).await?;
+                let conns: Api<Connector> = Api::namespaced(client.clone(), &ns);
+                conns
+                    .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "dev"}, "spec": {"connectorClassName": "portway"}})).unwrap())
+                    .await?;
+                let id = format!("{:064x}", p + 1);
+                conns
+                    .patch_status("dev", &PatchParams::default(), &Patch::Merge(json!({"status": {"connectionDetails": {"type": "PublicKey", "publicKey": {"id": id, "homeRelay": "http://127.0.0.1:3340/"}}, "leaseRef": {"name": "dev"}}})))
+                    .await?;
+                let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+                leases
+                    .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "dev"}, "spec": {"holderIdentity": "dev", "leaseDurationSeconds": 36000, "renewTime": MicroTime(Timestamp::now())}})).unwrap())
+                    .await?;
+                let ads: Api<ConnectorAdvertisement> = Api::namespaced(client.clone(), &ns);
+                ads.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "dev"}, "spec": {"connectorRef": {"name": "dev"}, "layer4": [{"name": "web", "services": [{"address": "127.0.0.1", "ports": [{"port": 3000}]}]}]}})).unwrap())
+                    .await?;
+                Ok::<_, kube::Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    futures::stream::iter(0..proxies_n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let ns = format!("p{}", i % projects);
+                let api: Api<HttpProxy> = Api::namespaced(client, &ns);
+                let p = serde_json::from_value(json!({
+                    "metadata": {"name": format!("web{i}")},
+                    "spec": {"hostnames": [format!("app{i}.example.com")], "rules": [{"backends": [{"endpoint": "http://127.0.0.1:3000", "connector": {"name": "dev"}}]}]},
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &p).await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let created = t0.elapsed();
+    let all_proxies: Api<HttpProxy> = Api::all(client.clone());
+    let routes: Api<HttpRoute> = Api::all(client.clone());
+    loop {
+        let accepted = all_proxies
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| is_condition_true(&s.conditions, "Accepted"))
+            })
+            .count();
+        let routed = routes
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        if accepted == proxies_n && routed == proxies_n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let converged = t0.elapsed();
+    let rss_after_sync = rss_mib(operator.0.id());
+
+    // One change at a time: a new hostname on one proxy, until its route shows it.
+    let mut latencies = Vec::new();
+    for n in 0..changes {
+        let i = (n * 7919) % proxies_n;
+        let ns = format!("p{}", i % projects);
+        let proxies: Api<HttpProxy> = Api::namespaced(client.clone(), &ns);
+        let ns_routes: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+        let host = format!("changed{n}-app{i}.example.com");
+        let start = Instant::now();
+        proxies
+            .patch(
+                &format!("web{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"hostnames": [host]}})),
+            )
+            .await
+            .unwrap();
+        loop {
+            let r = ns_routes.get(&format!("web{i}")).await.unwrap();
+            if r.spec.hostnames.unwrap_or_default().contains(&host) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(start.elapsed());
+    }
+    latencies.sort();
+    let rss_after_changes = rss_mib(operator.0.id());
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| create {projects} projects (connector, lease, advertisement) + {proxies_n} proxies | {:.1} s |",
+        created.as_secs_f64()
+    );
+    println!(
+        "| all proxies Accepted and routed (from first write) | {:.1} s |",
+        converged.as_secs_f64()
+    );
+    println!(
+        "| one change → route updated (n={changes}) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3
+    );
+    println!(
+        "| operator RSS: idle / after sync / after {changes} changes | {idle_rss:.0} / {rss_after_sync:.0} / {rss_after_changes:.0} MiB |"
+    );
+    println!(
+        "| API server RSS after the run | {:.0} MiB |",
+        rss_mib(apiserver.0.id())
+    );
+}
