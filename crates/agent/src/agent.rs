@@ -214,6 +214,8 @@ impl Agent {
             alpns: vec![TUNNEL_ALPN.to_vec()],
             bind_addr: config.bind_addr,
             relay_only: false,
+            max_streams: Some(16_384),
+            idle_timeout: None,
         })
         .await?;
         let denied = Arc::new(AtomicU64::new(0));

@@ -40,6 +40,12 @@ pub struct Config {
     pub bind_addr: Option<SocketAddr>,
     /// Use only relays, no direct UDP paths (`bind_addr` is then ignored).
     pub relay_only: bool,
+    /// Streams a peer may open at once (QUIC default 100); each tunnelled connection is
+    /// one stream, so the agent raises this.
+    pub max_streams: Option<u32>,
+    /// Declare a silent peer gone after this long (QUIC default 30 s); a gateway lowers it
+    /// to notice vanished devices sooner.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,19 @@ pub async fn bind(config: &Config) -> Result<Endpoint, BindError> {
         .alpns(config.alpns.clone());
     if let Some(key) = &config.secret_key {
         builder = builder.secret_key(key.clone());
+    }
+    if config.max_streams.is_some() || config.idle_timeout.is_some() {
+        let mut t = iroh::endpoint::QuicTransportConfig::builder();
+        if let Some(n) = config.max_streams {
+            t = t.max_concurrent_bidi_streams(n.into());
+        }
+        if let Some(d) = config
+            .idle_timeout
+            .and_then(|d| iroh::endpoint::IdleTimeout::try_from(d).ok())
+        {
+            t = t.max_idle_timeout(Some(d));
+        }
+        builder = builder.transport_config(t.build());
     }
     if let Some(dns) = &config.dns {
         // The lookup gets its own resolver, so relay hostnames still resolve normally.

@@ -20,6 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run everything on this machine: API server, DNS, relay, operator, edge, sidecar.
+    Up(UpArgs),
+    /// Publish a local port at a public hostname (needs `portway up`), like `ngrok http`.
+    Http(HttpArgs),
+    /// Run the built-in edge (with its sidecar in process) against a control plane.
+    Edge(EdgeArgs),
+    /// Run a standalone sidecar for an Envoy: requests carrying datum-* headers are
+    /// forwarded to devices.
+    Sidecar(SidecarArgs),
     /// Run the Kubernetes-compatible API server on an embedded SQLite store.
     Apiserver(ApiserverArgs),
     /// Run the authoritative DNS server for iroh discovery records.
@@ -280,6 +289,341 @@ key:     {}",
     Ok(())
 }
 
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("portway")
+}
+
+#[derive(Parser)]
+struct UpArgs {
+    /// Data directory (database, kubeconfigs, keys); default $XDG_DATA_HOME/portway.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Public HTTP address of the edge (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Public HTTPS address (h2 and HTTP/1.1), with certificates from --cert-dir.
+    #[arg(long, requires = "cert_dir")]
+    https: Option<SocketAddr>,
+    /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    apiserver: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    dns: SocketAddr,
+    /// DNS zone for discovery records and canonical hostnames.
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    #[arg(long, default_value = "127.0.0.1:3340")]
+    relay: SocketAddr,
+    /// The sidecar's listener (for an Envoy; the edge calls the sidecar in process).
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    metrics: SocketAddr,
+    /// Write every bound address here as JSON once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let data = args.data.unwrap_or_else(default_data_dir);
+    let mut config = portway_local::up::Config::new(data.clone());
+    config.http = args.http;
+    config.https = args.https;
+    config.cert_dir = args.cert_dir;
+    config.apiserver = args.apiserver;
+    config.dns = args.dns;
+    config.zone = args.zone;
+    config.relay = args.relay;
+    config.sidecar = args.sidecar;
+    config.metrics = args.metrics;
+    let up = portway_local::up::Up::start(config)
+        .await
+        .context("starting portway")?;
+    let i = &up.info;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &serde_json::to_value(i)?)?;
+    }
+    let https = i
+        .https
+        .map(|a| format!("\n  https edge  https://{a}"))
+        .unwrap_or_default();
+    eprintln!(
+        "Portway is up (data in {}).\n  public edge http://{}{https}\n  API server  {}  (kubectl --kubeconfig {} get httpproxies -A)\n  relay       {}\n  DNS         {} (zone {})\n  metrics     http://{}/metrics\n\nNext: start your app, then in another terminal:\n  portway http 3000{}",
+        data.display(),
+        i.http,
+        i.apiserver,
+        i.kubeconfig.display(),
+        i.relay,
+        i.dns,
+        i.zone,
+        i.metrics,
+        if data == default_data_dir() {
+            String::new()
+        } else {
+            format!(" --data {}", data.display())
+        },
+    );
+    shutdown_signal().await;
+    eprintln!("stopping…");
+    up.shutdown().await;
+    Ok(())
+}
+
+#[derive(Parser)]
+struct HttpArgs {
+    /// The local port your app listens on (127.0.0.1:PORT).
+    port: u16,
+    /// Public hostname (default: a random name under .localhost).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Project (namespace).
+    #[arg(long, default_value = "default")]
+    project: String,
+    /// Kubeconfig (default: the agent kubeconfig of `portway up`).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Connector name (default: this machine's hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Data directory of `portway up`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Heartbeat lease in seconds: if this process dies, the URL answers 503 after this.
+    #[arg(long, default_value_t = 30)]
+    lease_seconds: u64,
+    /// Write the public URL here as JSON once it works.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn http(args: HttpArgs) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let config = portway_local::http::Config {
+        data_dir: args.data.unwrap_or_else(default_data_dir),
+        port: args.port,
+        hostname: args.hostname,
+        project: args.project,
+        kubeconfig: args.kubeconfig,
+        name: args.name,
+        lease: std::time::Duration::from_secs(args.lease_seconds.max(2)),
+    };
+    let started = tokio::time::Instant::now();
+    let h = tokio::select! {
+        h = portway_local::http::Http::start(config) => h.context("publishing the port")?,
+        () = shutdown_signal() => return Ok(()),
+    };
+    if let Some(path) = &args.ready_file {
+        write_ready_file(
+            path,
+            &json!({"url": h.url, "hostname": h.hostname, "proxy": h.proxy, "node_id": h.agent.node_id().to_string()}),
+        )?;
+    }
+    println!(
+        "{} → http://127.0.0.1:{}  (ready in {} ms; Ctrl-C to stop)",
+        h.url,
+        args.port,
+        started.elapsed().as_millis()
+    );
+    let tty = std::io::stdout().is_terminal();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let state = h.agent.state();
+    loop {
+        tokio::select! {
+            () = shutdown_signal() => break,
+            _ = tick.tick() => {
+                if tty {
+                    let s = h.agent.stats();
+                    print!("\r\x1b[2K{}  requests {}  active {}  refused {}", state.borrow().as_str(), s.requests, s.active, s.denied);
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }
+    }
+    if tty {
+        println!();
+    }
+    h.stop().await;
+    eprintln!("tunnel removed");
+    Ok(())
+}
+
+/// Flags shared by the commands that run a sidecar.
+#[derive(Parser)]
+struct SidecarFlags {
+    /// Kubeconfig of the control plane (operator or admin: the sidecar registers itself in
+    /// the ConnectorClass).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Relay URL(s).
+    #[arg(long, required = true)]
+    relay: Vec<String>,
+    /// The discovery DNS server (`portway dns`).
+    #[arg(long)]
+    dns: SocketAddr,
+    /// The discovery zone.
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    /// Also use n0's public relays and discovery.
+    #[arg(long)]
+    n0: bool,
+    /// Where the sidecar key lives (its id is what agents authorise).
+    #[arg(long, default_value = "portway-sidecar")]
+    state_dir: PathBuf,
+    /// Name of this gateway in the ConnectorClass status.
+    #[arg(long, default_value = "gateway")]
+    name: String,
+    /// ConnectorClass to register in.
+    #[arg(long, default_value = "portway")]
+    class: String,
+}
+
+async fn start_sidecar(
+    f: &SidecarFlags,
+    client: &kube::Client,
+    metrics: portway_gateway::metrics::Metrics,
+) -> Result<portway_gateway::sidecar::Sidecar> {
+    let setup = portway_gateway::sidecar::Setup {
+        key: f.state_dir.join("key"),
+        relays: f
+            .relay
+            .iter()
+            .map(|r| r.parse().with_context(|| format!("relay {r:?}")))
+            .collect::<Result<_>>()?,
+        dns: portway_discovery::endpoint::DnsLookup {
+            origin: f.zone.clone(),
+            nameserver: f.dns,
+        },
+        n0: f.n0,
+        class: f.class.clone(),
+        name: f.name.clone(),
+    };
+    Ok(portway_gateway::sidecar::start(&setup, client, Default::default(), metrics).await?)
+}
+
+#[derive(Parser)]
+struct EdgeArgs {
+    #[command(flatten)]
+    sidecar: SidecarFlags,
+    /// Public HTTP address (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// Public HTTPS address, with certificates from --cert-dir.
+    #[arg(long, requires = "cert_dir")]
+    https: Option<SocketAddr>,
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Address published in Gateway status (default: the listen address).
+    #[arg(long)]
+    address: Vec<String>,
+    /// Serve /metrics here.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn edge(args: EdgeArgs) -> Result<()> {
+    use portway_gateway::{edge, metrics::Metrics, model::Table, routes};
+    let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
+    let metrics = Metrics::default();
+    let sidecar =
+        std::sync::Arc::new(start_sidecar(&args.sidecar, &client, metrics.clone()).await?);
+    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
+    let e = edge::Edge::bind(
+        edge::Config {
+            http: Some(args.http),
+            https: args.https,
+            cert_dir: args.cert_dir,
+        },
+        table.clone(),
+        sidecar,
+        metrics.clone(),
+    )
+    .await
+    .context("starting the edge")?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let addresses = if args.address.is_empty() {
+        vec![args.http.ip().to_string()]
+    } else {
+        args.address
+    };
+    let config = routes::Config {
+        class: args.sidecar.class.clone(),
+        controller_name: portway_api::CONTROLLER_NAME.into(),
+        addresses,
+        write_status: true,
+    };
+    let routes_task = routes::spawn(
+        client,
+        config,
+        table,
+        tokio::sync::watch::channel(0).0,
+        shutdown.clone(),
+    );
+    let mut metrics_addr = None;
+    if let Some(addr) = args.metrics {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        metrics_addr = Some(
+            portway_gateway::serve_metrics(addr, std::sync::Arc::new(registry), shutdown.clone())
+                .await?
+                .0,
+        );
+    }
+    if let Some(path) = &args.ready_file {
+        write_ready_file(
+            path,
+            &json!({"http": e.http_addr(), "https": e.https_addr(), "metrics": metrics_addr}),
+        )?;
+    }
+    eprintln!(
+        "edge on http://{}",
+        e.http_addr().map(|a| a.to_string()).unwrap_or_default()
+    );
+    shutdown_signal().await;
+    e.shutdown();
+    shutdown.cancel();
+    e.join().await;
+    let _ = routes_task.await;
+    Ok(())
+}
+
+#[derive(Parser)]
+struct SidecarArgs {
+    #[command(flatten)]
+    sidecar: SidecarFlags,
+    /// Where Envoy sends requests (keep it private: it trusts the datum-* headers).
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    listen: SocketAddr,
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn sidecar(args: SidecarArgs) -> Result<()> {
+    let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
+    let s = std::sync::Arc::new(start_sidecar(&args.sidecar, &client, Default::default()).await?);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = portway_gateway::serve_sidecar(listener, s.clone(), shutdown.clone());
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &json!({"sidecar": addr, "id": s.id().to_string()}))?;
+    }
+    eprintln!("sidecar {} on {addr}", s.id());
+    shutdown_signal().await;
+    shutdown.cancel();
+    let _ = task.await;
+    Ok(())
+}
+
 /// A kube client from a kubeconfig file, or kube's defaults.
 async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
     let config = match path {
@@ -441,6 +785,10 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => up(args).await,
+            Command::Http(args) => http(args).await,
+            Command::Edge(args) => edge(args).await,
+            Command::Sidecar(args) => sidecar(args).await,
             Command::Apiserver(args) => apiserver(args).await,
             Command::Dns(args) => dns(args).await,
             Command::Relay(args) => relay(args).await,

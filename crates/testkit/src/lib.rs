@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod origin;
+
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -184,16 +184,21 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     if status != current {
         let api: Api<HttpProxy> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({"status": status});
-        api.patch_status(
-            &name,
-            &PatchParams {
-                field_manager: Some(managers::OPERATOR.into()),
-                ..Default::default()
-            },
-            &Patch::Merge(&patch),
-        )
-        .await?;
-        ctx.metrics.writes.inc();
+        let params = PatchParams {
+            field_manager: Some(managers::OPERATOR.into()),
+            ..Default::default()
+        };
+        match api
+            .patch_status(&name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                ctx.metrics.writes.inc();
+            }
+            // Deleted meanwhile: its children go with it.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Action::requeue(Duration::from_secs(15 * 60)))
 }

@@ -1,0 +1,717 @@
+//! The route model: Gateway API objects of our class turned into one immutable table that
+//! both renderers use — the built-in edge looks requests up in it, the xDS server
+//! translates it to Envoy configuration. Built by a pure function, swapped whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::{
+    HttpRoute, HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// How a path is matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    /// Matches whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    Prefix(String),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => path == p,
+            Self::Prefix(p) if p == "/" => true,
+            Self::Prefix(p) => {
+                let p = p.trim_end_matches('/');
+                path == p
+                    || path
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+/// Header changes, applied in order remove, set, add.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderFilter {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderFilter {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    fn merge(&mut self, other: HeaderFilter) {
+        self.set.extend(other.set);
+        self.add.extend(other.add);
+        self.remove.extend(other.remove);
+    }
+
+    fn from_rule(filters: &[HttpRouteRulesFilters]) -> Self {
+        let mut out = Self::default();
+        for m in filters
+            .iter()
+            .filter_map(|f| f.request_header_modifier.as_ref())
+        {
+            out.set.extend(
+                m.set
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
+            );
+            out.add.extend(
+                m.add
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
+            );
+            out.remove
+                .extend(m.remove.iter().flatten().map(|h| h.to_ascii_lowercase()));
+        }
+        out
+    }
+
+    fn from_backend(filters: &[HttpRouteRulesBackendRefsFilters]) -> Self {
+        let mut out = Self::default();
+        for m in filters
+            .iter()
+            .filter_map(|f| f.request_header_modifier.as_ref())
+        {
+            out.set.extend(
+                m.set
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
+            );
+            out.add.extend(
+                m.add
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
+            );
+            out.remove
+                .extend(m.remove.iter().flatten().map(|h| h.to_ascii_lowercase()));
+        }
+        out
+    }
+
+    /// The value a filter sets for `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.set
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One backend of a route rule: a Service whose EndpointSlices say whether it is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Service name (unique within the route's namespace).
+    pub service: String,
+    pub weight: u32,
+    pub ready: bool,
+    /// The backendRef's filters, including the `datum-*` headers.
+    pub headers: HeaderFilter,
+}
+
+/// One rule × match of an HTTPRoute, in precedence order within its host.
+#[derive(Debug)]
+pub struct Route {
+    /// `namespace/name` of the HTTPRoute.
+    pub route: String,
+    pub rule: usize,
+    pub path: PathMatch,
+    pub method: Option<String>,
+    /// Exact header matches (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Exact query parameter matches.
+    pub query: Vec<(String, String)>,
+    /// The rule's request header filter.
+    pub filter: HeaderFilter,
+    pub backends: Vec<Backend>,
+    /// Round-robin position among ready backends.
+    cursor: AtomicUsize,
+    /// For precedence ties: older routes first.
+    created: i64,
+}
+
+impl Route {
+    pub fn matches(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+    ) -> bool {
+        self.path.matches(path)
+            && self.method.as_deref().is_none_or(|m| m == method)
+            && self
+                .headers
+                .iter()
+                .all(|(n, v)| headers.get(n).and_then(|h| h.to_str().ok()) == Some(v.as_str()))
+            && self.query.iter().all(|(n, v)| {
+                query.is_some_and(|q| {
+                    url::form_urlencoded::parse(q.as_bytes())
+                        .any(|(k, val)| k == n.as_str() && val == v.as_str())
+                })
+            })
+    }
+
+    /// Ready backends, starting at the next round-robin position (weights repeat a
+    /// backend); the caller tries them in order, so a failed dial fails over.
+    pub fn ready_in_order(&self) -> Vec<&Backend> {
+        let ready: Vec<&Backend> = self
+            .backends
+            .iter()
+            .filter(|b| b.ready && b.weight > 0)
+            .collect();
+        if ready.is_empty() {
+            return ready;
+        }
+        let total: usize = ready.iter().map(|b| b.weight as usize).sum();
+        let mut slot = self.cursor.fetch_add(1, Ordering::Relaxed) % total;
+        let start = ready
+            .iter()
+            .position(|b| {
+                let w = b.weight as usize;
+                if slot < w {
+                    true
+                } else {
+                    slot -= w;
+                    false
+                }
+            })
+            .unwrap_or(0);
+        ready
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(ready.len())
+            .copied()
+            .collect()
+    }
+
+    /// Precedence per Gateway API: exact path, longer prefix, method, more headers, more
+    /// query params, older route, then name.
+    fn precedence(&self) -> impl Ord + '_ {
+        let (exact, len) = match &self.path {
+            PathMatch::Exact(p) => (1, p.len()),
+            PathMatch::Prefix(p) => (0, p.len()),
+        };
+        (
+            std::cmp::Reverse(exact),
+            std::cmp::Reverse(len),
+            std::cmp::Reverse(usize::from(self.method.is_some())),
+            std::cmp::Reverse(self.headers.len()),
+            std::cmp::Reverse(self.query.len()),
+            self.created,
+            self.route.as_str(),
+            self.rule,
+        )
+    }
+}
+
+/// All routes of one hostname.
+#[derive(Debug)]
+pub struct Host {
+    pub hostname: String,
+    pub routes: Vec<Route>,
+}
+
+/// The whole table: exact hostnames by hash, wildcards by longest suffix.
+#[derive(Debug, Default)]
+pub struct Table {
+    exact: HashMap<String, Arc<Host>>,
+    wildcard: Vec<(String, Arc<Host>)>,
+}
+
+/// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
+pub fn normalize_host(host: &str) -> String {
+    let h = if host.starts_with('[') {
+        host.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        host.rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map_or(host, |(h, _)| h)
+            .to_owned()
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Table {
+    /// The host entry for a request host: a hash lookup, then wildcard suffixes.
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Host>> {
+        let host = normalize_host(host);
+        self.exact.get(&host).or_else(|| {
+            self.wildcard
+                .iter()
+                .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+                .map(|(_, h)| h)
+        })
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &Arc<Host>> {
+        self.exact
+            .values()
+            .chain(self.wildcard.iter().map(|(_, h)| h))
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An HTTPRoute accepted by one of our Gateways, for status reporting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub route_ns: String,
+    pub route: String,
+    pub gateway: String,
+}
+
+fn key(ns: Option<&String>, name: Option<&String>) -> String {
+    format!(
+        "{}/{}",
+        ns.map(String::as_str).unwrap_or_default(),
+        name.map(String::as_str).unwrap_or_default()
+    )
+}
+
+fn path_match(m: &HttpRouteRulesMatches) -> Option<PathMatch> {
+    let Some(p) = &m.path else {
+        return Some(PathMatch::Prefix("/".into()));
+    };
+    let value = p.value.clone().unwrap_or_else(|| "/".into());
+    match p
+        .r#type
+        .clone()
+        .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+    {
+        HttpRouteRulesMatchesPathType::Exact => Some(PathMatch::Exact(value)),
+        HttpRouteRulesMatchesPathType::PathPrefix => Some(PathMatch::Prefix(value)),
+        // Regular expressions are implementation-specific; this gateway does not serve them.
+        HttpRouteRulesMatchesPathType::RegularExpression => None,
+    }
+}
+
+fn method_name(m: &HttpRouteRulesMatchesMethod) -> &'static str {
+    match m {
+        HttpRouteRulesMatchesMethod::Get => "GET",
+        HttpRouteRulesMatchesMethod::Head => "HEAD",
+        HttpRouteRulesMatchesMethod::Post => "POST",
+        HttpRouteRulesMatchesMethod::Put => "PUT",
+        HttpRouteRulesMatchesMethod::Delete => "DELETE",
+        HttpRouteRulesMatchesMethod::Connect => "CONNECT",
+        HttpRouteRulesMatchesMethod::Options => "OPTIONS",
+        HttpRouteRulesMatchesMethod::Trace => "TRACE",
+        HttpRouteRulesMatchesMethod::Patch => "PATCH",
+    }
+}
+
+/// Builds the table from the objects of `class`. Returns it with the route attachments
+/// (for status).
+pub fn build(
+    class: &str,
+    gateways: &[&Gateway],
+    routes: &[&HttpRoute],
+    slices: &[&EndpointSlice],
+) -> (Table, Vec<Attachment>) {
+    let ours: HashMap<String, &Gateway> = gateways
+        .iter()
+        .filter(|g| g.spec.gateway_class_name == class && g.metadata.deletion_timestamp.is_none())
+        .map(|g| {
+            (
+                key(g.metadata.namespace.as_ref(), g.metadata.name.as_ref()),
+                *g,
+            )
+        })
+        .collect();
+    // Service readiness: any ready endpoint in any slice labelled with its name.
+    let mut ready: HashMap<String, bool> = HashMap::new();
+    for s in slices {
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let any = s
+            .endpoints
+            .iter()
+            .flatten()
+            .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
+        *ready
+            .entry(key(s.metadata.namespace.as_ref(), Some(svc)))
+            .or_default() |= any;
+    }
+    let mut by_host: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    let mut attachments = Vec::new();
+    for r in routes {
+        if r.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let ns = r.metadata.namespace.clone().unwrap_or_default();
+        let name = r.metadata.name.clone().unwrap_or_default();
+        let parents: Vec<String> = r
+            .spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .filter(|p| p.kind.as_deref().is_none_or(|k| k == "Gateway"))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.namespace.clone().unwrap_or_else(|| ns.clone()),
+                    p.name
+                )
+            })
+            .filter(|k| ours.contains_key(k))
+            .collect();
+        if parents.is_empty() {
+            continue;
+        }
+        let mut hostnames: Vec<String> = r.spec.hostnames.clone().unwrap_or_default();
+        if hostnames.is_empty() {
+            hostnames = parents
+                .iter()
+                .filter_map(|p| ours.get(p))
+                .flat_map(|g| g.spec.listeners.iter().filter_map(|l| l.hostname.clone()))
+                .collect();
+        }
+        for p in &parents {
+            let gateway = p.rsplit('/').next().unwrap_or_default().to_owned();
+            attachments.push(Attachment {
+                route_ns: ns.clone(),
+                route: name.clone(),
+                gateway,
+            });
+        }
+        let created = r
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second());
+        for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
+            let filter = HeaderFilter::from_rule(rule.filters.as_deref().unwrap_or_default());
+            let backends: Vec<Backend> = rule
+                .backend_refs
+                .iter()
+                .flatten()
+                .filter(|b| b.kind.as_deref().is_none_or(|k| k == "Service"))
+                .map(|b| {
+                    let bns = b.namespace.clone().unwrap_or_else(|| ns.clone());
+                    Backend {
+                        service: b.name.clone(),
+                        weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
+                        ready: ready
+                            .get(&format!("{bns}/{}", b.name))
+                            .copied()
+                            .unwrap_or(false),
+                        headers: HeaderFilter::from_backend(
+                            b.filters.as_deref().unwrap_or_default(),
+                        ),
+                    }
+                })
+                .collect();
+            let default_match = [HttpRouteRulesMatches::default()];
+            let matches: &[HttpRouteRulesMatches] = match rule.matches.as_deref() {
+                Some(m) if !m.is_empty() => m,
+                _ => &default_match,
+            };
+            for m in matches {
+                let Some(path) = path_match(m) else { continue };
+                let exact_only = |t: &Option<HttpRouteRulesMatchesHeadersType>| {
+                    t.clone()
+                        .is_none_or(|t| t == HttpRouteRulesMatchesHeadersType::Exact)
+                };
+                if m.headers.iter().flatten().any(|h| !exact_only(&h.r#type))
+                    || m.query_params.iter().flatten().any(|q| {
+                        q.r#type
+                            .clone()
+                            .is_some_and(|t| t != HttpRouteRulesMatchesQueryParamsType::Exact)
+                    })
+                {
+                    continue;
+                }
+                for h in &hostnames {
+                    by_host
+                        .entry(h.to_ascii_lowercase())
+                        .or_default()
+                        .push(Route {
+                            route: format!("{ns}/{name}"),
+                            rule: i,
+                            path: path.clone(),
+                            method: m.method.as_ref().map(|m| method_name(m).to_owned()),
+                            headers: m
+                                .headers
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                                .collect(),
+                            query: m
+                                .query_params
+                                .iter()
+                                .flatten()
+                                .map(|q| (q.name.clone(), q.value.clone()))
+                                .collect(),
+                            filter: filter.clone(),
+                            backends: backends.clone(),
+                            cursor: AtomicUsize::new(0),
+                            created,
+                        });
+                }
+            }
+        }
+    }
+    let mut table = Table::default();
+    for (hostname, mut routes) in by_host {
+        routes.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let host = Arc::new(Host {
+            hostname: hostname.clone(),
+            routes,
+        });
+        match hostname.strip_prefix('*') {
+            Some(suffix) => table.wildcard.push((suffix.to_owned(), host)),
+            None => {
+                table.exact.insert(hostname, host);
+            }
+        }
+    }
+    table
+        .wildcard
+        .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+    (table, attachments)
+}
+
+/// Applies a filter to request headers: remove, then set (replace), then add.
+pub fn apply_filter(filter: &HeaderFilter, headers: &mut http::HeaderMap) {
+    use http::header::{HeaderName, HeaderValue};
+    for name in &filter.remove {
+        headers.remove(name.as_str());
+    }
+    for (n, v) in &filter.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for (n, v) in &filter.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.append(n, v);
+        }
+    }
+}
+
+impl HeaderFilter {
+    /// This filter followed by `then`.
+    pub fn and(&self, then: &HeaderFilter) -> HeaderFilter {
+        let mut out = self.clone();
+        out.merge(then.clone());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn gateway(name: &str, class: &str) -> Gateway {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "p1"}, "spec": {"gatewayClassName": class, "listeners": [{"name": "h", "port": 80, "protocol": "HTTP", "hostname": "listener.example.com"}]}})).unwrap()
+    }
+
+    fn route(
+        name: &str,
+        gateway: &str,
+        hosts: &[&str],
+        rules: serde_json::Value,
+        created: &str,
+    ) -> HttpRoute {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "p1", "creationTimestamp": created},
+            "spec": {"parentRefs": [{"name": gateway}], "hostnames": hosts, "rules": rules},
+        }))
+        .unwrap()
+    }
+
+    fn slice(svc: &str, ready: bool) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{svc}-1"), "namespace": "p1", "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
+        }))
+        .unwrap()
+    }
+
+    fn backend(svc: &str, node: &str) -> serde_json::Value {
+        json!({"name": svc, "port": 80, "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": node}]}}]})
+    }
+
+    #[test]
+    fn hosts_routes_precedence_and_readiness() {
+        let gws = [gateway("gw", "portway"), gateway("other", "someone-else")];
+        let routes = [
+            route(
+                "web",
+                "gw",
+                &["App.example.com", "*.wild.example.com"],
+                json!([
+                    {"backendRefs": [backend("a", "n1"), backend("b", "n2")]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": [backend("b", "n2")]},
+                    {"matches": [{"path": {"type": "Exact", "value": "/api/exact"}}], "backendRefs": [backend("a", "n1")]},
+                ]),
+                "2026-01-01T00:00:00Z",
+            ),
+            route(
+                "foreign",
+                "other",
+                &["foreign.example.com"],
+                json!([{"backendRefs": [backend("a", "n1")]}]),
+                "2026-01-01T00:00:00Z",
+            ),
+            route(
+                "nohosts",
+                "gw",
+                &[],
+                json!([{"backendRefs": [backend("a", "n1")]}]),
+                "2026-01-02T00:00:00Z",
+            ),
+        ];
+        let slices = [slice("a", true), slice("b", false)];
+        let (table, attachments) = build(
+            "portway",
+            &gws.iter().collect::<Vec<_>>(),
+            &routes.iter().collect::<Vec<_>>(),
+            &slices.iter().collect::<Vec<_>>(),
+        );
+        assert!(
+            table.lookup("foreign.example.com").is_none(),
+            "routes of other classes are not served"
+        );
+        assert_eq!(attachments.len(), 2);
+        let host = table.lookup("app.example.com:8080").unwrap();
+        let order: Vec<String> = host
+            .routes
+            .iter()
+            .map(|r| format!("{:?}", r.path))
+            .collect();
+        assert_eq!(
+            order,
+            ["Exact(\"/api/exact\")", "Prefix(\"/api\")", "Prefix(\"/\")"]
+        );
+        let headers = http::HeaderMap::new();
+        let first = |path: &str| {
+            host.routes
+                .iter()
+                .find(|r| r.matches("GET", path, &headers, None))
+                .map(|r| r.rule)
+        };
+        assert_eq!(first("/api/exact"), Some(2));
+        assert_eq!(first("/api/x"), Some(1));
+        assert_eq!(first("/apix"), Some(0), "prefixes match whole segments");
+        assert_eq!(
+            host.routes[2]
+                .backends
+                .iter()
+                .map(|b| b.ready)
+                .collect::<Vec<_>>(),
+            [true, false]
+        );
+        assert!(
+            table.lookup("x.wild.example.com").is_some()
+                && table.lookup("a.b.wild.example.com").is_some()
+        );
+        assert!(table.lookup("wild.example.com").is_none());
+        assert!(
+            table.lookup("listener.example.com").is_some(),
+            "a route without hostnames takes its listeners'"
+        );
+        assert_eq!(
+            host.routes[2].backends[0].headers.get("datum-node-id"),
+            Some("n1")
+        );
+    }
+
+    #[test]
+    fn round_robin_over_ready_backends_with_failover_order() {
+        let b = |s: &str, ready| Backend {
+            service: s.into(),
+            weight: 1,
+            ready,
+            headers: HeaderFilter::default(),
+        };
+        let r = Route {
+            route: "p/r".into(),
+            rule: 0,
+            path: PathMatch::Prefix("/".into()),
+            method: None,
+            headers: vec![],
+            query: vec![],
+            filter: HeaderFilter::default(),
+            backends: vec![b("a", true), b("down", false), b("c", true)],
+            cursor: AtomicUsize::new(0),
+            created: 0,
+        };
+        let picks: Vec<Vec<&str>> = (0..3)
+            .map(|_| {
+                r.ready_in_order()
+                    .iter()
+                    .map(|b| b.service.as_str())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(picks, [vec!["a", "c"], vec!["c", "a"], vec!["a", "c"]]);
+        let none = Route {
+            backends: vec![b("down", false)],
+            cursor: AtomicUsize::new(0),
+            ..r
+        };
+        assert!(none.ready_in_order().is_empty());
+    }
+
+    #[test]
+    fn filters_and_hosts() {
+        let f = HeaderFilter {
+            set: vec![("x-a".into(), "1".into())],
+            add: vec![("x-b".into(), "2".into())],
+            remove: vec!["x-c".into()],
+        };
+        let mut h = http::HeaderMap::new();
+        h.insert("x-a", "old".parse().unwrap());
+        h.insert("x-b", "1".parse().unwrap());
+        h.insert("x-c", "gone".parse().unwrap());
+        apply_filter(&f, &mut h);
+        assert_eq!(h.get("x-a").unwrap(), "1");
+        assert_eq!(h.get_all("x-b").iter().count(), 2);
+        assert!(h.get("x-c").is_none());
+        assert_eq!(normalize_host("A.Example.com:443"), "a.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("a.example.com."), "a.example.com");
+    }
+}

@@ -1,0 +1,740 @@
+//! The iroh sidecar: takes a request carrying `datum-node-id` and `datum-target-*`
+//! headers, dials the device by NodeID (DNS discovery + relay), and forwards the request
+//! through a CONNECT tunnel (`iroh-http-proxy/1`) to the target on the device.
+//!
+//! Tunnels are pooled as keep-alive HTTP/1.1 connections per (node, target), so a
+//! steady stream of requests costs one QUIC stream round trip each, not a dial.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use iroh::endpoint::SendStream;
+use iroh::{Endpoint, EndpointId};
+use iroh_proxy_utils::Authority;
+use iroh_proxy_utils::downstream::{DownstreamProxy, EndpointAuthority, PoolOpts};
+use parking_lot::Mutex;
+use portway_api::headers;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::Metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type every handler speaks.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn full(text: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(text.into())
+        .map_err(|e| match e {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A short plain-text answer, the way the edge and the sidecar report problems.
+pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut msg = msg.into();
+    msg.push('\n');
+    let mut r = Response::new(full(msg));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Where one request goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub node: EndpointId,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Why forwarding failed.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The request lacks or has malformed `datum-*` headers (a gateway bug, not the
+    /// client's).
+    BadRoute(String),
+    /// The device could not be reached or refused the tunnel; nothing was sent, so the
+    /// request may be retried on another backend.
+    Dial(String),
+    /// The target did not answer in time.
+    Timeout(Duration),
+    /// The connection broke after the request was sent.
+    Upstream(String),
+}
+
+impl ForwardError {
+    pub fn into_response(self, host: &str) -> Response<Body> {
+        match self {
+            Self::BadRoute(why) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("{host}: misconfigured route: {why}"),
+            ),
+            Self::Dial(why) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("{host}: could not reach the device: {why}"),
+            ),
+            Self::Timeout(d) => text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{host}: the service on the device did not answer within {}s",
+                    d.as_secs()
+                ),
+            ),
+            Self::Upstream(why) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("{host}: the connection to the device failed: {why}"),
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Time to dial a device and open a tunnel (default 10 s).
+    pub dial_timeout: Duration,
+    /// Time for the target to answer with response headers (default 60 s).
+    pub response_timeout: Duration,
+    /// How long idle tunnels and iroh connections are kept (default 90 s).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            dial_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Maps targets to pool keys (URI authorities) and back.
+#[derive(Default)]
+struct Targets {
+    inner: Mutex<(HashMap<Target, String>, HashMap<String, Target>)>,
+}
+
+impl Targets {
+    fn key(&self, t: &Target) -> String {
+        let mut inner = self.inner.lock();
+        if let Some(k) = inner.0.get(t) {
+            return k.clone();
+        }
+        let k = format!("t{}.tunnel.invalid", inner.0.len());
+        inner.0.insert(t.clone(), k.clone());
+        inner.1.insert(k.clone(), t.clone());
+        k
+    }
+
+    fn get(&self, key: &str) -> Option<Target> {
+        self.inner.lock().1.get(key).cloned()
+    }
+}
+
+/// A CONNECT tunnel as a byte stream.
+pub struct TunnelIo {
+    send: SendStream,
+    recv: Pin<Box<dyn AsyncRead + Send>>,
+    _keep: Box<dyn Any + Send + Sync>,
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.recv.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.send)
+            .poll_write(cx, buf)
+            .map_err(io::Error::other)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
+
+impl Connection for TunnelIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Why a dial failed, carried through the HTTP client's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct DialError(String);
+
+#[derive(Clone)]
+struct Connector {
+    proxy: DownstreamProxy,
+    targets: Arc<Targets>,
+    dial_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<TunnelIo>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let key = uri.host().unwrap_or_default();
+            let t = this
+                .targets
+                .get(key)
+                .ok_or_else(|| DialError(format!("unknown tunnel key {key}")))?;
+            let started = Instant::now();
+            let dest = EndpointAuthority::new(
+                t.node,
+                Authority {
+                    host: t.host.clone(),
+                    port: t.port,
+                },
+            );
+            let streams = match tokio::time::timeout(
+                this.dial_timeout,
+                this.proxy.create_tunnel(&dest),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Err(DialError(format!(
+                        "no tunnel to {} within {}s",
+                        t.node.fmt_short(),
+                        this.dial_timeout.as_secs()
+                    ))
+                    .into());
+                }
+                Ok(Err(e)) => {
+                    let why = match e.response_status() {
+                        Some(StatusCode::FORBIDDEN) => "the device refused the tunnel (this gateway is not authorised, or the target is not advertised)".to_owned(),
+                        Some(s) => format!("the device answered {s}"),
+                        None => e.to_string(),
+                    };
+                    return Err(DialError(why).into());
+                }
+                Ok(Ok(s)) => s,
+            };
+            this.metrics
+                .dial_latency
+                .observe(started.elapsed().as_secs_f64());
+            let guard = this.metrics.tunnel_opened(&t.node.to_string());
+            Ok(TokioIo::new(TunnelIo {
+                send: streams.send,
+                recv: Box::pin(streams.recv),
+                _keep: Box::new((streams.conn, guard)),
+            }))
+        })
+    }
+}
+
+/// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn datum(headers: &HeaderMap, name: &str) -> Result<String, ForwardError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| ForwardError::BadRoute(format!("missing {name} header")))
+}
+
+/// Reads and removes the routing headers; drops every other `datum-*` and `x-iroh-*`.
+pub fn take_target(headers: &mut HeaderMap) -> Result<Target, ForwardError> {
+    let node = datum(headers, headers::NODE_ID)?;
+    let node: EndpointId = node
+        .parse()
+        .map_err(|_| ForwardError::BadRoute(format!("{node:?} is not a NodeID")))?;
+    let host = datum(headers, headers::TARGET_HOST)?;
+    let port = datum(headers, headers::TARGET_PORT)?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ForwardError::BadRoute(format!("target port {port:?}")))?;
+    let proto = headers
+        .get(headers::TARGET_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http")
+        .to_owned();
+    if proto != "http" {
+        return Err(ForwardError::BadRoute(format!(
+            "target protocol {proto:?} is not supported by this sidecar (only http)"
+        )));
+    }
+    strip_internal(headers);
+    Ok(Target { node, host, port })
+}
+
+/// Removes every `datum-*` and `x-iroh-*` header.
+pub fn strip_internal(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            k.as_str().starts_with(headers::PREFIX) || k.as_str().starts_with(headers::IROH_PREFIX)
+        })
+        .cloned()
+        .collect();
+    for k in doomed {
+        headers.remove(k);
+    }
+}
+
+/// The sidecar: an iroh endpoint plus a pool of tunnels.
+pub struct Sidecar {
+    endpoint: Endpoint,
+    proxy: DownstreamProxy,
+    client: Client<Connector, Body>,
+    targets: Arc<Targets>,
+    config: Config,
+    metrics: Metrics,
+}
+
+impl Sidecar {
+    /// Wraps an endpoint (built with `portway_discovery::endpoint::bind`, with DNS lookup
+    /// so NodeIDs resolve).
+    pub fn new(endpoint: Endpoint, config: Config, metrics: Metrics) -> Self {
+        let proxy = DownstreamProxy::new(
+            endpoint.clone(),
+            PoolOpts {
+                connect_timeout: config.dial_timeout,
+                idle_timeout: config.idle_timeout,
+            },
+        );
+        let targets = Arc::new(Targets::default());
+        let connector = Connector {
+            proxy: proxy.clone(),
+            targets: targets.clone(),
+            dial_timeout: config.dial_timeout,
+            metrics: metrics.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .set_host(false)
+            .build(connector);
+        Self {
+            endpoint,
+            proxy,
+            client,
+            targets,
+            config,
+            metrics,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn id(&self) -> EndpointId {
+        self.endpoint.id()
+    }
+
+    /// Forwards a request whose `datum-*` headers name the target. Upgrades (WebSocket)
+    /// are spliced through once both sides agree.
+    ///
+    /// # Errors
+    /// See [`ForwardError`]; `Dial` means nothing reached the device.
+    pub async fn forward(
+        &self,
+        req: Request<Body>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<Body>, ForwardError> {
+        let (mut parts, body) = req.into_parts();
+        let target = take_target(&mut parts.headers)?;
+        let upgrade = on_upgrade.is_some() && parts.headers.contains_key(header::UPGRADE);
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let connection = parts.headers.get(header::CONNECTION).cloned();
+        let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
+        for h in HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if upgrade {
+            if let Some(v) = upgrade_value {
+                parts.headers.insert(header::UPGRADE, v);
+            }
+            parts.headers.insert(
+                header::CONNECTION,
+                connection.unwrap_or(HeaderValue::from_static("upgrade")),
+            );
+        }
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
+        let key = self.targets.key(&target);
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        parts.uri = Uri::try_from(format!("http://{key}{pq}"))
+            .map_err(|e| ForwardError::BadRoute(e.to_string()))?;
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body);
+        let timeout = self.config.response_timeout;
+        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => return Err(ForwardError::Timeout(timeout)),
+            Ok(Err(e)) if e.is_connect() => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> =
+                    std::error::Error::source(&e);
+                let mut why = e.to_string();
+                while let Some(s) = source {
+                    if let Some(d) = s.downcast_ref::<DialError>() {
+                        why = d.0.clone();
+                        break;
+                    }
+                    source = s.source();
+                }
+                return Err(ForwardError::Dial(why));
+            }
+            Ok(Err(e)) => return Err(ForwardError::Upstream(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        self.finish(resp, on_upgrade.filter(|_| upgrade))
+    }
+
+    fn finish(
+        &self,
+        mut resp: Response<Incoming>,
+        downstream: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<Body>, ForwardError> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(down) = downstream
+        {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match futures::future::try_join(down, up).await {
+                    Ok((down, up)) => {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(down),
+                            &mut TokioIo::new(up),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        for h in ["keep-alive", "proxy-connection", "te", "trailer"] {
+            resp.headers_mut().remove(h);
+        }
+        // Answer in the client's protocol, whatever the device's server spoke.
+        *resp.version_mut() = Version::HTTP_11;
+        let metrics = self.metrics.clone();
+        Ok(resp.map(|b| {
+            b.map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    metrics.bytes_out.inc_by(d.len() as u64);
+                }
+                f
+            })
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed()
+        }))
+    }
+
+    /// Handles `CONNECT host:port` with `datum-node-id`: a raw tunnel to the target,
+    /// spliced with the client connection once hyper hands it over.
+    pub async fn connect(
+        &self,
+        req: Request<Body>,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+    ) -> Response<Body> {
+        let Some(node) = req
+            .headers()
+            .get(headers::NODE_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<EndpointId>().ok())
+        else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs a datum-node-id header",
+            );
+        };
+        let Some(authority) = req.uri().authority().and_then(|a| {
+            Some(Authority {
+                host: a.host().to_owned(),
+                port: a.port_u16()?,
+            })
+        }) else {
+            return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+        };
+        let started = Instant::now();
+        let dest = EndpointAuthority::new(node, authority);
+        let streams =
+            match tokio::time::timeout(self.config.dial_timeout, self.proxy.create_tunnel(&dest))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return text(
+                        e.response_status().unwrap_or(StatusCode::BAD_GATEWAY),
+                        format!("tunnel failed: {e}"),
+                    );
+                }
+                Err(_) => {
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "no tunnel within the dial timeout",
+                    );
+                }
+            };
+        self.metrics
+            .dial_latency
+            .observe(started.elapsed().as_secs_f64());
+        let guard = self.metrics.tunnel_opened(&node.to_string());
+        let mut tunnel = TunnelIo {
+            send: streams.send,
+            recv: Box::pin(streams.recv),
+            _keep: Box::new((streams.conn, guard)),
+        };
+        tokio::spawn(async move {
+            if let Ok(client) = on_upgrade.await {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut tunnel).await;
+            }
+        });
+        Response::new(empty())
+    }
+
+    /// Serves requests as a standalone sidecar (beside Envoy): every request must carry
+    /// the `datum-*` headers; CONNECT carries `datum-node-id`.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let metrics = self.metrics.clone();
+        let req = req.map(|b| {
+            b.map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    metrics.bytes_in.inc_by(d.len() as u64);
+                }
+                f
+            })
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed()
+        });
+        if req.method() == Method::CONNECT {
+            return self.connect(req, on_upgrade).await;
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        match self.forward(req, Some(on_upgrade)).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(&host),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut s = e.source();
+    while let Some(x) = s {
+        out.push_str(": ");
+        out.push_str(&x.to_string());
+        s = x.source();
+    }
+    out
+}
+
+/// How a sidecar finds devices and who it says it is.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// Where the persistent key lives (the id agents authorise).
+    pub key: std::path::PathBuf,
+    pub relays: Vec<iroh::RelayUrl>,
+    pub dns: portway_discovery::endpoint::DnsLookup,
+    pub n0: bool,
+    /// The ConnectorClass to register in, and the name of this gateway there.
+    pub class: String,
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("sidecar key")]
+    Key(#[from] portway_discovery::endpoint::KeyError),
+    #[error("sidecar endpoint")]
+    Bind(#[from] portway_discovery::endpoint::BindError),
+    #[error("registering the sidecar in ConnectorClass {class}")]
+    Register {
+        class: String,
+        source: Box<kube::Error>,
+    },
+}
+
+/// Loads the key, binds the endpoint (DNS lookup and relays only) and registers it as an
+/// authorised gateway.
+///
+/// # Errors
+/// When the key, the endpoint or the registration fails.
+pub async fn start(
+    setup: &Setup,
+    client: &kube::Client,
+    config: Config,
+    metrics: Metrics,
+) -> Result<Sidecar, SetupError> {
+    let (key, _) = portway_discovery::endpoint::load_or_create_key(&setup.key)?;
+    let ep = portway_discovery::endpoint::bind(&portway_discovery::endpoint::Config {
+        secret_key: Some(key),
+        relays: setup.relays.clone(),
+        dns: Some(setup.dns.clone()),
+        n0: setup.n0,
+        max_streams: Some(16_384),
+        idle_timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    })
+    .await?;
+    register(client, &setup.class, &setup.name, ep.id())
+        .await
+        .map_err(|source| SetupError::Register {
+            class: setup.class.clone(),
+            source: Box::new(source),
+        })?;
+    tracing::info!(id = %ep.id(), class = %setup.class, "sidecar registered as an authorised gateway");
+    Ok(Sidecar::new(ep, config, metrics))
+}
+
+/// Lists this sidecar's endpoint id in the ConnectorClass's `status.gateways`, so agents
+/// accept its tunnels. Retries on conflicts; replaces an older entry of the same name.
+///
+/// # Errors
+/// When the class cannot be read or written.
+pub async fn register(
+    client: &kube::Client,
+    class: &str,
+    name: &str,
+    id: EndpointId,
+) -> Result<(), kube::Error> {
+    use kube::api::{Api, PostParams};
+    use portway_api::{AuthorizedGateway, ConnectorClass};
+    let api: Api<ConnectorClass> = Api::all(client.clone());
+    for _ in 0..10 {
+        let mut cls = api.get_status(class).await?;
+        let status = cls.status.get_or_insert_with(Default::default);
+        let entry = AuthorizedGateway {
+            name: name.to_owned(),
+            endpoint_id: id.to_string(),
+        };
+        if status.gateways.contains(&entry) {
+            return Ok(());
+        }
+        status.gateways.retain(|g| g.name != name);
+        status.gateways.push(entry);
+        match api
+            .replace_status(class, &PostParams::default(), &cls)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_headers_are_taken_and_all_internal_ones_dropped() {
+        let id = iroh::SecretKey::from_bytes(&[3; 32]).public();
+        let mut h = HeaderMap::new();
+        h.insert("datum-node-id", id.to_string().parse().unwrap());
+        h.insert("datum-target-host", "127.0.0.1".parse().unwrap());
+        h.insert("datum-target-port", "3000".parse().unwrap());
+        h.insert("datum-target-proto", "http".parse().unwrap());
+        h.insert("datum-extra", "x".parse().unwrap());
+        h.insert("x-iroh-whatever", "x".parse().unwrap());
+        h.insert("x-keep", "y".parse().unwrap());
+        let t = take_target(&mut h).unwrap();
+        assert_eq!(
+            t,
+            Target {
+                node: id,
+                host: "127.0.0.1".into(),
+                port: 3000
+            }
+        );
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+        let mut bad = HeaderMap::new();
+        bad.insert("datum-node-id", "nope".parse().unwrap());
+        assert!(matches!(
+            take_target(&mut bad),
+            Err(ForwardError::BadRoute(_))
+        ));
+    }
+
+    #[test]
+    fn target_keys_are_stable() {
+        let t = Targets::default();
+        let a = Target {
+            node: iroh::SecretKey::from_bytes(&[1; 32]).public(),
+            host: "h".into(),
+            port: 1,
+        };
+        let b = Target {
+            port: 2,
+            ..a.clone()
+        };
+        let (ka, kb) = (t.key(&a), t.key(&b));
+        assert_ne!(ka, kb);
+        assert_eq!(t.key(&a), ka);
+        assert_eq!(t.get(&kb), Some(b));
+    }
+}

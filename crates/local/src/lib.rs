@@ -1,0 +1,17 @@
+//! Portway on one machine: `portway up` runs every part in one process, `portway http`
+//! publishes a local port.
+//!
+//! [`up::Up`] starts the API server, DNS, relay, operator, edge and sidecar on one SQLite
+//! file, with an admin and an agent kubeconfig in the data directory, and saves the
+//! addresses in `DATA/portway.json`, where [`http::Http`] finds them.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let up = portway_local::up::Up::start(portway_local::up::Config::new("portway-data".into())).await?;
+//! println!("edge at http://{}", up.info.http);
+//! up.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod http;
+pub mod up;

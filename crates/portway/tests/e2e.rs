@@ -1,0 +1,455 @@
+//! Public traffic end to end: `portway up`, `portway http` (or `portway agent`) as real
+//! processes, a real origin, and real clients (HTTP/1.1, HTTP/2, WebSocket, SSE).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Body as _, Frame};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kube::api::{Api, PostParams};
+use portway_api::HttpProxy;
+use portway_testkit::origin::{Origin, hex, pattern, pattern_hash};
+use portway_testkit::{Process, eventually, kube_client};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+const WAIT: Duration = Duration::from_secs(45);
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_portway"))
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A client whose every connection goes to the edge, whatever the URL's host says (so
+/// `http://app.localhost/` needs no resolver).
+fn client(edge: SocketAddr, h2: bool) -> Client<HttpConnector<FixedResolver>, Body> {
+    let mut connector = HttpConnector::new_with_resolver(FixedResolver(edge));
+    connector.set_nodelay(true);
+    let mut b = Client::builder(TokioExecutor::new());
+    b.http2_only(h2);
+    b.build(connector)
+}
+
+#[derive(Clone)]
+struct FixedResolver(SocketAddr);
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for FixedResolver {
+    type Response = std::iter::Once<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        std::future::ready(Ok(std::iter::once(self.0)))
+    }
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+struct Stack {
+    dir: tempfile::TempDir,
+    up: Process,
+    edge: SocketAddr,
+    origin: Origin,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut args = vec!["up", "--data", data.to_str().unwrap()];
+        for flag in [
+            "--http",
+            "--apiserver",
+            "--dns",
+            "--relay",
+            "--sidecar",
+            "--metrics",
+        ] {
+            args.extend([flag, "127.0.0.1:0"]);
+        }
+        let up = Process::start("up", bin(), args).await.unwrap();
+        let edge = up.ready_str("http").parse().unwrap();
+        let origin = Origin::spawn().await.unwrap();
+        Self {
+            dir,
+            up,
+            edge,
+            origin,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    async fn http(&self, hostname: &str, lease: u32) -> anyhow::Result<Process> {
+        let port = self.origin.addr.port().to_string();
+        let lease = lease.to_string();
+        Process::start(
+            "http",
+            bin(),
+            [
+                "http",
+                &port,
+                "--hostname",
+                hostname,
+                "--data",
+                self.data().to_str().unwrap(),
+                "--lease-seconds",
+                &lease,
+            ],
+        )
+        .await
+    }
+
+    async fn get(&self, host: &str, path: &str) -> anyhow::Result<(StatusCode, String)> {
+        let req = Request::get(format!("http://{host}{path}")).body(empty())?;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(20),
+            client(self.edge, false).request(req),
+        )
+        .await??;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+#[tokio::test]
+async fn public_traffic_end_to_end() {
+    let stack = Stack::start().await;
+    let http = stack.http("app.localhost", 30).await.unwrap();
+    assert_eq!(
+        http.ready_str("url"),
+        format!("http://app.localhost:{}/", stack.edge.port())
+    );
+    let origin_port = stack.origin.addr.port();
+    let h1 = client(stack.edge, false);
+
+    // A plain GET.
+    let (status, body) = stack.get("app.localhost", "/hello").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, format!("hello from {origin_port}").as_str())
+    );
+
+    // 50 MiB down, checked by hash, streamed.
+    const BIG: u64 = 50 * 1024 * 1024;
+    let resp = h1
+        .request(
+            Request::get(format!("http://app.localhost/big?n={BIG}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let (mut h, mut n) = (Sha256::new(), 0u64);
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            h.update(d);
+            n += d.len() as u64;
+        }
+    }
+    assert_eq!((n, hex(&h.finalize())), (BIG, pattern_hash(BIG)));
+
+    // 50 MiB up, streamed from a generator, checked by the origin's hash.
+    let chunks = futures::stream::unfold(0u64, |i| async move {
+        (i < BIG).then(|| {
+            let len = (64 * 1024).min(BIG - i);
+            (
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from(
+                    (i..i + len).map(pattern).collect::<Vec<u8>>(),
+                ))),
+                i + len,
+            )
+        })
+    });
+    let req = Request::post("http://app.localhost/hash")
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(text, format!("{} {BIG}", pattern_hash(BIG)));
+
+    // SSE: the first event arrives while the response is still open.
+    let resp = h1
+        .request(
+            Request::get("http://app.localhost/sse")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("first event in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"data: first\n\n");
+    assert!(!body.is_end_stream(), "the stream must still be open");
+    stack.origin.release();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest.as_ref(), b"data: second\n\n");
+
+    // WebSocket echo, text and a 1 MiB binary message.
+    let tcp = tokio::net::TcpStream::connect(stack.edge).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.localhost/ws", tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text("ping")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("ping"));
+    let blob: Vec<u8> = (0..1024 * 1024u64).map(pattern).collect();
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        blob.as_slice()
+    );
+    ws.close(None).await.unwrap();
+
+    // HTTP/2 (h2c, prior knowledge).
+    let h2 = client(stack.edge, true);
+    let resp = h2
+        .request(
+            Request::get("http://app.localhost/hello")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status(), resp.version()),
+        (StatusCode::OK, http::Version::HTTP_2)
+    );
+
+    // 200 concurrent requests, all answered correctly.
+    let results =
+        futures::future::join_all((0..200).map(|_| stack.get("app.localhost", "/hello"))).await;
+    let ok = results
+        .iter()
+        .filter(
+            |r| matches!(r, Ok((StatusCode::OK, b)) if *b == format!("hello from {origin_port}")),
+        )
+        .count();
+    assert_eq!(
+        ok,
+        200,
+        "{:?}",
+        results
+            .iter()
+            .find(|r| !matches!(r, Ok((StatusCode::OK, _))))
+    );
+
+    // A client cannot choose the device or the target: inbound datum-*/x-iroh-* vanish.
+    let req = Request::get("http://app.localhost/headers")
+        .header("datum-node-id", "00".repeat(32))
+        .header("datum-target-port", "22")
+        .header("x-iroh-whatever", "1")
+        .body(empty())
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        !seen.contains("datum-") && !seen.contains("x-iroh-"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("x-forwarded-for: 127.0.0.1")
+            && seen.contains("x-forwarded-host: app.localhost")
+            && seen.contains("x-forwarded-proto: http"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("host: app.localhost"),
+        "the origin sees the public host: {seen}"
+    );
+
+    // Unknown hosts get a clear 404.
+    let (status, body) = stack.get("nobody.localhost", "/").await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("nobody.localhost"), "{body}");
+
+    // Metrics count what happened.
+    let metrics = stack.up.ready_str("metrics");
+    let (_, text) = {
+        let req = Request::get(format!("http://{metrics}/metrics"))
+            .body(empty())
+            .unwrap();
+        let resp = client(metrics.parse().unwrap(), false)
+            .request(req)
+            .await
+            .unwrap();
+        (
+            resp.status(),
+            String::from_utf8(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+            .unwrap(),
+        )
+    };
+    assert!(
+        text.contains("portway_gateway_requests_total{host=\"app.localhost\",code=\"200\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portway_gateway_dial_seconds_count"),
+        "{text}"
+    );
+    drop(http);
+}
+
+#[tokio::test]
+async fn an_offline_device_gives_503_and_comes_back() {
+    let stack = Stack::start().await;
+    let mut http = stack.http("flaky.localhost", 3).await.unwrap();
+    assert_eq!(
+        stack.get("flaky.localhost", "/hello").await.unwrap().0,
+        StatusCode::OK
+    );
+    http.kill9();
+    let body = eventually(
+        "503 once the lease runs out",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = stack.get("flaky.localhost", "/hello").await?;
+            ensure!(
+                status == StatusCode::SERVICE_UNAVAILABLE,
+                "{status}: {body}"
+            );
+            Ok(body)
+        },
+    )
+    .await;
+    assert!(
+        body.contains("flaky.localhost") && body.contains("not online"),
+        "{body}"
+    );
+    let _again = stack.http("flaky.localhost", 3).await.unwrap();
+    eventually("200 again after the device returns", WAIT, || async {
+        let (status, body) = stack.get("flaky.localhost", "/hello").await?;
+        ensure!(status == StatusCode::OK, "{status}: {body}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_proxy_over_two_connectors_survives_losing_one() {
+    let stack = Stack::start().await;
+    let kubeconfig = stack.up.ready_str("agent_kubeconfig");
+    let relay = stack.up.ready_str("relay");
+    let target = format!("shop=127.0.0.1:{},http", stack.origin.addr.port());
+    let mut agents = Vec::new();
+    for name in ["shop-a", "shop-b"] {
+        let state = stack.dir.path().join(name);
+        agents.push(
+            Process::start(
+                name,
+                bin(),
+                [
+                    "agent",
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--project",
+                    "default",
+                    "--name",
+                    name,
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                    "--relay",
+                    &relay,
+                    "--tunnel",
+                    &target,
+                    "--label",
+                    "app=shop",
+                    "--lease-seconds",
+                    "3",
+                ],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let proxy = serde_json::from_value(json!({
+        "metadata": {"name": "shop"},
+        "spec": {"hostnames": ["shop.localhost"], "rules": [{"backends": [{
+            "endpoint": format!("http://127.0.0.1:{}", stack.origin.addr.port()),
+            "connector": {"selector": {"matchLabels": {"app": "shop"}}},
+        }]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &proxy)
+        .await
+        .unwrap();
+    eventually("the shop answers through both connectors", WAIT, || async {
+        for _ in 0..4 {
+            let (status, body) = stack.get("shop.localhost", "/hello").await?;
+            ensure!(status == StatusCode::OK, "{status}: {body}");
+        }
+        Ok(())
+    })
+    .await;
+
+    // Lose one device without a goodbye: every request is still answered.
+    agents[0].kill9();
+    for i in 0..20 {
+        let (status, body) = stack
+            .get("shop.localhost", "/hello")
+            .await
+            .context(format!("request {i}"))
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+    }
+}
