@@ -424,7 +424,9 @@ async fn handle(
             .version(parts.version);
         if let Some(h) = attempt.headers_mut() {
             *h = parts.headers.clone();
-            apply_filter(&route.filter.and(&backend.headers), h);
+            // The rule's filter, then the backendRef's (which sets the datum-* headers).
+            apply_filter(&route.filter, h);
+            apply_filter(&backend.headers, h);
         }
         let b = body.take().unwrap_or_else(crate::sidecar::empty);
         let Ok(attempt) = attempt.body(b) else { break };

@@ -12,6 +12,7 @@ use gateway_api::apis::standard::httproutes::{
     HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
+use http::header::{HeaderName, HeaderValue};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// How a path is matched.
@@ -38,12 +39,20 @@ impl PathMatch {
     }
 }
 
-/// Header changes, applied in order remove, set, add.
+/// Header changes, applied in order remove, set, add. Names and values are parsed once,
+/// when the table is built, not per request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderFilter {
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+fn pair(name: &str, value: &str) -> Option<(HeaderName, HeaderValue)> {
+    Some((
+        HeaderName::from_bytes(name.as_bytes()).ok()?,
+        HeaderValue::from_str(value).ok()?,
+    ))
 }
 
 impl HeaderFilter {
@@ -51,10 +60,14 @@ impl HeaderFilter {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
     }
 
-    fn merge(&mut self, other: HeaderFilter) {
-        self.set.extend(other.set);
-        self.add.extend(other.add);
-        self.remove.extend(other.remove);
+    fn push(&mut self, set: &[(String, String)], add: &[(String, String)], remove: &[String]) {
+        self.set.extend(set.iter().filter_map(|(n, v)| pair(n, v)));
+        self.add.extend(add.iter().filter_map(|(n, v)| pair(n, v)));
+        self.remove.extend(
+            remove
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+        );
     }
 
     fn from_rule(filters: &[HttpRouteRulesFilters]) -> Self {
@@ -63,20 +76,19 @@ impl HeaderFilter {
             .iter()
             .filter_map(|f| f.request_header_modifier.as_ref())
         {
-            out.set.extend(
-                m.set
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
-            );
-            out.add.extend(
-                m.add
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
-            );
-            out.remove
-                .extend(m.remove.iter().flatten().map(|h| h.to_ascii_lowercase()));
+            let set: Vec<_> = m
+                .set
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            let add: Vec<_> = m
+                .add
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            out.push(&set, &add, m.remove.as_deref().unwrap_or_default());
         }
         out
     }
@@ -87,20 +99,19 @@ impl HeaderFilter {
             .iter()
             .filter_map(|f| f.request_header_modifier.as_ref())
         {
-            out.set.extend(
-                m.set
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
-            );
-            out.add.extend(
-                m.add
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone())),
-            );
-            out.remove
-                .extend(m.remove.iter().flatten().map(|h| h.to_ascii_lowercase()));
+            let set: Vec<_> = m
+                .set
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            let add: Vec<_> = m
+                .add
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            out.push(&set, &add, m.remove.as_deref().unwrap_or_default());
         }
         out
     }
@@ -111,7 +122,7 @@ impl HeaderFilter {
             .iter()
             .rev()
             .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .and_then(|(_, v)| v.to_str().ok())
     }
 }
 
@@ -506,34 +517,14 @@ pub fn build(
 
 /// Applies a filter to request headers: remove, then set (replace), then add.
 pub fn apply_filter(filter: &HeaderFilter, headers: &mut http::HeaderMap) {
-    use http::header::{HeaderName, HeaderValue};
     for name in &filter.remove {
-        headers.remove(name.as_str());
+        headers.remove(name);
     }
     for (n, v) in &filter.set {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            headers.insert(n, v);
-        }
+        headers.insert(n.clone(), v.clone());
     }
     for (n, v) in &filter.add {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            headers.append(n, v);
-        }
-    }
-}
-
-impl HeaderFilter {
-    /// This filter followed by `then`.
-    pub fn and(&self, then: &HeaderFilter) -> HeaderFilter {
-        let mut out = self.clone();
-        out.merge(then.clone());
-        out
+        headers.append(n.clone(), v.clone());
     }
 }
 
@@ -697,11 +688,12 @@ mod tests {
 
     #[test]
     fn filters_and_hosts() {
-        let f = HeaderFilter {
-            set: vec![("x-a".into(), "1".into())],
-            add: vec![("x-b".into(), "2".into())],
-            remove: vec!["x-c".into()],
-        };
+        let mut f = HeaderFilter::default();
+        f.push(
+            &[("x-a".into(), "1".into())],
+            &[("x-b".into(), "2".into())],
+            &["x-c".into()],
+        );
         let mut h = http::HeaderMap::new();
         h.insert("x-a", "old".parse().unwrap());
         h.insert("x-b", "1".parse().unwrap());

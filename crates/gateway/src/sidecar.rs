@@ -129,26 +129,44 @@ impl Default for Config {
     }
 }
 
-/// Maps targets to pool keys (URI authorities) and back.
+#[derive(Default)]
+struct TargetsInner {
+    keys: HashMap<Target, String>,
+    targets: HashMap<String, Target>,
+    /// Parsing a NodeID decompresses a curve point: worth doing once per node, not per
+    /// request.
+    ids: HashMap<String, EndpointId>,
+}
+
+/// Maps targets to pool keys (URI authorities) and back, and caches parsed NodeIDs.
 #[derive(Default)]
 struct Targets {
-    inner: Mutex<(HashMap<Target, String>, HashMap<String, Target>)>,
+    inner: Mutex<TargetsInner>,
 }
 
 impl Targets {
     fn key(&self, t: &Target) -> String {
         let mut inner = self.inner.lock();
-        if let Some(k) = inner.0.get(t) {
+        if let Some(k) = inner.keys.get(t) {
             return k.clone();
         }
-        let k = format!("t{}.tunnel.invalid", inner.0.len());
-        inner.0.insert(t.clone(), k.clone());
-        inner.1.insert(k.clone(), t.clone());
+        let k = format!("t{}.tunnel.invalid", inner.keys.len());
+        inner.keys.insert(t.clone(), k.clone());
+        inner.targets.insert(k.clone(), t.clone());
         k
     }
 
     fn get(&self, key: &str) -> Option<Target> {
-        self.inner.lock().1.get(key).cloned()
+        self.inner.lock().targets.get(key).cloned()
+    }
+
+    fn node(&self, s: &str) -> Option<EndpointId> {
+        if let Some(id) = self.inner.lock().ids.get(s) {
+            return Some(*id);
+        }
+        let id: EndpointId = s.parse().ok()?;
+        self.inner.lock().ids.insert(s.to_owned(), id);
+        Some(id)
     }
 }
 
@@ -289,11 +307,11 @@ fn datum(headers: &HeaderMap, name: &str) -> Result<String, ForwardError> {
 }
 
 /// Reads and removes the routing headers; drops every other `datum-*` and `x-iroh-*`.
-pub fn take_target(headers: &mut HeaderMap) -> Result<Target, ForwardError> {
+fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Target, ForwardError> {
     let node = datum(headers, headers::NODE_ID)?;
-    let node: EndpointId = node
-        .parse()
-        .map_err(|_| ForwardError::BadRoute(format!("{node:?} is not a NodeID")))?;
+    let node = targets
+        .node(&node)
+        .ok_or_else(|| ForwardError::BadRoute(format!("{node:?} is not a NodeID")))?;
     let host = datum(headers, headers::TARGET_HOST)?;
     let port = datum(headers, headers::TARGET_PORT)?;
     let port: u16 = port
@@ -388,7 +406,7 @@ impl Sidecar {
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<Body>, ForwardError> {
         let (mut parts, body) = req.into_parts();
-        let target = take_target(&mut parts.headers)?;
+        let target = take_target(&mut parts.headers, &self.targets)?;
         let upgrade = on_upgrade.is_some() && parts.headers.contains_key(header::UPGRADE);
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -701,7 +719,8 @@ mod tests {
         h.insert("datum-extra", "x".parse().unwrap());
         h.insert("x-iroh-whatever", "x".parse().unwrap());
         h.insert("x-keep", "y".parse().unwrap());
-        let t = take_target(&mut h).unwrap();
+        let targets = Targets::default();
+        let t = take_target(&mut h, &targets).unwrap();
         assert_eq!(
             t,
             Target {
@@ -715,7 +734,7 @@ mod tests {
         let mut bad = HeaderMap::new();
         bad.insert("datum-node-id", "nope".parse().unwrap());
         assert!(matches!(
-            take_target(&mut bad),
+            take_target(&mut bad, &targets),
             Err(ForwardError::BadRoute(_))
         ));
     }

@@ -1,0 +1,404 @@
+//! Data-path benchmark: every figure through Portway beside the same figure direct to the
+//! target, from one run on one machine, as ratios.
+//!
+//! Needs nginx, wrk and curl (`apt-get install -y nginx wrk curl`) and release binaries:
+//!
+//! ```sh
+//! cargo build --release -p portway --bins --examples
+//! target/release/examples/tunnel_bench
+//! ```
+//!
+//! Target: nginx with sendfile serving a 256 MiB file and a 13-byte file. Path:
+//! client → `portway up` edge (in-process sidecar) → iroh (direct UDP on loopback) →
+//! `portway http` agent → nginx.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Api, PostParams};
+use portway_api::HttpProxy;
+use portway_testkit::origin::Origin;
+use serde_json::json;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(bin: &Path, args: &[&str], dir: &Path, name: &str) -> (Proc, serde_json::Value) {
+    let ready = dir.join(format!("{name}.ready"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Proc(
+        Command::new(bin)
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = std::fs::read(&ready)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return (child, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready; see {}",
+            dir.join(format!("{name}.log")).display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx with sendfile on a free port, serving `big.bin` (256 MiB) and `small.txt`.
+fn nginx(dir: &Path) -> (Proc, u16) {
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let big: Vec<u8> = (0..256u64 * 1024 * 1024)
+        .map(portway_testkit::origin::pattern)
+        .collect();
+    std::fs::write(root.join("big.bin"), big).unwrap();
+    std::fs::write(root.join("small.txt"), "hello, world\n").unwrap();
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000; keepalive_timeout 300;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {root}; }} }}",
+            d = dir.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let child = Proc(
+        Command::new("nginx")
+            .args(["-c", conf.to_str().unwrap(), "-p"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+/// curl download speed in MB/s (best of three).
+fn curl_mbps(url: &str, connect_to: Option<SocketAddr>, host: &str) -> f64 {
+    (0..3)
+        .map(|_| {
+            let mut cmd = Command::new("curl");
+            cmd.args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{speed_download} %{http_code}",
+            ]);
+            if let Some(addr) = connect_to {
+                cmd.args([
+                    "--connect-to",
+                    &format!("{host}:80:{}:{}", addr.ip(), addr.port()),
+                ]);
+            }
+            let out = cmd.arg(url).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let mut parts = text.split_whitespace();
+            let speed: f64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            assert_eq!(parts.next(), Some("200"), "curl {url}: {text}");
+            speed / 1e6
+        })
+        .fold(0.0, f64::max)
+}
+
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_latency(v: &str) -> f64 {
+    let (num, unit): (String, String) = v.chars().partition(|c| c.is_ascii_digit() || *c == '.');
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match unit.as_str() {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => n,
+    }
+}
+
+fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            "-H",
+            &format!("Host: {host}"),
+            url,
+        ])
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    Wrk {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        p50_us: parse_latency(&field("50%")),
+        p99_us: parse_latency(&field("99%")),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bin: PathBuf = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("portway");
+    assert!(
+        bin.exists(),
+        "build first: cargo build --release -p portway --bins --examples"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_nginx, nginx_port) = nginx(d);
+    let data = d.join("data");
+    let mut args = vec!["up", "--data", data.to_str().unwrap()];
+    for flag in [
+        "--http",
+        "--apiserver",
+        "--dns",
+        "--relay",
+        "--sidecar",
+        "--metrics",
+    ] {
+        args.extend([flag, "127.0.0.1:0"]);
+    }
+    let (up, info) = start(&bin, &args, d, "up");
+    let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
+    let port = nginx_port.to_string();
+    let (http, _) = start(
+        &bin,
+        &[
+            "http",
+            &port,
+            "--hostname",
+            "bench.localhost",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        d,
+        "http",
+    );
+
+    let direct = format!("http://127.0.0.1:{nginx_port}");
+    let tunnel = format!("http://{edge}");
+    // Warm both paths (connections, pools).
+    let _ = wrk(&format!("{direct}/small.txt"), "localhost", 1, 8, 1);
+    let _ = wrk(&format!("{tunnel}/small.txt"), "bench.localhost", 1, 8, 1);
+
+    eprintln!("measuring throughput");
+    let big_direct = curl_mbps(&format!("{direct}/big.bin"), None, "localhost");
+    let big_tunnel = curl_mbps(
+        "http://bench.localhost/big.bin",
+        Some(edge),
+        "bench.localhost",
+    );
+    eprintln!("measuring latency and request rates");
+    let one_direct = wrk(&format!("{direct}/small.txt"), "localhost", 1, 1, 5);
+    let one_tunnel = wrk(&format!("{tunnel}/small.txt"), "bench.localhost", 1, 1, 5);
+    let many_direct = wrk(&format!("{direct}/small.txt"), "localhost", 2, 64, 10);
+    let many_tunnel = wrk(&format!("{tunnel}/small.txt"), "bench.localhost", 2, 64, 10);
+
+    // 1000 tunnelled connections held open (WebSockets), RSS per connection.
+    eprintln!("opening 1000 tunnelled WebSockets");
+    let origin = Origin::spawn().await.unwrap();
+    let oport = origin.addr.port().to_string();
+    let (ws_http, _) = start(
+        &bin,
+        &[
+            "http",
+            &oport,
+            "--hostname",
+            "ws.localhost",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        d,
+        "ws-http",
+    );
+    let (edge_before, agent_before) = (rss_kib(up.0.id()), rss_kib(ws_http.0.id()));
+    let mut sockets = Vec::new();
+    let mut opens = futures::stream::iter(0..1000)
+        .map(|_| async move {
+            let tcp = tokio::net::TcpStream::connect(edge).await.unwrap();
+            tokio_tungstenite::client_async("ws://ws.localhost/ws", tcp)
+                .await
+                .unwrap()
+                .0
+        })
+        .buffer_unordered(50);
+    while let Some(ws) = opens.next().await {
+        sockets.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (edge_after, agent_after) = (rss_kib(up.0.id()), rss_kib(ws_http.0.id()));
+    let per_edge = (edge_after - edge_before) / 1000.0;
+    let per_agent = (agent_after - agent_before) / 1000.0;
+    drop(sockets);
+
+    // HTTPProxy create → first 200 through the edge (connector and advertisement exist).
+    eprintln!("measuring HTTPProxy create → first 200");
+    let admin = {
+        let kc = kube::config::Kubeconfig::read_from(info["kubeconfig"].as_str().unwrap()).unwrap();
+        kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let proxies: Api<HttpProxy> = Api::namespaced(admin.clone(), "default");
+    let bench = proxies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.hostnames == ["bench.localhost"])
+        .unwrap();
+    let connector = bench.spec.rules[0].backends[0]
+        .connector
+        .clone()
+        .unwrap()
+        .name
+        .unwrap();
+    let plain = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut to_first = Vec::new();
+    for i in 0..10 {
+        let host = format!("t{i}.localhost");
+        let p = serde_json::from_value(json!({
+            "metadata": {"name": format!("latency-{i}")},
+            "spec": {"hostnames": [host], "rules": [{"backends": [{"endpoint": format!("http://127.0.0.1:{nginx_port}"), "connector": {"name": connector}}]}]},
+        }))
+        .unwrap();
+        let t0 = Instant::now();
+        proxies.create(&PostParams::default(), &p).await.unwrap();
+        loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{host} never answered 200"
+            );
+            let req = http::Request::get(format!("http://{edge}/small.txt"))
+                .header("host", &host)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            if plain.request(req).await.is_ok_and(|r| r.status() == 200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        to_first.push(t0.elapsed());
+    }
+    to_first.sort();
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "machine: {cpus} cores, {}",
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("model name\t: "))
+            .unwrap_or("?")
+    );
+    println!("| figure | direct (nginx) | through Portway | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| 256 MiB download, MB/s (curl, best of 3) | {big_direct:.0} | {big_tunnel:.0} | {:.2} × |",
+        big_tunnel / big_direct
+    );
+    println!(
+        "| 1 connection, p50 latency (wrk) | {:.0} µs | {:.0} µs | {:.2} × |",
+        one_direct.p50_us,
+        one_tunnel.p50_us,
+        one_tunnel.p50_us / one_direct.p50_us
+    );
+    println!(
+        "| 1 connection, p99 latency (wrk) | {:.0} µs | {:.0} µs | {:.2} × |",
+        one_direct.p99_us,
+        one_tunnel.p99_us,
+        one_tunnel.p99_us / one_direct.p99_us
+    );
+    println!(
+        "| 64 connections, requests/s (wrk -t2) | {:.0} | {:.0} | {:.2} × |",
+        many_direct.rps,
+        many_tunnel.rps,
+        many_tunnel.rps / many_direct.rps
+    );
+    println!(
+        "| RSS per open tunnelled connection (1000 WebSockets): edge / agent | – | {per_edge:.1} KiB / {per_agent:.1} KiB | – |"
+    );
+    println!(
+        "| HTTPProxy create → first 200 (n=10) | – | p50 {:.0} ms, max {:.0} ms | – |",
+        to_first[4].as_secs_f64() * 1e3,
+        to_first[9].as_secs_f64() * 1e3
+    );
+    drop(http);
+}
