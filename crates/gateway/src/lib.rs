@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod routes;
 pub mod sidecar;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

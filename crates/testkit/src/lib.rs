@@ -103,6 +103,39 @@ impl Process {
         }
     }
 
+    /// Starts a program that has no ready file (Envoy); the caller polls for readiness.
+    ///
+    /// # Errors
+    /// When the program cannot be started.
+    pub fn spawn<I, S>(name: &str, bin: &Path, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+            ready: Value::Null,
+            _dir: dir,
+        })
+    }
+
+    /// Whether the process has exited (and with what).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The JSON the process wrote to its ready file.
     pub fn ready(&self) -> &Value {
         &self.ready
