@@ -320,17 +320,7 @@ async fn resource(
         }
         Verb::DeleteCollection => {
             let ctx = ctx(&q, req.headers())?;
-            let label = LabelSelector::parse(
-                q.get("labelSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-            )?;
-            let field = FieldSelector::parse(
-                q.get("fieldSelector")
-                    .map(String::as_str)
-                    .unwrap_or_default(),
-                t.res,
-            )?;
+            let (label, field) = selectors(&q, t.res)?;
             let opts = read_delete_options(app, req).await?;
             let policy = Propagation::parse(opts["propagationPolicy"].as_str())?;
             let ns = t.ns.clone();
@@ -469,18 +459,20 @@ fn decode_continue(token: &str) -> Result<(u64, ObjKey)> {
     ))
 }
 
+/// The `labelSelector` and `fieldSelector` of a request.
+///
+/// # Errors
+/// 400 when either does not parse.
+pub(crate) fn selectors(q: &Query, res: Res) -> Result<(LabelSelector, FieldSelector)> {
+    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or_default();
+    Ok((
+        LabelSelector::parse(get("labelSelector"))?,
+        FieldSelector::parse(get("fieldSelector"), res)?,
+    ))
+}
+
 fn list(app: &App, t: &Target, accept: &str, q: &Query) -> Result<Response> {
-    let label = LabelSelector::parse(
-        q.get("labelSelector")
-            .map(String::as_str)
-            .unwrap_or_default(),
-    )?;
-    let field = FieldSelector::parse(
-        q.get("fieldSelector")
-            .map(String::as_str)
-            .unwrap_or_default(),
-        t.res,
-    )?;
+    let (label, field) = selectors(q, t.res)?;
     let limit: usize = match q.get("limit") {
         None => 0,
         Some(l) => l

@@ -122,20 +122,12 @@ pub fn serve(
     q: &Query,
     table: bool,
 ) -> Result<Response> {
+    let (label, field) = crate::http::selectors(q, res)?;
     let filter = Filter {
         res,
         ns: ns.clone(),
-        label: LabelSelector::parse(
-            q.get("labelSelector")
-                .map(String::as_str)
-                .unwrap_or_default(),
-        )?,
-        field: FieldSelector::parse(
-            q.get("fieldSelector")
-                .map(String::as_str)
-                .unwrap_or_default(),
-            res,
-        )?,
+        label,
+        field,
     };
     let bookmarks = q
         .get("allowWatchBookmarks")

@@ -55,6 +55,26 @@ fn pair(name: &str, value: &str) -> Option<(HeaderName, HeaderValue)> {
     ))
 }
 
+/// Gateway API declares the same RequestHeaderModifier twice (for rules and for
+/// backendRefs) as distinct Rust types with the same fields.
+macro_rules! modifier {
+    ($out:ident, $m:ident) => {{
+        let set: Vec<_> = $m
+            .set
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        let add: Vec<_> = $m
+            .add
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        $out.push(&set, &add, $m.remove.as_deref().unwrap_or_default());
+    }};
+}
+
 impl HeaderFilter {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
@@ -76,19 +96,7 @@ impl HeaderFilter {
             .iter()
             .filter_map(|f| f.request_header_modifier.as_ref())
         {
-            let set: Vec<_> = m
-                .set
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            let add: Vec<_> = m
-                .add
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            out.push(&set, &add, m.remove.as_deref().unwrap_or_default());
+            modifier!(out, m);
         }
         out
     }
@@ -99,19 +107,7 @@ impl HeaderFilter {
             .iter()
             .filter_map(|f| f.request_header_modifier.as_ref())
         {
-            let set: Vec<_> = m
-                .set
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            let add: Vec<_> = m
-                .add
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            out.push(&set, &add, m.remove.as_deref().unwrap_or_default());
+            modifier!(out, m);
         }
         out
     }

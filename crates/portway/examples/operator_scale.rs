@@ -8,8 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -21,47 +20,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use portway_api::{Connector, ConnectorAdvertisement, HttpProxy, is_condition_true};
 use serde_json::json;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(bin: &Path, args: &[&str], ready: &Path, log: &Path) -> (Proc, serde_json::Value) {
-    let out = std::fs::File::create(log).unwrap();
-    let child = Proc(
-        Command::new(bin)
-            .args(args)
-            .arg("--ready-file")
-            .arg(ready)
-            .env("RUST_LOG", "warn")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = std::fs::read(ready)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            return (child, v);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} not ready; see {}",
-            args[0],
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -106,7 +64,7 @@ async fn main() {
     );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (apiserver, ready) = start(
+    let (apiserver, ready) = portway_testkit::start_quiet(
         &bin,
         &[
             "apiserver",
@@ -117,11 +75,11 @@ async fn main() {
             "--history",
             "200000",
         ],
-        &d.join("api.ready"),
-        &d.join("api.log"),
-    );
+        "apiserver",
+    )
+    .await;
     let kubeconfig = ready["kubeconfig"].as_str().unwrap().to_owned();
-    let (operator, _) = start(
+    let (operator, _) = portway_testkit::start_quiet(
         &bin,
         &[
             "operator",
@@ -130,9 +88,9 @@ async fn main() {
             "--sidecar",
             "127.0.0.1:4001",
         ],
-        &d.join("op.ready"),
-        &d.join("op.log"),
-    );
+        "operator",
+    )
+    .await;
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(kc, &Default::default())
@@ -144,7 +102,7 @@ async fn main() {
         "machine: {} cores; {proxies_n} proxies across {projects} projects",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let idle_rss = rss_mib(operator.0.id());
+    let idle_rss = rss_mib(operator.pid());
 
     let t0 = Instant::now();
     futures::stream::iter(0..projects)
@@ -222,7 +180,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged = t0.elapsed();
-    let rss_after_sync = rss_mib(operator.0.id());
+    let rss_after_sync = rss_mib(operator.pid());
 
     // One change at a time: a new hostname on one proxy, until its route shows it.
     let mut latencies = Vec::new();
@@ -251,7 +209,7 @@ async fn main() {
         latencies.push(start.elapsed());
     }
     latencies.sort();
-    let rss_after_changes = rss_mib(operator.0.id());
+    let rss_after_changes = rss_mib(operator.pid());
     println!("| measure | value |");
     println!("|---|---|");
     println!(
@@ -273,6 +231,6 @@ async fn main() {
     );
     println!(
         "| API server RSS after the run | {:.0} MiB |",
-        rss_mib(apiserver.0.id())
+        rss_mib(apiserver.pid())
     );
 }

@@ -16,55 +16,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use portway_api::HttpProxy;
+use portway_testkit::Process;
 use portway_testkit::origin::Origin;
 use serde_json::json;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(bin: &Path, args: &[&str], dir: &Path, name: &str) -> (Proc, serde_json::Value) {
-    let ready = dir.join(format!("{name}.ready"));
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Proc(
-        Command::new(bin)
-            .args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = std::fs::read(&ready)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            return (child, v);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} not ready; see {}",
-            dir.join(format!("{name}.log")).display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn rss_kib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -85,7 +45,7 @@ fn free_port() -> u16 {
 }
 
 /// nginx with sendfile on a free port, serving `big.bin` (256 MiB) and `small.txt`.
-fn nginx(dir: &Path) -> (Proc, u16) {
+fn nginx(dir: &Path) -> (Process, u16) {
     let root = dir.join("www");
     std::fs::create_dir_all(&root).unwrap();
     let big: Vec<u8> = (0..256u64 * 1024 * 1024)
@@ -109,15 +69,12 @@ http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_re
     )
     .unwrap();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let child = Proc(
-        Command::new("nginx")
-            .args(["-c", conf.to_str().unwrap(), "-p"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx"),
-    );
+    let child = Process::spawn(
+        "nginx",
+        Path::new("nginx"),
+        ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+    )
+    .expect("nginx (apt-get install -y nginx)");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nginx did not start");
@@ -230,10 +187,10 @@ async fn main() {
     ] {
         args.extend([flag, "127.0.0.1:0"]);
     }
-    let (up, info) = start(&bin, &args, d, "up");
+    let (up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
     let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
     let port = nginx_port.to_string();
-    let (http, _) = start(
+    let (http, _) = portway_testkit::start_quiet(
         &bin,
         &[
             "http",
@@ -243,9 +200,9 @@ async fn main() {
             "--data",
             data.to_str().unwrap(),
         ],
-        d,
         "http",
-    );
+    )
+    .await;
 
     let direct = format!("http://127.0.0.1:{nginx_port}");
     let tunnel = format!("http://{edge}");
@@ -270,7 +227,7 @@ async fn main() {
     eprintln!("opening 1000 tunnelled WebSockets");
     let origin = Origin::spawn().await.unwrap();
     let oport = origin.addr.port().to_string();
-    let (ws_http, _) = start(
+    let (ws_http, _) = portway_testkit::start_quiet(
         &bin,
         &[
             "http",
@@ -280,10 +237,10 @@ async fn main() {
             "--data",
             data.to_str().unwrap(),
         ],
-        d,
         "ws-http",
-    );
-    let (edge_before, agent_before) = (rss_kib(up.0.id()), rss_kib(ws_http.0.id()));
+    )
+    .await;
+    let (edge_before, agent_before) = (rss_kib(up.pid()), rss_kib(ws_http.pid()));
     let mut sockets = Vec::new();
     let mut opens = futures::stream::iter(0..1000)
         .map(|_| async move {
@@ -298,7 +255,7 @@ async fn main() {
         sockets.push(ws);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (edge_after, agent_after) = (rss_kib(up.0.id()), rss_kib(ws_http.0.id()));
+    let (edge_after, agent_after) = (rss_kib(up.pid()), rss_kib(ws_http.pid()));
     let per_edge = (edge_after - edge_before) / 1000.0;
     let per_agent = (agent_after - agent_before) / 1000.0;
     drop(sockets);

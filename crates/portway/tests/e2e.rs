@@ -410,42 +410,35 @@ async fn an_offline_device_gives_503_and_comes_back() {
     .await;
 }
 
-#[tokio::test]
-async fn one_proxy_over_two_connectors_survives_losing_one() {
-    let stack = Stack::start().await;
+/// Two agents (labels `app=shop`, 3 s leases) offering the origin, and one HTTPProxy
+/// `shop.localhost` selecting both.
+async fn shop(stack: &Stack) -> Vec<Process> {
     let kubeconfig = stack.up.ready_str("agent_kubeconfig");
     let relay = stack.up.ready_str("relay");
     let target = format!("shop=127.0.0.1:{},http", stack.origin.addr.port());
     let mut agents = Vec::new();
     for name in ["shop-a", "shop-b"] {
         let state = stack.dir.path().join(name);
-        agents.push(
-            Process::start(
-                name,
-                bin(),
-                [
-                    "agent",
-                    "--kubeconfig",
-                    &kubeconfig,
-                    "--project",
-                    "default",
-                    "--name",
-                    name,
-                    "--state-dir",
-                    state.to_str().unwrap(),
-                    "--relay",
-                    &relay,
-                    "--tunnel",
-                    &target,
-                    "--label",
-                    "app=shop",
-                    "--lease-seconds",
-                    "3",
-                ],
-            )
-            .await
-            .unwrap(),
-        );
+        let args = [
+            "agent",
+            "--kubeconfig",
+            &kubeconfig,
+            "--project",
+            "default",
+            "--name",
+            name,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--relay",
+            &relay,
+            "--tunnel",
+            &target,
+            "--label",
+            "app=shop",
+            "--lease-seconds",
+            "3",
+        ];
+        agents.push(Process::start(name, bin(), args).await.unwrap());
     }
     let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
         .await
@@ -463,6 +456,13 @@ async fn one_proxy_over_two_connectors_survives_losing_one() {
         .create(&PostParams::default(), &proxy)
         .await
         .unwrap();
+    agents
+}
+
+#[tokio::test]
+async fn one_proxy_over_two_connectors_survives_losing_one() {
+    let stack = Stack::start().await;
+    let mut agents = shop(&stack).await;
     eventually("the shop answers through both connectors", WAIT, || async {
         for _ in 0..4 {
             let (status, body) = stack.get("shop.localhost", "/hello").await?;
@@ -676,56 +676,7 @@ async fn envoy_data_plane_end_to_end() {
 #[tokio::test]
 async fn envoy_fails_over_between_two_connectors() {
     let stack = Stack::start().await;
-    let kubeconfig = stack.up.ready_str("agent_kubeconfig");
-    let relay = stack.up.ready_str("relay");
-    let target = format!("shop=127.0.0.1:{},http", stack.origin.addr.port());
-    let mut agents = Vec::new();
-    for name in ["shop-a", "shop-b"] {
-        let state = stack.dir.path().join(name);
-        agents.push(
-            Process::start(
-                name,
-                bin(),
-                [
-                    "agent",
-                    "--kubeconfig",
-                    &kubeconfig,
-                    "--project",
-                    "default",
-                    "--name",
-                    name,
-                    "--state-dir",
-                    state.to_str().unwrap(),
-                    "--relay",
-                    &relay,
-                    "--tunnel",
-                    &target,
-                    "--label",
-                    "app=shop",
-                    "--lease-seconds",
-                    "3",
-                ],
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
-        .await
-        .unwrap();
-    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
-    let proxy = serde_json::from_value(json!({
-        "metadata": {"name": "shop"},
-        "spec": {"hostnames": ["shop.localhost"], "rules": [{"backends": [{
-            "endpoint": format!("http://127.0.0.1:{}", stack.origin.addr.port()),
-            "connector": {"selector": {"matchLabels": {"app": "shop"}}},
-        }]}]},
-    }))
-    .unwrap();
-    proxies
-        .create(&PostParams::default(), &proxy)
-        .await
-        .unwrap();
+    let mut agents = shop(&stack).await;
     let front = envoy_front(&stack, "envoy-2").await;
     eventually("the shop answers through Envoy", WAIT, || async {
         for _ in 0..4 {

@@ -194,6 +194,16 @@ impl Process {
     }
 }
 
+/// Starts a built binary with `--ready-file` and `RUST_LOG=warn` (for benchmarks); returns
+/// it with its ready JSON. Panics with the log if it does not become ready.
+pub async fn start_quiet(bin: &Path, args: &[&str], name: &str) -> (Process, Value) {
+    let p = Process::start_with_env(name, bin, args, [("RUST_LOG", "warn")])
+        .await
+        .unwrap();
+    let ready = p.ready().clone();
+    (p, ready)
+}
+
 /// Sends a signal by name (`TERM`, `INT`, `STOP`, `CONT`) with the `kill` tool.
 ///
 /// # Errors
