@@ -8,7 +8,7 @@
 //! The alternative — CONNECT to the sidecar through an internal listener — needs a
 //! cluster per target and CDS plus RDS churn for every tunnel (see the notes on Envoy).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,6 +48,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use futures::Stream;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -376,20 +377,71 @@ pub fn resources(type_url: &str, table: &Table, node: &NodeConfig) -> Vec<Any> {
     }
 }
 
-/// A NACK from one Envoy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub node: String,
-    pub type_url: String,
-    pub message: String,
+/// What the server knows of one connected Envoy (by node id).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Envoy {
+    /// Open ADS streams from this node id (Envoys sharing an id count together).
+    pub streams: usize,
+    /// The latest NACK per resource type, cleared when that type is next ACKed.
+    pub rejected: BTreeMap<String, String>,
 }
+
+/// Every connected Envoy, by node id.
+pub type Envoys = BTreeMap<String, Envoy>;
 
 /// Shared by every stream.
 struct Shared {
     table: Arc<ArcSwap<Table>>,
     version: watch::Receiver<u64>,
     defaults: NodeConfig,
-    rejections: watch::Sender<HashMap<String, Rejection>>,
+    envoys: watch::Sender<Envoys>,
+}
+
+/// One stream's membership in [`Shared::envoys`]; leaving is in `Drop` so that every way a
+/// stream ends (client gone, server shutting down) forgets its NACKs.
+struct Registration {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Registration {
+    fn new(shared: Arc<Shared>, id: String) -> Self {
+        shared
+            .envoys
+            .send_modify(|e| e.entry(id.clone()).or_default().streams += 1);
+        Self { shared, id }
+    }
+
+    fn rejected(&self, type_url: &str, message: Option<&str>) {
+        self.shared.envoys.send_if_modified(|e| {
+            let Some(envoy) = e.get_mut(&self.id) else {
+                return false;
+            };
+            match message {
+                Some(m) => {
+                    envoy
+                        .rejected
+                        .insert(type_url.to_owned(), m.to_owned())
+                        .as_deref()
+                        != Some(m)
+                }
+                None => envoy.rejected.remove(type_url).is_some(),
+            }
+        });
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.envoys.send_modify(|e| {
+            if let Some(envoy) = e.get_mut(&self.id) {
+                envoy.streams -= 1;
+                if envoy.streams == 0 {
+                    e.remove(&self.id);
+                }
+            }
+        });
+    }
 }
 
 fn node_config(node: Option<&Node>, defaults: &NodeConfig) -> NodeConfig {
@@ -435,6 +487,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, tonic::Status>>(16);
         tokio::spawn(async move {
             let mut node: Option<Node> = None;
+            let mut registration: Option<Registration> = None;
             let mut subs: HashMap<String, Subscription> = HashMap::new();
             let mut version = shared.version.clone();
             let mut nonce = 0u64;
@@ -445,22 +498,23 @@ impl AggregatedDiscoveryService for Ads {
                             if node.is_none() {
                                 node = req.node.clone();
                             }
-                            let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+                            let registration = registration.get_or_insert_with(|| {
+                                let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+                                Registration::new(shared.clone(), id)
+                            });
                             let sub = subs.entry(req.type_url.clone()).or_default();
                             let answers_last = !req.response_nonce.is_empty() && req.response_nonce == sub.nonce.to_string();
-                            if let Some(err) = req.error_detail.as_ref().filter(|_| answers_last) {
-                                tracing::warn!(node = %id, type_url = %req.type_url, error = %err.message, "Envoy rejected the configuration (NACK)");
-                                shared.rejections.send_modify(|r| {
-                                    r.insert(id.clone(), Rejection { node: id.clone(), type_url: req.type_url.clone(), message: err.message.clone() });
-                                });
+                            if !answers_last {
+                                // A first request (or one after reconnect): answer this type now.
+                                vec![req.type_url]
+                            } else if let Some(err) = &req.error_detail {
+                                tracing::warn!(node = %registration.id, type_url = %req.type_url, error = %err.message, "Envoy rejected the configuration (NACK)");
+                                registration.rejected(&req.type_url, Some(&err.message));
+                                continue;
+                            } else {
+                                registration.rejected(&req.type_url, None);
                                 continue;
                             }
-                            if answers_last {
-                                shared.rejections.send_if_modified(|r| r.remove(&id).is_some());
-                                continue;
-                            }
-                            // A first request (or one after reconnect): answer this type now.
-                            vec![req.type_url]
                         }
                         _ => return,
                     },
@@ -515,7 +569,7 @@ impl AggregatedDiscoveryService for Ads {
 /// A running xDS server.
 pub struct Server {
     addr: SocketAddr,
-    rejections: watch::Receiver<HashMap<String, Rejection>>,
+    envoys: watch::Receiver<Envoys>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -533,12 +587,12 @@ impl Server {
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let (rejections_tx, rejections) = watch::channel(HashMap::new());
+        let (envoys_tx, envoys) = watch::channel(Envoys::new());
         let shared = Arc::new(Shared {
             table,
             version,
             defaults,
-            rejections: rejections_tx,
+            envoys: envoys_tx,
         });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
@@ -551,20 +605,16 @@ impl Server {
             }
         });
         tracing::info!(%addr, "xDS (ADS) listening");
-        Ok(Self {
-            addr,
-            rejections,
-            task,
-        })
+        Ok(Self { addr, envoys, task })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The latest NACK per Envoy node (empty when all accepted the current config).
-    pub fn rejections(&self) -> watch::Receiver<HashMap<String, Rejection>> {
-        self.rejections.clone()
+    /// The connected Envoys and their standing NACKs.
+    pub fn envoys(&self) -> watch::Receiver<Envoys> {
+        self.envoys.clone()
     }
 
     pub async fn join(self) {
@@ -572,16 +622,58 @@ impl Server {
     }
 }
 
-/// The condition the xDS server keeps on every Gateway of its class: whether all Envoys
-/// accepted the current configuration.
+/// The condition the xDS server keeps on every Gateway of its class: whether the Envoys
+/// it feeds accepted the current configuration.
 pub const CONDITION: &str = "XdsAccepted";
 
-/// Writes [`CONDITION`] on the Gateways of `class` whenever the set of rejections changes
-/// (and every 30 s, for Gateways created since).
+/// [`CONDITION`] for a Gateway, given the connected Envoys: `False` when any of them
+/// rejected a resource type, `Unknown` when none is connected, `True` otherwise.
+pub fn condition(envoys: &Envoys, generation: Option<i64>) -> Condition {
+    let rejections: Vec<String> = envoys
+        .iter()
+        .flat_map(|(node, e)| {
+            e.rejected
+                .iter()
+                .map(move |(t, m)| format!("Envoy {node:?} rejected {t}: {m}"))
+        })
+        .collect();
+    if !rejections.is_empty() {
+        return portway_api::condition(
+            CONDITION,
+            false,
+            "Rejected",
+            rejections.join("; "),
+            generation,
+        );
+    }
+    if envoys.is_empty() {
+        let mut c = portway_api::condition(
+            CONDITION,
+            false,
+            "NoEnvoy",
+            "no Envoy is connected to the xDS server",
+            generation,
+        );
+        c.status = "Unknown".into();
+        return c;
+    }
+    let names: Vec<String> = envoys.keys().map(|n| format!("{n:?}")).collect();
+    portway_api::condition(
+        CONDITION,
+        true,
+        "Accepted",
+        format!("accepted by every connected Envoy: {}", names.join(", ")),
+        generation,
+    )
+}
+
+/// Writes [`CONDITION`] on the Gateways of `class` whenever the connected Envoys or their
+/// NACKs change, and every 30 s for Gateways created since (or whose status another
+/// writer replaced).
 pub fn spawn_reporter(
     client: kube::Client,
     class: String,
-    mut rejections: watch::Receiver<HashMap<String, Rejection>>,
+    mut envoys: watch::Receiver<Envoys>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use gateway_api::apis::standard::gateways::Gateway;
@@ -591,14 +683,17 @@ pub fn spawn_reporter(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = rejections.changed() => if r.is_err() { return },
+                r = envoys.changed() => if r.is_err() { return },
                 _ = tick.tick() => {}
             }
-            let current: Vec<Rejection> =
-                rejections.borrow_and_update().values().cloned().collect();
+            let current = envoys.borrow_and_update().clone();
             let api: Api<Gateway> = Api::all(client.clone());
-            let Ok(list) = api.list(&ListParams::default()).await else {
-                continue;
+            let list = match api.list(&ListParams::default()).await {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing Gateways for XdsAccepted");
+                    continue;
+                }
             };
             for g in list
                 .items
@@ -610,23 +705,10 @@ pub fn spawn_reporter(
                     .as_ref()
                     .and_then(|s| s.conditions.clone())
                     .unwrap_or_default();
-                let c = if current.is_empty() {
-                    portway_api::condition(
-                        CONDITION,
-                        true,
-                        "Accepted",
-                        "every Envoy accepted the configuration",
-                        g.metadata.generation,
-                    )
-                } else {
-                    let msg = current
-                        .iter()
-                        .map(|r| format!("{} rejected {}: {}", r.node, r.type_url, r.message))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    portway_api::condition(CONDITION, false, "Rejected", msg, g.metadata.generation)
-                };
-                if !portway_api::set_condition(&mut conditions, c) {
+                if !portway_api::set_condition(
+                    &mut conditions,
+                    condition(&current, g.metadata.generation),
+                ) {
                     continue;
                 }
                 let ns = g.metadata.namespace.clone().unwrap_or_default();
@@ -869,5 +951,180 @@ mod tests {
             "127.0.0.1:9901".parse().unwrap(),
         );
         assert!(yaml.contains("port_value: 18000") && yaml.contains("sidecar: \"10.0.0.5:4001\""));
+    }
+
+    #[test]
+    fn condition_follows_the_connected_envoys() {
+        let envoy = |rejected: &[(&str, &str)]| Envoy {
+            streams: 1,
+            rejected: rejected
+                .iter()
+                .map(|(t, m)| ((*t).to_owned(), (*m).to_owned()))
+                .collect(),
+        };
+        let cases: [(Envoys, &str, &str, &[&str]); 3] = [
+            (Envoys::new(), "Unknown", "NoEnvoy", &["no Envoy"]),
+            (
+                [("e1".into(), envoy(&[])), ("e2".into(), envoy(&[]))].into(),
+                "True",
+                "Accepted",
+                &["\"e1\", \"e2\""],
+            ),
+            (
+                [
+                    ("e1".into(), envoy(&[])),
+                    ("e2".into(), envoy(&[(CLUSTER_TYPE, "bad cluster")])),
+                ]
+                .into(),
+                "False",
+                "Rejected",
+                &["\"e2\"", CLUSTER_TYPE, "bad cluster"],
+            ),
+        ];
+        for (envoys, status, reason, words) in cases {
+            let c = condition(&envoys, Some(3));
+            assert_eq!(
+                (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+                (CONDITION, status, reason)
+            );
+            assert_eq!(c.observed_generation, Some(3));
+            for w in words {
+                assert!(c.message.contains(w), "{:?} lacks {w:?}", c.message);
+            }
+        }
+    }
+
+    /// An ADS client speaking as Envoy does: NACKs are remembered per node and type until
+    /// that type is ACKed, and forgotten when the stream ends.
+    #[tokio::test]
+    async fn nacks_are_tracked_per_node_and_type() {
+        use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+        use envoy_types::pb::google::rpc::Status;
+        use std::time::Duration;
+
+        let table = Arc::new(ArcSwap::from_pointee(table()));
+        let (_version_tx, version) = watch::channel(1u64);
+        let shutdown = CancellationToken::new();
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            table,
+            version,
+            node(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let mut envoys = server.envoys();
+        let mut client =
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.local_addr()))
+                .await
+                .unwrap();
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(4);
+        let mut responses = client
+            .stream_aggregated_resources(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|r| (r, rx))
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let request = |type_url: &str, nonce: &str, error: Option<&str>| DiscoveryRequest {
+            node: Some(Node {
+                id: "envoy-a".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|m| Status {
+                code: 3,
+                message: m.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let wait =
+            |envoys: &mut watch::Receiver<Envoys>, what: &'static str, f: fn(&Envoys) -> bool| {
+                let mut envoys = envoys.clone();
+                async move {
+                    tokio::time::timeout(Duration::from_secs(10), envoys.wait_for(f))
+                        .await
+                        .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+                        .unwrap()
+                        .clone()
+                }
+            };
+
+        let mut nonces = HashMap::new();
+        for t in [CLUSTER_TYPE, LISTENER_TYPE] {
+            tx.send(request(t, "", None)).await.unwrap();
+            let resp = responses.message().await.unwrap().unwrap();
+            assert_eq!(resp.type_url, t);
+            assert!(!resp.resources.is_empty());
+            nonces.insert(t, resp.nonce);
+        }
+        let e = wait(&mut envoys, "envoy-a is connected", |e| {
+            e.contains_key("envoy-a")
+        })
+        .await;
+        assert!(e["envoy-a"].rejected.is_empty());
+
+        tx.send(request(
+            CLUSTER_TYPE,
+            &nonces[CLUSTER_TYPE],
+            Some("bad cluster"),
+        ))
+        .await
+        .unwrap();
+        let e = wait(&mut envoys, "the NACK is recorded", |e| {
+            e.get("envoy-a").is_some_and(|e| !e.rejected.is_empty())
+        })
+        .await;
+        assert_eq!(e["envoy-a"].rejected[CLUSTER_TYPE], "bad cluster");
+
+        // An ACK of another type leaves the cluster NACK standing. The stream is handled in
+        // order, so the answer to a new subscription means the ACK before it was seen.
+        tx.send(request(LISTENER_TYPE, &nonces[LISTENER_TYPE], None))
+            .await
+            .unwrap();
+        tx.send(request(ROUTE_TYPE, "", None)).await.unwrap();
+        let resp = responses.message().await.unwrap().unwrap();
+        assert_eq!(resp.type_url, ROUTE_TYPE);
+        assert_eq!(
+            envoys.borrow()["envoy-a"].rejected[CLUSTER_TYPE],
+            "bad cluster"
+        );
+        // A NACK answering a stale nonce is not about the current configuration.
+        tx.send(request(LISTENER_TYPE, "999", Some("stale")))
+            .await
+            .unwrap();
+        tx.send(request(CLUSTER_TYPE, &nonces[CLUSTER_TYPE], None))
+            .await
+            .unwrap();
+        let e = wait(&mut envoys, "the ACK clears the NACK", |e| {
+            e.get("envoy-a").is_some_and(|e| e.rejected.is_empty())
+        })
+        .await;
+        assert_eq!(e["envoy-a"].streams, 1);
+
+        tx.send(request(
+            CLUSTER_TYPE,
+            &nonces[CLUSTER_TYPE],
+            Some("bad again"),
+        ))
+        .await
+        .unwrap();
+        wait(&mut envoys, "the second NACK is recorded", |e| {
+            e.get("envoy-a").is_some_and(|e| !e.rejected.is_empty())
+        })
+        .await;
+        drop(tx);
+        drop(responses);
+        wait(
+            &mut envoys,
+            "a closed stream is forgotten",
+            Envoys::is_empty,
+        )
+        .await;
+        shutdown.cancel();
+        server.join().await;
     }
 }

@@ -686,7 +686,7 @@ async fn xds(args: XdsArgs) -> Result<()> {
     let server = xds::Server::bind(args.listen, table, version_rx, defaults, shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let reporter = xds::spawn_reporter(client, args.class, server.rejections(), shutdown.clone());
+    let reporter = xds::spawn_reporter(client, args.class, server.envoys(), shutdown.clone());
     if let Some(path) = &args.ready_file {
         write_ready_file(path, &json!({"xds": server.local_addr()}))?;
     }

@@ -486,7 +486,7 @@ async fn one_proxy_over_two_connectors_survives_losing_one() {
 
 /// `portway xds` and a real Envoy in front of the `portway up` sidecar.
 struct EnvoyFront {
-    _xds: Process,
+    xds: Process,
     envoy: Process,
     addr: SocketAddr,
 }
@@ -579,11 +579,7 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
         }
     })
     .await;
-    EnvoyFront {
-        _xds: xds,
-        envoy,
-        addr,
-    }
+    EnvoyFront { xds, envoy, addr }
 }
 
 async fn get_via(
@@ -611,6 +607,7 @@ async fn envoy_data_plane_end_to_end() {
     })
     .await;
     battery(&stack, front.addr, "app.localhost", true).await;
+    xds_accepted_follows_the_envoys(&stack, &front).await;
 
     // A route change reaches Envoy: a new proxy for the same device answers within a second.
     let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
@@ -671,6 +668,108 @@ async fn envoy_data_plane_end_to_end() {
     )
     .await;
     drop(front.envoy);
+}
+
+/// The Gateway's `XdsAccepted` condition as `(status, reason, message)`.
+async fn xds_accepted(client: &kube::Client) -> anyhow::Result<(String, String, String)> {
+    use gateway_api::apis::standard::gateways::Gateway;
+    let gateways: Api<Gateway> = Api::namespaced(client.clone(), "default");
+    let list = gateways.list(&Default::default()).await?;
+    let g = list.items.first().context("no Gateway yet")?;
+    let c = g
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "XdsAccepted"))
+        .context("no XdsAccepted condition yet")?;
+    Ok((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Envoy's ACKs show on the Gateway; a NACK from a second node (a gRPC client speaking
+/// ADS, since a real Envoy rejects nothing we send) turns it False, naming the node and
+/// the reason, until that node goes away.
+async fn xds_accepted_follows_the_envoys(stack: &Stack, front: &EnvoyFront) {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::google::rpc::Status;
+    use portway_gateway::xds::CLUSTER_TYPE;
+
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    eventually("the Gateway says Envoy accepted", WAIT, || async {
+        let (status, reason, message) = xds_accepted(&admin).await?;
+        ensure!(
+            status == "True" && reason == "Accepted",
+            "{status} {reason}: {message}"
+        );
+        ensure!(message.contains("envoy-1"), "{message}");
+        Ok(())
+    })
+    .await;
+
+    let mut ads =
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", front.xds.ready_str("xds")))
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<DiscoveryRequest>(2);
+    let mut responses = ads
+        .stream_aggregated_resources(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|r| (r, rx))
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Some(Node {
+        id: "picky-envoy".into(),
+        ..Default::default()
+    });
+    tx.send(DiscoveryRequest {
+        node: node.clone(),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let resp = responses.message().await.unwrap().unwrap();
+    tx.send(DiscoveryRequest {
+        node,
+        type_url: CLUSTER_TYPE.into(),
+        version_info: String::new(),
+        response_nonce: resp.nonce,
+        error_detail: Some(Status {
+            code: 3,
+            message: "cluster portway_sidecar_0: unsupported option".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    eventually("the Gateway reports the NACK", WAIT, || async {
+        let (status, reason, message) = xds_accepted(&admin).await?;
+        ensure!(
+            status == "False" && reason == "Rejected",
+            "{status} {reason}: {message}"
+        );
+        ensure!(
+            message.contains("picky-envoy") && message.contains("unsupported option"),
+            "{message}"
+        );
+        Ok(())
+    })
+    .await;
+
+    drop(tx);
+    drop(responses);
+    eventually("the NACK goes with its Envoy", WAIT, || async {
+        let (status, reason, message) = xds_accepted(&admin).await?;
+        ensure!(status == "True", "{status} {reason}: {message}");
+        ensure!(!message.contains("picky-envoy"), "{message}");
+        Ok(())
+    })
+    .await;
 }
 
 #[tokio::test]
