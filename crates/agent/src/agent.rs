@@ -204,7 +204,8 @@ impl Agent {
         if created {
             tracing::info!(node_id = %key.public(), "created a new agent key");
         }
-        let cached = load_policy(&config);
+        let mut cached = load_policy(&config);
+        cached.targets = targets(&config.tunnels);
         let (policy_tx, policy_rx) = watch::channel(Arc::new(cached));
         let ep = endpoint::bind(&endpoint::Config {
             secret_key: Some(key),
@@ -239,6 +240,7 @@ impl Agent {
             state: watch::channel("starting".to_owned()).0,
             shutdown: CancellationToken::new(),
         });
+        tokio::spawn(follow_tunnels(shared.clone()));
         let control = tokio::spawn(control_loop(shared.clone()));
         tracing::info!(node_id = %shared.endpoint.id(), "agent started");
         Ok(Self {
@@ -453,10 +455,7 @@ async fn session(
         if let Some((_, old)) = watchers.take() {
             old.abort();
         }
-        *watchers = Some((
-            name.clone(),
-            tokio::spawn(watch_policy(s.clone(), name.clone())),
-        ));
+        *watchers = Some((name.clone(), tokio::spawn(watch_policy(s.clone()))));
     }
     let reg = Registration {
         project: s.config.project.clone(),
@@ -723,58 +722,64 @@ async fn prune(s: &Shared, connector: &str, keep: &HashSet<(&str, String)>) -> R
     Ok(())
 }
 
-/// Keeps the policy in step with the ConnectorClass (gateways) and this connector's
-/// advertisements (targets). Until a watch has listed once, the cached policy stands.
-async fn watch_policy(s: Arc<Shared>, connector: String) {
+/// What the device offers: its own tunnels' targets.
+fn targets(tunnels: &[Tunnel]) -> Vec<(String, u16)> {
+    tunnels
+        .iter()
+        .map(|t| (t.target.host.to_ascii_lowercase(), t.target.port))
+        .collect()
+}
+
+/// Keeps the policy's targets equal to the tunnels in effect: a tunnel removed from the
+/// configuration stops serving at once, before (and whether or not) the API hears of it.
+async fn follow_tunnels(s: Arc<Shared>) {
+    let mut tunnels = s.tunnels.clone();
+    loop {
+        let next = targets(&tunnels.borrow_and_update());
+        s.policy.send_if_modified(|p| {
+            let changed = p.targets != next;
+            if changed {
+                Arc::make_mut(p).targets = next;
+            }
+            changed
+        });
+        tokio::select! {
+            r = tunnels.changed() => if r.is_err() { return },
+            () = s.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps the authorised gateways in step with the ConnectorClass. Until the watch has
+/// listed once, the cached list stands.
+async fn watch_policy(s: Arc<Shared>) {
     let classes: Api<ConnectorClass> = Api::all(s.client.clone());
     let class_cfg =
         watcher::Config::default().fields(&format!("metadata.name={}", s.config.connector_class));
     let (class_store, class_writer) = reflector::store();
-    let class_events = reflector(class_writer, watcher(classes, class_cfg).default_backoff())
-        .map(|e| e.map(|_| ()));
-
-    let ads: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
-    let ad_cfg = watcher::Config::default().fields(&format!("spec.connectorRef.name={connector}"));
-    let (ad_store, ad_writer) = reflector::store();
-    let ad_events =
-        reflector(ad_writer, watcher(ads, ad_cfg).default_backoff()).map(|e| e.map(|_| ()));
-
-    let mut events = futures::stream::select(class_events, ad_events).boxed();
+    let mut events = reflector(class_writer, watcher(classes, class_cfg).default_backoff()).boxed();
     while let Some(event) = events.next().await {
         if let Err(e) = event {
-            tracing::debug!(error = %e, "policy watch interrupted; keeping the last policy");
+            tracing::debug!(error = %e, "gateway watch interrupted; keeping the last list");
             continue;
         }
-        let mut next = Policy::clone(&s.policy.borrow());
-        if ready(&class_store) {
-            next.gateways = class_store
-                .state()
-                .iter()
-                .flat_map(|c| {
-                    c.status
-                        .iter()
-                        .flat_map(|st| st.gateways.iter().map(|g| g.endpoint_id.clone()))
-                })
-                .collect();
+        if !ready(&class_store) {
+            continue;
         }
-        if ready(&ad_store) {
-            let mut specs: Vec<_> = ad_store
-                .state()
-                .iter()
-                .filter(|a| a.metadata.deletion_timestamp.is_none())
-                .map(|a| (a.metadata.name.clone(), a.spec.clone()))
-                .collect();
-            specs.sort_by(|a, b| a.0.cmp(&b.0));
-            next.advertisements = specs.into_iter().map(|(_, spec)| spec).collect();
-        }
-        if **s.policy.borrow() != next {
-            tracing::info!(
-                gateways = next.gateways.len(),
-                advertisements = next.advertisements.len(),
-                "tunnel policy updated"
-            );
-            store_policy(&s.config, &next);
-            s.policy.send_replace(Arc::new(next));
+        let gateways: HashSet<String> = class_store
+            .state()
+            .iter()
+            .flat_map(|c| {
+                c.status
+                    .iter()
+                    .flat_map(|st| st.gateways.iter().map(|g| g.endpoint_id.clone()))
+            })
+            .collect();
+        if s.policy.borrow().gateways != gateways {
+            tracing::info!(gateways = gateways.len(), "authorised gateways updated");
+            s.policy
+                .send_modify(|p| Arc::make_mut(p).gateways = gateways);
+            store_policy(&s.config, &s.policy.borrow());
         }
     }
 }

@@ -5,9 +5,10 @@
 //! upstream proxy, the wire protocol of Datum Connect and iroh-gateway): each QUIC stream
 //! carries one HTTP/1.1 `CONNECT host:port` or absolute-form request. A stream is served
 //! only when its dialer is a gateway listed in the ConnectorClass's `status.gateways` and
-//! its target is in one of this connector's ConnectorAdvertisements; anything else gets
-//! 403. Both lists are watched and cached on disk, so tunnels keep serving when the API is
-//! away.
+//! its target is one of this device's own tunnels (its flags and config file, never what
+//! the API says); anything else gets 403. The gateway list is watched and cached on disk,
+//! so tunnels keep serving when the API is away. [`join`] turns a join token into the
+//! device's own credential.
 //!
 //! ```no_run
 //! # async fn run(client: kube::Client) -> Result<(), portway_agent::Error> {
@@ -23,6 +24,7 @@
 
 mod agent;
 pub mod config;
+pub mod join;
 pub mod objects;
 pub mod policy;
 pub mod tunnel;

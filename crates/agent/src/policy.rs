@@ -1,6 +1,7 @@
-//! Who may use the tunnel and where to: the authorised gateways (from the ConnectorClass)
-//! and the advertised targets (from this connector's ConnectorAdvertisements). Both are
-//! watched; every stream is checked against the current snapshot.
+//! Who may use the tunnel and where to: the authorised gateways (from the ConnectorClass,
+//! watched) and the targets this device offers — its own tunnels, from its flags and
+//! config file, never from the API: an advertisement someone else writes for this
+//! connector opens nothing here. Every stream is checked against the current snapshot.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,7 +9,6 @@ use std::sync::Arc;
 use iroh::EndpointId;
 use iroh_proxy_utils::HttpProxyRequest;
 use iroh_proxy_utils::upstream::{AuthError, AuthHandler};
-use portway_api::ConnectorAdvertisementSpec;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -17,8 +17,10 @@ use tokio::sync::watch;
 pub struct Policy {
     /// Endpoint ids (hex) that may open streams.
     pub gateways: HashSet<String>,
-    /// What may be reached.
-    pub advertisements: Vec<ConnectorAdvertisementSpec>,
+    /// What may be reached: `host:port` of this device's tunnels (a host may be a `*.`
+    /// wildcard for names strictly below it). Not cached: the configuration is at hand.
+    #[serde(skip)]
+    pub targets: Vec<(String, u16)>,
 }
 
 /// Why a stream was refused.
@@ -29,8 +31,8 @@ pub enum Denied {
 }
 
 impl Policy {
-    /// Decides one request: the dialer must be an authorised gateway and the target must
-    /// be advertised (host exact or `*.` wildcard, port listed, TCP).
+    /// Decides one request: the dialer must be an authorised gateway and the target one
+    /// of this device's tunnels (host exact, case-insensitive, or `*.` wildcard; port).
     ///
     /// # Errors
     /// Which check failed.
@@ -38,11 +40,12 @@ impl Policy {
         if !self.gateways.contains(&dialer.to_string()) {
             return Err(Denied::Dialer);
         }
-        if !self
-            .advertisements
-            .iter()
-            .any(|a| a.allows(host, port, portway_api::Protocol::Tcp))
-        {
+        let host = host.to_ascii_lowercase();
+        let offered = |pattern: &str| match pattern.strip_prefix('*') {
+            Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+            None => pattern.eq_ignore_ascii_case(&host),
+        };
+        if !self.targets.iter().any(|(h, p)| *p == port && offered(h)) {
             return Err(Denied::Target);
         }
         Ok(())
@@ -71,7 +74,7 @@ impl AuthHandler for Gatekeeper {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let reason = match why {
                     Denied::Dialer => "dialer is not an authorised gateway",
-                    Denied::Target => "target is not advertised by this connector",
+                    Denied::Target => "target is not one of this device's tunnels",
                 };
                 tracing::warn!(dialer = %remote_id, target = %format!("{}:{}", authority.host, authority.port), reason, "tunnel request refused (403)");
                 Err(AuthError::Forbidden)
@@ -83,30 +86,19 @@ impl AuthHandler for Gatekeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portway_api::{Layer4Advertisement, Layer4Service, LocalObjectReference, ServicePort};
 
     #[test]
-    fn needs_both_an_authorised_dialer_and_an_advertised_target() {
+    fn needs_both_an_authorised_dialer_and_an_offered_target() {
         let gw = iroh::SecretKey::from_bytes(&[1; 32]).public();
         let stranger = iroh::SecretKey::from_bytes(&[2; 32]).public();
         let policy = Policy {
             gateways: [gw.to_string()].into(),
-            advertisements: vec![ConnectorAdvertisementSpec {
-                connector_ref: LocalObjectReference { name: "c".into() },
-                layer4: vec![Layer4Advertisement {
-                    name: "web".into(),
-                    services: vec![Layer4Service {
-                        address: "*.svc.local".into(),
-                        ports: vec![ServicePort {
-                            name: None,
-                            port: 80,
-                            protocol: portway_api::Protocol::Tcp,
-                        }],
-                    }],
-                }],
-            }],
+            targets: vec![("*.svc.local".into(), 80), ("127.0.0.1".into(), 3000)],
         };
         assert_eq!(policy.check(&gw, "a.svc.local", 80), Ok(()));
+        assert_eq!(policy.check(&gw, "A.Svc.Local", 80), Ok(()));
+        assert_eq!(policy.check(&gw, "127.0.0.1", 3000), Ok(()));
+        assert_eq!(policy.check(&gw, "127.0.0.1", 22), Err(Denied::Target));
         assert_eq!(policy.check(&gw, "a.svc.local", 81), Err(Denied::Target));
         assert_eq!(policy.check(&gw, "svc.local", 80), Err(Denied::Target));
         assert_eq!(

@@ -59,6 +59,13 @@ pub mod headers {
     pub const TARGET_PROTO: &str = "datum-target-proto";
     /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
     pub const IROH_PREFIX: &str = "x-iroh-";
+
+    /// Headers only Portway sets, on the internal hop: they choose the device and its
+    /// target, so no client, user filter or HTTPProxy may name them.
+    pub fn is_reserved(name: &str) -> bool {
+        let lower = name.to_ascii_lowercase();
+        lower.starts_with(PREFIX) || lower.starts_with(IROH_PREFIX)
+    }
 }
 
 /// Label keys Portway sets on objects.

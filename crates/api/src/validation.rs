@@ -65,6 +65,40 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// Refuses header modifiers (request or response; set, add or remove) that name a
+/// header reserved to Portway (`datum-*`, `x-iroh-*`): those choose the device and the
+/// target, and a user filter that set them would route to another project's device.
+/// Filters are walked as JSON so the rule covers every Gateway API filter type alike.
+fn reserved_headers<T: serde::Serialize>(errs: &mut Errors, field: &str, filters: &[T]) {
+    for (i, f) in filters.iter().enumerate() {
+        let Ok(v) = serde_json::to_value(f) else {
+            continue;
+        };
+        for modifier in ["requestHeaderModifier", "responseHeaderModifier"] {
+            let Some(m) = v.get(modifier) else { continue };
+            for op in ["set", "add", "remove"] {
+                for (k, h) in m
+                    .get(op)
+                    .and_then(|l| l.as_array())
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let name = h.get("name").unwrap_or(h).as_str().unwrap_or_default();
+                    if crate::headers::is_reserved(name) {
+                        let suffix = if op == "remove" { "" } else { ".name" };
+                        errs.push(
+                            format!("{field}[{i}].{modifier}.{op}[{k}]{suffix}"),
+                            FieldErrorKind::Forbidden,
+                            format!("header {name:?} is reserved: datum-* and x-iroh-* headers are set by Portway alone"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The naming rule of a kind's `metadata.name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NameRule {
@@ -634,6 +668,7 @@ impl Validate for HttpProxy {
                 }
             }
             errs.max_items(&format!("{f}.filters"), &rule.filters, MAX_ITEMS);
+            reserved_headers(&mut errs, &format!("{f}.filters"), &rule.filters);
             errs.max_items(&format!("{f}.backends"), &rule.backends, MAX_ITEMS);
             for (j, b) in rule.backends.iter().enumerate() {
                 let f = format!("{f}.backends[{j}]");
@@ -658,6 +693,7 @@ impl Validate for HttpProxy {
                     },
                 }
                 errs.max_items(&format!("{f}.filters"), &b.filters, MAX_ITEMS);
+                reserved_headers(&mut errs, &format!("{f}.filters"), &b.filters);
             }
         }
         if let Some(status) = &self.status {
@@ -841,6 +877,14 @@ impl Validate for HttpRoute {
         let rules = self.spec.rules.as_deref().unwrap_or_default();
         errs.max_items("spec.rules", rules, MAX_ITEMS);
         for (i, r) in rules.iter().enumerate() {
+            // Rule filters apply to every backend and are never Portway's channel; the
+            // operator sets the routing headers per backendRef (roles that may write
+            // HTTPRoutes at all: operator and admin).
+            reserved_headers(
+                &mut errs,
+                &format!("spec.rules[{i}].filters"),
+                r.filters.as_deref().unwrap_or_default(),
+            );
             for (j, b) in r.backend_refs.iter().flatten().enumerate() {
                 if let Some(p) = b.port {
                     errs.check(format!("spec.rules[{i}].backendRefs[{j}].port"), port(p));
@@ -963,6 +1007,58 @@ mod tests {
             rules: vec![HttpProxyRule::default()],
         });
         assert_eq!(many.validate()[0].kind, FieldErrorKind::TooMany);
+    }
+
+    #[test]
+    fn reserved_headers_are_refused_in_every_filter() {
+        let filters: Vec<
+            gateway_api::apis::standard::httproutes::HttpRouteRulesBackendRefsFilters,
+        > = serde_json::from_value(serde_json::json!([
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "X-Ok", "value": "1"}, {"name": "Datum-Node-Id", "value": "ab"}],
+                "add": [{"name": "x-iroh-meta", "value": "1"}],
+                "remove": ["datum-target-port"]}},
+            {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                "set": [{"name": "datum-target-host", "value": "h"}]}}
+        ]))
+        .unwrap();
+        let rule_filters = serde_json::from_value(serde_json::json!([
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-target-port", "value": "22"}]}}
+        ]))
+        .unwrap();
+        let p = proxy(HttpProxySpec {
+            hostnames: vec![],
+            rules: vec![HttpProxyRule {
+                filters: rule_filters,
+                backends: vec![HttpProxyBackend {
+                    endpoint: "http://127.0.0.1:3000".into(),
+                    connector: Some(ConnectorReference {
+                        name: Some("c".into()),
+                        selector: None,
+                    }),
+                    filters,
+                }],
+                ..Default::default()
+            }],
+        });
+        let errs = p.validate();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+                "spec.rules[0].backends[0].filters[0].requestHeaderModifier.set[1].name",
+                "spec.rules[0].backends[0].filters[0].requestHeaderModifier.add[0].name",
+                "spec.rules[0].backends[0].filters[0].requestHeaderModifier.remove[0]",
+                "spec.rules[0].backends[0].filters[1].responseHeaderModifier.set[0].name",
+            ]
+        );
+        assert!(errs.iter().all(|e| e.kind == FieldErrorKind::Forbidden));
+        assert!(
+            errs[1].message.contains("\"Datum-Node-Id\" is reserved"),
+            "{}",
+            errs[1]
+        );
     }
 
     #[test]

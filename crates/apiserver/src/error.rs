@@ -136,6 +136,23 @@ impl ApiError {
         )
     }
 
+    /// A request for a `resourceVersion` the store has not reached, even after waiting: what
+    /// Kubernetes' watch cache answers (`NewTooLargeResourceVersionError`), so that clients
+    /// retry after a second.
+    pub fn too_large_resource_version(requested: u64, current: u64) -> Self {
+        Self {
+            code: StatusCode::GATEWAY_TIMEOUT,
+            reason: "Timeout",
+            message: format!(
+                "Timeout: Too large resource version: {requested}, current: {current}"
+            ),
+            details: Some(json!({
+                "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                "retryAfterSeconds": 1,
+            })),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", message)
     }

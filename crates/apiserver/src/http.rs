@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{self, Managed, Scope, Writer};
 use crate::auth::{Access, Tokens, User, Verb, authorize};
+use crate::decode::{Format, decode};
+use crate::devices::{self, Devices, JoinRequest};
 use crate::discovery;
 use crate::error::{ApiError, Result};
 use crate::patch::{self, PatchType};
@@ -29,6 +31,7 @@ use crate::write::{self, FieldValidation, Propagation, WriteCtx};
 pub struct App {
     pub store: Store,
     pub tokens: Tokens,
+    pub devices: Arc<Devices>,
     /// `host:port` clients reach us at, for `/api`'s `serverAddressByClientCIDRs`.
     pub address: String,
     pub max_body: usize,
@@ -64,11 +67,25 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     if matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
         return "ok".into_response();
     }
-    let Some(user) = app.tokens.authenticate(
-        req.headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    ) else {
+    if path.starts_with("/portway/v1/join") && req.method() == Method::POST {
+        return match join(&app, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let user = app.tokens.authenticate(bearer).or_else(|| {
+        let token = bearer?.strip_prefix("Bearer ")?.trim();
+        let connectors = connectors_res();
+        app.devices.authenticate(token, |ns, name| {
+            let c = app.store.get(connectors, ns, name)?;
+            c["metadata"]["uid"].as_str().map(str::to_owned)
+        })
+    });
+    let Some(user) = user else {
         return ApiError::unauthorized().into_response();
     };
     let method = req.method().clone();
@@ -245,11 +262,24 @@ async fn resource(
             validation: FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?,
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             now: write::now(),
+            guard: Some({
+                let (devices, user) = (app.devices.clone(), user.clone());
+                Arc::new(
+                    move |res, ns: &str, old: Option<&Value>, new: Option<&Value>| {
+                        devices::check_write(&devices, &user, res, ns, old, new)
+                    },
+                )
+            }),
         })
     };
     match verb {
         Verb::Get => get(app, &t, &accept, &q),
-        Verb::List => list(app, &t, &accept, &q),
+        Verb::List => {
+            if let Some(rv) = min_resource_version(&q) {
+                watch::wait_for_revision(&app.store, rv).await?;
+            }
+            list(app, &t, &accept, &q)
+        }
         Verb::Watch => watch::serve(app, t.res, t.ns.clone(), &q, table::wants_table(&accept)),
         Verb::Create => {
             if t.status {
@@ -471,6 +501,17 @@ pub(crate) fn selectors(q: &Query, res: Res) -> Result<(LabelSelector, FieldSele
     ))
 }
 
+/// The revision a list must be at least as new as: `resourceVersion` when it is not `0`
+/// and `resourceVersionMatch` is unset or `NotOlderThan` (the first page only).
+fn min_resource_version(q: &Query) -> Option<u64> {
+    let matching = q.get("resourceVersionMatch").map(String::as_str);
+    let paging = q.get("continue").is_some_and(|c| !c.is_empty());
+    if !matches!(matching, None | Some("" | "NotOlderThan")) || paging {
+        return None;
+    }
+    q.get("resourceVersion")?.parse().ok().filter(|&rv| rv > 0)
+}
+
 fn list(app: &App, t: &Target, accept: &str, q: &Query) -> Result<Response> {
     let (label, field) = selectors(q, t.res)?;
     let limit: usize = match q.get("limit") {
@@ -551,30 +592,21 @@ async fn read_body(app: &App, req: Request) -> Result<(HeaderMap, Bytes)> {
     Ok((parts.headers, buf.freeze()))
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("error decoding the request body as JSON: {e}")))
-}
-
-fn parse_yaml(bytes: &[u8]) -> Result<Value> {
-    serde_yaml::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("error decoding the request body as YAML: {e}")))
-}
-
 /// Reads a JSON (or YAML) object body for create and update.
 async fn read_object(app: &App, req: Request) -> Result<Value> {
     let (headers, bytes) = read_body(app, req).await?;
     let ct = header_str(&headers, header::CONTENT_TYPE);
     let mime = ct.split(';').next().unwrap_or_default().trim();
-    let value = match mime {
-        "" | "application/json" => parse_json(&bytes)?,
-        "application/yaml" | "application/x-yaml" | "text/yaml" => parse_yaml(&bytes)?,
+    let format = match mime {
+        "" | "application/json" => Format::Json,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => Format::Yaml,
         other => {
             return Err(ApiError::unsupported_media_type(format!(
                 "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {other})"
             )));
         }
     };
+    let value = decode(bytes, format).await?;
     if !value.is_object() {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
@@ -589,7 +621,7 @@ async fn read_delete_options(app: &App, req: Request) -> Result<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    let v = parse_json(&bytes)?;
+    let v = decode(bytes, Format::Json).await?;
     if !v.is_object() {
         return Err(ApiError::bad_request("DeleteOptions must be a JSON object"));
     }
@@ -617,10 +649,11 @@ async fn patch(app: &App, t: &Target, req: Request, ctx: WriteCtx, q: &Query) ->
     }
     let force = flag(q, "force");
     let (_, bytes) = read_body(app, req).await?;
-    let body = match patch_type {
-        PatchType::Apply => parse_yaml(&bytes)?,
-        _ => parse_json(&bytes)?,
+    let format = match patch_type {
+        PatchType::Apply => Format::Yaml,
+        _ => Format::Json,
     };
+    let body = decode(bytes, format).await?;
     let name = t.name.clone().unwrap_or_default();
     let scope = scope(t.res, t.status);
     let status = t.status;
@@ -707,4 +740,134 @@ async fn patch(app: &App, t: &Target, req: Request, ctx: WriteCtx, q: &Query) ->
         })
         .await?;
     Ok(json_response(result.0, &result.1))
+}
+
+/// The device join: `POST /portway/v1/join/challenge` `{"joinToken"}` → `{"nonce"}`;
+/// `POST /portway/v1/join` with the signed request → `{"token", "namespace",
+/// "connector"}`; `POST /portway/v1/jointokens` (admin) `{"namespace", "ttlSeconds",
+/// "uses"}` → `{"token", "expires"}`. See [`devices`].
+async fn join(app: &Arc<App>, req: Request) -> Result<Response> {
+    let path = req.uri().path().to_owned();
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (_, bytes) = read_body(app, req).await?;
+    let parse = |what: &str| -> Result<Value> {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("{what}: invalid JSON body: {e}")))
+    };
+    match path.as_str() {
+        "/portway/v1/join/challenge" => {
+            let v = parse("join challenge")?;
+            let token = v["joinToken"].as_str().unwrap_or_default();
+            let (nonce, ns) = app.devices.challenge(token)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"nonce": nonce, "namespace": ns}),
+            ))
+        }
+        "/portway/v1/join" => {
+            let r: JoinRequest = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
+            let ns = app.devices.verify_join(&r)?;
+            portway_api::validation::dns1123_subdomain(&r.connector)
+                .map_err(|e| ApiError::bad_request(format!("connector: {e}")))?;
+            let uid = ensure_connector(app, &ns, &r).await?;
+            let token = app.devices.bind(
+                &r.join_token,
+                devices::Binding {
+                    ns: ns.clone(),
+                    connector: r.connector.clone(),
+                    connector_uid: uid,
+                    node_id: r.node_id.to_ascii_lowercase(),
+                },
+            )?;
+            tracing::info!(project = %ns, connector = %r.connector, node_id = %r.node_id, "device joined");
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"token": token, "namespace": ns, "connector": r.connector}),
+            ))
+        }
+        "/portway/v1/jointokens" => {
+            let user = app
+                .tokens
+                .authenticate(bearer.as_deref())
+                .ok_or_else(ApiError::unauthorized)?;
+            if !user.roles.contains(&crate::auth::Role::Admin) {
+                return Err(ApiError::forbidden(format!(
+                    "User \"{}\" cannot create join tokens: only admins can",
+                    user.name
+                )));
+            }
+            let v = parse("join token request")?;
+            let ns = v["namespace"].as_str().unwrap_or_default();
+            if app.store.get(registry().namespaces(), "", ns).is_none() {
+                return Err(ApiError::namespace_not_found(ns));
+            }
+            let ttl = std::time::Duration::from_secs(v["ttlSeconds"].as_u64().unwrap_or(3600));
+            if ttl > devices::MAX_JOIN_TTL {
+                return Err(ApiError::bad_request("ttlSeconds: at most 604800 (7 days)"));
+            }
+            let uses = u32::try_from(v["uses"].as_u64().unwrap_or(1))
+                .ok()
+                .filter(|u| (1..=1000).contains(u))
+                .ok_or_else(|| ApiError::bad_request("uses: from 1 to 1000"))?;
+            let (token, expires) = app.devices.create_join_token(ns, ttl, uses)?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"token": token, "namespace": ns, "expires": expires, "uses": uses}),
+            ))
+        }
+        _ => Err(ApiError::path_not_found()),
+    }
+}
+
+/// The Connector a joining device is bound to: created when absent; an existing one is
+/// taken only if no other device reported its NodeID there.
+async fn ensure_connector(app: &Arc<App>, ns: &str, r: &JoinRequest) -> Result<String> {
+    let res = connectors_res();
+    let uid_of = |c: &Value| c["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    if let Some(c) = app.store.get(res, ns, &r.connector) {
+        let id = c["status"]["connectionDetails"]["publicKey"]["id"].as_str();
+        if id.is_some_and(|id| !id.eq_ignore_ascii_case(&r.node_id)) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!(
+                    "connector {} in project {ns} belongs to another device; join with another name",
+                    r.connector
+                ),
+            ));
+        }
+        return Ok(uid_of(&c));
+    }
+    let ctx = WriteCtx {
+        res,
+        ns: ns.to_owned(),
+        manager: portway_api::managers::AGENT.into(),
+        validation: FieldValidation::Strict,
+        dry_run: false,
+        now: write::now(),
+        guard: None,
+    };
+    let body = json!({
+        "apiVersion": "networking.datumapis.com/v1alpha1", "kind": "Connector",
+        "metadata": {"name": r.connector, "namespace": ns},
+        "spec": {"connectorClassName": r.connector_class_name.as_deref().unwrap_or(portway_api::DEFAULT_CLASS)},
+    });
+    let created = app
+        .store
+        .write(move |txn| write::create(txn, &ctx, body))
+        .await?;
+    Ok(uid_of(&created))
+}
+
+fn connectors_res() -> Res {
+    // The registry always serves Connector; a missing entry would be a build error in
+    // every test.
+    registry()
+        .by_key("connectors.networking.datumapis.com")
+        .unwrap_or_else(|| registry().namespaces())
 }

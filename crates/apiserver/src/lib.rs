@@ -4,7 +4,9 @@
 //! (get, list, watch, create, update, patch — merge, JSON, strategic, server-side apply —,
 //! delete, deletecollection, `/status`) for Portway's kinds and the built-in and Gateway
 //! API kinds it needs, so kubectl and kube-rs work against it unchanged. Authentication is
-//! by bearer token from a tokens file; authorisation by role (see [`auth`]).
+//! by bearer token from a tokens file; authorisation by role (see [`auth`]). Connections
+//! keep to [`Config::limits`] (see [`portway_serve`]); request bodies to the bounds of
+//! [`decode`].
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), portway_apiserver::Error> {
@@ -17,6 +19,8 @@
 
 pub mod apply;
 pub mod auth;
+pub mod decode;
+pub mod devices;
 mod discovery;
 pub mod error;
 pub mod files;
@@ -33,18 +37,14 @@ pub mod write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use auth::Tokens;
 pub use store::Store;
@@ -67,6 +67,9 @@ pub struct Config {
     pub history: u64,
     /// Largest request body accepted (default 3 MiB, as Kubernetes).
     pub max_body_bytes: usize,
+    /// Connection limits (default: [`portway_serve::Limits`] with at most 10 000
+    /// connections).
+    pub limits: portway_serve::Limits,
 }
 
 impl Config {
@@ -79,6 +82,10 @@ impl Config {
             tls_sans: Vec::new(),
             history: 10_000,
             max_body_bytes: 3 * 1024 * 1024,
+            limits: portway_serve::Limits {
+                max_connections: 10_000,
+                ..Default::default()
+            },
         }
     }
 }
@@ -109,6 +116,8 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error("loading tokens")]
     Tokens(#[from] auth::TokensError),
+    #[error("opening device credentials")]
+    Devices(#[from] devices::DevicesError),
     #[error("writing {path}")]
     Write {
         path: PathBuf,
@@ -157,11 +166,12 @@ impl Server {
     /// When any of those steps fails; nothing is left running.
     pub async fn bind(config: Config) -> Result<Self, Error> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
+        files::prepare_data_dir(dir).map_err(|source| Error::DataDir {
             path: dir.clone(),
             source,
         })?;
         let store = Store::open(&dir.join("portway.db"), config.history)?;
+        let devices = Arc::new(devices::Devices::open(&dir.join("portway.db"))?);
 
         let tokens_path = config
             .tokens_file
@@ -241,12 +251,20 @@ impl Server {
         let app = Arc::new(http::App {
             store: store.clone(),
             tokens,
+            devices,
             address: SocketAddr::new(host, addr.port()).to_string(),
             max_body: config.max_body_bytes,
             shutdown: shutdown.clone(),
         });
         let router = Router::new().fallback(http::handle).with_state(app);
-        let task = tokio::spawn(serve(listener, acceptor, router, shutdown.clone()));
+        let service = move |_: &portway_serve::Peer| TowerToHyperService::new(router.clone());
+        let task = tokio::spawn(portway_serve::serve(
+            listener,
+            acceptor,
+            service,
+            shutdown.clone(),
+            config.limits.clone(),
+        ));
         tracing::info!(%url, data = %dir.display(), "apiserver listening");
         Ok(Self {
             addr,
@@ -310,6 +328,7 @@ pub async fn ensure_namespace(store: &Store, name: &str) -> Result<(), error::Ap
         validation: write::FieldValidation::Strict,
         dry_run: false,
         now: write::now(),
+        guard: None,
     };
     let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
     store
@@ -318,71 +337,4 @@ pub async fn ensure_namespace(store: &Store, name: &str) -> Result<(), error::Ap
             other => other.map(drop),
         })
         .await
-}
-
-async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    router: Router,
-    shutdown: CancellationToken,
-) {
-    let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (tls, router, shutdown) = (tls.clone(), router.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(router);
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let result = match tls {
-                Some(tls) => {
-                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_conn(&builder, TokioIo::new(stream), service, &shutdown).await
-                        }
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(_) => Err("TLS handshake timed out".into()),
-                    }
-                }
-                None => serve_conn(&builder, TokioIo::new(stream), service, &shutdown).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-async fn serve_conn<I>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: TowerToHyperService<Router>,
-    shutdown: &CancellationToken,
-) -> Result<(), BoxError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    }
 }

@@ -21,8 +21,8 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} holds no {what}")]
-    Missing { path: PathBuf, what: &'static str },
+    #[error(transparent)]
+    Pem(#[from] portway_tls::PemError),
     #[error("generating certificates")]
     Generate(#[from] rcgen::Error),
     #[error("building the TLS configuration")]
@@ -73,7 +73,7 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
 /// # Errors
 /// When files cannot be read or written, or generation fails.
 pub fn self_signed(dir: &Path, sans: &[String]) -> Result<Material, TlsError> {
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+    crate::files::private_dir(dir).map_err(|source| TlsError::Write {
         path: dir.to_owned(),
         source,
     })?;
@@ -119,27 +119,12 @@ pub fn self_signed(dir: &Path, sans: &[String]) -> Result<Material, TlsError> {
 /// # Errors
 /// When the PEM holds no certificate or key, or rustls rejects them.
 pub fn server_config(m: &Material, source: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut m.cert_pem.as_bytes())
-        .filter_map(Result::ok)
-        .collect();
-    if certs.is_empty() {
-        return Err(TlsError::Missing {
-            path: source.to_owned(),
-            what: "certificate",
-        });
-    }
-    let key = rustls_pemfile::private_key(&mut m.key_pem.as_bytes())
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::Missing {
-            path: source.to_owned(),
-            what: "private key",
-        })?;
+    let pair = portway_tls::parse(m.cert_pem.as_bytes(), source, m.key_pem.as_bytes(), source)?;
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(certs, key)?;
+            .with_single_cert(pair.chain, pair.key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

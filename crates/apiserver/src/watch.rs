@@ -24,6 +24,32 @@ use crate::table::{self, Include};
 /// Without `timeoutSeconds`, a watch stays open this long (kubectl exits when it ends).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
+/// How long a request for a future `resourceVersion` waits for the store to reach it, as
+/// Kubernetes' watch cache does.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits up to [`CATCH_UP_WAIT`] for the store to reach revision `rv`.
+///
+/// # Errors
+/// 504 `Timeout` with cause `ResourceVersionTooLarge` when it does not.
+pub(crate) async fn wait_for_revision(store: &Store, rv: u64) -> Result<()> {
+    let mut changed = store.subscribe();
+    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+    loop {
+        let current = store.revision();
+        if current >= rv {
+            return Ok(());
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() {
+                return Err(ApiError::too_large_resource_version(rv, current));
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(ApiError::too_large_resource_version(rv, store.revision()));
+            }
+        }
+    }
+}
 
 struct Filter {
     res: Res,
@@ -166,6 +192,13 @@ pub fn serve(
     };
     let initial_end = bookmarks && send_initial;
     tokio::spawn(async move {
+        // A watch from a revision not reached yet starts once it is, or ends with an error.
+        if from.is_some_and(|rv| rv > store.revision())
+            && let Err(e) = wait_for_revision(&store, start).await
+        {
+            let _ = tx.send(enc.event("ERROR", &e.to_status())).await;
+            return;
+        }
         for o in initial {
             if tx.send(enc.event("ADDED", &o)).await.is_err() {
                 return;

@@ -45,6 +45,19 @@ pub struct WriteCtx {
     pub validation: FieldValidation,
     pub dry_run: bool,
     pub now: String,
+    /// Who writes, as far as object-level rules go (see `devices::check_write`); `None`
+    /// for the server's own writes.
+    pub guard: Option<Guard>,
+}
+
+/// Checks one write given the stored and the resulting object (`None` when deleting).
+pub type Guard = Arc<dyn Fn(Res, &str, Option<&Value>, Option<&Value>) -> Result<()> + Send + Sync>;
+
+fn guard(ctx: &WriteCtx, old: Option<&Value>, new: Option<&Value>) -> Result<()> {
+    match &ctx.guard {
+        Some(g) => g(ctx.res, &ctx.ns, old, new),
+        None => Ok(()),
+    }
 }
 
 pub fn now() -> String {
@@ -367,6 +380,7 @@ pub fn commit(
     {
         return Ok(Arc::new(old.clone()));
     }
+    guard(ctx, old, Some(&new))?;
     if ctx.dry_run {
         return Ok(Arc::new(new));
     }
@@ -466,6 +480,7 @@ pub fn delete(
     let old = txn
         .get(res, &ctx.ns, name)
         .ok_or_else(|| ApiError::not_found(res, name))?;
+    guard(ctx, Some(&old), None)?;
     if ctx.dry_run {
         return Ok(old);
     }

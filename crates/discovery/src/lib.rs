@@ -4,7 +4,8 @@
 //! - [`dns`]: serves `_iroh.<z32-id>.<zone>` and `_iroh.<z32-id>.<project>.<zone>` TXT
 //!   records (UDP and TCP) derived from Connectors, and sets their `IrohDNSPublished`
 //!   condition.
-//! - [`relay`]: an iroh relay over HTTP (local) or HTTPS.
+//! - [`relay`]: an iroh relay over HTTP (local) or HTTPS, serving only the endpoints the
+//!   API knows (Connectors' keys, ConnectorClasses' gateways) unless opened to everyone.
 //! - [`endpoint`]: builds an iroh `Endpoint` from our relays and DNS only (n0's public
 //!   services only when asked), with a persistent key.
 //!

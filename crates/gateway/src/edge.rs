@@ -2,30 +2,31 @@
 //! certificates), routed through the route table to the in-process sidecar.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::model::{Table, apply_filter};
-use crate::sidecar::{Body, BoxError, ForwardError, Sidecar, strip_internal, text};
+use crate::sidecar::{
+    Body, BoxError, ForwardError, Sidecar, request_authority, set_upgrade, strip_hop_by_hop,
+    strip_internal, text,
+};
+
+pub use ipnet::IpNet;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -36,6 +37,9 @@ pub struct Config {
     /// `<hostname>.crt` + `<hostname>.key` per hostname (`_.example.com` stands for
     /// `*.example.com`; `default.*` answers unknown names).
     pub cert_dir: Option<PathBuf>,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (a load
+    /// balancer in front); default none: every client's are replaced by ours.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for Config {
@@ -44,8 +48,18 @@ impl Default for Config {
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             https: None,
             cert_dir: None,
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// Parses a `--trusted-proxy` value: a CIDR, or one address.
+///
+/// # Errors
+/// When `s` is neither.
+pub fn parse_cidr(s: &str) -> Result<IpNet, ipnet::AddrParseError> {
+    s.parse::<IpNet>()
+        .or_else(|e| s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +73,8 @@ pub enum Error {
     NoCerts,
     #[error("reading certificates from {dir}: {reason}")]
     Certs { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Pem(#[from] portway_tls::PemError),
 }
 
 /// Per-hostname certificates for SNI.
@@ -69,9 +85,10 @@ struct Certs {
     default: Option<Arc<CertifiedKey>>,
 }
 
-impl ResolvesServerCert for Certs {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name().map(|n| n.to_ascii_lowercase()) else {
+impl Certs {
+    /// Exact name, then the longest matching wildcard, then the default.
+    fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = name.map(str::to_ascii_lowercase) else {
             return self.default.clone();
         };
         self.exact
@@ -84,6 +101,12 @@ impl ResolvesServerCert for Certs {
             })
             .cloned()
             .or_else(|| self.default.clone())
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.lookup(hello.server_name())
     }
 }
 
@@ -105,26 +128,12 @@ fn load_certs(dir: &Path) -> Result<Certs, Error> {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let key_path = path.with_extension("key");
-        let chain: Vec<_> = rustls_pemfile::certs(
-            &mut std::fs::read(&path)
-                .map_err(|e| err(format!("{}: {e}", path.display())))?
-                .as_slice(),
-        )
-        .filter_map(Result::ok)
-        .collect();
-        let key = rustls_pemfile::private_key(
-            &mut std::fs::read(&key_path)
-                .map_err(|e| err(format!("{}: {e}", key_path.display())))?
-                .as_slice(),
-        )
-        .ok()
-        .flatten()
-        .ok_or_else(|| err(format!("{} holds no private key", key_path.display())))?;
+        let pair = portway_tls::read(&path, &key_path)?;
         let signer = provider
             .key_provider
-            .load_private_key(key)
+            .load_private_key(pair.key)
             .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
-        let ck = Arc::new(CertifiedKey::new(chain, signer));
+        let ck = Arc::new(CertifiedKey::new(pair.chain, signer));
         match stem.strip_prefix("_.") {
             _ if stem == "default" => certs.default = Some(ck),
             Some(suffix) => certs.wildcard.push((format!(".{suffix}"), ck)),
@@ -144,6 +153,7 @@ struct State {
     table: Arc<ArcSwap<Table>>,
     sidecar: Arc<Sidecar>,
     metrics: Metrics,
+    trusted_proxies: Vec<IpNet>,
 }
 
 /// A running edge.
@@ -169,6 +179,7 @@ impl Edge {
             table,
             sidecar,
             metrics,
+            trusted_proxies: config.trusted_proxies.clone(),
         });
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -238,82 +249,46 @@ impl Edge {
     }
 }
 
+/// Client connections the edge serves at once; past it, plain HTTP clients get a 503 and
+/// TLS ones a closed connection.
+const MAX_CONNECTIONS: usize = 50_000;
+
 async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    loop {
-        let (stream, remote) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let (state, tls, shutdown) = (state.clone(), tls.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let _ = stream.set_nodelay(true);
-            state.metrics.active_connections.inc();
-            let conn_state = state.clone();
-            let service = service_fn(move |req| {
-                let state = conn_state.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&state, req, remote, scheme).await)
-                }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let result: Result<(), BoxError> = match tls {
-                Some(tls) => {
-                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(stream)).await {
-                        Ok(Ok(s)) => drive(&builder, TokioIo::new(s), service, &shutdown).await,
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(_) => Err("TLS handshake timed out".into()),
-                    }
-                }
-                None => drive(&builder, TokioIo::new(stream), service, &shutdown).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%remote, error = %e, "client connection ended with an error");
-            }
-            state.metrics.active_connections.dec();
-        });
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    let limits = portway_serve::Limits {
+        max_connections: MAX_CONNECTIONS,
+        ..Default::default()
+    };
+    let service = move |peer: &portway_serve::Peer| {
+        let (remote, scheme) = (peer.remote, if peer.tls { "https" } else { "http" });
+        let open = OpenConnection::new(&state.metrics);
+        let state = state.clone();
+        service_fn(move |req| {
+            let _counted = &open;
+            let state = state.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&state, req, remote, scheme).await) }
+        })
+    };
+    portway_serve::serve(listener, tls, service, shutdown, limits).await;
 }
 
-async fn drive<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    shutdown: &CancellationToken,
-) -> Result<(), BoxError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+/// Counts a client connection in `active_connections` while its service lives.
+struct OpenConnection(Metrics);
+
+impl OpenConnection {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.active_connections.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.active_connections.dec();
     }
 }
 
@@ -324,19 +299,26 @@ async fn handle(
     remote: SocketAddr,
     scheme: &str,
 ) -> Response<Body> {
-    // A client must never choose the device or the target.
-    strip_internal(req.headers_mut());
+    // A client must never choose the device or the target, and what describes its
+    // connection stays on it; only an upgrade is asked for again toward the device.
+    let upgrade = {
+        let headers = req.headers_mut();
+        strip_internal(headers);
+        let upgrade = strip_hop_by_hop(headers);
+        if let Some(protocol) = &upgrade {
+            set_upgrade(headers, protocol.clone());
+        }
+        upgrade.filter(|_| req.version() == http::Version::HTTP_11)
+    };
 
-    // Which published hostname.
-    let Some(host_raw) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-    else {
+    // Which published hostname: an absolute-form target's authority wins over Host, and
+    // the device is told the same one.
+    let Some(host_raw) = request_authority(req.uri(), req.headers()) else {
         return text(StatusCode::BAD_REQUEST, "the request names no host");
     };
+    if let Ok(v) = HeaderValue::from_str(&host_raw) {
+        req.headers_mut().insert(header::HOST, v);
+    }
     let table = state.table.load();
     let Some(host) = table.lookup(&host_raw) else {
         state.metrics.request("unknown", 404);
@@ -378,26 +360,12 @@ async fn handle(
     }
 
     // What the device's service learns about the client.
-    let headers = req.headers_mut();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", remote.ip()),
-        None => remote.ip().to_string(),
-    };
-    for (n, v) in [
-        ("x-forwarded-for", xff),
-        ("x-forwarded-proto", scheme.to_owned()),
-        ("x-forwarded-host", host_raw.clone()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            headers.insert(n, v);
-        }
-    }
+    let peer = remote.ip().to_canonical();
+    let trusted = trusts(&state.trusted_proxies, peer);
+    set_forwarded(req.headers_mut(), peer, trusted, scheme, &host_raw);
 
     // Forward through the sidecar, failing over while nothing was sent.
-    let on_upgrade = req
-        .headers()
-        .contains_key(header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut req));
     let replayable = on_upgrade.is_none() && req.body().is_end_stream();
     let idempotent = matches!(
         *req.method(),
@@ -424,9 +392,13 @@ async fn handle(
             .version(parts.version);
         if let Some(h) = attempt.headers_mut() {
             *h = parts.headers.clone();
-            // The rule's filter, then the backendRef's (which sets the datum-* headers).
+            // The rule's filter, the backendRef's, then — last, so no filter can change
+            // them — the device and target the operator chose.
             apply_filter(&route.filter, h);
             apply_filter(&backend.headers, h);
+            if let Some(t) = &backend.tunnel {
+                t.apply(h);
+            }
         }
         let b = body.take().unwrap_or_else(crate::sidecar::empty);
         let Ok(attempt) = attempt.body(b) else { break };
@@ -449,4 +421,210 @@ async fn handle(
             .unwrap_or(ForwardError::Dial("no backend could be dialed".into()))
             .into_response(&hostname),
     )
+}
+
+/// Whether `peer` (an IPv4-mapped IPv6 address counts as IPv4) is a trusted proxy.
+fn trusts(proxies: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    proxies.iter().any(|n| n.contains(&peer))
+}
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+
+/// Sets `X-Forwarded-For/-Proto/-Host`. A trusted proxy's values are kept (the peer is
+/// appended to its `X-Forwarded-For`; its `Forwarded` and `X-Real-IP` pass); anyone else's
+/// are replaced, since a client can claim any address.
+fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    trusted: bool,
+    scheme: &str,
+    authority: &str,
+) {
+    let mut xff = peer.to_string();
+    if trusted {
+        let prev: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if !prev.is_empty() {
+            xff = format!("{}, {xff}", prev.join(", "));
+        }
+    } else {
+        for h in [
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            header::FORWARDED.as_str(),
+            "x-real-ip",
+        ] {
+            headers.remove(h);
+        }
+    }
+    for (name, value) in [
+        (X_FORWARDED_FOR, xff.as_str()),
+        (X_FORWARDED_PROTO, scheme),
+        (X_FORWARDED_HOST, authority),
+    ] {
+        if (name == X_FORWARDED_FOR || !headers.contains_key(name))
+            && let Ok(v) = HeaderValue::from_str(value)
+        {
+            headers.insert(name, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spoofed() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "7.7.7.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "bank.example"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+        ] {
+            h.append(n, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_clients_forwarding_headers_are_replaced() {
+        let mut h = spoofed();
+        set_forwarded(
+            &mut h,
+            "192.0.2.1".parse().unwrap(),
+            false,
+            "http",
+            "app.localhost",
+        );
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.localhost");
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarding_headers_are_kept_and_extended() {
+        let mut h = spoofed();
+        set_forwarded(
+            &mut h,
+            "10.0.0.7".parse().unwrap(),
+            true,
+            "http",
+            "app.localhost",
+        );
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.0.0.7");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "bank.example");
+        assert_eq!(h["forwarded"], "for=6.6.6.6");
+        assert_eq!(h["x-real-ip"], "6.6.6.6");
+
+        // Without headers of its own, a trusted proxy gets ours.
+        let mut h = HeaderMap::new();
+        set_forwarded(
+            &mut h,
+            "10.0.0.7".parse().unwrap(),
+            true,
+            "https",
+            "app.localhost",
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app.localhost");
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_or_addresses() {
+        let proxies: Vec<IpNet> = ["10.0.0.0/8", "2001:db8::1", "192.0.2.9"]
+            .into_iter()
+            .map(|s| parse_cidr(s).unwrap())
+            .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(trusts(&proxies, ip("10.1.2.3")));
+        assert!(trusts(&proxies, ip("::ffff:10.1.2.3")), "IPv4-mapped");
+        assert!(trusts(&proxies, ip("2001:db8::1")));
+        assert!(trusts(&proxies, ip("192.0.2.9")));
+        assert!(!trusts(&proxies, ip("192.0.2.10")));
+        assert!(!trusts(&proxies, ip("2001:db8::2")));
+        assert!(
+            !trusts(&[], ip("127.0.0.1")),
+            "nobody is trusted by default"
+        );
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("proxy.example").is_err());
+    }
+
+    fn write_pair(dir: &Path, stem: &str, san: &str) {
+        let c = rcgen::generate_simple_self_signed(vec![san.to_owned()]).unwrap();
+        std::fs::write(dir.join(format!("{stem}.crt")), c.cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{stem}.key")),
+            c.signing_key.serialize_pem(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn certificates_by_exact_name_then_longest_wildcard_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(
+            matches!(load_certs(d), Err(Error::Certs { .. })),
+            "an empty directory is an error"
+        );
+        write_pair(d, "app.example.com", "app.example.com");
+        write_pair(d, "_.example.com", "*.example.com");
+        write_pair(d, "_.eu.example.com", "*.eu.example.com");
+        let certs = load_certs(d).unwrap();
+        let leaf = |name: Option<&str>| certs.lookup(name).map(|k| k.cert[0].clone());
+        let by_stem = |stem: &str| {
+            portway_tls::read(
+                &d.join(format!("{stem}.crt")),
+                &d.join(format!("{stem}.key")),
+            )
+            .unwrap()
+            .chain[0]
+                .clone()
+        };
+        assert_eq!(
+            leaf(Some("App.Example.com")),
+            Some(by_stem("app.example.com"))
+        );
+        assert_eq!(leaf(Some("x.example.com")), Some(by_stem("_.example.com")));
+        assert_eq!(
+            leaf(Some("x.eu.example.com")),
+            Some(by_stem("_.eu.example.com"))
+        );
+        assert_eq!(
+            leaf(Some("example.com")),
+            None,
+            "a wildcard does not cover its apex"
+        );
+        assert_eq!(leaf(None), None);
+        write_pair(d, "default", "fallback");
+        let certs = load_certs(d).unwrap();
+        let default = certs.lookup(None).map(|k| k.cert[0].clone());
+        assert_eq!(default, Some(by_stem("default")));
+        assert_eq!(
+            certs.lookup(Some("other.org")).map(|k| k.cert[0].clone()),
+            default
+        );
+
+        // A certificate without its key is named, not skipped.
+        std::fs::remove_file(d.join("default.key")).unwrap();
+        let err = load_certs(d).unwrap_err();
+        assert!(
+            matches!(&err, Error::Pem(portway_tls::PemError::Read { path, .. }) if path.ends_with("default.key")),
+            "{err:?}"
+        );
+    }
 }

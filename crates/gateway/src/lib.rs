@@ -34,8 +34,6 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -47,39 +45,23 @@ use crate::sidecar::{Body, Sidecar, text};
 fn serve_http<F, Fut>(
     listener: TcpListener,
     shutdown: CancellationToken,
+    limits: portway_serve::Limits,
     handler: F,
 ) -> JoinHandle<()>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            };
+    let service = move |_: &portway_serve::Peer| {
+        let handler = handler.clone();
+        service_fn(move |req| {
             let handler = handler.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let service = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-            });
-        }
-    })
+            async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+        })
+    };
+    tokio::spawn(portway_serve::serve(
+        listener, None, service, shutdown, limits,
+    ))
 }
 
 /// Serves the standalone sidecar on `listener`.
@@ -88,7 +70,13 @@ pub fn serve_sidecar(
     sidecar: Arc<Sidecar>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    serve_http(listener, shutdown, move |req| {
+    // Envoy keeps idle upstream connections for an hour by default: outlasting that lets
+    // Envoy close them first, so it never sends a request on one we are closing.
+    let limits = portway_serve::Limits {
+        idle_timeout: std::time::Duration::from_secs(65 * 60),
+        ..Default::default()
+    };
+    serve_http(listener, shutdown, limits, move |req| {
         let sidecar = sidecar.clone();
         async move { sidecar.handle(req).await }
     })
@@ -105,7 +93,8 @@ pub async fn serve_metrics(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = serve_http(listener, shutdown, move |req: Request<Incoming>| {
+    let limits = portway_serve::Limits::default();
+    let task = serve_http(listener, shutdown, limits, move |req: Request<Incoming>| {
         let registry = registry.clone();
         async move {
             if req.uri().path() == "/metrics" {

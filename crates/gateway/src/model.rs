@@ -14,6 +14,7 @@ use gateway_api::apis::standard::httproutes::{
 };
 use http::header::{HeaderName, HeaderValue};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use portway_api::headers;
 
 /// How a path is matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,12 +81,25 @@ impl HeaderFilter {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
     }
 
+    /// Reserved headers (`datum-*`, `x-iroh-*`) never enter a user-visible filter, even
+    /// when an object stored before admission refused them names one: they would choose
+    /// the device. The backend's [`Tunnel`] carries them, typed.
     fn push(&mut self, set: &[(String, String)], add: &[(String, String)], remove: &[String]) {
-        self.set.extend(set.iter().filter_map(|(n, v)| pair(n, v)));
-        self.add.extend(add.iter().filter_map(|(n, v)| pair(n, v)));
+        let user = |n: &&String| !headers::is_reserved(n);
+        self.set.extend(
+            set.iter()
+                .filter(|(n, _)| user(&n))
+                .filter_map(|(n, v)| pair(n, v)),
+        );
+        self.add.extend(
+            add.iter()
+                .filter(|(n, _)| user(&n))
+                .filter_map(|(n, v)| pair(n, v)),
+        );
         self.remove.extend(
             remove
                 .iter()
+                .filter(user)
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
         );
     }
@@ -122,6 +136,71 @@ impl HeaderFilter {
     }
 }
 
+/// Where a backend's requests go: the device (NodeID) and the target on it. Typed, read
+/// from the operator's header modifier (the first one on the backendRef that names the
+/// device), and set on the internal hop after every user filter, so no filter can
+/// change it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub node_id: HeaderValue,
+    pub host: HeaderValue,
+    pub port: HeaderValue,
+    pub proto: HeaderValue,
+}
+
+impl Tunnel {
+    fn from_backend(filters: &[HttpRouteRulesBackendRefsFilters]) -> Option<Self> {
+        let set = filters
+            .iter()
+            .filter_map(|f| f.request_header_modifier.as_ref())
+            .filter_map(|m| m.set.as_deref())
+            .find(|set| {
+                set.iter()
+                    .any(|h| h.name.eq_ignore_ascii_case(headers::NODE_ID))
+            })?;
+        let get = |name: &str| {
+            set.iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| HeaderValue::from_str(&h.value).ok())
+        };
+        Some(Self {
+            node_id: get(headers::NODE_ID)?,
+            host: get(headers::TARGET_HOST)?,
+            port: get(headers::TARGET_PORT)?,
+            proto: get(headers::TARGET_PROTO).unwrap_or(HeaderValue::from_static("http")),
+        })
+    }
+
+    /// The routing headers, for the sidecar (in process, or behind Envoy).
+    pub fn headers(&self) -> [(HeaderName, HeaderValue); 4] {
+        [
+            (
+                HeaderName::from_static(headers::NODE_ID),
+                self.node_id.clone(),
+            ),
+            (
+                HeaderName::from_static(headers::TARGET_HOST),
+                self.host.clone(),
+            ),
+            (
+                HeaderName::from_static(headers::TARGET_PORT),
+                self.port.clone(),
+            ),
+            (
+                HeaderName::from_static(headers::TARGET_PROTO),
+                self.proto.clone(),
+            ),
+        ]
+    }
+
+    /// Sets the routing headers, replacing whatever a filter or client put there.
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for (n, v) in self.headers() {
+            h.insert(n, v);
+        }
+    }
+}
+
 /// One backend of a route rule: a Service whose EndpointSlices say whether it is ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
@@ -129,8 +208,10 @@ pub struct Backend {
     pub service: String,
     pub weight: u32,
     pub ready: bool,
-    /// The backendRef's filters, including the `datum-*` headers.
+    /// The backendRef's user filters (never a reserved header).
     pub headers: HeaderFilter,
+    /// The device and target; a backendRef that names none is never ready.
+    pub tunnel: Option<Tunnel>,
 }
 
 /// One rule × match of an HTTPRoute, in precedence order within its host.
@@ -428,16 +509,18 @@ pub fn build(
                 .filter(|b| b.kind.as_deref().is_none_or(|k| k == "Service"))
                 .map(|b| {
                     let bns = b.namespace.clone().unwrap_or_else(|| ns.clone());
+                    let filters = b.filters.as_deref().unwrap_or_default();
+                    let tunnel = Tunnel::from_backend(filters);
                     Backend {
                         service: b.name.clone(),
                         weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
-                        ready: ready
-                            .get(&format!("{bns}/{}", b.name))
-                            .copied()
-                            .unwrap_or(false),
-                        headers: HeaderFilter::from_backend(
-                            b.filters.as_deref().unwrap_or_default(),
-                        ),
+                        ready: tunnel.is_some()
+                            && ready
+                                .get(&format!("{bns}/{}", b.name))
+                                .copied()
+                                .unwrap_or(false),
+                        headers: HeaderFilter::from_backend(filters),
+                        tunnel,
                     }
                 })
                 .collect();
@@ -556,8 +639,18 @@ mod tests {
         .unwrap()
     }
 
+    /// The operator's modifier first, then a user filter that tries to pick another
+    /// device (as an object stored before admission refused it would).
     fn backend(svc: &str, node: &str) -> serde_json::Value {
-        json!({"name": svc, "port": 80, "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": node}]}}]})
+        json!({"name": svc, "port": 80, "filters": [
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
+                {"name": "datum-node-id", "value": node}, {"name": "datum-target-host", "value": "127.0.0.1"},
+                {"name": "datum-target-port", "value": "3000"}, {"name": "datum-target-proto", "value": "http"}]}},
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "Datum-Node-Id", "value": "victim"}, {"name": "x-app", "value": "1"}],
+                "add": [{"name": "datum-target-port", "value": "22"}],
+                "remove": ["x-iroh-anything"]}},
+        ]})
     }
 
     #[test]
@@ -639,10 +732,23 @@ mod tests {
             table.lookup("listener.example.com").is_some(),
             "a route without hostnames takes its listeners'"
         );
+        let b = &host.routes[2].backends[0];
+        let tunnel = b.tunnel.as_ref().unwrap();
         assert_eq!(
-            host.routes[2].backends[0].headers.get("datum-node-id"),
-            Some("n1")
+            (
+                tunnel.node_id.to_str().unwrap(),
+                tunnel.port.to_str().unwrap()
+            ),
+            ("n1", "3000")
         );
+        assert_eq!(b.headers.get("datum-node-id"), None);
+        assert_eq!(b.headers.get("x-app"), Some("1"));
+        assert!(b.headers.add.is_empty() && b.headers.remove.is_empty());
+        let mut h = http::HeaderMap::new();
+        apply_filter(&b.headers, &mut h);
+        tunnel.apply(&mut h);
+        assert_eq!(h.get_all("datum-target-port").iter().count(), 1);
+        assert_eq!(h["datum-node-id"], "n1");
     }
 
     #[test]
@@ -652,6 +758,7 @@ mod tests {
             weight: 1,
             ready,
             headers: HeaderFilter::default(),
+            tunnel: None,
         };
         let r = Route {
             route: "p/r".into(),

@@ -288,15 +288,84 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// proxy credentials and challenges, which are for the hop they arrive on.
+const HOP_BY_HOP: [HeaderName; 11] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-authentication-info"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
+
+/// Removes the hop-by-hop headers and every header `Connection` names, in a request or a
+/// response; `TE: trailers` survives. Returns the `Upgrade` value when the message asks to
+/// switch protocols (`Connection: upgrade` with `Upgrade`), for the caller to put back
+/// with [`set_upgrade`] on the hop that splices the upgrade through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let tokens = |name: HeaderName, headers: &HeaderMap| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            // A TE entry may carry parameters (`trailers;q=1` is not valid, but be lenient).
+            .filter_map(|t| t.split(';').next())
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let nominated = tokens(header::CONNECTION, headers);
+    let upgrade = nominated
+        .iter()
+        .any(|t| t == "upgrade")
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    let trailers = tokens(header::TE, headers).iter().any(|t| t == "trailers");
+    for name in &nominated {
+        headers.remove(name.as_str());
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    upgrade
+}
+
+/// Puts back the `Connection: upgrade` + `Upgrade` pair [`strip_hop_by_hop`] removed.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// The authority a request is for, `host[:port]` without userinfo: an absolute-form
+/// target's (HTTP/2's `:authority`) wins over `Host` (RFC 9112 §3.2.2), so routing, the
+/// `Host` the device sees and `X-Forwarded-Host` never disagree.
+pub fn request_authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let authority = match uri.authority() {
+        Some(a) => a.clone(),
+        None => headers
+            .get(header::HOST)?
+            .to_str()
+            .ok()?
+            .parse::<http::uri::Authority>()
+            .ok()
+            // `Host` is `host[:port]`; userinfo there is malformed, not something to drop.
+            .filter(|a| !a.as_str().contains('@'))?,
+    };
+    Some(match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    })
+}
 
 fn datum(headers: &HeaderMap, name: &str) -> Result<String, ForwardError> {
     headers
@@ -407,29 +476,16 @@ impl Sidecar {
     ) -> Result<Response<Body>, ForwardError> {
         let (mut parts, body) = req.into_parts();
         let target = take_target(&mut parts.headers, &self.targets)?;
-        let upgrade = on_upgrade.is_some() && parts.headers.contains_key(header::UPGRADE);
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let connection = parts.headers.get(header::CONNECTION).cloned();
-        let upgrade_value = parts.headers.get(header::UPGRADE).cloned();
-        for h in HOP_BY_HOP {
-            parts.headers.remove(h);
+        // Connection-level headers stay on this hop; an upgrade we can splice is asked
+        // for again on the next one.
+        let upgrade = strip_hop_by_hop(&mut parts.headers).filter(|_| on_upgrade.is_some());
+        if let Some(protocol) = &upgrade {
+            set_upgrade(&mut parts.headers, protocol.clone());
         }
-        if upgrade {
-            if let Some(v) = upgrade_value {
-                parts.headers.insert(header::UPGRADE, v);
-            }
-            parts.headers.insert(
-                header::CONNECTION,
-                connection.unwrap_or(HeaderValue::from_static("upgrade")),
-            );
-        }
-        if let Some(h) = host {
-            parts.headers.insert(header::HOST, h);
+        if let Some(host) = request_authority(&parts.uri, &parts.headers)
+            .and_then(|a| HeaderValue::from_str(&a).ok())
+        {
+            parts.headers.insert(header::HOST, host);
         }
         let key = self.targets.key(&target);
         let pq = parts
@@ -460,17 +516,24 @@ impl Sidecar {
             Ok(Err(e)) => return Err(ForwardError::Upstream(error_chain(&e))),
             Ok(Ok(resp)) => resp,
         };
-        self.finish(resp, on_upgrade.filter(|_| upgrade))
+        self.finish(resp, on_upgrade.zip(upgrade))
     }
 
+    /// The device's response on its way to the client: connection-level headers dropped,
+    /// an agreed upgrade spliced through (and its header pair kept in the 101).
     fn finish(
         &self,
         mut resp: Response<Incoming>,
-        downstream: Option<hyper::upgrade::OnUpgrade>,
+        downstream: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
     ) -> Result<Response<Body>, ForwardError> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(down) = downstream
-        {
+        let switched_to = resp.headers().get(header::UPGRADE).cloned();
+        strip_hop_by_hop(resp.headers_mut());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some((down, asked)) = downstream else {
+                return Err(ForwardError::Upstream(
+                    "the device switched protocols without being asked to".into(),
+                ));
+            };
             let up = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 match futures::future::try_join(down, up).await {
@@ -484,9 +547,7 @@ impl Sidecar {
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
             });
-        }
-        for h in ["keep-alive", "proxy-connection", "te", "trailer"] {
-            resp.headers_mut().remove(h);
+            set_upgrade(resp.headers_mut(), switched_to.unwrap_or(asked));
         }
         // Answer in the client's protocol, whatever the device's server spoke.
         *resp.version_mut() = Version::HTTP_11;
@@ -737,6 +798,98 @@ mod tests {
             take_target(&mut bad, &targets),
             Err(ForwardError::BadRoute(_))
         ));
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-authenticate", "Basic"),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("authorization", "Bearer end-to-end"),
+            ("x-keep", "3"),
+        ]);
+        assert_eq!(
+            strip_hop_by_hop(&mut h),
+            None,
+            "Upgrade without `Connection: upgrade` asks for nothing"
+        );
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "x-keep"]);
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut h = headers(&[("te", "deflate, Trailers"), ("connection", "TE")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn an_upgrade_is_reported_and_its_pair_put_back_normalised() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        let protocol = strip_hop_by_hop(&mut h).expect("an upgrade");
+        assert_eq!(protocol, "websocket");
+        assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
+        set_upgrade(&mut h, protocol);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert!(h.contains_key("sec-websocket-key"));
+    }
+
+    #[test]
+    fn an_absolute_target_names_the_authority_not_host() {
+        let host = |v: &str| headers(&[("host", v)]);
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(
+            request_authority(&uri("http://victim.example/x?y"), &host("app.localhost")).as_deref(),
+            Some("victim.example")
+        );
+        assert_eq!(
+            request_authority(&uri("http://user:pw@victim.example:8080/"), &host("a")).as_deref(),
+            Some("victim.example:8080"),
+            "userinfo is not part of the host"
+        );
+        assert_eq!(
+            request_authority(&uri("/x"), &host("App.localhost:8080")).as_deref(),
+            Some("App.localhost:8080")
+        );
+        assert_eq!(
+            request_authority(&uri("/x"), &host("[::1]:80")).as_deref(),
+            Some("[::1]:80")
+        );
+        assert_eq!(
+            request_authority(&uri("/x"), &host("user@app.localhost")),
+            None
+        );
+        assert_eq!(request_authority(&uri("/x"), &host("a b")), None);
+        assert_eq!(request_authority(&uri("/x"), &HeaderMap::new()), None);
     }
 
     #[test]

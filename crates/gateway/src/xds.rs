@@ -53,7 +53,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{HeaderFilter, PathMatch, Table};
+use crate::model::{Backend, HeaderFilter, PathMatch, Table};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -229,6 +229,19 @@ fn header_options(f: &HeaderFilter) -> Vec<HeaderValueOption> {
         .collect()
 }
 
+/// A backend's user filter, then the device and target: user filters hold no reserved
+/// header (the model drops them), so the routing headers cannot be overridden.
+fn backend_headers(b: &Backend) -> Vec<HeaderValueOption> {
+    let mut out = header_options(&b.headers);
+    if let Some(t) = &b.tunnel {
+        out.extend(header_options(&HeaderFilter {
+            set: t.headers().into(),
+            ..Default::default()
+        }));
+    }
+    out
+}
+
 fn exact(v: &str) -> StringMatcher {
     StringMatcher {
         match_pattern: Some(string_matcher::MatchPattern::Exact(v.to_owned())),
@@ -301,7 +314,7 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                     let specifier = match ready.as_slice() {
                         [] => route_action::ClusterSpecifier::Cluster(UNREADY.into()),
                         [(i, b)] => {
-                            request_headers_to_add.extend(header_options(&b.headers));
+                            request_headers_to_add.extend(backend_headers(b));
                             route_action::ClusterSpecifier::Cluster(sidecar_cluster(*i))
                         }
                         many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
@@ -310,7 +323,7 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                                 .map(|(i, b)| ClusterWeight {
                                     name: sidecar_cluster(*i),
                                     weight: Some(UInt32Value { value: b.weight }),
-                                    request_headers_to_add: header_options(&b.headers),
+                                    request_headers_to_add: backend_headers(b),
                                     ..Default::default()
                                 })
                                 .collect(),
@@ -786,7 +799,9 @@ mod tests {
             "metadata": {"name": "gw", "namespace": "p"}, "spec": {"gatewayClassName": "portway", "listeners": []}})).unwrap();
         let backend = |svc: &str, node: &str| {
             json!({"name": svc, "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
-            {"name": "datum-node-id", "value": node}, {"name": "datum-target-port", "value": "3000"}]}}]})
+            {"name": "datum-node-id", "value": node}, {"name": "datum-target-host", "value": "127.0.0.1"},
+            {"name": "datum-target-port", "value": "3000"}]}},
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": "victim"}]}}]})
         };
         let route: gateway_api::apis::standard::httproutes::HttpRoute = serde_json::from_value(json!({
             "metadata": {"name": "r", "namespace": "p"},
@@ -891,6 +906,14 @@ mod tests {
             .find(|h| h.header.as_ref().unwrap().key == "datum-node-id")
             .unwrap();
         assert_eq!(node_header.header.as_ref().unwrap().value, "n1");
+        assert_eq!(
+            api.request_headers_to_add
+                .iter()
+                .filter(|h| h.header.as_ref().unwrap().key.starts_with("datum-"))
+                .count(),
+            4,
+            "the routing headers once each; a user filter naming one is dropped"
+        );
         assert_eq!(
             node_header.append_action,
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kube::api::Api;
-use portway_agent::{Agent, Protocol, Target, Tunnel};
+use portway_agent::{Agent, Protocol, Target, Tunnel, join};
 use portway_api::{HttpProxy, is_condition_true};
 
 use crate::up::{Error as UpError, Info};
@@ -17,7 +17,9 @@ pub struct Config {
     /// Public hostname; default `<random-name>.localhost`.
     pub hostname: Option<String>,
     pub project: String,
-    /// Default: the agent kubeconfig `portway up` wrote.
+    /// A kubeconfig carrying a join token (or a person's agent-role token). Default: a
+    /// join token for `project`, minted with the admin kubeconfig of `portway up`; the
+    /// device credential it is exchanged for is kept in the state slot.
     pub kubeconfig: Option<PathBuf>,
     /// Connector name; default: the hostname of this machine.
     pub name: Option<String>,
@@ -35,6 +37,8 @@ pub enum Error {
     Hostname(String, String),
     #[error("the proxy was not programmed within {0:?}: {1}")]
     NotProgrammed(Duration, String),
+    #[error("joining as a device")]
+    Join(#[from] join::JoinError),
     #[error("state directory {0}")]
     State(PathBuf, #[source] std::io::Error),
 }
@@ -81,6 +85,36 @@ fn state_slot(data_dir: &Path) -> Result<(PathBuf, usize), Error> {
     ))
 }
 
+/// The device's client: its saved credential, else a join — with the given kubeconfig,
+/// or with a one-use join token minted by the admin kubeconfig of `portway up`.
+async fn device_client(
+    config: &Config,
+    info: &Info,
+    state_dir: &Path,
+    agent: &portway_agent::Config,
+) -> Result<kube::Client, Error> {
+    let (project, name, class) = (&agent.project, &agent.name, &agent.connector_class);
+    if let Some(path) = &config.kubeconfig {
+        return Ok(join::client(path, state_dir, project, name, class).await?);
+    }
+    if join::credential_path(state_dir).exists() {
+        let cred = join::credential_path(state_dir);
+        return Ok(join::client(&cred, state_dir, project, name, class).await?);
+    }
+    let admin_kc = kube::config::Kubeconfig::read_from(&info.kubeconfig)
+        .map_err(|e| UpError::Kubeconfig(e.to_string()))?;
+    let admin = crate::up::client(&info.kubeconfig).await?;
+    let (token, _) = join::create_join_token(&admin, project, 600, 1).await?;
+    Ok(join::client_with(
+        join::with_token(admin_kc, &token),
+        state_dir,
+        project,
+        name,
+        class,
+    )
+    .await?)
+}
+
 /// A running one-liner.
 pub struct Http {
     pub agent: Agent,
@@ -105,11 +139,6 @@ impl Http {
             .to_ascii_lowercase();
         portway_api::validation::hostname(&hostname, false)
             .map_err(|e| Error::Hostname(hostname.clone(), e))?;
-        let kubeconfig = config
-            .kubeconfig
-            .clone()
-            .unwrap_or_else(|| info.agent_kubeconfig.clone());
-        let client = crate::up::client(&kubeconfig).await?;
         let (state_dir, slot) = state_slot(&config.data_dir)?;
         let mut agent_config =
             portway_agent::Config::new(config.project.clone(), state_dir.clone());
@@ -123,6 +152,7 @@ impl Http {
             format!("{base}-{slot}")
         };
         agent_config.lease_duration = config.lease;
+        let client = device_client(&config, &info, &state_dir, &agent_config).await?;
         agent_config.relays =
             vec![info.relay.parse().map_err(|_| {
                 UpError::Corrupt(config.data_dir.join(Info::FILE), "relay URL".into())

@@ -2,8 +2,10 @@
 //! publishes a local port.
 //!
 //! [`up::Up`] starts the API server, DNS, relay, operator, edge and sidecar on one SQLite
-//! file, with an admin and an agent kubeconfig in the data directory, and saves the
-//! addresses in `DATA/portway.json`, where [`http::Http`] finds them.
+//! file, with an admin kubeconfig in the data directory, and saves the addresses in
+//! `DATA/portway.json`, where [`http::Http`] finds them. `portway http` joins as a device
+//! of its own (a join token minted with the admin kubeconfig, exchanged once for the
+//! device's credential), so no agent token spans projects.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {

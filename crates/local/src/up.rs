@@ -59,8 +59,9 @@ impl Config {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Info {
     pub apiserver: String,
+    /// The admin kubeconfig (stays on this machine; `portway http` mints join tokens
+    /// with it).
     pub kubeconfig: PathBuf,
-    pub agent_kubeconfig: PathBuf,
     pub dns: SocketAddr,
     pub zone: String,
     pub relay: String,
@@ -139,23 +140,38 @@ pub async fn client(kubeconfig: &Path) -> Result<kube::Client, Error> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Creates the tokens file with an admin and an agent token on first start.
-fn ensure_tokens(path: &Path) -> Result<String, Error> {
-    if let Ok(text) = std::fs::read_to_string(path)
-        && let Some(agent) = text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f.len() >= 3 && f[2].trim_matches('"') == "agent").then(|| f[0].to_owned())
-        })
-    {
-        return Ok(agent);
+/// Creates the tokens file with an admin token on first start. Devices never get a token
+/// from here: each joins with a short-lived join token for one project and gets its own
+/// credential. A token for every namespace that earlier versions wrote for agents
+/// (`local-agent,agent,*`) is removed, with the kubeconfig that carried it.
+fn ensure_tokens(path: &Path, dir: &Path) -> Result<(), Error> {
+    let legacy = |l: &&str| {
+        let f: Vec<&str> = l.split(',').map(str::trim).collect();
+        f.len() >= 4 && f[1] == "local-agent" && f[3] == "*"
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.lines().any(|l| legacy(&l)) => {
+            let kept: String = text
+                .lines()
+                .filter(|l| !legacy(l))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            files::write_private(path, kept.as_bytes())
+                .map_err(|e| Error::Write(path.to_owned(), e))?;
+            let _ = std::fs::remove_file(dir.join("agent.kubeconfig"));
+            tracing::warn!(path = %path.display(), "removed the all-namespaces agent token of an earlier version");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let text = format!(
+                "# token,user,roles,namespaces\n{},admin,admin,*\n",
+                files::new_token()
+            );
+            files::write_private(path, text.as_bytes())
+                .map_err(|e| Error::Write(path.to_owned(), e))
+        }
     }
-    let agent = files::new_token();
-    let text = format!(
-        "# token,user,roles,namespaces\n{},admin,admin,*\n{agent},local-agent,agent,*\n",
-        files::new_token()
-    );
-    files::write_private(path, text.as_bytes()).map_err(|e| Error::Write(path.to_owned(), e))?;
-    Ok(agent)
 }
 
 impl Up {
@@ -165,9 +181,9 @@ impl Up {
     /// When any part fails to start; the ones already started stop.
     pub async fn start(config: Config) -> Result<Self, Error> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.clone(), e))?;
+        files::prepare_data_dir(dir).map_err(|e| Error::Write(dir.clone(), e))?;
         let tokens = dir.join("tokens.csv");
-        let agent_token = ensure_tokens(&tokens)?;
+        ensure_tokens(&tokens, dir)?;
         let mut api_config = portway_apiserver::Config::new(dir.clone());
         api_config.listen = config.apiserver;
         api_config.tokens_file = Some(tokens);
@@ -176,20 +192,11 @@ impl Up {
             .kubeconfig()
             .map(Path::to_path_buf)
             .ok_or_else(|| Error::Kubeconfig("no admin token".into()))?;
-        let agent_kubeconfig = dir.join("agent.kubeconfig");
-        let yaml = files::kubeconfig(
-            apiserver.url(),
-            apiserver.ca_pem(),
-            "local-agent",
-            &agent_token,
-            "default",
-        );
-        files::write_private(&agent_kubeconfig, yaml.as_bytes())
-            .map_err(|e| Error::Write(agent_kubeconfig.clone(), e))?;
         let client = client(&kubeconfig).await?;
 
         let relay = portway_discovery::relay::Server::bind(portway_discovery::relay::Config {
             listen: config.relay,
+            access: portway_discovery::relay::Access::Api(client.clone()),
             ..Default::default()
         })
         .await?;
@@ -235,6 +242,7 @@ impl Up {
             http: Some(config.http),
             https: config.https,
             cert_dir: config.cert_dir.clone(),
+            ..Default::default()
         };
         let edge = edge::Edge::bind(edge_config, table.clone(), sidecar, metrics.clone()).await?;
         let http = edge.http_addr().unwrap_or(config.http);
@@ -269,7 +277,6 @@ impl Up {
         let info = Info {
             apiserver: apiserver.url().to_owned(),
             kubeconfig,
-            agent_kubeconfig,
             dns: dns.local_addr(),
             zone: config.zone.clone(),
             relay: relay.url().to_string(),

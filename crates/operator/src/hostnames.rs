@@ -1,6 +1,14 @@
-//! Which HTTPProxy owns each hostname: the oldest claimant (creation time, then
-//! namespace/name) across all projects. Updated by the proxy watch before any reconcile
-//! it triggers, so decisions read a current index.
+//! Who owns each hostname. One index holds every claimed name, canonical ones included,
+//! across all projects. The rule:
+//!
+//! - a proxy's canonical name (`<uid>.<zone>`) belongs to it, whatever else claims it;
+//! - otherwise the oldest claimant (creation time, then namespace/name) wins;
+//! - claims overlap when they are the same name, or when a wildcard (`*.example.com`)
+//!   covers the other name. Within one project a wildcard and the names below it may
+//!   coexist (routing picks the most specific); across projects they may not.
+//!
+//! Updated by the proxy watch before any reconcile it triggers, so decisions read a
+//! current index.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -28,77 +36,157 @@ impl Claim {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    by_proxy: HashMap<(String, String), (Claim, Vec<String>)>,
-    by_host: HashMap<String, BTreeSet<Claim>>,
+/// One claim on one name: canonical names rank before every spec claim.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Held {
+    spec: bool,
+    claim: Claim,
 }
 
 #[derive(Default)]
+struct Inner {
+    /// Each proxy's claims, by name.
+    by_proxy: HashMap<(String, String), Vec<(String, Held)>>,
+    by_host: HashMap<String, BTreeSet<Held>>,
+    /// Names claimed as wildcards, `*.x` stored as `.x`: few, scanned for overlaps.
+    wildcards: BTreeSet<String>,
+}
+
+/// A name another proxy owns, as the refused proxy's status tells it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The owner's name (`namespace/name`) when it is in the same project; another
+    /// project's names are not shown to this one.
+    pub proxy: Option<String>,
+    /// The name it holds (the same name, or an overlapping wildcard or canonical name).
+    pub hostname: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.proxy {
+            Some(p) => write!(f, "the HTTPProxy {p} (as {})", self.hostname),
+            None => write!(f, "another project (as {})", self.hostname),
+        }
+    }
+}
+
 pub struct HostnameIndex {
+    zone: String,
     inner: RwLock<Inner>,
 }
 
-fn hosts(p: &HttpProxy) -> Vec<String> {
-    let mut h: Vec<String> = p
-        .spec
-        .hostnames
-        .iter()
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
+fn lower(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The names a proxy claims: its spec's, and its canonical name.
+fn claims(p: &HttpProxy, zone: &str) -> Vec<(String, bool)> {
+    let mut h: Vec<(String, bool)> = p.spec.hostnames.iter().map(|h| (lower(h), true)).collect();
+    if let Some(uid) = &p.metadata.uid {
+        h.push((lower(&format!("{uid}.{zone}")), false));
+    }
     h.sort();
-    h.dedup();
+    h.dedup_by(|a, b| a.0 == b.0);
     h
+}
+
+/// Does wildcard `.suffix` (for `*.suffix`) cover `host`? Strictly below only.
+fn covers(suffix: &str, host: &str) -> bool {
+    host.strip_prefix('*').unwrap_or(host).ends_with(suffix)
+        && host.len() > suffix.len()
+        && host != format!("*{suffix}")
 }
 
 impl Inner {
     fn remove(&mut self, key: &(String, String)) -> Vec<String> {
-        let Some((claim, hosts)) = self.by_proxy.remove(key) else {
+        let Some(claims) = self.by_proxy.remove(key) else {
             return Vec::new();
         };
-        for h in &hosts {
+        for (h, held) in &claims {
             if let Some(set) = self.by_host.get_mut(h) {
-                set.remove(&claim);
+                set.remove(held);
                 if set.is_empty() {
                     self.by_host.remove(h);
+                    if let Some(s) = h.strip_prefix('*') {
+                        self.wildcards.remove(s);
+                    }
                 }
             }
         }
-        hosts
+        claims.into_iter().map(|(h, _)| h).collect()
+    }
+
+    fn insert(&mut self, claim: Claim, names: Vec<(String, bool)>) {
+        let key = (claim.ns.clone(), claim.name.clone());
+        let mut claims = Vec::new();
+        for (h, spec) in names {
+            let held = Held {
+                spec,
+                claim: claim.clone(),
+            };
+            self.by_host
+                .entry(h.clone())
+                .or_default()
+                .insert(held.clone());
+            if let Some(s) = h.strip_prefix('*') {
+                self.wildcards.insert(s.to_owned());
+            }
+            claims.push((h, held));
+        }
+        self.by_proxy.insert(key, claims);
+    }
+
+    /// Every (name, claim) that overlaps `host`: the same name, wildcards above it, and,
+    /// for a wildcard, the names below it.
+    fn overlapping<'a>(&'a self, host: &'a str) -> impl Iterator<Item = (&'a str, &'a Held)> + 'a {
+        let same = self.by_host.get_key_value(host);
+        let above = self
+            .wildcards
+            .iter()
+            .filter(move |s| covers(s, host))
+            .filter_map(|s| self.by_host.get_key_value(&format!("*{s}")));
+        let below = host
+            .strip_prefix('*')
+            .into_iter()
+            .flat_map(move |suffix| self.by_host.iter().filter(move |(h, _)| covers(suffix, h)));
+        same.into_iter()
+            .chain(above)
+            .chain(below)
+            .flat_map(|(h, set)| set.iter().map(move |c| (h.as_str(), c)))
     }
 
     fn claimants(&self, hosts: &[String]) -> BTreeSet<(String, String)> {
         hosts
             .iter()
-            .filter_map(|h| self.by_host.get(h))
-            .flatten()
-            .map(|c| (c.ns.clone(), c.name.clone()))
+            .flat_map(|h| self.overlapping(h))
+            .map(|(_, c)| (c.claim.ns.clone(), c.claim.name.clone()))
             .collect()
     }
 }
 
 impl HostnameIndex {
-    /// Records the proxy's hostnames; returns every proxy (namespace, name) whose claims
-    /// may have changed: those sharing an old or new hostname.
+    pub fn new(zone: &str) -> Self {
+        Self {
+            zone: lower(zone),
+            inner: RwLock::default(),
+        }
+    }
+
+    /// Records the proxy's names; returns every proxy (namespace, name) whose claims
+    /// may have changed: those overlapping an old or new name.
     pub fn upsert(&self, p: &HttpProxy) -> BTreeSet<(String, String)> {
         let claim = Claim::of(p);
         let key = (claim.ns.clone(), claim.name.clone());
-        let new = hosts(p);
+        let names = claims(p, &self.zone);
         let mut inner = self.inner.write();
         let mut touched = inner.remove(&key);
-        for h in &new {
-            inner
-                .by_host
-                .entry(h.clone())
-                .or_default()
-                .insert(claim.clone());
-        }
-        touched.extend(new.iter().cloned());
-        inner.by_proxy.insert(key, (claim, new));
+        touched.extend(names.iter().map(|(h, _)| h.clone()));
+        inner.insert(claim, names);
         inner.claimants(&touched)
     }
 
-    /// Forgets a proxy; returns the proxies that shared its hostnames.
+    /// Forgets a proxy; returns the proxies that overlapped its names.
     pub fn remove(&self, p: &HttpProxy) -> BTreeSet<(String, String)> {
         let claim = Claim::of(p);
         let mut inner = self.inner.write();
@@ -110,31 +198,31 @@ impl HostnameIndex {
     pub fn rebuild<'a>(&self, all: impl IntoIterator<Item = &'a HttpProxy>) {
         let mut inner = Inner::default();
         for p in all {
-            let claim = Claim::of(p);
-            let h = hosts(p);
-            for host in &h {
-                inner
-                    .by_host
-                    .entry(host.clone())
-                    .or_default()
-                    .insert(claim.clone());
-            }
-            inner
-                .by_proxy
-                .insert((claim.ns.clone(), claim.name.clone()), (claim, h));
+            inner.insert(Claim::of(p), claims(p, &self.zone));
         }
         *self.inner.write() = inner;
     }
 
-    /// The `namespace/name` of an older proxy holding `host`, if `me` is not the owner.
-    pub fn claimed_by(&self, host: &str, me: &Claim) -> Option<String> {
+    /// Who owns `host` if `me` (claiming it in its spec) may not have it: a canonical
+    /// name, an older claim on the same name, or an older overlapping claim from another
+    /// project.
+    pub fn claimed_by(&self, host: &str, me: &Claim) -> Option<Owner> {
+        let host = lower(host);
+        let mine = Held {
+            spec: true,
+            claim: me.clone(),
+        };
         let inner = self.inner.read();
-        let owner = inner
-            .by_host
-            .get(&host.to_ascii_lowercase())?
-            .iter()
-            .next()?;
-        (owner < me).then(|| format!("{}/{}", owner.ns, owner.name))
+        inner
+            .overlapping(&host)
+            .filter(|(h, c)| {
+                c.claim != *me && **c < mine && (*h == host || c.claim.ns != me.ns || !c.spec)
+            })
+            .min_by(|a, b| a.1.cmp(b.1))
+            .map(|(h, c)| Owner {
+                proxy: (c.claim.ns == me.ns).then(|| format!("{}/{}", c.claim.ns, c.claim.name)),
+                hostname: h.to_owned(),
+            })
     }
 }
 
@@ -154,32 +242,87 @@ mod tests {
             },
         );
         p.metadata.namespace = Some(ns.into());
+        p.metadata.uid = Some(format!("uid-{name}"));
         p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
         p
     }
 
+    fn owner(idx: &HostnameIndex, host: &str, p: &HttpProxy) -> Option<String> {
+        idx.claimed_by(host, &Claim::of(p)).map(|o| o.to_string())
+    }
+
     #[test]
     fn oldest_claimant_wins_and_release_is_reported() {
-        let idx = HostnameIndex::default();
+        let idx = HostnameIndex::new("portway.localhost");
         let old = proxy("a", "old", 1, &["x.example.com"]);
-        let new = proxy("b", "new", 2, &["X.example.com", "y.example.com"]);
+        let new = proxy("a", "new", 2, &["X.example.com", "y.example.com"]);
         idx.upsert(&old);
         let touched = idx.upsert(&new);
         assert!(
             touched.contains(&("a".into(), "old".into()))
-                && touched.contains(&("b".into(), "new".into()))
+                && touched.contains(&("a".into(), "new".into()))
         );
         assert_eq!(
-            idx.claimed_by("x.example.com", &Claim::of(&new)),
-            Some("a/old".into())
+            owner(&idx, "x.example.com", &new).as_deref(),
+            Some("the HTTPProxy a/old (as x.example.com)")
         );
-        assert_eq!(idx.claimed_by("x.example.com", &Claim::of(&old)), None);
-        assert_eq!(idx.claimed_by("y.example.com", &Claim::of(&new)), None);
+        assert_eq!(owner(&idx, "x.example.com", &old), None);
+        assert_eq!(owner(&idx, "y.example.com", &new), None);
         // The old proxy drops the hostname: the new one must be told.
         let touched = idx.upsert(&proxy("a", "old", 1, &["z.example.com"]));
-        assert!(touched.contains(&("b".into(), "new".into())));
-        assert_eq!(idx.claimed_by("x.example.com", &Claim::of(&new)), None);
-        let touched = idx.remove(&proxy("b", "new", 2, &[]));
+        assert!(touched.contains(&("a".into(), "new".into())));
+        assert_eq!(owner(&idx, "x.example.com", &new), None);
+        let touched = idx.remove(&proxy("a", "new", 2, &[]));
         assert!(touched.is_empty());
+    }
+
+    #[test]
+    fn canonical_names_belong_to_their_proxy_and_other_projects_are_not_named() {
+        let idx = HostnameIndex::new("portway.localhost");
+        let victim = proxy("a", "web", 5, &[]);
+        // Older, and in another project: it still cannot take the canonical name.
+        let thief = proxy("b", "steal", 1, &["uid-web.portway.localhost"]);
+        idx.upsert(&thief);
+        let touched = idx.upsert(&victim);
+        assert!(touched.contains(&("b".into(), "steal".into())));
+        assert_eq!(
+            owner(&idx, "UID-web.portway.localhost", &thief).as_deref(),
+            Some("another project (as uid-web.portway.localhost)")
+        );
+    }
+
+    #[test]
+    fn wildcards_overlap_across_projects_only() {
+        let idx = HostnameIndex::new("portway.localhost");
+        let wild = proxy("a", "wild", 1, &["*.example.com"]);
+        let same_project = proxy("a", "one", 2, &["one.example.com"]);
+        let other_project = proxy("b", "two", 3, &["two.example.com", "deep.two.example.com"]);
+        let apex = proxy("b", "apex", 4, &["example.com"]);
+        for p in [&wild, &same_project, &other_project, &apex] {
+            idx.upsert(p);
+        }
+        assert_eq!(owner(&idx, "one.example.com", &same_project), None);
+        assert_eq!(
+            owner(&idx, "deep.two.example.com", &other_project).as_deref(),
+            Some("another project (as *.example.com)")
+        );
+        assert_eq!(
+            owner(&idx, "example.com", &apex),
+            None,
+            "a wildcard does not cover its apex"
+        );
+        // A younger wildcard from another project over an older name is refused too.
+        let late = proxy("c", "late", 9, &["*.two.example.com"]);
+        idx.upsert(&late);
+        assert_eq!(
+            owner(&idx, "*.two.example.com", &late).as_deref(),
+            Some("another project (as *.example.com)")
+        );
+        idx.remove(&wild);
+        assert_eq!(
+            owner(&idx, "*.two.example.com", &late).as_deref(),
+            Some("another project (as deep.two.example.com)")
+        );
+        assert_eq!(owner(&idx, "two.example.com", &other_project), None);
     }
 }

@@ -281,7 +281,7 @@ impl Operator {
         let services = pending::<Service>();
         let slices = pending::<EndpointSlice>();
         let policies = pending::<BackendTrafficPolicy>();
-        let hostnames = Arc::new(HostnameIndex::default());
+        let hostnames = Arc::new(HostnameIndex::new(&config.proxy.zone));
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel::<ObjectRef<Connector>>();

@@ -45,6 +45,68 @@ enum Command {
     Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions of Portway's kinds (YAML).
     Crds,
+    /// Join tokens: how a device gets its own credential for one project.
+    Token(TokenArgs),
+}
+
+#[derive(Parser)]
+struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a short-lived join token for one project (needs an admin kubeconfig). The
+    /// device exchanges it once for its own credential: `portway agent --join-token T`.
+    Create {
+        /// The project (namespace) the device joins.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// How long the token may be used, in seconds (at most 7 days).
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+        /// How many devices may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Admin kubeconfig (default: $KUBECONFIG, ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Print a bootstrap kubeconfig (server, CA and the join token) instead of the
+        /// bare token: hand it to the device as `--kubeconfig`.
+        #[arg(long)]
+        bootstrap_kubeconfig: bool,
+    },
+}
+
+async fn token(args: TokenArgs) -> Result<()> {
+    let TokenCommand::Create {
+        project,
+        ttl_seconds,
+        uses,
+        kubeconfig,
+        bootstrap_kubeconfig,
+    } = args.command;
+    let client = kube_client(kubeconfig.as_deref()).await?;
+    let (token, expires) =
+        portway_agent::join::create_join_token(&client, &project, ttl_seconds, uses).await?;
+    if bootstrap_kubeconfig {
+        let kc = match &kubeconfig {
+            Some(p) => kube::config::Kubeconfig::read_from(p)?,
+            None => kube::config::Kubeconfig::read()?,
+        };
+        print!(
+            "{}",
+            serde_yaml::to_string(&portway_agent::join::with_token(kc, &token))?
+        );
+    } else {
+        println!("{token}");
+        eprintln!(
+            "join token for project {project}: {uses} use(s), expires at unix time {expires}.\n\
+             On the device: portway agent --project {project} --kubeconfig SERVER.kubeconfig --join-token {token} ..."
+        );
+    }
+    Ok(())
 }
 
 #[derive(Parser)]
@@ -83,6 +145,14 @@ struct RelayArgs {
     /// Hostname to put in the relay URL (the name on the certificate).
     #[arg(long)]
     hostname: Option<String>,
+    /// Kubeconfig of the control plane (default: $KUBECONFIG, ~/.kube/config,
+    /// in-cluster). The relay serves only the endpoints it lists: Connectors' keys and
+    /// ConnectorClasses' gateways.
+    #[arg(long, conflicts_with = "open")]
+    kubeconfig: Option<PathBuf>,
+    /// Serve every endpoint, without a control plane (standalone use).
+    #[arg(long)]
+    open: bool,
     /// Write the relay URL here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -164,6 +234,11 @@ struct AgentArgs {
     /// ConnectorClass of a newly created connector.
     #[arg(long)]
     connector_class: Option<String>,
+    /// A join token (`portway token create`): exchanged once, with proof of the device
+    /// key, for this device's own credential (saved as STATE/device.kubeconfig). The
+    /// server and CA come from --kubeconfig.
+    #[arg(long, env = "PORTWAY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Write the node id and connector here as JSON once registered.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -266,7 +341,12 @@ key:     {}",
     config.n0 = args.n0;
     config.bind_addr = args.bind;
     config.lease_duration = std::time::Duration::from_secs(args.lease_seconds.max(2));
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let client = agent_client(
+        args.kubeconfig.as_deref(),
+        args.join_token.as_deref(),
+        &config,
+    )
+    .await?;
     let agent = portway_agent::Agent::start(config, client)
         .await
         .context("starting the agent")?;
@@ -291,6 +371,39 @@ key:     {}",
     }
     agent.shutdown(false).await;
     Ok(())
+}
+
+/// The device's saved credential; else a join (with --join-token, or a join token in
+/// the kubeconfig); else the kubeconfig as it is (a person's agent-role token).
+async fn agent_client(
+    kubeconfig: Option<&Path>,
+    join_token: Option<&str>,
+    config: &portway_agent::Config,
+) -> Result<kube::Client> {
+    use portway_agent::join;
+    let (state, project, name, class) = (
+        &config.state_dir,
+        &config.project,
+        &config.name,
+        &config.connector_class,
+    );
+    let cred = join::credential_path(state);
+    if cred.exists() {
+        return Ok(join::client(&cred, state, project, name, class).await?);
+    }
+    let kc = match kubeconfig {
+        Some(p) => kube::config::Kubeconfig::read_from(p)
+            .with_context(|| format!("reading kubeconfig {}", p.display()))?,
+        None if join_token.is_some() => {
+            kube::config::Kubeconfig::read().context("finding a kubeconfig (use --kubeconfig)")?
+        }
+        None => return kube_client(None).await,
+    };
+    let kc = match join_token {
+        Some(t) => join::with_token(kc, t),
+        None => kc,
+    };
+    Ok(join::client_with(kc, state, project, name, class).await?)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -389,7 +502,8 @@ struct HttpArgs {
     /// Project (namespace).
     #[arg(long, default_value = "default")]
     project: String,
-    /// Kubeconfig (default: the agent kubeconfig of `portway up`).
+    /// Kubeconfig with a join token (default: join with a one-use token minted by the
+    /// admin kubeconfig of `portway up`).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Connector name (default: this machine's hostname).
@@ -522,6 +636,10 @@ struct EdgeArgs {
     https: Option<SocketAddr>,
     #[arg(long)]
     cert_dir: Option<PathBuf>,
+    /// Keep X-Forwarded-*, Forwarded and X-Real-IP from peers in this CIDR (or address),
+    /// e.g. a load balancer in front (repeatable). Everyone else's are replaced.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = portway_gateway::edge::parse_cidr)]
+    trusted_proxies: Vec<portway_gateway::edge::IpNet>,
     /// Address published in Gateway status (default: the listen address).
     #[arg(long)]
     address: Vec<String>,
@@ -544,6 +662,7 @@ async fn edge(args: EdgeArgs) -> Result<()> {
             http: Some(args.http),
             https: args.https,
             cert_dir: args.cert_dir,
+            trusted_proxies: args.trusted_proxies,
         },
         table.clone(),
         sidecar,
@@ -754,11 +873,21 @@ async fn dns(args: DnsArgs) -> Result<()> {
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
+    use portway_discovery::relay::Access;
+    let access = if args.open {
+        Access::Open
+    } else {
+        let client = kube_client(args.kubeconfig.as_deref())
+            .await
+            .context("the relay serves only endpoints the API knows (or pass --open)")?;
+        Access::Api(client)
+    };
     let config = portway_discovery::relay::Config {
         listen: args.listen,
         tls: args.tls_cert.zip(args.tls_key),
         http_listen: args.http_listen,
         hostname: args.hostname,
+        access,
     };
     let server = portway_discovery::relay::Server::bind(config)
         .await
@@ -874,6 +1003,12 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Servers hold one descriptor per connection: take the whole hard limit, so a flood
+    // of idle clients meets the connection caps, not EMFILE.
+    match portway_serve::raise_fd_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -904,6 +1039,7 @@ fn main() -> Result<()> {
                 print!("{}", portway_api::crds_yaml()?);
                 Ok(())
             }
+            Command::Token(args) => token(args).await,
         }
     })
 }

@@ -71,9 +71,14 @@ async fn env() -> Env {
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "portway"}, "spec": {"controllerName": "portway.dev/operator"}})).unwrap())
         .await
         .unwrap();
-    let relay = Process::start("relay", bin(), ["relay", "--listen", "127.0.0.1:0"])
-        .await
-        .unwrap();
+    // Open: these tests are about whom the agent lets in, not the relay.
+    let relay = Process::start(
+        "relay",
+        bin(),
+        ["relay", "--listen", "127.0.0.1:0", "--open"],
+    )
+    .await
+    .unwrap();
     let relay_url = relay.ready_str("relay").parse().unwrap();
     Env {
         dir,

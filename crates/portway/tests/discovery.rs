@@ -11,7 +11,7 @@ use anyhow::{Context, bail, ensure};
 use iroh::{Endpoint, SecretKey};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use portway_api::{Connector, ConnectorSpec, find_condition};
+use portway_api::{Connector, ConnectorClass, ConnectorSpec, find_condition};
 use portway_discovery::endpoint::{self, DnsLookup};
 use portway_testkit::{Process, dig, eventually, kube_client};
 use serde_json::json;
@@ -297,9 +297,14 @@ async fn round_trip(client: &Endpoint, id: iroh::EndpointId) -> anyhow::Result<(
 #[tokio::test]
 async fn endpoints_find_each_other_by_node_id_through_dns_and_relay() {
     let cp = control_plane().await;
-    let relay = Process::start("relay", bin(), ["relay", "--listen", "127.0.0.1:0"])
-        .await
-        .unwrap();
+    // Open: this test is about finding endpoints, not about who may relay.
+    let relay = Process::start(
+        "relay",
+        bin(),
+        ["relay", "--listen", "127.0.0.1:0", "--open"],
+    )
+    .await
+    .unwrap();
     let relay_url: iroh::RelayUrl = relay.ready_str("relay").parse().unwrap();
     let client = kube_client(&cp.kubeconfig).await.unwrap();
     let conns: Api<Connector> = Api::namespaced(client, "default");
@@ -352,6 +357,89 @@ async fn endpoints_find_each_other_by_node_id_through_dns_and_relay() {
     }
 }
 
+/// The relay status of `ep`'s home relay: `Ok` once connected, the denial otherwise.
+fn relay_state(ep: &Endpoint) -> anyhow::Result<Option<String>> {
+    use iroh::Watcher;
+    let status = ep.home_relay_status().get();
+    let relay = status.first().context("no home relay")?;
+    if relay.is_connected() {
+        return Ok(None);
+    }
+    Ok(relay.auth_denied_reason().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn the_relay_serves_only_endpoints_the_api_knows() {
+    let cp = control_plane().await;
+    let relay = Process::start(
+        "relay",
+        bin(),
+        [
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--kubeconfig",
+            cp.kubeconfig.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    let relay_url: iroh::RelayUrl = relay.ready_str("relay").parse().unwrap();
+    let client = kube_client(&cp.kubeconfig).await.unwrap();
+    let bind = || async {
+        endpoint::bind(&endpoint::Config {
+            relays: vec![relay_url.clone()],
+            bind_addr: Some("127.0.0.1:0".parse().unwrap()),
+            relay_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    };
+
+    // A device: refused until its Connector reports its key.
+    let device = bind().await;
+    eventually("an unknown endpoint is refused", WAIT, || async {
+        relay_state(&device)?.context("not refused yet")
+    })
+    .await;
+    let conns: Api<Connector> = Api::namespaced(client.clone(), "default");
+    let key_only = json!({"type": "PublicKey", "publicKey": {"id": device.id().to_string()}});
+    register(&conns, "device", key_only).await;
+    tokio::time::timeout(WAIT, device.online())
+        .await
+        .expect("a registered device reaches the relay");
+
+    // A gateway: refused until a ConnectorClass lists it.
+    let gateway = bind().await;
+    eventually("an unlisted gateway is refused", WAIT, || async {
+        relay_state(&gateway)?.context("not refused yet")
+    })
+    .await;
+    let classes: Api<ConnectorClass> = Api::all(client);
+    let class = serde_json::from_value(
+        json!({"metadata": {"name": "portway"}, "spec": {"controllerName": "portway.dev/operator"}}),
+    )
+    .unwrap();
+    if classes.get_opt("portway").await.unwrap().is_none() {
+        classes
+            .create(&PostParams::default(), &class)
+            .await
+            .unwrap();
+    }
+    let gateways =
+        json!({"status": {"gateways": [{"name": "test", "endpointId": gateway.id().to_string()}]}});
+    classes
+        .patch_status("portway", &PatchParams::default(), &Patch::Merge(&gateways))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, gateway.online())
+        .await
+        .expect("a listed gateway reaches the relay");
+    gateway.close().await;
+    device.close().await;
+}
+
 #[tokio::test]
 async fn relay_serves_https_with_a_given_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,6 +464,7 @@ async fn relay_serves_https_with_a_given_certificate() {
             cert_path.to_str().unwrap(),
             "--tls-key",
             key_path.to_str().unwrap(),
+            "--open",
         ],
     )
     .await

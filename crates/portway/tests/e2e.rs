@@ -25,6 +25,8 @@ use sha2::{Digest, Sha256};
 
 const WAIT: Duration = Duration::from_secs(45);
 
+mod security;
+
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_portway"))
 }
@@ -74,10 +76,37 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// With a tokens file written before the first start (`token,user,roles,namespaces`
+    /// lines; the first admin token goes into the admin kubeconfig).
+    async fn start_with(tokens: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let mut args = vec!["up", "--data", data.to_str().unwrap()];
+        if let Some(tokens) = tokens {
+            std::fs::create_dir(&data).unwrap();
+            std::fs::write(data.join("tokens.csv"), tokens).unwrap();
+        }
+        // The public name the tests use gets a certificate, so HTTPS is served too.
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["app.localhost".into()]).unwrap();
+        std::fs::write(certs.join("app.localhost.crt"), cert.cert.pem()).unwrap();
+        std::fs::write(
+            certs.join("app.localhost.key"),
+            cert.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        let mut args = vec![
+            "up",
+            "--data",
+            data.to_str().unwrap(),
+            "--cert-dir",
+            certs.to_str().unwrap(),
+        ];
         for flag in [
+            "--https",
             "--http",
             "--apiserver",
             "--dns",
@@ -311,6 +340,42 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
         "the origin sees the public host: {seen}"
     );
 
+    // The built-in edge: an absolute-form target's authority wins over Host (and is the
+    // Host and X-Forwarded-Host the origin sees); hop-by-hop headers, the ones Connection
+    // names, and a client's own forwarding headers stop at the edge.
+    if !envoy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+        let head = format!(
+            "GET http://{host}/headers HTTP/1.1\r\nHost: nobody.localhost\r\n\
+             Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Forwarded-For: 6.6.6.6\r\n\
+             X-Forwarded-Host: bank.example\r\nX-Real-IP: 6.6.6.6\r\n\
+             Forwarded: for=6.6.6.6\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(WAIT, tcp.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let lines: Vec<String> = out.lines().map(str::to_ascii_lowercase).collect();
+        let has = |l: &str| lines.iter().any(|x| x == l);
+        assert!(has(&format!("host: {host}")), "{out}");
+        assert!(has(&format!("x-forwarded-host: {host}")), "{out}");
+        assert!(has("x-forwarded-for: 127.0.0.1"), "{out}");
+        for gone in [
+            "x-secret:",
+            "keep-alive:",
+            "proxy-authorization:",
+            "x-real-ip:",
+            "forwarded:",
+        ] {
+            assert!(!lines.iter().any(|l| l.starts_with(gone)), "{gone} {out}");
+        }
+    }
+
     // Unknown hosts get a 404 (with the hostname in the built-in edge's answer).
     let req = Request::get("http://nobody.localhost/")
         .body(empty())
@@ -338,6 +403,26 @@ async fn public_traffic_end_to_end() {
         format!("http://app.localhost:{}/", stack.edge.port())
     );
     battery(&stack, stack.edge, "app.localhost", false).await;
+
+    // HTTPS with the hostname's certificate, h2 by ALPN, as curl sees it.
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let port = https.port();
+    // Async: the origin runs on this test's runtime, which a blocking wait would stall.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
+        .arg(stack.dir.path().join("certs/app.localhost.crt"))
+        .arg("--resolve")
+        .arg(format!("app.localhost:{port}:127.0.0.1"))
+        .arg(format!("https://app.localhost:{port}/hello"))
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {} 2", stack.origin.addr.port()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The built-in edge also says which public host was asked for, and counts requests.
     let (status, seen) = stack.get("app.localhost", "/headers").await.unwrap();
@@ -413,7 +498,24 @@ async fn an_offline_device_gives_503_and_comes_back() {
 /// Two agents (labels `app=shop`, 3 s leases) offering the origin, and one HTTPProxy
 /// `shop.localhost` selecting both.
 async fn shop(stack: &Stack) -> Vec<Process> {
-    let kubeconfig = stack.up.ready_str("agent_kubeconfig");
+    let kubeconfig = stack.up.ready_str("kubeconfig");
+    let out = std::process::Command::new(bin())
+        .args([
+            "token",
+            "create",
+            "--uses",
+            "2",
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let join_token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let relay = stack.up.ready_str("relay");
     let target = format!("shop=127.0.0.1:{},http", stack.origin.addr.port());
     let mut agents = Vec::new();
@@ -423,6 +525,8 @@ async fn shop(stack: &Stack) -> Vec<Process> {
             "agent",
             "--kubeconfig",
             &kubeconfig,
+            "--join-token",
+            &join_token,
             "--project",
             "default",
             "--name",

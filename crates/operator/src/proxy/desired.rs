@@ -29,6 +29,7 @@ pub mod reasons {
     pub const PROGRAMMED: &str = "Programmed";
     pub const METADATA: &str = "ConnectorMetadataProgrammed";
     pub const HOSTNAMES_IN_USE: &str = "HostnamesInUse";
+    pub const HOSTNAME_IN_USE: &str = "HostnameInUse";
     pub const INVALID: &str = "Invalid";
     pub const CONNECTOR_NOT_FOUND: &str = "ConnectorNotFound";
     pub const NOT_ADVERTISED: &str = "BackendNotAdvertised";
@@ -56,7 +57,7 @@ pub struct Inputs<'a> {
     pub connectors: &'a [&'a Connector],
     /// Advertisements in the proxy's namespace.
     pub advertisements: &'a [&'a ConnectorAdvertisement],
-    /// For a hostname, the `namespace/name` of an older HTTPProxy claiming it, if any.
+    /// For a hostname, who owns it if this proxy may not have it (see `hostnames`).
     pub claimed_by: &'a dyn Fn(&str) -> Option<String>,
     /// The generated HTTPRoute's status, as the gateway reported it.
     pub route_status: Option<&'a HttpRouteStatus>,
@@ -190,7 +191,8 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         .as_ref()
         .map(|uid| format!("{uid}.{}", input.config.zone));
 
-    // Hostnames: older claimants keep theirs; the rest of the proxy still works.
+    // Hostnames: a name another proxy owns refuses the whole proxy, so its status never
+    // claims a URL that serves someone else's app.
     let mut hostname_statuses = Vec::new();
     let mut active: Vec<String> = Vec::new();
     let mut in_use = Vec::new();
@@ -201,10 +203,8 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
             Some(other) => cond(
                 HOSTNAMES_IN_USE,
                 true,
-                "HostnameInUse",
-                format!(
-                    "{h} is already used by the older HTTPProxy {other}; it is left out of the route"
-                ),
+                HOSTNAME_IN_USE,
+                format!("{h} is already claimed by {other}"),
             ),
             None => cond(
                 HOSTNAMES_IN_USE,
@@ -218,7 +218,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
             conditions: vec![c],
         });
         match claim {
-            Some(other) => in_use.push(format!("{h} (by {other})")),
+            Some(other) => in_use.push(format!("{h} is already claimed by {other}")),
             None => active.push(h),
         }
     }
@@ -237,12 +237,27 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
             HOSTNAMES_IN_USE,
             true,
             "HostnamesInUse",
-            format!("hostnames used by older proxies: {}", in_use.join(", ")),
+            format!("hostnames already claimed: {}", in_use.join(", ")),
         )
     };
 
     // Backends: resolve connectors, check endpoints and advertisements.
-    let mut errors: Vec<(&'static str, String)> = Vec::new();
+    let mut errors: Vec<(&'static str, String)> = in_use
+        .iter()
+        .map(|u| {
+            (
+                HOSTNAME_IN_USE,
+                format!("spec.hostnames: {u}; choose another hostname or delete the other claim"),
+            )
+        })
+        .collect();
+    // Objects stored before a validation rule existed (a reserved header in a filter,
+    // say) are refused here too, never half-applied.
+    errors.extend(
+        portway_api::validation::Validate::validate(proxy)
+            .into_iter()
+            .map(|e| (INVALID, e.to_string())),
+    );
     let mut refs: Vec<BackendRef<'_>> = Vec::new();
     for (i, rule) in proxy.spec.rules.iter().enumerate() {
         for (j, backend) in rule.backends.iter().enumerate() {
@@ -1134,7 +1149,7 @@ mod tests {
     }
 
     #[test]
-    fn hostnames_claimed_by_older_proxies_are_left_out() {
+    fn a_hostname_owned_by_another_proxy_refuses_the_proxy() {
         let d = Case {
             proxy: proxy(
                 &["taken.example.com", "Free.example.com"],
@@ -1143,18 +1158,25 @@ mod tests {
             ),
             connectors: vec![connector("laptop", Some(1), true, &[])],
             ads: vec![advertise("laptop", "127.0.0.1", 3000)],
-            claimed: &[("taken.example.com", "p0/first")],
+            claimed: &[("taken.example.com", "another project (as *.example.com)")],
             route_status: None,
         }
         .run();
+        let accepted = cond(&d, ACCEPTED);
         assert_eq!(
-            cond(&d, ACCEPTED).status,
-            "True",
-            "the rest of the proxy still works"
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", HOSTNAME_IN_USE),
+            "a URL that would serve someone else's app is never reported as working"
         );
-        let in_use = cond(&d, HOSTNAMES_IN_USE);
-        assert_eq!(in_use.status, "True");
-        assert!(in_use.message.contains("taken.example.com (by p0/first)"));
+        assert!(
+            accepted.message.contains(
+                "taken.example.com is already claimed by another project (as *.example.com)"
+            ),
+            "{}",
+            accepted.message
+        );
+        assert_eq!(cond(&d, PROGRAMMED).status, "False");
+        assert_eq!(cond(&d, HOSTNAMES_IN_USE).status, "True");
         let statuses: Vec<(&str, &str)> = d
             .status
             .hostname_statuses
@@ -1165,10 +1187,44 @@ mod tests {
             statuses,
             [("taken.example.com", "True"), ("free.example.com", "False")]
         );
-        assert_eq!(
-            d.route.unwrap().spec.hostnames.unwrap(),
-            ["free.example.com", "u-1.portway.localhost"]
+        assert!(
+            d.route.is_none() && d.gateway.is_none(),
+            "no generated objects"
         );
+    }
+
+    #[test]
+    fn reserved_headers_in_stored_objects_are_refused() {
+        let mut p = proxy(
+            &["app.example.com"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        );
+        p.spec.rules[0].backends[0].filters = serde_json::from_value(serde_json::json!([
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": "cd".repeat(32)}]}}
+        ]))
+        .unwrap();
+        let d = Case {
+            proxy: p,
+            connectors: vec![connector("laptop", Some(1), true, &[])],
+            ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+            claimed: &[],
+            route_status: None,
+        }
+        .run();
+        let accepted = cond(&d, ACCEPTED);
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", INVALID)
+        );
+        assert!(
+            accepted
+                .message
+                .contains("spec.rules[0].backends[0].filters[0].requestHeaderModifier.set[0].name"),
+            "{}",
+            accepted.message
+        );
+        assert!(d.route.is_none());
     }
 
     #[test]

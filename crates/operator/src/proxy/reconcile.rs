@@ -128,7 +128,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     let route = ctx.routes.get(&ObjectRef::new(&name).within(&ns));
     let gateway = ctx.gateways.get(&ObjectRef::new(&name).within(&ns));
     let me = Claim::of(&proxy);
-    let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me);
+    let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me).map(|o| o.to_string());
     let connector_refs: Vec<&Connector> = connectors.iter().map(AsRef::as_ref).collect();
     let ad_refs: Vec<&ConnectorAdvertisement> = ads.iter().map(AsRef::as_ref).collect();
     let addresses = gateway

@@ -1,0 +1,517 @@
+//! The security suite: every rule of who may do what, attacked with real processes — two
+//! projects, three joined devices, people's tokens, clients through the edge, curl at the
+//! API server, half-sent requests — each attack failing with the error a user would see.
+//! Part of the e2e binary (one build, one `portway up`).
+
+use super::*;
+
+use kube::api::{DeleteParams, Patch, PatchParams};
+use portway_api::{Connector, ConnectorAdvertisement};
+use portway_testkit::kubeconfig_with_token;
+
+const ADMIN: &str = "admin-0123456789abcdef0123";
+/// A person with the agent role in team-b.
+const BOB: &str = "bob-0123456789abcdef012345";
+/// A person with the agent role in team-a.
+const MALLORY: &str = "mallory-0123456789abcdef01";
+
+/// The API's refusal of a write, as `(code, message)`.
+fn refusal<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> (u16, String) {
+    match r {
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        other => panic!("expected the API to refuse, got {other:?}"),
+    }
+}
+
+async fn portway(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct World {
+    stack: Stack,
+    admin_kc: PathBuf,
+    admin: kube::Client,
+    /// Device A's second app, which A never offers.
+    secret: Origin,
+    origin_b: Origin,
+    /// team-b's one-use join token, spent by device-b.
+    team_b_token: String,
+    _devices: Vec<Process>,
+}
+
+impl World {
+    async fn start() -> Self {
+        let tokens = format!(
+            "{ADMIN},root,admin,*\n{BOB},bob,agent,team-b\n{MALLORY},mallory,agent,team-a\n"
+        );
+        let stack = Stack::start_with(Some(&tokens)).await;
+        let admin_kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
+        let admin = kube_client(&admin_kc).await.unwrap();
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+        for ns in ["team-a", "team-b"] {
+            namespaces
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        let join = |project: &'static str, uses: &'static str| {
+            let kc = admin_kc.clone();
+            async move {
+                let (ok, token, err) = portway(&[
+                    "token",
+                    "create",
+                    "--project",
+                    project,
+                    "--uses",
+                    uses,
+                    "--kubeconfig",
+                    kc.to_str().unwrap(),
+                ])
+                .await;
+                assert!(ok && token.starts_with("pwj."), "{token}\n{err}");
+                token
+            }
+        };
+        let (team_a, team_b) = (join("team-a", "2").await, join("team-b", "1").await);
+        let origin_b = Origin::spawn().await.unwrap();
+        let a_web = format!(
+            "web=127.0.0.1:{},http,a.localhost,app.a.localhost",
+            stack.origin.addr.port()
+        );
+        let b_web = format!("web=127.0.0.1:{},http,b.localhost", origin_b.addr.port());
+        let mut devices = Vec::new();
+        for (name, project, token, tunnel) in [
+            ("device-a", "team-a", &team_a, Some(a_web)),
+            ("device-c", "team-a", &team_a, None),
+            ("device-b", "team-b", &team_b, Some(b_web)),
+        ] {
+            let state = stack.dir.path().join(name);
+            let relay = stack.up.ready_str("relay");
+            let mut args = vec![
+                "agent".to_owned(),
+                "--kubeconfig".into(),
+                admin_kc.display().to_string(),
+                "--join-token".into(),
+                token.clone(),
+                "--project".into(),
+                project.into(),
+                "--name".into(),
+                name.into(),
+                "--state-dir".into(),
+                state.display().to_string(),
+                "--relay".into(),
+                relay,
+            ];
+            if let Some(t) = tunnel {
+                args.extend(["--tunnel".into(), t]);
+            }
+            devices.push(Process::start(name, bin(), args).await.unwrap());
+        }
+        Self {
+            stack,
+            admin_kc,
+            admin,
+            secret: Origin::spawn().await.unwrap(),
+            origin_b,
+            team_b_token: team_b,
+            _devices: devices,
+        }
+    }
+
+    /// A client with a joined device's own credential.
+    async fn device(&self, name: &str) -> kube::Client {
+        let kc = self.stack.dir.path().join(name).join("device.kubeconfig");
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&kc).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "{} must be private", kc.display());
+        kube_client(&kc).await.unwrap()
+    }
+
+    /// A client with a person's token.
+    async fn person(&self, token: &str, ns: &str) -> kube::Client {
+        let kc = self
+            .stack
+            .dir
+            .path()
+            .join(format!("{ns}-{}.kubeconfig", &token[..3]));
+        kubeconfig_with_token(&self.admin_kc, token, ns, &kc).unwrap();
+        kube_client(&kc).await.unwrap()
+    }
+
+    async fn connector(&self, ns: &str, name: &str) -> Connector {
+        Api::<Connector>::namespaced(self.admin.clone(), ns)
+            .get(name)
+            .await
+            .unwrap()
+    }
+
+    /// Waits for a proxy's `Accepted` condition to have `status`, and returns it.
+    async fn accepted(
+        &self,
+        ns: &str,
+        name: &str,
+        status: &str,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        let api: Api<HttpProxy> = Api::namespaced(self.admin.clone(), ns);
+        eventually(&format!("{ns}/{name} Accepted={status}"), WAIT, || async {
+            let p = api.get(name).await?;
+            let c = p
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .find(|c| c.type_ == "Accepted")
+                .cloned()
+                .context("no Accepted condition yet")?;
+            ensure!(c.status == status, "{c:?}");
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn serves(&self, host: &str, origin: &Origin) {
+        let want = format!("hello from {}", origin.addr.port());
+        eventually(&format!("{host} serves {want}"), WAIT, || async {
+            let (status, body) = self.stack.get(host, "/hello").await?;
+            ensure!(status == StatusCode::OK && body == want, "{status}: {body}");
+            Ok(())
+        })
+        .await;
+    }
+}
+
+fn proxy(
+    name: &str,
+    hosts: &[&str],
+    connector: &str,
+    port: u16,
+    filters: serde_json::Value,
+) -> HttpProxy {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"hostnames": hosts, "rules": [{"backends": [{
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "connector": {"name": connector},
+            "filters": filters,
+        }]}]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn attacks_on_isolation_are_refused() {
+    let w = World::start().await;
+    w.serves("a.localhost", &w.stack.origin).await;
+    w.serves("b.localhost", &w.origin_b).await;
+    let a_id = w
+        .connector("team-a", "device-a")
+        .await
+        .endpoint_id()
+        .unwrap()
+        .to_owned();
+    let c_id = w
+        .connector("team-a", "device-c")
+        .await
+        .endpoint_id()
+        .unwrap()
+        .to_owned();
+    let a_port = w.stack.origin.addr.port();
+    let secret_port = w.secret.addr.port();
+    let bob = w.person(BOB, "team-b").await;
+    let mallory = w.person(MALLORY, "team-a").await;
+    let device_c = w.device("device-c").await;
+    let device_b = w.device("device-b").await;
+
+    // 1. Cross-project routing through header filters: B's proxy, B's connector, but a
+    //    backend filter naming A's device and port.
+    let steal = proxy(
+        "steal",
+        &["steal.localhost"],
+        "device-b",
+        w.origin_b.addr.port(),
+        json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
+            {"name": "datum-node-id", "value": a_id}, {"name": "datum-target-port", "value": a_port.to_string()}]}}]),
+    );
+    let (code, msg) = refusal(
+        Api::<HttpProxy>::namespaced(bob.clone(), "team-b")
+            .create(&PostParams::default(), &steal)
+            .await,
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert!(
+        msg.contains("spec.rules[0].backends[0].filters[0].requestHeaderModifier.set[0].name")
+            && msg.contains("\"datum-node-id\" is reserved"),
+        "{msg}"
+    );
+    let (status, _) = w.stack.get("steal.localhost", "/hello").await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // 2. Allow-list injection: an advertisement for A's connector on a port A never
+    //    offered, by a person of A's project and by another device of A's project.
+    let inject: ConnectorAdvertisement = serde_json::from_value(json!({
+        "metadata": {"name": "inject"},
+        "spec": {"connectorRef": {"name": "device-a"}, "layer4": [{"name": "ssh", "services": [
+            {"address": "127.0.0.1", "ports": [{"port": secret_port, "protocol": "TCP"}]}]}]},
+    }))
+    .unwrap();
+    for (who, client) in [("mallory", &mallory), ("device-c", &device_c)] {
+        let (code, msg) = refusal(
+            Api::<ConnectorAdvertisement>::namespaced(client.clone(), "team-a")
+                .create(&PostParams::default(), &inject)
+                .await,
+        );
+        assert_eq!(code, 403, "{who}: {msg}");
+        assert!(msg.contains("device-a"), "{who}: {msg}");
+    }
+    // A proxy to the unoffered port is refused by the operator...
+    let reach = proxy(
+        "reach",
+        &["reach.localhost"],
+        "device-a",
+        secret_port,
+        json!([]),
+    );
+    Api::<HttpProxy>::namespaced(mallory.clone(), "team-a")
+        .create(&PostParams::default(), &reach)
+        .await
+        .unwrap();
+    let c = w.accepted("team-a", "reach", "False").await;
+    assert_eq!(c.reason, "BackendNotAdvertised", "{c:?}");
+    // ...and even when an admin writes the advertisement (so the operator routes it),
+    // the device serves only its own tunnels.
+    Api::<ConnectorAdvertisement>::namespaced(w.admin.clone(), "team-a")
+        .create(&PostParams::default(), &inject)
+        .await
+        .unwrap();
+    w.accepted("team-a", "reach", "True").await;
+    let api: Api<HttpProxy> = Api::namespaced(w.admin.clone(), "team-a");
+    eventually("reach is programmed", WAIT, || async {
+        let p = api.get("reach").await?;
+        ensure!(
+            portway_api::is_condition_true(&p.status.unwrap_or_default().conditions, "Programmed"),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await;
+    let (status, body) = w.stack.get("reach.localhost", "/hello").await.unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        !body.contains(&format!("hello from {secret_port}")),
+        "{body}"
+    );
+
+    // 3. Connector hijack: another device's credential, or a person's token, pointing
+    //    A's connector at another NodeID; a device reporting someone else's NodeID.
+    let hijack = json!({"status": {"connectionDetails": {"publicKey": {"id": c_id}}}});
+    for (who, client) in [("device-c", &device_c), ("mallory", &mallory)] {
+        let (code, msg) = refusal(
+            Api::<Connector>::namespaced(client.clone(), "team-a")
+                .patch_status("device-a", &PatchParams::default(), &Patch::Merge(&hijack))
+                .await,
+        );
+        assert_eq!(code, 403, "{who}: {msg}");
+        let (code, msg) = refusal(
+            Api::<Connector>::namespaced(client.clone(), "team-a")
+                .delete("device-a", &DeleteParams::default())
+                .await,
+        );
+        assert_eq!(code, 403, "{who} deleting: {msg}");
+    }
+    let (code, msg) = refusal(
+        Api::<Connector>::namespaced(device_c.clone(), "team-a")
+            .patch_status(
+                "device-c",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"connectionDetails": {"publicKey": {"id": a_id}}}}),
+                ),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains("may only report its own NodeID"), "{msg}");
+    let (code, _) = refusal(
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(device_c.clone(), "team-a")
+            .delete("device-a", &DeleteParams::default())
+            .await,
+    );
+    assert_eq!(code, 403);
+    let (code, _) = refusal(
+        Api::<Connector>::namespaced(device_b.clone(), "team-a")
+            .list(&Default::default())
+            .await,
+    );
+    assert_eq!(code, 403, "a device sees only its own project");
+    assert_eq!(
+        w.connector("team-a", "device-a").await.endpoint_id(),
+        Some(a_id.as_str())
+    );
+    w.serves("a.localhost", &w.stack.origin).await;
+
+    // 4. Hostnames are owned: A's canonical name, A's name, and a wildcard over A's
+    //    name, claimed from project B, are refused; A keeps serving them.
+    let a_proxy = Api::<HttpProxy>::namespaced(w.admin.clone(), "team-a")
+        .get("device-a-web")
+        .await
+        .unwrap();
+    let canonical = a_proxy.status.unwrap().canonical_hostname.unwrap();
+    for (name, host) in [
+        ("canon", canonical.as_str()),
+        ("same", "a.localhost"),
+        ("wild", "*.a.localhost"),
+    ] {
+        let p = proxy(name, &[host], "device-b", w.origin_b.addr.port(), json!([]));
+        Api::<HttpProxy>::namespaced(bob.clone(), "team-b")
+            .create(&PostParams::default(), &p)
+            .await
+            .unwrap();
+        let c = w.accepted("team-b", name, "False").await;
+        assert_eq!(c.reason, "HostnameInUse", "{host}: {c:?}");
+        assert!(
+            c.message.contains("another project"),
+            "{host}: {}",
+            c.message
+        );
+        assert!(
+            !c.message.contains("team-a"),
+            "another project's names stay hidden: {}",
+            c.message
+        );
+    }
+    w.serves(&canonical, &w.stack.origin).await;
+    w.serves("a.localhost", &w.stack.origin).await;
+    w.serves("app.a.localhost", &w.stack.origin).await;
+
+    // 5. A used-up join token joins nothing; the error says why. The device keeps its
+    //    credential, never the join token.
+    let saved =
+        std::fs::read_to_string(w.stack.dir.path().join("device-b/device.kubeconfig")).unwrap();
+    assert!(saved.contains("pwd.") && !saved.contains("pwj."), "{saved}");
+    let (ok, _, err) = portway(&[
+        "agent",
+        "--kubeconfig",
+        w.admin_kc.to_str().unwrap(),
+        "--join-token",
+        &w.team_b_token,
+        "--project",
+        "team-b",
+        "--name",
+        "intruder",
+        "--state-dir",
+        w.stack.dir.path().join("intruder").to_str().unwrap(),
+        "--relay",
+        &w.stack.up.ready_str("relay"),
+    ])
+    .await;
+    assert!(
+        !ok && err.contains("join token is unknown, expired or used up"),
+        "{err}"
+    );
+
+    // 7. Parser denial of service: a 3 MiB `[[[[…` YAML body, twice at once, answers 400
+    //    while other requests are served as usual.
+    let body = w.stack.dir.path().join("nested.yaml");
+    std::fs::write(&body, "[".repeat(3 * 1024 * 1024 - 16)).unwrap();
+    let api = w.stack.up.ready_str("apiserver");
+    let ca = w.stack.data().join("pki/ca.crt");
+    let curl = |method: &str, path: &str, data: Option<&Path>| {
+        let mut c = tokio::process::Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "-X",
+            method,
+        ])
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["-H", &format!("Authorization: Bearer {ADMIN}")])
+        .arg(format!("{api}{path}"));
+        if let Some(f) = data {
+            c.args(["-H", "Content-Type: application/yaml", "--data-binary"])
+                .arg(format!("@{}", f.display()));
+        }
+        async move {
+            let out = c.output().await.unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let post = "/apis/networking.datumapis.com/v1alpha/namespaces/team-a/httpproxies";
+    let (a, b, get) = tokio::join!(
+        curl("POST", post, Some(&body)),
+        curl("POST", post, Some(&body)),
+        curl("GET", "/api/v1/namespaces/team-a", None),
+    );
+    for answer in [&a, &b] {
+        assert!(answer.starts_with("400 "), "nested body: {answer}");
+    }
+    assert!(get.starts_with("200 "), "{get}");
+    eprintln!("3 MiB nested YAML body: {a} / {b} (code, seconds); GET meanwhile: {get}");
+
+    // 8. Slowloris: connections that never finish their request head neither starve
+    //    the edge and the API server of answers nor stay open past the header timeout.
+    let api_addr: SocketAddr = api.trim_start_matches("https://").parse().unwrap();
+    let mut idle = Vec::new();
+    for target in [w.stack.edge, api_addr] {
+        for _ in 0..500 {
+            let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: a.localhost\r\n")
+                .await
+                .unwrap();
+            idle.push(s);
+        }
+    }
+    w.serves("a.localhost", &w.stack.origin).await;
+    assert!(
+        curl("GET", "/api/v1/namespaces/team-a", None)
+            .await
+            .starts_with("200 ")
+    );
+    let held = std::time::Instant::now();
+    for mut s in idle {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an idle connection outlived the header timeout"
+        );
+    }
+    eprintln!(
+        "1000 half-sent request heads all closed after {:?}",
+        held.elapsed()
+    );
+
+    // 6. Revoking a device: deleting its Connector cuts its credential off at once.
+    Api::<Connector>::namespaced(w.admin.clone(), "team-a")
+        .delete("device-c", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (code, _) = refusal(
+        Api::<Connector>::namespaced(device_c, "team-a")
+            .get("device-a")
+            .await,
+    );
+    assert_eq!(code, 401);
+}
