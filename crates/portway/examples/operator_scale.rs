@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -51,17 +50,7 @@ async fn main() {
     let proxies_n = arg("--proxies", 10_000);
     let projects = arg("--projects", 1_000).max(1);
     let changes = arg("--changes", 30);
-    let bin: PathBuf = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("portway");
-    assert!(
-        bin.exists(),
-        "build the binary first: cargo build --release -p portway --bins --examples"
-    );
+    let bin = portway_testkit::bench::release_bin();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (apiserver, ready) = portway_testkit::start_quiet(

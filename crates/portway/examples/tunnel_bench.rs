@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,18 +23,9 @@ use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use portway_api::HttpProxy;
 use portway_testkit::Process;
+use portway_testkit::bench::{rss_kib, wrk};
 use portway_testkit::origin::Origin;
 use serde_json::json;
-
-fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -111,67 +102,10 @@ fn curl_mbps(url: &str, connect_to: Option<SocketAddr>, host: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
-struct Wrk {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-fn parse_latency(v: &str) -> f64 {
-    let (num, unit): (String, String) = v.chars().partition(|c| c.is_ascii_digit() || *c == '.');
-    let n: f64 = num.parse().unwrap_or(0.0);
-    match unit.as_str() {
-        "us" => n,
-        "ms" => n * 1e3,
-        "s" => n * 1e6,
-        _ => n,
-    }
-}
-
-fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
-    let out = Command::new("wrk")
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &conns.to_string(),
-            "-d",
-            &format!("{secs}s"),
-            "--latency",
-            "-H",
-            &format!("Host: {host}"),
-            url,
-        ])
-        .output()
-        .expect("wrk");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
-    let field = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()))
-            .unwrap_or_default()
-    };
-    Wrk {
-        rps: field("Requests/sec:").parse().unwrap_or(0.0),
-        p50_us: parse_latency(&field("50%")),
-        p99_us: parse_latency(&field("99%")),
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let bin: PathBuf = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("portway");
-    assert!(
-        bin.exists(),
-        "build first: cargo build --release -p portway --bins --examples"
-    );
+    let bin = portway_testkit::bench::release_bin();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let (_nginx, nginx_port) = nginx(d);

@@ -1,0 +1,79 @@
+//! Helpers the release benchmarks share (`crates/portway/examples`): resident memory of a
+//! process and wrk runs, parsed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The release `portway` beside the running example (`target/release/examples/..`).
+/// Panics with the build command when it is missing.
+pub fn release_bin() -> PathBuf {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.join("portway")))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "build first: cargo build --release -p portway --bins --examples"
+    );
+    bin
+}
+
+/// Resident set size of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One wrk run: requests per second and latency percentiles in µs.
+pub struct Wrk {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+fn parse_latency(v: &str) -> f64 {
+    let (num, unit): (String, String) = v.chars().partition(|c| c.is_ascii_digit() || *c == '.');
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match unit.as_str() {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => n,
+    }
+}
+
+/// Runs wrk against `url` with `Host: host`; panics when wrk is missing or saw non-2xx.
+pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            "-H",
+            &format!("Host: {host}"),
+            url,
+        ])
+        .output()
+        .expect("wrk (apt-get install -y wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    Wrk {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        p50_us: parse_latency(&field("50%")),
+        p99_us: parse_latency(&field("99%")),
+    }
+}
