@@ -144,6 +144,8 @@ pub enum Error {
     Proxy(String),
     #[error("API request failed")]
     Kube(#[from] kube::Error),
+    #[error("building the lease object")]
+    Lease(#[from] serde_json::Error),
     #[error(
         "connector {project}/{name} belongs to another device (endpoint {other}) whose lease is current; \
          choose another name with --name"
@@ -640,8 +642,7 @@ async fn renew_lease(s: &Shared, connector: &Connector) -> Result<(), Error> {
             let mut lease: Lease = serde_json::from_value(json!({
                 "metadata": {"name": name, "labels": {labels::MANAGED_BY: managers::AGENT}},
                 "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "acquireTime": now(), "renewTime": now()},
-            }))
-            .map_err(|e| Error::Proxy(e.to_string()))?;
+            }))?;
             lease.metadata.owner_references =
                 kube::Resource::controller_owner_ref(connector, &()).map(|o| vec![o]);
             match api

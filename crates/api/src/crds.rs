@@ -37,8 +37,14 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/crds/portway.yaml"
         );
-        let committed = std::fs::read_to_string(path).unwrap_or_default();
-        let generated = super::crds_yaml().unwrap_or_default();
+        let committed = std::fs::read_to_string(path).expect("deploy/crds/portway.yaml");
+        let generated = super::crds_yaml().unwrap();
+        // Equal but empty would prove nothing.
+        assert_eq!(
+            generated.matches("kind: CustomResourceDefinition").count(),
+            super::all_crds().len()
+        );
+        assert!(super::all_crds().len() >= 4, "every Portway kind has a CRD");
         assert!(
             committed == generated,
             "deploy/crds/portway.yaml is out of date; regenerate it with `cargo run -p portway -- crds > deploy/crds/portway.yaml`"

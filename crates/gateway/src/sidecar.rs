@@ -691,8 +691,16 @@ pub enum SetupError {
     #[error("registering the sidecar in ConnectorClass {class}")]
     Register {
         class: String,
-        source: Box<kube::Error>,
+        source: Box<RegisterError>,
     },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("the ConnectorClass status changed under every one of {0} attempts (409 Conflict)")]
+    Conflicts(u32),
 }
 
 /// Loads the key, binds the endpoint (DNS lookup and relays only) and registers it as an
@@ -737,11 +745,12 @@ pub async fn register(
     class: &str,
     name: &str,
     id: EndpointId,
-) -> Result<(), kube::Error> {
+) -> Result<(), RegisterError> {
     use kube::api::{Api, PostParams};
     use portway_api::{AuthorizedGateway, ConnectorClass};
+    const ATTEMPTS: u32 = 10;
     let api: Api<ConnectorClass> = Api::all(client.clone());
-    for _ in 0..10 {
+    for _ in 0..ATTEMPTS {
         let mut cls = api.get_status(class).await?;
         let status = cls.status.get_or_insert_with(Default::default);
         let entry = AuthorizedGateway {
@@ -759,10 +768,11 @@ pub async fn register(
         {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    // Not listed means agents refuse this sidecar's tunnels: say so, never pretend.
+    Err(RegisterError::Conflicts(ATTEMPTS))
 }
 
 #[cfg(test)]
