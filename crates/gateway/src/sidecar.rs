@@ -6,7 +6,7 @@
 //! steady stream of requests costs one QUIC stream round trip each, not a dial.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -129,10 +129,18 @@ impl Default for Config {
     }
 }
 
+/// Targets remembered at most; past that the oldest half is forgotten (a forgotten
+/// target gets a fresh key on its next request, and its idle pooled connections expire).
+const MAX_TARGETS: usize = 4096;
+
 #[derive(Default)]
 struct TargetsInner {
     keys: HashMap<Target, String>,
     targets: HashMap<String, Target>,
+    /// Keys in the order they were made, oldest first.
+    order: VecDeque<String>,
+    /// Never reused, so a key always names one target, even after forgetting.
+    next: u64,
     /// Parsing a NodeID decompresses a curve point: worth doing once per node, not per
     /// request.
     ids: HashMap<String, EndpointId>,
@@ -150,9 +158,20 @@ impl Targets {
         if let Some(k) = inner.keys.get(t) {
             return k.clone();
         }
-        let k = format!("t{}.tunnel.invalid", inner.keys.len());
+        if inner.order.len() >= MAX_TARGETS {
+            for _ in 0..MAX_TARGETS / 2 {
+                if let Some(old) = inner.order.pop_front()
+                    && let Some(target) = inner.targets.remove(&old)
+                {
+                    inner.keys.remove(&target);
+                }
+            }
+        }
+        let k = format!("t{}.tunnel.invalid", inner.next);
+        inner.next += 1;
         inner.keys.insert(t.clone(), k.clone());
         inner.targets.insert(k.clone(), t.clone());
+        inner.order.push_back(k.clone());
         k
     }
 
@@ -165,7 +184,11 @@ impl Targets {
             return Some(*id);
         }
         let id: EndpointId = s.parse().ok()?;
-        self.inner.lock().ids.insert(s.to_owned(), id);
+        let mut inner = self.inner.lock();
+        if inner.ids.len() >= MAX_TARGETS {
+            inner.ids.clear();
+        }
+        inner.ids.insert(s.to_owned(), id);
         Some(id)
     }
 }
@@ -917,6 +940,18 @@ mod tests {
         let (ka, kb) = (t.key(&a), t.key(&b));
         assert_ne!(ka, kb);
         assert_eq!(t.key(&a), ka);
-        assert_eq!(t.get(&kb), Some(b));
+        assert_eq!(t.get(&kb), Some(b.clone()));
+
+        // Bounded: the oldest are forgotten, and a key never names another target.
+        for port in 3..(MAX_TARGETS as u16 + 100) {
+            t.key(&Target { port, ..a.clone() });
+        }
+        let inner = t.inner.lock();
+        assert!(inner.keys.len() <= MAX_TARGETS && inner.targets.len() == inner.keys.len());
+        drop(inner);
+        assert_eq!(t.get(&ka), None, "the oldest target was forgotten");
+        let again = t.key(&a);
+        assert_ne!(again, ka, "a forgotten target gets a fresh key");
+        assert_eq!(t.get(&again), Some(a));
     }
 }
