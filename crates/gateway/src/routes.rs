@@ -150,9 +150,7 @@ async fn write_status(
         let ns = g.namespace().unwrap_or_default();
         let name = g.name_any();
         let status = g.status.clone().unwrap_or_default();
-        let mut conditions = status.conditions.clone().unwrap_or_default();
-        let mut changed = set_condition(
-            &mut conditions,
+        let ours = [
             condition(
                 "Accepted",
                 true,
@@ -160,9 +158,6 @@ async fn write_status(
                 "served by the built-in edge",
                 g.metadata.generation,
             ),
-        );
-        changed |= set_condition(
-            &mut conditions,
             condition(
                 "Programmed",
                 true,
@@ -170,7 +165,12 @@ async fn write_status(
                 "routes are live",
                 g.metadata.generation,
             ),
-        );
+        ];
+        let mut conditions = status.conditions.clone().unwrap_or_default();
+        let mut changed = false;
+        for c in &ours {
+            changed |= set_condition(&mut conditions, c.clone());
+        }
         let addresses: Vec<Value> = config
             .addresses
             .iter()
@@ -198,10 +198,11 @@ async fn write_status(
             continue;
         }
         let api: Api<Gateway> = Api::namespaced(client.clone(), &ns);
-        let patch = json!({"status": {"conditions": conditions, "addresses": addresses, "listeners": listeners}});
-        if let Err(e) = api
-            .patch_status(&name, &params(), &Patch::Merge(&patch))
-            .await
+        let mut rest = serde_json::Map::new();
+        rest.insert("addresses".into(), json!(addresses));
+        rest.insert("listeners".into(), json!(listeners));
+        if let Err(e) =
+            crate::status::write_gateway(&api, &name, managers::EDGE, &ours, Some(&rest)).await
         {
             tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing Gateway status");
         }

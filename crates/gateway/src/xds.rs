@@ -690,7 +690,7 @@ pub fn spawn_reporter(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     use gateway_api::apis::standard::gateways::Gateway;
-    use kube::api::{Api, ListParams, Patch, PatchParams};
+    use kube::api::{Api, ListParams};
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
@@ -718,26 +718,15 @@ pub fn spawn_reporter(
                     .as_ref()
                     .and_then(|s| s.conditions.clone())
                     .unwrap_or_default();
-                if !portway_api::set_condition(
-                    &mut conditions,
-                    condition(&current, g.metadata.generation),
-                ) {
+                let ours = condition(&current, g.metadata.generation);
+                if !portway_api::set_condition(&mut conditions, ours.clone()) {
                     continue;
                 }
                 let ns = g.metadata.namespace.clone().unwrap_or_default();
                 let name = g.metadata.name.clone().unwrap_or_default();
                 let api: Api<Gateway> = Api::namespaced(client.clone(), &ns);
-                let params = PatchParams {
-                    field_manager: Some("portway-xds".into()),
-                    ..Default::default()
-                };
-                if let Err(e) = api
-                    .patch_status(
-                        &name,
-                        &params,
-                        &Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
-                    )
-                    .await
+                if let Err(e) =
+                    crate::status::write_gateway(&api, &name, "portway-xds", &[ours], None).await
                 {
                     tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing XdsAccepted");
                 }
