@@ -139,17 +139,8 @@ async fn main() {
     let bin = portway_testkit::bench::release_bin();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut args = vec!["up", "--data", data.to_str().unwrap()];
-    for flag in [
-        "--http",
-        "--apiserver",
-        "--dns",
-        "--relay",
-        "--sidecar",
-        "--metrics",
-    ] {
-        args.extend([flag, "127.0.0.1:0"]);
-    }
+    let args = portway_testkit::up_args(&data, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
     let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
     let api = info["apiserver"].as_str().unwrap().to_owned();

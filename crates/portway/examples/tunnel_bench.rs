@@ -110,17 +110,8 @@ async fn main() {
     let d = tmp.path();
     let (_nginx, nginx_port) = nginx(d);
     let data = d.join("data");
-    let mut args = vec!["up", "--data", data.to_str().unwrap()];
-    for flag in [
-        "--http",
-        "--apiserver",
-        "--dns",
-        "--relay",
-        "--sidecar",
-        "--metrics",
-    ] {
-        args.extend([flag, "127.0.0.1:0"]);
-    }
+    let args = portway_testkit::up_args(&data, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
     let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
     let port = nginx_port.to_string();

@@ -98,24 +98,8 @@ impl Stack {
             cert.signing_key.serialize_pem(),
         )
         .unwrap();
-        let mut args = vec![
-            "up",
-            "--data",
-            data.to_str().unwrap(),
-            "--cert-dir",
-            certs.to_str().unwrap(),
-        ];
-        for flag in [
-            "--https",
-            "--http",
-            "--apiserver",
-            "--dns",
-            "--relay",
-            "--sidecar",
-            "--metrics",
-        ] {
-            args.extend([flag, "127.0.0.1:0"]);
-        }
+        let mut args = portway_testkit::up_args(&data, &["--https"]);
+        args.extend(["--cert-dir".into(), certs.display().to_string()]);
         let up = Process::start("up", bin(), args).await.unwrap();
         let edge = up.ready_str("http").parse().unwrap();
         let origin = Origin::spawn().await.unwrap();

@@ -195,6 +195,24 @@ impl Process {
     }
 }
 
+/// `portway up --data DATA` with every listener on a free loopback port (`127.0.0.1:0`),
+/// plus the `extra` listener flags (e.g. `--https`).
+pub fn up_args(data: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["up".to_owned(), "--data".into(), data.display().to_string()];
+    let listeners = [
+        "--http",
+        "--apiserver",
+        "--dns",
+        "--relay",
+        "--sidecar",
+        "--metrics",
+    ];
+    for flag in extra.iter().chain(&listeners) {
+        args.extend([(*flag).to_owned(), "127.0.0.1:0".into()]);
+    }
+    args
+}
+
 /// Starts a built binary with `--ready-file` and `RUST_LOG=warn` (for benchmarks); returns
 /// it with its ready JSON. Panics with the log if it does not become ready.
 pub async fn start_quiet(bin: &Path, args: &[&str], name: &str) -> (Process, Value) {
