@@ -17,7 +17,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use portway_api::{
     Connector, ConnectorAdvertisement, ConnectorClass, ConnectorSpec, HttpProxy, TUNNEL_ALPN,
     labels, managers,
@@ -592,20 +592,10 @@ async fn check_takeover(s: &Shared, c: &Connector) -> Result<(), Error> {
     };
     let name = c.metadata.name.clone().unwrap_or_default();
     let leases: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.project);
-    let held = leases
-        .get_opt(&name)
-        .await?
-        .and_then(|l| l.spec)
-        .is_some_and(|spec| {
-            let holder = spec.holder_identity.unwrap_or_default();
-            let expires = spec
-                .renew_time
-                .map(|t| t.0.as_second() + i64::from(spec.lease_duration_seconds.unwrap_or(0)))
-                .unwrap_or(0);
-            !holder.is_empty()
-                && holder != s.endpoint.id().to_string()
-                && expires > Timestamp::now().as_second()
-        });
+    let me = s.endpoint.id().to_string();
+    let held = leases.get_opt(&name).await?.is_some_and(|l| {
+        portway_kube::lease::current_holder(&l, Timestamp::now()).is_some_and(|h| h != me)
+    });
     if held {
         return Err(Error::NameTaken {
             project: s.config.project.clone(),
@@ -757,14 +747,13 @@ async fn watch_policy(s: Arc<Shared>) {
     let classes: Api<ConnectorClass> = Api::all(s.client.clone());
     let class_cfg =
         watcher::Config::default().fields(&format!("metadata.name={}", s.config.connector_class));
-    let (class_store, class_writer) = reflector::store();
-    let mut events = reflector(class_writer, watcher(classes, class_cfg).default_backoff()).boxed();
+    let (class_store, mut events) = portway_kube::watch::reflect(classes, class_cfg);
     while let Some(event) = events.next().await {
         if let Err(e) = event {
             tracing::debug!(error = %e, "gateway watch interrupted; keeping the last list");
             continue;
         }
-        if !ready(&class_store) {
+        if !portway_kube::watch::is_ready(&class_store) {
             continue;
         }
         let gateways: HashSet<String> = class_store
@@ -783,11 +772,4 @@ async fn watch_policy(s: Arc<Shared>) {
             store_policy(&s.config, &s.policy.borrow());
         }
     }
-}
-
-/// Whether a reflector has listed at least once.
-fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
-    store: &reflector::Store<K>,
-) -> bool {
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some()
 }

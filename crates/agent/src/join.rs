@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use http::Request;
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::Kubeconfig;
 use portway_discovery::endpoint;
 use serde_json::{Value, json};
 
@@ -58,6 +58,8 @@ pub enum JoinError {
     },
     #[error("kube client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Kube(#[from] portway_kube::ClientError),
 }
 
 /// Where the device credential lives.
@@ -73,10 +75,7 @@ fn read(path: &Path) -> Result<Kubeconfig, JoinError> {
 }
 
 async fn client_from(kc: Kubeconfig) -> Result<kube::Client, JoinError> {
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| JoinError::Client(e.to_string()))?;
-    kube::Client::try_from(config).map_err(|e| JoinError::Client(e.to_string()))
+    Ok(portway_kube::client_from(kc).await?)
 }
 
 /// The bearer token of the kubeconfig's current user.

@@ -18,10 +18,8 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use portway_api::{Connector, condition, set_condition};
-use serde_json::json;
+use kube::runtime::watcher;
+use portway_api::{Connector, condition};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -329,13 +327,8 @@ async fn run_controller(
     shutdown: CancellationToken,
 ) {
     let api: Api<Connector> = Api::all(client.clone());
-    let (reader, writer) = reflector::store();
-    let mut events = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    )
-    .ready_chunks(1024)
-    .boxed();
+    let (reader, events) = portway_kube::watch::reflect(api, watcher::Config::default());
+    let mut events = events.ready_chunks(1024);
     let mut serial = 1u32;
     let mut published = Records::new();
     let mut ready = false;
@@ -392,47 +385,36 @@ async fn run_controller(
     }
 }
 
-fn wanted(c: &Connector, d: &Decision) -> Option<Vec<Condition>> {
-    let mut conditions = c
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let new = condition(
+fn wanted(c: &Connector, d: &Decision) -> Condition {
+    condition(
         CONDITION,
         d.reason == Reason::Published,
         d.reason.as_str(),
         d.message.clone(),
         c.metadata.generation,
-    );
-    set_condition(&mut conditions, new).then_some(conditions)
+    )
 }
 
-/// Writes the condition if it changed, guarded by resourceVersion so a concurrent writer's
-/// conditions are never overwritten (a conflict is retried on the next event).
+/// Writes the condition if it changed, guarded by resourceVersion so the operator's
+/// conditions on the same connector are never overwritten.
 async fn write_condition(client: &kube::Client, c: &Connector, d: &Decision) {
-    let Some(conditions) = wanted(c, d) else {
-        return;
-    };
     let api: Api<Connector> = Api::namespaced(client.clone(), &d.namespace);
-    let patch = json!({
-        "metadata": {"resourceVersion": c.metadata.resource_version},
-        "status": {"conditions": conditions},
-    });
-    let params = PatchParams {
-        field_manager: Some(portway_api::managers::DNS.into()),
-        ..Default::default()
-    };
-    match api
-        .patch_status(&d.name, &params, &Patch::Merge(&patch))
-        .await
+    let id = format!("{}/{}", d.namespace, d.name);
+    match portway_kube::patch_conditions(
+        &api,
+        Some(c),
+        &d.name,
+        portway_api::managers::DNS,
+        &[wanted(c, d)],
+        None,
+    )
+    .await
     {
-        Ok(_) => {
-            tracing::debug!(connector = %format!("{}/{}", d.namespace, d.name), reason = d.reason.as_str(), "condition written")
+        Ok(true) => {
+            tracing::debug!(connector = %id, reason = d.reason.as_str(), "condition written")
         }
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
-        Err(e) => {
-            tracing::warn!(connector = %format!("{}/{}", d.namespace, d.name), error = %e, "writing IrohDNSPublished")
-        }
+        Ok(false) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => tracing::warn!(connector = %id, error = %e, "writing IrohDNSPublished"),
     }
 }

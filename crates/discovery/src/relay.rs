@@ -11,7 +11,7 @@ use futures::StreamExt;
 use iroh::{EndpointId, RelayUrl};
 use iroh_relay::server::{self as relay, CertConfig, QuicConfig, ServerConfig, TlsConfig};
 use kube::Api;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use portway_api::{Connector, ConnectorClass};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -107,26 +107,18 @@ pub fn known_ids<'a>(
 /// ConnectorClasses. Watch errors are logged and retried with backoff, keeping the last
 /// set; runs until the watches end (in practice, until dropped).
 pub async fn watch_known_endpoints(client: kube::Client, known: KnownEndpoints) {
-    let (connectors, connector_writer) = reflector::store();
-    let (classes, class_writer) = reflector::store();
-    let connector_events = reflector(
-        connector_writer,
-        watcher(
-            Api::<Connector>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    )
-    .map(|e| e.map(|_| ()));
-    let class_events = reflector(
-        class_writer,
-        watcher(
-            Api::<ConnectorClass>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    )
-    .map(|e| e.map(|_| ()));
+    let (connectors, connector_events) = portway_kube::watch::reflect(
+        Api::<Connector>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (classes, class_events) = portway_kube::watch::reflect(
+        Api::<ConnectorClass>::all(client),
+        watcher::Config::default(),
+    );
+    let (connector_events, class_events) = (
+        connector_events.map(|e| e.map(drop)),
+        class_events.map(|e| e.map(drop)),
+    );
     let mut events = futures::stream::select(connector_events, class_events)
         .ready_chunks(1024)
         .boxed();

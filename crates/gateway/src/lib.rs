@@ -6,7 +6,6 @@
 //! - [`edge`]: public HTTP/1.1, h2c and h2 over TLS (SNI); strips inbound `datum-*` and
 //!   `x-iroh-*`, routes, picks a ready backend, adds `X-Forwarded-*`, forwards through
 //!   the sidecar in process.
-//! - [`status`]: Gateway status writes, merged and guarded on resourceVersion.
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
 //!   authorised gateway; also serves standalone beside Envoy.
@@ -27,7 +26,6 @@ pub mod metrics;
 pub mod model;
 pub mod routes;
 pub mod sidecar;
-pub mod status;
 pub mod xds;
 
 use std::net::SocketAddr;

@@ -11,11 +11,12 @@ use futures::StreamExt;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
+use kube::runtime::watcher;
 use portway_api::{condition, managers, set_condition};
+use portway_kube::watch::{is_ready, reflect};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -45,31 +46,15 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let (gw_store, gw_writer) = reflector::store();
-        let (route_store, route_writer) = reflector::store();
-        let (slice_store, slice_writer) = reflector::store();
-        let cfg = watcher::Config::default;
-        let gws = reflector::reflector(
-            gw_writer,
-            watcher(Api::<Gateway>::all(client.clone()), cfg())
-                .default_backoff()
-                .modify(clear::<Gateway>),
-        )
-        .map(|e| e.map(drop));
-        let routes = reflector::reflector(
-            route_writer,
-            watcher(Api::<HttpRoute>::all(client.clone()), cfg())
-                .default_backoff()
-                .modify(clear::<HttpRoute>),
-        )
-        .map(|e| e.map(drop));
-        let slices = reflector::reflector(
-            slice_writer,
-            watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
-                .default_backoff()
-                .modify(clear::<EndpointSlice>),
-        )
-        .map(|e| e.map(drop));
+        let all = || watcher::Config::default();
+        let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
+        let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
+        let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
+        let (gws, routes, slices) = (
+            gws.map(|e| e.map(drop)),
+            routes.map(|e| e.map(drop)),
+            slices.map(|e| e.map(drop)),
+        );
         let mut events = futures::stream::select(futures::stream::select(gws, routes), slices)
             .ready_chunks(512)
             .boxed();
@@ -90,7 +75,7 @@ pub fn spawn(
                 },
                 _ = resync.tick() => {}
             }
-            if !(ready(&gw_store) && ready(&route_store) && ready(&slice_store)) {
+            if !(is_ready(&gw_store) && is_ready(&route_store) && is_ready(&slice_store)) {
                 continue;
             }
             let gws = gw_store.state();
@@ -111,22 +96,6 @@ pub fn spawn(
             }
         }
     })
-}
-
-/// Cached copies need not keep `managedFields` (a large part of every object).
-fn clear<K: Resource>(o: &mut K) {
-    o.meta_mut().managed_fields = None;
-}
-
-fn ready<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> bool {
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some()
-}
-
-fn params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(managers::EDGE.into()),
-        ..Default::default()
-    }
 }
 
 async fn write_status(
@@ -201,8 +170,15 @@ async fn write_status(
         let mut rest = serde_json::Map::new();
         rest.insert("addresses".into(), json!(addresses));
         rest.insert("listeners".into(), json!(listeners));
-        if let Err(e) =
-            crate::status::write_gateway(&api, &name, managers::EDGE, &ours, Some(&rest)).await
+        if let Err(e) = portway_kube::patch_conditions(
+            &api,
+            Some(g.as_ref()),
+            &name,
+            managers::EDGE,
+            &ours,
+            Some(&rest),
+        )
+        .await
         {
             tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing Gateway status");
         }
@@ -212,54 +188,52 @@ async fn write_status(
         else {
             continue;
         };
-        let status = route.status.clone().unwrap_or_default();
-        let mine = |p: &&gateway_api::apis::standard::httproutes::HttpRouteStatusParents| {
-            p.controller_name == config.controller_name && p.parent_ref.name == a.gateway
-        };
-        let mut conditions = status
-            .parents
-            .iter()
-            .find(mine)
-            .map(|p| p.conditions.clone())
-            .unwrap_or_default();
-        let mut changed = set_condition(
-            &mut conditions,
-            condition("Accepted", true, "Accepted", "", route.metadata.generation),
-        );
-        changed |= set_condition(
-            &mut conditions,
-            condition(
-                "ResolvedRefs",
-                true,
-                "ResolvedRefs",
-                "",
-                route.metadata.generation,
-            ),
-        );
-        if !changed && status.parents.iter().any(|p| mine(&p)) {
-            continue;
-        }
-        let mut parents: Vec<Value> = status
-            .parents
-            .iter()
-            .filter(|p| !mine(p))
-            .filter_map(|p| serde_json::to_value(p).ok())
-            .collect();
-        parents.push(json!({
-            "controllerName": config.controller_name,
-            "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": a.gateway, "namespace": a.route_ns},
-            "conditions": conditions,
-        }));
         let api: Api<HttpRoute> = Api::namespaced(client.clone(), &a.route_ns);
-        if let Err(e) = api
-            .patch_status(
-                &a.route,
-                &params(),
-                &Patch::Merge(&json!({"status": {"parents": parents}})),
-            )
-            .await
+        let decide = |r: &HttpRoute| route_parents(r, &config.controller_name, a);
+        if let Err(e) =
+            portway_kube::patch_status_with(&api, Some(&route), &a.route, managers::EDGE, decide)
+                .await
         {
             tracing::warn!(route = %format!("{}/{}", a.route_ns, a.route), error = %e, "writing HTTPRoute status");
         }
     }
+}
+
+/// The route's `status` with our parent entry for `a` accepted, or `None` when it is
+/// already so. Other controllers' parent entries are kept as they are.
+fn route_parents(route: &HttpRoute, controller: &str, a: &Attachment) -> Option<Value> {
+    let status = route.status.clone().unwrap_or_default();
+    let mine = |p: &&gateway_api::apis::standard::httproutes::HttpRouteStatusParents| {
+        p.controller_name == controller && p.parent_ref.name == a.gateway
+    };
+    let mut conditions = status
+        .parents
+        .iter()
+        .find(mine)
+        .map(|p| p.conditions.clone())
+        .unwrap_or_default();
+    let generation = route.metadata.generation;
+    let mut changed = set_condition(
+        &mut conditions,
+        condition("Accepted", true, "Accepted", "", generation),
+    );
+    changed |= set_condition(
+        &mut conditions,
+        condition("ResolvedRefs", true, "ResolvedRefs", "", generation),
+    );
+    if !changed && status.parents.iter().any(|p| mine(&p)) {
+        return None;
+    }
+    let mut parents: Vec<Value> = status
+        .parents
+        .iter()
+        .filter(|p| !mine(p))
+        .filter_map(|p| serde_json::to_value(p).ok())
+        .collect();
+    parents.push(json!({
+        "controllerName": controller,
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": a.gateway, "namespace": a.route_ns},
+        "conditions": conditions,
+    }));
+    Some(json!({"parents": parents}))
 }

@@ -725,8 +725,15 @@ pub fn spawn_reporter(
                 let ns = g.metadata.namespace.clone().unwrap_or_default();
                 let name = g.metadata.name.clone().unwrap_or_default();
                 let api: Api<Gateway> = Api::namespaced(client.clone(), &ns);
-                if let Err(e) =
-                    crate::status::write_gateway(&api, &name, "portway-xds", &[ours], None).await
+                if let Err(e) = portway_kube::patch_conditions(
+                    &api,
+                    Some(g),
+                    &name,
+                    "portway-xds",
+                    &[ours],
+                    None,
+                )
+                .await
                 {
                     tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing XdsAccepted");
                 }

@@ -103,7 +103,9 @@ async fn device_client(
     }
     let admin_kc = kube::config::Kubeconfig::read_from(&info.kubeconfig)
         .map_err(|e| UpError::Kubeconfig(e.to_string()))?;
-    let admin = crate::up::client(&info.kubeconfig).await?;
+    let admin = portway_kube::client(Some(&info.kubeconfig))
+        .await
+        .map_err(UpError::from)?;
     let (token, _) = join::create_join_token(&admin, project, 600, 1).await?;
     Ok(join::client_with(
         join::with_token(admin_kc, &token),

@@ -100,6 +100,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("kubeconfig")]
     Kubeconfig(String),
+    #[error(transparent)]
+    Client(#[from] portway_kube::ClientError),
     #[error("relay")]
     Relay(#[from] portway_discovery::relay::Error),
     #[error("DNS server")]
@@ -125,19 +127,6 @@ pub struct Up {
     edge: edge::Edge,
     endpoint: iroh::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// A kube client from a kubeconfig file.
-///
-/// # Errors
-/// When the file is unreadable or invalid.
-pub async fn client(kubeconfig: &Path) -> Result<kube::Client, Error> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .map_err(|e| Error::Kubeconfig(e.to_string()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .map_err(|e| Error::Kubeconfig(e.to_string()))?;
-    Ok(kube::Client::try_from(config)?)
 }
 
 /// Creates the tokens file with an admin token on first start. Devices never get a token
@@ -192,7 +181,7 @@ impl Up {
             .kubeconfig()
             .map(Path::to_path_buf)
             .ok_or_else(|| Error::Kubeconfig("no admin token".into()))?;
-        let client = client(&kubeconfig).await?;
+        let client = portway_kube::client(Some(&kubeconfig)).await?;
 
         let relay = portway_discovery::relay::Server::bind(portway_discovery::relay::Config {
             listen: config.relay,

@@ -20,7 +20,6 @@
 
 pub mod connector;
 mod hostnames;
-mod informer;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -34,7 +33,7 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -53,7 +52,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::hostnames::HostnameIndex;
-use crate::informer::{Subscriber, pending, relisted, touched};
+use portway_kube::watch::{Subscriber, pending, relisted, touched};
 
 /// What the operator needs to know.
 #[derive(Clone, Debug)]
@@ -88,6 +87,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("encoding an object")]
     Json(#[from] serde_json::Error),
+    #[error("writing status")]
+    Status(#[from] portway_kube::StatusError),
 }
 
 impl Error {
@@ -97,6 +98,9 @@ impl Error {
             Self::Kube(kube::Error::Api(_)) => "api",
             Self::Kube(_) => "transport",
             Self::Json(_) => "encoding",
+            Self::Status(portway_kube::StatusError::Conflicts(_)) => "conflict",
+            Self::Status(portway_kube::StatusError::Api(kube::Error::Api(_))) => "api",
+            Self::Status(_) => "transport",
         }
     }
 }
@@ -239,17 +243,15 @@ async fn ensure_classes(client: &kube::Client, config: &Config) -> Result<(), Er
         format!("handled by {}", config.proxy.controller_name),
         None,
     );
-    let status = json!({"status": {"conditions": [accepted]}});
-    gateway_classes
-        .patch_status(
-            name,
-            &PatchParams {
-                field_manager: Some(managers::OPERATOR.into()),
-                ..Default::default()
-            },
-            &Patch::Merge(&status),
-        )
-        .await?;
+    portway_kube::patch_conditions(
+        &gateway_classes,
+        None,
+        name,
+        managers::OPERATOR,
+        &[accepted],
+        None,
+    )
+    .await?;
     Ok(())
 }
 

@@ -839,19 +839,7 @@ struct BootstrapArgs {
 
 /// A kube client from a kubeconfig file, or kube's defaults.
 async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
-    let config = match path {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding a kubeconfig (use --kubeconfig)")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    Ok(portway_kube::client(path).await?)
 }
 
 async fn dns(args: DnsArgs) -> Result<()> {

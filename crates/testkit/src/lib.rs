@@ -287,11 +287,7 @@ pub fn install_crypto() {
 /// When the file cannot be read or describes no usable cluster.
 pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
     install_crypto();
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await?;
-    Ok(kube::Client::try_from(config)?)
+    Ok(portway_kube::client(Some(kubeconfig)).await?)
 }
 
 /// The kubectl binaries to test against: the one on PATH, plus `$PORTWAY_KUBECTL_EXTRA`

@@ -48,13 +48,7 @@ pub fn connector(
     let holder = spec
         .and_then(|s| s.holder_identity.clone())
         .unwrap_or_default();
-    let expiry = spec.and_then(|s| {
-        let renew = s.renew_time.as_ref()?.0;
-        let secs = i64::from(s.lease_duration_seconds?);
-        renew
-            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
-            .ok()
-    });
+    let expiry = lease.and_then(portway_kube::lease::expiry);
     let (ready, requeue_after) = match (lease, holder.is_empty(), expiry) {
         (None, ..) => (
             condition(

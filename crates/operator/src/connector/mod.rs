@@ -8,20 +8,12 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use portway_api::{Connector, ConnectorAdvertisement, managers, set_condition};
-use serde_json::json;
+use portway_api::{Connector, ConnectorAdvertisement, managers};
 
 use crate::{Ctx, Error};
-
-fn params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(managers::OPERATOR.into()),
-        ..Default::default()
-    }
-}
 
 pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = c.namespace().unwrap_or_default();
@@ -44,21 +36,18 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
     ) else {
         return Ok(Action::await_change());
     };
-    let mut conditions = c
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let mut changed = false;
-    for cond in decision.conditions {
-        changed |= set_condition(&mut conditions, cond);
-    }
-    if changed {
-        // Guarded by resourceVersion: the DNS server writes conditions on connectors too.
-        let api: Api<Connector> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"metadata": {"resourceVersion": c.resource_version()}, "status": {"conditions": conditions}});
-        api.patch_status(&name, &params(), &Patch::Merge(&patch))
-            .await?;
+    // Guarded by resourceVersion: the DNS server writes conditions on connectors too.
+    let api: Api<Connector> = Api::namespaced(ctx.client.clone(), &ns);
+    if portway_kube::patch_conditions(
+        &api,
+        Some(&c),
+        &name,
+        managers::OPERATOR,
+        &decision.conditions,
+        None,
+    )
+    .await?
+    {
         ctx.metrics.writes.inc();
     }
     Ok(match decision.requeue_after {
@@ -76,19 +65,17 @@ pub(crate) async fn reconcile_advertisement(
         .connectors
         .get(&ObjectRef::new(&a.spec.connector_ref.name).within(&ns))
         .is_some();
-    let mut conditions = a
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if set_condition(&mut conditions, desired::advertisement(&a, exists)) {
-        let api: Api<ConnectorAdvertisement> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &a.name_any(),
-            &params(),
-            &Patch::Merge(&json!({"status": {"conditions": conditions}})),
-        )
-        .await?;
+    let api: Api<ConnectorAdvertisement> = Api::namespaced(ctx.client.clone(), &ns);
+    if portway_kube::patch_conditions(
+        &api,
+        Some(&a),
+        &a.name_any(),
+        managers::OPERATOR,
+        &[desired::advertisement(&a, exists)],
+        None,
+    )
+    .await?
+    {
         ctx.metrics.writes.inc();
     }
     Ok(Action::requeue(Duration::from_secs(15 * 60)))

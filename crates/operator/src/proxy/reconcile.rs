@@ -14,7 +14,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use portway_api::{
-    BackendTrafficPolicy, Connector, ConnectorAdvertisement, HttpProxy, labels, managers,
+    BackendTrafficPolicy, Connector, ConnectorAdvertisement, HttpProxy, HttpProxyStatus, labels,
+    managers,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -168,8 +169,31 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     prune::<EndpointSlice>(&ctx, &ctx.slices, &proxy, &names(d.slices.clone())).await?;
     prune::<Service>(&ctx, &ctx.services, &proxy, &names(d.services.clone())).await?;
 
-    let current = proxy.status.clone().unwrap_or_default();
-    let mut status = d.status;
+    // Decided again from the object as stored if another writer got there first.
+    let api: Api<HttpProxy> = Api::namespaced(ctx.client.clone(), &ns);
+    let written =
+        portway_kube::patch_status_with(&api, Some(&proxy), &name, managers::OPERATOR, |p| {
+            let current = p.status.clone().unwrap_or_default();
+            let status = merged_status(&current, &d.status);
+            (status != current).then(|| json!(status))
+        })
+        .await;
+    match written {
+        Ok(true) => {
+            ctx.metrics.writes.inc();
+        }
+        Ok(false) => {}
+        // Deleted meanwhile: its children go with it.
+        Err(e) if e.is_not_found() => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::requeue(Duration::from_secs(15 * 60)))
+}
+
+/// The decided status with the transition times of the current one kept where a
+/// condition did not change.
+fn merged_status(current: &HttpProxyStatus, decided: &HttpProxyStatus) -> HttpProxyStatus {
+    let mut status = decided.clone();
     status.conditions = merged_conditions(&current.conditions, &status.conditions);
     for hs in &mut status.hostname_statuses {
         let old = current
@@ -181,26 +205,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
             &hs.conditions,
         );
     }
-    if status != current {
-        let api: Api<HttpProxy> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({"status": status});
-        let params = PatchParams {
-            field_manager: Some(managers::OPERATOR.into()),
-            ..Default::default()
-        };
-        match api
-            .patch_status(&name, &params, &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                ctx.metrics.writes.inc();
-            }
-            // Deleted meanwhile: its children go with it.
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(15 * 60)))
+    status
 }
 
 #[cfg(test)]
