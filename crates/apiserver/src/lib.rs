@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod app;
 pub mod apply;
 pub mod auth;
 pub mod decode;
@@ -248,7 +249,7 @@ impl Server {
             .map_err(|e| Error::Bootstrap(e.to_string()))?;
 
         let shutdown = CancellationToken::new();
-        let app = Arc::new(http::App {
+        let app = Arc::new(app::App {
             store: store.clone(),
             tokens,
             devices,

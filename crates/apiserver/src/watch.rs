@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{App, Query, flag, selectors};
 use crate::error::{ApiError, Result};
-use crate::http::{App, Query};
 use crate::registry::Res;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{Event, EventType, Store};
@@ -148,16 +148,14 @@ pub fn serve(
     q: &Query,
     table: bool,
 ) -> Result<Response> {
-    let (label, field) = crate::http::selectors(q, res)?;
+    let (label, field) = selectors(q, res)?;
     let filter = Filter {
         res,
         ns: ns.clone(),
         label,
         field,
     };
-    let bookmarks = q
-        .get("allowWatchBookmarks")
-        .is_some_and(|v| v == "true" || v == "1");
+    let bookmarks = flag(q, "allowWatchBookmarks");
     let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
     let timeout = match q.get("timeoutSeconds") {
         None => DEFAULT_TIMEOUT,
