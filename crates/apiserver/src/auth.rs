@@ -108,6 +108,86 @@ pub enum TokensError {
     },
 }
 
+/// One user of a tokens file: a line `token,user,roles[,namespaces]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenLine {
+    pub token: String,
+    pub user: String,
+    pub roles: Vec<Role>,
+    pub namespaces: Namespaces,
+}
+
+impl TokenLine {
+    /// Parses one line of a tokens file; `None` for a blank line or a `#` comment. Fields
+    /// are trimmed; a list of several roles or namespaces is quoted, as in CSV.
+    ///
+    /// # Errors
+    /// What is wrong with the line, for the caller to place in its file.
+    pub fn parse(line: &str) -> Option<Result<Self, String>> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .comment(Some(b'#'))
+            .trim(csv::Trim::All)
+            .from_reader(line.as_bytes());
+        let record = match reader.records().next()? {
+            Ok(record) => record,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        if record.iter().all(str::is_empty) {
+            return None;
+        }
+        Some(Self::from_record(&record))
+    }
+
+    fn from_record(record: &csv::StringRecord) -> Result<Self, String> {
+        if record.len() < 3 {
+            return Err("expected token,user,roles[,namespaces]".into());
+        }
+        let (token, user) = (&record[0], &record[1]);
+        if token.len() < 16 {
+            return Err("token must be at least 16 characters".into());
+        }
+        let roles = record[2]
+            .split(',')
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| {
+                Role::parse(r).ok_or_else(|| {
+                    format!("unknown role {r:?}; use admin, operator, agent or viewer")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if roles.is_empty() {
+            return Err("at least one role is required".into());
+        }
+        let ns_field = record.get(3).unwrap_or_default();
+        let namespaces = if ns_field == "*" {
+            Namespaces::All
+        } else {
+            Namespaces::Only(
+                ns_field
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        };
+        let scoped = roles
+            .iter()
+            .all(|r| matches!(r, Role::Agent | Role::Viewer));
+        if scoped && namespaces == Namespaces::Only(vec![]) {
+            return Err("agent and viewer users need namespaces (a list, or *)".into());
+        }
+        Ok(Self {
+            token: token.to_owned(),
+            user: user.to_owned(),
+            roles,
+            namespaces,
+        })
+    }
+}
+
 /// The users known by bearer token.
 #[derive(Clone, Debug, Default)]
 pub struct Tokens {
@@ -129,76 +209,24 @@ impl Tokens {
     /// When a line is malformed; the error names `source` and the line.
     pub fn parse(text: &str, source: &str) -> Result<Self, TokensError> {
         let mut by_token = HashMap::new();
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .comment(Some(b'#'))
-            .trim(csv::Trim::All)
-            .from_reader(text.as_bytes());
-        for record in reader.records() {
-            let err = |line: usize, message: String| TokensError::Line {
+        for (i, line) in text.lines().enumerate() {
+            let err = |message: String| TokensError::Line {
                 path: source.to_owned(),
-                line,
+                line: i + 1,
                 message,
             };
-            let record = record
-                .map_err(|e| err(e.position().map_or(0, |p| p.line() as usize), e.to_string()))?;
-            let line = record.position().map_or(0, |p| p.line() as usize);
-            if record.iter().all(str::is_empty) {
+            let Some(parsed) = TokenLine::parse(line) else {
                 continue;
-            }
-            if record.len() < 3 {
-                return Err(err(line, "expected token,user,roles[,namespaces]".into()));
-            }
-            let (token, name) = (&record[0], &record[1]);
-            if token.len() < 16 {
-                return Err(err(line, "token must be at least 16 characters".into()));
-            }
-            let roles = record[2]
-                .split(',')
-                .filter(|r| !r.trim().is_empty())
-                .map(|r| {
-                    Role::parse(r).ok_or_else(|| {
-                        err(
-                            line,
-                            format!("unknown role {r:?}; use admin, operator, agent or viewer"),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if roles.is_empty() {
-                return Err(err(line, "at least one role is required".into()));
-            }
-            let ns_field = record.get(3).unwrap_or_default();
-            let namespaces = if ns_field == "*" {
-                Namespaces::All
-            } else {
-                Namespaces::Only(
-                    ns_field
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|n| !n.is_empty())
-                        .map(str::to_owned)
-                        .collect(),
-                )
             };
-            let scoped = roles
-                .iter()
-                .all(|r| matches!(r, Role::Agent | Role::Viewer));
-            if scoped && namespaces == Namespaces::Only(vec![]) {
-                return Err(err(
-                    line,
-                    "agent and viewer users need namespaces (a list, or *)".into(),
-                ));
-            }
+            let t = parsed.map_err(err)?;
             let user = User {
-                name: name.to_owned(),
-                roles,
-                namespaces,
+                name: t.user,
+                roles: t.roles,
+                namespaces: t.namespaces,
                 device: None,
             };
-            if by_token.insert(token.to_owned(), Arc::new(user)).is_some() {
-                return Err(err(line, "duplicate token".into()));
+            if by_token.insert(t.token, Arc::new(user)).is_some() {
+                return Err(err("duplicate token".into()));
             }
         }
         Ok(Self { by_token })
@@ -300,6 +328,66 @@ mod tests {
             "{err}"
         );
         assert!(Tokens::parse("x0000000000000000,u,agent\n", "t").is_err());
+    }
+
+    #[test]
+    fn token_line_skips_comments_and_blanks_and_reads_quoted_lists() {
+        for skipped in ["", "   ", "# token,user,roles,namespaces", ",,,"] {
+            assert_eq!(TokenLine::parse(skipped), None, "{skipped:?}");
+        }
+        let line = TokenLine::parse(" agenttoken-0000000000 , dev ,\"agent, viewer\",\"p1, p2\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            line,
+            TokenLine {
+                token: "agenttoken-0000000000".into(),
+                user: "dev".into(),
+                roles: vec![Role::Agent, Role::Viewer],
+                namespaces: Namespaces::Only(vec!["p1".into(), "p2".into()]),
+            }
+        );
+        let admin = TokenLine::parse("admintoken-0000000000,alice,admin,*")
+            .unwrap()
+            .unwrap();
+        assert_eq!(admin.namespaces, Namespaces::All);
+        let operator = TokenLine::parse("optoken-000000000000,op,operator")
+            .unwrap()
+            .unwrap();
+        assert_eq!(operator.namespaces, Namespaces::Only(vec![]));
+    }
+
+    #[test]
+    fn token_line_says_what_is_wrong() {
+        let err = |line: &str| TokenLine::parse(line).unwrap().unwrap_err();
+        assert_eq!(
+            err("x0000000000000000,u"),
+            "expected token,user,roles[,namespaces]"
+        );
+        assert_eq!(
+            err("short,u,admin,*"),
+            "token must be at least 16 characters"
+        );
+        assert!(err("x0000000000000000,u,\"admin,wizard\",*").contains("\"wizard\""));
+        assert_eq!(
+            err("x0000000000000000,u,\" , \",*"),
+            "at least one role is required"
+        );
+        assert_eq!(
+            err("x0000000000000000,u,viewer"),
+            "agent and viewer users need namespaces (a list, or *)"
+        );
+    }
+
+    #[test]
+    fn duplicate_tokens_are_named_by_line() {
+        let err = Tokens::parse(
+            "# users\n\nx0000000000000000,a,admin\nx0000000000000000,b,admin\n",
+            "t.csv",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "t.csv:4: duplicate token");
     }
 
     #[test]

@@ -148,16 +148,10 @@ pub struct Server {
 
 /// The first admin token in the tokens file, for the kubeconfig we write.
 fn admin_token(text: &str) -> Option<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let mut fields = l.splitn(3, ',');
-            let token = fields.next()?.trim();
-            let _user = fields.next()?;
-            let roles = fields.next()?.trim_start_matches('"');
-            roles.starts_with("admin").then(|| token.to_owned())
-        })
+    text.lines().find_map(|l| match auth::TokenLine::parse(l)? {
+        Ok(line) if line.roles.contains(&auth::Role::Admin) => Some(line.token),
+        _ => None,
+    })
 }
 
 impl Server {
@@ -338,4 +332,23 @@ pub async fn ensure_namespace(store: &Store, name: &str) -> Result<(), error::Ap
             other => other.map(drop),
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn admin_token_is_the_first_line_with_the_admin_role() {
+        let text = "# token,user,roles,namespaces\n\
+                    viewertoken-00000000,v,viewer,*\n\
+                    admintoken-000000000,a,\"viewer,admin\",*\n\
+                    admintoken-111111111,b,admin\n";
+        assert_eq!(
+            super::admin_token(text).as_deref(),
+            Some("admintoken-000000000")
+        );
+        assert_eq!(
+            super::admin_token("viewertoken-00000000,v,viewer,*\n"),
+            None
+        );
+    }
 }

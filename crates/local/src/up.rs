@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use portway_apiserver::auth::{Namespaces, TokenLine};
 use portway_apiserver::files;
 use portway_discovery::endpoint;
 use portway_gateway::{edge, metrics::Metrics, model::Table, routes, sidecar};
@@ -134,9 +135,9 @@ pub struct Up {
 /// credential. A token for every namespace that earlier versions wrote for agents
 /// (`local-agent,agent,*`) is removed, with the kubeconfig that carried it.
 fn ensure_tokens(path: &Path, dir: &Path) -> Result<(), Error> {
-    let legacy = |l: &&str| {
-        let f: Vec<&str> = l.split(',').map(str::trim).collect();
-        f.len() >= 4 && f[1] == "local-agent" && f[3] == "*"
+    let legacy = |l: &&str| match TokenLine::parse(l) {
+        Some(Ok(t)) => t.user == "local-agent" && t.namespaces == Namespaces::All,
+        _ => false,
     };
     match std::fs::read_to_string(path) {
         Ok(text) if text.lines().any(|l| legacy(&l)) => {
