@@ -12,6 +12,7 @@ use futures::StreamExt;
 use http::{StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Query, flag, selectors};
@@ -207,19 +208,13 @@ pub fn serve(
         }
         stream(store, filter, enc, start, bookmarks, timeout, tx, shutdown).await;
     });
-    let body = Body::from_stream(tokio_stream_from(rx));
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         body,
     )
         .into_response())
-}
-
-fn tokio_stream_from(
-    rx: mpsc::Receiver<Bytes>,
-) -> impl futures::Stream<Item = std::result::Result<Bytes, Infallible>> {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) }).map(Ok)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -174,35 +174,39 @@ impl Http {
             portway_agent::objects::object_name(&reg.connector, &format!("http-{}", config.port));
         let api: Api<HttpProxy> = Api::namespaced(client, &config.project);
         let deadline = Duration::from_secs(60);
-        let started = tokio::time::Instant::now();
-        loop {
-            let p = api.get_opt(&proxy).await.ok().flatten();
-            let conds = p
-                .as_ref()
-                .and_then(|p| p.status.as_ref())
-                .map(|s| s.conditions.clone())
+        let live = |p: Option<&HttpProxy>| {
+            let conds = p.and_then(|p| p.status.as_ref()).map(|s| &s.conditions[..]);
+            conds.is_some_and(|c| {
+                is_condition_true(c, "Programmed") && is_condition_true(c, "Accepted")
+            })
+        };
+        let waited = tokio::time::timeout(
+            deadline,
+            kube::runtime::wait::await_condition(api.clone(), &proxy, live),
+        )
+        .await;
+        if !matches!(waited, Ok(Ok(_))) {
+            let conds = api
+                .get_opt(&proxy)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.status)
+                .map(|s| s.conditions)
                 .unwrap_or_default();
-            if is_condition_true(&conds, "Programmed") && is_condition_true(&conds, "Accepted") {
-                break;
-            }
-            if started.elapsed() > deadline {
-                let why = conds
-                    .iter()
-                    .filter(|c| c.status != "True")
-                    .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                agent.shutdown(true).await;
-                return Err(Error::NotProgrammed(
-                    deadline,
-                    if why.is_empty() {
-                        "no status yet".into()
-                    } else {
-                        why
-                    },
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let why = conds
+                .iter()
+                .filter(|c| c.status != "True")
+                .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let why = match waited {
+                Ok(Err(e)) => format!("watching it failed: {e}"),
+                _ if why.is_empty() => "no status yet".into(),
+                _ => why,
+            };
+            agent.shutdown(true).await;
+            return Err(Error::NotProgrammed(deadline, why));
         }
         let port = info.http.port();
         let url = if port == 80 {
