@@ -12,13 +12,26 @@ pub fn condition(
     message: impl Into<String>,
     generation: Option<i64>,
 ) -> Condition {
+    condition_at(type_, status, reason, message, generation, Timestamp::now())
+}
+
+/// [`condition`] stamped at `now`: pure decisions take the time as an input, so their
+/// output depends on nothing else and tests can fix the clock.
+pub fn condition_at(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if status { "True" } else { "False" }.to_owned(),
         reason: reason.to_owned(),
         message: message.into(),
         observed_generation: generation,
-        last_transition_time: Time(Timestamp::now()),
+        last_transition_time: Time(now),
     }
 }
 
@@ -75,5 +88,15 @@ mod tests {
             &[condition("A", true, "R", "", None)],
             "A"
         ));
+    }
+
+    #[test]
+    fn condition_at_stamps_the_given_time() {
+        let c = condition_at("Ready", false, "Gone", "m", Some(2), Timestamp::UNIX_EPOCH);
+        assert_eq!(c.last_transition_time, Time(Timestamp::UNIX_EPOCH));
+        assert_eq!(
+            (c.status.as_str(), c.observed_generation),
+            ("False", Some(2))
+        );
     }
 }

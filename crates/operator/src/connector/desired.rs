@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, condition};
+use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, condition_at};
 
 /// What a connector's status should say, and when to look again.
 #[derive(Debug, PartialEq)]
@@ -29,19 +29,21 @@ pub fn connector(
     let class_name = &c.spec.connector_class_name;
     let accepted = match class {
         Some(cls) if cls.spec.controller_name != controller => return None,
-        Some(_) => condition(
+        Some(_) => condition_at(
             "Accepted",
             true,
             "Accepted",
             format!("connector class {class_name} is served by {controller}"),
             generation,
+            now,
         ),
-        None => condition(
+        None => condition_at(
             "Accepted",
             false,
             "ConnectorClassNotFound",
             format!("connector class {class_name:?} does not exist"),
             generation,
+            now,
         ),
     };
     let spec = lease.and_then(|l| l.spec.as_ref());
@@ -51,45 +53,49 @@ pub fn connector(
     let expiry = lease.and_then(portway_kube::lease::expiry);
     let (ready, requeue_after) = match (lease, holder.is_empty(), expiry) {
         (None, ..) => (
-            condition(
+            condition_at(
                 "Ready",
                 false,
                 "ConnectorNotReady",
                 "no heartbeat lease yet: the agent has not connected",
                 generation,
+                now,
             ),
             None,
         ),
         (Some(_), true, _) | (Some(_), _, None) => (
-            condition(
+            condition_at(
                 "Ready",
                 false,
                 "ConnectorNotReady",
                 "the agent released its lease (it shut down)",
                 generation,
+                now,
             ),
             None,
         ),
         (Some(_), false, Some(exp)) if exp > now => {
             let left = now.duration_until(exp).unsigned_abs();
             (
-                condition(
+                condition_at(
                     "Ready",
                     true,
                     "ConnectorReady",
                     format!("lease held by {holder}, renewed in time"),
                     generation,
+                    now,
                 ),
                 Some(left + Duration::from_millis(100)),
             )
         }
         (Some(_), false, Some(exp)) => (
-            condition(
+            condition_at(
                 "Ready",
                 false,
                 "ConnectorNotReady",
                 format!("lease expired at {exp}: the agent stopped renewing it"),
                 generation,
+                now,
             ),
             None,
         ),
@@ -101,23 +107,29 @@ pub fn connector(
 }
 
 /// An advertisement is accepted when its connector exists.
-pub fn advertisement(a: &ConnectorAdvertisement, connector_exists: bool) -> Condition {
+pub fn advertisement(
+    a: &ConnectorAdvertisement,
+    connector_exists: bool,
+    now: Timestamp,
+) -> Condition {
     let name = &a.spec.connector_ref.name;
     if connector_exists {
-        condition(
+        condition_at(
             "Accepted",
             true,
             "Accepted",
             format!("connector {name} exists"),
             a.metadata.generation,
+            now,
         )
     } else {
-        condition(
+        condition_at(
             "Accepted",
             false,
             "ConnectorNotFound",
             format!("connector {name:?} does not exist in this project"),
             a.metadata.generation,
+            now,
         )
     }
 }
@@ -234,6 +246,7 @@ mod tests {
 
     #[test]
     fn advertisements_need_their_connector() {
+        let now = Timestamp::from_second(1).unwrap();
         let a = ConnectorAdvertisement::new(
             "a",
             portway_api::ConnectorAdvertisementSpec {
@@ -243,12 +256,13 @@ mod tests {
                 layer4: vec![],
             },
         );
-        assert_eq!(advertisement(&a, true).reason, "Accepted");
-        let c = advertisement(&a, false);
+        assert_eq!(advertisement(&a, true, now).reason, "Accepted");
+        let c = advertisement(&a, false, now);
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
             ("False", "ConnectorNotFound")
         );
         assert!(c.message.contains("gone"));
+        assert_eq!(c.last_transition_time.0, now, "stamped with the given time");
     }
 }

@@ -71,7 +71,7 @@ pub(crate) async fn reconcile_advertisement(
         Some(&a),
         &a.name_any(),
         managers::OPERATOR,
-        &[desired::advertisement(&a, exists)],
+        &[desired::advertisement(&a, exists, Timestamp::now())],
         None,
     )
     .await?

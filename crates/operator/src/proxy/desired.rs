@@ -1,5 +1,5 @@
 //! Every decision about an HTTPProxy, as a pure function: which Gateway API objects it
-//! needs and what its status says. No client, no clock beyond condition stamps.
+//! needs and what its status says. No client, no clock (the time is an input).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -16,11 +16,12 @@ use gateway_api::apis::standard::httproutes::{
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use portway_api::{
     BackendTrafficPolicy, BackendTrafficPolicySpec, Connector, ConnectorAdvertisement,
     HostnameStatus, HttpProxy, HttpProxyStatus, PolicyTargetReference, ProtocolUpgradeConfig,
-    condition, headers, is_condition_true, labels, managers, selector_matches,
+    condition_at, headers, is_condition_true, labels, managers, selector_matches,
 };
 
 /// Condition types and reasons on HTTPProxy.
@@ -64,6 +65,8 @@ pub struct Inputs<'a> {
     /// The generated Gateway's addresses, as the gateway reported them.
     pub gateway_addresses: &'a [GatewayStatusAddresses],
     pub config: &'a Config,
+    /// Stamped on conditions as their transition time.
+    pub now: Timestamp,
 }
 
 /// The objects and status the proxy should have. Objects absent here must not exist.
@@ -183,8 +186,9 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     let proxy = input.proxy;
     let name = proxy.metadata.name.clone().unwrap_or_default();
     let generation = proxy.metadata.generation;
-    let cond =
-        |t: &str, ok: bool, reason: &str, msg: String| condition(t, ok, reason, msg, generation);
+    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
+        condition_at(t, ok, reason, msg, generation, input.now)
+    };
     let canonical = proxy
         .metadata
         .uid
@@ -787,6 +791,9 @@ mod tests {
         })
     }
 
+    /// A fixed clock, so every condition's stamp is known.
+    const NOW: Timestamp = Timestamp::UNIX_EPOCH;
+
     struct Case<'a> {
         proxy: HttpProxy,
         connectors: Vec<Connector>,
@@ -813,6 +820,7 @@ mod tests {
                 route_status: self.route_status.as_ref(),
                 gateway_addresses: &[],
                 config: &config(),
+                now: NOW,
             })
         }
     }
@@ -856,6 +864,13 @@ mod tests {
         .run();
         assert_eq!(cond(&d, ACCEPTED).status, "True");
         assert_eq!(cond(&d, ACCEPTED).observed_generation, Some(3));
+        assert!(
+            d.status
+                .conditions
+                .iter()
+                .all(|c| c.last_transition_time.0 == NOW),
+            "stamped with the given time"
+        );
         assert_eq!(
             (
                 cond(&d, PROGRAMMED).status.as_str(),

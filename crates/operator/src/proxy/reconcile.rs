@@ -9,6 +9,7 @@ use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -145,6 +146,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         route_status: route.as_ref().and_then(|r| r.status.as_ref()),
         gateway_addresses: &addresses,
         config: &ctx.config.proxy,
+        now: Timestamp::now(),
     });
 
     // Children first (status may only claim what exists).
