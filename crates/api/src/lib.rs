@@ -21,6 +21,7 @@ mod crds;
 mod envoy;
 mod httpproxy;
 mod selector;
+mod target;
 pub mod validation;
 
 pub use advertisement::*;
@@ -30,6 +31,7 @@ pub use crds::{all_crds, crds_yaml};
 pub use envoy::*;
 pub use httpproxy::*;
 pub use selector::*;
+pub use target::Target;
 pub use validation::{FieldError, FieldErrorKind, Validate};
 
 /// Re-exported so dependants use the same versions as the types.

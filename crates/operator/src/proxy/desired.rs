@@ -14,14 +14,16 @@ use gateway_api::apis::standard::httproutes::{
     HttpRouteSpec, HttpRouteStatus,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use portway_api::{
     BackendTrafficPolicy, BackendTrafficPolicySpec, Connector, ConnectorAdvertisement,
     HostnameStatus, HttpProxy, HttpProxyStatus, PolicyTargetReference, ProtocolUpgradeConfig,
-    condition_at, headers, is_condition_true, labels, managers, selector_matches,
+    Target, condition_at, headers, is_condition_true, labels, managers, selector_matches,
 };
 
 /// Condition types and reasons on HTTPProxy.
@@ -113,17 +115,16 @@ fn listener_name(hostname: &str) -> String {
     label_name(&hostname.replace('*', "wildcard"), &[hostname])
 }
 
-/// The target of a backend endpoint URL: host, port, protocol.
+/// A backend endpoint URL, reduced to what the sidecar dials: where, and which scheme.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
+pub struct Endpoint {
+    pub target: Target,
     pub proto: String,
 }
 
 /// # Errors
 /// A sentence saying why the endpoint cannot be used.
-pub fn parse_endpoint(endpoint: &str) -> Result<Target, String> {
+pub fn parse_endpoint(endpoint: &str) -> Result<Endpoint, String> {
     let url = portway_api::validation::http_url(endpoint, false)?;
     let host = match url.host() {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
@@ -133,9 +134,8 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Target, String> {
     let port = url
         .port_or_known_default()
         .ok_or_else(|| format!("{endpoint:?} has no port"))?;
-    Ok(Target {
-        host,
-        port,
+    Ok(Endpoint {
+        target: Target { host, port },
         proto: url.scheme().to_owned(),
     })
 }
@@ -152,7 +152,7 @@ struct BackendRef<'a> {
     backend: usize,
     connector: &'a Connector,
     node_id: &'a str,
-    target: Target,
+    endpoint: Endpoint,
 }
 
 fn owner(proxy: &HttpProxy) -> Option<Vec<OwnerReference>> {
@@ -266,8 +266,8 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     for (i, rule) in proxy.spec.rules.iter().enumerate() {
         for (j, backend) in rule.backends.iter().enumerate() {
             let field = format!("spec.rules[{i}].backends[{j}]");
-            let target = match parse_endpoint(&backend.endpoint) {
-                Ok(t) => t,
+            let endpoint = match parse_endpoint(&backend.endpoint) {
+                Ok(e) => e,
                 Err(e) => {
                     errors.push((INVALID, format!("{field}.endpoint: {e}")));
                     continue;
@@ -346,8 +346,11 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
                     .collect();
                 let allowed = c.connect_tcp_enabled()
                     && ads.iter().any(|a| {
-                        a.spec
-                            .allows(&target.host, target.port, portway_api::Protocol::Tcp)
+                        a.spec.allows(
+                            &endpoint.target.host,
+                            endpoint.target.port,
+                            portway_api::Protocol::Tcp,
+                        )
                     });
                 if !allowed {
                     let offered: BTreeSet<String> = ads
@@ -378,7 +381,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
                         backend: j,
                         connector: c,
                         node_id,
-                        target: target.clone(),
+                        endpoint: endpoint.clone(),
                     });
                 }
             }
@@ -496,7 +499,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
                 endpoints: Some(
                     addrs
                         .iter()
-                        .map(|a| Endpoint {
+                        .map(|a| SliceEndpoint {
                             addresses: vec![a.ip().to_string()],
                             conditions: Some(EndpointConditions {
                                 ready: Some(ready),
@@ -524,9 +527,9 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
             request_header_modifier: Some(HttpRouteRulesBackendRefsFiltersRequestHeaderModifier {
                 set: Some(vec![
                     set(headers::NODE_ID, r.node_id.to_owned()),
-                    set(headers::TARGET_HOST, r.target.host.clone()),
-                    set(headers::TARGET_PORT, r.target.port.to_string()),
-                    set(headers::TARGET_PROTO, r.target.proto.clone()),
+                    set(headers::TARGET_HOST, r.endpoint.target.host.clone()),
+                    set(headers::TARGET_PORT, r.endpoint.target.port.to_string()),
+                    set(headers::TARGET_PROTO, r.endpoint.proto.clone()),
                 ]),
                 ..Default::default()
             }),
@@ -1268,13 +1271,15 @@ mod tests {
         );
         assert_eq!(
             parse_endpoint("https://api.internal:8443").unwrap(),
-            Target {
-                host: "api.internal".into(),
-                port: 8443,
+            Endpoint {
+                target: Target {
+                    host: "api.internal".into(),
+                    port: 8443,
+                },
                 proto: "https".into()
             }
         );
-        assert_eq!(parse_endpoint("http://[::1]").unwrap().port, 80);
+        assert_eq!(parse_endpoint("http://[::1]").unwrap().target.port, 80);
     }
 
     #[test]
