@@ -1,0 +1,135 @@
+//! The proxy's conditions: refused with the first problem's reason, or accepted with what
+//! the gateway and the connectors have reported so far.
+
+use std::collections::BTreeSet;
+
+use gateway_api::apis::standard::httproutes::HttpRouteStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use portway_api::condition_at;
+
+use super::backends::Backend;
+use super::reasons::{ACCEPTED, METADATA, PENDING, PROGRAMMED};
+
+/// What every condition of one decision shares: the generation it observed and the time.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Stamp {
+    pub generation: Option<i64>,
+    pub now: Timestamp,
+}
+
+impl Stamp {
+    pub fn condition(self, type_: &str, status: bool, reason: &str, message: String) -> Condition {
+        condition_at(type_, status, reason, message, self.generation, self.now)
+    }
+}
+
+/// Why the proxy is refused: the condition reason, and a sentence naming the field.
+#[derive(Clone, Debug)]
+pub(super) struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+}
+
+/// `None` when there is no problem. Otherwise every problem is in `Accepted`'s message
+/// (so one read shows all that needs fixing) under the first one's reason.
+pub(super) fn refused(
+    problems: &[Problem],
+    hostnames: &Condition,
+    stamp: Stamp,
+) -> Option<Vec<Condition>> {
+    let reason = problems.first()?.reason;
+    let message = problems
+        .iter()
+        .map(|p| p.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let not_accepted = || "not programmed: the proxy is not accepted".to_owned();
+    Some(vec![
+        stamp.condition(ACCEPTED, false, reason, message),
+        stamp.condition(PROGRAMMED, false, reason, not_accepted()),
+        stamp.condition(METADATA, false, reason, not_accepted()),
+        hostnames.clone(),
+    ])
+}
+
+/// Whether our gateway accepted the generated route (named like the proxy).
+pub(super) fn accepted_by_gateway(
+    route_status: Option<&HttpRouteStatus>,
+    controller_name: &str,
+    route: &str,
+) -> bool {
+    route_status.is_some_and(|s| {
+        s.parents.iter().any(|p| {
+            p.controller_name == controller_name
+                && p.parent_ref.name == route
+                && p.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Accepted" && c.status == "True")
+        })
+    })
+}
+
+/// The conditions of an accepted proxy.
+pub(super) fn accepted(
+    backends: &[Backend<'_>],
+    accepted_by_gateway: bool,
+    hostnames: &Condition,
+    stamp: Stamp,
+) -> Vec<Condition> {
+    let ready = backends.iter().filter(|b| b.ready()).count();
+    let connectors = backends
+        .iter()
+        .map(|b| b.connector.metadata.name.as_deref())
+        .collect::<BTreeSet<_>>()
+        .len();
+    vec![
+        stamp.condition(
+            ACCEPTED,
+            true,
+            ACCEPTED,
+            format!(
+                "{} backend(s) through {connectors} connector(s), {ready} ready",
+                backends.len()
+            ),
+        ),
+        if accepted_by_gateway {
+            stamp.condition(
+                PROGRAMMED,
+                true,
+                PROGRAMMED,
+                "the gateway accepted the route".into(),
+            )
+        } else {
+            stamp.condition(
+                PROGRAMMED,
+                false,
+                PENDING,
+                "waiting for the gateway to accept the route".into(),
+            )
+        },
+        // A backend exists only once its connector has reported its id.
+        if backends.is_empty() {
+            stamp.condition(
+                METADATA,
+                false,
+                PENDING,
+                "no backend connector has reported its endpoint id yet".into(),
+            )
+        } else {
+            stamp.condition(
+                METADATA,
+                true,
+                METADATA,
+                "datum-node-id and datum-target-* headers are set on every backend".into(),
+            )
+        },
+        hostnames.clone(),
+    ]
+}

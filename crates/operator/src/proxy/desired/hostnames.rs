@@ -1,0 +1,86 @@
+//! Which of its hostnames the proxy may serve. A name another proxy owns refuses the whole
+//! proxy, so its status never claims a URL that serves someone else's app.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use portway_api::{HostnameStatus, HttpProxy};
+
+use super::conditions::{Problem, Stamp};
+use super::reasons::{HOSTNAME_IN_USE, HOSTNAMES_IN_USE};
+
+/// The proxy's hostnames, sorted by whether it may have them.
+pub(super) struct Hostnames {
+    /// One per spec hostname: whether another proxy owns it.
+    pub statuses: Vec<HostnameStatus>,
+    /// What the Gateway listens on and the route matches: the free hostnames (lowercase),
+    /// then the canonical one.
+    pub active: Vec<String>,
+    /// The proxy's `HostnamesInUse` condition.
+    pub condition: Condition,
+    /// One per hostname another proxy owns.
+    pub problems: Vec<Problem>,
+}
+
+pub(super) fn resolve(
+    proxy: &HttpProxy,
+    claimed_by: &dyn Fn(&str) -> Option<String>,
+    canonical: Option<&str>,
+    stamp: Stamp,
+) -> Hostnames {
+    let mut statuses = Vec::new();
+    let mut active = Vec::new();
+    let mut in_use = Vec::new();
+    for h in &proxy.spec.hostnames {
+        let h = h.to_ascii_lowercase();
+        let c = match claimed_by(&h) {
+            Some(other) => {
+                let claimed = format!("{h} is already claimed by {other}");
+                in_use.push(claimed.clone());
+                stamp.condition(HOSTNAMES_IN_USE, true, HOSTNAME_IN_USE, claimed)
+            }
+            None => {
+                active.push(h.clone());
+                stamp.condition(
+                    HOSTNAMES_IN_USE,
+                    false,
+                    "HostnameAvailable",
+                    format!("{h} is routed to this proxy"),
+                )
+            }
+        };
+        statuses.push(HostnameStatus {
+            hostname: h,
+            conditions: vec![c],
+        });
+    }
+    active.extend(canonical.map(str::to_owned));
+    let condition = if in_use.is_empty() {
+        stamp.condition(
+            HOSTNAMES_IN_USE,
+            false,
+            "NoConflicts",
+            "all hostnames are available".into(),
+        )
+    } else {
+        stamp.condition(
+            HOSTNAMES_IN_USE,
+            true,
+            HOSTNAMES_IN_USE,
+            format!("hostnames already claimed: {}", in_use.join(", ")),
+        )
+    };
+    let problems = in_use
+        .iter()
+        .map(|u| {
+            Problem::new(
+                HOSTNAME_IN_USE,
+                format!("spec.hostnames: {u}; choose another hostname or delete the other claim"),
+            )
+        })
+        .collect();
+    Hostnames {
+        statuses,
+        active,
+        condition,
+        problems,
+    }
+}

@@ -1,0 +1,314 @@
+//! The Gateway API objects of an accepted proxy, all owned by it and named after it: a
+//! Gateway listening on its hostnames, an HTTPRoute with a backend per resolved backend,
+//! a headless Service and EndpointSlices (pointing at the sidecars) per backend, and a
+//! BackendTrafficPolicy that lets upgrades through.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use gateway_api::apis::standard::gateways::{Gateway, GatewayListeners, GatewaySpec};
+use gateway_api::apis::standard::httproutes::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesBackendRefsFilters, HttpRouteRulesBackendRefsFiltersRequestHeaderModifier,
+    HttpRouteRulesBackendRefsFiltersRequestHeaderModifierSet, HttpRouteRulesBackendRefsFiltersType,
+    HttpRouteSpec,
+};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use portway_api::{
+    BackendTrafficPolicy, BackendTrafficPolicySpec, HttpProxy, PolicyTargetReference,
+    ProtocolUpgradeConfig, headers, labels, managers,
+};
+
+use super::backends::Backend;
+
+/// FNV-1a: a stable hash for generated names (std's hasher may change between releases).
+fn fnv(parts: &[&str]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h
+}
+
+/// A DNS label (Service names must be one) from `base` plus a hash of `parts`.
+pub fn label_name(base: &str, parts: &[&str]) -> String {
+    let cleaned: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let prefix: String = cleaned.chars().take(54).collect();
+    format!("{}-{:08x}", prefix.trim_end_matches('-'), fnv(parts))
+}
+
+/// A listener name for a hostname: a DNS label, stable per hostname.
+fn listener_name(hostname: &str) -> String {
+    label_name(&hostname.replace('*', "wildcard"), &[hostname])
+}
+
+/// The backend's Service (and its slices' prefix): stable per rule, backend and connector.
+fn service_name(proxy: &HttpProxy, b: &Backend<'_>) -> String {
+    let name = proxy_name(proxy);
+    label_name(
+        &name,
+        &[
+            &name,
+            &b.rule.to_string(),
+            &b.backend.to_string(),
+            b.connector_name(),
+        ],
+    )
+}
+
+fn proxy_name(proxy: &HttpProxy) -> String {
+    proxy.metadata.name.clone().unwrap_or_default()
+}
+
+fn owner(proxy: &HttpProxy) -> Option<Vec<OwnerReference>> {
+    proxy.controller_owner_ref(&()).map(|o| vec![o])
+}
+
+/// Labelled as ours and owned by the proxy, so pruning finds it and deletion takes it along.
+fn child_meta(proxy: &HttpProxy, name: String, extra_labels: &[(&str, &str)]) -> ObjectMeta {
+    let mut l = BTreeMap::from([
+        (labels::MANAGED_BY.to_owned(), managers::OPERATOR.to_owned()),
+        (labels::PROXY.to_owned(), proxy_name(proxy)),
+    ]);
+    l.extend(
+        extra_labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    ObjectMeta {
+        name: Some(name),
+        namespace: proxy.metadata.namespace.clone(),
+        labels: Some(l),
+        owner_references: owner(proxy),
+        ..Default::default()
+    }
+}
+
+/// One HTTP listener per hostname.
+pub(super) fn gateway(proxy: &HttpProxy, hostnames: &[String], class: &str) -> Gateway {
+    Gateway {
+        metadata: child_meta(proxy, proxy_name(proxy), &[]),
+        spec: GatewaySpec {
+            gateway_class_name: class.to_owned(),
+            listeners: hostnames
+                .iter()
+                .map(|h| GatewayListeners {
+                    name: listener_name(h),
+                    hostname: Some(h.clone()),
+                    port: 80,
+                    protocol: "HTTP".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// The proxy's rules with their backends as Services; a rule left without any has no
+/// `backendRefs` (the gateway answers 503 for it).
+pub(super) fn route(
+    proxy: &HttpProxy,
+    hostnames: Vec<String>,
+    backends: &[Backend<'_>],
+) -> HttpRoute {
+    let name = proxy_name(proxy);
+    let mut rules: Vec<HttpRouteRules> = proxy
+        .spec
+        .rules
+        .iter()
+        .map(|r| HttpRouteRules {
+            name: r.name.clone(),
+            matches: Some(r.matches.clone()),
+            filters: (!r.filters.is_empty()).then(|| r.filters.clone()),
+            backend_refs: Some(Vec::new()),
+            ..Default::default()
+        })
+        .collect();
+    for b in backends {
+        if let Some(list) = rules[b.rule].backend_refs.as_mut() {
+            list.push(backend_ref(proxy, b));
+        }
+    }
+    for r in &mut rules {
+        if r.backend_refs.as_ref().is_some_and(Vec::is_empty) {
+            r.backend_refs = None;
+        }
+    }
+    HttpRoute {
+        metadata: child_meta(proxy, name.clone(), &[]),
+        spec: HttpRouteSpec {
+            parent_refs: Some(vec![HttpRouteParentRefs {
+                group: Some("gateway.networking.k8s.io".into()),
+                kind: Some("Gateway".into()),
+                name,
+                namespace: Some(proxy.metadata.namespace.clone().unwrap_or_default()),
+                ..Default::default()
+            }]),
+            hostnames: Some(hostnames),
+            rules: Some(rules),
+        },
+        status: None,
+    }
+}
+
+/// The backend's Service, with the headers that tell the sidecar which device and target
+/// to dial set first, then the user's own filters.
+fn backend_ref(proxy: &HttpProxy, b: &Backend<'_>) -> HttpRouteRulesBackendRefs {
+    let set = |n: &str, v: String| HttpRouteRulesBackendRefsFiltersRequestHeaderModifierSet {
+        name: n.into(),
+        value: v,
+    };
+    let mut filters = vec![HttpRouteRulesBackendRefsFilters {
+        r#type: HttpRouteRulesBackendRefsFiltersType::RequestHeaderModifier,
+        request_header_modifier: Some(HttpRouteRulesBackendRefsFiltersRequestHeaderModifier {
+            set: Some(vec![
+                set(headers::NODE_ID, b.node_id.to_owned()),
+                set(headers::TARGET_HOST, b.endpoint.target.host.clone()),
+                set(headers::TARGET_PORT, b.endpoint.target.port.to_string()),
+                set(headers::TARGET_PROTO, b.endpoint.proto.clone()),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    filters.extend(
+        proxy.spec.rules[b.rule].backends[b.backend]
+            .filters
+            .iter()
+            .cloned(),
+    );
+    HttpRouteRulesBackendRefs {
+        name: service_name(proxy, b),
+        namespace: None,
+        group: Some(String::new()),
+        kind: Some("Service".into()),
+        port: Some(80),
+        weight: Some(1),
+        filters: Some(filters),
+    }
+}
+
+/// A headless Service per backend; its endpoints are the slices below.
+pub(super) fn services(proxy: &HttpProxy, backends: &[Backend<'_>]) -> Vec<Service> {
+    backends
+        .iter()
+        .map(|b| Service {
+            metadata: child_meta(
+                proxy,
+                service_name(proxy, b),
+                &[("portway.dev/connector", b.connector_name())],
+            ),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        })
+        .collect()
+}
+
+/// Per backend, one EndpointSlice per address family and port of the sidecars (a slice
+/// holds one of each), ready while the backend's connector is.
+pub(super) fn slices(
+    proxy: &HttpProxy,
+    backends: &[Backend<'_>],
+    sidecars: &[SocketAddr],
+) -> Vec<EndpointSlice> {
+    let mut groups: BTreeMap<(bool, u16), Vec<SocketAddr>> = BTreeMap::new();
+    for s in sidecars {
+        groups.entry((s.is_ipv6(), s.port())).or_default().push(*s);
+    }
+    let mut slices = Vec::new();
+    for b in backends {
+        let svc_name = service_name(proxy, b);
+        let ready = b.ready();
+        for ((v6, port), addrs) in &groups {
+            let family = if *v6 { "IPv6" } else { "IPv4" };
+            let slice_name = format!("{svc_name}-{}{port}", if *v6 { "v6-" } else { "" });
+            slices.push(EndpointSlice {
+                metadata: child_meta(
+                    proxy,
+                    slice_name,
+                    &[
+                        ("kubernetes.io/service-name", &svc_name),
+                        ("endpointslice.kubernetes.io/managed-by", managers::OPERATOR),
+                        ("portway.dev/connector", b.connector_name()),
+                    ],
+                ),
+                address_type: family.into(),
+                endpoints: Some(
+                    addrs
+                        .iter()
+                        .map(|a| Endpoint {
+                            addresses: vec![a.ip().to_string()],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(ready),
+                                serving: Some(ready),
+                                terminating: Some(false),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ports: Some(vec![EndpointPort {
+                    name: Some("http".into()),
+                    port: Some(i32::from(*port)),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+            });
+        }
+    }
+    slices
+}
+
+/// Lets WebSocket and CONNECT upgrades through the route (tunnels need both).
+pub(super) fn policy(proxy: &HttpProxy) -> BackendTrafficPolicy {
+    let name = proxy_name(proxy);
+    BackendTrafficPolicy {
+        metadata: child_meta(proxy, name.clone(), &[]),
+        spec: BackendTrafficPolicySpec {
+            target_refs: vec![PolicyTargetReference {
+                group: "gateway.networking.k8s.io".into(),
+                kind: "HTTPRoute".into(),
+                name,
+                section_name: None,
+            }],
+            http_upgrade: vec![
+                ProtocolUpgradeConfig {
+                    type_: "websocket".into(),
+                    connect: None,
+                },
+                ProtocolUpgradeConfig {
+                    type_: "CONNECT".into(),
+                    connect: None,
+                },
+            ],
+            timeout: None,
+        },
+        status: None,
+    }
+}

@@ -1,0 +1,614 @@
+//! The decision as a whole, case by case: each case builds inputs and checks the children
+//! and conditions `desired` returns.
+
+use super::*;
+use gateway_api::apis::standard::httproutes::{
+    HttpRouteStatusParents, HttpRouteStatusParentsParentRef,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use portway_api::*;
+
+fn config() -> Config {
+    Config {
+        sidecars: vec![
+            "127.0.0.1:4001".parse().unwrap(),
+            "10.0.0.2:4001".parse().unwrap(),
+        ],
+        zone: "portway.localhost".into(),
+        gateway_class: "portway".into(),
+        controller_name: CONTROLLER_NAME.into(),
+    }
+}
+
+fn connector(name: &str, id: Option<u8>, ready: bool, labels: &[(&str, &str)]) -> Connector {
+    let mut c = Connector::new(
+        name,
+        ConnectorSpec {
+            connector_class_name: "portway".into(),
+            capabilities: vec![],
+        },
+    );
+    c.metadata.namespace = Some("p1".into());
+    c.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    c.status = Some(ConnectorStatus {
+        conditions: vec![condition("Ready", ready, "R", "", None)],
+        connection_details: id.map(|n| ConnectionDetails {
+            type_: ConnectionType::PublicKey,
+            public_key: Some(PublicKeyConnectionDetails {
+                id: format!("{n:02x}").repeat(32),
+                ..Default::default()
+            }),
+        }),
+        lease_ref: None,
+    });
+    c
+}
+
+fn advertise(connector: &str, address: &str, port: i32) -> ConnectorAdvertisement {
+    let mut a = ConnectorAdvertisement::new(
+        &format!("{connector}-ad"),
+        ConnectorAdvertisementSpec {
+            connector_ref: LocalObjectReference {
+                name: connector.into(),
+            },
+            layer4: vec![Layer4Advertisement {
+                name: "web".into(),
+                services: vec![Layer4Service {
+                    address: address.into(),
+                    ports: vec![portway_api::ServicePort {
+                        name: None,
+                        port,
+                        protocol: Protocol::Tcp,
+                    }],
+                }],
+            }],
+        },
+    );
+    a.metadata.namespace = Some("p1".into());
+    a
+}
+
+fn proxy(hostnames: &[&str], endpoint: &str, connector: Option<ConnectorReference>) -> HttpProxy {
+    let mut p = HttpProxy::new(
+        "web",
+        HttpProxySpec {
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            rules: vec![HttpProxyRule {
+                matches: default_matches(),
+                backends: vec![HttpProxyBackend {
+                    endpoint: endpoint.into(),
+                    connector,
+                    filters: vec![],
+                }],
+                ..Default::default()
+            }],
+        },
+    );
+    p.metadata.namespace = Some("p1".into());
+    p.metadata.uid = Some("u-1".into());
+    p.metadata.generation = Some(3);
+    p
+}
+
+fn by_name(n: &str) -> Option<ConnectorReference> {
+    Some(ConnectorReference {
+        name: Some(n.into()),
+        selector: None,
+    })
+}
+
+fn by_labels(l: &[(&str, &str)]) -> Option<ConnectorReference> {
+    Some(ConnectorReference {
+        name: None,
+        selector: Some(LabelSelector {
+            match_labels: Some(
+                l.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            match_expressions: None,
+        }),
+    })
+}
+
+/// A fixed clock, so every condition's stamp is known.
+const NOW: Timestamp = Timestamp::UNIX_EPOCH;
+
+struct Case<'a> {
+    proxy: HttpProxy,
+    connectors: Vec<Connector>,
+    ads: Vec<ConnectorAdvertisement>,
+    claimed: &'a [(&'a str, &'a str)],
+    route_status: Option<HttpRouteStatus>,
+}
+
+impl Case<'_> {
+    fn run(&self) -> Desired {
+        let connectors: Vec<&Connector> = self.connectors.iter().collect();
+        let ads: Vec<&ConnectorAdvertisement> = self.ads.iter().collect();
+        let claimed = |h: &str| {
+            self.claimed
+                .iter()
+                .find(|(c, _)| *c == h)
+                .map(|(_, by)| by.to_string())
+        };
+        desired(&Inputs {
+            proxy: &self.proxy,
+            connectors: &connectors,
+            advertisements: &ads,
+            claimed_by: &claimed,
+            route_status: self.route_status.as_ref(),
+            gateway_addresses: &[],
+            config: &config(),
+            now: NOW,
+        })
+    }
+}
+
+fn cond<'a>(d: &'a Desired, t: &str) -> &'a Condition {
+    find_condition(&d.status.conditions, t).unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+fn route_headers(d: &Desired) -> Vec<Vec<(String, String)>> {
+    d.route.as_ref().unwrap().spec.rules.as_ref().unwrap()[0]
+        .backend_refs
+        .iter()
+        .flatten()
+        .map(|b| {
+            b.filters.as_ref().unwrap()[0]
+                .request_header_modifier
+                .as_ref()
+                .unwrap()
+                .set
+                .iter()
+                .flatten()
+                .map(|s| (s.name.clone(), s.value.clone()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn advertised_backend_is_programmed_with_headers_and_sidecar_endpoints() {
+    let d = Case {
+        proxy: proxy(
+            &["app.example.com"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        ),
+        connectors: vec![connector("laptop", Some(0xab), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    assert_eq!(cond(&d, ACCEPTED).status, "True");
+    assert_eq!(cond(&d, ACCEPTED).observed_generation, Some(3));
+    assert!(
+        d.status
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time.0 == NOW),
+        "stamped with the given time"
+    );
+    assert_eq!(
+        (
+            cond(&d, PROGRAMMED).status.as_str(),
+            cond(&d, PROGRAMMED).reason.as_str()
+        ),
+        ("False", PENDING)
+    );
+    assert_eq!(cond(&d, METADATA).status, "True");
+    assert_eq!(cond(&d, HOSTNAMES_IN_USE).status, "False");
+    assert_eq!(
+        route_headers(&d),
+        vec![vec![
+            ("datum-node-id".to_string(), "ab".repeat(32)),
+            ("datum-target-host".into(), "127.0.0.1".into()),
+            ("datum-target-port".into(), "3000".into()),
+            ("datum-target-proto".into(), "http".into()),
+        ]]
+    );
+    let route = d.route.as_ref().unwrap();
+    assert_eq!(
+        route.spec.hostnames.as_ref().unwrap(),
+        &["app.example.com", "u-1.portway.localhost"]
+    );
+    assert_eq!(
+        d.status.canonical_hostname.as_deref(),
+        Some("u-1.portway.localhost")
+    );
+    assert_eq!(d.gateway.as_ref().unwrap().spec.listeners.len(), 2);
+    assert_eq!(d.services.len(), 1);
+    let backend = &route.spec.rules.as_ref().unwrap()[0]
+        .backend_refs
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(backend.name, d.services[0].metadata.name.clone().unwrap());
+    assert_eq!(d.slices.len(), 1, "both sidecars share family and port");
+    let slice = &d.slices[0];
+    assert_eq!(
+        slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
+        backend.name
+    );
+    let eps = slice.endpoints.as_ref().unwrap();
+    assert_eq!(
+        eps.iter()
+            .map(|e| e.addresses[0].as_str())
+            .collect::<Vec<_>>(),
+        ["127.0.0.1", "10.0.0.2"]
+    );
+    assert!(
+        eps.iter()
+            .all(|e| e.conditions.as_ref().unwrap().ready == Some(true))
+    );
+    assert_eq!(slice.ports.as_ref().unwrap()[0].port, Some(4001));
+    let btp = d.policy.as_ref().unwrap();
+    assert_eq!(btp.spec.target_refs[0].kind, "HTTPRoute");
+    assert!(btp.spec.http_upgrade.iter().any(|u| u.type_ == "CONNECT"));
+    for owner in [
+        &d.gateway.as_ref().unwrap().metadata,
+        &route.metadata,
+        &d.services[0].metadata,
+        &slice.metadata,
+        &btp.metadata,
+    ] {
+        assert_eq!(owner.owner_references.as_ref().unwrap()[0].uid, "u-1");
+        assert_eq!(owner.namespace.as_deref(), Some("p1"));
+    }
+}
+
+#[test]
+fn gateway_acceptance_makes_it_programmed() {
+    let status = HttpRouteStatus {
+        parents: vec![HttpRouteStatusParents {
+            controller_name: CONTROLLER_NAME.into(),
+            parent_ref: HttpRouteStatusParentsParentRef {
+                name: "web".into(),
+                ..Default::default()
+            },
+            conditions: vec![condition("Accepted", true, "Accepted", "", Some(1))],
+        }],
+    };
+    let d = Case {
+        proxy: proxy(&[], "http://127.0.0.1:3000", by_name("laptop")),
+        connectors: vec![connector("laptop", Some(1), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: Some(status),
+    }
+    .run();
+    assert_eq!(cond(&d, PROGRAMMED).status, "True");
+}
+
+#[test]
+fn refusals_each_with_their_reason_and_no_children() {
+    let laptop = || vec![connector("laptop", Some(1), true, &[("app", "web")])];
+    let ad = || vec![advertise("laptop", "127.0.0.1", 3000)];
+    let mut disabled = connector("laptop", Some(1), true, &[]);
+    disabled.spec.capabilities = vec![ConnectorCapability {
+        type_: CapabilityType::ConnectTcp,
+        connect_tcp: Some(ConnectTcpCapability { disabled: true }),
+    }];
+    let empty_selector = Some(ConnectorReference {
+        name: None,
+        selector: Some(LabelSelector::default()),
+    });
+    let cases: Vec<(&str, Case<'_>, &str, &str)> = vec![
+        (
+            "port not advertised",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3001", by_name("laptop")),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            NOT_ADVERTISED,
+            "endpoint http://127.0.0.1:3001 is not advertised by connector laptop (it advertises 127.0.0.1:3000)",
+        ),
+        (
+            "host not advertised",
+            Case {
+                proxy: proxy(&[], "http://localhost:3000", by_name("laptop")),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            NOT_ADVERTISED,
+            "localhost:3000",
+        ),
+        (
+            "no advertisement",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", by_name("laptop")),
+                connectors: laptop(),
+                ads: vec![],
+                claimed: &[],
+                route_status: None,
+            },
+            NOT_ADVERTISED,
+            "advertises nothing",
+        ),
+        (
+            "other connector's advertisement",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", by_name("laptop")),
+                connectors: laptop(),
+                ads: vec![advertise("desktop", "127.0.0.1", 3000)],
+                claimed: &[],
+                route_status: None,
+            },
+            NOT_ADVERTISED,
+            "laptop",
+        ),
+        (
+            "capability disabled",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", by_name("laptop")),
+                connectors: vec![disabled],
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            NOT_ADVERTISED,
+            "laptop",
+        ),
+        (
+            "connector missing",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", by_name("desktop")),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            CONNECTOR_NOT_FOUND,
+            "connector \"desktop\" does not exist in project p1",
+        ),
+        (
+            "selector matches nothing",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", by_labels(&[("app", "db")])),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            CONNECTOR_NOT_FOUND,
+            "no connector matches the selector",
+        ),
+        (
+            "bad scheme",
+            Case {
+                proxy: proxy(&[], "ftp://127.0.0.1:3000", by_name("laptop")),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            INVALID,
+            "scheme \"ftp\"",
+        ),
+        (
+            "no connector",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", None),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            INVALID,
+            "needs a connector",
+        ),
+        (
+            "empty selector",
+            Case {
+                proxy: proxy(&[], "http://127.0.0.1:3000", empty_selector),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            INVALID,
+            "empty selector",
+        ),
+    ];
+    for (what, case, reason, mention) in cases {
+        let d = case.run();
+        let accepted = cond(&d, ACCEPTED);
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", reason),
+            "{what}: {}",
+            accepted.message
+        );
+        assert!(
+            accepted.message.contains(mention),
+            "{what}: {:?} should mention {mention:?}",
+            accepted.message
+        );
+        assert!(
+            accepted.message.starts_with("spec.rules[0].backends[0]"),
+            "{what}: names the field: {}",
+            accepted.message
+        );
+        assert_eq!(cond(&d, PROGRAMMED).status, "False", "{what}");
+        assert!(
+            d.route.is_none()
+                && d.gateway.is_none()
+                && d.services.is_empty()
+                && d.slices.is_empty()
+                && d.policy.is_none(),
+            "{what}: no children"
+        );
+    }
+}
+
+#[test]
+fn selector_with_two_connectors_gives_two_backends_and_readiness_per_endpoint() {
+    let d = Case {
+        proxy: proxy(&[], "http://127.0.0.1:3000", by_labels(&[("app", "web")])),
+        connectors: vec![
+            connector("b-desktop", Some(2), false, &[("app", "web")]),
+            connector("a-laptop", Some(1), true, &[("app", "web")]),
+            connector("other", Some(3), true, &[("app", "db")]),
+        ],
+        ads: vec![
+            advertise("a-laptop", "127.0.0.1", 3000),
+            advertise("b-desktop", "*.0.0.1", 1),
+            advertise("b-desktop", "127.0.0.1", 3000),
+        ],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    assert_eq!(cond(&d, ACCEPTED).status, "True");
+    let ids: Vec<String> = route_headers(&d).iter().map(|h| h[0].1.clone()).collect();
+    assert_eq!(ids, ["01".repeat(32), "02".repeat(32)]);
+    assert_eq!(d.services.len(), 2);
+    let ready: Vec<Option<bool>> = d
+        .slices
+        .iter()
+        .map(|s| {
+            s.endpoints.as_ref().unwrap()[0]
+                .conditions
+                .as_ref()
+                .unwrap()
+                .ready
+        })
+        .collect();
+    assert_eq!(ready, [Some(true), Some(false)]);
+}
+
+#[test]
+fn a_hostname_owned_by_another_proxy_refuses_the_proxy() {
+    let d = Case {
+        proxy: proxy(
+            &["taken.example.com", "Free.example.com"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        ),
+        connectors: vec![connector("laptop", Some(1), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[("taken.example.com", "another project (as *.example.com)")],
+        route_status: None,
+    }
+    .run();
+    let accepted = cond(&d, ACCEPTED);
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", HOSTNAME_IN_USE),
+        "a URL that would serve someone else's app is never reported as working"
+    );
+    assert!(
+        accepted
+            .message
+            .contains("taken.example.com is already claimed by another project (as *.example.com)"),
+        "{}",
+        accepted.message
+    );
+    assert_eq!(cond(&d, PROGRAMMED).status, "False");
+    assert_eq!(cond(&d, HOSTNAMES_IN_USE).status, "True");
+    let statuses: Vec<(&str, &str)> = d
+        .status
+        .hostname_statuses
+        .iter()
+        .map(|h| (h.hostname.as_str(), h.conditions[0].status.as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [("taken.example.com", "True"), ("free.example.com", "False")]
+    );
+    assert!(
+        d.route.is_none() && d.gateway.is_none(),
+        "no generated objects"
+    );
+}
+
+#[test]
+fn reserved_headers_in_stored_objects_are_refused() {
+    let mut p = proxy(
+        &["app.example.com"],
+        "http://127.0.0.1:3000",
+        by_name("laptop"),
+    );
+    p.spec.rules[0].backends[0].filters = serde_json::from_value(serde_json::json!([
+        {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": "cd".repeat(32)}]}}
+    ]))
+    .unwrap();
+    let d = Case {
+        proxy: p,
+        connectors: vec![connector("laptop", Some(1), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    let accepted = cond(&d, ACCEPTED);
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", INVALID)
+    );
+    assert!(
+        accepted
+            .message
+            .contains("spec.rules[0].backends[0].filters[0].requestHeaderModifier.set[0].name"),
+        "{}",
+        accepted.message
+    );
+    assert!(d.route.is_none());
+}
+
+#[test]
+fn wildcard_advertisements_and_unreported_ids() {
+    let d = Case {
+        proxy: proxy(&[], "https://api.internal:8443", by_name("laptop")),
+        connectors: vec![connector("laptop", None, false, &[])],
+        ads: vec![advertise("laptop", "*.internal", 8443)],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    assert_eq!(cond(&d, ACCEPTED).status, "True");
+    assert_eq!(
+        (
+            cond(&d, METADATA).status.as_str(),
+            cond(&d, METADATA).reason.as_str()
+        ),
+        ("False", PENDING)
+    );
+    assert!(d.services.is_empty());
+    assert!(
+        d.route.unwrap().spec.rules.unwrap()[0]
+            .backend_refs
+            .is_none()
+    );
+    assert_eq!(
+        parse_endpoint("https://api.internal:8443").unwrap(),
+        Endpoint {
+            target: Target {
+                host: "api.internal".into(),
+                port: 8443,
+            },
+            proto: "https".into()
+        }
+    );
+    assert_eq!(parse_endpoint("http://[::1]").unwrap().target.port, 80);
+}
+
+#[test]
+fn generated_names_are_stable_labels() {
+    let a = label_name("My.Proxy", &["x", "0"]);
+    assert_eq!(a, label_name("My.Proxy", &["x", "0"]));
+    assert_ne!(a, label_name("My.Proxy", &["x", "1"]));
+    assert!(portway_api::validation::dns1123_label(&a).is_ok(), "{a}");
+    assert!(portway_api::validation::dns1123_label(&label_name(&"x".repeat(100), &[])).is_ok());
+}
