@@ -49,6 +49,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::hostnames::HostnameIndex;
@@ -253,13 +254,6 @@ async fn ensure_classes(client: &kube::Client, config: &Config) -> Result<(), Er
     )
     .await?;
     Ok(())
-}
-
-/// A receiver as a stream.
-fn refs<T: Send + 'static>(
-    rx: mpsc::UnboundedReceiver<T>,
-) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
 }
 
 impl Operator {
@@ -470,7 +464,7 @@ impl Operator {
         };
         let proxy_controller = Controller::for_stream(futures::stream::pending(), proxy_store)
             .with_config(cfg.clone())
-            .reconcile_on(refs(proxy_rx))
+            .reconcile_on(UnboundedReceiverStream::new(proxy_rx))
             .graceful_shutdown_on(stop())
             .run(
                 counted("httpproxy", proxy::reconcile::reconcile),
@@ -480,7 +474,7 @@ impl Operator {
             .for_each(|_| futures::future::ready(()));
         let connector_controller = Controller::for_stream(futures::stream::pending(), conn_store)
             .with_config(cfg.clone())
-            .reconcile_on(refs(conn_rx))
+            .reconcile_on(UnboundedReceiverStream::new(conn_rx))
             .graceful_shutdown_on(stop())
             .run(
                 counted("connector", connector::reconcile_connector),
@@ -490,7 +484,7 @@ impl Operator {
             .for_each(|_| futures::future::ready(()));
         let ad_controller = Controller::for_stream(futures::stream::pending(), ad_store)
             .with_config(cfg)
-            .reconcile_on(refs(ad_rx))
+            .reconcile_on(UnboundedReceiverStream::new(ad_rx))
             .graceful_shutdown_on(stop())
             .run(
                 counted("advertisement", connector::reconcile_advertisement),
