@@ -11,9 +11,10 @@
 //! It also makes sure the default `portway` ConnectorClass and GatewayClass exist.
 //!
 //! ```no_run
-//! # async fn run(client: kube::Client) -> Result<(), portway_operator::Error> {
+//! # async fn run(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
 //! let config = portway_operator::Config::new(vec!["127.0.0.1:4001".parse().unwrap()]);
 //! let operator = portway_operator::Operator::start(config, client).await?;
+//! operator.ready().await?; // caches synced, controllers running
 //! operator.join().await;
 //! # Ok(()) }
 //! ```
@@ -47,7 +48,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,11 @@ impl Config {
         }
     }
 }
+
+/// [`Operator::ready`]: the operator was shut down before its caches synced.
+#[derive(Debug, thiserror::Error)]
+#[error("the operator stopped before its caches synced")]
+pub struct Stopped;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -167,6 +173,8 @@ pub struct Operator {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     metrics: Metrics,
+    /// Set once every watch has listed and the controllers start.
+    synced: watch::Receiver<bool>,
 }
 
 type Tx<K> = mpsc::UnboundedSender<ObjectRef<K>>;
@@ -257,8 +265,8 @@ async fn ensure_classes(client: &kube::Client, config: &Config) -> Result<(), Er
 }
 
 impl Operator {
-    /// Ensures the default classes, starts one watch per kind, waits until each has listed
-    /// once, then starts the controllers.
+    /// Ensures the default classes and starts one watch per kind; the controllers start in
+    /// the background once each watch has listed ([`Operator::ready`] resolves then).
     ///
     /// # Errors
     /// When the default classes cannot be read or created.
@@ -493,19 +501,36 @@ impl Operator {
             )
             .for_each(|_| futures::future::ready(()));
         let shutdown_wait = shutdown.clone();
+        let (synced_tx, synced) = watch::channel(false);
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = stores_ready => {}
                 () = shutdown_wait.cancelled() => return,
             }
             tracing::info!("operator caches synced; reconciling");
+            synced_tx.send_replace(true);
             futures::join!(proxy_controller, connector_controller, ad_controller);
         }));
         Ok(Self {
             shutdown,
             tasks,
             metrics,
+            synced,
         })
+    }
+
+    /// Resolves once every watch has listed once and the controllers run: from then on the
+    /// operator acts on complete caches (what a ready file should promise).
+    ///
+    /// # Errors
+    /// [`Stopped`] when the operator was shut down before that.
+    pub async fn ready(&self) -> Result<(), Stopped> {
+        let mut synced = self.synced.clone();
+        synced
+            .wait_for(|s| *s)
+            .await
+            .map(|_| ())
+            .map_err(|_| Stopped)
     }
 
     pub fn metrics(&self) -> &Metrics {

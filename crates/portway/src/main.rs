@@ -182,11 +182,18 @@ async fn operator(args: OperatorArgs) -> Result<()> {
     let operator = portway_operator::Operator::start(config, client)
         .await
         .context("starting the operator")?;
-    if let Some(path) = &args.ready_file {
-        write_ready_file(path, &json!({"operator": "started"}))?;
+    let mut signal = std::pin::pin!(shutdown_signal());
+    tokio::select! {
+        synced = operator.ready() => {
+            synced.context("waiting for the operator's caches")?;
+            if let Some(path) = &args.ready_file {
+                write_ready_file(path, &json!({"operator": "ready"}))?;
+            }
+            eprintln!("operator running");
+            signal.await;
+        }
+        () = &mut signal => {}
     }
-    eprintln!("operator running");
-    shutdown_signal().await;
     operator.shutdown();
     operator.join().await;
     Ok(())
