@@ -301,6 +301,11 @@ impl Server {
         self.shutdown.cancel();
     }
 
+    /// Cancelling it is [`Server::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Waits until the server has stopped.
     pub async fn join(self) {
         let _ = self.task.await;

@@ -283,6 +283,14 @@ impl Server {
         dns.register_socket(udp);
         dns.register_listener(tcp, Duration::from_secs(10), 64);
         let shutdown = CancellationToken::new();
+        // One token stops both the controller and hickory's listeners.
+        tokio::spawn({
+            let (ours, hickory) = (shutdown.clone(), dns.shutdown_token().clone());
+            async move {
+                ours.cancelled().await;
+                hickory.cancel();
+            }
+        });
         let controller = tokio::spawn(run_controller(
             client,
             zone_tx,
@@ -306,7 +314,11 @@ impl Server {
 
     pub fn shutdown(&self) {
         self.shutdown.cancel();
-        self.dns.shutdown_token().cancel();
+    }
+
+    /// Cancelling it is [`Server::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     pub async fn join(mut self) {

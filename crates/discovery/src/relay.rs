@@ -13,6 +13,7 @@ use iroh_relay::server::{self as relay, CertConfig, QuicConfig, ServerConfig, Tl
 use kube::Api;
 use kube::runtime::watcher;
 use portway_api::{Connector, ConnectorClass};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 /// Who may use the relay.
@@ -278,6 +279,20 @@ impl Server {
     /// Stops the relay.
     pub async fn shutdown(self) {
         let _ = self.inner.shutdown().await;
+    }
+
+    /// Serves until `stop`, then shuts down; returns early if the relay ends on its own.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let asked = tokio::select! {
+            () = stop.cancelled() => true,
+            r = self.inner.join() => {
+                tracing::error!(result = ?r, "the relay stopped on its own");
+                false
+            }
+        };
+        if asked {
+            self.shutdown().await;
+        }
     }
 }
 

@@ -541,6 +541,11 @@ impl Operator {
         self.shutdown.cancel();
     }
 
+    /// Cancelling it is [`Operator::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     pub async fn join(self) {
         for t in self.tasks {
             let _ = t.await;

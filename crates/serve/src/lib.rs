@@ -17,6 +17,9 @@
 //! - on shutdown, connections finish the requests in flight for up to `shutdown_grace`, then
 //!   are dropped.
 //!
+//! [`supervise::Supervisor`] runs the parts of one process (`portway up`) so that one
+//! part's death stops them all, and stops them in order within a grace period.
+//!
 //! [`raise_fd_limit`] lifts the open-files soft limit to the hard limit, for `main` to call
 //! once at start.
 //!
@@ -33,6 +36,8 @@
 //! tokio::spawn(portway_serve::serve(listener, None, hello, shutdown.clone(), Default::default()));
 //! # Ok(()) }
 //! ```
+
+pub mod supervise;
 
 use std::future::Future;
 use std::io;
