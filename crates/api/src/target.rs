@@ -7,7 +7,7 @@ use crate::validation;
 
 /// A `host:port` target as seen from the device. The host is lowercase and never
 /// bracketed; [`Display`](fmt::Display) adds the brackets an IPv6 address needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub host: String,
     pub port: u16,

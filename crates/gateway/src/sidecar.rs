@@ -28,7 +28,7 @@ use iroh::{Endpoint, EndpointId};
 use iroh_proxy_utils::Authority;
 use iroh_proxy_utils::downstream::{DownstreamProxy, EndpointAuthority, PoolOpts};
 use parking_lot::Mutex;
-use portway_api::headers;
+use portway_api::{Target, headers};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
@@ -60,12 +60,11 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// Where one request goes.
+/// Where one request goes: a target on a device.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Target {
+pub struct Destination {
     pub node: EndpointId,
-    pub host: String,
-    pub port: u16,
+    pub target: Target,
 }
 
 /// Why forwarding failed.
@@ -135,8 +134,8 @@ const MAX_TARGETS: usize = 4096;
 
 #[derive(Default)]
 struct TargetsInner {
-    keys: HashMap<Target, String>,
-    targets: HashMap<String, Target>,
+    keys: HashMap<Destination, String>,
+    targets: HashMap<String, Destination>,
     /// Keys in the order they were made, oldest first.
     order: VecDeque<String>,
     /// Never reused, so a key always names one target, even after forgetting.
@@ -153,7 +152,7 @@ struct Targets {
 }
 
 impl Targets {
-    fn key(&self, t: &Target) -> String {
+    fn key(&self, t: &Destination) -> String {
         let mut inner = self.inner.lock();
         if let Some(k) = inner.keys.get(t) {
             return k.clone();
@@ -175,7 +174,7 @@ impl Targets {
         k
     }
 
-    fn get(&self, key: &str) -> Option<Target> {
+    fn get(&self, key: &str) -> Option<Destination> {
         self.inner.lock().targets.get(key).cloned()
     }
 
@@ -270,8 +269,8 @@ impl tower::Service<Uri> for Connector {
             let dest = EndpointAuthority::new(
                 t.node,
                 Authority {
-                    host: t.host.clone(),
-                    port: t.port,
+                    host: t.target.host.clone(),
+                    port: t.target.port,
                 },
             );
             let streams = match tokio::time::timeout(
@@ -399,7 +398,7 @@ fn datum(headers: &HeaderMap, name: &str) -> Result<String, ForwardError> {
 }
 
 /// Reads and removes the routing headers; drops every other `datum-*` and `x-iroh-*`.
-fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Target, ForwardError> {
+fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Destination, ForwardError> {
     let node = datum(headers, headers::NODE_ID)?;
     let node = targets
         .node(&node)
@@ -420,7 +419,10 @@ fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Target, For
         )));
     }
     strip_internal(headers);
-    Ok(Target { node, host, port })
+    Ok(Destination {
+        node,
+        target: Target { host, port },
+    })
 }
 
 /// Removes every `datum-*` and `x-iroh-*` header.
@@ -817,10 +819,12 @@ mod tests {
         let t = take_target(&mut h, &targets).unwrap();
         assert_eq!(
             t,
-            Target {
+            Destination {
                 node: id,
-                host: "127.0.0.1".into(),
-                port: 3000
+                target: Target {
+                    host: "127.0.0.1".into(),
+                    port: 3000
+                }
             }
         );
         assert_eq!(h.len(), 1);
@@ -928,15 +932,14 @@ mod tests {
     #[test]
     fn target_keys_are_stable() {
         let t = Targets::default();
-        let a = Target {
+        let at = |port| Destination {
             node: iroh::SecretKey::from_bytes(&[1; 32]).public(),
-            host: "h".into(),
-            port: 1,
+            target: Target {
+                host: "h".into(),
+                port,
+            },
         };
-        let b = Target {
-            port: 2,
-            ..a.clone()
-        };
+        let (a, b) = (at(1), at(2));
         let (ka, kb) = (t.key(&a), t.key(&b));
         assert_ne!(ka, kb);
         assert_eq!(t.key(&a), ka);
@@ -944,7 +947,7 @@ mod tests {
 
         // Bounded: the oldest are forgotten, and a key never names another target.
         for port in 3..(MAX_TARGETS as u16 + 100) {
-            t.key(&Target { port, ..a.clone() });
+            t.key(&at(port));
         }
         let inner = t.inner.lock();
         assert!(inner.keys.len() <= MAX_TARGETS && inner.targets.len() == inner.keys.len());
