@@ -153,20 +153,7 @@ async fn main() {
         .unwrap()
         .to_owned();
     let origin = Origin::spawn().await.unwrap();
-    let port = origin.addr.port().to_string();
-    let (_http, _) = portway_testkit::start_quiet(
-        &bin,
-        &[
-            "http",
-            &port,
-            "--hostname",
-            "bench.localhost",
-            "--data",
-            data.to_str().unwrap(),
-        ],
-        "http",
-    )
-    .await;
+    let (_http, _) = portway_testkit::bench::http_tunnel(&bin, &data, origin.addr.port()).await;
 
     println!("## 3 MiB bodies (release API server, over HTTPS with curl)");
     println!("| body | answer | seconds |");

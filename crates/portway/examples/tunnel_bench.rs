@@ -114,20 +114,7 @@ async fn main() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
     let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
-    let port = nginx_port.to_string();
-    let (http, _) = portway_testkit::start_quiet(
-        &bin,
-        &[
-            "http",
-            &port,
-            "--hostname",
-            "bench.localhost",
-            "--data",
-            data.to_str().unwrap(),
-        ],
-        "http",
-    )
-    .await;
+    let (http, _) = portway_testkit::bench::http_tunnel(&bin, &data, nginx_port).await;
 
     let direct = format!("http://127.0.0.1:{nginx_port}");
     let tunnel = format!("http://{edge}");

@@ -77,3 +77,23 @@ pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
         p99_us: parse_latency(&field("99%")),
     }
 }
+
+/// `portway http PORT --hostname bench.localhost` against the `portway up` in `data`,
+/// ready once its ready file is written.
+pub async fn http_tunnel(
+    bin: &std::path::Path,
+    data: &std::path::Path,
+    port: u16,
+) -> (crate::Process, serde_json::Value) {
+    let port = port.to_string();
+    let data = data.to_string_lossy();
+    let args = [
+        "http",
+        &port,
+        "--hostname",
+        "bench.localhost",
+        "--data",
+        &data,
+    ];
+    crate::start_quiet(bin, &args, "http").await
+}
