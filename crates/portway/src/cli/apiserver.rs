@@ -1,0 +1,79 @@
+//! `portway apiserver`: the Kubernetes-compatible API server on SQLite.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+
+use super::{shutdown_signal, write_ready_file};
+
+#[derive(Parser)]
+pub struct Args {
+    /// Directory for the database, generated tokens, certificates and the admin kubeconfig.
+    #[arg(long, default_value = "portway-data")]
+    data: PathBuf,
+    /// Address to listen on. Served over TLS: with --tls-cert/--tls-key, or a CA generated
+    /// in DATA/pki (the kubeconfig carries it).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Tokens file, CSV `token,user,roles,namespaces` (roles: admin, operator, agent,
+    /// viewer; namespaces: a quoted list or *). Default: DATA/tokens.csv, created with one
+    /// admin token.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Serving certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Serving key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP (loopback addresses only). kubectl sends no token over plain HTTP,
+    /// so this suits kube-rs and curl only.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_http: bool,
+    /// Extra DNS name or IP for the generated certificate (repeatable).
+    #[arg(long)]
+    tls_san: Vec<String>,
+    /// Revisions of change history kept for watches to resume from.
+    #[arg(long, default_value_t = 10_000)]
+    history: u64,
+    /// Write the bound addresses here as JSON once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let mut config = portway_apiserver::Config::new(args.data);
+    config.listen = args.listen;
+    config.tokens_file = args.tokens;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => portway_apiserver::TlsMode::Files { cert, key },
+        _ if args.insecure_http => portway_apiserver::TlsMode::PlainLoopback,
+        _ => portway_apiserver::TlsMode::SelfSigned,
+    };
+    config.tls_sans = args.tls_san;
+    config.history = args.history;
+    let server = portway_apiserver::Server::bind(config)
+        .await
+        .context("starting the API server")?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(
+            path,
+            &json!({"apiserver": server.url(), "listen": server.local_addr(), "kubeconfig": server.kubeconfig()}),
+        )?;
+    }
+    match server.kubeconfig() {
+        Some(k) => eprintln!(
+            "API server at {}\n  kubectl --kubeconfig {} get connectors -A",
+            server.url(),
+            k.display()
+        ),
+        None => eprintln!("API server at {}", server.url()),
+    }
+    shutdown_signal().await;
+    server.shutdown();
+    server.join().await;
+    Ok(())
+}

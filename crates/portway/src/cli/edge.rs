@@ -1,0 +1,103 @@
+//! `portway edge`: the built-in edge with its sidecar in process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+
+use super::{kube_client, shutdown_signal, write_ready_file};
+
+#[derive(Parser)]
+pub struct Args {
+    #[command(flatten)]
+    sidecar: super::sidecar::Flags,
+    /// Public HTTP address (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// Public HTTPS address, with certificates from --cert-dir.
+    #[arg(long, requires = "cert_dir")]
+    https: Option<SocketAddr>,
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    /// Keep X-Forwarded-*, Forwarded and X-Real-IP from peers in this CIDR (or address),
+    /// e.g. a load balancer in front (repeatable). Everyone else's are replaced.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = portway_gateway::edge::parse_cidr)]
+    trusted_proxies: Vec<portway_gateway::edge::IpNet>,
+    /// Address published in Gateway status (default: the listen address).
+    #[arg(long)]
+    address: Vec<String>,
+    /// Serve /metrics here.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    use portway_gateway::{edge, metrics::Metrics, model::Table, routes};
+    let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
+    let metrics = Metrics::default();
+    let sidecar =
+        std::sync::Arc::new(super::sidecar::start(&args.sidecar, &client, metrics.clone()).await?);
+    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
+    let e = edge::Edge::bind(
+        edge::Config {
+            http: Some(args.http),
+            https: args.https,
+            cert_dir: args.cert_dir,
+            trusted_proxies: args.trusted_proxies,
+        },
+        table.clone(),
+        sidecar,
+        metrics.clone(),
+    )
+    .await
+    .context("starting the edge")?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let addresses = if args.address.is_empty() {
+        vec![args.http.ip().to_string()]
+    } else {
+        args.address
+    };
+    let config = routes::Config {
+        class: args.sidecar.class.clone(),
+        controller_name: portway_api::CONTROLLER_NAME.into(),
+        addresses,
+        write_status: true,
+    };
+    let routes_task = routes::spawn(
+        client,
+        config,
+        table,
+        tokio::sync::watch::channel(0).0,
+        shutdown.clone(),
+    );
+    let mut metrics_addr = None;
+    if let Some(addr) = args.metrics {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        metrics_addr = Some(
+            portway_gateway::serve_metrics(addr, std::sync::Arc::new(registry), shutdown.clone())
+                .await?
+                .0,
+        );
+    }
+    if let Some(path) = &args.ready_file {
+        write_ready_file(
+            path,
+            &json!({"http": e.http_addr(), "https": e.https_addr(), "metrics": metrics_addr}),
+        )?;
+    }
+    eprintln!(
+        "edge on http://{}",
+        e.http_addr().map(|a| a.to_string()).unwrap_or_default()
+    );
+    shutdown_signal().await;
+    e.shutdown();
+    shutdown.cancel();
+    e.join().await;
+    let _ = routes_task.await;
+    Ok(())
+}

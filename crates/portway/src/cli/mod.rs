@@ -1,0 +1,126 @@
+//! One file per command, each with its `Args` and a `run()` that calls the libraries.
+
+pub mod agent;
+pub mod apiserver;
+pub mod dns;
+pub mod edge;
+pub mod http;
+pub mod operator;
+pub mod relay;
+pub mod sidecar;
+pub mod token;
+pub mod up;
+pub mod xds;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "portway",
+    version,
+    about = "Publish services behind NAT at public hostnames, over iroh tunnels."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run everything on this machine: API server, DNS, relay, operator, edge, sidecar.
+    Up(up::Args),
+    /// Publish a local port at a public hostname (needs `portway up`), like `ngrok http`.
+    Http(http::Args),
+    /// Run the built-in edge (with its sidecar in process) against a control plane.
+    Edge(edge::Args),
+    /// Run a standalone sidecar for an Envoy: requests carrying datum-* headers are
+    /// forwarded to devices.
+    Sidecar(sidecar::Args),
+    /// Run the Kubernetes-compatible API server on an embedded SQLite store.
+    Apiserver(apiserver::Args),
+    /// Serve the Gateway API routes to Envoys over xDS (ADS).
+    Xds(xds::Args),
+    /// Print an Envoy bootstrap that points at `portway xds`.
+    EnvoyBootstrap(xds::BootstrapArgs),
+    /// Run the authoritative DNS server for iroh discovery records.
+    Dns(dns::Args),
+    /// Run an iroh relay.
+    Relay(relay::Args),
+    /// Run the device agent: register this device and serve its tunnels.
+    Agent(agent::Args),
+    /// Run the operator: HTTPProxy → Gateway API objects, connector readiness.
+    Operator(operator::Args),
+    /// Print the CustomResourceDefinitions of Portway's kinds (YAML).
+    Crds,
+    /// Join tokens: how a device gets its own credential for one project.
+    Token(token::Args),
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// Whatever the command fails with, with context for the person who ran it.
+pub async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Up(args) => up::run(args).await,
+        Command::Http(args) => http::run(args).await,
+        Command::Edge(args) => edge::run(args).await,
+        Command::Sidecar(args) => sidecar::run(args).await,
+        Command::Apiserver(args) => apiserver::run(args).await,
+        Command::Dns(args) => dns::run(args).await,
+        Command::Xds(args) => xds::run(args).await,
+        Command::EnvoyBootstrap(args) => {
+            xds::bootstrap(args);
+            Ok(())
+        }
+        Command::Relay(args) => relay::run(args).await,
+        Command::Agent(args) => agent::run(args).await,
+        Command::Operator(args) => operator::run(args).await,
+        Command::Crds => {
+            print!("{}", portway_api::crds_yaml()?);
+            Ok(())
+        }
+        Command::Token(args) => token::run(args).await,
+    }
+}
+
+/// A kube client from a kubeconfig file, or kube's defaults.
+pub async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
+    Ok(portway_kube::client(path).await?)
+}
+
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("portway")
+}
+
+pub fn default_state_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("portway").join("agent")
+}
+
+/// Writes `value` to `path` atomically, so readers never see half a file.
+pub fn write_ready_file(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

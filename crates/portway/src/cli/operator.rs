@@ -1,0 +1,51 @@
+//! `portway operator`: HTTPProxy → Gateway API objects, connector readiness.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+
+use super::{kube_client, shutdown_signal, write_ready_file};
+
+#[derive(Parser)]
+pub struct Args {
+    /// Kubeconfig of the control plane (an operator or admin token).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Sidecar address(es) the generated EndpointSlices point at (comma-separated or
+    /// repeated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    sidecar: Vec<SocketAddr>,
+    /// Zone for canonical hostnames (`<uid>.<zone>`).
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    /// Write {"operator": "ready"} here once the caches are synced and controllers run.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let mut config = portway_operator::Config::new(args.sidecar);
+    config.proxy.zone = args.zone;
+    let operator = portway_operator::Operator::start(config, client)
+        .await
+        .context("starting the operator")?;
+    let mut signal = std::pin::pin!(shutdown_signal());
+    tokio::select! {
+        synced = operator.ready() => {
+            synced.context("waiting for the operator's caches")?;
+            if let Some(path) = &args.ready_file {
+                write_ready_file(path, &json!({"operator": "ready"}))?;
+            }
+            eprintln!("operator running");
+            signal.await;
+        }
+        () = &mut signal => {}
+    }
+    operator.shutdown();
+    operator.join().await;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `portway up`: every part on this machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use super::{default_data_dir, shutdown_signal, write_ready_file};
+
+#[derive(Parser)]
+pub struct Args {
+    /// Data directory (database, kubeconfigs, keys); default $XDG_DATA_HOME/portway.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Public HTTP address of the edge (HTTP/1.1 and h2c).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Public HTTPS address (h2 and HTTP/1.1), with certificates from --cert-dir.
+    #[arg(long, requires = "cert_dir")]
+    https: Option<SocketAddr>,
+    /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com).
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    apiserver: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    dns: SocketAddr,
+    /// DNS zone for discovery records and canonical hostnames.
+    #[arg(long, default_value = "portway.localhost")]
+    zone: String,
+    #[arg(long, default_value = "127.0.0.1:3340")]
+    relay: SocketAddr,
+    /// The sidecar's listener (for an Envoy; the edge calls the sidecar in process).
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    metrics: SocketAddr,
+    /// Write every bound address here as JSON once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let data = args.data.unwrap_or_else(default_data_dir);
+    let mut config = portway_local::up::Config::new(data.clone());
+    config.http = args.http;
+    config.https = args.https;
+    config.cert_dir = args.cert_dir;
+    config.apiserver = args.apiserver;
+    config.dns = args.dns;
+    config.zone = args.zone;
+    config.relay = args.relay;
+    config.sidecar = args.sidecar;
+    config.metrics = args.metrics;
+    let up = portway_local::up::Up::start(config)
+        .await
+        .context("starting portway")?;
+    let i = &up.info;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &serde_json::to_value(i)?)?;
+    }
+    let https = i
+        .https
+        .map(|a| format!("\n  https edge  https://{a}"))
+        .unwrap_or_default();
+    eprintln!(
+        "Portway is up (data in {}).\n  public edge http://{}{https}\n  API server  {}  (kubectl --kubeconfig {} get httpproxies -A)\n  relay       {}\n  DNS         {} (zone {})\n  metrics     http://{}/metrics\n\nNext: start your app, then in another terminal:\n  portway http 3000{}",
+        data.display(),
+        i.http,
+        i.apiserver,
+        i.kubeconfig.display(),
+        i.relay,
+        i.dns,
+        i.zone,
+        i.metrics,
+        if data == default_data_dir() {
+            String::new()
+        } else {
+            format!(" --data {}", data.display())
+        },
+    );
+    shutdown_signal().await;
+    eprintln!("stopping…");
+    up.shutdown().await;
+    Ok(())
+}

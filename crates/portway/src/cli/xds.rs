@@ -1,0 +1,112 @@
+//! `portway xds`: Gateway API routes for Envoys over ADS, and `portway envoy-bootstrap`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::json;
+
+use super::{kube_client, shutdown_signal, write_ready_file};
+
+#[derive(Parser)]
+pub struct Args {
+    /// Kubeconfig of the control plane (operator or admin: it writes Gateway status).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Where Envoys connect (gRPC, ADS).
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    listen: SocketAddr,
+    /// Default sidecar address, for Envoys whose bootstrap does not name theirs.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    /// Default public listener address, for Envoys whose bootstrap does not name theirs.
+    #[arg(long, default_value = "0.0.0.0:10080")]
+    envoy_listen: SocketAddr,
+    /// GatewayClass served.
+    #[arg(long, default_value = "portway")]
+    class: String,
+    /// Write Gateway and HTTPRoute status (turn off when the built-in edge also runs).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    write_status: bool,
+    /// Addresses to publish in Gateway status.
+    #[arg(long)]
+    address: Vec<String>,
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    use portway_gateway::{model::Table, routes, xds};
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
+    let (version_tx, version_rx) = tokio::sync::watch::channel(0u64);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let addresses = if args.address.is_empty() {
+        vec![args.envoy_listen.ip().to_string()]
+    } else {
+        args.address
+    };
+    let config = routes::Config {
+        class: args.class.clone(),
+        controller_name: portway_api::CONTROLLER_NAME.into(),
+        addresses,
+        write_status: args.write_status,
+    };
+    let routes_task = routes::spawn(
+        client.clone(),
+        config,
+        table.clone(),
+        version_tx,
+        shutdown.clone(),
+    );
+    let defaults = xds::NodeConfig {
+        sidecar: args.sidecar,
+        listen: args.envoy_listen,
+    };
+    let server = xds::Server::bind(args.listen, table, version_rx, defaults, shutdown.clone())
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let reporter = xds::spawn_reporter(client, args.class, server.envoys(), shutdown.clone());
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, &json!({"xds": server.local_addr()}))?;
+    }
+    eprintln!("xDS on {} (ADS, state of the world)", server.local_addr());
+    shutdown_signal().await;
+    shutdown.cancel();
+    server.join().await;
+    let _ = routes_task.await;
+    let _ = reporter.await;
+    Ok(())
+}
+
+#[derive(Parser)]
+pub struct BootstrapArgs {
+    /// The xDS server (`portway xds --listen`).
+    #[arg(long)]
+    xds: SocketAddr,
+    /// This Envoy's node id (unique per Envoy).
+    #[arg(long)]
+    node_id: String,
+    /// The sidecar beside this Envoy.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    sidecar: SocketAddr,
+    /// This Envoy's public listener.
+    #[arg(long, default_value = "0.0.0.0:10080")]
+    listen: SocketAddr,
+    /// Envoy's admin interface (keep it private).
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: SocketAddr,
+}
+
+/// Prints the bootstrap.
+pub fn bootstrap(args: BootstrapArgs) {
+    let node = portway_gateway::xds::NodeConfig {
+        sidecar: args.sidecar,
+        listen: args.listen,
+    };
+    print!(
+        "{}",
+        portway_gateway::xds::bootstrap(args.xds, &args.node_id, &node, args.admin)
+    );
+}
