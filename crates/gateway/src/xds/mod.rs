@@ -1,0 +1,172 @@
+//! The Envoy renderer: the route model as Envoy listeners, route configuration and
+//! clusters, served over ADS (state of the world, versioned).
+//!
+//! Design: Envoy forwards each request as plain HTTP/1.1 to the sidecar beside it, with the
+//! `datum-*` headers written per route (per backend, on weighted clusters). That keeps
+//! WebSocket (HTTP/1.1 upgrade to the sidecar), streaming (`timeout: 0s`) and HTTP/2 from
+//! clients (terminated by Envoy) working, and each tunnel change is one route update.
+//! The alternative — CONNECT to the sidecar through an internal listener — needs a
+//! cluster per target and CDS plus RDS churn for every tunnel (see the notes on Envoy).
+//!
+//! - `render`: the table → clusters, listeners, routes ([`resources`]).
+//! - `ads`: the Aggregated Discovery Service and the connected [`Envoys`].
+//! - `report`: the [`CONDITION`] on Gateways ([`spawn_reporter`]).
+//! - `bootstrap`: the Envoy bootstrap ([`bootstrap()`]).
+
+mod ads;
+mod bootstrap;
+mod render;
+mod report;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::Table;
+
+pub use ads::{Envoy, Envoys};
+pub use bootstrap::bootstrap;
+pub use render::{
+    CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, ROUTES, UNREADY, clusters, listeners, resources,
+    route_configuration, sidecar_cluster,
+};
+pub use report::{CONDITION, condition, spawn_reporter};
+
+/// What one Envoy needs besides the shared routes: where its sidecar and listener are
+/// (from the bootstrap's node metadata, else the server's defaults).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub sidecar: SocketAddr,
+    pub listen: SocketAddr,
+}
+
+/// A running xDS server.
+pub struct Server {
+    addr: SocketAddr,
+    envoys: watch::Receiver<Envoys>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves ADS on `listen` from `table`, pushing every time `version` moves.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn bind(
+        listen: SocketAddr,
+        table: Arc<ArcSwap<Table>>,
+        version: watch::Receiver<u64>,
+        defaults: NodeConfig,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let (service, envoys) = ads::service(table, version, defaults);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let task = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "xDS server stopped");
+            }
+        });
+        tracing::info!(%addr, "xDS (ADS) listening");
+        Ok(Self { addr, envoys, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connected Envoys and their standing NACKs.
+    pub fn envoys(&self) -> watch::Receiver<Envoys> {
+        self.envoys.clone()
+    }
+
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use prost::Message;
+    use serde_json::json;
+
+    pub(super) fn table() -> Table {
+        let gw: gateway_api::apis::standard::gateways::Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "gw", "namespace": "p"}, "spec": {"gatewayClassName": "portway", "listeners": []}})).unwrap();
+        let backend = |svc: &str, node: &str| {
+            json!({"name": svc, "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [
+            {"name": "datum-node-id", "value": node}, {"name": "datum-target-host", "value": "127.0.0.1"},
+            {"name": "datum-target-port", "value": "3000"}]}},
+            {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "datum-node-id", "value": "victim"}]}}]})
+        };
+        let route: gateway_api::apis::standard::httproutes::HttpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "r", "namespace": "p"},
+            "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["app.example.com", "down.example.com"], "rules": [
+                {"backendRefs": [backend("a", "n1"), backend("b", "n2")]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api/"}, "headers": [{"name": "X-Env", "value": "dev"}], "method": "POST"}], "backendRefs": [backend("a", "n1")]},
+                {"matches": [{"path": {"type": "Exact", "value": "/down"}}], "backendRefs": [backend("c", "n3")]},
+            ]},
+        }))
+        .unwrap();
+        let slice = |svc: &str, ready: bool| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(json!({"metadata": {"name": svc, "namespace": "p", "labels": {"kubernetes.io/service-name": svc}},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}]})).unwrap()
+        };
+        let slices = [slice("a", true), slice("b", true), slice("c", false)];
+        crate::model::build(
+            "portway",
+            &[&gw],
+            &[&route],
+            &slices.iter().collect::<Vec<_>>(),
+        )
+        .0
+    }
+
+    pub(super) fn node() -> NodeConfig {
+        NodeConfig {
+            sidecar: "127.0.0.1:4001".parse().unwrap(),
+            listen: "0.0.0.0:10080".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn node_metadata_overrides_defaults_and_resources_decode() {
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let mut meta = Struct::default();
+        meta.fields.insert(
+            "sidecar".into(),
+            Value {
+                kind: Some(Kind::StringValue("10.0.0.5:4001".into())),
+            },
+        );
+        let n = Node {
+            id: "e1".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        };
+        let cfg = ads::node_config(Some(&n), &node());
+        assert_eq!(cfg.sidecar, "10.0.0.5:4001".parse().unwrap());
+        assert_eq!(cfg.listen, node().listen);
+        let l = resources(LISTENER_TYPE, &table(), &cfg);
+        let decoded = Listener::decode(l[0].value.as_slice()).unwrap();
+        assert_eq!(decoded.name, "portway_http");
+        let yaml = bootstrap(
+            "127.0.0.1:18000".parse().unwrap(),
+            "e1",
+            &cfg,
+            "127.0.0.1:9901".parse().unwrap(),
+        );
+        assert!(yaml.contains("port_value: 18000") && yaml.contains("sidecar: \"10.0.0.5:4001\""));
+    }
+}

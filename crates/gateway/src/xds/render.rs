@@ -1,0 +1,485 @@
+//! The route table as Envoy resources: clusters, the public listener, the route
+//! configuration, each for one node.
+
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster,
+    circuit_breakers::Thresholds,
+    cluster::{ClusterDiscoveryType, DiscoveryType},
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
+    Http2ProtocolOptions, SocketAddress, address, config_source,
+    header_value_option::HeaderAppendAction, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, route, route_action,
+    route_match, weighted_cluster::ClusterWeight,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{CodecType, RouteSpecifier, UpgradeConfig},
+    http_filter,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use prost::Message;
+
+use super::NodeConfig;
+use crate::model::{Backend, HeaderFilter, PathMatch, Table};
+
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// The one route configuration every listener uses.
+pub const ROUTES: &str = "portway_routes";
+/// A cluster without endpoints: routes whose backends are all unready point here, so
+/// Envoy answers 503 by itself.
+pub const UNREADY: &str = "portway_unready";
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn socket(addr: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                addr.port(),
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The sidecar cluster for backend slot `i` (weighted clusters need distinct names).
+pub fn sidecar_cluster(i: usize) -> String {
+    format!("portway_sidecar_{i}")
+}
+
+fn cluster(name: &str, endpoint: Option<SocketAddr>) -> Cluster {
+    let lb_endpoints = endpoint
+        .map(|a| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket(a)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let high = Some(UInt32Value { value: 1_000_000 });
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(PbDuration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.to_owned(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        // The sidecar is local and multiplexes everything: Envoy's default limits (1024)
+        // would cap concurrency, not protect anything.
+        circuit_breakers: Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: high,
+                max_pending_requests: high,
+                max_requests: high,
+                max_retries: high,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Clusters: one per backend slot (all the local sidecar) and the empty one.
+pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
+    let slots = table
+        .hosts()
+        .flat_map(|h| h.routes.iter().map(|r| r.backends.len()))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut out: Vec<Cluster> = (0..slots)
+        .map(|i| cluster(&sidecar_cluster(i), Some(node.sidecar)))
+        .collect();
+    out.push(cluster(UNREADY, None));
+    out
+}
+
+/// The public listener: HTTP/1.1 and h2c (codec AUTO), WebSocket upgrades, routes by RDS.
+pub fn listeners(node: &NodeConfig) -> Vec<Listener> {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "portway".into(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            route_config_name: ROUTES.into(),
+            config_source: Some(ConfigSource {
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
+                resource_api_version: ApiVersion::V3 as i32,
+                ..Default::default()
+            }),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        upgrade_configs: vec![UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
+        use_remote_address: Some(BoolValue { value: true }),
+        http2_protocol_options: Some(Http2ProtocolOptions {
+            allow_connect: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    vec![Listener {
+        name: "portway_http".into(),
+        address: Some(socket(node.listen)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    &hcm,
+                ))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }]
+}
+
+fn header_options(f: &HeaderFilter) -> Vec<HeaderValueOption> {
+    let opt = |n: &http::HeaderName, v: &http::HeaderValue, action: HeaderAppendAction| {
+        HeaderValueOption {
+            header: Some(HeaderValue {
+                key: n.as_str().to_owned(),
+                // Envoy formats header values: a literal % must be doubled.
+                value: v.to_str().unwrap_or_default().replace('%', "%%"),
+                ..Default::default()
+            }),
+            append_action: action as i32,
+            ..Default::default()
+        }
+    };
+    f.set
+        .iter()
+        .map(|(n, v)| opt(n, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+        .chain(
+            f.add
+                .iter()
+                .map(|(n, v)| opt(n, v, HeaderAppendAction::AppendIfExistsOrAdd)),
+        )
+        .collect()
+}
+
+/// A backend's user filter, then the device and target: user filters hold no reserved
+/// header (the model drops them), so the routing headers cannot be overridden.
+fn backend_headers(b: &Backend) -> Vec<HeaderValueOption> {
+    let mut out = header_options(&b.headers);
+    if let Some(t) = &b.tunnel {
+        out.extend(header_options(&HeaderFilter {
+            set: t.headers().into(),
+            ..Default::default()
+        }));
+    }
+    out
+}
+
+fn exact(v: &str) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Exact(v.to_owned())),
+        ..Default::default()
+    }
+}
+
+/// The shared route configuration: a virtual host per hostname, a route per match in the
+/// model's precedence order, `datum-*` headers per backend.
+pub fn route_configuration(table: &Table) -> RouteConfiguration {
+    let mut hosts: Vec<_> = table.hosts().collect();
+    hosts.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    let virtual_hosts = hosts
+        .into_iter()
+        .map(|h| VirtualHost {
+            name: h.hostname.clone(),
+            domains: vec![h.hostname.clone()],
+            routes: h
+                .routes
+                .iter()
+                .map(|r| {
+                    let path = match &r.path {
+                        PathMatch::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
+                        PathMatch::Prefix(p) if p == "/" => {
+                            route_match::PathSpecifier::Prefix("/".into())
+                        }
+                        PathMatch::Prefix(p) => route_match::PathSpecifier::PathSeparatedPrefix(
+                            p.trim_end_matches('/').to_owned(),
+                        ),
+                    };
+                    let mut headers: Vec<HeaderMatcher> = r
+                        .headers
+                        .iter()
+                        .map(|(n, v)| HeaderMatcher {
+                            name: n.clone(),
+                            header_match_specifier: Some(
+                                header_matcher::HeaderMatchSpecifier::StringMatch(exact(v)),
+                            ),
+                            ..Default::default()
+                        })
+                        .collect();
+                    if let Some(m) = &r.method {
+                        headers.push(HeaderMatcher {
+                            name: ":method".into(),
+                            header_match_specifier: Some(
+                                header_matcher::HeaderMatchSpecifier::StringMatch(exact(m)),
+                            ),
+                            ..Default::default()
+                        });
+                    }
+                    let query_parameters = r
+                        .query
+                        .iter()
+                        .map(|(n, v)| QueryParameterMatcher {
+                            name: n.clone(),
+                            query_parameter_match_specifier: Some(
+                                query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                                    exact(v),
+                                ),
+                            ),
+                        })
+                        .collect();
+                    let ready: Vec<_> = r
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| b.ready && b.weight > 0)
+                        .collect();
+                    let mut request_headers_to_add = header_options(&r.filter);
+                    let specifier = match ready.as_slice() {
+                        [] => route_action::ClusterSpecifier::Cluster(UNREADY.into()),
+                        [(i, b)] => {
+                            request_headers_to_add.extend(backend_headers(b));
+                            route_action::ClusterSpecifier::Cluster(sidecar_cluster(*i))
+                        }
+                        many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                            clusters: many
+                                .iter()
+                                .map(|(i, b)| ClusterWeight {
+                                    name: sidecar_cluster(*i),
+                                    weight: Some(UInt32Value { value: b.weight }),
+                                    request_headers_to_add: backend_headers(b),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }),
+                    };
+                    Route {
+                        name: format!("{}/{}", r.route, r.rule),
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(path),
+                            headers,
+                            query_parameters,
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(specifier),
+                            // Streams (SSE, uploads) must not be cut off by a route timeout.
+                            timeout: Some(PbDuration {
+                                seconds: 0,
+                                nanos: 0,
+                            }),
+                            ..Default::default()
+                        })),
+                        request_headers_to_add,
+                        request_headers_to_remove: r
+                            .filter
+                            .remove
+                            .iter()
+                            .map(|n| n.as_str().to_owned())
+                            .collect(),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    RouteConfiguration {
+        name: ROUTES.into(),
+        virtual_hosts,
+        // A client must never choose the device: every route (or weighted cluster) that
+        // reaches the sidecar overwrites all four datum-* headers, and the sidecar drops any
+        // other datum-* or x-iroh-* header. (A global removal here would also remove the
+        // values Envoy adds per weighted cluster, which are applied before it.)
+        most_specific_header_mutations_wins: true,
+        ignore_port_in_host_matching: true,
+        ..Default::default()
+    }
+}
+
+/// Every resource of one type for one node, as `Any`s.
+pub fn resources(type_url: &str, table: &Table, node: &NodeConfig) -> Vec<Any> {
+    match type_url {
+        CLUSTER_TYPE => clusters(table, node)
+            .iter()
+            .map(|c| any(CLUSTER_TYPE, c))
+            .collect(),
+        LISTENER_TYPE => listeners(node)
+            .iter()
+            .map(|l| any(LISTENER_TYPE, l))
+            .collect(),
+        ROUTE_TYPE => vec![any(ROUTE_TYPE, &route_configuration(table))],
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::tests::{node, table};
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    use envoy_types::pb::envoy::config::route::v3::{Route, route, route_action, route_match};
+    use envoy_types::pb::google::protobuf::Duration as PbDuration;
+
+    #[test]
+    fn clusters_point_every_slot_at_the_local_sidecar() {
+        let c = clusters(&table(), &node());
+        assert_eq!(
+            c.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["portway_sidecar_0", "portway_sidecar_1", UNREADY]
+        );
+        let ep = &c[0].load_assignment.as_ref().unwrap().endpoints[0].lb_endpoints;
+        assert_eq!(ep.len(), 1);
+        assert!(
+            c[2].load_assignment.as_ref().unwrap().endpoints[0]
+                .lb_endpoints
+                .is_empty(),
+            "the unready cluster has no endpoints"
+        );
+    }
+
+    #[test]
+    fn routes_carry_headers_matches_and_readiness() {
+        let rc = route_configuration(&table());
+        assert!(rc.most_specific_header_mutations_wins && rc.ignore_port_in_host_matching);
+        let app = rc
+            .virtual_hosts
+            .iter()
+            .find(|v| v.name == "app.example.com")
+            .unwrap();
+        assert_eq!(app.domains, ["app.example.com"]);
+        // Precedence: exact /down, then the /api/ prefix with method + header, then /.
+        let paths: Vec<_> = app
+            .routes
+            .iter()
+            .map(|r| r.r#match.as_ref().unwrap().path_specifier.clone().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                route_match::PathSpecifier::Path("/down".into()),
+                route_match::PathSpecifier::PathSeparatedPrefix("/api".into()),
+                route_match::PathSpecifier::Prefix("/".into()),
+            ]
+        );
+        let action = |r: &Route| match r.action.clone().unwrap() {
+            route::Action::Route(a) => a,
+            _ => panic!("not a route action"),
+        };
+        assert_eq!(
+            action(&app.routes[0]).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster(UNREADY.into())),
+            "all backends unready → 503"
+        );
+        let api = &app.routes[1];
+        assert_eq!(
+            api.r#match
+                .as_ref()
+                .unwrap()
+                .headers
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>(),
+            ["x-env", ":method"]
+        );
+        assert_eq!(
+            action(api).cluster_specifier,
+            Some(route_action::ClusterSpecifier::Cluster(
+                "portway_sidecar_0".into()
+            ))
+        );
+        let node_header = api
+            .request_headers_to_add
+            .iter()
+            .find(|h| h.header.as_ref().unwrap().key == "datum-node-id")
+            .unwrap();
+        assert_eq!(node_header.header.as_ref().unwrap().value, "n1");
+        assert_eq!(
+            api.request_headers_to_add
+                .iter()
+                .filter(|h| h.header.as_ref().unwrap().key.starts_with("datum-"))
+                .count(),
+            4,
+            "the routing headers once each; a user filter naming one is dropped"
+        );
+        assert_eq!(
+            node_header.append_action,
+            HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+        );
+        let root = action(&app.routes[2]);
+        assert_eq!(
+            root.timeout,
+            Some(PbDuration {
+                seconds: 0,
+                nanos: 0
+            }),
+            "streams are not cut off"
+        );
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = root.cluster_specifier
+        else {
+            panic!("two ready backends → weighted")
+        };
+        let ids: Vec<_> = w
+            .clusters
+            .iter()
+            .map(|c| {
+                c.request_headers_to_add[0]
+                    .header
+                    .as_ref()
+                    .unwrap()
+                    .value
+                    .clone()
+            })
+            .collect();
+        assert_eq!(ids, ["n1", "n2"]);
+    }
+}
