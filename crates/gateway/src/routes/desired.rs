@@ -1,0 +1,500 @@
+//! The Gateway and HTTPRoute status the route watcher owes, decided from cached objects
+//! alone (no client, no async), so the rules are tested with tables.
+
+use std::collections::HashMap;
+
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::{HttpRoute, HttpRouteStatusParents};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use portway_api::{condition, set_condition};
+use serde_json::{Map, Value, json};
+
+use super::Config;
+use crate::model::Attachment;
+
+/// One status write, with the cached object it was decided from (the write is guarded on
+/// that object's `resourceVersion`).
+#[derive(Debug)]
+pub enum StatusWrite<'a> {
+    /// Our conditions on a Gateway of our class, and the fields we own beside them
+    /// (`addresses`, `listeners`), which are written whole.
+    Gateway {
+        gateway: &'a Gateway,
+        conditions: Vec<Condition>,
+        rest: Map<String, Value>,
+    },
+    /// The route's whole `status`: our parent entry for each Gateway of ours it attaches
+    /// to, other entries as they were.
+    RouteParents {
+        route: &'a HttpRoute,
+        gateways: Vec<String>,
+        status: Value,
+    },
+}
+
+/// Every status write that the cached `gateways` and `routes` need, given the
+/// `attachments` of the route table just built. An object whose status is already right
+/// gets none.
+pub fn desired<'a>(
+    config: &Config,
+    gateways: &[&'a Gateway],
+    routes: &[&'a HttpRoute],
+    attachments: &[Attachment],
+) -> Vec<StatusWrite<'a>> {
+    let mut attached: HashMap<(&str, &str), usize> = HashMap::new();
+    for a in attachments {
+        *attached.entry((&a.route_ns, &a.gateway)).or_default() += 1;
+    }
+    let mut writes: Vec<StatusWrite<'a>> = gateways
+        .iter()
+        .filter(|g| g.spec.gateway_class_name == config.class)
+        .filter_map(|g| {
+            let ns = g.metadata.namespace.as_deref().unwrap_or_default();
+            let name = g.metadata.name.as_deref().unwrap_or_default();
+            let count = attached.get(&(ns, name)).copied().unwrap_or(0);
+            gateway_status(g, &config.addresses, count)
+        })
+        .collect();
+
+    // One write per route, naming all its Gateways: a write per attachment would race
+    // with itself on a route attached twice.
+    let by_key: HashMap<(&str, &str), &'a HttpRoute> = routes
+        .iter()
+        .map(|r| {
+            let ns = r.metadata.namespace.as_deref().unwrap_or_default();
+            ((ns, r.metadata.name.as_deref().unwrap_or_default()), *r)
+        })
+        .collect();
+    let mut per_route: Vec<((&str, &str), Vec<String>)> = Vec::new();
+    for a in attachments {
+        let key = (a.route_ns.as_str(), a.route.as_str());
+        match per_route.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, gws)) if !gws.contains(&a.gateway) => gws.push(a.gateway.clone()),
+            Some(_) => {}
+            None => per_route.push((key, vec![a.gateway.clone()])),
+        }
+    }
+    for (key, gateways) in per_route {
+        let Some(route) = by_key.get(&key) else {
+            continue;
+        };
+        if let Some(status) = route_parents(route, &config.controller_name, &gateways) {
+            writes.push(StatusWrite::RouteParents {
+                route,
+                gateways,
+                status,
+            });
+        }
+    }
+    writes
+}
+
+/// `Accepted` and `Programmed`, the published `addresses` and a `listeners` entry per
+/// listener counting `attached` routes; `None` when the Gateway already says all that.
+fn gateway_status<'a>(
+    g: &'a Gateway,
+    addresses: &[String],
+    attached: usize,
+) -> Option<StatusWrite<'a>> {
+    let generation = g.metadata.generation;
+    let status = g.status.clone().unwrap_or_default();
+    let ours = vec![
+        condition(
+            "Accepted",
+            true,
+            "Accepted",
+            "served by the built-in edge",
+            generation,
+        ),
+        condition(
+            "Programmed",
+            true,
+            "Programmed",
+            "routes are live",
+            generation,
+        ),
+    ];
+    let mut conditions = status.conditions.clone().unwrap_or_default();
+    let mut changed = false;
+    for c in &ours {
+        changed |= set_condition(&mut conditions, c.clone());
+    }
+    let addresses: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"type": "IPAddress", "value": a}))
+        .collect();
+    let current_addresses =
+        serde_json::to_value(status.addresses.clone().unwrap_or_default()).unwrap_or_default();
+    let listeners: Vec<Value> = g
+        .spec
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({"name": l.name, "attachedRoutes": attached, "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+                   "conditions": [condition("Accepted", true, "Accepted", "", generation), condition("Programmed", true, "Programmed", "", generation)]})
+        })
+        .collect();
+    let listeners_same = status.listeners.as_ref().is_some_and(|ls| {
+        ls.len() == listeners.len() && ls.iter().all(|l| l.attached_routes == attached as i32)
+    });
+    if !changed && current_addresses == json!(addresses) && listeners_same {
+        return None;
+    }
+    let mut rest = Map::new();
+    rest.insert("addresses".into(), json!(addresses));
+    rest.insert("listeners".into(), json!(listeners));
+    Some(StatusWrite::Gateway {
+        gateway: g,
+        conditions: ours,
+        rest,
+    })
+}
+
+/// The route's `status` with our parent entry for each of `gateways` accepted, or `None`
+/// when it already says so. Other controllers' entries, and ours for other Gateways, are
+/// kept as they are.
+pub(super) fn route_parents(
+    route: &HttpRoute,
+    controller: &str,
+    gateways: &[String],
+) -> Option<Value> {
+    let status = route.status.clone().unwrap_or_default();
+    let mine = |p: &HttpRouteStatusParents, gateway: &str| {
+        p.controller_name == controller && p.parent_ref.name == gateway
+    };
+    let generation = route.metadata.generation;
+    let ns = route.metadata.namespace.clone().unwrap_or_default();
+    let mut changed = false;
+    let mut entries = Vec::new();
+    for gateway in gateways {
+        let existing = status.parents.iter().find(|p| mine(p, gateway));
+        let mut conditions = existing.map(|p| p.conditions.clone()).unwrap_or_default();
+        changed |= existing.is_none();
+        changed |= set_condition(
+            &mut conditions,
+            condition("Accepted", true, "Accepted", "", generation),
+        );
+        changed |= set_condition(
+            &mut conditions,
+            condition("ResolvedRefs", true, "ResolvedRefs", "", generation),
+        );
+        entries.push(json!({
+            "controllerName": controller,
+            "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway, "namespace": ns},
+            "conditions": conditions,
+        }));
+    }
+    if !changed {
+        return None;
+    }
+    let mut parents: Vec<Value> = status
+        .parents
+        .iter()
+        .filter(|p| !gateways.iter().any(|g| mine(p, g)))
+        .filter_map(|p| serde_json::to_value(p).ok())
+        .collect();
+    parents.extend(entries);
+    Some(json!({"parents": parents}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OURS: &str = "portway.example/edge";
+    const OTHER: &str = "other.example/controller";
+
+    fn config() -> Config {
+        Config {
+            class: "portway".into(),
+            controller_name: OURS.into(),
+            addresses: vec!["10.0.0.1".into()],
+            write_status: true,
+        }
+    }
+
+    fn gateway(name: &str, class: &str, listeners: &[&str]) -> Gateway {
+        let listeners: Vec<Value> = listeners
+            .iter()
+            .map(|l| json!({"name": l, "port": 80, "protocol": "HTTP"}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"gatewayClassName": class, "listeners": listeners},
+        }))
+        .unwrap()
+    }
+
+    fn route(name: &str) -> HttpRoute {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"parentRefs": [{"name": "gw"}]},
+        }))
+        .unwrap()
+    }
+
+    fn attach(route: &str, gateway: &str) -> Attachment {
+        Attachment {
+            route_ns: "p".into(),
+            route: route.into(),
+            gateway: gateway.into(),
+        }
+    }
+
+    /// `route`'s status with one parent entry of `controller` for Gateway `gw`.
+    fn with_parent(mut r: HttpRoute, controller: &str, gw: &str) -> HttpRoute {
+        let mut status = serde_json::to_value(r.status.take().unwrap_or_default()).unwrap();
+        status["parents"].as_array_mut().unwrap().push(json!({
+            "controllerName": controller,
+            "parentRef": {"name": gw},
+            "conditions": [condition("Accepted", false, "NotAllowed", "", Some(1))],
+        }));
+        r.status = serde_json::from_value(status).unwrap();
+        r
+    }
+
+    /// What a write says, short enough for a table.
+    fn summary(w: &StatusWrite) -> String {
+        match w {
+            StatusWrite::Gateway {
+                gateway,
+                conditions,
+                rest,
+            } => {
+                let types: Vec<_> = conditions.iter().map(|c| c.type_.as_str()).collect();
+                let addresses: Vec<_> = rest["addresses"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a["value"].as_str().unwrap())
+                    .collect();
+                let attached: Vec<_> = rest["listeners"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| format!("{}={}", l["name"].as_str().unwrap(), l["attachedRoutes"]))
+                    .collect();
+                format!(
+                    "gateway {} {types:?} addresses={addresses:?} listeners={attached:?}",
+                    gateway.metadata.name.as_deref().unwrap()
+                )
+            }
+            StatusWrite::RouteParents {
+                route,
+                gateways,
+                status,
+            } => {
+                let parents: Vec<_> = status["parents"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        let accepted = p["conditions"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .find(|c| c["type"] == "Accepted")
+                            .map(|c| c["status"].as_str().unwrap())
+                            .unwrap_or("-");
+                        format!(
+                            "{}:{}:{accepted}",
+                            p["controllerName"].as_str().unwrap(),
+                            p["parentRef"]["name"].as_str().unwrap()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "route {} for {gateways:?} parents={parents:?}",
+                    route.metadata.name.as_deref().unwrap()
+                )
+            }
+        }
+    }
+
+    /// The object as it would be once `w` is written.
+    fn written_gateway(w: &StatusWrite) -> Gateway {
+        let StatusWrite::Gateway {
+            gateway,
+            conditions,
+            rest,
+        } = w
+        else {
+            panic!("not a Gateway write")
+        };
+        let mut status = rest.clone();
+        status.insert("conditions".into(), json!(conditions));
+        let mut g = (*gateway).clone();
+        g.status = serde_json::from_value(Value::Object(status)).unwrap();
+        g
+    }
+
+    fn written_route(w: &StatusWrite) -> HttpRoute {
+        let StatusWrite::RouteParents { route, status, .. } = w else {
+            panic!("not a route write")
+        };
+        let mut r = (*route).clone();
+        r.status = serde_json::from_value(status.clone()).unwrap();
+        r
+    }
+
+    /// One row: the cache and the route table's attachments → the writes, summarised.
+    struct Case<'a> {
+        what: &'a str,
+        config: Config,
+        gateways: Vec<&'a Gateway>,
+        routes: Vec<&'a HttpRoute>,
+        attachments: Vec<Attachment>,
+        want: Vec<&'a str>,
+    }
+
+    fn check(cases: Vec<Case>) {
+        for c in cases {
+            let writes = desired(&c.config, &c.gateways, &c.routes, &c.attachments);
+            let got: Vec<String> = writes.iter().map(summary).collect();
+            assert_eq!(got, c.want, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn writes_follow_class_attachments_and_other_controllers() {
+        let gw = gateway("gw", "portway", &["http", "https"]);
+        let foreign = gateway("foreign", "istio", &["http"]);
+        let lonely = gateway("lonely", "portway", &["http"]);
+        let (r1, r2) = (route("r1"), route("r2"));
+        let shared = with_parent(route("shared"), OTHER, "gw");
+        check(vec![
+            Case {
+                what: "a Gateway of another class is left alone",
+                config: config(),
+                gateways: vec![&foreign],
+                routes: vec![],
+                attachments: vec![],
+                want: vec![],
+            },
+            Case {
+                what: "every listener counts the routes attached to its Gateway",
+                config: config(),
+                gateways: vec![&gw, &foreign, &lonely],
+                routes: vec![&r1, &r2],
+                attachments: vec![attach("r1", "gw"), attach("r2", "gw")],
+                want: vec![
+                    r#"gateway gw ["Accepted", "Programmed"] addresses=["10.0.0.1"] listeners=["http=2", "https=2"]"#,
+                    r#"gateway lonely ["Accepted", "Programmed"] addresses=["10.0.0.1"] listeners=["http=0"]"#,
+                    r#"route r1 for ["gw"] parents=["portway.example/edge:gw:True"]"#,
+                    r#"route r2 for ["gw"] parents=["portway.example/edge:gw:True"]"#,
+                ],
+            },
+            Case {
+                what: "another controller's parent entry for the same Gateway is kept",
+                config: config(),
+                gateways: vec![&gw],
+                routes: vec![&shared],
+                attachments: vec![attach("shared", "gw")],
+                want: vec![
+                    r#"gateway gw ["Accepted", "Programmed"] addresses=["10.0.0.1"] listeners=["http=1", "https=1"]"#,
+                    r#"route shared for ["gw"] parents=["other.example/controller:gw:False", "portway.example/edge:gw:True"]"#,
+                ],
+            },
+            Case {
+                what: "a route attached to two Gateways gets one write naming both",
+                config: config(),
+                gateways: vec![],
+                routes: vec![&r1],
+                attachments: vec![
+                    attach("r1", "gw"),
+                    attach("r1", "lonely"),
+                    attach("r1", "gw"),
+                ],
+                want: vec![
+                    r#"route r1 for ["gw", "lonely"] parents=["portway.example/edge:gw:True", "portway.example/edge:lonely:True"]"#,
+                ],
+            },
+            Case {
+                what: "an attachment whose route is not cached is skipped",
+                config: config(),
+                gateways: vec![],
+                routes: vec![],
+                attachments: vec![attach("gone", "gw")],
+                want: vec![],
+            },
+        ]);
+    }
+
+    #[test]
+    fn written_status_needs_no_second_write_until_something_changes() {
+        let gw = gateway("gw", "portway", &["http"]);
+        let r = with_parent(route("r"), OTHER, "gw");
+        let attached = || vec![attach("r", "gw")];
+        let writes = desired(&config(), &[&gw], &[&r], &attached());
+        let (gw, r) = (written_gateway(&writes[0]), written_route(&writes[1]));
+        let mut moved = config();
+        moved.addresses = vec!["10.0.0.2".into()];
+        let mut newer = gw.clone();
+        newer.metadata.generation = Some(2);
+        let mut newer_route = r.clone();
+        newer_route.metadata.generation = Some(2);
+        check(vec![
+            Case {
+                what: "unchanged status → no write",
+                config: config(),
+                gateways: vec![&gw],
+                routes: vec![&r],
+                attachments: attached(),
+                want: vec![],
+            },
+            Case {
+                what: "new addresses",
+                config: moved,
+                gateways: vec![&gw],
+                routes: vec![&r],
+                attachments: attached(),
+                want: vec![
+                    r#"gateway gw ["Accepted", "Programmed"] addresses=["10.0.0.2"] listeners=["http=1"]"#,
+                ],
+            },
+            Case {
+                what: "a route detached",
+                config: config(),
+                gateways: vec![&gw],
+                routes: vec![&r],
+                attachments: vec![],
+                want: vec![
+                    r#"gateway gw ["Accepted", "Programmed"] addresses=["10.0.0.1"] listeners=["http=0"]"#,
+                ],
+            },
+            Case {
+                what: "a new Gateway generation",
+                config: config(),
+                gateways: vec![&newer],
+                routes: vec![&r],
+                attachments: attached(),
+                want: vec![
+                    r#"gateway gw ["Accepted", "Programmed"] addresses=["10.0.0.1"] listeners=["http=1"]"#,
+                ],
+            },
+            Case {
+                what: "a new route generation",
+                config: config(),
+                gateways: vec![&gw],
+                routes: vec![&newer_route],
+                attachments: attached(),
+                want: vec![
+                    r#"route r for ["gw"] parents=["other.example/controller:gw:False", "portway.example/edge:gw:True"]"#,
+                ],
+            },
+        ]);
+    }
+
+    #[test]
+    fn our_entry_for_another_gateway_is_kept() {
+        let r = with_parent(route("r"), OURS, "old");
+        let status = route_parents(&r, OURS, &["gw".into()]).unwrap();
+        let names: Vec<_> = status["parents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["parentRef"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["old", "gw"]);
+    }
+}

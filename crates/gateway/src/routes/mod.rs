@@ -1,0 +1,155 @@
+//! Keeps the route table in step with the Gateway API objects of our class, and reports
+//! back: `Accepted`/`Programmed` on Gateways (with the edge's addresses) and a parent
+//! entry on every attached HTTPRoute. What to write is decided in `desired`; this file
+//! watches, rebuilds and applies.
+
+mod desired;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::watcher;
+use portway_api::managers;
+use portway_kube::watch::{is_ready, reflect};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{self, Table};
+
+pub use desired::{StatusWrite, desired};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The GatewayClass served (`portway`).
+    pub class: String,
+    /// Our controller name, written into route status parents.
+    pub controller_name: String,
+    /// Addresses published in Gateway status (the edge's listeners' IPs), e.g. `127.0.0.1`.
+    pub addresses: Vec<String>,
+    /// Whether to write Gateway and HTTPRoute status (the built-in edge does; an xDS server
+    /// beside other writers may not).
+    pub write_status: bool,
+}
+
+/// Feeds `table` (and bumps `version` on every rebuild) until `shutdown`.
+pub fn spawn(
+    client: kube::Client,
+    config: Config,
+    table: Arc<ArcSwap<Table>>,
+    version: watch::Sender<u64>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let all = || watcher::Config::default();
+        let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
+        let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
+        let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
+        let (gws, routes, slices) = (
+            gws.map(|e| e.map(drop)),
+            routes.map(|e| e.map(drop)),
+            slices.map(|e| e.map(drop)),
+        );
+        let mut events = futures::stream::select(futures::stream::select(gws, routes), slices)
+            .ready_chunks(512)
+            .boxed();
+        let mut resync = tokio::time::interval(Duration::from_secs(60));
+        let mut n = 0u64;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                batch = events.next() => match batch {
+                    None => return,
+                    Some(batch) => {
+                        for e in batch {
+                            if let Err(e) = e {
+                                tracing::debug!(error = %e, "route watch interrupted; retrying");
+                            }
+                        }
+                    }
+                },
+                _ = resync.tick() => {}
+            }
+            if !(is_ready(&gw_store) && is_ready(&route_store) && is_ready(&slice_store)) {
+                continue;
+            }
+            let (gw_state, route_state, slice_state) =
+                (gw_store.state(), route_store.state(), slice_store.state());
+            let gws: Vec<&Gateway> = gw_state.iter().map(AsRef::as_ref).collect();
+            let routes: Vec<&HttpRoute> = route_state.iter().map(AsRef::as_ref).collect();
+            let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
+            let (t, attachments) = model::build(&config.class, &gws, &routes, &slices);
+            tracing::debug!(hosts = t.len(), "route table rebuilt");
+            table.store(Arc::new(t));
+            n += 1;
+            version.send_replace(n);
+            if config.write_status {
+                let writes = desired(&config, &gws, &routes, &attachments);
+                apply(&client, &config.controller_name, writes).await;
+            }
+        }
+    })
+}
+
+/// Applies `writes`, each guarded on the cached copy it was decided from. A write that
+/// fails is logged and made again at the next rebuild (the resync at the latest).
+async fn apply(client: &kube::Client, controller: &str, writes: Vec<StatusWrite<'_>>) {
+    for w in writes {
+        match w {
+            StatusWrite::Gateway {
+                gateway,
+                conditions,
+                rest,
+            } => {
+                let (ns, name) = (gateway.namespace().unwrap_or_default(), gateway.name_any());
+                let api: Api<Gateway> = Api::namespaced(client.clone(), &ns);
+                let result = portway_kube::patch_conditions(
+                    &api,
+                    Some(gateway),
+                    &name,
+                    managers::EDGE,
+                    &conditions,
+                    Some(&rest),
+                )
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing Gateway status");
+                }
+            }
+            StatusWrite::RouteParents {
+                route,
+                gateways,
+                status,
+            } => {
+                let (ns, name) = (route.namespace().unwrap_or_default(), route.name_any());
+                let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+                // The first attempt writes what was decided from `route`; after a 409 the
+                // route is read again and decided again.
+                let mut decided = Some(status);
+                let decide = |r: &HttpRoute| {
+                    decided
+                        .take()
+                        .or_else(|| desired::route_parents(r, controller, &gateways))
+                };
+                let result = portway_kube::patch_status_with(
+                    &api,
+                    Some(route),
+                    &name,
+                    managers::EDGE,
+                    decide,
+                )
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!(route = %format!("{ns}/{name}"), error = %e, "writing HTTPRoute status");
+                }
+            }
+        }
+    }
+}
