@@ -247,13 +247,14 @@ impl Up {
             addresses,
             write_status: true,
         };
-        tasks.push(routes::spawn(
+        let routes = routes::spawn(
             client.clone(),
             routes_config,
             table,
             watch::channel(0).0,
             shutdown.clone(),
-        ));
+        );
+        tasks.push(tokio::spawn(routes.join()));
 
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);

@@ -15,9 +15,10 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use portway_api::managers;
-use portway_kube::watch::{is_ready, reflect};
+use portway_kube::watch::{is_ready, reflect, relisted, touched};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,42 @@ pub struct Config {
     pub write_status: bool,
 }
 
+/// The Gateways the route watcher caches, shared with the other writer of Gateway status
+/// (the xDS reporter) so that it needs no watch of its own.
+#[derive(Clone)]
+pub struct Gateways {
+    store: Store<Gateway>,
+    changed: watch::Receiver<u64>,
+}
+
+impl Gateways {
+    pub fn store(&self) -> &Store<Gateway> {
+        &self.store
+    }
+
+    /// Moves after the cache applies a change to a Gateway, and after each (re)list.
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+}
+
+/// The running route watcher.
+pub struct Routes {
+    gateways: Gateways,
+    task: JoinHandle<()>,
+}
+
+impl Routes {
+    pub fn gateways(&self) -> Gateways {
+        self.gateways.clone()
+    }
+
+    /// Waits until the watcher has stopped (after `shutdown`).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
 /// Feeds `table` (and bumps `version` on every rebuild) until `shutdown`.
 pub fn spawn(
     client: kube::Client,
@@ -46,12 +83,24 @@ pub fn spawn(
     table: Arc<ArcSwap<Table>>,
     version: watch::Sender<u64>,
     shutdown: CancellationToken,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let all = || watcher::Config::default();
-        let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
-        let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
-        let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
+) -> Routes {
+    let all = || watcher::Config::default();
+    let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
+    let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
+    let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
+    let (changed_tx, changed) = watch::channel(0u64);
+    let gateways = Gateways {
+        store: gw_store.clone(),
+        changed,
+    };
+    let task = tokio::spawn(async move {
+        let gws = gws.inspect(move |e| {
+            if let Ok(e) = e
+                && (touched(e).is_some() || relisted(e))
+            {
+                changed_tx.send_modify(|n| *n += 1);
+            }
+        });
         let (gws, routes, slices) = (
             gws.map(|e| e.map(drop)),
             routes.map(|e| e.map(drop)),
@@ -95,7 +144,8 @@ pub fn spawn(
                 apply(&client, &config.controller_name, writes).await;
             }
         }
-    })
+    });
+    Routes { gateways, task }
 }
 
 /// Applies `writes`, each guarded on the cached copy it was decided from. A write that

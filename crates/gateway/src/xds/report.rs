@@ -1,11 +1,18 @@
 //! The `XdsAccepted` condition on Gateways: whether the Envoys this server feeds accepted
 //! the current configuration.
 
+use std::time::Duration;
+
+use gateway_api::apis::standard::gateways::Gateway;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
+use kube::api::Api;
+use portway_kube::watch::is_ready;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Envoys;
+use crate::routes::Gateways;
 
 /// The condition the xDS server keeps on every Gateway of its class: whether the Envoys
 /// it feeds accepted the current configuration.
@@ -52,61 +59,68 @@ pub fn condition(envoys: &Envoys, generation: Option<i64>) -> Condition {
     )
 }
 
+/// The field manager of [`CONDITION`] (the edge owns the other Gateway conditions).
+const MANAGER: &str = "portway-xds";
+
+/// How often the cached Gateways are checked even without a change: a write that failed
+/// (the API server was away) is made again.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// The Gateways of `class` whose [`CONDITION`] is not yet what `envoys` say, each with
+/// the condition it should carry.
+fn stale<'a>(
+    class: &str,
+    envoys: &Envoys,
+    gateways: impl IntoIterator<Item = &'a Gateway>,
+) -> Vec<(&'a Gateway, Condition)> {
+    gateways
+        .into_iter()
+        .filter(|g| g.spec.gateway_class_name == class)
+        .filter_map(|g| {
+            let mut conditions = g
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
+            let ours = condition(envoys, g.metadata.generation);
+            portway_api::set_condition(&mut conditions, ours.clone()).then_some((g, ours))
+        })
+        .collect()
+}
+
 /// Writes [`CONDITION`] on the Gateways of `class` whenever the connected Envoys or their
-/// NACKs change, and every 30 s for Gateways created since (or whose status another
-/// writer replaced).
+/// NACKs change, or a Gateway changes in the route watcher's cache (created, or its
+/// status replaced by another writer).
 pub fn spawn_reporter(
     client: kube::Client,
     class: String,
     mut envoys: watch::Receiver<Envoys>,
+    gateways: Gateways,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    use gateway_api::apis::standard::gateways::Gateway;
-    use kube::api::{Api, ListParams};
+    let mut changed = gateways.changed();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut resync = tokio::time::interval(RESYNC);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = envoys.changed() => if r.is_err() { return },
-                _ = tick.tick() => {}
+                r = changed.changed() => if r.is_err() { return },
+                _ = resync.tick() => {}
             }
+            changed.mark_unchanged();
             let current = envoys.borrow_and_update().clone();
-            let api: Api<Gateway> = Api::all(client.clone());
-            let list = match api.list(&ListParams::default()).await {
-                Ok(list) => list,
-                Err(e) => {
-                    tracing::warn!(error = %e, "listing Gateways for XdsAccepted");
-                    continue;
-                }
-            };
-            for g in list
-                .items
-                .iter()
-                .filter(|g| g.spec.gateway_class_name == class)
-            {
-                let mut conditions = g
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                let ours = condition(&current, g.metadata.generation);
-                if !portway_api::set_condition(&mut conditions, ours.clone()) {
-                    continue;
-                }
-                let ns = g.metadata.namespace.clone().unwrap_or_default();
-                let name = g.metadata.name.clone().unwrap_or_default();
+            if !is_ready(gateways.store()) {
+                continue;
+            }
+            let cached = gateways.store().state();
+            for (g, ours) in stale(&class, &current, cached.iter().map(AsRef::as_ref)) {
+                let (ns, name) = (g.namespace().unwrap_or_default(), g.name_any());
                 let api: Api<Gateway> = Api::namespaced(client.clone(), &ns);
-                if let Err(e) = portway_kube::patch_conditions(
-                    &api,
-                    Some(g),
-                    &name,
-                    "portway-xds",
-                    &[ours],
-                    None,
-                )
-                .await
-                {
+                let result =
+                    portway_kube::patch_conditions(&api, Some(g), &name, MANAGER, &[ours], None)
+                        .await;
+                if let Err(e) = result {
                     tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing XdsAccepted");
                 }
             }
@@ -158,5 +172,42 @@ mod tests {
                 assert!(c.message.contains(w), "{:?} lacks {w:?}", c.message);
             }
         }
+    }
+
+    #[test]
+    fn only_gateways_of_the_class_whose_condition_differs_are_stale() {
+        let envoys: Envoys = [("e1".into(), Envoy::default())].into();
+        let gateway = |name: &str, class: &str, generation: i64, carries: Option<i64>| {
+            let conditions: Vec<Condition> = carries
+                .map(|g| condition(&envoys, Some(g)))
+                .into_iter()
+                .collect();
+            serde_json::from_value::<Gateway>(serde_json::json!({
+                "metadata": {"name": name, "namespace": "p", "generation": generation},
+                "spec": {"gatewayClassName": class, "listeners": []},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let gateways = [
+            gateway("foreign", "istio", 1, None),
+            gateway("new", "portway", 1, None),
+            gateway("current", "portway", 1, Some(1)),
+            gateway("edited", "portway", 2, Some(1)),
+        ];
+        let names: Vec<_> = stale("portway", &envoys, &gateways)
+            .into_iter()
+            .map(|(g, c)| (g.name_any(), c.observed_generation))
+            .collect();
+        assert_eq!(
+            names,
+            [("new".to_owned(), Some(1)), ("edited".to_owned(), Some(2))]
+        );
+        let none = Envoys::new();
+        assert_eq!(
+            stale("portway", &none, &gateways).len(),
+            3,
+            "no Envoy left: every Gateway of the class says Unknown"
+        );
     }
 }
