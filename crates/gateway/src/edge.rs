@@ -242,6 +242,11 @@ impl Edge {
         self.shutdown.cancel();
     }
 
+    /// Cancelling it is [`Edge::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     pub async fn join(self) {
         for t in self.tasks {
             let _ = t.await;

@@ -2,22 +2,33 @@
 //! dials devices, and the xDS server for Envoy.
 //!
 //! - [`model`]: Gateway API objects → one immutable route table (both renderers use it).
-//! - [`routes`]: watches the objects, swaps the table, writes Gateway/HTTPRoute status.
+//! - [`routes`]: watches the objects, swaps the table, writes Gateway/HTTPRoute status
+//!   (decided by the pure [`routes::desired`]); shares its Gateway cache.
 //! - [`edge`]: public HTTP/1.1, h2c and h2 over TLS (SNI); strips inbound `datum-*` and
 //!   `x-iroh-*`, routes, picks a ready backend, adds `X-Forwarded-*`, forwards through
 //!   the sidecar in process.
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
 //!   authorised gateway; also serves standalone beside Envoy.
+//! - [`xds`]: the table as Envoy clusters, listener and routes over ADS (gRPC), and the
+//!   `XdsAccepted` condition on Gateways; [`xds::Stack`] runs it with its route watcher.
+//! - [`EdgeStack`]: the sidecar, the edge and the route watcher started together.
+//! - [`metrics`]: requests, bytes, connections, dial times and tunnels, served on
+//!   `GET /metrics` by [`serve_metrics`].
 //!
 //! ```no_run
-//! # async fn run(client: kube::Client, endpoint: iroh::Endpoint) -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
-//! use portway_gateway::{edge, metrics::Metrics, model::Table, routes, sidecar::Sidecar};
-//! let metrics = Metrics::default();
-//! let table = Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
-//! let sidecar = Arc::new(Sidecar::new(endpoint, Default::default(), metrics.clone()));
-//! let edge = edge::Edge::bind(edge::Config::default(), table.clone(), sidecar, metrics).await?;
+//! # async fn run(client: kube::Client, setup: portway_gateway::sidecar::Setup) -> Result<(), Box<dyn std::error::Error>> {
+//! use portway_gateway::{EdgeStack, EdgeStackConfig, edge};
+//! let config = EdgeStackConfig {
+//!     sidecar: setup,
+//!     edge: edge::Config::default(),
+//!     class: "portway".into(),
+//!     addresses: Vec::new(),
+//! };
+//! let stack = EdgeStack::start(config, client, None).await?;
+//! println!("edge on {:?}", stack.http_addr());
+//! stack.shutdown();
+//! stack.join().await;
 //! # Ok(()) }
 //! ```
 
@@ -26,7 +37,10 @@ pub mod metrics;
 pub mod model;
 pub mod routes;
 pub mod sidecar;
+mod stack;
 pub mod xds;
+
+pub use stack::{EdgeStack, EdgeStackConfig, EdgeStackError};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,17 +2,18 @@
 //! SQLite file. They still talk to each other over the Kubernetes API, as they would on
 //! separate machines.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use portway_apiserver::auth::{Namespaces, TokenLine};
 use portway_apiserver::files;
 use portway_discovery::endpoint;
-use portway_gateway::{edge, metrics::Metrics, model::Table, routes, sidecar};
+use portway_gateway::{EdgeStack, EdgeStackConfig, edge, sidecar};
+use portway_serve::supervise::Supervisor;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Addresses every part listens on; port 0 picks a free port.
@@ -107,27 +108,28 @@ pub enum Error {
     Relay(#[from] portway_discovery::relay::Error),
     #[error("DNS server")]
     Dns(#[from] portway_discovery::dns::Error),
-    #[error("sidecar")]
-    Sidecar(#[from] sidecar::SetupError),
     #[error("operator")]
     Operator(#[from] portway_operator::Error),
     #[error("edge")]
-    Edge(#[from] edge::Error),
+    Edge(#[from] portway_gateway::EdgeStackError),
     #[error("binding {0}")]
     Bind(SocketAddr, #[source] std::io::Error),
+    #[error("the operator did not list every kind within {0:?}")]
+    NotSynced(Duration),
+    #[error(transparent)]
+    Died(portway_serve::supervise::Died),
 }
 
-/// Everything running.
+/// How long each part may take to stop before it is aborted.
+const GRACE: Duration = Duration::from_secs(15);
+
+/// How long the operator may take to list every kind once.
+const SYNC: Duration = Duration::from_secs(60);
+
+/// Everything running, as one: see [`Up::run`].
 pub struct Up {
     pub info: Info,
-    shutdown: CancellationToken,
-    apiserver: portway_apiserver::Server,
-    relay: portway_discovery::relay::Server,
-    dns: portway_discovery::dns::Server,
-    operator: portway_operator::Operator,
-    edge: edge::Edge,
-    endpoint: iroh::Endpoint,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    parts: Supervisor,
 }
 
 /// Creates the tokens file with an admin token on first start. Devices never get a token
@@ -165,149 +167,158 @@ fn ensure_tokens(path: &Path, dir: &Path) -> Result<(), Error> {
 }
 
 impl Up {
-    /// Starts every part and returns once all listen.
+    /// Starts every part and returns once all listen and the operator's caches are synced.
     ///
     /// # Errors
-    /// When any part fails to start; the ones already started stop.
+    /// When any part fails to start; the ones already started are stopped first.
     pub async fn start(config: Config) -> Result<Self, Error> {
-        let dir = &config.data_dir;
-        files::prepare_data_dir(dir).map_err(|e| Error::Write(dir.clone(), e))?;
-        let tokens = dir.join("tokens.csv");
-        ensure_tokens(&tokens, dir)?;
-        let mut api_config = portway_apiserver::Config::new(dir.clone());
-        api_config.listen = config.apiserver;
-        api_config.tokens_file = Some(tokens);
-        let apiserver = portway_apiserver::Server::bind(api_config).await?;
-        let kubeconfig = apiserver
-            .kubeconfig()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| Error::Kubeconfig("no admin token".into()))?;
-        let client = portway_kube::client(Some(&kubeconfig)).await?;
+        let mut parts = Supervisor::new();
+        match start_parts(&config, &mut parts).await {
+            Ok(info) => Ok(Self { info, parts }),
+            Err(e) => {
+                parts.shutdown(GRACE).await;
+                Err(e)
+            }
+        }
+    }
 
-        let relay = portway_discovery::relay::Server::bind(portway_discovery::relay::Config {
-            listen: config.relay,
-            access: portway_discovery::relay::Access::Api(client.clone()),
-            ..Default::default()
-        })
-        .await?;
-        let mut dns_config = portway_discovery::dns::Config::new(config.zone.clone());
-        dns_config.listen = config.dns;
-        let dns = portway_discovery::dns::Server::bind(dns_config, client.clone()).await?;
-
-        let sidecar_listener = tokio::net::TcpListener::bind(config.sidecar)
-            .await
-            .map_err(|e| Error::Bind(config.sidecar, e))?;
-        let sidecar_addr = sidecar_listener
-            .local_addr()
-            .map_err(|e| Error::Bind(config.sidecar, e))?;
-        let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
-        operator_config.proxy.zone = config.zone.clone();
-        let operator = portway_operator::Operator::start(operator_config, client.clone()).await?;
-
-        let metrics = Metrics::default();
-        let setup = sidecar::Setup {
-            key: dir.join("sidecar.key"),
-            relays: vec![relay.url().clone()],
-            dns: endpoint::DnsLookup {
-                origin: config.zone.clone(),
-                nameserver: dns.local_addr(),
-            },
-            n0: false,
-            class: portway_api::DEFAULT_CLASS.into(),
-            name: "local".into(),
+    /// Runs until `stop` resolves or a part stops on its own; then stops everything, last
+    /// started first (the edge before the API server).
+    ///
+    /// # Errors
+    /// [`Error::Died`] naming the part that stopped on its own.
+    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        let died = tokio::select! {
+            () = stop => None,
+            died = self.parts.died() => Some(died),
         };
-        let sidecar = Arc::new(
-            sidecar::start(&setup, &client, sidecar::Config::default(), metrics.clone()).await?,
-        );
-        let ep = sidecar.endpoint().clone();
-        let shutdown = CancellationToken::new();
-        let mut tasks = vec![portway_gateway::serve_sidecar(
-            sidecar_listener,
-            sidecar.clone(),
-            shutdown.clone(),
-        )];
+        if let Some(d) = &died {
+            tracing::error!(part = d.part, reason = %d, "a part stopped; stopping everything");
+        }
+        self.shutdown().await;
+        died.map_or(Ok(()), |d| Err(Error::Died(d)))
+    }
 
-        let table = Arc::new(ArcSwap::from_pointee(Table::default()));
-        let edge_config = edge::Config {
+    /// Stops everything, last started first.
+    pub async fn shutdown(self) {
+        let aborted = self.parts.shutdown(GRACE).await;
+        if !aborted.is_empty() {
+            tracing::warn!(?aborted, ?GRACE, "parts aborted after the grace period");
+        }
+    }
+}
+
+/// Starts each part and hands it to `parts` at once, so a later failure stops it.
+async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Error> {
+    let dir = &config.data_dir;
+    files::prepare_data_dir(dir).map_err(|e| Error::Write(dir.clone(), e))?;
+    let tokens = dir.join("tokens.csv");
+    ensure_tokens(&tokens, dir)?;
+    let mut api_config = portway_apiserver::Config::new(dir.clone());
+    api_config.listen = config.apiserver;
+    api_config.tokens_file = Some(tokens);
+    let apiserver = portway_apiserver::Server::bind(api_config).await?;
+    let kubeconfig = apiserver
+        .kubeconfig()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Kubeconfig("no admin token".into()));
+    let api_url = apiserver.url().to_owned();
+    parts.spawn("API server", apiserver.shutdown_token(), apiserver.join());
+    let kubeconfig = kubeconfig?;
+    let client = portway_kube::client(Some(&kubeconfig)).await?;
+
+    let relay = portway_discovery::relay::Server::bind(portway_discovery::relay::Config {
+        listen: config.relay,
+        access: portway_discovery::relay::Access::Api(client.clone()),
+        ..Default::default()
+    })
+    .await?;
+    let relay_url = relay.url().clone();
+    let stop = CancellationToken::new();
+    parts.spawn("relay", stop.clone(), relay.run(stop));
+
+    let mut dns_config = portway_discovery::dns::Config::new(config.zone.clone());
+    dns_config.listen = config.dns;
+    let dns = portway_discovery::dns::Server::bind(dns_config, client.clone()).await?;
+    let dns_addr = dns.local_addr();
+    parts.spawn("DNS server", dns.shutdown_token(), dns.join());
+
+    let sidecar_listener = tokio::net::TcpListener::bind(config.sidecar)
+        .await
+        .map_err(|e| Error::Bind(config.sidecar, e))?;
+    let sidecar_addr = sidecar_listener
+        .local_addr()
+        .map_err(|e| Error::Bind(config.sidecar, e))?;
+    let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
+    operator_config.proxy.zone = config.zone.clone();
+    let operator = portway_operator::Operator::start(operator_config, client.clone()).await?;
+    let operator_metrics = operator.metrics().clone();
+    match tokio::time::timeout(SYNC, operator.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => {
+            operator.shutdown();
+            operator.join().await;
+            return Err(Error::NotSynced(SYNC));
+        }
+    }
+    parts.spawn("operator", operator.shutdown_token(), operator.join());
+
+    let setup = sidecar::Setup {
+        key: dir.join("sidecar.key"),
+        relays: vec![relay_url.clone()],
+        dns: endpoint::DnsLookup {
+            origin: config.zone.clone(),
+            nameserver: dns_addr,
+        },
+        n0: false,
+        class: portway_api::DEFAULT_CLASS.into(),
+        name: "local".into(),
+    };
+    let edge_config = EdgeStackConfig {
+        sidecar: setup,
+        edge: edge::Config {
             http: Some(config.http),
             https: config.https,
             cert_dir: config.cert_dir.clone(),
             ..Default::default()
-        };
-        let edge = edge::Edge::bind(edge_config, table.clone(), sidecar, metrics.clone()).await?;
-        let http = edge.http_addr().unwrap_or(config.http);
-        let mut addresses = vec![http.ip().to_string()];
-        if let Some(https) = edge.https_addr() {
-            addresses.push(https.ip().to_string());
-        }
-        addresses.dedup();
-        let routes_config = routes::Config {
-            class: portway_api::DEFAULT_CLASS.into(),
-            controller_name: portway_api::CONTROLLER_NAME.into(),
-            addresses,
-            write_status: true,
-        };
-        let routes = routes::spawn(
-            client.clone(),
-            routes_config,
-            table,
-            watch::channel(0).0,
-            shutdown.clone(),
-        );
-        tasks.push(tokio::spawn(routes.join()));
+        },
+        class: portway_api::DEFAULT_CLASS.into(),
+        addresses: Vec::new(),
+    };
+    let edge = EdgeStack::start(edge_config, client.clone(), Some(sidecar_listener)).await?;
+    let (http, https, sidecar_id) = (
+        edge.http_addr().unwrap_or(config.http),
+        edge.https_addr(),
+        edge.sidecar_id().to_string(),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    edge.metrics().register(&mut registry);
+    operator_metrics.register(&mut registry);
+    parts.spawn("edge", edge.shutdown_token(), edge.join());
 
-        let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry);
-        operator.metrics().register(&mut registry);
-        let (metrics_addr, metrics_task) =
-            portway_gateway::serve_metrics(config.metrics, Arc::new(registry), shutdown.clone())
-                .await
-                .map_err(|e| Error::Bind(config.metrics, e))?;
-        tasks.push(metrics_task);
+    let stop = CancellationToken::new();
+    let (metrics_addr, metrics_task) =
+        portway_gateway::serve_metrics(config.metrics, Arc::new(registry), stop.clone())
+            .await
+            .map_err(|e| Error::Bind(config.metrics, e))?;
+    parts.spawn("metrics", stop, async move {
+        let _ = metrics_task.await;
+    });
 
-        let info = Info {
-            apiserver: apiserver.url().to_owned(),
-            kubeconfig,
-            dns: dns.local_addr(),
-            zone: config.zone.clone(),
-            relay: relay.url().to_string(),
-            http,
-            https: edge.https_addr(),
-            sidecar: sidecar_addr,
-            sidecar_id: ep.id().to_string(),
-            metrics: metrics_addr,
-        };
-        let path = dir.join(Info::FILE);
-        let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
-        files::write_private(&path, &json).map_err(|e| Error::Write(path, e))?;
-        Ok(Self {
-            info,
-            shutdown,
-            apiserver,
-            relay,
-            dns,
-            operator,
-            edge,
-            endpoint: ep,
-            tasks,
-        })
-    }
-
-    /// Stops everything: the edge first (no new requests), the API server last.
-    pub async fn shutdown(self) {
-        self.edge.shutdown();
-        self.shutdown.cancel();
-        self.edge.join().await;
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.endpoint.close().await;
-        self.operator.shutdown();
-        self.operator.join().await;
-        self.dns.shutdown();
-        self.dns.join().await;
-        self.relay.shutdown().await;
-        self.apiserver.shutdown();
-        self.apiserver.join().await;
-    }
+    let info = Info {
+        apiserver: api_url,
+        kubeconfig,
+        dns: dns_addr,
+        zone: config.zone.clone(),
+        relay: relay_url.to_string(),
+        http,
+        https,
+        sidecar: sidecar_addr,
+        sidecar_id,
+        metrics: metrics_addr,
+    };
+    let path = dir.join(Info::FILE);
+    let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+    files::write_private(&path, &json).map_err(|e| Error::Write(path, e))?;
+    Ok(info)
 }

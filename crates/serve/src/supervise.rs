@@ -52,7 +52,13 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let handle = self.set.spawn(part);
+        // Aborted (the supervisor dropped) counts as asked to stop: the part's own tasks,
+        // which an abort does not reach, wind down too.
+        let guard = stop.clone().drop_guard();
+        let handle = self.set.spawn(async move {
+            let _guard = guard;
+            part.await;
+        });
         self.names.insert(handle.id(), name);
         self.stops.push((name, stop));
     }

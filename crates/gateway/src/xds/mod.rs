@@ -93,6 +93,122 @@ impl Server {
     }
 }
 
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Where Envoys connect (gRPC, ADS).
+    pub listen: SocketAddr,
+    /// For Envoys whose bootstrap names no sidecar or listener of their own.
+    pub defaults: NodeConfig,
+    /// The GatewayClass served.
+    pub class: String,
+    /// Addresses published in Gateway status; empty: the IP of `defaults.listen`.
+    pub addresses: Vec<String>,
+    /// Whether to write Gateway and HTTPRoute status (off when the built-in edge does).
+    /// [`CONDITION`] is written either way.
+    pub write_status: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running xDS server with its route watcher and [`CONDITION`] reporter.
+pub struct Stack {
+    server: Server,
+    routes: crate::routes::Routes,
+    reporter: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Stack {
+    /// Binds the xDS server, then starts the route watcher that feeds it and the reporter
+    /// that writes [`CONDITION`] from the watcher's Gateway cache.
+    ///
+    /// # Errors
+    /// When `config.listen` cannot be bound; nothing is left running.
+    pub async fn start(config: StackConfig, client: kube::Client) -> Result<Self, StackError> {
+        let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+        let (version_tx, version) = watch::channel(0u64);
+        let shutdown = CancellationToken::new();
+        let server = Server::bind(
+            config.listen,
+            table.clone(),
+            version,
+            config.defaults.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| StackError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let addresses = if config.addresses.is_empty() {
+            vec![config.defaults.listen.ip().to_string()]
+        } else {
+            config.addresses
+        };
+        let routes = crate::routes::spawn(
+            client.clone(),
+            crate::routes::Config {
+                class: config.class.clone(),
+                controller_name: portway_api::CONTROLLER_NAME.into(),
+                addresses,
+                write_status: config.write_status,
+            },
+            table,
+            version_tx,
+            shutdown.clone(),
+        );
+        let reporter = spawn_reporter(
+            client,
+            config.class,
+            server.envoys(),
+            routes.gateways(),
+            shutdown.clone(),
+        );
+        Ok(Self {
+            server,
+            routes,
+            reporter,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The connected Envoys and their standing NACKs.
+    pub fn envoys(&self) -> watch::Receiver<Envoys> {
+        self.server.envoys()
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the server, watcher and reporter have stopped, for at most 15 s.
+    pub async fn join(self) {
+        let Self {
+            server,
+            routes,
+            reporter,
+            ..
+        } = self;
+        crate::stack::join_within("the xDS server", async move {
+            server.join().await;
+            routes.join().await;
+            let _ = reporter.await;
+        })
+        .await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,48 +36,27 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    use portway_gateway::{edge, metrics::Metrics, model::Table, routes};
+    use portway_gateway::{EdgeStack, EdgeStackConfig, edge};
     let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
-    let metrics = Metrics::default();
-    let sidecar =
-        std::sync::Arc::new(super::sidecar::start(&args.sidecar, &client, metrics.clone()).await?);
-    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
-    let e = edge::Edge::bind(
-        edge::Config {
+    let config = EdgeStackConfig {
+        sidecar: super::sidecar::setup(&args.sidecar)?,
+        edge: edge::Config {
             http: Some(args.http),
             https: args.https,
             cert_dir: args.cert_dir,
             trusted_proxies: args.trusted_proxies,
         },
-        table.clone(),
-        sidecar,
-        metrics.clone(),
-    )
-    .await
-    .context("starting the edge")?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let addresses = if args.address.is_empty() {
-        vec![args.http.ip().to_string()]
-    } else {
-        args.address
-    };
-    let config = routes::Config {
         class: args.sidecar.class.clone(),
-        controller_name: portway_api::CONTROLLER_NAME.into(),
-        addresses,
-        write_status: true,
+        addresses: args.address,
     };
-    let routes_task = routes::spawn(
-        client,
-        config,
-        table,
-        tokio::sync::watch::channel(0).0,
-        shutdown.clone(),
-    );
+    let stack = EdgeStack::start(config, client, None)
+        .await
+        .context("starting the edge")?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let mut metrics_addr = None;
     if let Some(addr) = args.metrics {
         let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry);
+        stack.metrics().register(&mut registry);
         metrics_addr = Some(
             portway_gateway::serve_metrics(addr, std::sync::Arc::new(registry), shutdown.clone())
                 .await?
@@ -87,17 +66,16 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.ready_file {
         write_ready_file(
             path,
-            &json!({"http": e.http_addr(), "https": e.https_addr(), "metrics": metrics_addr}),
+            &json!({"http": stack.http_addr(), "https": stack.https_addr(), "metrics": metrics_addr}),
         )?;
     }
     eprintln!(
         "edge on http://{}",
-        e.http_addr().map(|a| a.to_string()).unwrap_or_default()
+        stack.http_addr().map(|a| a.to_string()).unwrap_or_default()
     );
     shutdown_signal().await;
-    e.shutdown();
+    stack.shutdown();
     shutdown.cancel();
-    e.join().await;
-    let _ = routes_task.await;
+    stack.join().await;
     Ok(())
 }

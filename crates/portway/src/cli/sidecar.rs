@@ -39,12 +39,8 @@ pub struct Flags {
     pub class: String,
 }
 
-pub async fn start(
-    f: &Flags,
-    client: &kube::Client,
-    metrics: portway_gateway::metrics::Metrics,
-) -> Result<portway_gateway::sidecar::Sidecar> {
-    let setup = portway_gateway::sidecar::Setup {
+pub fn setup(f: &Flags) -> Result<portway_gateway::sidecar::Setup> {
+    Ok(portway_gateway::sidecar::Setup {
         key: f.state_dir.join("key"),
         relays: f
             .relay
@@ -58,8 +54,7 @@ pub async fn start(
         n0: f.n0,
         class: f.class.clone(),
         name: f.name.clone(),
-    };
-    Ok(portway_gateway::sidecar::start(&setup, client, Default::default(), metrics).await?)
+    })
 }
 
 #[derive(Parser)]
@@ -75,7 +70,11 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
-    let s = std::sync::Arc::new(start(&args.sidecar, &client, Default::default()).await?);
+    let setup = setup(&args.sidecar)?;
+    let s =
+        portway_gateway::sidecar::start(&setup, &client, Default::default(), Default::default())
+            .await?;
+    let s = std::sync::Arc::new(s);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

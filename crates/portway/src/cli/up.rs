@@ -80,8 +80,10 @@ pub async fn run(args: Args) -> Result<()> {
             format!(" --data {}", data.display())
         },
     );
-    shutdown_signal().await;
-    eprintln!("stopping…");
-    up.shutdown().await;
-    Ok(())
+    up.run(async {
+        shutdown_signal().await;
+        eprintln!("stopping…");
+    })
+    .await
+    .context("portway up stopped")
 }

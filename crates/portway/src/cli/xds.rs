@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
 
@@ -37,46 +37,26 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    use portway_gateway::{model::Table, routes, xds};
+    use portway_gateway::xds;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
-    let table = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(Table::default()));
-    let (version_tx, version_rx) = tokio::sync::watch::channel(0u64);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let addresses = if args.address.is_empty() {
-        vec![args.envoy_listen.ip().to_string()]
-    } else {
-        args.address
-    };
-    let config = routes::Config {
-        class: args.class.clone(),
-        controller_name: portway_api::CONTROLLER_NAME.into(),
-        addresses,
+    let config = xds::StackConfig {
+        listen: args.listen,
+        defaults: xds::NodeConfig {
+            sidecar: args.sidecar,
+            listen: args.envoy_listen,
+        },
+        class: args.class,
+        addresses: args.address,
         write_status: args.write_status,
     };
-    let routes_task = routes::spawn(
-        client.clone(),
-        config,
-        table.clone(),
-        version_tx,
-        shutdown.clone(),
-    );
-    let defaults = xds::NodeConfig {
-        sidecar: args.sidecar,
-        listen: args.envoy_listen,
-    };
-    let server = xds::Server::bind(args.listen, table, version_rx, defaults, shutdown.clone())
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let reporter = xds::spawn_reporter(client, args.class, server.envoys(), shutdown.clone());
+    let stack = xds::Stack::start(config, client).await?;
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, &json!({"xds": server.local_addr()}))?;
+        write_ready_file(path, &json!({"xds": stack.local_addr()}))?;
     }
-    eprintln!("xDS on {} (ADS, state of the world)", server.local_addr());
+    eprintln!("xDS on {} (ADS, state of the world)", stack.local_addr());
     shutdown_signal().await;
-    shutdown.cancel();
-    server.join().await;
-    let _ = routes_task.await;
-    let _ = reporter.await;
+    stack.shutdown();
+    stack.join().await;
     Ok(())
 }
 

@@ -1,0 +1,189 @@
+//! The built-in edge with what it needs, started in one call: the sidecar (and its own
+//! listener, when given one), the public listeners and the route watcher feeding them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use iroh::EndpointId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::edge::{self, Edge};
+use crate::metrics::Metrics;
+use crate::model::Table;
+use crate::routes::{self, Routes};
+use crate::sidecar::{self, Sidecar};
+
+/// How long a stack's `join()` waits: past the serve grace for requests in flight
+/// (`portway_serve::Limits::shutdown_grace`, 10 s), plus closing the iroh endpoint.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits for `parts` to stop, for at most [`JOIN_TIMEOUT`]; a part stuck past it is left
+/// behind with a warning, so that a process shutting down does not hang on it.
+pub(crate) async fn join_within(what: &str, parts: impl Future<Output = ()>) {
+    if tokio::time::timeout(JOIN_TIMEOUT, parts).await.is_err() {
+        tracing::warn!(what, timeout = ?JOIN_TIMEOUT, "did not stop in time; not waiting longer");
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EdgeStackConfig {
+    /// How the sidecar finds devices and where it registers.
+    pub sidecar: sidecar::Setup,
+    /// The public listeners.
+    pub edge: edge::Config,
+    /// The GatewayClass served.
+    pub class: String,
+    /// Addresses published in Gateway status; empty: the IPs the edge is bound to.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeStackError {
+    #[error("starting the sidecar")]
+    Sidecar(#[from] sidecar::SetupError),
+    #[error("starting the edge")]
+    Edge(#[from] edge::Error),
+}
+
+/// A running edge: public listeners, sidecar and route watcher.
+pub struct EdgeStack {
+    edge: Edge,
+    sidecar: Arc<Sidecar>,
+    sidecar_addr: Option<SocketAddr>,
+    metrics: Metrics,
+    routes: Routes,
+    sidecar_task: Option<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+impl EdgeStack {
+    /// Starts the sidecar, binds the edge, serves the sidecar on `sidecar_listener` too
+    /// (for Envoys and EndpointSlices; the edge itself calls it in process) and starts
+    /// the route watcher, writing Gateway and HTTPRoute status. Returns once all listen.
+    ///
+    /// # Errors
+    /// When the sidecar cannot start (key, endpoint, registration) or the edge cannot
+    /// bind; nothing is left running.
+    pub async fn start(
+        config: EdgeStackConfig,
+        client: kube::Client,
+        sidecar_listener: Option<TcpListener>,
+    ) -> Result<Self, EdgeStackError> {
+        let metrics = Metrics::default();
+        let sidecar = Arc::new(
+            sidecar::start(
+                &config.sidecar,
+                &client,
+                sidecar::Config::default(),
+                metrics.clone(),
+            )
+            .await?,
+        );
+        let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+        let edge = Edge::bind(config.edge, table.clone(), sidecar.clone(), metrics.clone()).await?;
+        let shutdown = CancellationToken::new();
+        // One token stops the whole stack, the edge's listeners included.
+        tokio::spawn({
+            let (stack, edge) = (shutdown.clone(), edge.shutdown_token());
+            async move {
+                stack.cancelled().await;
+                edge.cancel();
+            }
+        });
+        let sidecar_addr = sidecar_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let sidecar_task =
+            sidecar_listener.map(|l| crate::serve_sidecar(l, sidecar.clone(), shutdown.clone()));
+        let mut addresses = config.addresses;
+        if addresses.is_empty() {
+            addresses = edge
+                .http_addr()
+                .into_iter()
+                .chain(edge.https_addr())
+                .map(|a| a.ip().to_string())
+                .collect();
+            addresses.dedup();
+        }
+        let routes = routes::spawn(
+            client,
+            routes::Config {
+                class: config.class,
+                controller_name: portway_api::CONTROLLER_NAME.into(),
+                addresses,
+                write_status: true,
+            },
+            table,
+            // Nobody follows the edge's table version: it reads the table per request.
+            watch::channel(0).0,
+            shutdown.clone(),
+        );
+        Ok(Self {
+            edge,
+            sidecar,
+            sidecar_addr,
+            metrics,
+            routes,
+            sidecar_task,
+            shutdown,
+        })
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.edge.http_addr()
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.edge.https_addr()
+    }
+
+    /// The sidecar's own listener, when it was given one.
+    pub fn sidecar_addr(&self) -> Option<SocketAddr> {
+        self.sidecar_addr
+    }
+
+    /// The sidecar's iroh id (what agents authorise).
+    pub fn sidecar_id(&self) -> EndpointId {
+        self.sidecar.id()
+    }
+
+    /// The edge's and sidecar's metrics, to register where `/metrics` is served.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops accepting; requests in flight may finish.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Cancelling it is [`EdgeStack::shutdown`].
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until everything has stopped and closes the sidecar's endpoint, for at most
+    /// 15 s.
+    pub async fn join(self) {
+        let Self {
+            edge,
+            sidecar,
+            routes,
+            sidecar_task,
+            ..
+        } = self;
+        join_within("the edge", async move {
+            edge.join().await;
+            if let Some(t) = sidecar_task {
+                let _ = t.await;
+            }
+            routes.join().await;
+            sidecar.endpoint().close().await;
+        })
+        .await;
+    }
+}
