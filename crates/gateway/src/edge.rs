@@ -160,12 +160,11 @@ struct State {
 pub struct Edge {
     http: Option<SocketAddr>,
     https: Option<SocketAddr>,
-    shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Edge {
-    /// Binds the listeners and starts serving from `table`.
+    /// Binds the listeners and starts serving from `table` until `shutdown`.
     ///
     /// # Errors
     /// When a listener cannot be bound or certificates cannot be loaded.
@@ -174,6 +173,7 @@ impl Edge {
         table: Arc<ArcSwap<Table>>,
         sidecar: Arc<Sidecar>,
         metrics: Metrics,
+        shutdown: CancellationToken,
     ) -> Result<Self, Error> {
         let state = Arc::new(State {
             table,
@@ -181,7 +181,6 @@ impl Edge {
             metrics,
             trusted_proxies: config.trusted_proxies.clone(),
         });
-        let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut http = None;
         if let Some(addr) = config.http {
@@ -219,15 +218,10 @@ impl Edge {
                 l,
                 Some(TlsAcceptor::from(Arc::new(tls))),
                 state,
-                shutdown.clone(),
+                shutdown,
             )));
         }
-        Ok(Self {
-            http,
-            https,
-            shutdown,
-            tasks,
-        })
+        Ok(Self { http, https, tasks })
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -236,15 +230,6 @@ impl Edge {
 
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https
-    }
-
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
-    }
-
-    /// Cancelling it is [`Edge::shutdown`].
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
     }
 
     pub async fn join(self) {

@@ -86,16 +86,16 @@ impl EdgeStack {
             .await?,
         );
         let table = Arc::new(ArcSwap::from_pointee(Table::default()));
-        let edge = Edge::bind(config.edge, table.clone(), sidecar.clone(), metrics.clone()).await?;
-        let shutdown = CancellationToken::new();
         // One token stops the whole stack, the edge's listeners included.
-        tokio::spawn({
-            let (stack, edge) = (shutdown.clone(), edge.shutdown_token());
-            async move {
-                stack.cancelled().await;
-                edge.cancel();
-            }
-        });
+        let shutdown = CancellationToken::new();
+        let edge = Edge::bind(
+            config.edge,
+            table.clone(),
+            sidecar.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         let sidecar_addr = sidecar_listener.as_ref().and_then(|l| l.local_addr().ok());
         let sidecar_task =
             sidecar_listener.map(|l| crate::serve_sidecar(l, sidecar.clone(), shutdown.clone()));

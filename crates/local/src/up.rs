@@ -251,7 +251,10 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
         .map_err(|e| Error::Bind(config.sidecar, e))?;
     let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
     operator_config.proxy.zone = config.zone.clone();
-    let operator = portway_operator::Operator::start(operator_config, client.clone()).await?;
+    let stop = CancellationToken::new();
+    let operator =
+        portway_operator::Operator::start_until(operator_config, client.clone(), stop.clone())
+            .await?;
     let operator_metrics = operator.metrics().clone();
     match tokio::time::timeout(SYNC, operator.ready()).await {
         Ok(Ok(())) => {}
@@ -261,7 +264,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
             return Err(Error::NotSynced(SYNC));
         }
     }
-    parts.spawn("operator", operator.shutdown_token(), operator.join());
+    parts.spawn("operator", stop, operator.join());
 
     let setup = sidecar::Setup {
         key: dir.join("sidecar.key"),

@@ -271,8 +271,20 @@ impl Operator {
     /// # Errors
     /// When the default classes cannot be read or created.
     pub async fn start(config: Config, client: kube::Client) -> Result<Self, Error> {
+        Self::start_until(config, client, CancellationToken::new()).await
+    }
+
+    /// [`Operator::start`], running until `shutdown` is cancelled (or
+    /// [`Operator::shutdown`] is called).
+    ///
+    /// # Errors
+    /// As [`Operator::start`].
+    pub async fn start_until(
+        config: Config,
+        client: kube::Client,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
         ensure_classes(&client, &config).await?;
-        let shutdown = CancellationToken::new();
         let metrics = Metrics::default();
 
         let proxies = pending::<HttpProxy>();
@@ -539,11 +551,6 @@ impl Operator {
 
     pub fn shutdown(&self) {
         self.shutdown.cancel();
-    }
-
-    /// Cancelling it is [`Operator::shutdown`].
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
     }
 
     pub async fn join(self) {
