@@ -177,7 +177,9 @@ impl Http {
         let live = |p: Option<&HttpProxy>| {
             let conds = p.and_then(|p| p.status.as_ref()).map(|s| &s.conditions[..]);
             conds.is_some_and(|c| {
-                is_condition_true(c, "Programmed") && is_condition_true(c, "Accepted")
+                ["Accepted", "Programmed", "BackendsReady"]
+                    .iter()
+                    .all(|t| is_condition_true(c, t))
             })
         };
         let waited = tokio::time::timeout(

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use portway_api::condition_at;
 
 use super::backends::Backend;
-use super::reasons::{ACCEPTED, METADATA, PENDING, PROGRAMMED};
+use super::reasons::{ACCEPTED, BACKENDS_READY, METADATA, NO_READY_BACKEND, PENDING, PROGRAMMED};
 
 /// What every condition of one decision shares: the generation it observed and the time.
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +128,25 @@ pub(super) fn accepted(
                 true,
                 METADATA,
                 "datum-node-id and datum-target-* headers are set on every backend".into(),
+            )
+        },
+        if ready > 0 {
+            stamp.condition(
+                BACKENDS_READY,
+                true,
+                BACKENDS_READY,
+                format!("{ready} of {} backend(s) ready", backends.len()),
+            )
+        } else {
+            stamp.condition(
+                BACKENDS_READY,
+                false,
+                NO_READY_BACKEND,
+                format!(
+                    "none of the {} backend(s) has a Ready connector: the agent is offline or \
+                     has not connected yet, so requests get 503",
+                    backends.len()
+                ),
             )
         },
         hostnames.clone(),

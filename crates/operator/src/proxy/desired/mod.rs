@@ -40,6 +40,10 @@ pub mod reasons {
     pub const CONNECTOR_NOT_FOUND: &str = "ConnectorNotFound";
     pub const NOT_ADVERTISED: &str = "BackendNotAdvertised";
     pub const PENDING: &str = "Pending";
+    /// At least one backend's connector is Ready (its agent holds a current lease), so
+    /// the public URL reaches a device; False means it answers 503.
+    pub const BACKENDS_READY: &str = "BackendsReady";
+    pub const NO_READY_BACKEND: &str = "NoReadyBackend";
 }
 use reasons::*;
 

@@ -486,6 +486,24 @@ fn selector_with_two_connectors_gives_two_backends_and_readiness_per_endpoint() 
         })
         .collect();
     assert_eq!(ready, [Some(true), Some(false)]);
+    let c = cond(&d, BACKENDS_READY);
+    assert_eq!(
+        (c.status.as_str(), c.message.as_str()),
+        ("True", "1 of 2 backend(s) ready")
+    );
+    let none = Case {
+        proxy: proxy(&[], "http://127.0.0.1:3000", by_labels(&[("app", "web")])),
+        connectors: vec![connector("b-desktop", Some(2), false, &[("app", "web")])],
+        ads: vec![advertise("b-desktop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    let c = cond(&none, BACKENDS_READY);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", NO_READY_BACKEND)
+    );
 }
 
 #[test]
