@@ -23,9 +23,20 @@ use crate::sidecar::{self, Sidecar};
 /// (`portway_serve::Limits::shutdown_grace`, 10 s), plus closing the iroh endpoint.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Waits for `parts` to stop, for at most [`JOIN_TIMEOUT`]; a part stuck past it is left
-/// behind with a warning, so that a process shutting down does not hang on it.
-pub(crate) async fn join_within(what: &str, parts: impl Future<Output = ()>) {
+/// Waits for `parts` to stop: for as long as they run, and once `shutdown` is asked for at
+/// most [`JOIN_TIMEOUT`] more; a part stuck past it is left behind with a warning, so that
+/// a process shutting down does not hang on it. (Ending early is how a supervisor learns
+/// that a part died, so the bound starts only at shutdown.)
+pub(crate) async fn join_within(
+    what: &str,
+    shutdown: &CancellationToken,
+    parts: impl Future<Output = ()>,
+) {
+    let mut parts = std::pin::pin!(parts);
+    tokio::select! {
+        () = &mut parts => return,
+        () = shutdown.cancelled() => {}
+    }
     if tokio::time::timeout(JOIN_TIMEOUT, parts).await.is_err() {
         tracing::warn!(what, timeout = ?JOIN_TIMEOUT, "did not stop in time; not waiting longer");
     }
@@ -166,17 +177,18 @@ impl EdgeStack {
         self.shutdown.clone()
     }
 
-    /// Waits until everything has stopped and closes the sidecar's endpoint, for at most
-    /// 15 s.
+    /// Waits until everything has stopped and closes the sidecar's endpoint; after
+    /// [`EdgeStack::shutdown`], for at most 15 s.
     pub async fn join(self) {
         let Self {
             edge,
             sidecar,
             routes,
             sidecar_task,
+            shutdown,
             ..
         } = self;
-        join_within("the edge", async move {
+        join_within("the edge", &shutdown, async move {
             edge.join().await;
             if let Some(t) = sidecar_task {
                 let _ = t.await;
@@ -185,5 +197,36 @@ impl EdgeStack {
             sidecar.endpoint().close().await;
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervisor reads the end of `join` as the death of the part: the bound must
+    /// start at shutdown, never before.
+    #[tokio::test(start_paused = true)]
+    async fn join_waits_as_long_as_parts_run_and_is_bounded_only_after_shutdown() {
+        let shutdown = CancellationToken::new();
+        let join = join_within("never ends", &shutdown, std::future::pending());
+        let mut join = std::pin::pin!(join);
+        let running = tokio::time::timeout(JOIN_TIMEOUT * 10, &mut join).await;
+        assert!(
+            running.is_err(),
+            "returned while running and not asked to stop"
+        );
+        shutdown.cancel();
+        let started = tokio::time::Instant::now();
+        join.await;
+        assert_eq!(started.elapsed(), JOIN_TIMEOUT);
+
+        let idle = CancellationToken::new();
+        let done = join_within("ends", &idle, async {});
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), done)
+                .await
+                .is_ok()
+        );
     }
 }

@@ -192,15 +192,17 @@ impl Stack {
         self.shutdown.cancel();
     }
 
-    /// Waits until the server, watcher and reporter have stopped, for at most 15 s.
+    /// Waits until the server, watcher and reporter have stopped; after
+    /// [`Stack::shutdown`], for at most 15 s.
     pub async fn join(self) {
         let Self {
             server,
             routes,
             reporter,
+            shutdown,
             ..
         } = self;
-        crate::stack::join_within("the xDS server", async move {
+        crate::stack::join_within("the xDS server", &shutdown, async move {
             server.join().await;
             routes.join().await;
             let _ = reporter.await;
