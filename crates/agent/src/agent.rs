@@ -179,7 +179,7 @@ struct Shared {
     tunnels: watch::Receiver<Vec<Tunnel>>,
     policy: watch::Sender<Arc<Policy>>,
     registered: watch::Sender<Option<Registration>>,
-    /// Session state as a word ("registering", "online", "api unreachable: …").
+    /// Session state as a word ("registering", "online", "reconnecting… (why)").
     state: watch::Sender<String>,
     shutdown: CancellationToken,
 }
@@ -403,6 +403,8 @@ impl Backoff {
 async fn control_loop(s: Arc<Shared>) {
     let mut backoff = Backoff::new();
     let mut watchers: Option<(String, JoinHandle<()>)> = None;
+    // The same failure again and again is said once; the state line shows it meanwhile.
+    let mut last_failure = None;
     loop {
         let result = session(&s, &mut backoff, &mut watchers).await;
         if s.shutdown.is_cancelled() {
@@ -413,8 +415,13 @@ async fn control_loop(s: Arc<Shared>) {
             Ok(()) => break,
             Err(e) => {
                 let why = error_chain(&e);
-                tracing::warn!(error = %why, retry_in = ?wait, "control plane session failed");
-                s.state.send_replace(format!("api unreachable: {why}"));
+                if last_failure.as_ref() == Some(&why) {
+                    tracing::debug!(error = %why, retry_in = ?wait, "control plane session failed again");
+                } else {
+                    tracing::warn!(error = %why, retry_in = ?wait, "control plane session failed; retrying quietly");
+                }
+                s.state.send_replace(format!("reconnecting… ({why})"));
+                last_failure = Some(why);
             }
         }
         tokio::select! {
@@ -657,7 +664,9 @@ async fn renew_lease(s: &Shared, connector: &Connector) -> Result<(), Error> {
 /// Gives the lease up, so the connector goes not-ready at once instead of at expiry.
 async fn release_lease(s: &Shared, reg: &Registration) {
     let api: Api<Lease> = Api::namespaced(s.client.clone(), &reg.project);
-    let release = json!({"spec": {"holderIdentity": null, "renewTime": null}});
+    // The last renewal stays: it dates the departure (an ephemeral connector is
+    // collected a TTL after it).
+    let release = json!({"spec": {"holderIdentity": null}});
     match api
         .patch(&reg.connector, &pp(), &Patch::Merge(&release))
         .await

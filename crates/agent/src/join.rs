@@ -146,6 +146,20 @@ struct Bound {
     connector: String,
 }
 
+/// Forgets the saved credential (after its connector was deleted, it binds to nothing).
+///
+/// # Errors
+/// When a file exists but cannot be removed.
+pub fn forget(state_dir: &Path) -> std::io::Result<()> {
+    for path in [credential_path(state_dir), bound_path(state_dir)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn bound_path(state_dir: &Path) -> PathBuf {
     state_dir.join("device.json")
 }

@@ -77,6 +77,9 @@ pub mod labels {
     pub const AGENT_VERSION: &str = "portway.dev/agent-version";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const PROXY: &str = "portway.dev/httpproxy";
+    /// `"true"` on a connector made by `portway http`: once its lease has run out for
+    /// the operator's ephemeral TTL it is deleted, its advertisements and proxies with it.
+    pub const EPHEMERAL: &str = "portway.dev/ephemeral";
 }
 
 /// Field managers, so server-side apply tells the writers apart.

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use portway_agent::{Agent, Protocol, Target, Tunnel, join};
-use portway_api::{HttpProxy, is_condition_true};
+use portway_api::{Connector, HttpProxy, find_condition, is_condition_true};
 
 use crate::up::{Error as UpError, Info};
 
@@ -41,6 +42,13 @@ pub enum Error {
     Join(#[from] join::JoinError),
     #[error("state directory {0}")]
     State(PathBuf, #[source] std::io::Error),
+    #[error(
+        "cannot reach the Portway API server at {url} ({why}): is `portway up` running? \
+         Start it with `portway up` (same --data), then run this again"
+    )]
+    Unreachable { url: String, why: String },
+    #[error("hostname {hostname} is taken: {message}. Choose another with --hostname")]
+    HostnameTaken { hostname: String, message: String },
 }
 
 const ADJECTIVES: [&str; 16] = [
@@ -60,29 +68,99 @@ pub fn random_hostname() -> String {
     format!("{a}-{n}-{:04x}.localhost", rand::random::<u16>())
 }
 
-/// A state directory not used by another running `portway http`, so each run has its own
-/// NodeID and connector. Holds a lock file with our pid.
-fn state_slot(data_dir: &Path) -> Result<(PathBuf, usize), Error> {
-    for slot in 1..=64usize {
-        let dir = data_dir.join("agents").join(slot.to_string());
-        std::fs::create_dir_all(&dir).map_err(|e| Error::State(dir.clone(), e))?;
-        let lock = dir.join("lock");
-        let held = std::fs::read_to_string(&lock)
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| {
-                pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
-            });
-        if !held {
-            std::fs::write(&lock, std::process::id().to_string())
-                .map_err(|e| Error::State(lock, e))?;
-            return Ok((dir, slot));
+/// A state directory (`DATA/agents/N`: key, device credential, connector name) that this
+/// process holds for its lifetime by an OS lock on `N/lock`. The kernel drops the lock
+/// when the process ends, `kill -9` included, so a dead run never keeps its slot and a
+/// recycled PID never looks alive.
+struct Slot {
+    dir: PathBuf,
+    n: usize,
+    _lock: std::fs::File,
+}
+
+/// How many `portway http` may run at once on one data directory.
+const SLOTS: usize = 64;
+
+/// The slot last used for `hostname` when it is free (a restart after a crash keeps its
+/// connector, key and proxy), else the lowest free slot.
+fn state_slot(data_dir: &Path, hostname: &str) -> Result<Slot, Error> {
+    let dir = |n: usize| data_dir.join("agents").join(n.to_string());
+    let try_take = |n: usize| -> Result<Option<Slot>, Error> {
+        let d = dir(n);
+        std::fs::create_dir_all(&d).map_err(|e| Error::State(d.clone(), e))?;
+        let path = d.join("lock");
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::State(path.clone(), e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Slot {
+                dir: d,
+                n,
+                _lock: file,
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::State(path, e)),
         }
+    };
+    let last_host = |n: usize| std::fs::read_to_string(dir(n).join(HOSTNAME_FILE)).ok();
+    let mine = (1..=SLOTS).find(|n| last_host(*n).is_some_and(|h| h.trim() == hostname));
+    let slot = match mine.map(try_take).transpose()?.flatten() {
+        Some(slot) => slot,
+        None => {
+            let mut free = None;
+            for n in 1..=SLOTS {
+                if let Some(slot) = try_take(n)? {
+                    free = Some(slot);
+                    break;
+                }
+            }
+            free.ok_or_else(|| {
+                Error::State(
+                    data_dir.join("agents"),
+                    std::io::Error::other(format!("{SLOTS} `portway http` already running")),
+                )
+            })?
+        }
+    };
+    let path = slot.dir.join(HOSTNAME_FILE);
+    std::fs::write(&path, hostname).map_err(|e| Error::State(path, e))?;
+    Ok(slot)
+}
+
+/// Which hostname a slot last served.
+const HOSTNAME_FILE: &str = "hostname";
+
+/// Waits up to `within` for the API server's port to accept a connection, so a stopped
+/// `portway up` is one clear error instead of endless retries.
+async fn reachable(url: &str, within: Duration) -> Result<(), Error> {
+    let unreachable = |why: String| Error::Unreachable {
+        url: url.to_owned(),
+        why,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| unreachable(e.to_string()))?;
+    let addr = parsed
+        .socket_addrs(|| None)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(&addr[..]),
+        )
+        .await;
+        let why = match attempt {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 1 s".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(unreachable(why));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(Error::State(
-        data_dir.join("agents"),
-        std::io::Error::other("64 `portway http` already running"),
-    ))
 }
 
 /// The device's client: its saved credential, else a join — with the given kubeconfig,
@@ -99,7 +177,20 @@ async fn device_client(
     }
     if join::credential_path(state_dir).exists() {
         let cred = join::credential_path(state_dir);
-        return Ok(join::client(&cred, state_dir, project, name, class).await?);
+        let client = join::client(&cred, state_dir, project, name, class).await?;
+        // An ephemeral connector deleted after its TTL takes its credential's binding
+        // with it: forget the credential and join again, with the same key.
+        match Api::<Connector>::namespaced(client.clone(), project)
+            .get_opt(name)
+            .await
+        {
+            Ok(Some(_)) => return Ok(client),
+            Ok(None) => {}
+            Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => {}
+            Err(e) => return Err(UpError::Kube(e).into()),
+        }
+        tracing::info!(connector = %name, "the saved credential's connector is gone; joining again");
+        join::forget(state_dir).map_err(|e| Error::State(state_dir.to_owned(), e))?;
     }
     let admin_kc = kube::config::Kubeconfig::read_from(&info.kubeconfig)
         .map_err(|e| UpError::Kubeconfig(e.to_string()))?;
@@ -123,7 +214,8 @@ pub struct Http {
     pub url: String,
     pub hostname: String,
     pub proxy: String,
-    state_dir: PathBuf,
+    /// Held while running; dropped (and the OS lock with it) when this ends.
+    _slot: Slot,
 }
 
 impl Http {
@@ -141,19 +233,24 @@ impl Http {
             .to_ascii_lowercase();
         portway_api::validation::hostname(&hostname, false)
             .map_err(|e| Error::Hostname(hostname.clone(), e))?;
-        let (state_dir, slot) = state_slot(&config.data_dir)?;
+        reachable(&info.apiserver, Duration::from_secs(5)).await?;
+        let slot = state_slot(&config.data_dir, &hostname)?;
+        let state_dir = slot.dir.clone();
         let mut agent_config =
             portway_agent::Config::new(config.project.clone(), state_dir.clone());
         let base = config
             .name
             .clone()
             .unwrap_or_else(portway_agent::default_name);
-        agent_config.name = if slot == 1 {
+        agent_config.name = if slot.n == 1 {
             base
         } else {
-            format!("{base}-{slot}")
+            format!("{base}-{}", slot.n)
         };
         agent_config.lease_duration = config.lease;
+        agent_config
+            .labels
+            .insert(portway_api::labels::EPHEMERAL.into(), "true".into());
         let client = device_client(&config, &info, &state_dir, &agent_config).await?;
         agent_config.relays =
             vec![info.relay.parse().map_err(|_| {
@@ -174,20 +271,38 @@ impl Http {
             portway_agent::objects::object_name(&reg.connector, &format!("http-{}", config.port));
         let api: Api<HttpProxy> = Api::namespaced(client, &config.project);
         let deadline = Duration::from_secs(60);
-        let live = |p: Option<&HttpProxy>| {
-            let conds = p.and_then(|p| p.status.as_ref()).map(|s| &s.conditions[..]);
-            conds.is_some_and(|c| {
-                ["Accepted", "Programmed", "BackendsReady"]
-                    .iter()
-                    .all(|t| is_condition_true(c, t))
-            })
+        let conditions = |p: Option<&HttpProxy>| {
+            p.and_then(|p| p.status.as_ref())
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default()
+        };
+        let live = |c: &[Condition]| {
+            ["Accepted", "Programmed", "BackendsReady"]
+                .iter()
+                .all(|t| is_condition_true(c, t))
+        };
+        // Another proxy owning the hostname will not change by waiting.
+        let taken = |c: &[Condition]| {
+            find_condition(c, "Accepted")
+                .filter(|a| a.status == "False" && a.reason == "HostnameInUse")
+                .map(|a| a.message.clone())
+        };
+        let settled = |p: Option<&HttpProxy>| {
+            let c = conditions(p);
+            live(&c) || taken(&c).is_some()
         };
         let waited = tokio::time::timeout(
             deadline,
-            kube::runtime::wait::await_condition(api.clone(), &proxy, live),
+            kube::runtime::wait::await_condition(api.clone(), &proxy, settled),
         )
         .await;
-        if !matches!(waited, Ok(Ok(_))) {
+        if let Ok(Ok(p)) = &waited
+            && let Some(message) = taken(&conditions(p.as_ref()))
+        {
+            agent.shutdown(true).await;
+            return Err(Error::HostnameTaken { hostname, message });
+        }
+        if !matches!(&waited, Ok(Ok(p)) if live(&conditions(p.as_ref()))) {
             let conds = api
                 .get_opt(&proxy)
                 .await
@@ -221,7 +336,7 @@ impl Http {
             url,
             hostname,
             proxy,
-            state_dir,
+            _slot: slot,
         })
     }
 
@@ -229,6 +344,5 @@ impl Http {
     /// lease and frees the state slot.
     pub async fn stop(self) {
         self.agent.shutdown(true).await;
-        let _ = std::fs::remove_file(self.state_dir.join("lock"));
     }
 }

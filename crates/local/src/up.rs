@@ -37,6 +37,9 @@ pub struct Config {
     pub sidecar: SocketAddr,
     /// `/metrics`; default `127.0.0.1:9090`.
     pub metrics: SocketAddr,
+    /// How long a `portway http` tunnel whose process died is kept (its connector,
+    /// proxy and hostname) before it is deleted; default 15 min.
+    pub ephemeral_ttl: Duration,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
             cert_dir: None,
             sidecar: local(4001),
             metrics: local(9090),
+            ephemeral_ttl: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -251,6 +255,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
         .map_err(|e| Error::Bind(config.sidecar, e))?;
     let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
     operator_config.proxy.zone = config.zone.clone();
+    operator_config.ephemeral_ttl = config.ephemeral_ttl;
     let stop = CancellationToken::new();
     let operator =
         portway_operator::Operator::start_until(operator_config, client.clone(), stop.clone())

@@ -64,6 +64,9 @@ pub struct Config {
     pub connector_class: String,
     /// Reconciles in flight per controller (default 16).
     pub concurrency: u16,
+    /// How long an ephemeral connector (`portway http`) outlives its lease before it is
+    /// deleted with its proxies (default 15 min).
+    pub ephemeral_ttl: Duration,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             },
             connector_class: portway_api::DEFAULT_CLASS.into(),
             concurrency: 16,
+            ephemeral_ttl: Duration::from_secs(15 * 60),
         }
     }
 }

@@ -16,8 +16,8 @@ use hyper::body::{Body as _, Frame};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use kube::api::{Api, PostParams};
-use portway_api::HttpProxy;
+use kube::api::{Api, ListParams, PostParams};
+use portway_api::{Connector, HttpProxy};
 use portway_testkit::origin::{Origin, hex, pattern, pattern_hash};
 use portway_testkit::{Process, eventually, kube_client};
 use serde_json::json;
@@ -82,6 +82,11 @@ impl Stack {
     /// With a tokens file written before the first start (`token,user,roles,namespaces`
     /// lines; the first admin token goes into the admin kubeconfig).
     async fn start_with(tokens: Option<&str>) -> Self {
+        Self::start_full(tokens, &[]).await
+    }
+
+    /// With extra `portway up` flags.
+    async fn start_full(tokens: Option<&str>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         if let Some(tokens) = tokens {
@@ -100,6 +105,7 @@ impl Stack {
         .unwrap();
         let mut args = portway_testkit::up_args(&data, &["--https"]);
         args.extend(["--cert-dir".into(), certs.display().to_string()]);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let up = Process::start("up", bin(), args).await.unwrap();
         let edge = up.ready_str("http").parse().unwrap();
         let origin = Origin::spawn().await.unwrap();
@@ -441,6 +447,27 @@ async fn public_traffic_end_to_end() {
         text.contains("portway_gateway_dial_seconds_count"),
         "{text}"
     );
+
+    // A second `portway http` asking for the same hostname is refused at once, in one
+    // line that names the hostname and what to do; the first keeps serving.
+    let started = std::time::Instant::now();
+    let Err(err) = stack.http("app.localhost", 30).await else {
+        panic!("a second claimant of app.localhost started");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("hostname app.localhost is taken") && err.contains("--hostname"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        stack.get("app.localhost", "/hello").await.unwrap().0,
+        StatusCode::OK
+    );
     drop(http);
 }
 
@@ -470,13 +497,94 @@ async fn an_offline_device_gives_503_and_comes_back() {
         body.contains("flaky.localhost") && body.contains("not online"),
         "{body}"
     );
-    let _again = stack.http("flaky.localhost", 3).await.unwrap();
+    let mut again = stack.http("flaky.localhost", 3).await.unwrap();
     eventually("200 again after the device returns", WAIT, || async {
         let (status, body) = stack.get("flaky.localhost", "/hello").await?;
         ensure!(status == StatusCode::OK, "{status}: {body}");
         Ok(())
     })
     .await;
+    // A restart keeps the identity: same key, connector and proxy, even when it comes
+    // at once after a kill -9 (the slot's lock died with the process).
+    let identity = |p: &Process| (p.ready_str("node_id"), p.ready_str("proxy"));
+    assert_eq!(
+        identity(&again),
+        identity(&http),
+        "restart after the lease ran out"
+    );
+    again.kill9();
+    let third = stack.http("flaky.localhost", 3).await.unwrap();
+    assert_eq!(
+        identity(&third),
+        identity(&http),
+        "immediate restart after kill -9"
+    );
+    eventually("200 from the restarted device", WAIT, || async {
+        let (status, body) = stack.get("flaky.localhost", "/hello").await?;
+        ensure!(status == StatusCode::OK, "{status}: {body}");
+        Ok(())
+    })
+    .await;
+
+    // With the control plane gone, `portway http` gives up after a bounded wait with one
+    // clear line instead of retrying forever.
+    drop(third);
+    let mut stack = stack;
+    stack.up.kill9();
+    let started = std::time::Instant::now();
+    let Err(err) = stack.http("later.localhost", 3).await else {
+        panic!("portway http started without a control plane");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("cannot reach the Portway API server at")
+            && err.contains("is `portway up` running?"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_portway_http_is_collected_after_its_ttl() {
+    let stack = Stack::start_full(None, &["--ephemeral-ttl", "1"]).await;
+    let mut http = stack.http("gone.localhost", 2).await.unwrap();
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin.clone(), "default");
+    let connectors: Api<Connector> = Api::namespaced(admin, "default");
+    let ephemeral = ListParams::default().labels("portway.dev/ephemeral=true");
+    assert_eq!(connectors.list(&ephemeral).await.unwrap().items.len(), 1);
+    let proxy = http.ready_str("proxy");
+    http.kill9();
+    eventually(
+        "the dead tunnel's connector and proxy are deleted",
+        Duration::from_secs(30),
+        || async {
+            ensure!(
+                proxies.get_opt(&proxy).await?.is_none(),
+                "proxy still there"
+            );
+            ensure!(
+                connectors.list(&ephemeral).await?.items.is_empty(),
+                "connector still there"
+            );
+            Ok(())
+        },
+    )
+    .await;
+    // The same slot comes back with its key, joins again (its old credential bound the
+    // deleted connector) and serves the hostname.
+    let again = stack.http("gone.localhost", 2).await.unwrap();
+    assert_eq!(again.ready_str("node_id"), http.ready_str("node_id"));
+    assert_eq!(
+        stack.get("gone.localhost", "/hello").await.unwrap().0,
+        StatusCode::OK
+    );
 }
 
 /// Two agents (labels `app=shop`, 3 s leases) offering the origin, and one HTTPProxy

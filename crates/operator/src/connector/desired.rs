@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, condition_at};
+use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, condition_at, labels};
 
 /// What a connector's status should say, and when to look again.
 #[derive(Debug, PartialEq)]
@@ -104,6 +104,49 @@ pub fn connector(
         conditions: vec![accepted, ready],
         requeue_after,
     })
+}
+
+/// What becomes of a connector that may be collected.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Collect {
+    /// Not ephemeral, or its device is online.
+    Never,
+    /// Its device has been gone for the TTL: delete it (its advertisements and proxies
+    /// are owned by it and go too, freeing their hostnames).
+    Now,
+    /// Look again then.
+    After(Duration),
+}
+
+/// Whether an ephemeral connector (label [`labels::EPHEMERAL`]) is gone for good: its
+/// lease ran out, or it never had one, `ttl` ago.
+pub fn collect(c: &Connector, lease: Option<&Lease>, ttl: Duration, now: Timestamp) -> Collect {
+    if c.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(labels::EPHEMERAL))
+        .map(String::as_str)
+        != Some("true")
+    {
+        return Collect::Never;
+    }
+    if lease.is_some_and(|l| portway_kube::lease::current_holder(l, now).is_some()) {
+        return Collect::Never;
+    }
+    let since = lease
+        .and_then(portway_kube::lease::expiry)
+        .or_else(|| c.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    let Some(since) = since else {
+        return Collect::Never;
+    };
+    let ttl_signed = k8s_openapi::jiff::SignedDuration::try_from(ttl).unwrap_or_default();
+    match since.checked_add(ttl_signed) {
+        Ok(deadline) if deadline > now => {
+            Collect::After(now.duration_until(deadline).unsigned_abs())
+        }
+        Ok(_) => Collect::Now,
+        Err(_) => Collect::Never,
+    }
 }
 
 /// An advertisement is accepted when its connector exists.
@@ -223,6 +266,71 @@ mod tests {
                 "True"
             );
         }
+    }
+
+    #[test]
+    fn ephemeral_connectors_are_collected_a_ttl_after_their_device_left() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let ttl = Duration::from_secs(60);
+        let mut c = Connector::new(
+            "c",
+            ConnectorSpec {
+                connector_class_name: "portway".into(),
+                capabilities: vec![],
+            },
+        );
+        c.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            now - k8s_openapi::jiff::SignedDuration::from_secs(100),
+        ));
+        let kept = connector_with(&c, None);
+        assert_eq!(
+            collect(&kept, None, ttl, now),
+            Collect::Never,
+            "not ephemeral"
+        );
+        let eph = connector_with(&c, Some("true"));
+        let cases = [
+            (
+                "online",
+                Some(lease(Some("id"), Some(10), 30, now)),
+                Collect::Never,
+            ),
+            // Expired 20 s ago (renewed 50 s ago, 30 s lease): 40 s to go.
+            (
+                "expired lately",
+                Some(lease(Some("id"), Some(50), 30, now)),
+                Collect::After(Duration::from_secs(40)),
+            ),
+            (
+                "expired long ago",
+                Some(lease(Some("id"), Some(100), 30, now)),
+                Collect::Now,
+            ),
+            // Released: the holder is gone, the last renewal still dates it.
+            (
+                "released long ago",
+                Some(lease(None, Some(100), 30, now)),
+                Collect::Now,
+            ),
+            (
+                "released lately",
+                Some(lease(None, Some(40), 30, now)),
+                Collect::After(Duration::from_secs(50)),
+            ),
+            // Never connected: counted from creation, 100 s ago.
+            ("no lease", None, Collect::Now),
+        ];
+        for (what, l, want) in cases {
+            assert_eq!(collect(&eph, l.as_ref(), ttl, now), want, "{what}");
+        }
+    }
+
+    fn connector_with(c: &Connector, ephemeral: Option<&str>) -> Connector {
+        let mut c = c.clone();
+        if let Some(v) = ephemeral {
+            c.metadata.labels = Some([(labels::EPHEMERAL.to_owned(), v.to_owned())].into());
+        }
+        c
     }
 
     #[test]

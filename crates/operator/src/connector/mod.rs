@@ -50,10 +50,27 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
     {
         ctx.metrics.writes.inc();
     }
-    Ok(match decision.requeue_after {
-        Some(after) => Action::requeue(after),
-        None => Action::requeue(Duration::from_secs(15 * 60)),
-    })
+    let requeue = decision
+        .requeue_after
+        .unwrap_or(Duration::from_secs(15 * 60));
+    match desired::collect(
+        &c,
+        lease.as_deref(),
+        ctx.config.ephemeral_ttl,
+        Timestamp::now(),
+    ) {
+        desired::Collect::Never => Ok(Action::requeue(requeue)),
+        desired::Collect::After(after) => Ok(Action::requeue(requeue.min(after))),
+        desired::Collect::Now => {
+            tracing::info!(connector = %format!("{ns}/{name}"), ttl = ?ctx.config.ephemeral_ttl, "deleting an ephemeral connector whose device is gone");
+            match api.delete(&name, &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(Action::await_change())
+        }
+    }
 }
 
 pub(crate) async fn reconcile_advertisement(

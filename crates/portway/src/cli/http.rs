@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use serde_json::json;
 
@@ -49,7 +49,14 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let started = tokio::time::Instant::now();
     let h = tokio::select! {
-        h = portway_local::http::Http::start(config) => h.context("publishing the port")?,
+        h = portway_local::http::Http::start(config) => h.map_err(|e| {
+            use portway_local::http::Error;
+            match e {
+                // Complete sentences that say what to do: one line, no chain.
+                Error::HostnameTaken { .. } | Error::Unreachable { .. } => anyhow::anyhow!(e.to_string()),
+                e => anyhow::Error::new(e).context("publishing the port"),
+            }
+        })?,
         () = shutdown_signal() => return Ok(()),
     };
     if let Some(path) = &args.ready_file {

@@ -21,6 +21,10 @@ pub struct Args {
     /// Zone for canonical hostnames (`<uid>.<zone>`).
     #[arg(long, default_value = "portway.localhost")]
     zone: String,
+    /// Seconds an ephemeral connector (made by `portway http`) outlives its lease before
+    /// it is deleted with its proxies.
+    #[arg(long, default_value_t = 900)]
+    ephemeral_ttl: u64,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -30,6 +34,7 @@ pub async fn run(args: Args) -> Result<()> {
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
+    config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     let operator = portway_operator::Operator::start(config, client)
         .await
         .context("starting the operator")?;

@@ -36,6 +36,10 @@ pub struct Args {
     sidecar: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:9090")]
     metrics: SocketAddr,
+    /// Seconds a `portway http` tunnel whose process died keeps its connector, proxy and
+    /// hostname before they are deleted (a restart within it keeps them).
+    #[arg(long, default_value_t = 900)]
+    ephemeral_ttl: u64,
     /// Write every bound address here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -53,6 +57,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.relay = args.relay;
     config.sidecar = args.sidecar;
     config.metrics = args.metrics;
+    config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     let up = portway_local::up::Up::start(config)
         .await
         .context("starting portway")?;
