@@ -10,6 +10,8 @@
 //!   fails fast instead of filling memory.
 //! - Decoding runs on a blocking thread: a 3 MiB body takes about a second to decode in a
 //!   debug build and must not hold an async worker meanwhile.
+//! - Kubernetes protobuf (built-in kinds) is read against fixed message tables (see
+//!   [`protobuf`]), which bound its depth.
 
 use std::cell::Cell;
 use std::fmt;
@@ -19,6 +21,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use crate::error::{ApiError, Result};
+use crate::protobuf;
 
 /// The deepest nesting of arrays and objects accepted in a request body.
 pub const MAX_DEPTH: usize = 100;
@@ -27,6 +30,11 @@ pub const MAX_DEPTH: usize = 100;
 pub enum Format {
     Json,
     Yaml,
+    /// Kubernetes protobuf holding `message`; `strict` refuses unknown field numbers.
+    Protobuf {
+        message: &'static protobuf::Message,
+        strict: bool,
+    },
 }
 
 impl Format {
@@ -34,6 +42,7 @@ impl Format {
         match self {
             Self::Json => "JSON",
             Self::Yaml => "YAML",
+            Self::Protobuf { .. } => "protobuf",
         }
     }
 }
@@ -82,6 +91,8 @@ pub fn decode_now(bytes: &[u8], format: Format) -> Result<Value> {
             seed.deserialize(serde_yaml::Deserializer::from_slice(bytes))
                 .map_err(|e| e.to_string())
         }
+        // The message tables bound the depth, and each value takes at least a byte.
+        Format::Protobuf { message, strict } => protobuf::decode(bytes, message, strict),
     };
     match (result, budget.breach.get()) {
         (Ok(v), _) => Ok(v),

@@ -3,7 +3,8 @@
 //! Serves discovery (`/api`, `/apis`, aggregated v2), OpenAPI v3, and the REST verbs
 //! (get, list, watch, create, update, patch — merge, JSON, strategic, server-side apply —,
 //! delete, deletecollection, `/status`) for Portway's kinds and the built-in and Gateway
-//! API kinds it needs, so kubectl and kube-rs work against it unchanged. Authentication is
+//! API kinds it needs (bodies as JSON, YAML, or for built-in kinds Kubernetes protobuf),
+//! so kubectl and kube-rs work against it unchanged. Authentication is
 //! by bearer token from a tokens file; authorisation by role (see [`auth`]). Connections
 //! keep to [`Config::limits`] (see [`portway_serve`]); request bodies to the bounds of
 //! [`decode`].
@@ -27,6 +28,7 @@ pub mod error;
 pub mod files;
 mod http;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod selector;
 pub mod store;

@@ -20,6 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::protobuf::{self, Message};
+
 /// A printer column, as in a CRD's `additionalPrinterColumns`.
 #[derive(Clone, Debug)]
 pub struct Column {
@@ -68,6 +70,9 @@ pub struct ResourceType {
     /// Lists with merge keys for strategic merge patch; `None` means strategic merge patch
     /// is refused with 415 (custom resources, as in Kubernetes).
     pub strategic: Option<&'static [(&'static str, ListStrategy)]>,
+    /// The Kubernetes protobuf message of a built-in kind; `None` (custom resources, as in
+    /// Kubernetes) answers protobuf bodies with 415.
+    pub proto: Option<&'static Message>,
     decode: fn(&Value) -> Result<Decoded, FieldError>,
     schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
@@ -214,6 +219,7 @@ struct Builtin {
     status: bool,
     columns: Vec<Column>,
     strategic: Option<&'static [(&'static str, ListStrategy)]>,
+    proto: Option<&'static Message>,
 }
 
 fn builtin<K>(b: Builtin) -> ResourceType
@@ -235,6 +241,7 @@ where
         columns,
         field_selectors: &[],
         strategic: b.strategic,
+        proto: b.proto,
         decode: decode::<K>,
         schema: schema::<K>,
     }
@@ -286,6 +293,7 @@ where
         columns,
         field_selectors,
         strategic: None,
+        proto: None,
         decode: decode::<K>,
         schema: schema::<K>,
     }
@@ -320,6 +328,7 @@ impl Registry {
                 status: true,
                 columns: vec![column("Status", "string", ".status.phase")],
                 strategic: Some(&[]),
+                proto: Some(&protobuf::NAMESPACE),
             }),
             builtin::<Service>(Builtin {
                 group: "",
@@ -334,6 +343,7 @@ impl Registry {
                     column("Ports", "string", ".spec.ports[*].port"),
                 ],
                 strategic: Some(&[("spec.ports", ListStrategy::MergeByKey("port"))]),
+                proto: Some(&protobuf::SERVICE),
             }),
             builtin::<Lease>(Builtin {
                 group: "coordination.k8s.io",
@@ -348,6 +358,7 @@ impl Registry {
                     column("Renewed", "date", ".spec.renewTime"),
                 ],
                 strategic: Some(&[]),
+                proto: Some(&protobuf::LEASE),
             }),
             builtin::<EndpointSlice>(Builtin {
                 group: "discovery.k8s.io",
@@ -364,6 +375,7 @@ impl Registry {
                     column("Ready", "string", ".endpoints[*].conditions.ready"),
                 ],
                 strategic: Some(&[]),
+                proto: Some(&protobuf::ENDPOINT_SLICE),
             }),
             builtin::<GatewayClass>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -378,6 +390,8 @@ impl Registry {
                     column("Accepted", "string", &status("Accepted")),
                 ],
                 strategic: None,
+                // Gateway API kinds are custom resources in Kubernetes too.
+                proto: None,
             }),
             builtin::<Gateway>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -392,6 +406,7 @@ impl Registry {
                     column("Programmed", "string", &status("Programmed")),
                 ],
                 strategic: None,
+                proto: None,
             }),
             builtin::<HttpRoute>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -403,6 +418,7 @@ impl Registry {
                 status: true,
                 columns: vec![column("Hostnames", "string", ".spec.hostnames")],
                 strategic: None,
+                proto: None,
             }),
             custom::<ConnectorClass>(&[]),
             custom::<Connector>(&[

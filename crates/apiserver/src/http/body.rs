@@ -1,5 +1,5 @@
-//! Request bodies: read within the size limit, then decoded as an object or as
-//! DeleteOptions.
+//! Request bodies: read within the size limit, then decoded (JSON, YAML or Kubernetes
+//! protobuf) as an object or as DeleteOptions.
 
 use axum::extract::Request;
 use bytes::Bytes;
@@ -11,6 +11,8 @@ use super::header_str;
 use crate::app::App;
 use crate::decode::{Format, decode};
 use crate::error::{ApiError, Result};
+use crate::protobuf;
+use crate::write::FieldValidation;
 
 /// Reads the whole body. Past the limit the rest is read and dropped (up to a hard cap),
 /// so the client gets its 413 rather than a broken connection.
@@ -38,17 +40,36 @@ pub(super) async fn read_body(app: &App, req: Request) -> Result<(HeaderMap, Byt
     Ok((parts.headers, buf.freeze()))
 }
 
-/// Reads a JSON (or YAML) object body for create and update.
-pub(super) async fn read_object(app: &App, req: Request) -> Result<Value> {
+/// The media type of the body, without parameters.
+fn mime(headers: &HeaderMap) -> &str {
+    let ct = header_str(headers, header::CONTENT_TYPE);
+    ct.split(';').next().unwrap_or_default().trim()
+}
+
+/// Reads an object body for create and update: JSON, YAML, or for a kind with a protobuf
+/// `message`, Kubernetes protobuf (unknown field numbers refused under `Strict`).
+pub(super) async fn read_object(
+    app: &App,
+    req: Request,
+    message: Option<&'static protobuf::Message>,
+    validation: FieldValidation,
+) -> Result<Value> {
     let (headers, bytes) = read_body(app, req).await?;
-    let ct = header_str(&headers, header::CONTENT_TYPE);
-    let mime = ct.split(';').next().unwrap_or_default().trim();
-    let format = match mime {
-        "" | "application/json" => Format::Json,
-        "application/yaml" | "application/x-yaml" | "text/yaml" => Format::Yaml,
-        other => {
+    let format = match (mime(&headers), message) {
+        ("" | "application/json", _) => Format::Json,
+        ("application/yaml" | "application/x-yaml" | "text/yaml", _) => Format::Yaml,
+        (protobuf::MEDIA_TYPE, Some(message)) => Format::Protobuf {
+            message,
+            strict: validation == FieldValidation::Strict,
+        },
+        (other, _) => {
             return Err(ApiError::unsupported_media_type(format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {other})"
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml{} (got {other})",
+                if message.is_some() {
+                    format!(", {}", protobuf::MEDIA_TYPE)
+                } else {
+                    String::new()
+                }
             )));
         }
     };
@@ -61,13 +82,23 @@ pub(super) async fn read_object(app: &App, req: Request) -> Result<Value> {
     Ok(value)
 }
 
-/// DeleteOptions in the body, if any (kubectl and kube-rs send them without TypeMeta).
+/// DeleteOptions in the body, if any (kubectl and kube-rs send them as JSON without
+/// TypeMeta; client-go's typed clients as protobuf).
 pub(super) async fn read_delete_options(app: &App, req: Request) -> Result<Value> {
-    let (_, bytes) = read_body(app, req).await?;
+    let (headers, bytes) = read_body(app, req).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    let v = decode(bytes, Format::Json).await?;
+    let format = if mime(&headers) == protobuf::MEDIA_TYPE {
+        Format::Protobuf {
+            message: &protobuf::DELETE_OPTIONS,
+            // As in Kubernetes, where options it does not know are ignored.
+            strict: false,
+        }
+    } else {
+        Format::Json
+    };
+    let v = decode(bytes, format).await?;
     if !v.is_object() {
         return Err(ApiError::bad_request("DeleteOptions must be a JSON object"));
     }

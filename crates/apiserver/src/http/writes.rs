@@ -66,7 +66,7 @@ pub(super) async fn create(w: Write<'_>, req: Request) -> Result<Response> {
             "POST is not supported on the status subresource",
         ));
     }
-    let body = read_object(app, req).await?;
+    let body = read_object(app, req, t.res.proto, ctx.validation).await?;
     let created = app
         .store
         .write(move |txn| write::create(txn, &ctx, body))
@@ -78,7 +78,7 @@ pub(super) async fn update(w: Write<'_>, req: Request) -> Result<Response> {
     let Write { app, t, ctx, .. } = w;
     let name = t.name.clone().unwrap_or_default();
     let status = t.status;
-    let body = read_object(app, req).await?;
+    let body = read_object(app, req, t.res.proto, ctx.validation).await?;
     check_name(&body, &name)?;
     let updated = app
         .store
