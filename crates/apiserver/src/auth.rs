@@ -10,6 +10,9 @@
 //! | `operator` | every verb, every namespace                                        | ConnectorClass, GatewayClass: every verb; Namespace: read |
 //! | `agent`    | Connector, ConnectorAdvertisement, HTTPProxy, Lease: every verb, own namespaces only | ConnectorClass: read; own Namespace: get |
 //! | `viewer`   | read (get, list, watch), own namespaces only                       | Namespace (own), ConnectorClass, GatewayClass: read |
+//!
+//! Every user may read discovery and OpenAPI, and ask what it may do and who it is
+//! (SelfSubjectAccessReview, SelfSubjectReview).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,6 +37,15 @@ impl Role {
             "agent" => Some(Self::Agent),
             "viewer" => Some(Self::Viewer),
             _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Operator => "operator",
+            Self::Agent => "agent",
+            Self::Viewer => "viewer",
         }
     }
 }
@@ -75,6 +87,22 @@ pub enum Verb {
 }
 
 impl Verb {
+    pub const ALL: [Self; 8] = [
+        Self::Get,
+        Self::List,
+        Self::Watch,
+        Self::Create,
+        Self::Update,
+        Self::Patch,
+        Self::Delete,
+        Self::DeleteCollection,
+    ];
+
+    /// A Kubernetes verb, as `as_str` writes it.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Get => "get",
@@ -276,12 +304,23 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
     }
 }
 
+/// The roles of `user` that allow the access; none means it is forbidden.
+pub fn allowing_roles(user: &User, a: &Access<'_>) -> Vec<Role> {
+    // A device's writes are checked object by object; a collection delete is not its job.
+    if user.device.is_some() && a.verb == Verb::DeleteCollection {
+        return Vec::new();
+    }
+    user.roles
+        .iter()
+        .copied()
+        .filter(|r| role_allows(*r, user, a))
+        .collect()
+}
+
 /// # Errors
 /// 403 with Kubernetes' wording when no role of `user` allows the access.
 pub fn authorize(user: &User, a: &Access<'_>) -> Result<(), ApiError> {
-    // A device's writes are checked object by object; a collection delete is not its job.
-    let device_ok = user.device.is_none() || a.verb != Verb::DeleteCollection;
-    if device_ok && user.roles.iter().any(|r| role_allows(*r, user, a)) {
+    if !allowing_roles(user, a).is_empty() {
         return Ok(());
     }
     let res = a.res;

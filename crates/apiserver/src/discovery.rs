@@ -21,6 +21,74 @@ const VERBS: [&str; 8] = [
 ];
 const STATUS_VERBS: [&str; 3] = ["get", "patch", "update"];
 
+/// A resource served without the store, all cluster-scoped.
+pub struct Fixed {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    pub verbs: &'static [&'static str],
+    pub short_names: &'static [&'static str],
+    pub categories: &'static [&'static str],
+}
+
+/// The reviews behind `kubectl auth can-i` and `kubectl auth whoami`, listed as
+/// kube-apiserver lists them.
+pub const FIXED: [Fixed; 2] = [
+    Fixed {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        kind: "SelfSubjectReview",
+        verbs: &["create"],
+        short_names: &[],
+        categories: &[],
+    },
+    Fixed {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        kind: "SelfSubjectAccessReview",
+        verbs: &["create"],
+        short_names: &[],
+        categories: &[],
+    },
+];
+
+/// The fixed resource served at `group`/`plural`, if any.
+pub fn fixed(group: &str, plural: &str) -> Option<&'static Fixed> {
+    FIXED
+        .iter()
+        .find(|f| f.group == group && f.plural == plural)
+}
+
+/// Group names in discovery order (core excluded), each with its versions: the stored
+/// kinds' groups, then the fixed resources' groups.
+fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut out = registry().groups();
+    out.extend(FIXED.iter().map(|f| (f.group, vec![f.version])));
+    out
+}
+
+fn fixed_in(group: &str, version: &str) -> impl Iterator<Item = &'static Fixed> {
+    FIXED
+        .iter()
+        .filter(move |f| f.group == group && f.version == version)
+}
+
+/// `shortNames` and `categories`, when there are any.
+fn names(r: &mut Value, f: &Fixed) {
+    if !f.short_names.is_empty() {
+        r["shortNames"] = json!(f.short_names);
+    }
+    if !f.categories.is_empty() {
+        r["categories"] = json!(f.categories);
+    }
+}
+
 /// The `Content-Type` of aggregated discovery, when the client asked for it.
 pub fn aggregated_content_type(accept: &str) -> Option<&'static str> {
     let wants = |v: &str| {
@@ -59,8 +127,7 @@ pub fn api_versions(server_address: &str) -> Value {
 }
 
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = registry()
-        .groups()
+    let groups: Vec<Value> = groups()
         .into_iter()
         .map(|(g, versions)| {
             let versions: Vec<Value> = versions
@@ -74,7 +141,7 @@ pub fn api_group_list() -> Value {
 }
 
 pub fn api_group(group: &str) -> Option<Value> {
-    let (g, versions) = registry().groups().into_iter().find(|(g, _)| *g == group)?;
+    let (g, versions) = groups().into_iter().find(|(g, _)| *g == group)?;
     let versions: Vec<Value> = versions
         .iter()
         .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
@@ -86,12 +153,8 @@ pub fn api_group(group: &str) -> Option<Value> {
 
 /// `APIResourceList` for a group-version, or `None` if nothing is served there.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let types = registry().in_group_version(group, version);
-    if types.is_empty() {
-        return None;
-    }
     let mut resources = Vec::new();
-    for t in types {
+    for t in registry().in_group_version(group, version) {
         resources.push(json!({
             "name": t.plural, "singularName": t.singular, "namespaced": t.namespaced, "kind": t.kind,
             "verbs": VERBS, "shortNames": t.short_names, "categories": ["portway"],
@@ -103,6 +166,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             }));
         }
     }
+    for f in fixed_in(group, version) {
+        let mut r = json!({
+            "name": f.plural, "singularName": f.singular, "namespaced": false, "kind": f.kind,
+            "verbs": f.verbs,
+        });
+        names(&mut r, f);
+        resources.push(r);
+    }
+    if resources.is_empty() {
+        return None;
+    }
     let gv = if group.is_empty() {
         version.to_owned()
     } else {
@@ -111,6 +185,16 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
     )
+}
+
+fn aggregated_fixed(f: &Fixed) -> Value {
+    let mut r = json!({
+        "resource": f.plural,
+        "responseKind": {"group": f.group, "version": f.version, "kind": f.kind},
+        "scope": "Cluster", "singularResource": f.singular, "verbs": f.verbs,
+    });
+    names(&mut r, f);
+    r
 }
 
 fn aggregated_resource(t: Res) -> Value {
@@ -143,6 +227,7 @@ pub fn aggregated(core: bool, content_type: &str) -> Value {
                     .in_group_version(name, v)
                     .into_iter()
                     .map(aggregated_resource)
+                    .chain(fixed_in(name, v).map(aggregated_fixed))
                     .collect();
                 json!({"version": v, "resources": resources, "freshness": "Current"})
             })
@@ -152,10 +237,7 @@ pub fn aggregated(core: bool, content_type: &str) -> Value {
     let items: Vec<Value> = if core {
         vec![item("", vec!["v1"])]
     } else {
-        reg.groups()
-            .into_iter()
-            .map(|(g, vs)| item(g, vs))
-            .collect()
+        groups().into_iter().map(|(g, vs)| item(g, vs)).collect()
     };
     json!({"apiVersion": api_version, "kind": "APIGroupDiscoveryList", "metadata": {}, "items": items})
 }
@@ -308,6 +390,40 @@ mod tests {
             .collect();
         assert!(names.contains(&"connectors") && names.contains(&"connectors/status"));
         assert!(resource_list("networking.datumapis.com", "v9").is_none());
+    }
+
+    #[test]
+    fn reviews_are_listed_as_kube_apiserver_lists_them() {
+        let groups = api_group_list();
+        let names: Vec<&str> = groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap())
+            .collect();
+        for g in ["authentication.k8s.io", "authorization.k8s.io"] {
+            assert_eq!(names.iter().filter(|n| **n == g).count(), 1, "{names:?}");
+        }
+        let list = resource_list("authorization.k8s.io", "v1").unwrap();
+        assert_eq!(
+            list["resources"],
+            json!([{"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
+                    "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]}])
+        );
+        let doc = aggregated(false, "v=v2");
+        let item = doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == "authentication.k8s.io")
+            .unwrap();
+        assert_eq!(
+            item["versions"][0]["resources"][0],
+            json!({"resource": "selfsubjectreviews", "scope": "Cluster",
+                   "responseKind": {"group": "authentication.k8s.io", "version": "v1", "kind": "SelfSubjectReview"},
+                   "singularResource": "selfsubjectreview", "verbs": ["create"]})
+        );
+        assert!(api_group("authorization.k8s.io").is_some());
     }
 
     #[test]

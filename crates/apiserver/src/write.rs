@@ -109,12 +109,19 @@ fn finalizers(v: &Value) -> Vec<String> {
 /// # Errors
 /// 400 when the body is not an object or names another kind.
 pub fn check_type(res: Res, body: &mut Value) -> Result<()> {
+    check_type_meta(&res.api_version(), res.kind, body)
+}
+
+/// [`check_type`] for a kind given by `api_version` and `kind`.
+///
+/// # Errors
+/// As [`check_type`].
+pub fn check_type_meta(api_version: &str, kind: &str, body: &mut Value) -> Result<()> {
     let Some(obj) = body.as_object_mut() else {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
         ));
     };
-    let api_version = res.api_version();
     match obj.get("apiVersion").and_then(Value::as_str) {
         None | Some("") => {
             obj.insert("apiVersion".into(), json!(api_version));
@@ -128,13 +135,12 @@ pub fn check_type(res: Res, body: &mut Value) -> Result<()> {
     }
     match obj.get("kind").and_then(Value::as_str) {
         None | Some("") => {
-            obj.insert("kind".into(), json!(res.kind));
+            obj.insert("kind".into(), json!(kind));
         }
-        Some(k) if k == res.kind => {}
+        Some(k) if k == kind => {}
         Some(k) => {
             return Err(ApiError::bad_request(format!(
-                "the kind in the data ({k}) does not match the expected kind ({})",
-                res.kind
+                "the kind in the data ({k}) does not match the expected kind ({kind})"
             )));
         }
     }

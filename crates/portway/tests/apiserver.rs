@@ -35,6 +35,19 @@ async fn apiserver(data: &Path, listen: &str, extra: &[&str]) -> Process {
     Process::start("apiserver", bin(), args).await.unwrap()
 }
 
+/// One user per role; the agent and the viewer keep to namespace `p1`.
+const USERS: &str = "admin-token-0000000000,root,admin,*\n\
+                     operator-token-00000000,op,operator,*\n\
+                     agent-token-00000000000,dev,agent,p1\n\
+                     viewer-token-0000000000,eve,viewer,p1\n";
+
+/// An API server whose tokens file holds [`USERS`].
+async fn apiserver_with_users(data: &Path) -> Process {
+    let tokens = data.join("tokens.csv");
+    std::fs::write(&tokens, USERS).unwrap();
+    apiserver(data, "127.0.0.1:0", &["--tokens", tokens.to_str().unwrap()]).await
+}
+
 fn kubeconfig(p: &Process) -> PathBuf {
     PathBuf::from(p.ready_str("kubeconfig"))
 }
@@ -731,21 +744,7 @@ async fn bad_input_gets_a_clear_status_and_stores_nothing() {
 #[tokio::test]
 async fn roles_are_enforced_per_namespace() {
     let data = tempfile::tempdir().unwrap();
-    let tokens = data.path().join("tokens.csv");
-    std::fs::write(
-        &tokens,
-        "admin-token-0000000000,root,admin,*\n\
-         operator-token-00000000,op,operator,*\n\
-         agent-token-00000000000,dev,agent,p1\n\
-         viewer-token-0000000000,eve,viewer,p1\n",
-    )
-    .unwrap();
-    let server = apiserver(
-        data.path(),
-        "127.0.0.1:0",
-        &["--tokens", tokens.to_str().unwrap()],
-    )
-    .await;
+    let server = apiserver_with_users(data.path()).await;
     let admin_client = kube_client(&kubeconfig(&server)).await.unwrap();
     let namespaces: Api<Namespace> = Api::all(admin_client.clone());
     for ns in ["p1", "p2"] {
@@ -1295,4 +1294,102 @@ async fn kubectl_create_sends_protobuf_for_built_in_kinds() {
             .contains("error decoding the request body as protobuf"),
         "{status}"
     );
+}
+
+/// A kubeconfig like the admin one, for another token.
+fn kubeconfig_for(admin: &Path, admin_token: &str, token: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(admin).unwrap();
+    assert!(text.contains(admin_token));
+    let path = dir.join(format!("kubeconfig-{token}"));
+    std::fs::write(&path, text.replace(admin_token, token)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn kubectl_auth_can_i_and_whoami_answer_from_roles() {
+    let data = tempfile::tempdir().unwrap();
+    let server = apiserver_with_users(data.path()).await;
+    let admin = kubeconfig(&server);
+    let viewer = kubeconfig_for(
+        &admin,
+        "admin-token-0000000000",
+        "viewer-token-0000000000",
+        data.path(),
+    );
+    let agent = kubeconfig_for(
+        &admin,
+        "admin-token-0000000000",
+        "agent-token-00000000000",
+        data.path(),
+    );
+    for bin in kubectls() {
+        let as_admin = Kubectl::new(bin.clone(), &admin);
+        let as_viewer = Kubectl::new(bin.clone(), &viewer);
+        let as_agent = Kubectl::new(bin.clone(), &agent);
+        // (who, arguments after `auth can-i`, allowed)
+        let cases: Vec<(&Kubectl, Vec<&str>, bool)> = vec![
+            (&as_admin, vec!["create", "namespaces"], true),
+            (&as_admin, vec!["*", "*"], true),
+            (&as_viewer, vec!["list", "connectors", "-n", "p1"], true),
+            (&as_viewer, vec!["watch", "httpproxies", "-n", "p1"], true),
+            (&as_viewer, vec!["create", "connectors", "-n", "p1"], false),
+            (&as_viewer, vec!["list", "connectors", "-n", "p2"], false),
+            (&as_viewer, vec!["get", "namespace/p1"], true),
+            (&as_viewer, vec!["delete", "namespace/p1"], false),
+            (&as_agent, vec!["update", "leases", "-n", "p1"], true),
+            (
+                &as_agent,
+                vec!["update", "connectors", "--subresource=status", "-n", "p1"],
+                true,
+            ),
+            (&as_agent, vec!["get", "httproutes", "-n", "p1"], false),
+            (&as_agent, vec!["get", "/healthz"], true),
+        ];
+        for (k, args, allowed) in cases {
+            let mut full = vec!["auth", "can-i"];
+            full.extend(&args);
+            let (ok, out, err) = k.run(&full, None);
+            let answer = out.lines().next().unwrap_or_default();
+            assert_eq!(
+                ok, allowed,
+                "{bin:?} {:?} can-i {args:?}: {out} {err}",
+                k.kubeconfig
+            );
+            if allowed {
+                assert_eq!(answer, "yes", "{bin:?} {args:?}: {err}");
+            } else {
+                assert!(answer.starts_with("no"), "{bin:?} {args:?}: {out} {err}");
+            }
+        }
+        let (_, out, _) =
+            as_viewer.run(&["auth", "can-i", "create", "connectors", "-n", "p1"], None);
+        assert!(
+            out.contains("User \"eve\" cannot create resource \"connectors\""),
+            "{bin:?}: the reason names the user: {out}"
+        );
+
+        // `auth whoami` exists from kubectl 1.26.
+        if as_viewer.minor() >= 26 {
+            let out = as_viewer.ok(&["auth", "whoami"], None);
+            let rows: Vec<Vec<&str>> = out
+                .lines()
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            assert!(rows.contains(&vec!["Username", "eve"]), "{out}");
+            assert!(rows.contains(&vec!["Groups", "[viewer]"]), "{out}");
+            assert!(
+                rows.contains(&vec!["Extra:", "portway.dev/namespaces", "[p1]"]),
+                "{out}"
+            );
+            let out = as_admin.ok(
+                &["auth", "whoami", "-o", "jsonpath={.status.userInfo}"],
+                None,
+            );
+            let info: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                info,
+                json!({"username": "root", "groups": ["admin"], "extra": {"portway.dev/namespaces": ["*"]}})
+            );
+        }
+    }
 }

@@ -352,6 +352,15 @@ impl Kubectl {
         assert!(ok, "{} {args:?} failed:\n{out}\n{err}", self.bin.display());
         out
     }
+
+    /// The client's minor version (`20` for 1.20; `32` for the 1.32 dispatcher).
+    pub fn minor(&self) -> u32 {
+        let out = self.ok(&["version", "--client", "-o", "json"], None);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("kubectl version JSON");
+        let minor = v["clientVersion"]["minor"].as_str().unwrap_or_default();
+        let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("a minor version")
+    }
 }
 
 /// One `dig` answer: the response code and the answer section's data fields.

@@ -1,10 +1,11 @@
 //! HTTP surface: authentication, URL parsing and content negotiation; the verbs' handlers
-//! are in [`reads`] and [`writes`], the device join in [`join`]. Every error leaves as a
-//! Kubernetes `Status`.
+//! are in [`reads`] and [`writes`], the device join in [`join`], the reviews behind
+//! `kubectl auth` in [`reviews`]. Every error leaves as a Kubernetes `Status`.
 
 mod body;
 mod join;
 mod reads;
+mod reviews;
 mod writes;
 
 use std::sync::Arc;
@@ -123,6 +124,15 @@ async fn dispatch(app: &Arc<App>, user: &Arc<User>, req: Request) -> Result<Resp
         ["openapi", "v3"] => discovery(Some(discovery::openapi_v3_root())),
         ["openapi", "v3", rest @ ..] => {
             discovery(discovery::openapi_v3_doc(&rest.join("/")).cloned())
+        }
+        [
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] => reviews::access(app, user, req).await,
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
+            reviews::whoami(app, user, req).await
         }
         ["api", "v1", rest @ ..] => {
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
