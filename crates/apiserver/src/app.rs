@@ -20,6 +20,9 @@ pub struct App {
     /// `host:port` clients reach us at, for `/api`'s `serverAddressByClientCIDRs`.
     pub address: String,
     pub max_body: usize,
+    /// When this process started serving (RFC 3339): the creation time of what it serves
+    /// without storing, the CustomResourceDefinitions.
+    pub started: String,
     pub shutdown: CancellationToken,
 }
 

@@ -11,8 +11,8 @@
 //! | `agent`    | Connector, ConnectorAdvertisement, HTTPProxy, Lease: every verb, own namespaces only | ConnectorClass: read; own Namespace: get |
 //! | `viewer`   | read (get, list, watch), own namespaces only                       | Namespace (own), ConnectorClass, GatewayClass: read |
 //!
-//! Every user may read discovery and OpenAPI, and ask what it may do and who it is
-//! (SelfSubjectAccessReview, SelfSubjectReview).
+//! Every user may read discovery, OpenAPI and the CustomResourceDefinitions, and ask what
+//! it may do and who it is (SelfSubjectAccessReview, SelfSubjectReview).
 
 use std::collections::HashMap;
 use std::path::Path;

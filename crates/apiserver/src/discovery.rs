@@ -33,9 +33,10 @@ pub struct Fixed {
     pub categories: &'static [&'static str],
 }
 
-/// The reviews behind `kubectl auth can-i` and `kubectl auth whoami`, listed as
-/// kube-apiserver lists them.
-pub const FIXED: [Fixed; 2] = [
+/// The reviews behind `kubectl auth can-i` and `kubectl auth whoami`, and the read-only
+/// view of Portway's CustomResourceDefinitions, listed as kube-apiserver lists them (but
+/// with only the verbs served).
+pub const FIXED: [Fixed; 3] = [
     Fixed {
         group: "authentication.k8s.io",
         version: "v1",
@@ -55,6 +56,16 @@ pub const FIXED: [Fixed; 2] = [
         verbs: &["create"],
         short_names: &[],
         categories: &[],
+    },
+    Fixed {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        verbs: &["get", "list"],
+        short_names: &["crd", "crds"],
+        categories: &["api-extensions"],
     },
 ];
 
@@ -393,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn reviews_are_listed_as_kube_apiserver_lists_them() {
+    fn reviews_and_crds_are_listed_as_kube_apiserver_lists_them() {
         let groups = api_group_list();
         let names: Vec<&str> = groups["groups"]
             .as_array()
@@ -401,7 +412,11 @@ mod tests {
             .iter()
             .map(|g| g["name"].as_str().unwrap())
             .collect();
-        for g in ["authentication.k8s.io", "authorization.k8s.io"] {
+        for g in [
+            "authentication.k8s.io",
+            "authorization.k8s.io",
+            "apiextensions.k8s.io",
+        ] {
             assert_eq!(names.iter().filter(|n| **n == g).count(), 1, "{names:?}");
         }
         let list = resource_list("authorization.k8s.io", "v1").unwrap();
@@ -410,6 +425,9 @@ mod tests {
             json!([{"name": "selfsubjectaccessreviews", "singularName": "selfsubjectaccessreview",
                     "namespaced": false, "kind": "SelfSubjectAccessReview", "verbs": ["create"]}])
         );
+        let crds = &resource_list("apiextensions.k8s.io", "v1").unwrap()["resources"][0];
+        assert_eq!(crds["verbs"], json!(["get", "list"]));
+        assert_eq!(crds["shortNames"], json!(["crd", "crds"]));
         let doc = aggregated(false, "v=v2");
         let item = doc["items"]
             .as_array()

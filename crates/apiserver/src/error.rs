@@ -161,7 +161,8 @@ impl ApiError {
         self.with_details_raw(res.group, res.plural, name)
     }
 
-    fn with_details_raw(mut self, group: &str, kind: &str, name: &str) -> Self {
+    /// Names the object in `details`, as Kubernetes does (`kind` is the plural).
+    pub fn with_details_raw(mut self, group: &str, kind: &str, name: &str) -> Self {
         self.details = Some(json!({"name": name, "group": group, "kind": kind}));
         self
     }

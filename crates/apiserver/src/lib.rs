@@ -4,7 +4,8 @@
 //! (get, list, watch, create, update, patch — merge, JSON, strategic, server-side apply —,
 //! delete, deletecollection, `/status`) for Portway's kinds and the built-in and Gateway
 //! API kinds it needs (bodies as JSON, YAML, or for built-in kinds Kubernetes protobuf),
-//! so kubectl and kube-rs work against it unchanged. Authentication is
+//! the reviews behind `kubectl auth can-i` and `whoami`, and a read-only view of its
+//! CRDs, so kubectl and kube-rs work against it unchanged. Authentication is
 //! by bearer token from a tokens file; authorisation by role (see [`auth`]). Connections
 //! keep to [`Config::limits`] (see [`portway_serve`]); request bodies to the bounds of
 //! [`decode`].
@@ -251,6 +252,7 @@ impl Server {
             devices,
             address: SocketAddr::new(host, addr.port()).to_string(),
             max_body: config.max_body_bytes,
+            started: write::now(),
             shutdown: shutdown.clone(),
         });
         let router = Router::new().fallback(http::handle).with_state(app);

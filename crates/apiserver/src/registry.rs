@@ -119,12 +119,6 @@ impl ResourceType {
             .find(|(p, _)| *p == path)
             .map_or(ListStrategy::Replace, |(_, s)| *s)
     }
-
-    /// Whether a field selector label is supported for this kind.
-    pub fn selectable(&self, field: &str) -> bool {
-        matches!(field, "metadata.name" | "metadata.namespace")
-            || self.field_selectors.contains(&field)
-    }
 }
 
 fn decode<K>(value: &Value) -> Result<Decoded, FieldError>

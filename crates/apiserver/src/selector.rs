@@ -115,6 +115,17 @@ impl FieldSelector {
     /// # Errors
     /// 400 when a term does not parse or names a field this kind does not support.
     pub fn parse(s: &str, res: Res) -> Result<Self, ApiError> {
+        Self::parse_for(s, &res.key(), res.field_selectors)
+    }
+
+    /// Parses a selector for the kind called `key`, which supports `metadata.name`,
+    /// `metadata.namespace` and `fields`.
+    ///
+    /// # Errors
+    /// As [`FieldSelector::parse`].
+    pub fn parse_for(s: &str, key: &str, fields: &[&str]) -> Result<Self, ApiError> {
+        let supported =
+            |f: &str| matches!(f, "metadata.name" | "metadata.namespace") || fields.contains(&f);
         let mut terms = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (field, eq, value) = if let Some((f, v)) = part.split_once("!=") {
@@ -127,13 +138,12 @@ impl FieldSelector {
                 )));
             };
             let field = field.trim();
-            if !res.selectable(field) {
+            if !supported(field) {
                 return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field} (supported for {}: {})",
-                    res.key(),
+                    "field label not supported: {field} (supported for {key}: {})",
                     ["metadata.name", "metadata.namespace"]
                         .iter()
-                        .chain(res.field_selectors)
+                        .chain(fields)
                         .copied()
                         .collect::<Vec<_>>()
                         .join(", ")

@@ -31,10 +31,14 @@ pub fn wants_table(accept: &str) -> bool {
         .is_some_and(|first| first.contains("as=Table"))
 }
 
+/// The first column of every Table.
+pub fn name_column() -> Value {
+    json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0})
+}
+
+/// Every column, `priority` included: kubectl shows those above 0 only with `-o wide`.
 pub fn column_definitions(res: Res) -> Value {
-    let mut cols = vec![
-        json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}),
-    ];
+    let mut cols = vec![name_column()];
     cols.extend(res.columns.iter().map(|c| {
         json!({"name": c.name, "type": c.type_, "format": "", "description": c.description, "priority": c.priority})
     }));
@@ -48,6 +52,11 @@ pub fn row(res: Res, obj: &Value, include: Include) -> Value {
             .iter()
             .map(|c| cell(&c.type_, &eval(obj, &c.json_path))),
     );
+    row_of(cells, obj, include)
+}
+
+/// A row of `cells`, carrying as much of `obj` as `include` asks for.
+pub fn row_of(cells: Vec<Value>, obj: &Value, include: Include) -> Value {
     let mut row = json!({"cells": cells});
     match include {
         Include::None => {}
@@ -72,14 +81,20 @@ pub fn table(
     include: Include,
     columns: bool,
 ) -> Value {
+    let rows = objects.iter().map(|o| row(res, o, include)).collect();
+    assemble(columns.then(|| column_definitions(res)), rows, rv, cont)
+}
+
+/// A Table of rows already made; `columns` absent for the one-row tables of a watch.
+pub fn assemble(columns: Option<Value>, rows: Vec<Value>, rv: &str, cont: Option<&str>) -> Value {
     let mut t = json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": rv},
-        "rows": objects.iter().map(|o| row(res, o, include)).collect::<Vec<_>>(),
+        "rows": rows,
     });
-    if columns {
-        t["columnDefinitions"] = column_definitions(res);
+    if let Some(columns) = columns {
+        t["columnDefinitions"] = columns;
     }
     if let Some(c) = cont {
         t["metadata"]["continue"] = json!(c);

@@ -64,10 +64,14 @@ pub fn now() -> String {
     Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// A random UUID (version 4).
 pub fn new_uid() -> String {
-    let mut b: [u8; 16] = rand::random();
-    // RFC 4122 version 4, variant 1.
-    b[6] = (b[6] & 0x0f) | 0x40;
+    uuid(rand::random(), 4)
+}
+
+/// A UUID of RFC 9562 `version` (variant 1) from 16 bytes.
+pub fn uuid(mut b: [u8; 16], version: u8) -> String {
+    b[6] = (b[6] & 0x0f) | (version << 4);
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
     format!(

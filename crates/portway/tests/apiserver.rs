@@ -1336,6 +1336,8 @@ async fn kubectl_auth_can_i_and_whoami_answer_from_roles() {
             (&as_viewer, vec!["list", "connectors", "-n", "p2"], false),
             (&as_viewer, vec!["get", "namespace/p1"], true),
             (&as_viewer, vec!["delete", "namespace/p1"], false),
+            (&as_viewer, vec!["list", "crd"], true),
+            (&as_viewer, vec!["delete", "crd"], false),
             (&as_agent, vec!["update", "leases", "-n", "p1"], true),
             (
                 &as_agent,
@@ -1389,6 +1391,65 @@ async fn kubectl_auth_can_i_and_whoami_answer_from_roles() {
             assert_eq!(
                 info,
                 json!({"username": "root", "groups": ["admin"], "extra": {"portway.dev/namespaces": ["*"]}})
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn kubectl_get_crd_lists_the_built_in_crds_read_only() {
+    let data = tempfile::tempdir().unwrap();
+    let server = apiserver(data.path(), "127.0.0.1:0", &[]).await;
+    let kubeconfig = kubeconfig(&server);
+    let names: Vec<String> = portway_api::all_crds()
+        .into_iter()
+        .map(|c| c.metadata.name.unwrap())
+        .collect();
+    for bin in kubectls() {
+        let k = Kubectl::new(bin.clone(), &kubeconfig);
+        let table = k.ok(&["get", "crd"], None);
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAME", "CREATED", "AT"], "{bin:?}: {table}");
+        let listed: Vec<&str> = lines
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(listed, names, "{bin:?}: {table}");
+        assert!(
+            table.lines().nth(1).unwrap().trim_end().ends_with('Z'),
+            "CREATED AT is a timestamp: {table}"
+        );
+
+        let kind = k.ok(
+            &[
+                "get",
+                "crd",
+                "connectors.networking.datumapis.com",
+                "-o",
+                "jsonpath={.spec.names.kind} {.status.conditions[?(@.type==\"Established\")].status}",
+            ],
+            None,
+        );
+        assert_eq!(kind, "Connector True", "{bin:?}");
+        let (ok, _, err) = k.run(&["get", "crd", "gadgets.example.com"], None);
+        assert!(!ok && err.contains("NotFound"), "{bin:?}: {err}");
+
+        let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.example.com\nspec:\n  group: example.com\n  names: {kind: Gadget, plural: gadgets}\n  scope: Namespaced\n  versions:\n  - {name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object}}}\n";
+        for (args, stdin) in [
+            (vec!["create", "-f", "-"], Some(crd)),
+            (
+                vec!["delete", "crd", "connectors.networking.datumapis.com"],
+                None,
+            ),
+            (
+                vec!["label", "crd", "connectors.networking.datumapis.com", "a=b"],
+                None,
+            ),
+        ] {
+            let (ok, _, err) = k.run(&args, stdin);
+            assert!(
+                !ok && err.contains("MethodNotAllowed") && err.contains("built in"),
+                "{bin:?} {args:?}: {err}"
             );
         }
     }

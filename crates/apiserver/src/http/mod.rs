@@ -1,8 +1,10 @@
 //! HTTP surface: authentication, URL parsing and content negotiation; the verbs' handlers
 //! are in [`reads`] and [`writes`], the device join in [`join`], the reviews behind
-//! `kubectl auth` in [`reviews`]. Every error leaves as a Kubernetes `Status`.
+//! `kubectl auth` in [`reviews`], the read-only CRDs in [`crds`]. Every error leaves as a
+//! Kubernetes `Status`.
 
 mod body;
+mod crds;
 mod join;
 mod reads;
 mod reviews;
@@ -134,6 +136,13 @@ async fn dispatch(app: &Arc<App>, user: &Arc<User>, req: Request) -> Result<Resp
         ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
             reviews::whoami(app, user, req).await
         }
+        [
+            "apis",
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            rest @ ..,
+        ] => crds::serve(app, &req, rest),
         ["api", "v1", rest @ ..] => {
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
             resource(app, user, req, "", "v1", &rest).await

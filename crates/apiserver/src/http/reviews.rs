@@ -282,6 +282,22 @@ mod tests {
             resource_access(&admin, &attrs("escalate", "", "namespaces", "")),
             (false, "no verb \"escalate\" is served here".into())
         );
+        let crds = |verb: &str| {
+            attrs(
+                verb,
+                "apiextensions.k8s.io",
+                "customresourcedefinitions",
+                "",
+            )
+        };
+        assert!(resource_access(&viewer, &crds("list")).0);
+        assert_eq!(
+            resource_access(&admin, &crds("delete")),
+            (
+                false,
+                "customresourcedefinitions.apiextensions.k8s.io only support get, list".into()
+            )
+        );
     }
 
     #[test]
