@@ -35,6 +35,27 @@ use crate::LocalObjectReference;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Services",
+        type_ = "string",
+        json_path = ".spec.layer4[*].name",
+        description = "Names of the advertised layer 4 services.",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Addresses",
+        type_ = "string",
+        json_path = ".spec.layer4[*].services[*].address",
+        description = "Addresses of the services, as seen from the device.",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ports",
+        type_ = "string",
+        json_path = ".spec.layer4[*].services[*].ports[*].port",
+        description = "Ports the services listen on.",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]

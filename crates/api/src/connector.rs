@@ -88,6 +88,20 @@ pub struct AuthorizedGateway {
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Class",
+        type_ = "string",
+        json_path = ".spec.connectorClassName",
+        description = "The ConnectorClass of the connector.",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Addresses",
+        type_ = "string",
+        json_path = ".status.connectionDetails.publicKey.addresses[*].address",
+        description = "Direct addresses the device listens on.",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]

@@ -40,6 +40,27 @@ use serde::{Deserialize, Serialize};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "BackendsReady",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"BackendsReady\")].status",
+        description = "True while at least one backend's connector is Ready.",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Canonical-Hostname",
+        type_ = "string",
+        json_path = ".status.canonicalHostname",
+        description = "A hostname that always routes to this proxy.",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Addresses",
+        type_ = "string",
+        json_path = ".status.addresses[*].value",
+        description = "The addresses the gateway serving this proxy reported.",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]

@@ -494,13 +494,15 @@ mod tests {
         let conn = reg.by_key("connectors.networking.datumapis.com").unwrap();
         assert!(conn.namespaced && conn.status);
         assert_eq!(conn.short_names, ["conn"]);
-        assert_eq!(
+        let names = |wide: bool| {
             conn.columns
                 .iter()
+                .filter(|c| (c.priority > 0) == wide)
                 .map(|c| c.name.as_str())
-                .collect::<Vec<_>>(),
-            ["Ready", "Node-ID", "Relay", "Age"]
-        );
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(false), ["Ready", "Node-ID", "Relay", "Age"]);
+        assert_eq!(names(true), ["Class", "Addresses"]);
         let proxy = reg
             .by_path("networking.datumapis.com", "v1alpha", "httpproxies")
             .unwrap();

@@ -1454,3 +1454,123 @@ async fn kubectl_get_crd_lists_the_built_in_crds_read_only() {
         }
     }
 }
+
+#[tokio::test]
+async fn kubectl_get_wide_adds_the_priority_columns() {
+    let data = tempfile::tempdir().unwrap();
+    let server = apiserver(data.path(), "127.0.0.1:0", &[]).await;
+    let kubeconfig = kubeconfig(&server);
+    let client = kube_client(&kubeconfig).await.unwrap();
+    let conns: Api<Connector> = Api::namespaced(client.clone(), "default");
+    conns
+        .create(&PostParams::default(), &connector("laptop", &[]))
+        .await
+        .unwrap();
+    let status = json!({"status": {"connectionDetails": {"type": "PublicKey", "publicKey": {
+        "id": hex_id(1), "addresses": [{"address": "192.0.2.1", "port": 4000}, {"address": "192.0.2.2", "port": 4000}]}}}});
+    conns
+        .patch_status("laptop", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let proxy = "apiVersion: networking.datumapis.com/v1alpha\nkind: HTTPProxy\nmetadata:\n  name: web\nspec:\n  hostnames: [web.example.com]\n  rules:\n  - backends:\n    - endpoint: http://127.0.0.1:3000\n      connector: {name: laptop}\n";
+    let proxies: Api<HttpProxy> = Api::namespaced(client.clone(), "default");
+    let ready = json!({"status": {"canonicalHostname": "abc.portway.localhost", "conditions": [{"type": "BackendsReady", "status": "False", "reason": "NoReadyBackend", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    let header = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    for bin in kubectls() {
+        let k = Kubectl::new(bin.clone(), &kubeconfig);
+        k.ok(&["apply", "-f", "-"], Some(proxy));
+        proxies
+            .patch_status("web", &PatchParams::default(), &Patch::Merge(&ready))
+            .await
+            .unwrap();
+
+        let narrow = k.ok(&["get", "connectors"], None);
+        assert_eq!(
+            header(&narrow),
+            ["NAME", "READY", "NODE-ID", "RELAY", "AGE"],
+            "{bin:?}"
+        );
+        let wide = k.ok(&["get", "connectors", "-o", "wide"], None);
+        assert_eq!(
+            header(&wide),
+            [
+                "NAME",
+                "READY",
+                "NODE-ID",
+                "RELAY",
+                "AGE",
+                "CLASS",
+                "ADDRESSES"
+            ],
+            "{bin:?}: {wide}"
+        );
+        assert!(
+            wide.contains("portway") && wide.contains("192.0.2.1,192.0.2.2"),
+            "{bin:?}: {wide}"
+        );
+
+        let narrow = k.ok(&["get", "httpproxies"], None);
+        assert_eq!(
+            header(&narrow),
+            ["NAME", "HOSTNAMES", "ACCEPTED", "PROGRAMMED", "AGE"],
+            "{bin:?}: {narrow}"
+        );
+        let wide = k.ok(&["get", "httpproxies", "-o", "wide"], None);
+        assert_eq!(
+            header(&wide),
+            [
+                "NAME",
+                "HOSTNAMES",
+                "ACCEPTED",
+                "PROGRAMMED",
+                "AGE",
+                "BACKENDSREADY",
+                "CANONICAL-HOSTNAME",
+                "ADDRESSES"
+            ],
+            "{bin:?}: {wide}"
+        );
+        assert!(
+            wide.contains("False") && wide.contains("abc.portway.localhost"),
+            "{bin:?}: {wide}"
+        );
+
+        k.ok(&["delete", "httpproxy", "web"], None);
+    }
+    let conn = conns.get("laptop").await.unwrap();
+    let advs: Api<ConnectorAdvertisement> = Api::namespaced(client, "default");
+    advs.create(&PostParams::default(), &advertisement("web", &conn, 3000))
+        .await
+        .unwrap();
+    for bin in kubectls() {
+        let k = Kubectl::new(bin.clone(), &kubeconfig);
+        let wide = k.ok(&["get", "connectoradvertisements", "-o", "wide"], None);
+        assert_eq!(
+            header(&wide),
+            [
+                "NAME",
+                "CONNECTOR",
+                "ACCEPTED",
+                "AGE",
+                "SERVICES",
+                "ADDRESSES",
+                "PORTS"
+            ],
+            "{bin:?}: {wide}"
+        );
+        let row: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row[row.len() - 3..],
+            ["web", "127.0.0.1", "3000"],
+            "{bin:?}: {wide}"
+        );
+    }
+}
