@@ -66,11 +66,12 @@ impl Process {
             .args(args)
             .arg("--ready-file")
             .arg(&ready_file)
-            .envs(env)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // After the default, so a caller's RUST_LOG wins.
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
