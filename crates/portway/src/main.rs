@@ -2,6 +2,7 @@
 //! under `cli/`).
 
 mod cli;
+mod logs;
 
 use anyhow::Result;
 use clap::Parser;
@@ -11,14 +12,7 @@ fn main() -> Result<()> {
     // Both ring and aws-lc-rs end up linked (reqwest insists on the latter), so rustls
     // cannot pick a process default by itself.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // hickory logs every query at info.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,hickory_server=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logs::init(cli.log_format);
     // Servers hold one descriptor per connection: take the whole hard limit, so a flood
     // of idle clients meets the connection caps, not EMFILE.
     match portway_serve::raise_fd_limit() {

@@ -26,6 +26,15 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as text, or as one JSON object per line (RUST_LOG filters them either way).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "PORTWAY_LOG_FORMAT"
+    )]
+    pub log_format: crate::logs::Format,
 }
 
 #[derive(Subcommand)]
@@ -122,5 +131,32 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn log_format_is_a_global_flag_and_an_env_variable() {
+        let cli = Cli::try_parse_from(["portway", "crds", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, crate::logs::Format::Json);
+        let cli = Cli::try_parse_from(["portway", "crds"]).unwrap();
+        assert_eq!(cli.log_format, crate::logs::Format::Text);
+        assert!(Cli::try_parse_from(["portway", "crds", "--log-format", "xml"]).is_err());
+        let arg = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "log_format")
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("PORTWAY_LOG_FORMAT")
+        );
     }
 }
