@@ -86,7 +86,7 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(Command::Key { action, state_dir }) = args.command {
         let path = state_dir
             .or(args.state_dir)
-            .unwrap_or_else(default_state_dir)
+            .unwrap_or_else(|| default_state_dir("agent"))
             .join("key");
         let key = match action {
             KeyAction::Show => portway_discovery::endpoint::load_or_create_key(&path)?.0,
@@ -110,7 +110,7 @@ key:     {}",
         .project
         .or(file.project)
         .context("no project: pass --project or set `project` in --config")?;
-    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir("agent"));
     let mut config = portway_agent::Config::new(project, state_dir);
     if let Some(name) = args.name.or(file.name) {
         config.name = name;

@@ -11,8 +11,9 @@ use super::{shutdown_signal, write_ready_file};
 
 #[derive(Parser)]
 pub struct Args {
-    /// Directory for the database, generated tokens, certificates and the admin kubeconfig.
-    #[arg(long, default_value = "portway-data")]
+    /// Directory for the database, generated tokens, certificates and the admin kubeconfig
+    /// ($XDG_DATA_HOME/portway/apiserver, else ~/.local/share/portway/apiserver).
+    #[arg(long, default_value_os_t = super::default_data_dir().join("apiserver"))]
     data: PathBuf,
     /// Address to listen on. Served over TLS: with --tls-cert/--tls-key, or a CA generated
     /// in DATA/pki (the kubeconfig carries it).

@@ -19,6 +19,8 @@ pub struct Args {
     /// Public HTTPS address, with certificates from --cert-dir.
     #[arg(long, requires = "cert_dir")]
     https: Option<SocketAddr>,
+    /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com,
+    /// `default` for any other name).
     #[arg(long)]
     cert_dir: Option<PathBuf>,
     /// Keep X-Forwarded-*, Forwarded and X-Real-IP from peers in this CIDR (or address),
@@ -31,6 +33,7 @@ pub struct Args {
     /// Serve /metrics here.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }

@@ -12,6 +12,7 @@ pub mod token;
 pub mod up;
 pub mod xds;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -101,20 +102,34 @@ pub async fn kube_client(path: Option<&Path>) -> Result<kube::Client> {
     Ok(portway_kube::client(path).await?)
 }
 
+/// `$XDG_DATA_HOME/portway`: where `portway up` keeps its data.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("portway")
+    xdg_home("XDG_DATA_HOME", ".local/share").join("portway")
 }
 
-pub fn default_state_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("portway").join("agent")
+/// `$XDG_STATE_HOME/portway/<part>`: a long-running part's key and caches.
+pub fn default_state_dir(part: &str) -> PathBuf {
+    xdg_home("XDG_STATE_HOME", ".local/state")
+        .join("portway")
+        .join(part)
+}
+
+fn xdg_home(var: &str, under_home: &str) -> PathBuf {
+    base_dir(
+        std::env::var_os(var).as_deref(),
+        std::env::var_os("HOME").as_deref(),
+        under_home,
+    )
+}
+
+/// An XDG base directory: `xdg` when it is absolute (the spec says to ignore a relative
+/// one), else `home/under_home`, else — no home, as for a system service — `/var/lib`.
+/// Never relative, so where data lands does not depend on the working directory.
+fn base_dir(xdg: Option<&OsStr>, home: Option<&OsStr>, under_home: &str) -> PathBuf {
+    let absolute = |v: Option<&OsStr>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg)
+        .or_else(|| absolute(home).map(|h| h.join(under_home)))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
 }
 
 /// Writes `value` to `path` atomically, so readers never see half a file.
@@ -141,6 +156,73 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    /// Every command and subcommand, with its path (`portway agent key show`).
+    fn commands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        let path = format!("{path} {}", cmd.get_name()).trim().to_owned();
+        for sub in cmd.get_subcommands() {
+            commands(sub, &path, out);
+        }
+        out.push((path, cmd.clone()));
+    }
+
+    #[test]
+    fn every_flag_has_help_and_no_default_path_is_relative() {
+        let mut cmd = Cli::command();
+        // Global flags show up on subcommands only once the command is built.
+        cmd.build();
+        let mut all = Vec::new();
+        commands(&cmd, "", &mut all);
+        let mut problems = Vec::new();
+        for (path, cmd) in &all {
+            for arg in cmd.get_arguments() {
+                let name = arg
+                    .get_long()
+                    .map_or_else(|| arg.get_id().to_string(), |l| format!("--{l}"));
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    problems.push(format!("{path} {name}: no help text"));
+                }
+                let is_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
+                for default in arg.get_default_values() {
+                    if is_path && !Path::new(default).is_absolute() {
+                        problems.push(format!(
+                            "{path} {name}: default {default:?} is relative to the working directory"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        assert!(
+            all.len() > 15,
+            "walked {} commands: the walk must reach subcommands",
+            all.len()
+        );
+    }
+
+    #[test]
+    fn default_directories_are_never_relative() {
+        let dir = |xdg: Option<&str>, home: Option<&str>| {
+            base_dir(xdg.map(OsStr::new), home.map(OsStr::new), ".local/state")
+        };
+        assert_eq!(
+            dir(Some("/x/state"), Some("/home/a")),
+            Path::new("/x/state")
+        );
+        assert_eq!(
+            dir(Some("rel/state"), Some("/home/a")),
+            Path::new("/home/a/.local/state"),
+            "a relative XDG variable is ignored, as the spec says"
+        );
+        assert_eq!(
+            dir(None, Some("/home/a")),
+            Path::new("/home/a/.local/state")
+        );
+        assert_eq!(dir(None, None), Path::new("/var/lib"));
+        assert_eq!(dir(Some(""), Some("")), Path::new("/var/lib"));
+        assert!(default_state_dir("sidecar").ends_with("portway/sidecar"));
+        assert!(default_data_dir().ends_with("portway"));
+    }
 
     #[test]
     fn log_format_is_a_global_flag_and_an_env_variable() {

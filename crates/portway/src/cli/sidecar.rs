@@ -28,8 +28,9 @@ pub struct Flags {
     /// Also use n0's public relays and discovery.
     #[arg(long)]
     pub n0: bool,
-    /// Where the sidecar key lives (its id is what agents authorise).
-    #[arg(long, default_value = "portway-sidecar")]
+    /// Where the sidecar key lives (its id is what agents authorise);
+    /// $XDG_STATE_HOME/portway/sidecar, else ~/.local/state/portway/sidecar.
+    #[arg(long, default_value_os_t = super::default_state_dir("sidecar"))]
     pub state_dir: PathBuf,
     /// Name of this gateway in the ConnectorClass status.
     #[arg(long, default_value = "gateway")]
@@ -64,6 +65,7 @@ pub struct Args {
     /// Where Envoy sends requests (keep it private: it trusts the datum-* headers).
     #[arg(long, default_value = "127.0.0.1:4001")]
     listen: SocketAddr,
+    /// Write the listen address and the sidecar's NodeID here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }

@@ -22,18 +22,22 @@ pub struct Args {
     /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com).
     #[arg(long)]
     cert_dir: Option<PathBuf>,
+    /// The Kubernetes-compatible API server (HTTPS; kubeconfig in DATA/kubeconfig).
     #[arg(long, default_value = "127.0.0.1:6443")]
     apiserver: SocketAddr,
+    /// The discovery DNS server (UDP and TCP).
     #[arg(long, default_value = "127.0.0.1:5353")]
     dns: SocketAddr,
     /// DNS zone for discovery records and canonical hostnames.
     #[arg(long, default_value = "portway.localhost")]
     zone: String,
+    /// The iroh relay (HTTP).
     #[arg(long, default_value = "127.0.0.1:3340")]
     relay: SocketAddr,
     /// The sidecar's listener (for an Envoy; the edge calls the sidecar in process).
     #[arg(long, default_value = "127.0.0.1:4001")]
     sidecar: SocketAddr,
+    /// Serve /metrics here.
     #[arg(long, default_value = "127.0.0.1:9090")]
     metrics: SocketAddr,
     /// Seconds a `portway http` tunnel whose process died keeps its connector, proxy and

@@ -32,6 +32,7 @@ pub struct Args {
     /// Addresses to publish in Gateway status.
     #[arg(long)]
     address: Vec<String>,
+    /// Write the bound address here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
