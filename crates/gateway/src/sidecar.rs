@@ -21,9 +21,9 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::connect::Connected;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use iroh::endpoint::SendStream;
+use iroh::endpoint::{Connection, SendStream, WeakConnectionHandle};
 use iroh::{Endpoint, EndpointId};
 use iroh_proxy_utils::Authority;
 use iroh_proxy_utils::downstream::{DownstreamProxy, EndpointAuthority, PoolOpts};
@@ -192,10 +192,45 @@ impl Targets {
     }
 }
 
+/// Which device answered, and over which iroh connection: hyper puts it in the
+/// extensions of every response that came through a tunnel.
+#[derive(Clone, Debug)]
+pub struct Via {
+    pub node: EndpointId,
+    /// Weak: a response must not keep a connection the pool has let go.
+    conn: WeakConnectionHandle,
+}
+
+impl Via {
+    fn of(conn: &Connection) -> Self {
+        Self {
+            node: conn.remote_id(),
+            conn: conn.weak_handle(),
+        }
+    }
+
+    /// The path the connection takes to the device now: `direct` (UDP, holepunched or
+    /// on the same network), `relay`, `other` (a custom transport), `none` while no path
+    /// is selected, or `closed`.
+    pub fn path(&self) -> &'static str {
+        let Some(conn) = self.conn.upgrade() else {
+            return "closed";
+        };
+        let paths = conn.paths();
+        match paths.iter().find(|p| p.is_selected()) {
+            Some(p) if p.is_ip() => "direct",
+            Some(p) if p.is_relay() => "relay",
+            Some(_) => "other",
+            None => "none",
+        }
+    }
+}
+
 /// A CONNECT tunnel as a byte stream.
 pub struct TunnelIo {
     send: SendStream,
     recv: Pin<Box<dyn AsyncRead + Send>>,
+    via: Via,
     _keep: Box<dyn Any + Send + Sync>,
 }
 
@@ -229,9 +264,9 @@ impl AsyncWrite for TunnelIo {
     }
 }
 
-impl Connection for TunnelIo {
+impl hyper_util::client::legacy::connect::Connection for TunnelIo {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.via.clone())
     }
 }
 
@@ -304,6 +339,7 @@ impl tower::Service<Uri> for Connector {
             Ok(TokioIo::new(TunnelIo {
                 send: streams.send,
                 recv: Box::pin(streams.recv),
+                via: Via::of(&streams.conn),
                 _keep: Box::new((streams.conn, guard)),
             }))
         })
@@ -642,6 +678,7 @@ impl Sidecar {
         let mut tunnel = TunnelIo {
             send: streams.send,
             recv: Box::pin(streams.recv),
+            via: Via::of(&streams.conn),
             _keep: Box::new((streams.conn, guard)),
         };
         tokio::spawn(async move {
