@@ -40,6 +40,8 @@ pub struct Config {
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (a load
     /// balancer in front); default none: every client's are replaced by ours.
     pub trusted_proxies: Vec<IpNet>,
+    /// Log every request on the `portway::access` target ([`crate::access`]); default off.
+    pub access_log: bool,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             https: None,
             cert_dir: None,
             trusted_proxies: Vec::new(),
+            access_log: false,
         }
     }
 }
@@ -154,6 +157,7 @@ struct State {
     sidecar: Arc<Sidecar>,
     metrics: Metrics,
     trusted_proxies: Vec<IpNet>,
+    access_log: bool,
 }
 
 /// A running edge.
@@ -180,6 +184,7 @@ impl Edge {
             sidecar,
             metrics,
             trusted_proxies: config.trusted_proxies.clone(),
+            access_log: config.access_log,
         });
         let mut tasks = Vec::new();
         let mut http = None;
@@ -260,7 +265,12 @@ async fn serve(
         service_fn(move |req| {
             let _counted = &open;
             let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&state, req, remote, scheme).await) }
+            async move {
+                let resp = crate::access::logged(state.access_log, req, remote, |req| {
+                    handle(&state, req, remote, scheme)
+                });
+                Ok::<_, std::convert::Infallible>(resp.await)
+            }
         })
     };
     portway_serve::serve(listener, tls, service, shutdown, limits).await;

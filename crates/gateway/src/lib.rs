@@ -7,6 +7,7 @@
 //! - [`edge`]: public HTTP/1.1, h2c and h2 over TLS (SNI); strips inbound `datum-*` and
 //!   `x-iroh-*`, routes, picks a ready backend, adds `X-Forwarded-*`, forwards through
 //!   the sidecar in process.
+//! - [`access`]: the edge's access log, one `portway::access` event per request.
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
 //!   authorised gateway; also serves standalone beside Envoy.
@@ -32,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod edge;
 pub mod metrics;
 pub mod model;

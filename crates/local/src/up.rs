@@ -40,6 +40,8 @@ pub struct Config {
     /// How long a `portway http` tunnel whose process died is kept (its connector,
     /// proxy and hostname) before it is deleted; default 15 min.
     pub ephemeral_ttl: Duration,
+    /// The edge's access log (`portway::access` events); default off.
+    pub access_log: bool,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Config {
             sidecar: local(4001),
             metrics: local(9090),
             ephemeral_ttl: Duration::from_secs(15 * 60),
+            access_log: false,
         }
     }
 }
@@ -288,6 +291,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
             http: Some(config.http),
             https: config.https,
             cert_dir: config.cert_dir.clone(),
+            access_log: config.access_log,
             ..Default::default()
         },
         class: portway_api::DEFAULT_CLASS.into(),

@@ -82,11 +82,12 @@ impl Stack {
     /// With a tokens file written before the first start (`token,user,roles,namespaces`
     /// lines; the first admin token goes into the admin kubeconfig).
     async fn start_with(tokens: Option<&str>) -> Self {
-        Self::start_full(tokens, &[]).await
+        Self::start_full(tokens, &[], &[]).await
     }
 
-    /// With extra `portway up` flags.
-    async fn start_full(tokens: Option<&str>, extra: &[&str]) -> Self {
+    /// As [`Stack::start_with`], with `extra` flags for `portway up` and environment
+    /// variables for it.
+    async fn start_full(tokens: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         if let Some(tokens) = tokens {
@@ -106,7 +107,9 @@ impl Stack {
         let mut args = portway_testkit::up_args(&data, &["--https"]);
         args.extend(["--cert-dir".into(), certs.display().to_string()]);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let up = Process::start("up", bin(), args).await.unwrap();
+        let up = Process::start_with_env("up", bin(), args, env.iter().copied())
+            .await
+            .unwrap();
         let edge = up.ready_str("http").parse().unwrap();
         let origin = Origin::spawn().await.unwrap();
         Self {
@@ -471,6 +474,73 @@ async fn public_traffic_end_to_end() {
     drop(http);
 }
 
+/// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request
+/// on the `portway::access` target, naming the device and the path to it; and, with
+/// stderr in a file, no colour codes in either format.
+#[tokio::test]
+async fn the_access_log_is_structured_and_logs_off_a_terminal_have_no_colours() {
+    let stack = Stack::start_full(
+        None,
+        &["--access-log"],
+        &[("PORTWAY_LOG_FORMAT", "json"), ("RUST_LOG", "info")],
+    )
+    .await;
+    let http = stack.http("logged.localhost", 30).await.unwrap();
+    let (status, hello) = stack
+        .get("logged.localhost", "/hello?token=secret")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{hello}");
+    let (status, unknown) = stack.get("nobody.localhost", "/x").await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{unknown}");
+
+    let entries = eventually("an access log line per request", WAIT, || async {
+        let logs = stack.up.logs();
+        let mut entries = Vec::new();
+        // The summary `portway up` prints for people is not a log line.
+        for line in logs.lines().filter(|l| l.starts_with('{')) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+            if v["target"] == "portway::access" {
+                entries.push(v);
+            }
+        }
+        ensure!(entries.len() >= 2, "{logs}");
+        Ok(entries)
+    })
+    .await;
+    let by_host = |host: &str| {
+        entries
+            .iter()
+            .find(|e| e["host"] == host)
+            .unwrap_or_else(|| panic!("no access log line for {host}: {entries:?}"))
+    };
+    let e = by_host("logged.localhost");
+    assert_eq!(e["client"], "127.0.0.1", "{e}");
+    assert_eq!(e["method"], "GET", "{e}");
+    assert_eq!(e["path"], "/hello", "the query may hold secrets: {e}");
+    assert_eq!(e["status"], 200, "{e}");
+    assert_eq!(e["bytes_sent"], hello.len(), "{e}");
+    assert!(e["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{e}");
+    assert_eq!(e["device"], http.ready_str("node_id"), "{e}");
+    assert!(e["via"] == "direct" || e["via"] == "relay", "{e}");
+    assert_eq!(e["complete"], true, "{e}");
+    let e = by_host("nobody.localhost");
+    assert_eq!(e["status"], 404, "{e}");
+    assert_eq!(e["bytes_sent"], unknown.len(), "{e}");
+    assert_eq!((&e["device"], &e["via"]), (&json!("-"), &json!("-")), "{e}");
+
+    // `portway http` logs as text (the default); neither has escape codes in a file.
+    let http_logs = http.logs();
+    assert!(http_logs.contains("agent started"), "{http_logs}");
+    for (name, logs) in [("up", stack.up.logs()), ("http", http_logs)] {
+        assert!(
+            !logs.contains('\u{1b}'),
+            "colour codes in the log of {name}:\n{logs}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_offline_device_gives_503_and_comes_back() {
     let stack = Stack::start().await;
@@ -550,7 +620,7 @@ async fn an_offline_device_gives_503_and_comes_back() {
 
 #[tokio::test]
 async fn a_dead_portway_http_is_collected_after_its_ttl() {
-    let stack = Stack::start_full(None, &["--ephemeral-ttl", "1"]).await;
+    let stack = Stack::start_full(None, &["--ephemeral-ttl", "1"], &[]).await;
     let mut http = stack.http("gone.localhost", 2).await.unwrap();
     let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
         .await

@@ -33,6 +33,10 @@ pub struct Args {
     /// Serve /metrics here.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Log every request (host, method, path, status, bytes, duration, device and the
+    /// path to it) as a `portway::access` event.
+    #[arg(long)]
+    access_log: bool,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -48,6 +52,7 @@ pub async fn run(args: Args) -> Result<()> {
             https: args.https,
             cert_dir: args.cert_dir,
             trusted_proxies: args.trusted_proxies,
+            access_log: args.access_log,
         },
         class: args.sidecar.class.clone(),
         addresses: args.address,

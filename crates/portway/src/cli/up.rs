@@ -44,6 +44,10 @@ pub struct Args {
     /// hostname before they are deleted (a restart within it keeps them).
     #[arg(long, default_value_t = 900)]
     ephemeral_ttl: u64,
+    /// Log every request at the edge (host, method, path, status, bytes, duration, device
+    /// and the path to it) as a `portway::access` event.
+    #[arg(long)]
+    access_log: bool,
     /// Write every bound address here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -62,6 +66,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.sidecar = args.sidecar;
     config.metrics = args.metrics;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    config.access_log = args.access_log;
     let up = portway_local::up::Up::start(config)
         .await
         .context("starting portway")?;
