@@ -632,7 +632,13 @@ async fn renew_lease(s: &Shared, connector: &Connector) -> Result<(), Error> {
     let api: Api<Lease> = Api::namespaced(s.client.clone(), &s.config.project);
     let holder = s.endpoint.id().to_string();
     let duration = i32::try_from(s.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
-    let renew = json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": now()}});
+    // The owner is set on every renewal: a lease left by an earlier connector of this
+    // name (deleted, the lease not yet collected) becomes this one's.
+    let owner = kube::Resource::controller_owner_ref(connector, &()).map(|o| vec![o]);
+    let renew = json!({
+        "metadata": {"ownerReferences": owner},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": now()},
+    });
     match api.patch(&name, &pp(), &Patch::Merge(&renew)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => {

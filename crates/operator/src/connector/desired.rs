@@ -130,6 +130,14 @@ pub fn collect(c: &Connector, lease: Option<&Lease>, ttl: Duration, now: Timesta
     {
         return Collect::Never;
     }
+    // A lease owned by an earlier connector of the same name (deleted, its lease not yet
+    // collected) says nothing about this one.
+    let lease = lease.filter(|l| {
+        l.metadata
+            .owner_references
+            .as_ref()
+            .is_none_or(|refs| refs.iter().any(|r| Some(&r.uid) == c.metadata.uid.as_ref()))
+    });
     if lease.is_some_and(|l| portway_kube::lease::current_holder(l, now).is_some()) {
         return Collect::Never;
     }
@@ -320,9 +328,27 @@ mod tests {
             // Never connected: counted from creation, 100 s ago.
             ("no lease", None, Collect::Now),
         ];
+        let mut eph = eph;
+        eph.metadata.uid = Some("new".into());
         for (what, l, want) in cases {
             assert_eq!(collect(&eph, l.as_ref(), ttl, now), want, "{what}");
         }
+        // The long-expired lease of a deleted connector of the same name is not this
+        // connector's: a fresh one (created 100 s ago here) counts from its creation.
+        let mut stale = lease(Some("id"), Some(100), 30, now);
+        stale.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                uid: "old".into(),
+                ..Default::default()
+            },
+        ]);
+        eph.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        assert_eq!(
+            collect(&eph, Some(&stale), ttl, now),
+            Collect::After(ttl),
+            "a stale lease of an earlier incarnation"
+        );
     }
 
     fn connector_with(c: &Connector, ephemeral: Option<&str>) -> Connector {
