@@ -1,7 +1,8 @@
 //! Logging on stderr: text (coloured only for a person at a terminal) or JSON lines.
 
 use std::ffi::OsStr;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
 
@@ -15,6 +16,20 @@ pub enum Format {
     Json,
 }
 
+/// Set while a command keeps a status line at the bottom of the terminal (`portway http`
+/// on stdout): every log line first erases it, so the two never share a line, and the
+/// command redraws it below on its next tick.
+pub static STATUS_LINE: AtomicBool = AtomicBool::new(false);
+
+fn stderr_below_status_line() -> std::io::Stderr {
+    if STATUS_LINE.load(Ordering::Relaxed) {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b"\r\x1b[2K");
+        let _ = out.flush();
+    }
+    std::io::stderr()
+}
+
 /// Installs the process's subscriber: `RUST_LOG` filters (default `info`, hickory's
 /// per-query logs at `warn`), everything goes to stderr.
 pub fn init(format: Format) {
@@ -22,7 +37,7 @@ pub fn init(format: Format) {
         .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(stderr_below_status_line);
     match format {
         Format::Text => builder
             .with_ansi(ansi(

@@ -72,6 +72,7 @@ pub async fn run(args: Args) -> Result<()> {
         started.elapsed().as_millis()
     );
     let tty = std::io::stdout().is_terminal();
+    crate::logs::STATUS_LINE.store(tty, std::sync::atomic::Ordering::Relaxed);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let state = h.agent.state();
     loop {
@@ -86,6 +87,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
+    crate::logs::STATUS_LINE.store(false, std::sync::atomic::Ordering::Relaxed);
     if tty {
         println!();
     }
