@@ -20,6 +20,7 @@ mod connector;
 mod crds;
 mod envoy;
 mod httpproxy;
+pub mod proxy_status;
 mod selector;
 mod target;
 pub mod validation;
@@ -59,6 +60,9 @@ pub mod headers {
     pub const TARGET_HOST: &str = "datum-target-host";
     pub const TARGET_PORT: &str = "datum-target-port";
     pub const TARGET_PROTO: &str = "datum-target-proto";
+    /// The other ready backends of an Envoy route (`<node-id> <host> <port>`, comma
+    /// separated), for the sidecar to fail over to when the chosen device is down.
+    pub const FALLBACK: &str = "datum-fallback";
     /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
     pub const IROH_PREFIX: &str = "x-iroh-";
 
