@@ -219,6 +219,7 @@ impl Agent {
             relay_only: false,
             max_streams: Some(16_384),
             idle_timeout: None,
+            keep_alive: None,
         })
         .await?;
         let denied = Arc::new(AtomicU64::new(0));

@@ -46,6 +46,9 @@ pub struct Config {
     /// Declare a silent peer gone after this long (QUIC default 30 s); a gateway lowers it
     /// to notice vanished devices sooner.
     pub idle_timeout: Option<std::time::Duration>,
+    /// Ping a peer this often, even while idle (iroh's default 5 s); with a short
+    /// `idle_timeout` it tells a dead peer from a quiet one within that timeout.
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +100,8 @@ pub async fn bind(config: &Config) -> Result<Endpoint, BindError> {
     if let Some(key) = &config.secret_key {
         builder = builder.secret_key(key.clone());
     }
-    if config.max_streams.is_some() || config.idle_timeout.is_some() {
+    if config.max_streams.is_some() || config.idle_timeout.is_some() || config.keep_alive.is_some()
+    {
         let mut t = iroh::endpoint::QuicTransportConfig::builder();
         if let Some(n) = config.max_streams {
             t = t.max_concurrent_bidi_streams(n.into());
@@ -107,6 +111,9 @@ pub async fn bind(config: &Config) -> Result<Endpoint, BindError> {
             .and_then(|d| iroh::endpoint::IdleTimeout::try_from(d).ok())
         {
             t = t.max_idle_timeout(Some(d));
+        }
+        if let Some(d) = config.keep_alive {
+            t = t.keep_alive_interval(d);
         }
         builder = builder.transport_config(t.build());
     }
