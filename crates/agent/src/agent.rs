@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayUrl, Watcher};
-use iroh_proxy_utils::upstream::{UpstreamMetrics, UpstreamProxy};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
@@ -30,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::objects;
 use crate::policy::{Gatekeeper, Policy};
+use crate::server::{Counters, Server};
 use crate::tunnel::Tunnel;
 
 /// Annotation listing the label keys the agent set, so it can remove ones dropped from
@@ -140,8 +140,6 @@ pub enum Error {
     Key(#[from] endpoint::KeyError),
     #[error("starting the iroh endpoint")]
     Bind(#[from] endpoint::BindError),
-    #[error("starting the tunnel server: {0}")]
-    Proxy(String),
     #[error("API request failed")]
     Kube(#[from] kube::Error),
     #[error("building the lease object")]
@@ -188,7 +186,7 @@ struct Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     router: Router,
-    metrics: Arc<UpstreamMetrics>,
+    counters: Arc<Counters>,
     denied: Arc<AtomicU64>,
     tunnels: watch::Sender<Vec<Tunnel>>,
     control: JoinHandle<()>,
@@ -223,14 +221,16 @@ impl Agent {
         })
         .await?;
         let denied = Arc::new(AtomicU64::new(0));
-        let proxy = UpstreamProxy::new(Gatekeeper {
-            policy: policy_rx,
-            denied: denied.clone(),
-        })
-        .map_err(|e| Error::Proxy(e.to_string()))?;
-        let metrics = proxy.metrics();
+        let server = Server::new(
+            Gatekeeper {
+                policy: policy_rx,
+                denied: denied.clone(),
+            },
+            config.name.clone(),
+        );
+        let counters = server.counters();
         let router = Router::builder(ep.clone())
-            .accept(TUNNEL_ALPN, proxy)
+            .accept(TUNNEL_ALPN, server)
             .spawn();
         let (tunnels_tx, tunnels_rx) = watch::channel(config.tunnels.clone());
         let shared = Arc::new(Shared {
@@ -249,7 +249,7 @@ impl Agent {
         Ok(Self {
             shared,
             router,
-            metrics,
+            counters,
             denied,
             tunnels: tunnels_tx,
             control,
@@ -284,8 +284,14 @@ impl Agent {
 
     pub fn stats(&self) -> Stats {
         Stats {
-            requests: self.metrics.accepted_requests(),
-            active: self.metrics.active_requests(),
+            requests: self
+                .counters
+                .accepted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            active: self
+                .counters
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed),
             denied: self.denied.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

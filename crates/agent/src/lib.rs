@@ -1,9 +1,11 @@
 //! The device agent: owns the iroh key, registers a Connector, heartbeats, advertises
 //! tunnels and serves them safely.
 //!
-//! It accepts iroh connections on ALPN `iroh-http-proxy/1` (the `iroh-proxy-utils`
-//! upstream proxy, the wire protocol of Datum Connect and iroh-gateway): each QUIC stream
-//! carries one HTTP/1.1 `CONNECT host:port` or absolute-form request. A stream is served
+//! It accepts iroh connections on ALPN `iroh-http-proxy/1` (the wire protocol of
+//! `iroh-proxy-utils`, Datum Connect and iroh-gateway): each QUIC stream carries one
+//! HTTP/1.1 `CONNECT host:port` or absolute-form request. When the app cannot be reached
+//! the 502 says why in `Proxy-Status` ("the app at 127.0.0.1:3000 on device laptop
+//! refused the connection"), for the gateway to pass on. A stream is served
 //! only when its dialer is a gateway listed in the ConnectorClass's `status.gateways` and
 //! its target is one of this device's own tunnels (its flags and config file, never what
 //! the API says); anything else gets 403. The gateway list is watched and cached on disk,
@@ -27,6 +29,7 @@ pub mod config;
 pub mod join;
 pub mod objects;
 pub mod policy;
+mod server;
 pub mod tunnel;
 
 pub use agent::{Agent, Config, Error, Registration, Stats, default_name, device_labels};

@@ -7,8 +7,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use iroh::EndpointId;
-use iroh_proxy_utils::HttpProxyRequest;
-use iroh_proxy_utils::upstream::{AuthError, AuthHandler};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -52,34 +50,28 @@ impl Policy {
     }
 }
 
-/// The `AuthHandler` the tunnel server runs every stream through.
+/// The check the tunnel server runs every stream through: it counts and logs refusals.
 #[derive(Clone)]
 pub struct Gatekeeper {
     pub policy: watch::Receiver<Arc<Policy>>,
     pub denied: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl AuthHandler for Gatekeeper {
-    async fn authorize<'a>(
-        &'a self,
-        remote_id: EndpointId,
-        req: &'a HttpProxyRequest,
-    ) -> Result<(), AuthError> {
-        let authority = req.kind.authority().map_err(|_| AuthError::BadRequest)?;
+impl Gatekeeper {
+    /// Whether `remote` may reach `host:port` under the current policy.
+    pub fn allows(&self, remote: &EndpointId, host: &str, port: u16) -> bool {
         let policy = self.policy.borrow().clone();
-        match policy.check(&remote_id, &authority.host, authority.port) {
-            Ok(()) => Ok(()),
-            Err(why) => {
-                self.denied
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let reason = match why {
-                    Denied::Dialer => "dialer is not an authorised gateway",
-                    Denied::Target => "target is not one of this device's tunnels",
-                };
-                tracing::warn!(dialer = %remote_id, target = %format!("{}:{}", authority.host, authority.port), reason, "tunnel request refused (403)");
-                Err(AuthError::Forbidden)
-            }
-        }
+        let Err(why) = policy.check(remote, host, port) else {
+            return true;
+        };
+        self.denied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reason = match why {
+            Denied::Dialer => "dialer is not an authorised gateway",
+            Denied::Target => "target is not one of this device's tunnels",
+        };
+        tracing::warn!(dialer = %remote, target = %format!("{host}:{port}"), reason, "tunnel request refused (403)");
+        false
     }
 }
 
