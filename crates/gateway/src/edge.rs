@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::model::{Table, apply_filter};
 use crate::sidecar::{
-    Body, BoxError, ForwardError, Sidecar, request_authority, set_upgrade, strip_hop_by_hop,
-    strip_internal, text,
+    Body, BoxError, Sidecar, request_authority, set_upgrade, strip_hop_by_hop, strip_internal, text,
 };
 
 pub use ipnet::IpNet;
@@ -364,63 +363,46 @@ async fn handle(
     let trusted = trusts(&state.trusted_proxies, peer);
     set_forwarded(req.headers_mut(), peer, trusted, scheme, &host_raw);
 
-    // Forward through the sidecar, failing over while nothing was sent.
+    // Forward through the sidecar: one head per backend; the sidecar puts devices it
+    // just lost last and fails over while nothing was sent (or a GET broke).
     let on_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut req));
     let replayable = on_upgrade.is_none() && req.body().is_end_stream();
-    let idempotent = matches!(
-        *req.method(),
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    );
     let (parts, body) = req.into_parts();
+    let heads = backends
+        .iter()
+        .map(|backend| {
+            let mut h = parts.headers.clone();
+            // The rule's filter, the backendRef's, then — last, so no filter can change
+            // them — the device and target the operator chose.
+            apply_filter(&route.filter, &mut h);
+            apply_filter(&backend.headers, &mut h);
+            if let Some(t) = &backend.tunnel {
+                t.apply(&mut h);
+            }
+            h
+        })
+        .collect();
     let metrics = state.metrics.clone();
-    let mut body = Some(
-        body.map_frame(move |f| {
+    let body = body
+        .map_frame(move |f| {
             if let Some(d) = f.data_ref() {
                 metrics.bytes_in.inc_by(d.len() as u64);
             }
             f
         })
         .map_err(|e| Box::new(e) as BoxError)
-        .boxed(),
-    );
-    let mut on_upgrade = on_upgrade;
-    let mut last_error = None;
-    for backend in &backends {
-        let mut attempt = Request::builder()
-            .method(parts.method.clone())
-            .uri(parts.uri.clone())
-            .version(parts.version);
-        if let Some(h) = attempt.headers_mut() {
-            *h = parts.headers.clone();
-            // The rule's filter, the backendRef's, then — last, so no filter can change
-            // them — the device and target the operator chose.
-            apply_filter(&route.filter, h);
-            apply_filter(&backend.headers, h);
-            if let Some(t) = &backend.tunnel {
-                t.apply(h);
-            }
-        }
-        let b = body.take().unwrap_or_else(crate::sidecar::empty);
-        let Ok(attempt) = attempt.body(b) else { break };
-        match state.sidecar.forward(attempt, on_upgrade.take()).await {
-            Ok(resp) => return done(resp),
-            Err(ForwardError::Dial(why)) if replayable => {
-                tracing::warn!(host = %hostname, backend = %backend.service, %why, "dial failed; trying the next backend");
-                last_error = Some(ForwardError::Dial(why));
-            }
-            // An idempotent request whose tunnel broke may be tried again elsewhere.
-            Err(ForwardError::Upstream(why)) if replayable && idempotent => {
-                tracing::warn!(host = %hostname, backend = %backend.service, %why, "tunnel broke; trying the next backend");
-                last_error = Some(ForwardError::Upstream(why));
-            }
-            Err(e) => return done(e.into_response(&hostname)),
+        .boxed();
+    match state
+        .sidecar
+        .forward_first(parts, body, heads, on_upgrade, replayable)
+        .await
+    {
+        Ok(resp) => done(resp),
+        Err(e) => {
+            tracing::debug!(host = %hostname, error = ?e, "no backend answered");
+            done(e.into_response(&hostname))
         }
     }
-    done(
-        last_error
-            .unwrap_or(ForwardError::Dial("no backend could be dialed".into()))
-            .into_response(&hostname),
-    )
 }
 
 /// Whether `peer` (an IPv4-mapped IPv6 address counts as IPv4) is a trusted proxy.

@@ -11,6 +11,8 @@
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
 //!   authorised gateway; also serves standalone beside Envoy.
+//! - [`tunnel`]: the sidecar's dialer: one pooled iroh connection per device, a CONNECT
+//!   per tunnel, the devices just lost (answered at once, probed until back).
 //! - [`xds`]: the table as Envoy clusters, listener and routes over ADS (gRPC), and the
 //!   `XdsAccepted` condition on Gateways; [`xds::Stack`] runs it with its route watcher.
 //! - [`EdgeStack`]: the sidecar, the edge and the route watcher started together.
@@ -40,6 +42,7 @@ pub mod model;
 pub mod routes;
 pub mod sidecar;
 mod stack;
+pub mod tunnel;
 pub mod xds;
 
 pub use stack::{EdgeStack, EdgeStackConfig, EdgeStackError};

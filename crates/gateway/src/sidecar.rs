@@ -3,7 +3,9 @@
 //! through a CONNECT tunnel (`iroh-http-proxy/1`) to the target on the device.
 //!
 //! Tunnels are pooled as keep-alive HTTP/1.1 connections per (node, target), so a
-//! steady stream of requests costs one QUIC stream round trip each, not a dial.
+//! steady stream of requests costs one QUIC stream round trip each, not a dial. A device
+//! whose connection died is answered for at once (503) until a probe reaches it again
+//! (see [`crate::tunnel`]); the edge, and this sidecar behind Envoy, fail over past it.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -19,19 +21,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::Connected;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use iroh::endpoint::{Connection, SendStream, WeakConnectionHandle};
 use iroh::{Endpoint, EndpointId};
-use iroh_proxy_utils::Authority;
-use iroh_proxy_utils::downstream::{DownstreamProxy, EndpointAuthority, PoolOpts};
 use parking_lot::Mutex;
 use portway_api::{Target, headers};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
+use crate::tunnel::{Dialer, OpenError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every handler speaks.
@@ -76,6 +78,14 @@ pub enum ForwardError {
     /// The device could not be reached or refused the tunnel; nothing was sent, so the
     /// request may be retried on another backend.
     Dial(String),
+    /// The device is down (its connection died, or it could not be dialed); nothing was
+    /// sent.
+    Offline(String),
+    /// The device went away while the request was under way.
+    Lost(String),
+    /// The device could not reach the app; its own words (status 502). Nothing reached
+    /// the app.
+    App(String),
     /// The target did not answer in time.
     Timeout(Duration),
     /// The connection broke after the request was sent.
@@ -93,6 +103,11 @@ impl ForwardError {
                 StatusCode::BAD_GATEWAY,
                 format!("{host}: could not reach the device: {why}"),
             ),
+            Self::Offline(why) | Self::Lost(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{host}: tunnel not online ({why})"),
+            ),
+            Self::App(why) => text(StatusCode::BAD_GATEWAY, format!("{host}: {why}")),
             Self::Timeout(d) => text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -106,24 +121,40 @@ impl ForwardError {
             ),
         }
     }
+
+    /// Whether the request may go on to another backend after this error: when nothing
+    /// reached the device (and the body can be sent again), or when the tunnel broke under
+    /// a request that can be replayed and changes nothing.
+    pub fn may_fail_over(&self, replayable: bool, idempotent: bool) -> bool {
+        match self {
+            Self::Dial(_) | Self::Offline(_) | Self::App(_) => replayable,
+            Self::Upstream(_) | Self::Lost(_) => replayable && idempotent,
+            Self::BadRoute(_) | Self::Timeout(_) => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Time to dial a device and open a tunnel (default 10 s).
+    /// Time to dial a device and open a tunnel (default 4 s, so a request for a device
+    /// that is gone is answered within 5 s even before it is known to be down).
     pub dial_timeout: Duration,
     /// Time for the target to answer with response headers (default 60 s).
     pub response_timeout: Duration,
     /// How long idle tunnels and iroh connections are kept (default 90 s).
     pub idle_timeout: Duration,
+    /// A device connection silent this long is dead (default 2 s): keep-alives go every
+    /// quarter of it, so only a device that is gone stays silent that long.
+    pub dead_after: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            dial_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(4),
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
+            dead_after: Duration::from_secs(2),
         }
     }
 }
@@ -272,14 +303,47 @@ impl hyper_util::client::legacy::connect::Connection for TunnelIo {
 
 /// Why a dial failed, carried through the HTTP client's error.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct DialError(String);
+enum DialError {
+    #[error("the device is down: {0}")]
+    Down(String),
+    #[error("{0}")]
+    App(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<OpenError> for DialError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Down(why) => Self::Down(why),
+            OpenError::Refused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            } => Self::Failed("the device refused the tunnel (this gateway is not authorised, or the target is not advertised)".into()),
+            OpenError::Refused {
+                details: Some(details),
+                ..
+            } => Self::App(details),
+            OpenError::Refused { status, .. } => Self::Failed(format!("the device answered {status}")),
+            OpenError::Stream(why) => Self::Failed(why),
+        }
+    }
+}
+
+impl From<DialError> for ForwardError {
+    fn from(e: DialError) -> Self {
+        match e {
+            DialError::Down(why) => Self::Offline(why),
+            DialError::App(why) => Self::App(why),
+            DialError::Failed(why) => Self::Dial(why),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Connector {
-    proxy: DownstreamProxy,
+    dialer: Arc<Dialer>,
     targets: Arc<Targets>,
-    dial_timeout: Duration,
     metrics: Metrics,
 }
 
@@ -299,48 +363,22 @@ impl tower::Service<Uri> for Connector {
             let t = this
                 .targets
                 .get(key)
-                .ok_or_else(|| DialError(format!("unknown tunnel key {key}")))?;
+                .ok_or_else(|| DialError::Failed(format!("unknown tunnel key {key}")))?;
             let started = Instant::now();
-            let dest = EndpointAuthority::new(
-                t.node,
-                Authority {
-                    host: t.target.host.clone(),
-                    port: t.target.port,
-                },
-            );
-            let streams = match tokio::time::timeout(
-                this.dial_timeout,
-                this.proxy.create_tunnel(&dest),
-            )
-            .await
-            {
-                Err(_) => {
-                    return Err(DialError(format!(
-                        "no tunnel to {} within {}s",
-                        t.node.fmt_short(),
-                        this.dial_timeout.as_secs()
-                    ))
-                    .into());
-                }
-                Ok(Err(e)) => {
-                    let why = match e.response_status() {
-                        Some(StatusCode::FORBIDDEN) => "the device refused the tunnel (this gateway is not authorised, or the target is not advertised)".to_owned(),
-                        Some(s) => format!("the device answered {s}"),
-                        None => e.to_string(),
-                    };
-                    return Err(DialError(why).into());
-                }
-                Ok(Ok(s)) => s,
-            };
+            let tunnel = this
+                .dialer
+                .open(t.node, &t.target)
+                .await
+                .map_err(DialError::from)?;
             this.metrics
                 .dial_latency
                 .observe(started.elapsed().as_secs_f64());
             let guard = this.metrics.tunnel_opened(&t.node.to_string());
             Ok(TokioIo::new(TunnelIo {
-                send: streams.send,
-                recv: Box::pin(streams.recv),
-                via: Via::of(&streams.conn),
-                _keep: Box::new((streams.conn, guard)),
+                send: tunnel.send,
+                recv: Box::pin(tunnel.recv),
+                via: Via::of(&tunnel.conn),
+                _keep: Box::new((tunnel.conn, guard)),
             }))
         })
     }
@@ -478,7 +516,7 @@ pub fn strip_internal(headers: &mut HeaderMap) {
 /// The sidecar: an iroh endpoint plus a pool of tunnels.
 pub struct Sidecar {
     endpoint: Endpoint,
-    proxy: DownstreamProxy,
+    dialer: Arc<Dialer>,
     client: Client<Connector, Body>,
     targets: Arc<Targets>,
     config: Config,
@@ -489,18 +527,11 @@ impl Sidecar {
     /// Wraps an endpoint (built with `portway_discovery::endpoint::bind`, with DNS lookup
     /// so NodeIDs resolve).
     pub fn new(endpoint: Endpoint, config: Config, metrics: Metrics) -> Self {
-        let proxy = DownstreamProxy::new(
-            endpoint.clone(),
-            PoolOpts {
-                connect_timeout: config.dial_timeout,
-                idle_timeout: config.idle_timeout,
-            },
-        );
+        let dialer = Dialer::new(endpoint.clone(), config.dial_timeout, config.idle_timeout);
         let targets = Arc::new(Targets::default());
         let connector = Connector {
-            proxy: proxy.clone(),
+            dialer: dialer.clone(),
             targets: targets.clone(),
-            dial_timeout: config.dial_timeout,
             metrics: metrics.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -509,7 +540,7 @@ impl Sidecar {
             .build(connector);
         Self {
             endpoint,
-            proxy,
+            dialer,
             client,
             targets,
             config,
@@ -525,6 +556,56 @@ impl Sidecar {
         self.endpoint.id()
     }
 
+    /// Whether the device with this NodeID is down (its connection just died, or a dial
+    /// failed): requests for it are answered at once, so any other backend is better.
+    pub fn is_down(&self, node_id: &str) -> bool {
+        self.targets
+            .node(node_id)
+            .is_some_and(|node| self.dialer.down(&node).is_some())
+    }
+
+    /// Forwards to the first of `heads` (one request head per backend, each naming its
+    /// device and target in `datum-*` headers) that answers: devices that are down go
+    /// last, and a failed attempt goes on to the next while
+    /// [`ForwardError::may_fail_over`] allows. The built-in edge and, behind Envoy,
+    /// [`Sidecar::handle`] both pick backends this way.
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub async fn forward_first(
+        &self,
+        parts: http::request::Parts,
+        body: Body,
+        mut heads: Vec<HeaderMap>,
+        mut on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        replayable: bool,
+    ) -> Result<Response<Body>, ForwardError> {
+        let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        heads.sort_by_key(|h| {
+            h.get(headers::NODE_ID)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|n| self.is_down(n))
+        });
+        let mut body = Some(body);
+        let mut last = None;
+        for head in heads {
+            let mut attempt = Request::new(body.take().unwrap_or_else(empty));
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = parts.uri.clone();
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = head;
+            match self.forward(attempt, on_upgrade.take()).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.may_fail_over(replayable, idempotent) => {
+                    tracing::warn!(error = ?e, "trying the next backend");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ForwardError::BadRoute("no backend".into())))
+    }
+
     /// Forwards a request whose `datum-*` headers name the target. Upgrades (WebSocket)
     /// are spliced through once both sides agree.
     ///
@@ -537,6 +618,10 @@ impl Sidecar {
     ) -> Result<Response<Body>, ForwardError> {
         let (mut parts, body) = req.into_parts();
         let target = take_target(&mut parts.headers, &self.targets)?;
+        if let Some(why) = self.dialer.down(&target.node) {
+            return Err(ForwardError::Offline(why));
+        }
+        let node = target.node;
         // Connection-level headers stay on this hop; an upgrade we can splice is asked
         // for again on the next one.
         let upgrade = strip_hop_by_hop(&mut parts.headers).filter(|_| on_upgrade.is_some());
@@ -564,17 +649,25 @@ impl Sidecar {
             Ok(Err(e)) if e.is_connect() => {
                 let mut source: Option<&(dyn std::error::Error + 'static)> =
                     std::error::Error::source(&e);
-                let mut why = e.to_string();
                 while let Some(s) = source {
                     if let Some(d) = s.downcast_ref::<DialError>() {
-                        why = d.0.clone();
-                        break;
+                        return Err(match d {
+                            DialError::Down(why) => ForwardError::Offline(why.clone()),
+                            DialError::App(why) => ForwardError::App(why.clone()),
+                            DialError::Failed(why) => ForwardError::Dial(why.clone()),
+                        });
                     }
                     source = s.source();
                 }
-                return Err(ForwardError::Dial(why));
+                return Err(ForwardError::Dial(e.to_string()));
             }
-            Ok(Err(e)) => return Err(ForwardError::Upstream(error_chain(&e))),
+            // A broken tunnel whose connection died too: the device went away.
+            Ok(Err(e)) => {
+                return Err(match self.dialer.down(&node) {
+                    Some(why) => ForwardError::Lost(why),
+                    None => ForwardError::Upstream(error_chain(&e)),
+                });
+            }
             Ok(Ok(resp)) => resp,
         };
         self.finish(resp, on_upgrade.zip(upgrade))
@@ -643,34 +736,31 @@ impl Sidecar {
                 "CONNECT needs a datum-node-id header",
             );
         };
-        let Some(authority) = req.uri().authority().and_then(|a| {
-            Some(Authority {
-                host: a.host().to_owned(),
+        let Some(target) = req.uri().authority().and_then(|a| {
+            Some(Target {
+                host: a.host().trim_matches(['[', ']']).to_owned(),
                 port: a.port_u16()?,
             })
         }) else {
             return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
         let started = Instant::now();
-        let dest = EndpointAuthority::new(node, authority);
-        let streams =
-            match tokio::time::timeout(self.config.dial_timeout, self.proxy.create_tunnel(&dest))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    return text(
-                        e.response_status().unwrap_or(StatusCode::BAD_GATEWAY),
-                        format!("tunnel failed: {e}"),
-                    );
-                }
-                Err(_) => {
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "no tunnel within the dial timeout",
-                    );
-                }
-            };
+        let streams = match self.dialer.open(node, &target).await {
+            Ok(s) => s,
+            Err(OpenError::Refused { status, details }) => {
+                let why = details.unwrap_or_else(|| format!("the device answered {status}"));
+                return text(status, format!("tunnel failed: {why}"));
+            }
+            Err(OpenError::Down(why)) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("tunnel not online ({why})"),
+                );
+            }
+            Err(OpenError::Stream(why)) => {
+                return text(StatusCode::BAD_GATEWAY, format!("tunnel failed: {why}"));
+            }
+        };
         self.metrics
             .dial_latency
             .observe(started.elapsed().as_secs_f64());
@@ -690,9 +780,11 @@ impl Sidecar {
     }
 
     /// Serves requests as a standalone sidecar (beside Envoy): every request must carry
-    /// the `datum-*` headers; CONNECT carries `datum-node-id`.
+    /// the `datum-*` headers (and may carry `datum-fallback`: the route's other backends,
+    /// tried when this one's device is down); CONNECT carries `datum-node-id`.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let on_upgrade = hyper::upgrade::on(&mut req);
+        let replayable = !req.headers().contains_key(header::UPGRADE) && req.body().is_end_stream();
         let metrics = self.metrics.clone();
         let req = req.map(|b| {
             b.map_frame(move |f| {
@@ -713,11 +805,47 @@ impl Sidecar {
             .and_then(|h| h.to_str().ok())
             .unwrap_or("-")
             .to_owned();
-        match self.forward(req, Some(on_upgrade)).await {
+        let (parts, body) = req.into_parts();
+        let heads = with_fallbacks(&parts.headers);
+        match self
+            .forward_first(parts, body, heads, Some(on_upgrade), replayable)
+            .await
+        {
             Ok(r) => r,
             Err(e) => e.into_response(&host),
         }
     }
+}
+
+/// The request head for the backend Envoy chose, then one per `datum-fallback` entry
+/// (`<node-id> <host> <port>`, comma separated) with that device and target.
+fn with_fallbacks(headers: &HeaderMap) -> Vec<HeaderMap> {
+    let mut heads = vec![headers.clone()];
+    let entries = headers
+        .get_all(headers::FALLBACK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for entry in entries {
+        let mut parts = entry.split_whitespace();
+        let (Some(node), Some(host), Some(port), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let mut head = headers.clone();
+        for (name, value) in [
+            (headers::NODE_ID, node),
+            (headers::TARGET_HOST, host),
+            (headers::TARGET_PORT, port),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                head.insert(name, v);
+            }
+        }
+        heads.push(head);
+    }
+    heads
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -783,7 +911,9 @@ pub async fn start(
         dns: Some(setup.dns.clone()),
         n0: setup.n0,
         max_streams: Some(16_384),
-        idle_timeout: Some(Duration::from_secs(10)),
+        // A device gone without a goodbye is noticed within `dead_after`.
+        idle_timeout: Some(config.dead_after),
+        keep_alive: Some(config.dead_after / 4),
         ..Default::default()
     })
     .await?;
@@ -964,6 +1094,45 @@ mod tests {
         );
         assert_eq!(request_authority(&uri("/x"), &host("a b")), None);
         assert_eq!(request_authority(&uri("/x"), &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn each_fallback_becomes_a_head_of_its_own() {
+        let h = headers(&[
+            ("datum-node-id", "a"),
+            ("datum-target-host", "h"),
+            ("datum-target-port", "1"),
+            ("datum-fallback", "b 127.0.0.1 2, junk, c ::1 3"),
+        ]);
+        let heads: Vec<_> = with_fallbacks(&h)
+            .iter()
+            .map(|h| {
+                ["datum-node-id", "datum-target-host", "datum-target-port"]
+                    .map(|n| h[n].to_str().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(
+            heads,
+            [["a", "h", "1"], ["b", "127.0.0.1", "2"], ["c", "::1", "3"]]
+        );
+    }
+
+    #[test]
+    fn only_what_did_not_reach_the_app_fails_over() {
+        use ForwardError::*;
+        let e = |e: ForwardError| {
+            [(false, false), (true, false), (true, true)].map(|(r, i)| e.may_fail_over(r, i))
+        };
+        assert_eq!(e(Offline("x".into())), [false, true, true]);
+        assert_eq!(e(Dial("x".into())), [false, true, true]);
+        assert_eq!(e(App("x".into())), [false, true, true]);
+        assert_eq!(
+            e(Lost("x".into())),
+            [false, false, true],
+            "a POST may have acted"
+        );
+        assert_eq!(e(Upstream("x".into())), [false, false, true]);
+        assert_eq!(e(Timeout(Duration::from_secs(1))), [false; 3]);
     }
 
     #[test]

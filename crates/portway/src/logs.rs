@@ -31,10 +31,11 @@ fn stderr_below_status_line() -> std::io::Stderr {
 }
 
 /// Installs the process's subscriber: `RUST_LOG` filters (default `info`, hickory's
-/// per-query logs at `warn`), everything goes to stderr.
+/// per-query logs and iroh-util's per-pooled-connection ones at `warn`), everything goes
+/// to stderr.
 pub fn init(format: Format) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn,iroh_util=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(stderr_below_status_line);
