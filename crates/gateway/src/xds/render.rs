@@ -32,6 +32,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use prost::Message;
 
+use portway_api::headers;
+
 use super::NodeConfig;
 use crate::model::{Backend, HeaderFilter, PathMatch, Table};
 
@@ -214,6 +216,37 @@ fn backend_headers(b: &Backend) -> Vec<HeaderValueOption> {
     out
 }
 
+/// `datum-fallback` for one of several ready backends: the others' devices and targets
+/// (`<node-id> <host> <port>`, comma separated), which the sidecar tries when this one's
+/// device is down. Envoy keeps a retry on the weighted cluster it picked first, so the
+/// failover happens in the sidecar. It overwrites a client's: Envoy applies a weighted
+/// cluster's headers before its route's, so a route-level removal would remove ours.
+fn fallback_header(chosen: usize, ready: &[(usize, &Backend)]) -> HeaderValueOption {
+    let others: Vec<String> = ready
+        .iter()
+        .filter(|(i, _)| *i != chosen)
+        .filter_map(|(_, b)| b.tunnel.as_ref())
+        .filter_map(|t| {
+            Some(format!(
+                "{} {} {}",
+                t.node_id.to_str().ok()?,
+                t.host.to_str().ok()?,
+                t.port.to_str().ok()?
+            ))
+        })
+        .collect();
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: headers::FALLBACK.into(),
+            value: others.join(", ").replace('%', "%%"),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: true,
+        ..Default::default()
+    }
+}
+
 fn exact(v: &str) -> StringMatcher {
     StringMatcher {
         match_pattern: Some(string_matcher::MatchPattern::Exact(v.to_owned())),
@@ -283,6 +316,7 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                         .filter(|(_, b)| b.ready && b.weight > 0)
                         .collect();
                     let mut request_headers_to_add = header_options(&r.filter);
+                    let weighted = ready.len() > 1;
                     let specifier = match ready.as_slice() {
                         [] => route_action::ClusterSpecifier::Cluster(UNREADY.into()),
                         [(i, b)] => {
@@ -295,7 +329,10 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                                 .map(|(i, b)| ClusterWeight {
                                     name: sidecar_cluster(*i),
                                     weight: Some(UInt32Value { value: b.weight }),
-                                    request_headers_to_add: backend_headers(b),
+                                    request_headers_to_add: backend_headers(b)
+                                        .into_iter()
+                                        .chain([fallback_header(*i, many)])
+                                        .collect(),
                                     ..Default::default()
                                 })
                                 .collect(),
@@ -320,11 +357,14 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                             ..Default::default()
                         })),
                         request_headers_to_add,
+                        // A client's `datum-fallback` never reaches the sidecar: removed
+                        // here, or overwritten by each weighted cluster.
                         request_headers_to_remove: r
                             .filter
                             .remove
                             .iter()
                             .map(|n| n.as_str().to_owned())
+                            .chain((!weighted).then(|| headers::FALLBACK.to_owned()))
                             .collect(),
                         ..Default::default()
                     }
@@ -481,5 +521,57 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, ["n1", "n2"]);
+    }
+
+    #[test]
+    fn each_weighted_backend_carries_the_others_as_fallback() {
+        let rc = route_configuration(&table());
+        let app = rc
+            .virtual_hosts
+            .iter()
+            .find(|v| v.name == "app.example.com")
+            .unwrap();
+        let value = |opts: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
+            opts.iter()
+                .map(|h| h.header.as_ref().unwrap())
+                .find(|h| h.key == "datum-fallback")
+                .map(|h| h.value.clone())
+        };
+        let removes = |r: &Route| {
+            r.request_headers_to_remove
+                .contains(&"datum-fallback".to_owned())
+        };
+        assert!(
+            removes(&app.routes[0]) && removes(&app.routes[1]),
+            "a client's fallback never reaches the sidecar"
+        );
+        assert!(
+            !removes(&app.routes[2]),
+            "Envoy applies a route's removals after its weighted clusters' headers"
+        );
+        assert_eq!(
+            value(&app.routes[1].request_headers_to_add),
+            None,
+            "one backend: nothing to fall back to"
+        );
+        let Some(route::Action::Route(root)) = &app.routes[2].action else {
+            panic!("not a route action")
+        };
+        let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &root.cluster_specifier
+        else {
+            panic!("two ready backends → weighted")
+        };
+        let fallbacks: Vec<_> = w
+            .clusters
+            .iter()
+            .map(|c| value(&c.request_headers_to_add))
+            .collect();
+        assert_eq!(
+            fallbacks,
+            [
+                Some("n2 127.0.0.1 3000".to_owned()),
+                Some("n1 127.0.0.1 3000".to_owned())
+            ]
+        );
     }
 }
