@@ -78,6 +78,62 @@ pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
     }
 }
 
+/// A wrk run that may see errors, for outages.
+pub struct WrkErrors {
+    pub requests: u64,
+    /// Answers other than 2xx and 3xx.
+    pub non_2xx: u64,
+    /// Connect, read, write and timeout errors together.
+    pub socket_errors: u64,
+    /// The longest request, in µs.
+    pub max_us: f64,
+}
+
+/// Runs wrk against `url` with `Host: host` and counts what went wrong. wrk's timeout is
+/// raised to 60 s, so a request that waits shows as latency, not as a timeout.
+pub fn wrk_errors(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> WrkErrors {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--timeout",
+            "60s",
+            "-H",
+            &format!("Host: {host}"),
+            url,
+        ])
+        .output()
+        .expect("wrk (apt-get install -y wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = |needle: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let numbers = |l: &str| -> u64 {
+        l.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    let latency = line("Latency");
+    WrkErrors {
+        requests: line(" requests in ")
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        non_2xx: numbers(&line("Non-2xx")),
+        socket_errors: numbers(&line("Socket errors")),
+        max_us: parse_latency(latency.split_whitespace().nth(3).unwrap_or("0")),
+    }
+}
+
 /// `portway http PORT --hostname bench.localhost` against the `portway up` in `data`,
 /// ready once its ready file is written.
 pub async fn http_tunnel(
