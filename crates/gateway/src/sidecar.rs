@@ -596,8 +596,9 @@ impl Sidecar {
             *attempt.headers_mut() = head;
             match self.forward(attempt, on_upgrade.take()).await {
                 Ok(resp) => return Ok(resp),
+                // Per request, so not a warning: the device's loss was logged once.
                 Err(e) if e.may_fail_over(replayable, idempotent) => {
-                    tracing::warn!(error = ?e, "trying the next backend");
+                    tracing::debug!(error = ?e, "trying the next backend, if any");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
