@@ -47,8 +47,15 @@ fn parse_latency(v: &str) -> f64 {
     }
 }
 
-/// Runs wrk against `url` with `Host: host`; panics when wrk is missing or saw non-2xx.
-pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
+/// wrk's report for `url` with `Host: host`, `option` added (`--latency`, a timeout).
+fn run_wrk(
+    url: &str,
+    host: &str,
+    threads: u32,
+    conns: u32,
+    secs: u32,
+    option: [&str; 2],
+) -> String {
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -57,14 +64,19 @@ pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
             &conns.to_string(),
             "-d",
             &format!("{secs}s"),
-            "--latency",
             "-H",
             &format!("Host: {host}"),
-            url,
         ])
+        .args(option.iter().filter(|o| !o.is_empty()))
+        .arg(url)
         .output()
         .expect("wrk (apt-get install -y wrk)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs wrk against `url` with `Host: host`; panics when wrk is missing or saw non-2xx.
+pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
+    let text = run_wrk(url, host, threads, conns, secs, ["--latency", ""]);
     assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
     let field = |prefix: &str| {
         text.lines()
@@ -92,23 +104,7 @@ pub struct WrkErrors {
 /// Runs wrk against `url` with `Host: host` and counts what went wrong. wrk's timeout is
 /// raised to 60 s, so a request that waits shows as latency, not as a timeout.
 pub fn wrk_errors(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> WrkErrors {
-    let out = Command::new("wrk")
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-c",
-            &conns.to_string(),
-            "-d",
-            &format!("{secs}s"),
-            "--timeout",
-            "60s",
-            "-H",
-            &format!("Host: {host}"),
-            url,
-        ])
-        .output()
-        .expect("wrk (apt-get install -y wrk)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = run_wrk(url, host, threads, conns, secs, ["--timeout", "60s"]);
     let line = |needle: &str| {
         text.lines()
             .map(str::trim)
