@@ -19,6 +19,7 @@ mod condition;
 mod connector;
 mod crds;
 mod envoy;
+pub mod filters;
 mod httpproxy;
 pub mod proxy_status;
 mod selector;

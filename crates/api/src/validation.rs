@@ -68,7 +68,9 @@ impl fmt::Display for FieldError {
 /// Refuses header modifiers (request or response; set, add or remove) that name a
 /// header reserved to Portway (`datum-*`, `x-iroh-*`): those choose the device and the
 /// target, and a user filter that set them would route to another project's device.
-/// Filters are walked as JSON so the rule covers every Gateway API filter type alike.
+/// Names must be HTTP tokens and values free of line breaks: the data planes could not
+/// send anything else. Filters are walked as JSON so the rule covers every Gateway API
+/// filter type alike.
 fn reserved_headers<T: serde::Serialize>(errs: &mut Errors, field: &str, filters: &[T]) {
     for (i, f) in filters.iter().enumerate() {
         let Ok(v) = serde_json::to_value(f) else {
@@ -85,10 +87,15 @@ fn reserved_headers<T: serde::Serialize>(errs: &mut Errors, field: &str, filters
                     .enumerate()
                 {
                     let name = h.get("name").unwrap_or(h).as_str().unwrap_or_default();
+                    let suffix = if op == "remove" { "" } else { ".name" };
+                    let at = format!("{field}[{i}].{modifier}.{op}[{k}]");
+                    errs.check(format!("{at}{suffix}"), crate::filters::header_name(name));
+                    if let Some(v) = h.get("value").and_then(|v| v.as_str()) {
+                        errs.check(format!("{at}.value"), crate::filters::header_value(v));
+                    }
                     if crate::headers::is_reserved(name) {
-                        let suffix = if op == "remove" { "" } else { ".name" };
                         errs.push(
-                            format!("{field}[{i}].{modifier}.{op}[{k}]{suffix}"),
+                            format!("{at}{suffix}"),
                             FieldErrorKind::Forbidden,
                             format!("header {name:?} is reserved: datum-* and x-iroh-* headers are set by Portway alone"),
                         );
@@ -669,6 +676,11 @@ impl Validate for HttpProxy {
             }
             errs.max_items(&format!("{f}.filters"), &rule.filters, MAX_ITEMS);
             reserved_headers(&mut errs, &format!("{f}.filters"), &rule.filters);
+            errs.0.extend(crate::filters::shapes(
+                &format!("{f}.filters"),
+                &rule.filters,
+            ));
+            rule_filters(&mut errs, &f, rule);
             errs.max_items(&format!("{f}.backends"), &rule.backends, MAX_ITEMS);
             for (j, b) in rule.backends.iter().enumerate() {
                 let f = format!("{f}.backends[{j}]");
@@ -694,6 +706,8 @@ impl Validate for HttpProxy {
                 }
                 errs.max_items(&format!("{f}.filters"), &b.filters, MAX_ITEMS);
                 reserved_headers(&mut errs, &format!("{f}.filters"), &b.filters);
+                errs.0
+                    .extend(crate::filters::shapes(&format!("{f}.filters"), &b.filters));
             }
         }
         if let Some(status) = &self.status {
@@ -706,6 +720,137 @@ impl Validate for HttpProxy {
             }
         }
         errs.0
+    }
+}
+
+/// The values of a rule's redirect, rewrite and CORS filters.
+fn rule_filters(errs: &mut Errors, f: &str, rule: &crate::HttpProxyRule) {
+    use gateway_api::apis::standard::httproutes::{
+        HttpRouteRulesFiltersRequestRedirectPathType as RedirectPath,
+        HttpRouteRulesFiltersUrlRewritePathType as RewritePath, HttpRouteRulesMatchesPathType,
+    };
+    // A prefix can only be replaced where every match of the rule matched a prefix.
+    let prefix_matches = rule.matches.iter().all(|m| {
+        m.path.as_ref().is_none_or(|p| {
+            p.r#type
+                .as_ref()
+                .is_none_or(|t| *t == HttpRouteRulesMatchesPathType::PathPrefix)
+        })
+    });
+    let path_change = |errs: &mut Errors,
+                       at: String,
+                       prefix: bool,
+                       full: Option<&String>,
+                       replace: Option<&String>| {
+        let (name, value) = if prefix {
+            ("replacePrefixMatch", replace)
+        } else {
+            ("replaceFullPath", full)
+        };
+        match value {
+            None => errs.push(
+                format!("{at}.{name}"),
+                FieldErrorKind::Required,
+                format!(
+                    "a {} path change needs {name}",
+                    if prefix {
+                        "ReplacePrefixMatch"
+                    } else {
+                        "ReplaceFullPath"
+                    }
+                ),
+            ),
+            Some(v) if !v.starts_with('/') => errs.push(
+                format!("{at}.{name}"),
+                FieldErrorKind::Invalid,
+                "must start with '/'",
+            ),
+            Some(v) => errs.check(format!("{at}.{name}"), crate::filters::header_value(v)),
+        }
+        if prefix && !prefix_matches {
+            errs.push(
+                format!("{at}.type"),
+                FieldErrorKind::Invalid,
+                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+            );
+        }
+    };
+    for (i, filter) in rule.filters.iter().enumerate() {
+        let at = format!("{f}.filters[{i}]");
+        if let Some(r) = &filter.request_redirect {
+            let at = format!("{at}.requestRedirect");
+            if let Some(code) = r.status_code
+                && ![301, 302, 303, 307, 308].contains(&code)
+            {
+                errs.push(
+                    format!("{at}.statusCode"),
+                    FieldErrorKind::NotSupported,
+                    format!("{code} is not one of 301, 302, 303, 307, 308"),
+                );
+            }
+            if let Some(p) = r.port {
+                errs.check(format!("{at}.port"), port(p));
+            }
+            if let Some(h) = &r.hostname {
+                errs.check(format!("{at}.hostname"), hostname(h, false));
+            }
+            if let Some(p) = &r.path {
+                let prefix = p.r#type == RedirectPath::ReplacePrefixMatch;
+                path_change(
+                    errs,
+                    format!("{at}.path"),
+                    prefix,
+                    p.replace_full_path.as_ref(),
+                    p.replace_prefix_match.as_ref(),
+                );
+            }
+        }
+        if let Some(r) = &filter.url_rewrite {
+            let at = format!("{at}.urlRewrite");
+            if let Some(h) = &r.hostname {
+                errs.check(format!("{at}.hostname"), hostname(h, false));
+            }
+            if let Some(p) = &r.path {
+                let prefix = p.r#type == RewritePath::ReplacePrefixMatch;
+                path_change(
+                    errs,
+                    format!("{at}.path"),
+                    prefix,
+                    p.replace_full_path.as_ref(),
+                    p.replace_prefix_match.as_ref(),
+                );
+            }
+        }
+        if let Some(c) = &filter.cors {
+            let at = format!("{at}.cors");
+            for (k, o) in c.allow_origins.iter().flatten().enumerate() {
+                errs.check(
+                    format!("{at}.allowOrigins[{k}]"),
+                    crate::filters::cors_origin(o),
+                );
+            }
+            let lists = [
+                ("allowMethods", &c.allow_methods),
+                ("allowHeaders", &c.allow_headers),
+                ("exposeHeaders", &c.expose_headers),
+            ];
+            for (name, list) in lists {
+                let list = list.as_deref().unwrap_or_default();
+                errs.max_items(&format!("{at}.{name}"), list, MAX_ITEMS);
+                for (k, v) in list.iter().enumerate() {
+                    if v != "*" {
+                        errs.check(format!("{at}.{name}[{k}]"), crate::filters::header_name(v));
+                    }
+                }
+            }
+            if c.max_age.is_some_and(|a| a < 0) {
+                errs.push(
+                    format!("{at}.maxAge"),
+                    FieldErrorKind::Invalid,
+                    "must not be negative",
+                );
+            }
+        }
     }
 }
 
@@ -735,6 +880,85 @@ impl Validate for Namespace {
 
     fn validate(&self) -> Vec<FieldError> {
         Vec::new()
+    }
+}
+
+/// The longest event note (message), as in Kubernetes.
+pub const MAX_EVENT_NOTE: usize = 1024;
+
+fn event_fields(errs: &mut Errors, type_: Option<&str>, text: (&str, Option<&str>)) {
+    if let Some(t) = type_
+        && t != "Normal"
+        && t != "Warning"
+    {
+        errs.push(
+            "type",
+            FieldErrorKind::NotSupported,
+            format!("{t:?} is not Normal or Warning"),
+        );
+    }
+    let (field, text) = text;
+    if let Some(text) = text
+        && text.len() > MAX_EVENT_NOTE
+    {
+        errs.push(
+            field,
+            FieldErrorKind::TooLong,
+            format!("may not be longer than {MAX_EVENT_NOTE} bytes"),
+        );
+    }
+}
+
+impl Validate for k8s_openapi::api::events::v1::Event {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        event_fields(
+            &mut errs,
+            self.type_.as_deref(),
+            ("note", self.note.as_deref()),
+        );
+        if self.event_time.is_none() {
+            errs.push(
+                "eventTime",
+                FieldErrorKind::Required,
+                "eventTime is required",
+            );
+        }
+        for (field, v) in [
+            ("reportingController", &self.reporting_controller),
+            ("action", &self.action),
+            ("reason", &self.reason),
+        ] {
+            if v.as_deref().is_none_or(str::is_empty) {
+                errs.push(
+                    field,
+                    FieldErrorKind::Required,
+                    format!("{field} is required"),
+                );
+            }
+        }
+        errs.0
+    }
+}
+
+impl Validate for k8s_openapi::api::core::v1::Event {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        event_fields(
+            &mut errs,
+            self.type_.as_deref(),
+            ("message", self.message.as_deref()),
+        );
+        if let (Some(ns), Some(own)) = (&self.involved_object.namespace, &self.metadata.namespace)
+            && ns != own
+        {
+            errs.push(
+                "involvedObject.namespace",
+                FieldErrorKind::Invalid,
+                "does not match the event's namespace",
+            );
+        }
+        errs.0
     }
 }
 
@@ -1007,6 +1231,122 @@ mod tests {
             rules: vec![HttpProxyRule::default()],
         });
         assert_eq!(many.validate()[0].kind, FieldErrorKind::TooMany);
+    }
+
+    /// Each case: a rule's matches and filters, and the fields (with kinds) refused.
+    #[test]
+    fn filters_are_checked_before_any_data_plane_sees_them() {
+        use serde_json::json;
+        let prefix = json!([{"path": {"type": "PathPrefix", "value": "/a"}}]);
+        let exact = json!([{"path": {"type": "Exact", "value": "/a"}}]);
+        let cases = [
+            // Implemented filters, well formed: nothing to say.
+            (
+                prefix.clone(),
+                json!([
+                {"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 308,
+                    "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/b"}}},
+                {"type": "CORS", "cors": {"allowOrigins": ["*", "https://*.example.com:8443"],
+                    "allowMethods": ["GET"], "allowHeaders": ["*"], "maxAge": 5}}]),
+                vec![],
+            ),
+            // The field `type` names is missing; another is set.
+            (
+                prefix.clone(),
+                json!([{"type": "URLRewrite", "requestRedirect": {}}]),
+                vec![
+                    (
+                        "spec.rules[0].filters[0].urlRewrite",
+                        FieldErrorKind::Required,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].requestRedirect",
+                        FieldErrorKind::Forbidden,
+                    ),
+                ],
+            ),
+            // Twice the same type; a redirect beside a rewrite.
+            (
+                prefix.clone(),
+                json!([
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "a.example"}},
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "b.example"}},
+                {"type": "RequestRedirect", "requestRedirect": {}}]),
+                vec![
+                    ("spec.rules[0].filters[1].type", FieldErrorKind::Duplicate),
+                    ("spec.rules[0].filters[2].type", FieldErrorKind::Invalid),
+                ],
+            ),
+            // A prefix replaced where the match is exact; a bad code, port and path.
+            (
+                exact,
+                json!([{"type": "RequestRedirect", "requestRedirect": {
+                "statusCode": 305, "port": 0,
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "b"}}}]),
+                vec![
+                    (
+                        "spec.rules[0].filters[0].requestRedirect.statusCode",
+                        FieldErrorKind::NotSupported,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].requestRedirect.port",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].requestRedirect.path.replacePrefixMatch",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].requestRedirect.path.type",
+                        FieldErrorKind::Invalid,
+                    ),
+                ],
+            ),
+            // Values the data planes could not send.
+            (
+                prefix,
+                json!([
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "x bad", "value": "a\r\nb"}]}},
+                {"type": "CORS", "cors": {"allowOrigins": ["example.com"], "maxAge": -1}}]),
+                vec![
+                    (
+                        "spec.rules[0].filters[0].responseHeaderModifier.set[0].name",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].responseHeaderModifier.set[0].value",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[1].cors.allowOrigins[0]",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[1].cors.maxAge",
+                        FieldErrorKind::Invalid,
+                    ),
+                ],
+            ),
+        ];
+        for (matches, filters, want) in cases {
+            let p = proxy(HttpProxySpec {
+                hostnames: vec![],
+                rules: vec![HttpProxyRule {
+                    matches: serde_json::from_value(matches).unwrap(),
+                    filters: serde_json::from_value(filters.clone()).unwrap(),
+                    ..Default::default()
+                }],
+            });
+            let got: Vec<(String, FieldErrorKind)> = p
+                .validate()
+                .into_iter()
+                .map(|e| (e.field, e.kind))
+                .collect();
+            let want: Vec<(String, FieldErrorKind)> =
+                want.into_iter().map(|(f, k)| (f.to_owned(), k)).collect();
+            assert_eq!(got, want, "{filters}");
+        }
     }
 
     #[test]

@@ -349,6 +349,59 @@ async fn handle(
         ));
     };
 
+    if let Some(why) = &route.unsupported {
+        return done(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{hostname}: the route uses a filter Portway does not implement: {why}"),
+        ));
+    }
+
+    // CORS, as Envoy's filter: an allowed origin's preflight is answered here; every
+    // other answer to an allowed origin carries the allow headers.
+    let cors = route.cors.as_deref().and_then(|c| {
+        let origin = req.headers().get(header::ORIGIN)?;
+        c.allows(origin.to_str().ok()?).then(|| (c, origin.clone()))
+    });
+    if let Some((c, origin)) = &cors
+        && req.method() == http::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        let mut resp = text(StatusCode::OK, "");
+        for (n, v) in c.preflight(origin) {
+            resp.headers_mut().insert(n, v);
+        }
+        return done(resp);
+    }
+    let done = |mut resp: Response<Body>| {
+        if let Some((c, origin)) = &cors {
+            for (n, v) in c.response(origin) {
+                resp.headers_mut().insert(n, v);
+            }
+        }
+        done(resp)
+    };
+
+    if let Some(r) = &route.redirect {
+        let location = r.location(scheme, &host_raw, &path, query.as_deref());
+        let mut resp = text(
+            StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND),
+            "",
+        );
+        match HeaderValue::from_str(&location) {
+            Ok(v) => resp.headers_mut().insert(header::LOCATION, v),
+            Err(_) => {
+                return done(text(
+                    StatusCode::BAD_REQUEST,
+                    "the redirect target is not a valid URL",
+                ));
+            }
+        };
+        apply_filter(&route.response, resp.headers_mut());
+        return done(resp);
+    }
+
     // Which backend: ready ones in round-robin order; later ones are the failover.
     let backends = route.ready_in_order();
     if backends.is_empty() {
@@ -365,6 +418,22 @@ async fn handle(
 
     // Forward through the sidecar: one head per backend; the sidecar puts devices it
     // just lost last and fails over while nothing was sent (or a GET broke).
+    // What the device is asked for: the public host and path, or the rewritten ones.
+    if let Some(r) = &route.rewrite {
+        if let Some(h) = &r.hostname {
+            req.headers_mut().insert(header::HOST, h.clone());
+        }
+        match http::Uri::try_from(r.path_and_query(&path, query.as_deref())) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                return done(text(
+                    StatusCode::BAD_REQUEST,
+                    "the rewritten path is not valid",
+                ));
+            }
+        }
+    }
+
     let on_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut req));
     let replayable = on_upgrade.is_none() && req.body().is_end_stream();
     let (parts, body) = req.into_parts();
@@ -397,7 +466,14 @@ async fn handle(
         .forward_first(parts, body, heads, on_upgrade, replayable)
         .await
     {
-        Ok(resp) => done(resp),
+        Ok((i, mut resp)) => {
+            // The rule's response filter, then the backendRef's that answered.
+            apply_filter(&route.response, resp.headers_mut());
+            if let Some(b) = backends.get(i) {
+                apply_filter(&b.response, resp.headers_mut());
+            }
+            done(resp)
+        }
         Err(e) => {
             tracing::debug!(host = %hostname, error = ?e, "no backend answered");
             done(e.into_response(&hostname))

@@ -37,6 +37,7 @@
 
 pub mod access;
 pub mod edge;
+pub mod filters;
 pub mod metrics;
 pub mod model;
 pub mod routes;

@@ -14,7 +14,10 @@ use gateway_api::apis::standard::httproutes::{
 };
 use http::header::{HeaderName, HeaderValue};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use portway_api::filters::Level;
 use portway_api::headers;
+
+use crate::filters::{Cors, Redirect, Rewrite};
 
 /// How a path is matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,26 +107,32 @@ impl HeaderFilter {
         );
     }
 
-    fn from_rule(filters: &[HttpRouteRulesFilters]) -> Self {
-        let mut out = Self::default();
-        for m in filters
-            .iter()
-            .filter_map(|f| f.request_header_modifier.as_ref())
-        {
-            modifier!(out, m);
+    /// A rule's request and response header changes.
+    fn from_rule(filters: &[HttpRouteRulesFilters]) -> (Self, Self) {
+        let (mut request, mut response) = (Self::default(), Self::default());
+        for f in filters {
+            if let Some(m) = &f.request_header_modifier {
+                modifier!(request, m);
+            }
+            if let Some(m) = &f.response_header_modifier {
+                modifier!(response, m);
+            }
         }
-        out
+        (request, response)
     }
 
-    fn from_backend(filters: &[HttpRouteRulesBackendRefsFilters]) -> Self {
-        let mut out = Self::default();
-        for m in filters
-            .iter()
-            .filter_map(|f| f.request_header_modifier.as_ref())
-        {
-            modifier!(out, m);
+    /// A backendRef's request and response header changes.
+    fn from_backend(filters: &[HttpRouteRulesBackendRefsFilters]) -> (Self, Self) {
+        let (mut request, mut response) = (Self::default(), Self::default());
+        for f in filters {
+            if let Some(m) = &f.request_header_modifier {
+                modifier!(request, m);
+            }
+            if let Some(m) = &f.response_header_modifier {
+                modifier!(response, m);
+            }
         }
-        out
+        (request, response)
     }
 
     /// The value a filter sets for `name`, if any.
@@ -210,6 +219,8 @@ pub struct Backend {
     pub ready: bool,
     /// The backendRef's user filters (never a reserved header).
     pub headers: HeaderFilter,
+    /// The backendRef's response header changes, applied after the rule's.
+    pub response: HeaderFilter,
     /// The device and target; a backendRef that names none is never ready.
     pub tunnel: Option<Tunnel>,
 }
@@ -228,6 +239,17 @@ pub struct Route {
     pub query: Vec<(String, String)>,
     /// The rule's request header filter.
     pub filter: HeaderFilter,
+    /// The rule's response header filter.
+    pub response: HeaderFilter,
+    /// Answered with a redirect; no backend is asked.
+    pub redirect: Option<Redirect>,
+    /// The host and path the device sees instead of the public ones.
+    pub rewrite: Option<Rewrite>,
+    pub cors: Option<Arc<Cors>>,
+    /// A filter neither data plane implements (or cannot apply to this match): answered
+    /// with 500 and this reason, never skipped, since skipping it would serve what the
+    /// route's author did not ask for.
+    pub unsupported: Option<String>,
     pub backends: Vec<Backend>,
     /// Round-robin position among ready backends.
     cursor: AtomicUsize,
@@ -501,7 +523,31 @@ pub fn build(
             .as_ref()
             .map_or(0, |t| t.0.as_second());
         for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
-            let filter = HeaderFilter::from_rule(rule.filters.as_deref().unwrap_or_default());
+            let rule_filters = rule.filters.as_deref().unwrap_or_default();
+            let (filter, response) = HeaderFilter::from_rule(rule_filters);
+            let mut unsupported: Vec<String> = portway_api::filters::unsupported(
+                &format!("spec.rules[{i}].filters"),
+                Level::Rule,
+                rule_filters,
+            )
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+            for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
+                unsupported.extend(
+                    portway_api::filters::unsupported(
+                        &format!("spec.rules[{i}].backendRefs[{j}].filters"),
+                        Level::Backend,
+                        b.filters.as_deref().unwrap_or_default(),
+                    )
+                    .iter()
+                    .map(ToString::to_string),
+                );
+            }
+            let cors = rule_filters
+                .iter()
+                .find_map(|f| f.cors.as_ref())
+                .map(|c| Arc::new(Cors::new(c)));
             let backends: Vec<Backend> = rule
                 .backend_refs
                 .iter()
@@ -511,6 +557,7 @@ pub fn build(
                     let bns = b.namespace.clone().unwrap_or_else(|| ns.clone());
                     let filters = b.filters.as_deref().unwrap_or_default();
                     let tunnel = Tunnel::from_backend(filters);
+                    let (headers, response) = HeaderFilter::from_backend(filters);
                     Backend {
                         service: b.name.clone(),
                         weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
@@ -519,7 +566,8 @@ pub fn build(
                                 .get(&format!("{bns}/{}", b.name))
                                 .copied()
                                 .unwrap_or(false),
-                        headers: HeaderFilter::from_backend(filters),
+                        headers,
+                        response,
                         tunnel,
                     }
                 })
@@ -544,6 +592,30 @@ pub fn build(
                 {
                     continue;
                 }
+                let redirect = rule_filters
+                    .iter()
+                    .find_map(|f| f.request_redirect.as_ref());
+                let rewrite = rule_filters.iter().find_map(|f| f.url_rewrite.as_ref());
+                let mut unsupported = unsupported.clone();
+                let redirect = redirect.and_then(|r| {
+                    let out = Redirect::new(r, &path);
+                    if out.is_none() {
+                        unsupported.push(format!(
+                            "spec.rules[{i}]: the redirect cannot apply to this match"
+                        ));
+                    }
+                    out
+                });
+                let rewrite = rewrite.and_then(|r| {
+                    let out = Rewrite::new(r, &path);
+                    if out.is_none() {
+                        unsupported.push(format!(
+                            "spec.rules[{i}]: the rewrite cannot apply to this match"
+                        ));
+                    }
+                    out
+                });
+                let unsupported = (!unsupported.is_empty()).then(|| unsupported.join("; "));
                 for h in &hostnames {
                     by_host
                         .entry(h.to_ascii_lowercase())
@@ -566,6 +638,11 @@ pub fn build(
                                 .map(|q| (q.name.clone(), q.value.clone()))
                                 .collect(),
                             filter: filter.clone(),
+                            response: response.clone(),
+                            redirect: redirect.clone(),
+                            rewrite: rewrite.clone(),
+                            cors: cors.clone(),
+                            unsupported: unsupported.clone(),
                             backends: backends.clone(),
                             cursor: AtomicUsize::new(0),
                             created,
@@ -758,6 +835,7 @@ mod tests {
             weight: 1,
             ready,
             headers: HeaderFilter::default(),
+            response: HeaderFilter::default(),
             tunnel: None,
         };
         let r = Route {
@@ -768,6 +846,11 @@ mod tests {
             headers: vec![],
             query: vec![],
             filter: HeaderFilter::default(),
+            response: HeaderFilter::default(),
+            redirect: None,
+            rewrite: None,
+            cors: None,
+            unsupported: None,
             backends: vec![b("a", true), b("down", false), b("c", true)],
             cursor: AtomicUsize::new(0),
             created: 0,

@@ -570,32 +570,35 @@ impl Sidecar {
     /// [`ForwardError::may_fail_over`] allows. The built-in edge and, behind Envoy,
     /// [`Sidecar::handle`] both pick backends this way.
     ///
+    /// Returns the answering head's index in `heads` with the response.
+    ///
     /// # Errors
     /// The last attempt's error.
     pub async fn forward_first(
         &self,
         parts: http::request::Parts,
         body: Body,
-        mut heads: Vec<HeaderMap>,
+        heads: Vec<HeaderMap>,
         mut on_upgrade: Option<hyper::upgrade::OnUpgrade>,
         replayable: bool,
-    ) -> Result<Response<Body>, ForwardError> {
+    ) -> Result<(usize, Response<Body>), ForwardError> {
         let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        heads.sort_by_key(|h| {
+        let mut heads: Vec<(usize, HeaderMap)> = heads.into_iter().enumerate().collect();
+        heads.sort_by_key(|(_, h)| {
             h.get(headers::NODE_ID)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|n| self.is_down(n))
         });
         let mut body = Some(body);
         let mut last = None;
-        for head in heads {
+        for (i, head) in heads {
             let mut attempt = Request::new(body.take().unwrap_or_else(empty));
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = parts.uri.clone();
             *attempt.version_mut() = parts.version;
             *attempt.headers_mut() = head;
             match self.forward(attempt, on_upgrade.take()).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((i, resp)),
                 // Per request, so not a warning: the device's loss was logged once.
                 Err(e) if e.may_fail_over(replayable, idempotent) => {
                     tracing::debug!(error = ?e, "trying the next backend, if any");
@@ -812,7 +815,7 @@ impl Sidecar {
             .forward_first(parts, body, heads, Some(on_upgrade), replayable)
             .await
         {
-            Ok(r) => r,
+            Ok((_, r)) => r,
             Err(e) => e.into_response(&host),
         }
     }

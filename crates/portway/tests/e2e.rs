@@ -408,6 +408,209 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     assert!(envoy || body.contains("nobody.localhost"), "{body}");
 }
 
+/// One request through `front` with extra headers: status, headers, body.
+async fn send(
+    front: SocketAddr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, http::HeaderMap, String)> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(front, false).request(req.body(empty())?),
+    )
+    .await??;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// Every filter the HTTPProxy schema admits, through `front` (the built-in edge or an
+/// Envoy): redirects, rewrites, response headers and CORS act as Gateway API says; a
+/// filter no data plane implements refuses its proxy, naming the field.
+async fn filters(stack: &Stack, front: SocketAddr) {
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let first = proxies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.hostnames.iter().any(|h| h == "app.localhost"))
+        .unwrap();
+    let connector = first.spec.rules[0].backends[0].connector.clone().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", stack.origin.addr.port());
+    let backend = json!({"endpoint": endpoint, "connector": connector});
+    let proxy = serde_json::from_value(json!({
+        "metadata": {"name": "filters"},
+        "spec": {"hostnames": ["filters.localhost"], "rules": [
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/old-site"}}],
+             "filters": [{"type": "RequestRedirect", "requestRedirect": {
+                 "scheme": "https", "hostname": "new.localhost", "statusCode": 301,
+                 "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new-site"}}}]},
+            {"matches": [{"path": {"type": "Exact", "value": "/moved"}}],
+             "filters": [{"type": "RequestRedirect", "requestRedirect": {
+                 "path": {"type": "ReplaceFullPath", "replaceFullPath": "/echo/here"}}}]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+             "filters": [
+                 {"type": "URLRewrite", "urlRewrite": {"hostname": "internal.localhost",
+                     "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/echo/v2"}}},
+                 {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                     "set": [{"name": "x-origin-keep", "value": "edge"}],
+                     "add": [{"name": "x-added", "value": "1"}],
+                     "remove": ["x-origin-drop"]}}],
+             "backends": [backend]},
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/echo"}}],
+             "filters": [{"type": "CORS", "cors": {
+                 "allowOrigins": ["https://*.example.com"], "allowMethods": ["GET", "PUT"],
+                 "allowHeaders": ["x-custom"], "exposeHeaders": ["x-origin-keep"],
+                 "maxAge": 600, "allowCredentials": true}}],
+             "backends": [{"endpoint": endpoint, "connector": connector, "filters": [
+                 {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                     "set": [{"name": "x-backend", "value": "b"}]}}]}]},
+        ]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &proxy)
+        .await
+        .unwrap();
+    // The URL's port would be the one dialled; the Host header carries the public one.
+    let url = |path: &str| format!("http://filters.localhost{path}");
+    let host = ("host", "filters.localhost:8080");
+
+    // URLRewrite and ResponseHeaderModifier: the device sees the rewritten host and path
+    // (query kept); the client sees the changed response headers.
+    let (_, headers, body) = eventually("the filters proxy is served", WAIT, || async {
+        let (status, headers, body) = send(front, "GET", &url("/api/items?x=1"), &[host]).await?;
+        ensure!(status == StatusCode::OK, "{status}: {body}");
+        Ok((status, headers, body))
+    })
+    .await;
+    assert_eq!(body, "GET /echo/v2/items?x=1 host=internal.localhost");
+    assert_eq!(headers["x-origin-keep"], "edge");
+    assert_eq!(headers["x-added"], "1");
+    assert!(!headers.contains_key("x-origin-drop"), "{headers:?}");
+
+    // RequestRedirect: scheme, host, prefix and code; the query stays. A new scheme means
+    // its own port, left out of the Location.
+    let (status, headers, _) = send(front, "GET", &url("/old-site/page?q=1"), &[host])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        headers["location"],
+        "https://new.localhost/new-site/page?q=1"
+    );
+    // Only the path changes: the request's host and port stay; 302 by default.
+    let (status, headers, _) = send(front, "GET", &url("/moved"), &[host]).await.unwrap();
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(
+        headers["location"],
+        "http://filters.localhost:8080/echo/here"
+    );
+
+    // CORS: an allowed origin's preflight is answered without the device...
+    let origin = [host, ("origin", "https://a.example.com")];
+    let preflight = [
+        host,
+        ("origin", "https://a.example.com"),
+        ("access-control-request-method", "PUT"),
+    ];
+    let (status, headers, body) = send(front, "OPTIONS", &url("/echo/x"), &preflight)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        !body.contains("OPTIONS /echo"),
+        "the device was asked: {body}"
+    );
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://a.example.com"
+    );
+    assert_eq!(headers["access-control-allow-methods"], "GET,PUT");
+    assert_eq!(headers["access-control-allow-headers"], "x-custom");
+    assert_eq!(headers["access-control-max-age"], "600");
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    // ... its requests get the allow and expose headers, and the backendRef's own
+    // response header ...
+    let (status, headers, body) = send(front, "GET", &url("/echo/x"), &origin).await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "GET /echo/x host=filters.localhost:8080")
+    );
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://a.example.com"
+    );
+    assert_eq!(headers["access-control-expose-headers"], "x-origin-keep");
+    assert_eq!(headers["x-backend"], "b");
+    // ... and another origin gets no allow header, preflight or not.
+    for method in ["GET", "OPTIONS"] {
+        let evil = [
+            host,
+            ("origin", "https://evil.test"),
+            ("access-control-request-method", "PUT"),
+        ];
+        let (_, headers, _) = send(front, method, &url("/echo/x"), &evil).await.unwrap();
+        assert!(
+            !headers.contains_key("access-control-allow-origin"),
+            "{method}: {headers:?}"
+        );
+    }
+
+    // What no data plane implements is refused, each field named, and serves nothing.
+    let refused = serde_json::from_value(json!({
+        "metadata": {"name": "mirror"},
+        "spec": {"hostnames": ["mirror.localhost"], "rules": [{
+            "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 80}}}],
+            "backends": [{"endpoint": endpoint, "connector": connector, "filters": [
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "x.localhost"}}]}]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &refused)
+        .await
+        .unwrap();
+    let message = eventually("the mirror proxy is refused", WAIT, || async {
+        let p = proxies.get("mirror").await?;
+        let c = p
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .find(|c| c.type_ == "Accepted")
+            .context("no Accepted yet")?;
+        ensure!(
+            c.status == "False" && c.reason == "UnsupportedValue",
+            "{c:?}"
+        );
+        Ok(c.message.clone())
+    })
+    .await;
+    for field in [
+        "spec.rules[0].filters[0].requestMirror",
+        "spec.rules[0].backends[0].filters[0].urlRewrite",
+    ] {
+        assert!(message.contains(field), "{message}");
+    }
+    let (status, _, _) = send(front, "GET", "http://mirror.localhost/", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn public_traffic_end_to_end() {
     let stack = Stack::start().await;
@@ -417,6 +620,7 @@ async fn public_traffic_end_to_end() {
         format!("http://app.localhost:{}/", stack.edge.port())
     );
     battery(&stack, stack.edge, "app.localhost", false).await;
+    filters(&stack, stack.edge).await;
 
     // HTTPS with the hostname's certificate, h2 by ALPN, as curl sees it.
     let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
@@ -1017,6 +1221,8 @@ async fn envoy_data_plane_end_to_end() {
         "HTTPProxy create → first 200 through Envoy: {:?}",
         started.elapsed()
     );
+
+    filters(&stack, front.addr).await;
 
     // The device goes away: Envoy answers 503 by itself once its backend is unready.
     http.kill9();

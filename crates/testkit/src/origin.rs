@@ -171,6 +171,22 @@ async fn handle(req: Request<Incoming>, release: Arc<Notify>, port: u16) -> Resp
                 .insert("sec-websocket-accept", accept.parse().expect("base64"));
             r
         }
+        // What the request looked like on arrival (method, target, host), with two
+        // response headers for filters to change.
+        p if p.starts_with("/echo") => {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("-");
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let mut r = text(format!("{} {target} host={host}", req.method()));
+            r.headers_mut()
+                .insert("x-origin-keep", "origin".parse().expect("static"));
+            r.headers_mut()
+                .insert("x-origin-drop", "origin".parse().expect("static"));
+            r
+        }
         _ => {
             let mut r = text("not found");
             *r.status_mut() = StatusCode::NOT_FOUND;

@@ -9,8 +9,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType},
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
-    Http2ProtocolOptions, SocketAddress, address, config_source,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HeaderValue,
+    HeaderValueOption, Http2ProtocolOptions, SocketAddress, address, config_source, data_source,
     header_value_option::HeaderAppendAction, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -18,23 +18,28 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, route, route_action,
-    route_match, weighted_cluster::ClusterWeight,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    query_parameter_matcher, redirect_action, route, route_action, route_match,
+    weighted_cluster::ClusterWeight,
 };
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::{Cors, CorsPolicy};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds,
     http_connection_manager::{CodecType, RouteSpecifier, UpgradeConfig},
     http_filter,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use prost::Message;
 
 use portway_api::headers;
 
 use super::NodeConfig;
+use crate::filters::{PathChange, Redirect};
 use crate::model::{Backend, HeaderFilter, PathMatch, Table};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -42,6 +47,8 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// The one route configuration every listener uses.
 pub const ROUTES: &str = "portway_routes";
+/// The name of Envoy's CORS filter in the chain, which per-route policies refer to.
+const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// A cluster without endpoints: routes whose backends are all unready point here, so
 /// Envoy answers 503 by itself.
 pub const UNREADY: &str = "portway_unready";
@@ -143,14 +150,26 @@ pub fn listeners(node: &NodeConfig) -> Vec<Listener> {
                 ..Default::default()
             }),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        // CORS runs first: it answers preflights before routing, and is off on every
+        // route without a policy of its own.
+        http_filters: vec![
+            HttpFilter {
+                name: CORS_FILTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+                    &Cors::default(),
+                ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
             ..Default::default()
@@ -177,6 +196,10 @@ pub fn listeners(node: &NodeConfig) -> Vec<Listener> {
         }],
         ..Default::default()
     }]
+}
+
+fn removals(f: &HeaderFilter) -> Vec<String> {
+    f.remove.iter().map(|n| n.as_str().to_owned()).collect()
 }
 
 fn header_options(f: &HeaderFilter) -> Vec<HeaderValueOption> {
@@ -247,6 +270,88 @@ fn fallback_header(chosen: usize, ready: &[(usize, &Backend)]) -> HeaderValueOpt
     }
 }
 
+/// A path change as Envoy's regex rewrite (which keeps the query).
+fn path_rewrite(change: &PathChange) -> RegexMatchAndSubstitute {
+    let (regex, substitution) = change.regex();
+    RegexMatchAndSubstitute {
+        pattern: Some(RegexMatcher {
+            regex,
+            ..Default::default()
+        }),
+        substitution,
+    }
+}
+
+/// Envoy's redirect keeps the request's `Host` port unless it is given a host or a port,
+/// and writes a given port even when it is the scheme's own. So the port is given only
+/// when it must appear, and the virtual host's name is given to drop the request's port
+/// where Gateway API says the scheme's own port is meant; a new host without a port gets
+/// this listener's port, the one the client used.
+fn redirect(r: &Redirect, vhost: &str, listen_port: u16) -> RedirectAction {
+    use redirect_action::RedirectResponseCode as Code;
+    let code = match r.status {
+        301 => Code::MovedPermanently,
+        303 => Code::SeeOther,
+        307 => Code::TemporaryRedirect,
+        308 => Code::PermanentRedirect,
+        _ => Code::Found,
+    };
+    let scheme = r.scheme.unwrap_or("http");
+    let default = |p: u16| (scheme == "http" && p == 80) || (scheme == "https" && p == 443);
+    let host = r
+        .hostname
+        .clone()
+        .or_else(|| (r.port.is_some() && !vhost.starts_with('*')).then(|| vhost.to_owned()));
+    let port = match (r.port, &r.hostname) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => Some(listen_port),
+        (None, None) => None,
+    };
+    RedirectAction {
+        host_redirect: host.unwrap_or_default(),
+        port_redirect: port.filter(|p| !default(*p)).map_or(0, u32::from),
+        response_code: code as i32,
+        scheme_rewrite_specifier: r
+            .scheme
+            .map(|s| redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s.into())),
+        path_rewrite_specifier: r
+            .path
+            .as_ref()
+            .map(|p| redirect_action::PathRewriteSpecifier::RegexRewrite(path_rewrite(p))),
+        ..Default::default()
+    }
+}
+
+/// The route's CORS policy for Envoy's CORS filter; origins match case-insensitively, as
+/// at the built-in edge.
+fn cors_policy(c: &crate::filters::Cors) -> Any {
+    let policy = CorsPolicy {
+        allow_origin_string_match: c
+            .origin_regexes()
+            .into_iter()
+            .map(|regex| StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                    regex,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect(),
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c.max_age.map(|a| a.to_string()).unwrap_or_default(),
+        allow_credentials: Some(BoolValue {
+            value: c.allow_credentials,
+        }),
+        ..Default::default()
+    };
+    any(
+        "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        &policy,
+    )
+}
+
 fn exact(v: &str) -> StringMatcher {
     StringMatcher {
         match_pattern: Some(string_matcher::MatchPattern::Exact(v.to_owned())),
@@ -256,7 +361,7 @@ fn exact(v: &str) -> StringMatcher {
 
 /// The shared route configuration: a virtual host per hostname, a route per match in the
 /// model's precedence order, `datum-*` headers per backend.
-pub fn route_configuration(table: &Table) -> RouteConfiguration {
+pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfiguration {
     let mut hosts: Vec<_> = table.hosts().collect();
     hosts.sort_by(|a, b| a.hostname.cmp(&b.hostname));
     let virtual_hosts = hosts
@@ -316,11 +421,15 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                         .filter(|(_, b)| b.ready && b.weight > 0)
                         .collect();
                     let mut request_headers_to_add = header_options(&r.filter);
+                    let mut response_headers_to_add = header_options(&r.response);
+                    let mut response_headers_to_remove = removals(&r.response);
                     let weighted = ready.len() > 1;
                     let specifier = match ready.as_slice() {
                         [] => route_action::ClusterSpecifier::Cluster(UNREADY.into()),
                         [(i, b)] => {
                             request_headers_to_add.extend(backend_headers(b));
+                            response_headers_to_add.extend(header_options(&b.response));
+                            response_headers_to_remove.extend(removals(&b.response));
                             route_action::ClusterSpecifier::Cluster(sidecar_cluster(*i))
                         }
                         many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
@@ -333,11 +442,48 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                                         .into_iter()
                                         .chain([fallback_header(*i, many)])
                                         .collect(),
+                                    response_headers_to_add: header_options(&b.response),
+                                    response_headers_to_remove: removals(&b.response),
                                     ..Default::default()
                                 })
                                 .collect(),
                             ..Default::default()
                         }),
+                    };
+                    let action = if let Some(why) = &r.unsupported {
+                        route::Action::DirectResponse(DirectResponseAction {
+                            status: 500,
+                            body: Some(DataSource {
+                                specifier: Some(data_source::Specifier::InlineString(format!(
+                                    "{}: the route uses a filter Portway does not implement: {why}",
+                                    h.hostname
+                                ))),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                    } else if let Some(rd) = &r.redirect {
+                        route::Action::Redirect(redirect(rd, &h.hostname, node.listen.port()))
+                    } else {
+                        let rewrite = r.rewrite.as_ref();
+                        route::Action::Route(RouteAction {
+                            cluster_specifier: Some(specifier),
+                            // Streams (SSE, uploads) must not be cut off by a route timeout.
+                            timeout: Some(PbDuration {
+                                seconds: 0,
+                                nanos: 0,
+                            }),
+                            host_rewrite_specifier: rewrite
+                                .and_then(|w| w.hostname.as_ref())
+                                .and_then(|h| h.to_str().ok())
+                                .map(|h| {
+                                    route_action::HostRewriteSpecifier::HostRewriteLiteral(
+                                        h.to_owned(),
+                                    )
+                                }),
+                            regex_rewrite: rewrite.and_then(|w| w.path.as_ref()).map(path_rewrite),
+                            ..Default::default()
+                        })
                     };
                     Route {
                         name: format!("{}/{}", r.route, r.rule),
@@ -347,15 +493,15 @@ pub fn route_configuration(table: &Table) -> RouteConfiguration {
                             query_parameters,
                             ..Default::default()
                         }),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(specifier),
-                            // Streams (SSE, uploads) must not be cut off by a route timeout.
-                            timeout: Some(PbDuration {
-                                seconds: 0,
-                                nanos: 0,
-                            }),
-                            ..Default::default()
-                        })),
+                        action: Some(action),
+                        typed_per_filter_config: r
+                            .cors
+                            .as_deref()
+                            .map(|c| (CORS_FILTER.to_owned(), cors_policy(c)))
+                            .into_iter()
+                            .collect(),
+                        response_headers_to_add,
+                        response_headers_to_remove,
                         request_headers_to_add,
                         // A client's `datum-fallback` never reaches the sidecar: removed
                         // here, or overwritten by each weighted cluster.
@@ -397,7 +543,7 @@ pub fn resources(type_url: &str, table: &Table, node: &NodeConfig) -> Vec<Any> {
             .iter()
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
-        ROUTE_TYPE => vec![any(ROUTE_TYPE, &route_configuration(table))],
+        ROUTE_TYPE => vec![any(ROUTE_TYPE, &route_configuration(table, node))],
         _ => Vec::new(),
     }
 }
@@ -429,7 +575,7 @@ mod tests {
 
     #[test]
     fn routes_carry_headers_matches_and_readiness() {
-        let rc = route_configuration(&table());
+        let rc = route_configuration(&table(), &node());
         assert!(rc.most_specific_header_mutations_wins && rc.ignore_port_in_host_matching);
         let app = rc
             .virtual_hosts
@@ -525,7 +671,7 @@ mod tests {
 
     #[test]
     fn each_weighted_backend_carries_the_others_as_fallback() {
-        let rc = route_configuration(&table());
+        let rc = route_configuration(&table(), &node());
         let app = rc
             .virtual_hosts
             .iter()
@@ -573,5 +719,120 @@ mod tests {
                 Some("n1 127.0.0.1 3000".to_owned())
             ]
         );
+    }
+
+    /// Redirect, rewrite, response headers and CORS become Envoy's own actions and
+    /// filter config; a filter Envoy is not given (RequestMirror) answers 500.
+    #[test]
+    fn filters_become_envoy_actions() {
+        use serde_json::json;
+        let gw: gateway_api::apis::standard::gateways::Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "gw", "namespace": "p"}, "spec": {"gatewayClassName": "portway", "listeners": []}})).unwrap();
+        let route: gateway_api::apis::standard::httproutes::HttpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "r", "namespace": "p"},
+            "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["app.example.com"], "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                 "filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 301,
+                     "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                 "filters": [
+                     {"type": "URLRewrite", "urlRewrite": {"hostname": "in.example", "path": {"type": "ReplaceFullPath", "replaceFullPath": "/x"}}},
+                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"set": [{"name": "x-a", "value": "1"}], "remove": ["x-b"]}},
+                     {"type": "CORS", "cors": {"allowOrigins": ["https://*.example.com"], "allowMethods": ["GET", "PUT"], "maxAge": 60}}],
+                 "backendRefs": [{"name": "svc"}]},
+                {"matches": [{"path": {"type": "Exact", "value": "/m"}}],
+                 "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}]},
+            ]},
+        }))
+        .unwrap();
+        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[]);
+        let rc = route_configuration(&table, &node());
+        let by_rule = |rule: &str| {
+            rc.virtual_hosts[0]
+                .routes
+                .iter()
+                .find(|r| r.name == format!("p/r/{rule}"))
+                .unwrap()
+        };
+
+        let Some(route::Action::Redirect(r)) = &by_rule("0").action else {
+            panic!("{:?}", by_rule("0").action)
+        };
+        assert_eq!(
+            (
+                r.host_redirect.as_str(),
+                r.port_redirect,
+                r.response_code,
+                r.scheme_rewrite_specifier.clone()
+            ),
+            (
+                "app.example.com",
+                0,
+                redirect_action::RedirectResponseCode::MovedPermanently as i32,
+                Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(
+                    "https".into()
+                ))
+            )
+        );
+        let Some(redirect_action::PathRewriteSpecifier::RegexRewrite(rw)) =
+            &r.path_rewrite_specifier
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (
+                rw.pattern.as_ref().unwrap().regex.as_str(),
+                rw.substitution.as_str()
+            ),
+            ("^/old/?", "/")
+        );
+
+        let api = by_rule("1");
+        let Some(route::Action::Route(a)) = &api.action else {
+            panic!("{:?}", api.action)
+        };
+        assert_eq!(
+            a.host_rewrite_specifier,
+            Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(
+                "in.example".into()
+            ))
+        );
+        let rw = a.regex_rewrite.as_ref().unwrap();
+        assert_eq!(
+            (
+                rw.pattern.as_ref().unwrap().regex.as_str(),
+                rw.substitution.as_str()
+            ),
+            ("^.*$", "/x")
+        );
+        assert_eq!(
+            api.response_headers_to_add[0].header.as_ref().unwrap().key,
+            "x-a"
+        );
+        assert_eq!(api.response_headers_to_remove, ["x-b"]);
+        let cors = &api.typed_per_filter_config[CORS_FILTER];
+        let policy = CorsPolicy::decode(cors.value.as_slice()).unwrap();
+        assert_eq!(
+            (policy.allow_methods.as_str(), policy.max_age.as_str()),
+            ("GET,PUT", "60")
+        );
+        assert!(by_rule("0").typed_per_filter_config.is_empty());
+        let names: Vec<_> = match &listeners(&node())[0].filter_chains[0].filters[0].config_type {
+            Some(filter::ConfigType::TypedConfig(a)) => {
+                HttpConnectionManager::decode(a.value.as_slice())
+                    .unwrap()
+                    .http_filters
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(names, [CORS_FILTER, "envoy.filters.http.router"]);
+
+        let Some(route::Action::DirectResponse(d)) = &by_rule("2").action else {
+            panic!("{:?}", by_rule("2").action)
+        };
+        assert_eq!(d.status, 500);
     }
 }

@@ -79,6 +79,7 @@ pub(super) fn accepted_by_gateway(
 /// The conditions of an accepted proxy.
 pub(super) fn accepted(
     backends: &[Backend<'_>],
+    forwards: bool,
     accepted_by_gateway: bool,
     hostnames: &Condition,
     stamp: Stamp,
@@ -115,7 +116,14 @@ pub(super) fn accepted(
             )
         },
         // A backend exists only once its connector has reported its id.
-        if backends.is_empty() {
+        if !forwards {
+            stamp.condition(
+                METADATA,
+                true,
+                METADATA,
+                "every rule redirects: no device is needed".into(),
+            )
+        } else if backends.is_empty() {
             stamp.condition(
                 METADATA,
                 false,
@@ -130,7 +138,14 @@ pub(super) fn accepted(
                 "datum-node-id and datum-target-* headers are set on every backend".into(),
             )
         },
-        if ready > 0 {
+        if !forwards {
+            stamp.condition(
+                BACKENDS_READY,
+                true,
+                BACKENDS_READY,
+                "every rule redirects: no device is needed".into(),
+            )
+        } else if ready > 0 {
             stamp.condition(
                 BACKENDS_READY,
                 true,

@@ -44,6 +44,8 @@ pub mod reasons {
     /// the public URL reaches a device; False means it answers 503.
     pub const BACKENDS_READY: &str = "BackendsReady";
     pub const NO_READY_BACKEND: &str = "NoReadyBackend";
+    /// A filter the schema admits but no data plane implements.
+    pub const UNSUPPORTED_VALUE: &str = portway_api::filters::UNSUPPORTED_VALUE;
 }
 use reasons::*;
 
@@ -111,10 +113,15 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     let invalid = portway_api::validation::Validate::validate(proxy)
         .into_iter()
         .map(|e| Problem::new(INVALID, e.to_string()));
+    // Accepted means implemented: a filter no data plane carries out refuses the proxy.
+    let unsupported = portway_api::filters::unsupported_in_proxy(&proxy.spec)
+        .into_iter()
+        .map(|e| Problem::new(UNSUPPORTED_VALUE, e.to_string()));
     let problems: Vec<Problem> = hosts
         .problems
         .into_iter()
         .chain(invalid)
+        .chain(unsupported)
         .chain(backends.problems)
         .collect();
 
@@ -137,8 +144,15 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         &input.config.controller_name,
         proxy.metadata.name.as_deref().unwrap_or_default(),
     );
+    // A proxy whose every rule redirects needs no device.
+    let forwards = proxy
+        .spec
+        .rules
+        .iter()
+        .any(|r| !r.filters.iter().any(|f| f.request_redirect.is_some()));
     status.conditions = conditions::accepted(
         &backends.resolved,
+        forwards,
         accepted_by_gateway,
         &hosts.condition,
         stamp,

@@ -630,3 +630,69 @@ fn generated_names_are_stable_labels() {
     assert!(portway_api::validation::dns1123_label(&a).is_ok(), "{a}");
     assert!(portway_api::validation::dns1123_label(&label_name(&"x".repeat(100), &[])).is_ok());
 }
+
+/// Accepted means implemented: a filter no data plane carries out refuses the proxy with
+/// UnsupportedValue and the field; the implemented ones pass into the route as written.
+#[test]
+fn filters_no_data_plane_implements_are_refused() {
+    let mut p = proxy(
+        &["app.example.com"],
+        "http://127.0.0.1:3000",
+        by_name("laptop"),
+    );
+    p.spec.rules[0].filters = serde_json::from_value(serde_json::json!([
+        {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}
+    ]))
+    .unwrap();
+    let case = |p: HttpProxy| {
+        Case {
+            proxy: p,
+            connectors: vec![connector("laptop", Some(1), true, &[])],
+            ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+            claimed: &[],
+            route_status: None,
+        }
+        .run()
+    };
+    let d = case(p.clone());
+    let accepted = cond(&d, ACCEPTED);
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", UNSUPPORTED_VALUE)
+    );
+    assert!(
+        accepted
+            .message
+            .contains("spec.rules[0].filters[0].requestMirror: RequestMirror filters are not implemented on a rule"),
+        "{}",
+        accepted.message
+    );
+    assert_eq!(cond(&d, PROGRAMMED).reason, UNSUPPORTED_VALUE);
+    assert!(d.route.is_none() && d.gateway.is_none());
+
+    let implemented: Vec<gateway_api::apis::standard::httproutes::HttpRouteRulesFilters> =
+        serde_json::from_value(serde_json::json!([
+            {"type": "URLRewrite", "urlRewrite": {"hostname": "internal.example"}},
+            {"type": "CORS", "cors": {"allowOrigins": ["*"]}},
+        ]))
+        .unwrap();
+    p.spec.rules[0].filters = implemented.clone();
+    let d = case(p.clone());
+    assert_eq!(cond(&d, ACCEPTED).status, "True");
+    let route = d.route.unwrap();
+    assert_eq!(
+        route.spec.rules.unwrap()[0].filters.as_deref(),
+        Some(implemented.as_slice())
+    );
+
+    // A proxy that only redirects needs no device, and says so.
+    p.spec.rules[0].filters = serde_json::from_value(serde_json::json!([
+        {"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}
+    ]))
+    .unwrap();
+    p.spec.rules[0].backends.clear();
+    let d = case(p);
+    assert_eq!(cond(&d, ACCEPTED).status, "True");
+    assert_eq!(cond(&d, BACKENDS_READY).status, "True");
+    assert_eq!(cond(&d, METADATA).status, "True");
+}
