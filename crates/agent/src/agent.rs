@@ -15,6 +15,7 @@ use iroh::{Endpoint, EndpointAddr, RelayUrl, Watcher};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use portway_api::{
@@ -180,6 +181,9 @@ struct Shared {
     /// Session state as a word ("registering", "online", "reconnecting… (why)").
     state: watch::Sender<String>,
     shutdown: CancellationToken,
+    /// Its Connector's life (connected, back after a failure, stopped), for `kubectl
+    /// describe connector` and `get events -w`.
+    events: portway_kube::Events,
 }
 
 /// A running agent.
@@ -233,7 +237,13 @@ impl Agent {
             .accept(TUNNEL_ALPN, server)
             .spawn();
         let (tunnels_tx, tunnels_rx) = watch::channel(config.tunnels.clone());
+        let events = portway_kube::Events::new(
+            client.clone(),
+            "portway-agent",
+            Some(ep.id().fmt_short().to_string()),
+        );
         let shared = Arc::new(Shared {
+            events,
             config,
             client,
             endpoint: ep,
@@ -413,7 +423,7 @@ async fn control_loop(s: Arc<Shared>) {
     // The same failure again and again is said once; the state line shows it meanwhile.
     let mut last_failure = None;
     loop {
-        let result = session(&s, &mut backoff, &mut watchers).await;
+        let result = session(&s, &mut backoff, &mut watchers, last_failure.as_deref()).await;
         if s.shutdown.is_cancelled() {
             break;
         }
@@ -463,6 +473,7 @@ async fn session(
     s: &Arc<Shared>,
     backoff: &mut Backoff,
     watchers: &mut Option<(String, JoinHandle<()>)>,
+    after: Option<&str>,
 ) -> Result<(), Error> {
     s.state.send_replace("registering".into());
     let connector = register(s).await?;
@@ -487,6 +498,32 @@ async fn session(
     s.state.send_replace("online".into());
     backoff.reset();
     tracing::info!(connector = %format!("{}/{name}", s.config.project), node_id = %s.endpoint.id(), "registered");
+    let (reason, note) = match after {
+        None => (
+            "Connected",
+            format!(
+                "endpoint {} holds the lease; {} tunnel(s)",
+                s.endpoint.id(),
+                current.len()
+            ),
+        ),
+        Some(why) => (
+            "Reconnected",
+            format!(
+                "endpoint {} holds the lease again, after: {why}",
+                s.endpoint.id()
+            ),
+        ),
+    };
+    s.events
+        .record(
+            &connector.object_ref(&()),
+            portway_kube::events::Kind::Normal,
+            reason,
+            "Connect",
+            note,
+        )
+        .await;
 
     let half = s.config.lease_duration / 2;
     let jitter = || half.mul_f64(rand::random_range(0.8..1.0));
@@ -684,7 +721,26 @@ async fn release_lease(s: &Shared, reg: &Registration) {
         .patch(&reg.connector, &pp(), &Patch::Merge(&release))
         .await
     {
-        Ok(_) => tracing::info!(connector = %reg.connector, "lease released"),
+        Ok(_) => {
+            tracing::info!(connector = %reg.connector, "lease released");
+            let about = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(Connector::api_version(&()).into_owned()),
+                kind: Some("Connector".into()),
+                name: Some(reg.connector.clone()),
+                namespace: Some(reg.project.clone()),
+                ..Default::default()
+            };
+            let note = "the agent stopped and released its lease".to_owned();
+            s.events
+                .record(
+                    &about,
+                    portway_kube::events::Kind::Normal,
+                    "Disconnected",
+                    "Disconnect",
+                    note,
+                )
+                .await;
+        }
         Err(e) => tracing::warn!(error = %e, "releasing the lease"),
     }
 }

@@ -288,6 +288,8 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
         },
         Role::Agent => match (a.res.namespaced, kind) {
             (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "Lease") => in_own_ns,
+            // A device reports its tunnels' life in its own project.
+            (true, "Event") => in_own_ns,
             (true, _) => false,
             (false, "ConnectorClass") => a.verb.is_read(),
             (false, "Namespace") => a.verb == Verb::Get && in_own_ns,

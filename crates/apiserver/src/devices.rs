@@ -444,12 +444,6 @@ pub fn check_write(
     old: Option<&Value>,
     new: Option<&Value>,
 ) -> Result<(), ApiError> {
-    if !matches!(
-        res.kind,
-        "Connector" | "Lease" | "ConnectorAdvertisement" | "HTTPProxy"
-    ) {
-        return Ok(());
-    }
     let forbid = |why: String| {
         Err(ApiError::forbidden(format!(
             "{} is forbidden: User \"{}\" {why}",
@@ -457,6 +451,29 @@ pub fn check_write(
             user.name
         )))
     };
+    // A device tells only its own story: events about its own Connector.
+    if res.kind == "Event"
+        && let Some(me) = &user.device
+    {
+        for obj in old.into_iter().chain(new) {
+            let about = obj.get("regarding").or_else(|| obj.get("involvedObject"));
+            let kind = about.and_then(|a| a["kind"].as_str()).unwrap_or_default();
+            let name = about.and_then(|a| a["name"].as_str()).unwrap_or_default();
+            if kind != "Connector" || name != me.connector {
+                return forbid(format!(
+                    "cannot record events about {kind} {name}: a device records events only about its own connector {}",
+                    me.connector
+                ));
+            }
+        }
+        return Ok(());
+    }
+    if !matches!(
+        res.kind,
+        "Connector" | "Lease" | "ConnectorAdvertisement" | "HTTPProxy"
+    ) {
+        return Ok(());
+    }
     let objects = old.into_iter().chain(new);
     if let Some(me) = &user.device {
         for obj in objects {

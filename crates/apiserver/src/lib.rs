@@ -26,6 +26,7 @@ pub mod decode;
 pub mod devices;
 mod discovery;
 pub mod error;
+pub mod events;
 pub mod files;
 mod http;
 pub mod patch;
@@ -74,6 +75,8 @@ pub struct Config {
     /// Connection limits (default: [`portway_serve::Limits`] with at most 10 000
     /// connections).
     pub limits: portway_serve::Limits,
+    /// How long an Event lives after it was last seen (default one hour).
+    pub event_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -90,6 +93,7 @@ impl Config {
                 max_connections: 10_000,
                 ..Default::default()
             },
+            event_ttl: events::DEFAULT_TTL,
         }
     }
 }
@@ -256,6 +260,11 @@ impl Server {
             shutdown: shutdown.clone(),
         });
         let router = Router::new().fallback(http::handle).with_state(app);
+        tokio::spawn(events::expire_until(
+            store.clone(),
+            config.event_ttl,
+            shutdown.clone(),
+        ));
         let service = move |_: &portway_serve::Peer| TowerToHyperService::new(router.clone());
         let task = tokio::spawn(portway_serve::serve(
             listener,

@@ -214,6 +214,7 @@ struct Builtin {
     columns: Vec<Column>,
     strategic: Option<&'static [(&'static str, ListStrategy)]>,
     proto: Option<&'static Message>,
+    field_selectors: &'static [&'static str],
 }
 
 fn builtin<K>(b: Builtin) -> ResourceType
@@ -221,7 +222,10 @@ where
     K: DeserializeOwned + Serialize + Validate + kube::Resource + JsonSchema,
 {
     let mut columns = b.columns;
-    columns.push(age());
+    // An Event's age is its Last Seen (as in Kubernetes, which shows no Age for them).
+    if b.kind != "Event" {
+        columns.push(age());
+    }
     ResourceType {
         id: 0,
         group: b.group,
@@ -233,7 +237,7 @@ where
         namespaced: b.namespaced,
         status: b.status,
         columns,
-        field_selectors: &[],
+        field_selectors: b.field_selectors,
         strategic: b.strategic,
         proto: b.proto,
         decode: decode::<K>,
@@ -323,6 +327,7 @@ impl Registry {
                 columns: vec![column("Status", "string", ".status.phase")],
                 strategic: Some(&[]),
                 proto: Some(&protobuf::NAMESPACE),
+                field_selectors: &[],
             }),
             builtin::<Service>(Builtin {
                 group: "",
@@ -338,6 +343,7 @@ impl Registry {
                 ],
                 strategic: Some(&[("spec.ports", ListStrategy::MergeByKey("port"))]),
                 proto: Some(&protobuf::SERVICE),
+                field_selectors: &[],
             }),
             builtin::<Lease>(Builtin {
                 group: "coordination.k8s.io",
@@ -353,6 +359,7 @@ impl Registry {
                 ],
                 strategic: Some(&[]),
                 proto: Some(&protobuf::LEASE),
+                field_selectors: &[],
             }),
             builtin::<EndpointSlice>(Builtin {
                 group: "discovery.k8s.io",
@@ -370,6 +377,7 @@ impl Registry {
                 ],
                 strategic: Some(&[]),
                 proto: Some(&protobuf::ENDPOINT_SLICE),
+                field_selectors: &[],
             }),
             builtin::<GatewayClass>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -386,6 +394,7 @@ impl Registry {
                 strategic: None,
                 // Gateway API kinds are custom resources in Kubernetes too.
                 proto: None,
+                field_selectors: &[],
             }),
             builtin::<Gateway>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -401,6 +410,7 @@ impl Registry {
                 ],
                 strategic: None,
                 proto: None,
+                field_selectors: &[],
             }),
             builtin::<HttpRoute>(Builtin {
                 group: "gateway.networking.k8s.io",
@@ -413,6 +423,74 @@ impl Registry {
                 columns: vec![column("Hostnames", "string", ".spec.hostnames")],
                 strategic: None,
                 proto: None,
+                field_selectors: &[],
+            }),
+            // One record under two APIs (see `events`): kube-rs writes events.k8s.io,
+            // kubectl reads core/v1.
+            builtin::<k8s_openapi::api::core::v1::Event>(Builtin {
+                group: "",
+                version: "v1",
+                kind: "Event",
+                plural: "events",
+                short_names: &["ev"],
+                namespaced: true,
+                status: false,
+                columns: vec![
+                    column("Last Seen", "date", ".lastTimestamp"),
+                    column("Type", "string", ".type"),
+                    column("Reason", "string", ".reason"),
+                    column("Object", crate::table::OBJECT_REF, ".involvedObject"),
+                    column("Message", "string", ".message"),
+                    Column {
+                        priority: 1,
+                        ..column("Source", "string", ".source.component")
+                    },
+                    Column {
+                        priority: 1,
+                        ..column("Count", "integer", ".count")
+                    },
+                ],
+                strategic: Some(&[]),
+                proto: None,
+                field_selectors: &[
+                    "involvedObject.kind",
+                    "involvedObject.namespace",
+                    "involvedObject.name",
+                    "involvedObject.uid",
+                    "involvedObject.apiVersion",
+                    "involvedObject.resourceVersion",
+                    "involvedObject.fieldPath",
+                    "reason",
+                    "reportingComponent",
+                    "source",
+                    "type",
+                ],
+            }),
+            builtin::<k8s_openapi::api::events::v1::Event>(Builtin {
+                group: "events.k8s.io",
+                version: "v1",
+                kind: "Event",
+                plural: "events",
+                short_names: &["ev"],
+                namespaced: true,
+                status: false,
+                columns: vec![
+                    column("Type", "string", ".type"),
+                    column("Reason", "string", ".reason"),
+                    column("Object", crate::table::OBJECT_REF, ".regarding"),
+                    column("Note", "string", ".note"),
+                ],
+                strategic: Some(&[]),
+                proto: None,
+                field_selectors: &[
+                    "regarding.kind",
+                    "regarding.namespace",
+                    "regarding.name",
+                    "regarding.uid",
+                    "reason",
+                    "reportingController",
+                    "type",
+                ],
             }),
             custom::<ConnectorClass>(&[]),
             custom::<Connector>(&[

@@ -36,11 +36,21 @@ pub fn name_column() -> Value {
     json!({"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0})
 }
 
+/// A column type of ours that kubectl sees as a string: an object reference shown as
+/// `kind/name`, as Kubernetes shows an Event's object.
+pub const OBJECT_REF: &str = "objectref";
+
 /// Every column, `priority` included: kubectl shows those above 0 only with `-o wide`.
 pub fn column_definitions(res: Res) -> Value {
-    let mut cols = vec![name_column()];
+    let mut name = name_column();
+    // Events are read by what happened, not by their generated names (as in Kubernetes).
+    if res.kind == "Event" {
+        name["priority"] = json!(1);
+    }
+    let mut cols = vec![name];
     cols.extend(res.columns.iter().map(|c| {
-        json!({"name": c.name, "type": c.type_, "format": "", "description": c.description, "priority": c.priority})
+        let type_ = if c.type_ == OBJECT_REF { "string" } else { c.type_.as_str() };
+        json!({"name": c.name, "type": type_, "format": "", "description": c.description, "priority": c.priority})
     }));
     Value::Array(cols)
 }
@@ -108,6 +118,14 @@ fn cell(type_: &str, found: &[&Value]) -> Value {
     }
     if type_ == "date" {
         return found[0].as_str().map_or(Value::Null, |s| json!(age(s)));
+    }
+    if type_ == OBJECT_REF {
+        let kind = found[0]["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let name = found[0]["name"].as_str().unwrap_or_default();
+        return json!(format!("{kind}/{name}"));
     }
     if found.len() == 1 && type_ != "string" {
         return found[0].clone();

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::apply::{self, Managed, Scope, Writer};
 use crate::error::{ApiError, Result};
+use crate::events;
 use crate::registry::{Res, registry};
 use crate::store::Txn;
 
@@ -413,7 +414,15 @@ pub fn commit(
         return remove(txn, ctx.res, &ctx.ns, &name, Propagation::Background)
             .map(|v| v.unwrap_or_else(|| Arc::new(Value::Null)));
     }
-    Ok(txn.put(ctx.res, new))
+    if !events::is_event(ctx.res) {
+        return Ok(txn.put(ctx.res, new));
+    }
+    if old.is_none() {
+        events::make_room(txn, ctx.res, &ctx.ns);
+    }
+    let stored = txn.put(ctx.res, new);
+    events::mirror(txn, ctx.res, &stored);
+    Ok(stored)
 }
 
 /// Creates an object.
@@ -560,6 +569,9 @@ fn remove(
     let Some(last) = txn.remove(res, ns, name) else {
         return Ok(None);
     };
+    if events::is_event(res) {
+        events::unmirror(txn, res, ns, name);
+    }
     let uid = last["metadata"]["uid"]
         .as_str()
         .unwrap_or_default()

@@ -339,8 +339,9 @@ async fn run_controller(
     shutdown: CancellationToken,
 ) {
     let api: Api<Connector> = Api::all(client.clone());
-    let (reader, events) = portway_kube::watch::reflect(api, watcher::Config::default());
-    let mut events = events.ready_chunks(1024);
+    let (reader, changes) = portway_kube::watch::reflect(api, watcher::Config::default());
+    let mut changes = changes.ready_chunks(1024);
+    let events = portway_kube::Events::new(client.clone(), "portway-dns", None);
     let mut serial = 1u32;
     let mut published = Records::new();
     let mut ready = false;
@@ -348,7 +349,7 @@ async fn run_controller(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            batch = events.next() => {
+            batch = changes.next() => {
                 let Some(batch) = batch else { return };
                 for e in batch {
                     match e {
@@ -391,7 +392,7 @@ async fn run_controller(
             .collect();
         for d in &decisions {
             if let Some(c) = by_key.get(&(d.namespace.as_str(), d.name.as_str())) {
-                write_condition(&client, c, d).await;
+                write_condition(&client, &events, c, d).await;
             }
         }
     }
@@ -409,21 +410,35 @@ fn wanted(c: &Connector, d: &Decision) -> Condition {
 
 /// Writes the condition if it changed, guarded by resourceVersion so the operator's
 /// conditions on the same connector are never overwritten.
-async fn write_condition(client: &kube::Client, c: &Connector, d: &Decision) {
+async fn write_condition(
+    client: &kube::Client,
+    events: &portway_kube::Events,
+    c: &Connector,
+    d: &Decision,
+) {
     let api: Api<Connector> = Api::namespaced(client.clone(), &d.namespace);
     let id = format!("{}/{}", d.namespace, d.name);
+    let conditions = [wanted(c, d)];
     match portway_kube::patch_conditions(
         &api,
         Some(c),
         &d.name,
         portway_api::managers::DNS,
-        &[wanted(c, d)],
+        &conditions,
         None,
     )
     .await
     {
         Ok(true) => {
-            tracing::debug!(connector = %id, reason = d.reason.as_str(), "condition written")
+            tracing::debug!(connector = %id, reason = d.reason.as_str(), "condition written");
+            let old = c.status.as_ref().map(|s| s.conditions.as_slice());
+            events
+                .conditions_changed(
+                    &kube::Resource::object_ref(c, &()),
+                    old.unwrap_or_default(),
+                    &conditions,
+                )
+                .await;
         }
         Ok(false) => {}
         Err(e) if e.is_not_found() => {}

@@ -42,6 +42,8 @@ pub struct Config {
     pub ephemeral_ttl: Duration,
     /// The edge's access log (`portway::access` events); default off.
     pub access_log: bool,
+    /// How long an Event lives after it was last seen; default one hour.
+    pub event_ttl: Duration,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Config {
             metrics: local(9090),
             ephemeral_ttl: Duration::from_secs(15 * 60),
             access_log: false,
+            event_ttl: portway_apiserver::events::DEFAULT_TTL,
         }
     }
 }
@@ -224,6 +227,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     let mut api_config = portway_apiserver::Config::new(dir.clone());
     api_config.listen = config.apiserver;
     api_config.tokens_file = Some(tokens);
+    api_config.event_ttl = config.event_ttl;
     let apiserver = portway_apiserver::Server::bind(api_config).await?;
     let kubeconfig = apiserver
         .kubeconfig()

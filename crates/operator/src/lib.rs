@@ -170,6 +170,8 @@ pub(crate) struct Ctx {
     policies: Store<BackendTrafficPolicy>,
     hostnames: Arc<HostnameIndex>,
     metrics: Metrics,
+    /// Condition changes and refusals, for `kubectl describe` and `get events -w`.
+    events: portway_kube::Events,
 }
 
 /// A running operator.
@@ -399,6 +401,7 @@ impl Operator {
         }];
 
         let ctx = Arc::new(Ctx {
+            events: portway_kube::Events::new(client.clone(), "portway-operator", None),
             client: client.clone(),
             config: config.clone(),
             connectors: connectors.store.clone(),

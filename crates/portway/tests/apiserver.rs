@@ -1574,3 +1574,120 @@ async fn kubectl_get_wide_adds_the_priority_columns() {
         );
     }
 }
+
+/// Events are one record under two APIs: what kube-rs's Recorder writes to
+/// events.k8s.io/v1, kubectl reads from core/v1 (with its field selectors and columns,
+/// on every kubectl), and each expires `--event-ttl` after it was last seen.
+#[tokio::test]
+async fn events_are_served_under_both_apis_and_expire() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let data = tempfile::tempdir().unwrap();
+    let server = apiserver(data.path(), "127.0.0.1:0", &["--event-ttl", "10"]).await;
+    let client = kube_client(&kubeconfig(&server)).await.unwrap();
+    let conns: Api<Connector> = Api::namespaced(client.clone(), "default");
+    let c = conns
+        .create(&PostParams::default(), &connector("laptop", &[]))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "portway-test".into(),
+            instance: None,
+        },
+    );
+    let event = |reason: &str, note: &str| Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(
+            &event("LeaseExpired", "the agent stopped"),
+            &c.object_ref(&()),
+        )
+        .await
+        .unwrap();
+
+    // core/v1, by the field selector kubectl describe sends.
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let uid = c.metadata.uid.clone().unwrap();
+    let found = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=Connector,involvedObject.name=laptop,involvedObject.uid={uid}"
+        )))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let e = &found[0];
+    assert_eq!(e.message.as_deref(), Some("the agent stopped"));
+    assert_eq!(e.reason.as_deref(), Some("LeaseExpired"));
+    assert_eq!(e.reporting_component.as_deref(), Some("portway-test"));
+    assert_eq!(e.count, Some(1));
+    assert!(e.last_timestamp.is_some());
+    let other = core
+        .list(&ListParams::default().fields("involvedObject.name=desktop"))
+        .await
+        .unwrap();
+    assert!(other.items.is_empty());
+
+    for bin in kubectls() {
+        let k = Kubectl::new(bin.clone(), &kubeconfig(&server));
+        let table = k.ok(&["get", "events"], None);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+            "{bin:?}: {table}"
+        );
+        assert!(
+            table.contains("connector/laptop") && table.contains("the agent stopped"),
+            "{bin:?}: {table}"
+        );
+        let described = k.ok(&["describe", "connector", "laptop"], None);
+        let events = described.split("Events:").nth(1).unwrap_or_default();
+        assert!(
+            events.contains("LeaseExpired") && events.contains("the agent stopped"),
+            "{bin:?}: {described}"
+        );
+    }
+
+    // A core/v1 write shows under events.k8s.io too, and a delete removes both.
+    let legacy: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"name": "legacy.1"},
+        "involvedObject": {"kind": "Connector", "name": "laptop", "namespace": "default"},
+        "reason": "Legacy", "message": "from an old client", "type": "Normal",
+        "source": {"component": "old"}, "firstTimestamp": "2026-12-02T12:00:00Z",
+    }))
+    .unwrap();
+    core.create(&PostParams::default(), &legacy).await.unwrap();
+    let modern: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    let m = modern.get("legacy.1").await.unwrap();
+    assert_eq!(m.note.as_deref(), Some("from an old client"));
+    assert_eq!(m.reporting_controller.as_deref(), Some("old"));
+    modern
+        .delete("legacy.1", &Default::default())
+        .await
+        .unwrap();
+    assert!(core.get_opt("legacy.1").await.unwrap().is_none());
+
+    // Expiry, from both APIs.
+    eventually("events expire after --event-ttl", WAIT, || async {
+        let (a, b) = (
+            core.list(&ListParams::default()).await?.items.len(),
+            modern.list(&ListParams::default()).await?.items.len(),
+        );
+        ensure!(
+            (a, b) == (0, 0),
+            "{a} core and {b} events.k8s.io events left"
+        );
+        Ok(())
+    })
+    .await;
+}

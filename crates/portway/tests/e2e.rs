@@ -611,6 +611,117 @@ async fn filters(stack: &Stack, front: SocketAddr) {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// Events: `kubectl get events -w` follows a tunnel's life as each part records it (the
+/// agent, the operator, the edge, the DNS server), and `kubectl describe httpproxy` says
+/// why a proxy is not programmed.
+#[tokio::test]
+async fn events_follow_a_tunnels_life() {
+    let stack = Stack::start().await;
+    let kubeconfig = PathBuf::from(stack.up.ready_str("kubeconfig"));
+    let k = portway_testkit::Kubectl::new(PathBuf::from("kubectl"), &kubeconfig);
+    let mut watch = std::process::Command::new(&k.bin)
+        .args(["get", "events", "-w", "-n", "default"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECACHEDIR", stack.dir.path().join("kc-cache"))
+        .env("HOME", stack.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    // `words` must all appear in what kubectl printed after byte `from`.
+    let expect = |what: &'static str, from: usize, words: &'static [&'static str]| {
+        let seen = seen.clone();
+        eventually(what, WAIT, move || {
+            let seen = seen.clone();
+            async move {
+                let out = seen.lock().unwrap()[from..].to_owned();
+                for w in words {
+                    ensure!(out.contains(w), "no {w:?} in:\n{out}");
+                }
+                Ok(())
+            }
+        })
+    };
+
+    let mut http = stack.http("life.localhost", 3).await.unwrap();
+    assert_eq!(
+        stack.get("life.localhost", "/hello").await.unwrap().0,
+        StatusCode::OK
+    );
+    // The agent connected, the operator accepted and programmed the proxy, the edge
+    // attached the route, the DNS server published the device.
+    expect(
+        "the tunnel's start in kubectl get events -w",
+        0,
+        &[
+            "Connected",
+            "BackendsReady=True",
+            "Programmed=True",
+            "attached to Gateway",
+            "IrohDNSPublished=True",
+        ],
+    )
+    .await;
+    // The device dies: its connector goes unready and the proxy says requests get 503.
+    let before = seen.lock().unwrap().len();
+    http.kill9();
+    expect(
+        "the device's loss in kubectl get events -w",
+        before,
+        &["Warning", "Ready=False", "NoReadyBackend"],
+    )
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    eprintln!("kubectl get events -w:\n{}", seen.lock().unwrap());
+
+    // Why a proxy is not programmed, in kubectl describe.
+    let admin = kube_client(&kubeconfig).await.unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let refused = serde_json::from_value(json!({
+        "metadata": {"name": "mirrored"},
+        "spec": {"hostnames": ["mirrored.localhost"], "rules": [{
+            "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow"}}}],
+            "backends": [{"endpoint": "http://127.0.0.1:1"}]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &refused)
+        .await
+        .unwrap();
+    let described = eventually("kubectl describe shows the refusal", WAIT, || async {
+        let out = k.ok(&["describe", "httpproxy", "mirrored"], None);
+        ensure!(out.contains("UnsupportedValue"), "{out}");
+        Ok(out)
+    })
+    .await;
+    eprintln!("kubectl describe httpproxy mirrored:\n{described}");
+    let events = described
+        .split("Events:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no Events section: {described}"));
+    assert!(
+        events.contains("Warning")
+            && events.contains("UnsupportedValue")
+            && events.contains("spec.rules[0].filters[0].requestMirror"),
+        "{described}"
+    );
+}
+
 #[tokio::test]
 async fn public_traffic_end_to_end() {
     let stack = Stack::start().await;

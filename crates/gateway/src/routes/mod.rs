@@ -13,10 +13,10 @@ use futures::StreamExt;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
 use portway_api::managers;
 use portway_kube::watch::{is_ready, reflect, relisted, touched};
 use tokio::sync::watch;
@@ -106,15 +106,16 @@ pub fn spawn(
             routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
         );
-        let mut events = futures::stream::select(futures::stream::select(gws, routes), slices)
+        let mut changes = futures::stream::select(futures::stream::select(gws, routes), slices)
             .ready_chunks(512)
             .boxed();
+        let events = portway_kube::Events::new(client.clone(), "portway-edge", None);
         let mut resync = tokio::time::interval(Duration::from_secs(60));
         let mut n = 0u64;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                batch = events.next() => match batch {
+                batch = changes.next() => match batch {
                     None => return,
                     Some(batch) => {
                         for e in batch {
@@ -141,7 +142,7 @@ pub fn spawn(
             version.send_replace(n);
             if config.write_status {
                 let writes = desired(&config, &gws, &routes, &attachments);
-                apply(&client, &config.controller_name, writes).await;
+                apply(&client, &events, &config.controller_name, writes).await;
             }
         }
     });
@@ -150,7 +151,12 @@ pub fn spawn(
 
 /// Applies `writes`, each guarded on the cached copy it was decided from. A write that
 /// fails is logged and made again at the next rebuild (the resync at the latest).
-async fn apply(client: &kube::Client, controller: &str, writes: Vec<StatusWrite<'_>>) {
+async fn apply(
+    client: &kube::Client,
+    events: &portway_kube::Events,
+    controller: &str,
+    writes: Vec<StatusWrite<'_>>,
+) {
     for w in writes {
         match w {
             StatusWrite::Gateway {
@@ -169,8 +175,24 @@ async fn apply(client: &kube::Client, controller: &str, writes: Vec<StatusWrite<
                     Some(&rest),
                 )
                 .await;
-                if let Err(e) = result {
-                    tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing Gateway status");
+                match result {
+                    Ok(true) => {
+                        let old = gateway
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_deref());
+                        events
+                            .conditions_changed(
+                                &gateway.object_ref(&()),
+                                old.unwrap_or_default(),
+                                &conditions,
+                            )
+                            .await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(gateway = %format!("{ns}/{name}"), error = %e, "writing Gateway status");
+                    }
                 }
             }
             StatusWrite::RouteParents {
@@ -196,8 +218,24 @@ async fn apply(client: &kube::Client, controller: &str, writes: Vec<StatusWrite<
                     decide,
                 )
                 .await;
-                if let Err(e) = result {
-                    tracing::warn!(route = %format!("{ns}/{name}"), error = %e, "writing HTTPRoute status");
+                match result {
+                    Ok(true) => {
+                        let note =
+                            format!("attached to Gateway {} and served", gateways.join(", "));
+                        events
+                            .record(
+                                &route.object_ref(&()),
+                                portway_kube::events::Kind::Normal,
+                                "Accepted",
+                                "Reconcile",
+                                note,
+                            )
+                            .await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(route = %format!("{ns}/{name}"), error = %e, "writing HTTPRoute status");
+                    }
                 }
             }
         }

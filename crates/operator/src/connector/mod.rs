@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use portway_api::{Connector, ConnectorAdvertisement, managers};
 
 use crate::{Ctx, Error};
@@ -49,6 +49,14 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
     .await?
     {
         ctx.metrics.writes.inc();
+        let old = c.status.as_ref().map(|s| s.conditions.as_slice());
+        ctx.events
+            .conditions_changed(
+                &c.object_ref(&()),
+                old.unwrap_or_default(),
+                &decision.conditions,
+            )
+            .await;
     }
     let requeue = decision
         .requeue_after
@@ -64,7 +72,21 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
         desired::Collect::Now => {
             tracing::info!(connector = %format!("{ns}/{name}"), ttl = ?ctx.config.ephemeral_ttl, "deleting an ephemeral connector whose device is gone");
             match api.delete(&name, &Default::default()).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    let note = format!(
+                        "deleted with its tunnels: ephemeral, and its device has been gone for {}s",
+                        ctx.config.ephemeral_ttl.as_secs()
+                    );
+                    ctx.events
+                        .record(
+                            &c.object_ref(&()),
+                            portway_kube::events::Kind::Normal,
+                            "Collected",
+                            "Delete",
+                            note,
+                        )
+                        .await;
+                }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }

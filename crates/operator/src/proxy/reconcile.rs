@@ -183,6 +183,14 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     match written {
         Ok(true) => {
             ctx.metrics.writes.inc();
+            let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());
+            ctx.events
+                .conditions_changed(
+                    &proxy.object_ref(&()),
+                    old.unwrap_or_default(),
+                    &d.status.conditions,
+                )
+                .await;
         }
         Ok(false) => {}
         // Deleted meanwhile: its children go with it.

@@ -40,6 +40,9 @@ pub struct Args {
     /// Revisions of change history kept for watches to resume from.
     #[arg(long, default_value_t = 10_000)]
     history: u64,
+    /// Seconds an Event is kept after it was last seen.
+    #[arg(long, default_value_t = 3600)]
+    event_ttl: u64,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -56,6 +59,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     config.tls_sans = args.tls_san;
     config.history = args.history;
+    config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     let server = portway_apiserver::Server::bind(config)
         .await
         .context("starting the API server")?;

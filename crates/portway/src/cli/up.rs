@@ -48,6 +48,9 @@ pub struct Args {
     /// and the path to it) as a `portway::access` event.
     #[arg(long)]
     access_log: bool,
+    /// Seconds an Event (`kubectl get events`) is kept after it was last seen.
+    #[arg(long, default_value_t = 3600)]
+    event_ttl: u64,
     /// Write every bound address here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -66,6 +69,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.sidecar = args.sidecar;
     config.metrics = args.metrics;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
     let up = portway_local::up::Up::start(config)
         .await

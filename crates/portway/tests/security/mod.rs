@@ -394,6 +394,34 @@ async fn attacks_on_isolation_are_refused() {
     w.serves("a.localhost", &w.stack.origin).await;
     w.serves("app.a.localhost", &w.stack.origin).await;
 
+    // 4b. Events: a device records only its own connector's story, in its own project.
+    use k8s_openapi::api::events::v1::Event;
+    let event = |about: &str, ns: &str| -> Event {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{about}.forged"), "namespace": ns},
+            "eventTime": "2026-12-02T12:00:00.000000Z", "type": "Warning", "reason": "Compromised",
+            "action": "Forge", "reportingController": "portway-agent", "reportingInstance": "x",
+            "note": "forged", "regarding": {"kind": "Connector", "name": about, "namespace": ns},
+        }))
+        .unwrap()
+    };
+    for (who, client, ns, about) in [
+        ("device-c", &device_c, "team-a", "device-a"),
+        ("device-b", &device_b, "team-a", "device-a"),
+        ("device-b", &device_b, "team-a", "device-b"),
+    ] {
+        let (code, msg) = refusal(
+            Api::<Event>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &event(about, ns))
+                .await,
+        );
+        assert_eq!(code, 403, "{who} about {ns}/{about}: {msg}");
+    }
+    Api::<Event>::namespaced(device_c.clone(), "team-a")
+        .create(&PostParams::default(), &event("device-c", "team-a"))
+        .await
+        .expect("a device records events about its own connector");
+
     // 5. A used-up join token joins nothing; the error says why. The device keeps its
     //    credential, never the join token.
     let saved =
