@@ -225,10 +225,12 @@ impl Agent {
         })
         .await?;
         let denied = Arc::new(AtomicU64::new(0));
+        let (refusals_tx, refusals) = tokio::sync::mpsc::channel(64);
         let server = Server::new(
             Gatekeeper {
                 policy: policy_rx,
                 denied: denied.clone(),
+                refusals: Some(refusals_tx),
             },
             config.name.clone(),
         );
@@ -254,6 +256,7 @@ impl Agent {
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(follow_tunnels(shared.clone()));
+        tokio::spawn(report_refusals(shared.clone(), refusals));
         let control = tokio::spawn(control_loop(shared.clone()));
         tracing::info!(node_id = %shared.endpoint.id(), "agent started");
         Ok(Self {
@@ -711,6 +714,69 @@ async fn renew_lease(s: &Shared, connector: &Connector) -> Result<(), Error> {
     }
 }
 
+/// The registered connector, as events name it.
+fn connector_ref(reg: &Registration) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(Connector::api_version(&()).into_owned()),
+        kind: Some("Connector".into()),
+        name: Some(reg.connector.clone()),
+        namespace: Some(reg.project.clone()),
+        ..Default::default()
+    }
+}
+
+/// How often refused tunnel requests are reported at most.
+const REFUSALS_EVERY: Duration = Duration::from_secs(60);
+
+/// Refused tunnel requests as Warning events on this device's Connector: the first at
+/// once, then at most one event per [`REFUSALS_EVERY`] counting the others, so whoever
+/// probes the device cannot flood its project's events.
+async fn report_refusals(s: Arc<Shared>, mut refusals: tokio::sync::mpsc::Receiver<String>) {
+    let mut last: Option<tokio::time::Instant> = None;
+    let (mut pending, mut latest) = (0u64, String::new());
+    loop {
+        let due = last.map(|t| t + REFUSALS_EVERY);
+        tokio::select! {
+            () = s.shutdown.cancelled() => return,
+            got = refusals.recv() => match got {
+                None => return,
+                Some(why) => {
+                    pending += 1;
+                    latest = why;
+                }
+            },
+            () = async {
+                match due {
+                    Some(at) if pending > 0 => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            } => {}
+        }
+        if pending == 0 || due.is_some_and(|at| tokio::time::Instant::now() < at) {
+            continue;
+        }
+        let Some(reg) = s.registered.borrow().clone() else {
+            continue;
+        };
+        let note = if pending == 1 {
+            format!("tunnel request refused: {latest}")
+        } else {
+            format!("{pending} tunnel requests refused; the latest: {latest}")
+        };
+        s.events
+            .record(
+                &connector_ref(&reg),
+                portway_kube::events::Kind::Warning,
+                "TunnelRefused",
+                "Refuse",
+                note,
+            )
+            .await;
+        pending = 0;
+        last = Some(tokio::time::Instant::now());
+    }
+}
+
 /// Gives the lease up, so the connector goes not-ready at once instead of at expiry.
 async fn release_lease(s: &Shared, reg: &Registration) {
     let api: Api<Lease> = Api::namespaced(s.client.clone(), &reg.project);
@@ -723,17 +789,10 @@ async fn release_lease(s: &Shared, reg: &Registration) {
     {
         Ok(_) => {
             tracing::info!(connector = %reg.connector, "lease released");
-            let about = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some(Connector::api_version(&()).into_owned()),
-                kind: Some("Connector".into()),
-                name: Some(reg.connector.clone()),
-                namespace: Some(reg.project.clone()),
-                ..Default::default()
-            };
             let note = "the agent stopped and released its lease".to_owned();
             s.events
                 .record(
-                    &about,
+                    &connector_ref(reg),
                     portway_kube::events::Kind::Normal,
                     "Disconnected",
                     "Disconnect",

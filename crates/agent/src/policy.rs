@@ -50,11 +50,13 @@ impl Policy {
     }
 }
 
-/// The check the tunnel server runs every stream through: it counts and logs refusals.
+/// The check the tunnel server runs every stream through: it counts and logs refusals,
+/// and hands each to `refusals` (when set) to be reported as an event.
 #[derive(Clone)]
 pub struct Gatekeeper {
     pub policy: watch::Receiver<Arc<Policy>>,
     pub denied: Arc<std::sync::atomic::AtomicU64>,
+    pub refusals: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl Gatekeeper {
@@ -71,6 +73,10 @@ impl Gatekeeper {
             Denied::Target => "target is not one of this device's tunnels",
         };
         tracing::warn!(dialer = %remote, target = %format!("{host}:{port}"), reason, "tunnel request refused (403)");
+        if let Some(tx) = &self.refusals {
+            // Full means a report is already due: this one is counted in it.
+            let _ = tx.try_send(format!("{remote} asked for {host}:{port}: {reason}"));
+        }
         false
     }
 }

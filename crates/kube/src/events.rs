@@ -71,8 +71,8 @@ impl Events {
     }
 
     /// One event per condition of `new` whose status or reason differs from `old`: a
-    /// condition turning False is a Warning (`BackendsReady=False`, `Accepted=False`), any
-    /// other change is Normal.
+    /// condition turning False is a Warning (`BackendsReady=False`, `Accepted=False`), as
+    /// is `HostnamesInUse=True`; any other change is Normal.
     pub async fn conditions_changed(
         &self,
         about: &ObjectReference,
@@ -80,7 +80,7 @@ impl Events {
         new: &[Condition],
     ) {
         for c in changed(old, new) {
-            let kind = if c.status == "False" {
+            let kind = if (c.status == "True") == ABNORMAL_WHEN_TRUE.contains(&c.type_.as_str()) {
                 Kind::Warning
             } else {
                 Kind::Normal
@@ -94,6 +94,9 @@ impl Events {
         }
     }
 }
+
+/// Conditions whose True is the trouble (Kubernetes' "abnormal-true" polarity).
+const ABNORMAL_WHEN_TRUE: &[&str] = &["HostnamesInUse"];
 
 /// The conditions of `new` whose status or reason is not what `old` says.
 pub fn changed<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {

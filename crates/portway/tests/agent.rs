@@ -326,6 +326,28 @@ async fn agent_registers_heartbeats_and_serves_only_what_it_may() {
     })
     .await;
     assert_eq!(connect_status(&conn, web.addr.port()).await.unwrap(), 403);
+    // The device says so on its connector: a Warning event naming the dialer and why.
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(env.admin.clone(), "default");
+    let dialer = gw.id().to_string();
+    eventually("the refusal is an event on the connector", WAIT, || async {
+        let list = events
+            .list(
+                &kube::api::ListParams::default()
+                    .fields("involvedObject.name=laptop,reason=TunnelRefused"),
+            )
+            .await?;
+        let e = list.items.first().context("no TunnelRefused event yet")?;
+        let message = e.message.clone().unwrap_or_default();
+        ensure!(
+            e.type_.as_deref() == Some("Warning")
+                && message.contains(&dialer)
+                && message.contains("not an authorised gateway"),
+            "{e:?}"
+        );
+        Ok(())
+    })
+    .await;
 
     // Once listed in the ConnectorClass, it reaches advertised targets, and only those.
     env.authorize(gw.id()).await;
