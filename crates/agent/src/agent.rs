@@ -161,6 +161,8 @@ pub enum Error {
 pub struct Registration {
     pub project: String,
     pub connector: String,
+    /// The connector's uid: `kubectl describe` finds events by it.
+    pub uid: Option<String>,
 }
 
 /// Counters for status displays.
@@ -426,7 +428,11 @@ async fn control_loop(s: Arc<Shared>) {
     // The same failure again and again is said once; the state line shows it meanwhile.
     let mut last_failure = None;
     loop {
-        let result = session(&s, &mut backoff, &mut watchers, last_failure.as_deref()).await;
+        // "Reconnected" only after a session of this process got through.
+        let after = last_failure
+            .as_deref()
+            .filter(|_| s.registered.borrow().is_some());
+        let result = session(&s, &mut backoff, &mut watchers, after).await;
         if s.shutdown.is_cancelled() {
             break;
         }
@@ -490,6 +496,7 @@ async fn session(
     let reg = Registration {
         project: s.config.project.clone(),
         connector: name.clone(),
+        uid: connector.metadata.uid.clone(),
     };
     let mut tunnels = s.tunnels.clone();
     let current = tunnels.borrow_and_update().clone();
@@ -721,6 +728,7 @@ fn connector_ref(reg: &Registration) -> k8s_openapi::api::core::v1::ObjectRefere
         kind: Some("Connector".into()),
         name: Some(reg.connector.clone()),
         namespace: Some(reg.project.clone()),
+        uid: reg.uid.clone(),
         ..Default::default()
     }
 }

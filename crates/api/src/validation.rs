@@ -93,6 +93,13 @@ fn reserved_headers<T: serde::Serialize>(errs: &mut Errors, field: &str, filters
                     if let Some(v) = h.get("value").and_then(|v| v.as_str()) {
                         errs.check(format!("{at}.value"), crate::filters::header_value(v));
                     }
+                    if name.eq_ignore_ascii_case("host") {
+                        errs.push(
+                            format!("{at}{suffix}"),
+                            FieldErrorKind::Forbidden,
+                            "the Host header is not a filter's to change: use a URLRewrite filter's hostname",
+                        );
+                    }
                     if crate::headers::is_reserved(name) {
                         errs.push(
                             format!("{at}{suffix}"),
@@ -924,6 +931,17 @@ impl Validate for k8s_openapi::api::events::v1::Event {
                 "eventTime is required",
             );
         }
+        if let (Some(ns), Some(own)) = (
+            self.regarding.as_ref().and_then(|r| r.namespace.as_ref()),
+            &self.metadata.namespace,
+        ) && ns != own
+        {
+            errs.push(
+                "regarding.namespace",
+                FieldErrorKind::Invalid,
+                "does not match the event's namespace",
+            );
+        }
         for (field, v) in [
             ("reportingController", &self.reporting_controller),
             ("action", &self.action),
@@ -1327,6 +1345,15 @@ mod tests {
                         FieldErrorKind::Invalid,
                     ),
                 ],
+            ),
+            // Host is the edge's (Envoy refuses a route that changes it).
+            (
+                json!([]),
+                json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": ["Host"]}}]),
+                vec![(
+                    "spec.rules[0].filters[0].requestHeaderModifier.remove[0]",
+                    FieldErrorKind::Forbidden,
+                )],
             ),
         ];
         for (matches, filters, want) in cases {

@@ -362,7 +362,7 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
         let hash = sha256_hex(token);
         let b = self.state.lock().by_token.get(&hash).cloned()?;
         if connector_uid(&b.ns, &b.connector).as_deref() != Some(b.connector_uid.as_str()) {
-            self.revoke(&b.ns, &b.connector);
+            self.forget(&hash);
             return None;
         }
         Some(Arc::new(User {
@@ -373,20 +373,23 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
         }))
     }
 
-    /// Forgets the credential bound to a connector.
-    pub fn revoke(&self, ns: &str, connector: &str) {
+    /// Forgets one credential (its Connector is gone). Only that one: a device that has
+    /// joined again since holds a new credential for the same name, which a late request
+    /// with the old one must not revoke.
+    fn forget(&self, hash: &str) {
         let mut st = self.state.lock();
-        if let Some(hash) = st
-            .by_connector
-            .remove(&(ns.to_owned(), connector.to_owned()))
-        {
-            st.by_token.remove(&hash);
-            let _ = self
-                .db
-                .lock()
-                .execute("DELETE FROM devices WHERE token_sha256 = ?1", params![hash]);
-            tracing::info!(project = ns, connector, "device credential revoked");
+        let Some(b) = st.by_token.remove(hash) else {
+            return;
+        };
+        let key = (b.ns.clone(), b.connector.clone());
+        if st.by_connector.get(&key).is_some_and(|h| h == hash) {
+            st.by_connector.remove(&key);
         }
+        let _ = self
+            .db
+            .lock()
+            .execute("DELETE FROM devices WHERE token_sha256 = ?1", params![hash]);
+        tracing::info!(project = %b.ns, connector = %b.connector, "device credential revoked: its connector is gone");
     }
 
     /// The NodeID of the device bound to a connector, if any.
@@ -459,7 +462,11 @@ pub fn check_write(
             let about = obj.get("regarding").or_else(|| obj.get("involvedObject"));
             let kind = about.and_then(|a| a["kind"].as_str()).unwrap_or_default();
             let name = about.and_then(|a| a["name"].as_str()).unwrap_or_default();
-            if kind != "Connector" || name != me.connector {
+            let elsewhere = about
+                .and_then(|a| a["namespace"].as_str())
+                .is_some_and(|n| n != ns);
+            let related = obj.get("related").is_some_and(|r| !r.is_null());
+            if kind != "Connector" || name != me.connector || elsewhere || related {
                 return forbid(format!(
                     "cannot record events about {kind} {name}: a device records events only about its own connector {}",
                     me.connector
@@ -549,6 +556,39 @@ mod tests {
         let k = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
         let id = hex(ring::signature::KeyPair::public_key(&k).as_ref());
         (k, id)
+    }
+
+    /// A device that joined again (its connector was collected and made anew) keeps its
+    /// new credential when a late request still carries the old one.
+    #[test]
+    fn a_stale_credential_revokes_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Devices::open(&dir.path().join("db")).unwrap();
+        let (token, _) = d
+            .create_join_token("p1", Duration::from_secs(60), 2)
+            .unwrap();
+        let (_, id) = keypair(1);
+        let bind = |uid: &str| {
+            d.bind(
+                &token,
+                Binding {
+                    ns: "p1".into(),
+                    connector: "laptop".into(),
+                    connector_uid: uid.into(),
+                    node_id: id.clone(),
+                },
+            )
+            .unwrap()
+        };
+        let old = bind("u1");
+        let new = bind("u2");
+        let now = |_: &str, _: &str| Some("u2".to_owned());
+        assert!(d.authenticate(&old, now).is_none());
+        assert!(
+            d.authenticate(&new, now).is_some(),
+            "the new credential survives"
+        );
+        assert!(d.bound("p1", "laptop").is_some());
     }
 
     #[test]

@@ -17,6 +17,11 @@ use crate::store::{Store, Txn};
 /// Events kept per namespace and API; a new one past it removes the oldest.
 pub const MAX_PER_NAMESPACE: usize = 1000;
 
+/// Events kept per object they are about; a new one past it removes that object's oldest.
+/// So a writer that may only report on its own object (a device) fills at most this much
+/// of its namespace, and evicts only what is about that object.
+pub const MAX_PER_OBJECT: usize = 100;
+
 /// How long an event lives after it was last seen, as kube-apiserver's `--event-ttl`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
@@ -181,13 +186,39 @@ fn name_of(ev: &Value) -> String {
         .to_owned()
 }
 
-/// Before a new Event in `ns`: removes the oldest (in both APIs) until there is room.
-pub fn make_room(txn: &mut Txn<'_>, res: Res, ns: &str) {
-    make_room_within(txn, res, ns, MAX_PER_NAMESPACE);
+/// What an event is about, in either API: (kind, name).
+fn about(ev: &Value) -> (String, String) {
+    let r = ev.get("regarding").or_else(|| ev.get("involvedObject"));
+    let s = |k: &str| {
+        r.and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (s("kind"), s("name"))
 }
 
-fn make_room_within(txn: &mut Txn<'_>, res: Res, ns: &str, max: usize) {
-    let mut all: Vec<Arc<Value>> = txn.list(res, Some(ns));
+/// Before `new`, a new Event in `ns`: removes the oldest (in both APIs) about the same
+/// object until there is room under [`MAX_PER_OBJECT`], then the oldest of the namespace
+/// under [`MAX_PER_NAMESPACE`].
+pub fn make_room(txn: &mut Txn<'_>, res: Res, ns: &str, new: &Value) {
+    let object = about(new);
+    make_room_within(txn, res, ns, MAX_PER_OBJECT, |e| about(e) == object);
+    make_room_within(txn, res, ns, MAX_PER_NAMESPACE, |_| true);
+}
+
+fn make_room_within(
+    txn: &mut Txn<'_>,
+    res: Res,
+    ns: &str,
+    max: usize,
+    counts: impl Fn(&Value) -> bool,
+) {
+    let mut all: Vec<Arc<Value>> = txn
+        .list(res, Some(ns))
+        .into_iter()
+        .filter(|e| counts(e))
+        .collect();
     if all.len() < max {
         return;
     }
@@ -274,7 +305,7 @@ mod tests {
                     let stored = txn.put(res, ev);
                     mirror(txn, res, &stored);
                 }
-                make_room_within(txn, res, "default", 3);
+                make_room_within(txn, res, "default", 3, |_| true);
                 Ok(())
             })
             .await

@@ -462,7 +462,6 @@ impl Registry {
                     "involvedObject.fieldPath",
                     "reason",
                     "reportingComponent",
-                    "source",
                     "type",
                 ],
             }),

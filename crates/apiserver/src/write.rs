@@ -415,10 +415,18 @@ pub fn commit(
             .map(|v| v.unwrap_or_else(|| Arc::new(Value::Null)));
     }
     if !events::is_event(ctx.res) {
-        return Ok(txn.put(ctx.res, new));
+        let stored = txn.put(ctx.res, new);
+        // As Kubernetes' garbage collector: an object whose owners are all gone goes too.
+        // A controller that was still writing a child when its owner was deleted (the
+        // cascade ran in between) would otherwise leave it behind for good.
+        if orphaned(txn, &stored) {
+            let name = name_of(&stored).to_owned();
+            remove(txn, ctx.res, &ctx.ns, &name, Propagation::Background)?;
+        }
+        return Ok(stored);
     }
     if old.is_none() {
-        events::make_room(txn, ctx.res, &ctx.ns);
+        events::make_room(txn, ctx.res, &ctx.ns, &new);
     }
     let stored = txn.put(ctx.res, new);
     events::mirror(txn, ctx.res, &stored);
@@ -617,6 +625,20 @@ fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
         .into_iter()
         .flatten()
         .filter_map(|o| o["uid"].as_str())
+}
+
+/// Whether `obj` has owners, every one of a kind served here, and none of them exists.
+/// (An owner of a kind this server does not know cannot be checked, so it keeps `obj`, as
+/// Kubernetes' garbage collector does.)
+fn orphaned(txn: &Txn<'_>, obj: &Value) -> bool {
+    let refs = obj["metadata"]["ownerReferences"].as_array();
+    let known = |o: &Value| {
+        o["apiVersion"]
+            .as_str()
+            .zip(o["kind"].as_str())
+            .is_some_and(|(v, k)| registry().by_kind(v, k).is_some())
+    };
+    refs.is_some_and(|r| !r.is_empty() && r.iter().all(known)) && !has_live_owner(txn, obj)
 }
 
 /// Whether any owner of `obj` still exists (Kubernetes only collects dependents whose

@@ -467,8 +467,7 @@ async fn handle(
         .await
     {
         Ok((i, mut resp)) => {
-            // The rule's response filter, then the backendRef's that answered.
-            apply_filter(&route.response, resp.headers_mut());
+            // The rule's response filter, then the backendRef's that answered (composed).
             if let Some(b) = backends.get(i) {
                 apply_filter(&b.response, resp.headers_mut());
             }

@@ -88,7 +88,8 @@ impl HeaderFilter {
     /// when an object stored before admission refused them names one: they would choose
     /// the device. The backend's [`Tunnel`] carries them, typed.
     fn push(&mut self, set: &[(String, String)], add: &[(String, String)], remove: &[String]) {
-        let user = |n: &&String| !headers::is_reserved(n);
+        // Nor Host: Envoy refuses a whole route configuration that changes it.
+        let user = |n: &&String| !headers::is_reserved(n) && !n.eq_ignore_ascii_case("host");
         self.set.extend(
             set.iter()
                 .filter(|(n, _)| user(&n))
@@ -133,6 +134,39 @@ impl HeaderFilter {
             }
         }
         (request, response)
+    }
+
+    /// This filter, then `next`, as one filter with the same effect (applied remove, set,
+    /// add): what `next` removes or sets undoes this one's set and add of that name. Both
+    /// data planes apply the composed filter, so the order never depends on where Envoy
+    /// puts a list.
+    pub fn then(&self, next: &HeaderFilter) -> HeaderFilter {
+        let undone =
+            |n: &HeaderName| next.remove.contains(n) || next.set.iter().any(|(m, _)| m == n);
+        let mut remove = self.remove.clone();
+        remove.extend(
+            next.remove
+                .iter()
+                .filter(|n| !self.remove.contains(n))
+                .cloned(),
+        );
+        HeaderFilter {
+            set: self
+                .set
+                .iter()
+                .filter(|(n, _)| !undone(n))
+                .chain(&next.set)
+                .cloned()
+                .collect(),
+            add: self
+                .add
+                .iter()
+                .filter(|(n, _)| !undone(n))
+                .chain(&next.add)
+                .cloned()
+                .collect(),
+            remove,
+        }
     }
 
     /// The value a filter sets for `name`, if any.
@@ -219,7 +253,8 @@ pub struct Backend {
     pub ready: bool,
     /// The backendRef's user filters (never a reserved header).
     pub headers: HeaderFilter,
-    /// The backendRef's response header changes, applied after the rule's.
+    /// The response header changes when this backend answers: the rule's, then the
+    /// backendRef's, composed ([`HeaderFilter::then`]).
     pub response: HeaderFilter,
     /// The device and target; a backendRef that names none is never ready.
     pub tunnel: Option<Tunnel>,
@@ -239,7 +274,7 @@ pub struct Route {
     pub query: Vec<(String, String)>,
     /// The rule's request header filter.
     pub filter: HeaderFilter,
-    /// The rule's response header filter.
+    /// The rule's response header filter (for answers no backend gave: redirects).
     pub response: HeaderFilter,
     /// Answered with a redirect; no backend is asked.
     pub redirect: Option<Redirect>,
@@ -557,7 +592,8 @@ pub fn build(
                     let bns = b.namespace.clone().unwrap_or_else(|| ns.clone());
                     let filters = b.filters.as_deref().unwrap_or_default();
                     let tunnel = Tunnel::from_backend(filters);
-                    let (headers, response) = HeaderFilter::from_backend(filters);
+                    let (headers, own_response) = HeaderFilter::from_backend(filters);
+                    let response = response.then(&own_response);
                     Backend {
                         service: b.name.clone(),
                         weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
@@ -888,6 +924,38 @@ mod tests {
         assert_eq!(h.get("x-a").unwrap(), "1");
         assert_eq!(h.get_all("x-b").iter().count(), 2);
         assert!(h.get("x-c").is_none());
+        // Composed filters act as the two in a row (what Envoy gets is the composition).
+        let filter = |set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]| {
+            let own = |l: &[(&str, &str)]| -> Vec<(String, String)> {
+                l.iter().map(|(n, v)| ((*n).into(), (*v).into())).collect()
+            };
+            let mut f = HeaderFilter::default();
+            let remove: Vec<String> = remove.iter().map(|r| (*r).into()).collect();
+            f.push(&own(set), &own(add), &remove);
+            f
+        };
+        let rule = filter(
+            &[("x-s", "rule"), ("x-k", "rule")],
+            &[("x-a", "rule")],
+            &["x-r"],
+        );
+        let backend = filter(&[("x-s", "backend")], &[("x-a", "backend")], &["x-k"]);
+        let original = || {
+            let mut h = http::HeaderMap::new();
+            for (n, v) in [("x-r", "o"), ("x-k", "o"), ("x-a", "o"), ("x-s", "o")] {
+                h.insert(n, v.parse().unwrap());
+            }
+            h
+        };
+        let (mut one_by_one, mut composed) = (original(), original());
+        apply_filter(&rule, &mut one_by_one);
+        apply_filter(&backend, &mut one_by_one);
+        apply_filter(&rule.then(&backend), &mut composed);
+        assert_eq!(one_by_one, composed);
+        assert!(composed.get("x-k").is_none() && composed["x-s"] == "backend");
+        assert_eq!(composed.get_all("x-a").iter().count(), 3);
+        // Host is never a filter's: Envoy would refuse the route configuration.
+        assert!(filter(&[("Host", "x")], &[], &["host"]).is_empty());
         assert_eq!(normalize_host("A.Example.com:443"), "a.example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("a.example.com."), "a.example.com");

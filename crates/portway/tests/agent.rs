@@ -330,12 +330,14 @@ async fn agent_registers_heartbeats_and_serves_only_what_it_may() {
     let events: Api<k8s_openapi::api::core::v1::Event> =
         Api::namespaced(env.admin.clone(), "default");
     let dialer = gw.id().to_string();
+    // By uid too, as `kubectl describe connector` asks.
+    let by_uid = format!(
+        "involvedObject.name=laptop,involvedObject.uid={},reason=TunnelRefused",
+        c.metadata.uid.clone().unwrap()
+    );
     eventually("the refusal is an event on the connector", WAIT, || async {
         let list = events
-            .list(
-                &kube::api::ListParams::default()
-                    .fields("involvedObject.name=laptop,reason=TunnelRefused"),
-            )
+            .list(&kube::api::ListParams::default().fields(&by_uid))
             .await?;
         let e = list.items.first().context("no TunnelRefused event yet")?;
         let message = e.message.clone().unwrap_or_default();

@@ -1135,6 +1135,23 @@ async fn shop(stack: &Stack) -> Vec<Process> {
 async fn one_proxy_over_two_connectors_survives_losing_one() {
     let stack = Stack::start().await;
     let mut agents = shop(&stack).await;
+    // Both backends ready (not just one answering), or losing one could lose all.
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    eventually("both backends are ready", WAIT, || async {
+        let p = proxies.get("shop").await?;
+        let ready = p
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .find(|c| c.type_ == "BackendsReady")
+            .context("no BackendsReady yet")?;
+        ensure!(ready.message.starts_with("2 of 2"), "{ready:?}");
+        Ok(())
+    })
+    .await;
     eventually("the shop answers through both connectors", WAIT, || async {
         for _ in 0..4 {
             let (status, body) = stack.get("shop.localhost", "/hello").await?;

@@ -421,8 +421,14 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                         .filter(|(_, b)| b.ready && b.weight > 0)
                         .collect();
                     let mut request_headers_to_add = header_options(&r.filter);
-                    let mut response_headers_to_add = header_options(&r.response);
-                    let mut response_headers_to_remove = removals(&r.response);
+                    // A backend's response filter already holds the rule's, composed; the
+                    // rule's alone is for answers no backend gives (redirects).
+                    let (mut response_headers_to_add, mut response_headers_to_remove) =
+                        if ready.is_empty() {
+                            (header_options(&r.response), removals(&r.response))
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
                     let weighted = ready.len() > 1;
                     let specifier = match ready.as_slice() {
                         [] => route_action::ClusterSpecifier::Cluster(UNREADY.into()),
