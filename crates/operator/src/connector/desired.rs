@@ -118,8 +118,15 @@ pub enum Collect {
     After(Duration),
 }
 
+/// How long a connector that never had a lease is kept at least, whatever the TTL. An
+/// agent takes its lease moments after joining (which creates the connector), and
+/// creation times are whole seconds: collecting sooner would delete a device mid-join and
+/// revoke the credential it was just given.
+pub const NEVER_LEASED_GRACE: Duration = Duration::from_secs(60);
+
 /// Whether an ephemeral connector (label [`labels::EPHEMERAL`]) is gone for good: its
-/// lease ran out, or it never had one, `ttl` ago.
+/// lease ran out `ttl` ago, or it never had one and was created `ttl` (at least
+/// [`NEVER_LEASED_GRACE`]) ago.
 pub fn collect(c: &Connector, lease: Option<&Lease>, ttl: Duration, now: Timestamp) -> Collect {
     if c.metadata
         .labels
@@ -141,11 +148,12 @@ pub fn collect(c: &Connector, lease: Option<&Lease>, ttl: Duration, now: Timesta
     if lease.is_some_and(|l| portway_kube::lease::current_holder(l, now).is_some()) {
         return Collect::Never;
     }
-    let since = lease
-        .and_then(portway_kube::lease::expiry)
-        .or_else(|| c.metadata.creation_timestamp.as_ref().map(|t| t.0));
-    let Some(since) = since else {
-        return Collect::Never;
+    let (since, ttl) = match lease.and_then(portway_kube::lease::expiry) {
+        Some(expiry) => (expiry, ttl),
+        None => match c.metadata.creation_timestamp.as_ref() {
+            Some(created) => (created.0, ttl.max(NEVER_LEASED_GRACE)),
+            None => return Collect::Never,
+        },
     };
     let ttl_signed = k8s_openapi::jiff::SignedDuration::try_from(ttl).unwrap_or_default();
     match since.checked_add(ttl_signed) {
@@ -348,6 +356,12 @@ mod tests {
             collect(&eph, Some(&stale), ttl, now),
             Collect::After(ttl),
             "a stale lease of an earlier incarnation"
+        );
+        // A TTL shorter than the grace does not collect a device that is still joining.
+        assert_eq!(
+            collect(&eph, None, Duration::from_secs(1), now),
+            Collect::After(NEVER_LEASED_GRACE),
+            "never leased, just created"
         );
     }
 
