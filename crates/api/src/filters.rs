@@ -48,18 +48,28 @@ impl Level {
     }
 }
 
+/// Each filter `type` and the field it names.
+const TYPES: &[(&str, &str)] = &[
+    ("RequestHeaderModifier", "requestHeaderModifier"),
+    ("ResponseHeaderModifier", "responseHeaderModifier"),
+    ("RequestMirror", "requestMirror"),
+    ("RequestRedirect", "requestRedirect"),
+    ("URLRewrite", "urlRewrite"),
+    ("ExtensionRef", "extensionRef"),
+    ("CORS", "cors"),
+];
+
 /// The field a filter `type` names (`URLRewrite` → `urlRewrite`).
 pub fn field_of(type_: &str) -> Option<&'static str> {
-    Some(match type_ {
-        "RequestHeaderModifier" => "requestHeaderModifier",
-        "ResponseHeaderModifier" => "responseHeaderModifier",
-        "RequestMirror" => "requestMirror",
-        "RequestRedirect" => "requestRedirect",
-        "URLRewrite" => "urlRewrite",
-        "ExtensionRef" => "extensionRef",
-        "CORS" => "cors",
-        _ => return None,
-    })
+    TYPES.iter().find(|(t, _)| *t == type_).map(|(_, f)| *f)
+}
+
+/// The `type` that names `field` (`urlRewrite` → `URLRewrite`).
+fn type_of(field: &str) -> &'static str {
+    TYPES
+        .iter()
+        .find(|(_, f)| *f == field)
+        .map_or("", |(t, _)| *t)
 }
 
 fn as_json<T: Serialize>(filters: &[T]) -> Vec<Value> {
@@ -81,7 +91,7 @@ pub fn unsupported<T: Serialize>(field: &str, level: Level, filters: &[T]) -> Ve
             let supported = level
                 .implemented()
                 .iter()
-                .map(|n| type_name(n))
+                .map(|n| type_of(n))
                 .collect::<Vec<_>>()
                 .join(", ");
             out.push(FieldError {
@@ -95,18 +105,6 @@ pub fn unsupported<T: Serialize>(field: &str, level: Level, filters: &[T]) -> Ve
         }
     }
     out
-}
-
-fn type_name(field: &str) -> &'static str {
-    match field {
-        "requestHeaderModifier" => "RequestHeaderModifier",
-        "responseHeaderModifier" => "ResponseHeaderModifier",
-        "requestMirror" => "RequestMirror",
-        "requestRedirect" => "RequestRedirect",
-        "urlRewrite" => "URLRewrite",
-        "extensionRef" => "ExtensionRef",
-        _ => "CORS",
-    }
 }
 
 /// Every filter of an HTTPProxy that no data plane implements.

@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::error::ApiError;
 use crate::registry::{Res, registry};
 use crate::store::{Store, Txn};
+use crate::write::name_of;
 
 /// Events kept per namespace and API; a new one past it removes the oldest.
 pub const MAX_PER_NAMESPACE: usize = 1000;
@@ -179,13 +180,6 @@ fn last_seen(ev: &Value) -> Option<Timestamp> {
     .max()
 }
 
-fn name_of(ev: &Value) -> String {
-    ev.pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// What an event is about, in either API: (kind, name).
 fn about(ev: &Value) -> (String, String) {
     let r = ev.get("regarding").or_else(|| ev.get("involvedObject"));
@@ -225,7 +219,7 @@ fn make_room_within(
     all.sort_by_key(|e| last_seen(e));
     let excess = all.len() + 1 - max;
     for ev in all.iter().take(excess) {
-        let name = name_of(ev);
+        let name = name_of(ev).to_owned();
         txn.remove(res, ns, &name);
         unmirror(txn, res, ns, &name);
     }
@@ -254,7 +248,7 @@ pub async fn expire(store: &Store, ttl: Duration, now: Timestamp) -> Result<usiz
                             .and_then(Value::as_str)
                             .unwrap_or_default()
                             .to_owned();
-                        let name = name_of(&ev);
+                        let name = name_of(&ev).to_owned();
                         if txn.remove(res, &ns, &name).is_some() {
                             removed += 1;
                         }
@@ -315,7 +309,7 @@ mod tests {
                 .list(r, Some("default"))
                 .1
                 .iter()
-                .map(|e| name_of(e))
+                .map(|e| name_of(e).to_owned())
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(res), ["e3", "e4"]);

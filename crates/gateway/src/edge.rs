@@ -416,8 +416,6 @@ async fn handle(
     let trusted = trusts(&state.trusted_proxies, peer);
     set_forwarded(req.headers_mut(), peer, trusted, scheme, &host_raw);
 
-    // Forward through the sidecar: one head per backend; the sidecar puts devices it
-    // just lost last and fails over while nothing was sent (or a GET broke).
     // What the device is asked for: the public host and path, or the rewritten ones.
     if let Some(r) = &route.rewrite {
         if let Some(h) = &r.hostname {
@@ -434,6 +432,8 @@ async fn handle(
         }
     }
 
+    // Forward through the sidecar: one head per backend; the sidecar puts devices it
+    // just lost last and fails over while nothing was sent (or a GET broke).
     let on_upgrade = upgrade.map(|_| hyper::upgrade::on(&mut req));
     let replayable = on_upgrade.is_none() && req.body().is_end_stream();
     let (parts, body) = req.into_parts();

@@ -98,7 +98,8 @@ pub struct Redirect {
     pub status: u16,
 }
 
-fn default_port(scheme: &str) -> Option<u16> {
+/// The port a scheme implies (`http` 80, `https` 443).
+pub(crate) fn default_port(scheme: &str) -> Option<u16> {
     match scheme {
         "http" => Some(80),
         "https" => Some(443),

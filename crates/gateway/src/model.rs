@@ -79,6 +79,22 @@ macro_rules! modifier {
     }};
 }
 
+/// The request and response header filters of a list of either Gateway API filter type.
+macro_rules! modifiers {
+    ($filters:ident) => {{
+        let (mut request, mut response) = (Self::default(), Self::default());
+        for f in $filters {
+            if let Some(m) = &f.request_header_modifier {
+                modifier!(request, m);
+            }
+            if let Some(m) = &f.response_header_modifier {
+                modifier!(response, m);
+            }
+        }
+        (request, response)
+    }};
+}
+
 impl HeaderFilter {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
@@ -110,30 +126,12 @@ impl HeaderFilter {
 
     /// A rule's request and response header changes.
     fn from_rule(filters: &[HttpRouteRulesFilters]) -> (Self, Self) {
-        let (mut request, mut response) = (Self::default(), Self::default());
-        for f in filters {
-            if let Some(m) = &f.request_header_modifier {
-                modifier!(request, m);
-            }
-            if let Some(m) = &f.response_header_modifier {
-                modifier!(response, m);
-            }
-        }
-        (request, response)
+        modifiers!(filters)
     }
 
     /// A backendRef's request and response header changes.
     fn from_backend(filters: &[HttpRouteRulesBackendRefsFilters]) -> (Self, Self) {
-        let (mut request, mut response) = (Self::default(), Self::default());
-        for f in filters {
-            if let Some(m) = &f.request_header_modifier {
-                modifier!(request, m);
-            }
-            if let Some(m) = &f.response_header_modifier {
-                modifier!(response, m);
-            }
-        }
-        (request, response)
+        modifiers!(filters)
     }
 
     /// This filter, then `next`, as one filter with the same effect (applied remove, set,

@@ -297,7 +297,7 @@ fn redirect(r: &Redirect, vhost: &str, listen_port: u16) -> RedirectAction {
         _ => Code::Found,
     };
     let scheme = r.scheme.unwrap_or("http");
-    let default = |p: u16| (scheme == "http" && p == 80) || (scheme == "https" && p == 443);
+    let default = |p: u16| crate::filters::default_port(scheme) == Some(p);
     let host = r
         .hostname
         .clone()
@@ -511,11 +511,8 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                         request_headers_to_add,
                         // A client's `datum-fallback` never reaches the sidecar: removed
                         // here, or overwritten by each weighted cluster.
-                        request_headers_to_remove: r
-                            .filter
-                            .remove
-                            .iter()
-                            .map(|n| n.as_str().to_owned())
+                        request_headers_to_remove: removals(&r.filter)
+                            .into_iter()
                             .chain((!weighted).then(|| headers::FALLBACK.to_owned()))
                             .collect(),
                         ..Default::default()

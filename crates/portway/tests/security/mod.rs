@@ -256,6 +256,25 @@ async fn attacks_on_isolation_are_refused() {
     );
     let (status, _) = w.stack.get("steal.localhost", "/hello").await.unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // A filter that changes Host would make Envoy refuse the route configuration every
+    // project shares: refused at admission.
+    let freeze = proxy(
+        "freeze",
+        &["freeze.localhost"],
+        "device-b",
+        w.origin_b.addr.port(),
+        json!([{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"remove": ["Host"]}}]),
+    );
+    let (code, msg) = refusal(
+        Api::<HttpProxy>::namespaced(bob.clone(), "team-b")
+            .create(&PostParams::default(), &freeze)
+            .await,
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert!(
+        msg.contains("spec.rules[0].backends[0].filters[0].responseHeaderModifier.remove[0]"),
+        "{msg}"
+    );
 
     // 2. Allow-list injection: an advertisement for A's connector on a port A never
     //    offered, by a person of A's project and by another device of A's project.
