@@ -56,6 +56,9 @@ pub struct Config {
     pub n0: bool,
     /// Local UDP address for direct paths; default all interfaces, random port.
     pub bind_addr: Option<SocketAddr>,
+    /// Reach gateways only through the relay, never on a direct UDP path (for networks
+    /// that drop UDP, and to measure or debug the relay path).
+    pub relay_only: bool,
     /// Default 30 s; renewed at half of it.
     pub lease_duration: Duration,
 }
@@ -72,6 +75,7 @@ impl Config {
             relays: Vec::new(),
             n0: false,
             bind_addr: None,
+            relay_only: false,
             lease_duration: Duration::from_secs(30),
         }
     }
@@ -220,7 +224,7 @@ impl Agent {
             n0: config.n0,
             alpns: vec![TUNNEL_ALPN.to_vec()],
             bind_addr: config.bind_addr,
-            relay_only: false,
+            relay_only: config.relay_only,
             max_streams: Some(16_384),
             idle_timeout: None,
             keep_alive: None,

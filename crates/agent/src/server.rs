@@ -20,7 +20,7 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh_proxy_utils::{HttpProxyRequestKind, HttpRequest};
 use portway_api::proxy_status;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +32,12 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Time for the app to accept a connection: below the gateway's wait for the answer
 /// (4 s), so the gateway hears why rather than timing out.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes moved per read between the app's connection and the QUIC stream, each way: a
+/// stream starts at the small size, and one whose reads fill it (a bulk transfer) moves to
+/// the large one. 64 KiB made a bulk download a fifth faster than 8 KiB (fewer, fuller QUIC
+/// writes); starting small keeps idle pooled and held connections at 8 KiB a side.
+const COPY_SMALL: usize = 8 * 1024;
+const COPY_LARGE: usize = 64 * 1024;
 /// Streams still open at shutdown get this long before their connection closes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -263,11 +269,25 @@ async fn tunnel(
         .await
         .map_err(|e| e.to_string())?;
     tcp.write_all(&rest).await.map_err(|e| e.to_string())?;
-    let mut quic = tokio::io::join(recv, send);
-    tokio::io::copy_bidirectional(&mut quic, &mut tcp)
-        .await
+    let (tcp_read, tcp_write) = tcp.split();
+    tokio::try_join!(copy(recv, tcp_write), copy(tcp_read, send))
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// Copies until `from` ends, then ends `to`; the buffer grows once a read fills it.
+async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_SMALL];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < COPY_LARGE {
+            buf.resize(COPY_LARGE, 0);
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), dropped both ways; an upgrade keeps its pair.

@@ -40,6 +40,7 @@ pub mod edge;
 pub mod filters;
 pub mod metrics;
 pub mod model;
+pub mod pool;
 pub mod routes;
 pub mod sidecar;
 mod stack;

@@ -8,8 +8,7 @@
 //! (see [`crate::tunnel`]); the edge, and this sidecar behind Envoy, fail over past it.
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,9 +22,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::Connected;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use iroh::endpoint::{Connection, SendStream, WeakConnectionHandle};
 use iroh::{Endpoint, EndpointId};
 use parking_lot::Mutex;
@@ -33,6 +30,7 @@ use portway_api::{Target, headers};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
+use crate::pool::{Conn, Pool};
 use crate::tunnel::{Dialer, OpenError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -159,66 +157,27 @@ impl Default for Config {
     }
 }
 
-/// Targets remembered at most; past that the oldest half is forgotten (a forgotten
-/// target gets a fresh key on its next request, and its idle pooled connections expire).
-const MAX_TARGETS: usize = 4096;
+/// NodeIDs remembered at most; past that the cache starts afresh.
+const MAX_NODES: usize = 4096;
 
-#[derive(Default)]
-struct TargetsInner {
-    keys: HashMap<Destination, String>,
-    targets: HashMap<String, Destination>,
-    /// Keys in the order they were made, oldest first.
-    order: VecDeque<String>,
-    /// Never reused, so a key always names one target, even after forgetting.
-    next: u64,
-    /// Parsing a NodeID decompresses a curve point: worth doing once per node, not per
-    /// request.
-    ids: HashMap<String, EndpointId>,
-}
-
-/// Maps targets to pool keys (URI authorities) and back, and caches parsed NodeIDs.
+/// Parsed NodeIDs by their text: parsing one decompresses a curve point, worth doing once
+/// per device, not per request.
 #[derive(Default)]
 struct Targets {
-    inner: Mutex<TargetsInner>,
+    ids: Mutex<HashMap<String, EndpointId>>,
 }
 
 impl Targets {
-    fn key(&self, t: &Destination) -> String {
-        let mut inner = self.inner.lock();
-        if let Some(k) = inner.keys.get(t) {
-            return k.clone();
-        }
-        if inner.order.len() >= MAX_TARGETS {
-            for _ in 0..MAX_TARGETS / 2 {
-                if let Some(old) = inner.order.pop_front()
-                    && let Some(target) = inner.targets.remove(&old)
-                {
-                    inner.keys.remove(&target);
-                }
-            }
-        }
-        let k = format!("t{}.tunnel.invalid", inner.next);
-        inner.next += 1;
-        inner.keys.insert(t.clone(), k.clone());
-        inner.targets.insert(k.clone(), t.clone());
-        inner.order.push_back(k.clone());
-        k
-    }
-
-    fn get(&self, key: &str) -> Option<Destination> {
-        self.inner.lock().targets.get(key).cloned()
-    }
-
     fn node(&self, s: &str) -> Option<EndpointId> {
-        if let Some(id) = self.inner.lock().ids.get(s) {
+        if let Some(id) = self.ids.lock().get(s) {
             return Some(*id);
         }
         let id: EndpointId = s.parse().ok()?;
-        let mut inner = self.inner.lock();
-        if inner.ids.len() >= MAX_TARGETS {
-            inner.ids.clear();
+        let mut ids = self.ids.lock();
+        if ids.len() >= MAX_NODES {
+            ids.clear();
         }
-        inner.ids.insert(s.to_owned(), id);
+        ids.insert(s.to_owned(), id);
         Some(id)
     }
 }
@@ -260,8 +219,7 @@ impl Via {
 /// A CONNECT tunnel as a byte stream.
 pub struct TunnelIo {
     send: SendStream,
-    recv: Pin<Box<dyn AsyncRead + Send>>,
-    via: Via,
+    recv: Pin<Box<dyn AsyncRead + Send + Sync>>,
     _keep: Box<dyn Any + Send + Sync>,
 }
 
@@ -292,12 +250,6 @@ impl AsyncWrite for TunnelIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.send).poll_shutdown(cx)
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for TunnelIo {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.via.clone())
     }
 }
 
@@ -337,50 +289,6 @@ impl From<DialError> for ForwardError {
             DialError::App(why) => Self::App(why),
             DialError::Failed(why) => Self::Dial(why),
         }
-    }
-}
-
-#[derive(Clone)]
-struct Connector {
-    dialer: Arc<Dialer>,
-    targets: Arc<Targets>,
-    metrics: Metrics,
-}
-
-impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<TunnelIo>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let key = uri.host().unwrap_or_default();
-            let t = this
-                .targets
-                .get(key)
-                .ok_or_else(|| DialError::Failed(format!("unknown tunnel key {key}")))?;
-            let started = Instant::now();
-            let tunnel = this
-                .dialer
-                .open(t.node, &t.target)
-                .await
-                .map_err(DialError::from)?;
-            this.metrics
-                .dial_latency
-                .observe(started.elapsed().as_secs_f64());
-            let guard = this.metrics.tunnel_opened(&t.node.to_string());
-            Ok(TokioIo::new(TunnelIo {
-                send: tunnel.send,
-                recv: Box::pin(tunnel.recv),
-                via: Via::of(&tunnel.conn),
-                _keep: Box::new((tunnel.conn, guard)),
-            }))
-        })
     }
 }
 
@@ -517,7 +425,7 @@ pub fn strip_internal(headers: &mut HeaderMap) {
 pub struct Sidecar {
     endpoint: Endpoint,
     dialer: Arc<Dialer>,
-    client: Client<Connector, Body>,
+    pool: Arc<Pool>,
     targets: Arc<Targets>,
     config: Config,
     metrics: Metrics,
@@ -529,19 +437,10 @@ impl Sidecar {
     pub fn new(endpoint: Endpoint, config: Config, metrics: Metrics) -> Self {
         let dialer = Dialer::new(endpoint.clone(), config.dial_timeout, config.idle_timeout);
         let targets = Arc::new(Targets::default());
-        let connector = Connector {
-            dialer: dialer.clone(),
-            targets: targets.clone(),
-            metrics: metrics.clone(),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .set_host(false)
-            .build(connector);
         Self {
             endpoint,
             dialer,
-            client,
+            pool: Pool::new(config.idle_timeout),
             targets,
             config,
             metrics,
@@ -637,53 +536,116 @@ impl Sidecar {
         {
             parts.headers.insert(header::HOST, host);
         }
-        let key = self.targets.key(&target);
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        parts.uri = Uri::try_from(format!("http://{key}{pq}"))
-            .map_err(|e| ForwardError::BadRoute(e.to_string()))?;
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(pq).map_err(|e| ForwardError::BadRoute(e.to_string()))?;
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
+        let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        // A request without a body can be sent again on a fresh connection when the
+        // pooled one turns out to have been closed by the device while idle.
+        let mut replay = (upgrade.is_none() && body.is_end_stream()).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut req = Request::from_parts(parts, body);
         let timeout = self.config.response_timeout;
-        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => return Err(ForwardError::Timeout(timeout)),
-            Ok(Err(e)) if e.is_connect() => {
-                let mut source: Option<&(dyn std::error::Error + 'static)> =
-                    std::error::Error::source(&e);
-                while let Some(s) = source {
-                    if let Some(d) = s.downcast_ref::<DialError>() {
-                        return Err(match d {
-                            DialError::Down(why) => ForwardError::Offline(why.clone()),
-                            DialError::App(why) => ForwardError::App(why.clone()),
-                            DialError::Failed(why) => ForwardError::Dial(why.clone()),
-                        });
-                    }
-                    source = s.source();
+        if let Some((down, asked)) = on_upgrade.zip(upgrade) {
+            let conn = self.dial(&target).await?;
+            let via = conn.via.clone();
+            let resp = match tokio::time::timeout(timeout, conn.upgrade(req)).await {
+                Err(_) => return Err(ForwardError::Timeout(timeout)),
+                Ok(Err(e)) => return Err(self.broken(node, Some(e))),
+                Ok(Ok(resp)) => resp,
+            };
+            return self.finish(resp, via, Some((down, asked)));
+        }
+        loop {
+            let mut conn = match self.pool.take(&target) {
+                Some(conn) => conn,
+                None => self.dial(&target).await?,
+            };
+            match tokio::time::timeout(timeout, conn.exchange(req)).await {
+                Err(_) => return Err(ForwardError::Timeout(timeout)),
+                Ok(Ok(resp)) => {
+                    let via = conn.via.clone();
+                    let resp = self.pool.respond(target, conn, resp);
+                    return self.finish(resp, via, None);
                 }
-                return Err(ForwardError::Dial(e.to_string()));
+                Ok(Err(e)) => {
+                    let unsent = e.as_ref().is_some_and(hyper::Error::is_canceled);
+                    let closed = e.as_ref().is_none_or(|e| {
+                        e.is_canceled() || e.is_incomplete_message() || e.is_closed()
+                    });
+                    if conn.reused
+                        && (unsent || (idempotent && closed))
+                        && let Some((method, uri, headers)) = replay.take()
+                    {
+                        tracing::debug!(
+                            "a pooled tunnel was closed while idle; sending again on a fresh one"
+                        );
+                        let mut again = Request::new(empty());
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.headers_mut() = headers;
+                        req = again;
+                        // The next take may find another stale one; only fresh ones are
+                        // not retried.
+                        continue;
+                    }
+                    return Err(self.broken(node, e));
+                }
             }
-            // A broken tunnel whose connection died too: the device went away.
-            Ok(Err(e)) => {
-                return Err(match self.dialer.down(&node) {
-                    Some(why) => ForwardError::Lost(why),
-                    None => ForwardError::Upstream(error_chain(&e)),
-                });
-            }
-            Ok(Ok(resp)) => resp,
+        }
+    }
+
+    /// Opens a tunnel to `dest` as a fresh HTTP/1.1 connection.
+    async fn dial(&self, dest: &Destination) -> Result<Conn, ForwardError> {
+        let started = Instant::now();
+        let tunnel = self
+            .dialer
+            .open(dest.node, &dest.target)
+            .await
+            .map_err(|e| ForwardError::from(DialError::from(e)))?;
+        self.metrics
+            .dial_latency
+            .observe(started.elapsed().as_secs_f64());
+        let guard = self.metrics.tunnel_opened(&dest.node.to_string());
+        let via = Via::of(&tunnel.conn);
+        let io = TunnelIo {
+            send: tunnel.send,
+            recv: Box::pin(tunnel.recv),
+            _keep: Box::new((tunnel.conn, guard)),
         };
-        self.finish(resp, on_upgrade.zip(upgrade))
+        Conn::new(io, via)
+            .await
+            .map_err(|e| ForwardError::Dial(error_chain(&e)))
+    }
+
+    /// A tunnel broke under a request: the device went away if its connection died too.
+    fn broken(&self, node: EndpointId, e: Option<hyper::Error>) -> ForwardError {
+        match self.dialer.down(&node) {
+            Some(why) => ForwardError::Lost(why),
+            None => ForwardError::Upstream(e.as_ref().map_or_else(
+                || "the device closed the tunnel before answering".into(),
+                |e| error_chain(e),
+            )),
+        }
     }
 
     /// The device's response on its way to the client: connection-level headers dropped,
     /// an agreed upgrade spliced through (and its header pair kept in the 101).
-    fn finish(
+    fn finish<B>(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<B>,
+        via: Via,
         downstream: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
-    ) -> Result<Response<Body>, ForwardError> {
+    ) -> Result<Response<Body>, ForwardError>
+    where
+        B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+    {
+        resp.extensions_mut().insert(via);
         let switched_to = resp.headers().get(header::UPGRADE).cloned();
         strip_hop_by_hop(resp.headers_mut());
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -772,7 +734,6 @@ impl Sidecar {
         let mut tunnel = TunnelIo {
             send: streams.send,
             recv: Box::pin(streams.recv),
-            via: Via::of(&streams.conn),
             _keep: Box::new((streams.conn, guard)),
         };
         tokio::spawn(async move {
@@ -1140,31 +1101,17 @@ mod tests {
     }
 
     #[test]
-    fn target_keys_are_stable() {
+    fn node_ids_are_parsed_once_and_the_cache_is_bounded() {
         let t = Targets::default();
-        let at = |port| Destination {
-            node: iroh::SecretKey::from_bytes(&[1; 32]).public(),
-            target: Target {
-                host: "h".into(),
-                port,
-            },
-        };
-        let (a, b) = (at(1), at(2));
-        let (ka, kb) = (t.key(&a), t.key(&b));
-        assert_ne!(ka, kb);
-        assert_eq!(t.key(&a), ka);
-        assert_eq!(t.get(&kb), Some(b.clone()));
-
-        // Bounded: the oldest are forgotten, and a key never names another target.
-        for port in 3..(MAX_TARGETS as u16 + 100) {
-            t.key(&at(port));
+        let id = iroh::SecretKey::from_bytes(&[1; 32]).public();
+        assert_eq!(t.node(&id.to_string()), Some(id));
+        assert_eq!(t.node(&id.to_string()), Some(id));
+        assert_eq!(t.node("not-a-node-id"), None);
+        for i in 0..(MAX_NODES as u32 + 10) {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            t.node(&iroh::SecretKey::from_bytes(&key).public().to_string());
         }
-        let inner = t.inner.lock();
-        assert!(inner.keys.len() <= MAX_TARGETS && inner.targets.len() == inner.keys.len());
-        drop(inner);
-        assert_eq!(t.get(&ka), None, "the oldest target was forgotten");
-        let again = t.key(&a);
-        assert_ne!(again, ka, "a forgotten target gets a fresh key");
-        assert_eq!(t.get(&again), Some(a));
+        assert!(t.ids.lock().len() <= MAX_NODES);
     }
 }

@@ -34,6 +34,11 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// The first pause between probes of a down device; it doubles up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(1);
+/// Callers waiting on the connection pool at once. iroh-util's pool is two actors that
+/// talk over bounded channels (100) both ways; with more callers than that in flight at
+/// once (200 requests arriving together, each opening a tunnel) they can block on each
+/// other for good, and every caller times out.
+const MAX_POOL_CALLERS: usize = 32;
 /// One probe dial at most this long (a device back mid-dial is found by the next one).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,6 +94,8 @@ struct Down {
 /// Dials devices over one pool, and knows which are down.
 pub struct Dialer {
     pool: ConnectionPool,
+    /// Bounds the callers of `pool` (see [`MAX_POOL_CALLERS`]).
+    callers: tokio::sync::Semaphore,
     dial_timeout: Duration,
     down: Mutex<HashMap<EndpointId, Down>>,
     /// The last connection handed out per device: one that closed with an error means
@@ -105,6 +112,7 @@ impl Dialer {
         };
         Arc::new(Self {
             pool: ConnectionPool::new(endpoint, TUNNEL_ALPN, options),
+            callers: tokio::sync::Semaphore::new(MAX_POOL_CALLERS),
             dial_timeout,
             down: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -140,17 +148,16 @@ impl Dialer {
         if let Some(why) = self.down(&node) {
             return Err(OpenError::Down(why));
         }
-        let conn =
-            match tokio::time::timeout(self.dial_timeout, self.pool.get_or_connect(node)).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return Err(self.unreachable(node, format!("dialing it failed: {e}"))),
-                Err(_) => {
-                    // Drop the dial under way, so the probe starts a fresh one.
-                    let _ = self.pool.close(node).await;
-                    let why = format!("no connection within {}s", self.dial_timeout.as_secs());
-                    return Err(self.unreachable(node, why));
-                }
-            };
+        let conn = match tokio::time::timeout(self.dial_timeout, self.connection(node)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(self.unreachable(node, format!("dialing it failed: {e}"))),
+            Err(_) => {
+                // Drop the dial under way, so the probe starts a fresh one.
+                let _ = self.pool.close(node).await;
+                let why = format!("no connection within {}s", self.dial_timeout.as_secs());
+                return Err(self.unreachable(node, why));
+            }
+        };
         self.remember(node, &conn);
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(streams) => streams,
@@ -191,6 +198,15 @@ impl Dialer {
             },
             conn,
         })
+    }
+
+    /// The pooled connection to `node`, dialing it if needed.
+    async fn connection(&self, node: EndpointId) -> Result<ConnectionRef, String> {
+        let _turn = self.callers.acquire().await.map_err(|e| e.to_string())?;
+        self.pool
+            .get_or_connect(node)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn remember(&self, node: EndpointId, conn: &Connection) {
@@ -254,7 +270,7 @@ impl Dialer {
                 Some(_) => {}
             }
             let timeout = self.dial_timeout.min(PROBE_TIMEOUT);
-            match tokio::time::timeout(timeout, self.pool.get_or_connect(node)).await {
+            match tokio::time::timeout(timeout, self.connection(node)).await {
                 Ok(Ok(conn)) if conn.close_reason().is_none() => {
                     self.remember(node, &conn);
                     self.down.lock().remove(&node);

@@ -26,6 +26,8 @@ pub struct Config {
     pub name: Option<String>,
     /// Heartbeat lease; a device that vanishes goes offline after this long.
     pub lease: Duration,
+    /// Reach the edge only through the relay.
+    pub relay_only: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +250,7 @@ impl Http {
             format!("{base}-{}", slot.n)
         };
         agent_config.lease_duration = config.lease;
+        agent_config.relay_only = config.relay_only;
         agent_config
             .labels
             .insert(portway_api::labels::EPHEMERAL.into(), "true".into());

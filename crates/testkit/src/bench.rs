@@ -32,6 +32,8 @@ pub fn rss_kib(pid: u32) -> f64 {
 /// One wrk run: requests per second and latency percentiles in µs.
 pub struct Wrk {
     pub rps: f64,
+    /// Requests completed in the run.
+    pub requests: u64,
     pub p50_us: f64,
     pub p99_us: f64,
 }
@@ -85,6 +87,12 @@ pub fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
     };
     Wrk {
         rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        requests: text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
         p50_us: parse_latency(&field("50%")),
         p99_us: parse_latency(&field("99%")),
     }

@@ -45,6 +45,9 @@ pub struct Args {
     /// Local UDP address for direct iroh paths.
     #[arg(long)]
     bind: Option<SocketAddr>,
+    /// Only through the relay: no direct UDP paths.
+    #[arg(long)]
+    relay_only: bool,
     /// Heartbeat lease duration, in seconds (renewed at half of it).
     #[arg(long, default_value_t = 30)]
     lease_seconds: u64,
@@ -149,6 +152,7 @@ key:     {}",
     }
     config.n0 = args.n0;
     config.bind_addr = args.bind;
+    config.relay_only = args.relay_only;
     config.lease_duration = std::time::Duration::from_secs(args.lease_seconds.max(2));
     let client = agent_client(
         args.kubeconfig.as_deref(),

@@ -31,6 +31,9 @@ pub struct Args {
     /// Heartbeat lease in seconds: if this process dies, the URL answers 503 after this.
     #[arg(long, default_value_t = 30)]
     lease_seconds: u64,
+    /// Reach the edge only through the relay: no direct UDP path.
+    #[arg(long)]
+    relay_only: bool,
     /// Write the public URL here as JSON once it works.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -46,6 +49,7 @@ pub async fn run(args: Args) -> Result<()> {
         kubeconfig: args.kubeconfig,
         name: args.name,
         lease: std::time::Duration::from_secs(args.lease_seconds.max(2)),
+        relay_only: args.relay_only,
     };
     let started = tokio::time::Instant::now();
     let h = tokio::select! {
