@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use portway_api::{Connector, ConnectorAdvertisement, HttpProxy, is_condition_true};
 use serde_json::json;
 
@@ -142,31 +142,46 @@ async fn main() {
         .await
         .unwrap();
     let created = t0.elapsed();
-    let all_proxies: Api<HttpProxy> = Api::all(client.clone());
-    let routes: Api<HttpRoute> = Api::all(client.clone());
-    loop {
-        let accepted = all_proxies
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|p| {
-                p.status
+    // Convergence seen through watches, as a controller would: polling with full lists
+    // would itself load the API server (20 000 objects serialised per poll) and slow what
+    // it measures.
+    use kube::runtime::watcher::{self, Event};
+    enum Seen {
+        Proxy(Event<HttpProxy>),
+        Route(Event<HttpRoute>),
+    }
+    let proxies_seen = watcher::watcher(Api::<HttpProxy>::all(client.clone()), Default::default())
+        .map_ok(Seen::Proxy);
+    let routes_seen = watcher::watcher(Api::<HttpRoute>::all(client.clone()), Default::default())
+        .map_ok(Seen::Route);
+    let mut seen = std::pin::pin!(futures::stream::select(proxies_seen, routes_seen));
+    let key = |m: &kube::api::ObjectMeta| (m.namespace.clone(), m.name.clone());
+    let mut accepted = std::collections::HashSet::new();
+    let mut routed = std::collections::HashSet::new();
+    while accepted.len() < proxies_n || routed.len() < proxies_n {
+        match seen.next().await.unwrap().unwrap() {
+            Seen::Proxy(Event::Apply(p) | Event::InitApply(p)) => {
+                let ok = p
+                    .status
                     .as_ref()
-                    .is_some_and(|s| is_condition_true(&s.conditions, "Accepted"))
-            })
-            .count();
-        let routed = routes
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .len();
-        if accepted == proxies_n && routed == proxies_n {
-            break;
+                    .is_some_and(|s| is_condition_true(&s.conditions, "Accepted"));
+                if ok {
+                    accepted.insert(key(&p.metadata));
+                } else {
+                    accepted.remove(&key(&p.metadata));
+                }
+            }
+            Seen::Proxy(Event::Delete(p)) => {
+                accepted.remove(&key(&p.metadata));
+            }
+            Seen::Route(Event::Apply(r) | Event::InitApply(r)) => {
+                routed.insert(key(&r.metadata));
+            }
+            Seen::Route(Event::Delete(r)) => {
+                routed.remove(&key(&r.metadata));
+            }
+            Seen::Proxy(_) | Seen::Route(_) => {}
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged = t0.elapsed();
     let rss_after_sync = rss_mib(operator.pid());
