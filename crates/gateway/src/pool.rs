@@ -58,11 +58,14 @@ impl Conn {
         })
     }
 
-    /// Whether the connection may still be used. Polls it once, so a close (or a stray
-    /// byte) the device sent while it sat idle is seen now rather than under a request.
+    /// Whether the connection is open and waiting for a request. Polls it once, so a
+    /// close (or a stray byte) the device sent while it sat idle is seen now rather than
+    /// under a request. hyper asks for the next request only once the last exchange is
+    /// over both ways: a request body still being sent (the app answered before reading
+    /// it all) keeps a connection out of the pool.
     fn usable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        !self.conn.poll_without_shutdown(&mut cx).is_ready() && !self.send.is_closed()
+        !self.conn.poll_without_shutdown(&mut cx).is_ready() && self.send.is_ready()
     }
 
     /// Sends `req` and drives the connection until the response head arrives.
@@ -177,7 +180,7 @@ impl Pool {
     /// Puts a connection whose last exchange is complete back.
     fn put(self: &Arc<Self>, dest: Destination, mut conn: Conn) {
         conn.reused = true;
-        let mut start_sweeper = false;
+        let mut start_sweeper = None;
         let evicted = {
             let mut inner = self.inner.lock();
             let mut evicted = Vec::new();
@@ -199,14 +202,16 @@ impl Pool {
                 conn,
                 since: Instant::now(),
             });
-            if !inner.sweeping {
+            if !inner.sweeping
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
                 inner.sweeping = true;
-                start_sweeper = true;
+                start_sweeper = Some(rt);
             }
             evicted
         };
         drop(evicted);
-        if start_sweeper && let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if let Some(rt) = start_sweeper {
             rt.spawn(sweep(Arc::downgrade(self), self.idle_timeout));
         }
     }
@@ -303,8 +308,9 @@ impl Drop for Driven {
         // Only a complete response leaves the connection ready for the next; one dropped
         // half read would hand its rest to the next request.
         if (self.ended || self.body.is_end_stream())
-            && let (Some(conn), Some(dest), Some(pool)) =
+            && let (Some(mut conn), Some(dest), Some(pool)) =
                 (self.conn.take(), self.dest.take(), self.pool.upgrade())
+            && conn.usable()
         {
             pool.put(dest, conn);
         }
