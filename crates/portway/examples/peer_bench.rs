@@ -137,42 +137,6 @@ fn wait_200(what: &str, addr: SocketAddr, host: &str, path: &str) {
     }
 }
 
-/// nginx with sendfile on a free port, serving `big.bin` (256 MiB) and `small.txt`.
-fn nginx(dir: &Path) -> (Process, u16) {
-    let root = dir.join("www");
-    std::fs::create_dir_all(&root).unwrap();
-    let big: Vec<u8> = (0..256u64 * 1024 * 1024)
-        .map(portway_testkit::origin::pattern)
-        .collect();
-    std::fs::write(root.join("big.bin"), big).unwrap();
-    std::fs::write(root.join("small.txt"), "hello, world\n").unwrap();
-    let port = free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 8192; }}
-http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000; keepalive_timeout 300;
-  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
-  server {{ listen 127.0.0.1:{port} default_server; root {root}; }} }}",
-            d = dir.display(),
-            root = root.display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let child = Process::spawn(
-        "nginx",
-        Path::new("nginx"),
-        ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-    )
-    .expect("nginx (apt-get install -y nginx)");
-    wait_200("nginx", loopback(port), "localhost", SMALL);
-    (child, port)
-}
-
 /// Download speed in MB/s, best of three.
 fn download_mbps(addr: SocketAddr, host: &str) -> f64 {
     (0..3)
@@ -588,7 +552,7 @@ async fn main() {
     let wanted = |key: &str| only.as_ref().is_none_or(|o| o.iter().any(|k| k == key));
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let (_nginx, web) = nginx(d);
+    let (_nginx, web) = portway_testkit::bench::nginx(d);
     let origin = Origin::spawn().await.unwrap();
     let ws = origin.addr.port();
 

@@ -15,64 +15,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use portway_api::HttpProxy;
-use portway_testkit::Process;
 use portway_testkit::bench::{rss_kib, wrk};
 use portway_testkit::origin::Origin;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// nginx with sendfile on a free port, serving `big.bin` (256 MiB) and `small.txt`.
-fn nginx(dir: &Path) -> (Process, u16) {
-    let root = dir.join("www");
-    std::fs::create_dir_all(&root).unwrap();
-    let big: Vec<u8> = (0..256u64 * 1024 * 1024)
-        .map(portway_testkit::origin::pattern)
-        .collect();
-    std::fs::write(root.join("big.bin"), big).unwrap();
-    std::fs::write(root.join("small.txt"), "hello, world\n").unwrap();
-    let port = free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000; keepalive_timeout 300;
-  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
-  server {{ listen 127.0.0.1:{port}; root {root}; }} }}",
-            d = dir.display(),
-            root = root.display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let child = Process::spawn(
-        "nginx",
-        Path::new("nginx"),
-        ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-    )
-    .expect("nginx (apt-get install -y nginx)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
-}
 
 /// curl download speed in MB/s (best of three).
 fn curl_mbps(url: &str, connect_to: Option<SocketAddr>, host: &str) -> f64 {
@@ -108,7 +59,7 @@ async fn main() {
     let bin = portway_testkit::bench::release_bin();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let (_nginx, nginx_port) = nginx(d);
+    let (_nginx, nginx_port) = portway_testkit::bench::nginx(d);
     let data = d.join("data");
     let args = portway_testkit::up_args(&data, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -157,3 +157,51 @@ pub async fn http_tunnel(
     ];
     crate::start_quiet(bin, &args, "http").await
 }
+
+/// nginx with sendfile and one worker on a free loopback port, serving `big.bin` (256 MiB
+/// of [`crate::origin::pattern`]) and `small.txt` from `dir`; stops when dropped.
+///
+/// # Panics
+/// When nginx is missing or does not start within 10 s.
+pub fn nginx(dir: &std::path::Path) -> (crate::Process, u16) {
+    use std::time::{Duration, Instant};
+    let root = dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    let big: Vec<u8> = (0..256u64 * 1024 * 1024)
+        .map(crate::origin::pattern)
+        .collect();
+    std::fs::write(root.join("big.bin"), big).unwrap();
+    std::fs::write(root.join("small.txt"), "hello, world\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 8192; }}
+http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_requests 1000000; keepalive_timeout 300;
+  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+  server {{ listen 127.0.0.1:{port} default_server; root {root}; }} }}",
+            d = dir.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let child = crate::Process::spawn(
+        "nginx",
+        std::path::Path::new("nginx"),
+        ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+    )
+    .expect("nginx (apt-get install -y nginx)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
