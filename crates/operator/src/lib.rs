@@ -54,7 +54,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::hostnames::HostnameIndex;
-use portway_kube::watch::{Subscriber, pending, relisted, touched};
+use portway_kube::watch::{Index, Subscriber, by_namespace, by_owner, pending, relisted, touched};
 
 /// What the operator needs to know.
 #[derive(Clone, Debug)]
@@ -159,15 +159,18 @@ impl Metrics {
 pub(crate) struct Ctx {
     client: kube::Client,
     config: Config,
-    connectors: Store<Connector>,
-    advertisements: Store<ConnectorAdvertisement>,
+    /// By namespace.
+    connectors: Index<Connector>,
+    /// By namespace.
+    advertisements: Index<ConnectorAdvertisement>,
     leases: Store<Lease>,
     classes: Store<ConnectorClass>,
-    routes: Store<HttpRoute>,
-    gateways: Store<Gateway>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    policies: Store<BackendTrafficPolicy>,
+    /// Children, by owner uid.
+    routes: Index<HttpRoute>,
+    gateways: Index<Gateway>,
+    services: Index<Service>,
+    slices: Index<EndpointSlice>,
+    policies: Index<BackendTrafficPolicy>,
     hostnames: Arc<HostnameIndex>,
     metrics: Metrics,
     /// Condition changes and refusals, for `kubectl describe` and `get events -w`.
@@ -189,16 +192,20 @@ fn object_ref<K: Resource<DynamicType = ()>>(o: &K) -> ObjectRef<K> {
     ObjectRef::from_obj(o)
 }
 
-/// Sends refs for every object in `store` within `ns` (all namespaces with `None`) that
+/// Sends refs for every object in `by_ns` within `ns` (all namespaces with `None`) that
 /// `pick` accepts.
-fn send_matching<K: Resource<DynamicType = ()> + Clone>(
+fn send_matching<K: Resource<DynamicType = ()> + Clone + Send + Sync>(
     tx: &Tx<K>,
-    store: &Store<K>,
+    by_ns: &Index<K>,
     ns: Option<&str>,
     pick: impl Fn(&K) -> bool,
 ) {
-    for o in store.state() {
-        if ns.is_none_or(|ns| o.meta().namespace.as_deref() == Some(ns)) && pick(&o) {
+    let objects = match ns {
+        Some(ns) => by_ns.get(ns),
+        None => by_ns.store().state(),
+    };
+    for o in objects {
+        if pick(&o) {
             let _ = tx.send(object_ref(o.as_ref()));
         }
     }
@@ -304,14 +311,22 @@ impl Operator {
         let slices = pending::<EndpointSlice>();
         let policies = pending::<BackendTrafficPolicy>();
         let hostnames = Arc::new(HostnameIndex::new(&config.proxy.zone));
+        let proxies_by_ns = Index::new(proxies.store.clone(), by_namespace);
+        let conns_by_ns = Index::new(connectors.store.clone(), by_namespace);
+        let ads_by_ns = Index::new(ads.store.clone(), by_namespace);
+        let routes_by_owner = Index::new(routes.store.clone(), by_owner);
+        let gateways_by_owner = Index::new(gateways.store.clone(), by_owner);
+        let services_by_owner = Index::new(services.store.clone(), by_owner);
+        let slices_by_owner = Index::new(slices.store.clone(), by_owner);
+        let policies_by_owner = Index::new(policies.store.clone(), by_owner);
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel::<ObjectRef<Connector>>();
         let (ad_tx, ad_rx) = mpsc::unbounded_channel::<ObjectRef<ConnectorAdvertisement>>();
 
         let mut tasks = Vec::new();
-        let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![{
-            let (tx, store, index) = (proxy_tx.clone(), proxies.store.clone(), hostnames.clone());
+        let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![proxies_by_ns.subscriber(), {
+            let (tx, by_ns, index) = (proxy_tx.clone(), proxies_by_ns.clone(), hostnames.clone());
             Box::new(move |e| match e {
                 watcher::Event::Apply(p) => {
                     let _ = tx.send(object_ref(p));
@@ -325,19 +340,19 @@ impl Operator {
                     }
                 }
                 watcher::Event::InitDone => {
-                    let all = store.state();
+                    let all = by_ns.store().state();
                     index.rebuild(all.iter().map(AsRef::as_ref));
-                    send_matching(&tx, &store, None, |_| true);
+                    send_matching(&tx, &by_ns, None, |_| true);
                 }
                 _ => {}
             })
         }];
-        let conn_subs: Vec<Subscriber<Connector>> = vec![{
+        let conn_subs: Vec<Subscriber<Connector>> = vec![conns_by_ns.subscriber(), {
             let (ptx, ctx_, atx) = (proxy_tx.clone(), conn_tx.clone(), ad_tx.clone());
             let (pstore, astore, cstore) = (
-                proxies.store.clone(),
-                ads.store.clone(),
-                connectors.store.clone(),
+                proxies_by_ns.clone(),
+                ads_by_ns.clone(),
+                conns_by_ns.clone(),
             );
             Box::new(move |e| {
                 if let Some(c) = touched(e) {
@@ -356,12 +371,12 @@ impl Operator {
                 }
             })
         }];
-        let ad_subs: Vec<Subscriber<ConnectorAdvertisement>> = vec![{
+        let ad_subs: Vec<Subscriber<ConnectorAdvertisement>> = vec![ads_by_ns.subscriber(), {
             let (ptx, atx, pstore, astore) = (
                 proxy_tx.clone(),
                 ad_tx.clone(),
-                proxies.store.clone(),
-                ads.store.clone(),
+                proxies_by_ns.clone(),
+                ads_by_ns.clone(),
             );
             Box::new(move |e| {
                 if let Some(a) = touched(e) {
@@ -376,7 +391,7 @@ impl Operator {
             })
         }];
         let lease_subs: Vec<Subscriber<Lease>> = vec![{
-            let (tx, cstore) = (conn_tx.clone(), connectors.store.clone());
+            let (tx, cstore) = (conn_tx.clone(), conns_by_ns.clone());
             Box::new(move |e| {
                 if let Some(l) = touched(e) {
                     let _ = tx.send(
@@ -388,7 +403,7 @@ impl Operator {
             })
         }];
         let class_subs: Vec<Subscriber<ConnectorClass>> = vec![{
-            let (tx, cstore) = (conn_tx.clone(), connectors.store.clone());
+            let (tx, cstore) = (conn_tx.clone(), conns_by_ns.clone());
             Box::new(move |e| {
                 if let Some(cls) = touched(e) {
                     send_matching(&tx, &cstore, None, |c| {
@@ -404,15 +419,15 @@ impl Operator {
             events: portway_kube::Events::new(client.clone(), "portway-operator", None),
             client: client.clone(),
             config: config.clone(),
-            connectors: connectors.store.clone(),
-            advertisements: ads.store.clone(),
+            connectors: conns_by_ns,
+            advertisements: ads_by_ns,
             leases: leases.store.clone(),
             classes: classes.store.clone(),
-            routes: routes.store.clone(),
-            gateways: gateways.store.clone(),
-            services: services.store.clone(),
-            slices: slices.store.clone(),
-            policies: policies.store.clone(),
+            routes: routes_by_owner.clone(),
+            gateways: gateways_by_owner.clone(),
+            services: services_by_owner.clone(),
+            slices: slices_by_owner.clone(),
+            policies: policies_by_owner.clone(),
             hostnames,
             metrics: metrics.clone(),
         });
@@ -457,27 +472,39 @@ impl Operator {
         tasks.push(classes.spawn(Api::all(client.clone()), class_subs, s.clone()));
         tasks.push(routes.spawn(
             Api::all(client.clone()),
-            vec![owner_subscriber(proxy_tx.clone())],
+            vec![
+                routes_by_owner.subscriber(),
+                owner_subscriber(proxy_tx.clone()),
+            ],
             s.clone(),
         ));
         tasks.push(gateways.spawn(
             Api::all(client.clone()),
-            vec![owner_subscriber(proxy_tx.clone())],
+            vec![
+                gateways_by_owner.subscriber(),
+                owner_subscriber(proxy_tx.clone()),
+            ],
             s.clone(),
         ));
         tasks.push(services.spawn(
             Api::all(client.clone()),
-            vec![owner_subscriber(proxy_tx.clone())],
+            vec![
+                services_by_owner.subscriber(),
+                owner_subscriber(proxy_tx.clone()),
+            ],
             s.clone(),
         ));
         tasks.push(slices.spawn(
             Api::all(client.clone()),
-            vec![owner_subscriber(proxy_tx.clone())],
+            vec![
+                slices_by_owner.subscriber(),
+                owner_subscriber(proxy_tx.clone()),
+            ],
             s.clone(),
         ));
         tasks.push(policies.spawn(
             Api::all(client.clone()),
-            vec![owner_subscriber(proxy_tx)],
+            vec![policies_by_owner.subscriber(), owner_subscriber(proxy_tx)],
             s.clone(),
         ));
 

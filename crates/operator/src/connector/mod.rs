@@ -102,6 +102,7 @@ pub(crate) async fn reconcile_advertisement(
     let ns = a.namespace().unwrap_or_default();
     let exists = ctx
         .connectors
+        .store()
         .get(&ObjectRef::new(&a.spec.connector_ref.name).within(&ns))
         .is_some();
     let api: Api<ConnectorAdvertisement> = Api::namespaced(ctx.client.clone(), &ns);

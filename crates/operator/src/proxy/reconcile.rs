@@ -18,6 +18,7 @@ use portway_api::{
     BackendTrafficPolicy, Connector, ConnectorAdvertisement, HttpProxy, HttpProxyStatus, labels,
     managers,
 };
+use portway_kube::watch::Index;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -68,21 +69,20 @@ where
 /// Deletes this proxy's children of one kind that are not in `keep`.
 async fn prune<K>(
     ctx: &Ctx,
-    store: &Store<K>,
+    by_owner: &Index<K>,
     proxy: &HttpProxy,
     keep: &HashSet<String>,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
 {
     let ns = proxy.namespace().unwrap_or_default();
     let uid = proxy.uid().unwrap_or_default();
-    let stale: Vec<String> = store
-        .state()
+    let stale: Vec<String> = by_owner
+        .get(&uid)
         .iter()
         .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|o| o.owner_references().iter().any(|r| r.uid == uid))
         .filter(|o| {
             o.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(managers::OPERATOR)
         })
@@ -114,21 +114,10 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     }
     let ns = proxy.namespace().unwrap_or_default();
     let name = proxy.name_any();
-    let in_ns = |o: &dyn Fn() -> Option<String>| o().as_deref() == Some(ns.as_str());
-    let connectors: Vec<Arc<Connector>> = ctx
-        .connectors
-        .state()
-        .into_iter()
-        .filter(|c| in_ns(&|| c.namespace()))
-        .collect();
-    let ads: Vec<Arc<ConnectorAdvertisement>> = ctx
-        .advertisements
-        .state()
-        .into_iter()
-        .filter(|a| in_ns(&|| a.namespace()))
-        .collect();
-    let route = ctx.routes.get(&ObjectRef::new(&name).within(&ns));
-    let gateway = ctx.gateways.get(&ObjectRef::new(&name).within(&ns));
+    let connectors: Vec<Arc<Connector>> = ctx.connectors.get(&ns);
+    let ads: Vec<Arc<ConnectorAdvertisement>> = ctx.advertisements.get(&ns);
+    let route = ctx.routes.store().get(&ObjectRef::new(&name).within(&ns));
+    let gateway = ctx.gateways.store().get(&ObjectRef::new(&name).within(&ns));
     let me = Claim::of(&proxy);
     let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me).map(|o| o.to_string());
     let connector_refs: Vec<&Connector> = connectors.iter().map(AsRef::as_ref).collect();
@@ -151,19 +140,19 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
 
     // Children first (status may only claim what exists).
     if let Some(g) = &d.gateway {
-        apply(&ctx, &ctx.gateways, g).await?;
+        apply(&ctx, ctx.gateways.store(), g).await?;
     }
     for s in &d.services {
-        apply(&ctx, &ctx.services, s).await?;
+        apply(&ctx, ctx.services.store(), s).await?;
     }
     for s in &d.slices {
-        apply(&ctx, &ctx.slices, s).await?;
+        apply(&ctx, ctx.slices.store(), s).await?;
     }
     if let Some(r) = &d.route {
-        apply(&ctx, &ctx.routes, r).await?;
+        apply(&ctx, ctx.routes.store(), r).await?;
     }
     if let Some(p) = &d.policy {
-        apply(&ctx, &ctx.policies, p).await?;
+        apply(&ctx, ctx.policies.store(), p).await?;
     }
     prune::<HttpRoute>(&ctx, &ctx.routes, &proxy, &names(d.route.clone())).await?;
     prune::<Gateway>(&ctx, &ctx.gateways, &proxy, &names(d.gateway.clone())).await?;
