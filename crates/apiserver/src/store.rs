@@ -4,6 +4,11 @@
 //! Writers are serialised: a write runs as a closure over a [`Txn`] that sees the current
 //! state plus its own changes, and is committed to SQLite before it becomes visible in
 //! memory or to watchers. An acknowledged write therefore survives `kill -9`.
+//!
+//! Writes that queue up while one commit is syncing are committed together (group
+//! commit): each still runs alone, in order, seeing the ones before it, and one that
+//! fails leaves no trace; the group then costs one SQLite transaction and one fsync
+//! instead of one each, which bounded a busy server at a few hundred writes a second.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -110,7 +115,24 @@ struct Inner {
     state: RwLock<State>,
     changed: watch::Sender<u64>,
     history: u64,
+    queue: Mutex<Queue>,
 }
+
+/// Writes waiting for the committer, and whether one runs.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    committing: bool,
+}
+
+/// Writes run in one group at most, so one slow group does not hold up the next ones.
+const MAX_GROUP: usize = 1024;
+
+/// One queued write: runs against the group's view and says whether it succeeded (its
+/// changes then join the group); what it returns delivers its outcome once the group
+/// is durable, or its failure.
+type Job = Box<dyn FnOnce(&mut Txn<'_>) -> (bool, Deliver) + Send>;
+type Deliver = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
 /// Cheap to clone; all clones share one database and one memory image.
 #[derive(Clone)]
@@ -118,20 +140,24 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-/// A write in progress: reads see the committed state plus this transaction's changes.
+type Overlay = HashMap<(usize, ObjKey), Option<Arc<Value>>>;
+
+/// A write in progress: reads see the committed state, then the earlier writes of its
+/// group (`below`), then this transaction's own changes.
 pub struct Txn<'a> {
     state: &'a State,
-    overlay: HashMap<(usize, ObjKey), Option<Arc<Value>>>,
+    below: &'a Overlay,
+    overlay: Overlay,
     changes: Vec<Event>,
     rv: u64,
 }
 
 impl Txn<'_> {
     pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Arc<Value>> {
-        let key = ObjKey::new(ns, name);
-        match self.overlay.get(&(res.id, key.clone())) {
+        let key = (res.id, ObjKey::new(ns, name));
+        match self.overlay.get(&key).or_else(|| self.below.get(&key)) {
             Some(v) => v.clone(),
-            None => self.state.objects[res.id].get(&key).cloned(),
+            None => self.state.objects[res.id].get(&key.1).cloned(),
         }
     }
 
@@ -140,7 +166,7 @@ impl Txn<'_> {
         let mut merged: BTreeMap<ObjKey, Arc<Value>> = range(&self.state.objects[res.id], ns)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for ((id, key), v) in &self.overlay {
+        for ((id, key), v) in self.below.iter().chain(&self.overlay) {
             if *id != res.id || ns.is_some_and(|ns| key.ns != ns) {
                 continue;
             }
@@ -335,6 +361,7 @@ impl Store {
                 state: RwLock::new(state),
                 changed,
                 history: history.max(1),
+                queue: Mutex::default(),
             }),
         })
     }
@@ -348,10 +375,29 @@ impl Store {
         F: FnOnce(&mut Txn<'_>) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.write(f))
-            .await
-            .map_err(|_| ApiError::from(StoreError::Join))?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |txn| {
+            let result = f(txn);
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |durable| {
+                let _ = tx.send(match (result, durable) {
+                    (Ok(_), Err(e)) => Err(ApiError::internal(format!("storage failure: {e}"))),
+                    (result, _) => result,
+                });
+            });
+            (ok, deliver)
+        });
+        let start = {
+            let mut q = self.inner.queue.lock();
+            q.jobs.push(job);
+            !std::mem::replace(&mut q.committing, true)
+        };
+        if start {
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.commit_queued());
+        }
+        // A dropped sender means the write panicked.
+        rx.await.map_err(|_| ApiError::from(StoreError::Join))?
     }
 
     pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Arc<Value>> {
@@ -392,24 +438,70 @@ impl Store {
 }
 
 impl Inner {
-    fn write<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> Result<T, ApiError>) -> Result<T, ApiError> {
+    /// Commits groups until the queue is empty; one committer runs at a time.
+    fn commit_queued(&self) {
         let mut db = self.db.lock();
-        let (result, changes, rv) = {
-            let state = self.state.read();
-            let mut txn = Txn {
-                state: &state,
-                overlay: HashMap::new(),
-                changes: Vec::new(),
-                rv: state.rv,
+        loop {
+            let jobs = {
+                let mut q = self.queue.lock();
+                if q.jobs.is_empty() {
+                    q.committing = false;
+                    return;
+                }
+                let n = q.jobs.len().min(MAX_GROUP);
+                q.jobs.drain(..n).collect::<Vec<_>>()
             };
-            let result = f(&mut txn)?;
-            (result, txn.changes, txn.rv)
-        };
-        if changes.is_empty() {
-            return Ok(result);
+            self.commit_group(&mut db, jobs);
         }
-        let floor = rv.saturating_sub(self.history);
-        persist(&mut db, &changes, rv, floor)?;
+    }
+
+    fn commit_group(&self, db: &mut Connection, jobs: Vec<Job>) {
+        let mut overlay = Overlay::new();
+        let mut changes = Vec::new();
+        let mut delivers = Vec::with_capacity(jobs.len());
+        let rv = {
+            let state = self.state.read();
+            let mut rv = state.rv;
+            for job in jobs {
+                let mut txn = Txn {
+                    state: &state,
+                    below: &overlay,
+                    overlay: Overlay::new(),
+                    changes: Vec::new(),
+                    rv,
+                };
+                // A panicking write drops its sender (its caller sees a failed write)
+                // and leaves no changes; the others in the group go on.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn)));
+                let Ok((ok, deliver)) = ran else { continue };
+                if ok {
+                    rv = txn.rv;
+                    changes.append(&mut txn.changes);
+                    overlay.extend(txn.overlay);
+                }
+                delivers.push(deliver);
+            }
+            rv
+        };
+        let durable = if changes.is_empty() {
+            Ok(())
+        } else {
+            let floor = rv.saturating_sub(self.history);
+            let persisted = persist(db, &changes, rv, floor);
+            if persisted.is_ok() {
+                self.apply(changes, rv, floor);
+            } else if let Err(e) = &persisted {
+                tracing::error!(error = %e, "storage failure");
+            }
+            persisted
+        };
+        for deliver in delivers {
+            deliver(durable.as_ref().map(|_| ()));
+        }
+    }
+
+    /// Makes committed changes visible to readers and watchers.
+    fn apply(&self, changes: Vec<Event>, rv: u64, floor: u64) {
         let mut state = self.state.write();
         for change in changes {
             let map = &mut state.objects[change.res.id];
@@ -427,7 +519,6 @@ impl Inner {
         }
         drop(state);
         self.changed.send_replace(rv);
-        Ok(result)
     }
 }
 
@@ -530,5 +621,48 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(store.revision(), 0);
         assert!(store.get(ns, "", "a").is_none());
+    }
+
+    /// Writes queued together commit as a group: each sees the ones before it, one that
+    /// fails or panics leaves no trace, and the others are durable and in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_commits_its_writes_alone_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let ns = registry().by_key("namespaces").unwrap();
+        let store = Store::open(&path, 1000).unwrap();
+        let writes = (0..200).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |txn| {
+                        // Every write also counts the namespaces it sees: they must be the
+                        // successful writes before it, in its group or not.
+                        let seen = txn.list(ns, None).len();
+                        txn.put(ns, ns_obj(&format!("n{i}")));
+                        match i % 50 {
+                            7 => Err(ApiError::bad_request("refused")),
+                            13 => panic!("a write that panics"),
+                            _ => Ok(seen),
+                        }
+                    })
+                    .await
+            })
+        });
+        let results = futures::future::join_all(writes).await;
+        let mut seen: Vec<usize> = results
+            .into_iter()
+            .filter_map(|r| r.unwrap().ok())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..192).collect::<Vec<_>>());
+        assert_eq!(store.revision(), 192);
+        let events = store.events_after(0).unwrap();
+        assert!(events.iter().enumerate().all(|(i, e)| e.rv == i as u64 + 1));
+        drop(store);
+        let store = Store::open(&path, 1000).unwrap();
+        let names = store.list(ns, None).1;
+        assert_eq!(names.len(), 192);
+        assert!(store.get(ns, "", "n7").is_none() && store.get(ns, "", "n13").is_none());
     }
 }
