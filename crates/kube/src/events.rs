@@ -70,29 +70,50 @@ impl Events {
         }
     }
 
-    /// One event per condition of `new` whose status or reason differs from `old`: a
-    /// condition turning False is a Warning (`BackendsReady=False`, `Accepted=False`), as
-    /// is `HostnamesInUse=True`; any other change is Normal.
+    /// One event for the conditions of `new` whose status or reason differs from `old`:
+    /// a reconcile that settles five conditions at once is one line in `kubectl get
+    /// events` and one write, not five (a new proxy cost the API server ten writes of
+    /// events alone). It is a Warning when any change is trouble (a condition turning
+    /// False, such as `BackendsReady=False`, or `HostnamesInUse=True`), under that
+    /// condition's reason; otherwise Normal under the first change's. The note lists
+    /// every change, troubles first, so truncation drops the least useful end.
     pub async fn conditions_changed(
         &self,
         about: &ObjectReference,
         old: &[Condition],
         new: &[Condition],
     ) {
-        for c in changed(old, new) {
-            let kind = if (c.status == "True") == ABNORMAL_WHEN_TRUE.contains(&c.type_.as_str()) {
-                Kind::Warning
-            } else {
-                Kind::Normal
-            };
-            let note = if c.message.is_empty() {
+        if let Some((kind, reason, note)) = summary(old, new) {
+            self.record(about, kind, &reason, "Reconcile", note).await;
+        }
+    }
+}
+
+/// The one event [`Events::conditions_changed`] records: kind, reason and note.
+pub fn summary(old: &[Condition], new: &[Condition]) -> Option<(Kind, String, String)> {
+    let trouble =
+        |c: &Condition| (c.status == "True") == ABNORMAL_WHEN_TRUE.contains(&c.type_.as_str());
+    let mut changes = changed(old, new);
+    // Stable: troubles first, each group in the object's own order.
+    changes.sort_by_key(|c| !trouble(c));
+    let first = changes.first()?;
+    let kind = if trouble(first) {
+        Kind::Warning
+    } else {
+        Kind::Normal
+    };
+    let note = changes
+        .iter()
+        .map(|c| {
+            if c.message.is_empty() {
                 format!("{}={}", c.type_, c.status)
             } else {
                 format!("{}={}: {}", c.type_, c.status, c.message)
-            };
-            self.record(about, kind, &c.reason, "Reconcile", note).await;
-        }
-    }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some((kind, first.reason.clone(), note))
 }
 
 /// Conditions whose True is the trouble (Kubernetes' "abnormal-true" polarity).
@@ -156,5 +177,37 @@ mod tests {
             .collect();
         assert_eq!(types, ["Ready", "Programmed"]);
         assert_eq!(truncate("é".repeat(600)).len(), 1023);
+    }
+
+    #[test]
+    fn one_event_per_reconcile_with_troubles_first() {
+        let mut ready = c("BackendsReady", "False", "NoReadyBackend");
+        ready.message = "0 of 1 ready".into();
+        let new = [
+            c("Accepted", "True", "Accepted"),
+            ready,
+            c("HostnamesInUse", "False", "NoConflict"),
+        ];
+        assert_eq!(
+            summary(&[], &new),
+            Some((
+                Kind::Warning,
+                "NoReadyBackend".into(),
+                "BackendsReady=False: 0 of 1 ready; Accepted=True; HostnamesInUse=False".into()
+            ))
+        );
+        let fine = [
+            c("Accepted", "True", "Accepted"),
+            c("Programmed", "True", "Programmed"),
+        ];
+        assert_eq!(
+            summary(&[], &fine),
+            Some((
+                Kind::Normal,
+                "Accepted".into(),
+                "Accepted=True; Programmed=True".into()
+            ))
+        );
+        assert_eq!(summary(&fine, &fine), None);
     }
 }
