@@ -142,6 +142,20 @@ async fn main() {
         .await
         .unwrap();
     let created = t0.elapsed();
+    let revision = || {
+        let client = client.clone();
+        async move {
+            let list = Api::<Namespace>::all(client)
+                .list_metadata(&kube::api::ListParams::default().limit(1))
+                .await
+                .unwrap();
+            list.metadata
+                .resource_version
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let rv_created = revision().await;
     // Convergence seen through watches, as a controller would: polling with full lists
     // would itself load the API server (20 000 objects serialised per poll) and slow what
     // it measures.
@@ -184,6 +198,7 @@ async fn main() {
         }
     }
     let converged = t0.elapsed();
+    let rv_converged = revision().await;
     let rss_after_sync = rss_mib(operator.pid());
 
     // One change at a time: a new hostname on one proxy, until its route shows it.
@@ -223,6 +238,11 @@ async fn main() {
     println!(
         "| all proxies Accepted and routed (from first write) | {:.1} s |",
         converged.as_secs_f64()
+    );
+    println!(
+        "| API writes: to create / to converge (per proxy) | {rv_created} / {} ({:.1}) |",
+        rv_converged - rv_created,
+        (rv_converged - rv_created) as f64 / proxies_n as f64
     );
     println!(
         "| one change → route updated (n={changes}) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
