@@ -40,6 +40,19 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Objects of one kind in the API server.
+async fn count<K>(client: &kube::Client) -> usize
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Api::<K>::all(client.clone())
+        .list_metadata(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -61,8 +74,6 @@ async fn main() {
             d.join("api").to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
-            "--history",
-            "200000",
         ],
         "apiserver",
     )
@@ -253,8 +264,21 @@ async fn main() {
     println!(
         "| operator RSS: idle / after sync / after {changes} changes | {idle_rss:.0} / {rss_after_sync:.0} / {rss_after_changes:.0} MiB |"
     );
+    let objects = count::<Namespace>(&client).await
+        + count::<Connector>(&client).await
+        + count::<Lease>(&client).await
+        + count::<ConnectorAdvertisement>(&client).await
+        + count::<HttpProxy>(&client).await
+        + count::<HttpRoute>(&client).await
+        + count::<gateway_api::apis::standard::gateways::Gateway>(&client).await
+        + count::<k8s_openapi::api::core::v1::Service>(&client).await
+        + count::<k8s_openapi::api::discovery::v1::EndpointSlice>(&client).await
+        + count::<portway_api::BackendTrafficPolicy>(&client).await
+        + count::<k8s_openapi::api::core::v1::Event>(&client).await
+        + count::<k8s_openapi::api::events::v1::Event>(&client).await;
+    let rss = rss_mib(apiserver.pid());
     println!(
-        "| API server RSS after the run | {:.0} MiB |",
-        rss_mib(apiserver.pid())
+        "| API server RSS after the run / per stored object ({objects} objects) | {rss:.0} MiB / {:.1} KiB |",
+        rss * 1024.0 / objects as f64
     );
 }
