@@ -380,9 +380,11 @@ impl Store {
             let result = f(txn);
             let ok = result.is_ok();
             let deliver: Deliver = Box::new(move |durable| {
-                let _ = tx.send(match (result, durable) {
-                    (Ok(_), Err(e)) => Err(ApiError::internal(format!("storage failure: {e}"))),
-                    (result, _) => result,
+                // A group that did not persist fails every write in it, refused ones too:
+                // a refusal may rest on an earlier write of the group that is now gone.
+                let _ = tx.send(match durable {
+                    Err(e) => Err(ApiError::internal(format!("storage failure: {e}"))),
+                    Ok(()) => result,
                 });
             });
             (ok, deliver)
@@ -440,12 +442,14 @@ impl Store {
 impl Inner {
     /// Commits groups until the queue is empty; one committer runs at a time.
     fn commit_queued(&self) {
+        let guard = Committer(self);
         let mut db = self.db.lock();
         loop {
             let jobs = {
                 let mut q = self.queue.lock();
                 if q.jobs.is_empty() {
                     q.committing = false;
+                    std::mem::forget(guard);
                     return;
                 }
                 let n = q.jobs.len().min(MAX_GROUP);
@@ -519,6 +523,20 @@ impl Inner {
         }
         drop(state);
         self.changed.send_replace(rv);
+    }
+}
+
+/// Held by the committer while it runs: if it unwinds (a panic outside a job, or its task
+/// torn down with the runtime), the queued writes fail instead of waiting forever, and the
+/// next write starts a new committer.
+struct Committer<'a>(&'a Inner);
+
+impl Drop for Committer<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.queue.lock();
+        q.committing = false;
+        // Dropping a job drops its sender: its caller sees a failed write.
+        q.jobs.clear();
     }
 }
 
@@ -664,5 +682,35 @@ mod tests {
         let names = store.list(ns, None).1;
         assert_eq!(names.len(), 192);
         assert!(store.get(ns, "", "n7").is_none() && store.get(ns, "", "n13").is_none());
+    }
+
+    /// A committer that unwinds past every per-write catch (here, a delivery that panics)
+    /// must fail what it held and leave the next write a committer, not a queue that
+    /// waits forever.
+    #[tokio::test]
+    async fn a_committer_that_unwinds_leaves_the_store_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = registry().by_key("namespaces").unwrap();
+        let store = Store::open(&dir.path().join("db"), 100).unwrap();
+        {
+            let mut q = store.inner.queue.lock();
+            let deliver: Deliver = Box::new(|_| panic!("a delivery that panics"));
+            q.jobs.push(Box::new(move |_| (true, deliver)));
+            q.committing = true;
+        }
+        let inner = store.inner.clone();
+        let committer = tokio::task::spawn_blocking(move || inner.commit_queued()).await;
+        assert!(committer.is_err());
+        let obj = ns_obj("after");
+        let written = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            store.write(move |txn| Ok(txn.put(ns, obj))),
+        )
+        .await;
+        assert!(
+            matches!(written, Ok(Ok(_))),
+            "the write after an unwound committer hung or failed"
+        );
+        assert!(store.get(ns, "", "after").is_some());
     }
 }

@@ -83,6 +83,8 @@ where
         .get(&uid)
         .iter()
         .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+        // The cache may already hold a newer version than the index saw.
+        .filter(|o| o.owner_references().iter().any(|r| r.uid == uid))
         .filter(|o| {
             o.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(managers::OPERATOR)
         })
@@ -127,6 +129,11 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         .and_then(|g| g.status.as_ref())
         .and_then(|s| s.addresses.clone())
         .unwrap_or_default();
+    let now = Timestamp::now();
+    let certificate = ctx
+        .certificates
+        .as_deref()
+        .map(|c| move |h: &str| c.condition(h, now));
     let d = desired(&Inputs {
         proxy: &proxy,
         connectors: &connector_refs,
@@ -135,7 +142,8 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         route_status: route.as_ref().and_then(|r| r.status.as_ref()),
         gateway_addresses: &addresses,
         config: &ctx.config.proxy,
-        now: Timestamp::now(),
+        certificate: certificate.as_ref().map(|c| c as &dyn Fn(&str) -> _),
+        now,
     });
 
     // Children first (status may only claim what exists).
