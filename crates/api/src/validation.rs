@@ -9,7 +9,7 @@ use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use url::Url;
@@ -992,6 +992,66 @@ impl Validate for Lease {
                 FieldErrorKind::Invalid,
                 format!("must be greater than 0, got {d}"),
             );
+        }
+        errs.0
+    }
+}
+
+/// A Secret's data, all keys together, at most 1 MiB as in Kubernetes.
+pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
+/// The type whose data must hold `tls.crt` and `tls.key`.
+pub const TLS_SECRET: &str = "kubernetes.io/tls";
+
+impl Validate for Secret {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let data = self.data.as_ref();
+        let strings = self.string_data.as_ref();
+        let mut size = 0;
+        for (field, key, len) in data
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| ("data", k, v.0.len()))
+            .chain(
+                strings
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| ("stringData", k, v.len())),
+            )
+        {
+            size += len;
+            let valid = !key.is_empty()
+                && key.len() <= 253
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid {
+                errs.push(
+                    format!("{field}[{key}]"),
+                    FieldErrorKind::Invalid,
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                );
+            }
+        }
+        if size > MAX_SECRET_BYTES {
+            errs.push(
+                "data",
+                FieldErrorKind::TooLong,
+                format!("may not be more than {MAX_SECRET_BYTES} bytes, got {size}"),
+            );
+        }
+        if self.type_.as_deref() == Some(TLS_SECRET) {
+            for key in ["tls.crt", "tls.key"] {
+                let has = data.is_some_and(|d| d.contains_key(key))
+                    || strings.is_some_and(|d| d.contains_key(key));
+                if !has {
+                    errs.push(
+                        format!("data[{key}]"),
+                        FieldErrorKind::Required,
+                        format!("required for a Secret of type {TLS_SECRET}"),
+                    );
+                }
+            }
         }
         errs.0
     }

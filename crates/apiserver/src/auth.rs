@@ -295,9 +295,11 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
             (false, "Namespace") => a.verb == Verb::Get && in_own_ns,
             (false, _) => false,
         },
+        // Secrets hold private keys: a project's viewers see its objects, never its keys.
         Role::Viewer => {
             a.verb.is_read()
                 && match (a.res.namespaced, kind) {
+                    (true, "Secret") => false,
                     (true, _) => in_own_ns,
                     (false, "Namespace") => in_own_ns,
                     (false, _) => true,

@@ -245,9 +245,13 @@ impl Server {
             None => None,
         };
 
-        ensure_namespace(&store, "default")
-            .await
-            .map_err(|e| Error::Bootstrap(e.to_string()))?;
+        // `portway-system` holds what only the control plane reads (certificates), as
+        // kube-system does in Kubernetes.
+        for ns in ["default", portway_api::certificates::SYSTEM_NAMESPACE] {
+            ensure_namespace(&store, ns)
+                .await
+                .map_err(|e| Error::Bootstrap(e.to_string()))?;
+        }
 
         let shutdown = CancellationToken::new();
         let app = Arc::new(app::App {

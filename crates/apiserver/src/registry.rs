@@ -7,7 +7,7 @@ use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::CustomResourceExt;
 use portway_api::validation::validate_meta;
@@ -344,6 +344,22 @@ impl Registry {
                 strategic: Some(&[("spec.ports", ListStrategy::MergeByKey("port"))]),
                 proto: Some(&protobuf::SERVICE),
                 field_selectors: &[],
+            }),
+            builtin::<Secret>(Builtin {
+                group: "",
+                version: "v1",
+                kind: "Secret",
+                plural: "secrets",
+                short_names: &[],
+                namespaced: true,
+                status: false,
+                columns: vec![
+                    column("Type", "string", ".type"),
+                    column("Data", crate::table::COUNT, ".data"),
+                ],
+                strategic: Some(&[]),
+                proto: None,
+                field_selectors: &["type"],
             }),
             builtin::<Lease>(Builtin {
                 group: "coordination.k8s.io",

@@ -40,6 +40,10 @@ pub fn name_column() -> Value {
 /// `kind/name`, as Kubernetes shows an Event's object.
 pub const OBJECT_REF: &str = "objectref";
 
+/// A column type of ours that kubectl sees as an integer: how many keys an object has (a
+/// Secret's Data column), 0 when it is absent.
+pub const COUNT: &str = "count";
+
 /// Every column, `priority` included: kubectl shows those above 0 only with `-o wide`.
 pub fn column_definitions(res: Res) -> Value {
     let mut name = name_column();
@@ -49,7 +53,11 @@ pub fn column_definitions(res: Res) -> Value {
     }
     let mut cols = vec![name];
     cols.extend(res.columns.iter().map(|c| {
-        let type_ = if c.type_ == OBJECT_REF { "string" } else { c.type_.as_str() };
+        let type_ = match c.type_.as_str() {
+            OBJECT_REF => "string",
+            COUNT => "integer",
+            other => other,
+        };
         json!({"name": c.name, "type": type_, "format": "", "description": c.description, "priority": c.priority})
     }));
     Value::Array(cols)
@@ -113,6 +121,14 @@ pub fn assemble(columns: Option<Value>, rows: Vec<Value>, rv: &str, cont: Option
 }
 
 fn cell(type_: &str, found: &[&Value]) -> Value {
+    if type_ == COUNT {
+        return json!(
+            found
+                .first()
+                .and_then(|v| v.as_object())
+                .map_or(0, |o| o.len())
+        );
+    }
     if found.is_empty() || found.iter().all(|v| v.is_null()) {
         return Value::Null;
     }

@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use portway_tls::ca::LocalCa;
 use rustls::ServerConfig;
-
-use crate::files::write_private;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -16,15 +15,10 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("writing {path}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Pem(#[from] portway_tls::PemError),
-    #[error("generating certificates")]
-    Generate(#[from] rcgen::Error),
+    #[error("the local CA")]
+    Ca(#[from] portway_tls::ca::CaError),
     #[error("building the TLS configuration")]
     Config(#[from] rustls::Error),
 }
@@ -53,64 +47,23 @@ pub fn from_files(cert: &Path, key: &Path) -> Result<Material, TlsError> {
     })
 }
 
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "portway-ca");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(params)
-}
-
 /// Loads (or creates on first use) a CA in `dir` and issues a serving certificate for
 /// `sans` with it.
 ///
 /// # Errors
 /// When files cannot be read or written, or generation fails.
 pub fn self_signed(dir: &Path, sans: &[String]) -> Result<Material, TlsError> {
-    crate::files::private_dir(dir).map_err(|source| TlsError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let (key_path, cert_path) = (dir.join("ca.key"), dir.join("ca.crt"));
-    let ca_key = if key_path.exists() {
-        KeyPair::from_pem(&read(&key_path)?)?
-    } else {
-        let key = KeyPair::generate()?;
-        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(|source| {
-            TlsError::Write {
-                path: key_path.clone(),
-                source,
-            }
-        })?;
-        key
-    };
-    let ca_pem = if cert_path.exists() {
-        read(&cert_path)?
-    } else {
-        let pem = ca_params()?.self_signed(&ca_key)?.pem();
-        write_private(&cert_path, pem.as_bytes()).map_err(|source| TlsError::Write {
-            path: cert_path.clone(),
-            source,
-        })?;
-        pem
-    };
-    let issuer = Issuer::new(ca_params()?, &ca_key);
-    let mut params = CertificateParams::new(sans.to_vec())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "portway-apiserver");
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let ca = LocalCa::load_or_create(dir)?;
+    // The API server signs a fresh one on every start: a long validity costs nothing.
+    let issued = ca.issue(
+        sans,
+        "portway-apiserver",
+        Duration::from_secs(10 * 365 * 86_400),
+    )?;
     Ok(Material {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        ca_pem: Some(ca_pem),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        ca_pem: Some(ca.cert_pem),
     })
 }
 

@@ -180,6 +180,40 @@ fn same(a: &Value, b: &Value) -> bool {
     strip(a) == strip(b)
 }
 
+/// As kube-apiserver does: `stringData` is folded into `data` (base64) and never stored,
+/// `type` defaults to `Opaque`, and a stored Secret's type never changes.
+fn secret_defaults(res: Res, name: &str, old: Option<&Value>, new: &mut Value) -> Result<()> {
+    use base64::Engine as _;
+    let Some(obj) = new.as_object_mut() else {
+        return Ok(());
+    };
+    if let Some(Value::Object(strings)) = obj.remove("stringData") {
+        let data = obj.entry("data").or_insert_with(|| json!({}));
+        if data.is_null() {
+            *data = json!({});
+        }
+        for (k, v) in strings {
+            let text = v.as_str().unwrap_or_default();
+            data[k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+        }
+    }
+    let ty = obj.entry("type").or_insert_with(|| json!("Opaque")).clone();
+    if let Some(before) = old.and_then(|o| o.get("type"))
+        && *before != ty
+    {
+        return Err(ApiError::invalid(
+            res,
+            name,
+            &[portway_api::FieldError {
+                field: "type".into(),
+                kind: portway_api::FieldErrorKind::Invalid,
+                message: "field is immutable".into(),
+            }],
+        ));
+    }
+    Ok(())
+}
+
 /// Admits `new` (a full object from the client, or the result of a patch) against `old`.
 /// Returns the canonical object to store. `scope` says which part the write may change;
 /// `applied` carries the field ownership a server-side apply already worked out.
@@ -327,6 +361,9 @@ pub fn admit(
         }
     }
 
+    if res.kind == "Secret" {
+        secret_defaults(res, &name, old, &mut new)?;
+    }
     let decoded = res
         .decode(&new)
         .map_err(|e| ApiError::invalid(res, &name, &[e]))?;

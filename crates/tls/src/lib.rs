@@ -3,6 +3,8 @@
 //! key is refused at start with its path, never served as a broken handshake later; and
 //! [`write_private`], the one way secrets (keys, tokens, credentials) reach the disk.
 
+pub mod ca;
+
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
