@@ -15,6 +15,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 mod advertisement;
+pub mod certificates;
 mod condition;
 mod connector;
 mod crds;

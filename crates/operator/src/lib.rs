@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod certs;
 pub mod connector;
 mod hostnames;
 pub mod proxy;
@@ -67,6 +68,8 @@ pub struct Config {
     /// How long an ephemeral connector (`portway http`) outlives its lease before it is
     /// deleted with its proxies (default 15 min).
     pub ephemeral_ttl: Duration,
+    /// The certificate issuer; `None`: no certificates, and no `CertificatesReady`.
+    pub certificates: Option<certs::Config>,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             connector_class: portway_api::DEFAULT_CLASS.into(),
             concurrency: 16,
             ephemeral_ttl: Duration::from_secs(15 * 60),
+            certificates: None,
         }
     }
 }
@@ -172,6 +176,8 @@ pub(crate) struct Ctx {
     slices: Index<EndpointSlice>,
     policies: Index<BackendTrafficPolicy>,
     hostnames: Arc<HostnameIndex>,
+    /// What the issuer keeps, when there is one.
+    certificates: Option<Arc<certs::Certificates>>,
     metrics: Metrics,
     /// Condition changes and refusals, for `kubectl describe` and `get events -w`.
     events: portway_kube::Events,
@@ -429,6 +435,10 @@ impl Operator {
             slices: slices_by_owner.clone(),
             policies: policies_by_owner.clone(),
             hostnames,
+            certificates: config
+                .certificates
+                .as_ref()
+                .map(|_| Arc::new(certs::Certificates::default())),
             metrics: metrics.clone(),
         });
         let stores_ready = {
@@ -502,6 +512,21 @@ impl Operator {
             ],
             s.clone(),
         ));
+        if let (Some(cert_config), Some(certificates)) =
+            (config.certificates.clone(), ctx.certificates.clone())
+        {
+            certs::ensure_namespace(&client).await?;
+            let (tx, by_ns) = (proxy_tx.clone(), proxies_by_ns.clone());
+            let run = certs::Run {
+                client: client.clone(),
+                config: cert_config,
+                zone: config.proxy.zone.clone(),
+                certificates,
+                events: ctx.events.clone(),
+                changed: Box::new(move || send_matching(&tx, &by_ns, None, |_| true)),
+            };
+            tasks.push(tokio::spawn(certs::run(run, shutdown.clone())));
+        }
         tasks.push(policies.spawn(
             Api::all(client.clone()),
             vec![policies_by_owner.subscriber(), owner_subscriber(proxy_tx)],

@@ -25,6 +25,11 @@ pub struct Args {
     /// it is deleted with its proxies.
     #[arg(long, default_value_t = 900)]
     ephemeral_ttl: u64,
+    /// Issue the zone's wildcard certificate from the CA in this directory (`ca.crt`,
+    /// `ca.key`; `portway apiserver` makes one in `<data-dir>/pki`), kept as a Secret in
+    /// `portway-system` that every edge serves.
+    #[arg(long)]
+    local_ca: Option<PathBuf>,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -35,6 +40,13 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    if let Some(dir) = &args.local_ca {
+        let ca = portway_tls::ca::LocalCa::load(dir)
+            .with_context(|| format!("loading the local CA from {}", dir.display()))?;
+        config.certificates = Some(portway_operator::certs::Config::new(
+            portway_operator::certs::Issuer::LocalCa(std::sync::Arc::new(ca)),
+        ));
+    }
     let operator = portway_operator::Operator::start(config, client)
         .await
         .context("starting the operator")?;

@@ -6,6 +6,7 @@ use portway_api::{HostnameStatus, HttpProxy};
 
 use super::conditions::{Problem, Stamp};
 use super::reasons::{HOSTNAME_IN_USE, HOSTNAMES_IN_USE};
+use crate::certs::reasons::CERTIFICATES_READY;
 
 /// The proxy's hostnames, sorted by whether it may have them.
 pub(super) struct Hostnames {
@@ -24,14 +25,22 @@ pub(super) fn resolve(
     proxy: &HttpProxy,
     claimed_by: &dyn Fn(&str) -> Option<String>,
     canonical: Option<&str>,
+    certificate: Option<super::CertificateReady<'_>>,
     stamp: Stamp,
 ) -> Hostnames {
+    let certificate_ready = |h: &str| {
+        certificate.map(|c| {
+            let (ok, reason, message) = c(h);
+            stamp.condition(CERTIFICATES_READY, ok, reason, message)
+        })
+    };
     let mut statuses = Vec::new();
     let mut active = Vec::new();
     let mut in_use = Vec::new();
     for h in &proxy.spec.hostnames {
         let h = h.to_ascii_lowercase();
-        let c = match claimed_by(&h) {
+        let owner = claimed_by(&h);
+        let c = match &owner {
             Some(other) => {
                 let claimed = format!("{h} is already claimed by {other}");
                 in_use.push(claimed.clone());
@@ -47,9 +56,24 @@ pub(super) fn resolve(
                 )
             }
         };
+        let mut conditions = vec![c];
+        // A name another proxy holds is not served for this one: no certificate to tell.
+        if owner.is_none() {
+            conditions.extend(certificate_ready(&h));
+        }
         statuses.push(HostnameStatus {
             hostname: h,
-            conditions: vec![c],
+            conditions,
+        });
+    }
+    // The canonical name is always this proxy's: it has no HostnamesInUse to report, but
+    // its certificate is the one `portway http` prints an https:// URL for.
+    if let Some(c) = canonical
+        && let Some(cond) = certificate_ready(c)
+    {
+        statuses.push(HostnameStatus {
+            hostname: c.to_owned(),
+            conditions: vec![cond],
         });
     }
     active.extend(canonical.map(str::to_owned));

@@ -62,6 +62,9 @@ pub struct Config {
     pub controller_name: String,
 }
 
+/// `CertificatesReady` for a hostname: status, reason, message.
+pub type CertificateReady<'a> = &'a dyn Fn(&str) -> (bool, &'static str, String);
+
 /// What the decision needs to know.
 pub struct Inputs<'a> {
     pub proxy: &'a HttpProxy,
@@ -77,6 +80,8 @@ pub struct Inputs<'a> {
     /// The generated Gateway's addresses, as the gateway reported them.
     pub gateway_addresses: &'a [GatewayStatusAddresses],
     pub config: &'a Config,
+    /// `CertificatesReady` for a hostname (status, reason, message), when an issuer runs.
+    pub certificate: Option<CertificateReady<'a>>,
     /// Stamped on conditions as their transition time.
     pub now: Timestamp,
 }
@@ -105,7 +110,13 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         .as_ref()
         .map(|uid| format!("{uid}.{}", input.config.zone));
     // Hostnames first: one another proxy owns refuses this one.
-    let hosts = hostnames::resolve(proxy, input.claimed_by, canonical.as_deref(), stamp);
+    let hosts = hostnames::resolve(
+        proxy,
+        input.claimed_by,
+        canonical.as_deref(),
+        input.certificate,
+        stamp,
+    );
     // Only what a connector's device advertises may be routed to it.
     let backends = backends::resolve(proxy, input.connectors, input.advertisements);
     // Objects stored before a validation rule existed (a reserved header in a filter,

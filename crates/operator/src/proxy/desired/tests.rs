@@ -129,6 +129,10 @@ struct Case<'a> {
 
 impl Case<'_> {
     fn run(&self) -> Desired {
+        self.run_with(None)
+    }
+
+    fn run_with(&self, certificate: Option<super::CertificateReady<'_>>) -> Desired {
         let connectors: Vec<&Connector> = self.connectors.iter().collect();
         let ads: Vec<&ConnectorAdvertisement> = self.ads.iter().collect();
         let claimed = |h: &str| {
@@ -145,6 +149,7 @@ impl Case<'_> {
             route_status: self.route_status.as_ref(),
             gateway_addresses: &[],
             config: &config(),
+            certificate,
             now: NOW,
         })
     }
@@ -695,4 +700,50 @@ fn filters_no_data_plane_implements_are_refused() {
     assert_eq!(cond(&d, ACCEPTED).status, "True");
     assert_eq!(cond(&d, BACKENDS_READY).status, "True");
     assert_eq!(cond(&d, METADATA).status, "True");
+}
+
+#[test]
+fn each_served_hostname_and_the_canonical_one_tell_their_certificate() {
+    let d = Case {
+        proxy: proxy(
+            &["app.example.com", "taken.example.com"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        ),
+        connectors: vec![],
+        ads: vec![],
+        claimed: &[(
+            "taken.example.com",
+            "another project (as taken.example.com)",
+        )],
+        route_status: None,
+    }
+    .run_with(Some(&|h: &str| {
+        if h.ends_with(".portway.localhost") {
+            (true, "Issued", format!("{h} is covered"))
+        } else {
+            (false, "NotCovered", format!("nothing covers {h}"))
+        }
+    }));
+    let certs: Vec<(&str, Option<(&str, &str)>)> = d
+        .status
+        .hostname_statuses
+        .iter()
+        .map(|h| {
+            let c = h.conditions.iter().find(|c| c.type_ == "CertificatesReady");
+            (
+                h.hostname.as_str(),
+                c.map(|c| (c.status.as_str(), c.reason.as_str())),
+            )
+        })
+        .collect();
+    assert_eq!(
+        certs,
+        [
+            ("app.example.com", Some(("False", "NotCovered"))),
+            ("taken.example.com", None),
+            ("u-1.portway.localhost", Some(("True", "Issued"))),
+        ],
+        "another project's name says nothing of certificates; the canonical name is listed"
+    );
 }

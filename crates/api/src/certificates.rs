@@ -1,0 +1,126 @@
+//! Certificates as objects: `kubernetes.io/tls` Secrets in the system namespace, written
+//! by the operator's issuer and served by every edge (built-in or Envoy) by SNI. The
+//! hostnames a Secret covers are in an annotation, so a gateway picks a certificate
+//! without parsing it, and an edge restart re-issues nothing.
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+
+/// Where certificate Secrets live: readable by the operator and edge roles only.
+pub const SYSTEM_NAMESPACE: &str = "portway-system";
+/// Marks a Secret as a certificate for the edges (value `"true"`).
+pub const LABEL: &str = "portway.dev/certificate";
+/// The names the certificate covers, comma-separated (`*.portway.localhost`).
+pub const HOSTNAMES: &str = "portway.dev/hostnames";
+/// When the certificate expires (RFC 3339).
+pub const NOT_AFTER: &str = "portway.dev/not-after";
+/// Who issued it (`local-ca`, or the ACME directory URL).
+pub const ISSUER: &str = "portway.dev/issuer";
+/// Marks a Secret holding an ACME DNS-01 answer (value `"true"`), which Portway's DNS
+/// server publishes: the TXT value `data.txt` at the name in annotation [`RECORD`].
+pub const CHALLENGE_LABEL: &str = "portway.dev/acme-challenge";
+pub const RECORD: &str = "portway.dev/record";
+
+/// The record a challenge Secret asks to publish: name (lowercase, no trailing dot) and
+/// TXT value.
+pub fn challenge_record(secret: &Secret) -> Option<(String, String)> {
+    let meta = &secret.metadata;
+    if meta
+        .labels
+        .as_ref()?
+        .get(CHALLENGE_LABEL)
+        .map(String::as_str)
+        != Some("true")
+    {
+        return None;
+    }
+    let name = meta.annotations.as_ref()?.get(RECORD)?;
+    let value = secret.data.as_ref()?.get("txt")?;
+    Some((
+        name.trim_end_matches('.').to_ascii_lowercase(),
+        String::from_utf8(value.0.clone()).ok()?,
+    ))
+}
+
+/// A Secret name for a certificate of `hostname`: the name itself, `*.` written
+/// `wildcard.` (a Secret's name is a DNS subdomain, which `*` is not).
+pub fn secret_name(hostname: &str) -> String {
+    let h = hostname.trim_end_matches('.').to_ascii_lowercase();
+    match h.strip_prefix("*.") {
+        Some(rest) => format!("wildcard.{rest}"),
+        None => h,
+    }
+}
+
+/// Whether a certificate for `pattern` is valid for `host`: the same name, or `*.x`
+/// for a name exactly one label below `x` (as TLS clients check).
+pub fn covers(pattern: &str, host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// What a certificate Secret says of itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Info {
+    pub name: String,
+    pub hostnames: Vec<String>,
+    pub not_after: Option<Timestamp>,
+    pub issuer: String,
+}
+
+impl Info {
+    /// `None` for a Secret that is not a certificate of ours.
+    pub fn of(secret: &Secret) -> Option<Self> {
+        let meta = &secret.metadata;
+        if meta.labels.as_ref()?.get(LABEL).map(String::as_str) != Some("true")
+            || secret.type_.as_deref() != Some(crate::validation::TLS_SECRET)
+        {
+            return None;
+        }
+        let ann = meta.annotations.as_ref()?;
+        Some(Self {
+            name: meta.name.clone().unwrap_or_default(),
+            hostnames: ann
+                .get(HOSTNAMES)?
+                .split(',')
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            not_after: ann.get(NOT_AFTER).and_then(|t| t.parse().ok()),
+            issuer: ann.get(ISSUER).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Whether it covers `host` and is still valid at `now`.
+    pub fn serves(&self, host: &str, now: Timestamp) -> bool {
+        self.not_after.is_some_and(|t| t > now) && self.hostnames.iter().any(|p| covers(p, host))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_covers_one_label_only() {
+        let cases = [
+            ("*.p.localhost", "a.p.localhost", true),
+            ("*.p.localhost", "A.P.localhost.", true),
+            ("*.p.localhost", "p.localhost", false),
+            ("*.p.localhost", "a.b.p.localhost", false),
+            ("*.p.localhost", ".p.localhost", false),
+            ("app.example.com", "APP.example.com", true),
+            ("app.example.com", "x.app.example.com", false),
+        ];
+        for (pattern, host, want) in cases {
+            assert_eq!(covers(pattern, host), want, "{pattern} covers {host}");
+        }
+        assert_eq!(secret_name("*.P.localhost."), "wildcard.p.localhost");
+        assert_eq!(secret_name("app.example.com"), "app.example.com");
+    }
+}

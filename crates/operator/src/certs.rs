@@ -1,0 +1,463 @@
+//! The certificate issuer: one per installation (in the operator), so several edges never
+//! race for the same order. It keeps a `kubernetes.io/tls` Secret per certificate in
+//! [`SYSTEM_NAMESPACE`] (see [`portway_api::certificates`]), issues what is missing,
+//! renews what expires within `renew_before`, and backs off on failure. Every edge serves
+//! those Secrets by SNI; HTTPProxy status reads [`Certificates::condition`].
+//!
+//! Today it issues the zone's wildcard (`*.<zone>`), which covers every canonical name and
+//! every spec hostname one label below the zone, from the local CA.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use parking_lot::RwLock;
+use portway_api::certificates::{
+    self, HOSTNAMES, ISSUER, Info, LABEL, NOT_AFTER, SYSTEM_NAMESPACE,
+};
+use portway_api::managers;
+use portway_tls::ca::LocalCa;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Condition type and reasons, per hostname in `HTTPProxy.status.hostnameStatuses`.
+pub mod reasons {
+    pub const CERTIFICATES_READY: &str = "CertificatesReady";
+    pub const ISSUED: &str = "Issued";
+    pub const PENDING: &str = "Pending";
+    pub const ISSUE_FAILED: &str = "IssueFailed";
+    pub const NOT_COVERED: &str = "NotCovered";
+}
+use reasons::*;
+
+/// Where certificates come from.
+#[derive(Clone)]
+pub enum Issuer {
+    /// Portway's own CA (`portway up` without ACME): trusted once, by whoever adds it.
+    LocalCa(Arc<LocalCa>),
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Issuer {
+    /// As written in the Secrets' issuer annotation.
+    pub fn name(&self) -> String {
+        match self {
+            Self::LocalCa(_) => "local-ca".into(),
+        }
+    }
+
+    /// A chain (PEM, leaf first), its key (PEM) and expiry.
+    async fn issue(
+        &self,
+        hostnames: &[String],
+        validity: Duration,
+    ) -> Result<(String, String, Timestamp), String> {
+        match self {
+            Self::LocalCa(ca) => {
+                let issued = ca
+                    .issue(hostnames, &hostnames[0], validity)
+                    .map_err(|e| format!("the local CA could not sign: {e}"))?;
+                let not_after = Timestamp::try_from(issued.not_after)
+                    .map_err(|e| format!("certificate expiry out of range: {e}"))?;
+                Ok((
+                    format!("{}{}", issued.cert_pem, ca.cert_pem),
+                    issued.key_pem,
+                    not_after,
+                ))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub issuer: Issuer,
+    /// Asked-for validity (ACME servers decide their own).
+    pub validity: Duration,
+    /// Renew once less than this is left.
+    pub renew_before: Duration,
+    /// First retry after a failure; doubles up to `max_retry`.
+    pub retry: Duration,
+    pub max_retry: Duration,
+}
+
+impl Config {
+    /// 90 days, renewed with 30 left; retries from 5 s up to 10 min.
+    pub fn new(issuer: Issuer) -> Self {
+        Self {
+            issuer,
+            validity: Duration::from_secs(90 * 86_400),
+            renew_before: Duration::from_secs(30 * 86_400),
+            retry: Duration::from_secs(5),
+            max_retry: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Where one certificate stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Ready {
+        secret: String,
+        issuer: String,
+        not_after: Timestamp,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Every certificate the issuer keeps, by the hostname pattern it covers.
+#[derive(Debug, Default)]
+pub struct Certificates {
+    states: RwLock<BTreeMap<String, State>>,
+}
+
+impl Certificates {
+    /// Records `state`; true when it changed (status must be rewritten).
+    fn set(&self, pattern: &str, state: State) -> bool {
+        let mut states = self.states.write();
+        let old = states.insert(pattern.to_owned(), state.clone());
+        old.as_ref() != Some(&state)
+    }
+
+    /// `CertificatesReady` for `host` at `now`: status, reason, message.
+    pub fn condition(&self, host: &str, now: Timestamp) -> (bool, &'static str, String) {
+        let states = self.states.read();
+        let Some((pattern, state)) = states.iter().find(|(p, _)| certificates::covers(p, host))
+        else {
+            let known: Vec<&str> = states.keys().map(String::as_str).collect();
+            return (
+                false,
+                NOT_COVERED,
+                format!(
+                    "the issuer keeps no certificate for {host} (it keeps {}); an edge's --cert-dir may still serve one",
+                    known.join(", ")
+                ),
+            );
+        };
+        match state {
+            State::Ready {
+                secret,
+                issuer,
+                not_after,
+            } if *not_after > now => (
+                true,
+                ISSUED,
+                format!(
+                    "served with {pattern} (Secret {SYSTEM_NAMESPACE}/{secret}, issued by {issuer}, valid until {not_after})"
+                ),
+            ),
+            State::Ready { not_after, .. } => (
+                false,
+                PENDING,
+                format!("the certificate for {pattern} expired at {not_after}; renewing"),
+            ),
+            State::Pending => (
+                false,
+                PENDING,
+                format!("the certificate for {pattern} is being issued"),
+            ),
+            State::Failed { error } => (
+                false,
+                ISSUE_FAILED,
+                format!("issuing the certificate for {pattern} failed: {error}"),
+            ),
+        }
+    }
+}
+
+/// Why a certificate must be (re)issued now, or `None` while the stored one will do.
+pub fn due(
+    hostnames: &[String],
+    stored: Option<&Info>,
+    issuer: &str,
+    now: Timestamp,
+    renew_before: Duration,
+) -> Option<&'static str> {
+    let Some(info) = stored else {
+        return Some("missing");
+    };
+    if info.hostnames != hostnames {
+        return Some("hostnames changed");
+    }
+    if info.issuer != issuer {
+        return Some("issuer changed");
+    }
+    let renew_before = SignedDuration::try_from(renew_before).unwrap_or(SignedDuration::MAX);
+    match info.not_after {
+        Some(t) if t.checked_sub(renew_before).is_ok_and(|at| at > now) => None,
+        Some(_) => Some("expiring"),
+        None => Some("expiry unknown"),
+    }
+}
+
+fn reference(name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: Some(SYSTEM_NAMESPACE.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+/// What the issuer loop needs.
+pub(crate) struct Run {
+    pub client: kube::Client,
+    pub config: Config,
+    pub zone: String,
+    pub certificates: Arc<Certificates>,
+    pub events: portway_kube::Events,
+    /// Called when a certificate's state changed: proxies' status is rewritten.
+    pub changed: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Keeps the zone's wildcard certificate issued and current until `shutdown`.
+pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
+    let hostnames = vec![format!("*.{}", run.zone)];
+    let pattern = hostnames[0].clone();
+    let name = certificates::secret_name(&pattern);
+    let api: Api<Secret> = Api::namespaced(run.client.clone(), SYSTEM_NAMESPACE);
+    if run.certificates.set(&pattern, State::Pending) {
+        (run.changed)();
+    }
+    let mut backoff = run.config.retry;
+    loop {
+        let wait = match keep(&run, &api, &name, &hostnames).await {
+            Ok(not_after) => {
+                backoff = run.config.retry;
+                let state = State::Ready {
+                    secret: name.clone(),
+                    issuer: run.config.issuer.name(),
+                    not_after,
+                };
+                if run.certificates.set(&pattern, state) {
+                    (run.changed)();
+                }
+                // Look again at least every minute: a deleted Secret is re-issued.
+                let renew = SignedDuration::try_from(run.config.renew_before)
+                    .ok()
+                    .and_then(|d| not_after.checked_sub(d).ok())
+                    .map_or(Duration::ZERO, |at| {
+                        Duration::try_from(at.duration_since(Timestamp::now()))
+                            .unwrap_or(Duration::ZERO)
+                    });
+                renew.clamp(Duration::from_secs(1), Duration::from_secs(60))
+            }
+            Err(error) => {
+                tracing::warn!(certificate = %pattern, %error, retry = ?backoff, "issuing failed");
+                let state = State::Failed {
+                    error: error.clone(),
+                };
+                if run.certificates.set(&pattern, state) {
+                    (run.changed)();
+                    run.events
+                        .record(
+                            &reference(&name),
+                            portway_kube::events::Kind::Warning,
+                            ISSUE_FAILED,
+                            "Issue",
+                            format!("{pattern}: {error}"),
+                        )
+                        .await;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(run.config.max_retry);
+                wait
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Makes sure a current certificate for `hostnames` is stored; returns its expiry.
+async fn keep(
+    run: &Run,
+    api: &Api<Secret>,
+    name: &str,
+    hostnames: &[String],
+) -> Result<Timestamp, String> {
+    let stored = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading Secret {SYSTEM_NAMESPACE}/{name}: {e}"))?;
+    let info = stored.as_ref().and_then(Info::of);
+    let issuer = run.config.issuer.name();
+    let Some(why) = due(
+        hostnames,
+        info.as_ref(),
+        &issuer,
+        Timestamp::now(),
+        run.config.renew_before,
+    ) else {
+        return info
+            .and_then(|i| i.not_after)
+            .ok_or_else(|| "stored certificate has no expiry".to_owned());
+    };
+    let (chain, key, not_after) = run
+        .config
+        .issuer
+        .issue(hostnames, run.config.validity)
+        .await?;
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": SYSTEM_NAMESPACE,
+            "labels": {LABEL: "true", portway_api::labels::MANAGED_BY: managers::OPERATOR},
+            "annotations": {
+                HOSTNAMES: hostnames.join(","),
+                NOT_AFTER: not_after.to_string(),
+                ISSUER: issuer,
+            },
+        },
+        "type": portway_api::validation::TLS_SECRET,
+    }))
+    .map_err(|e| e.to_string())?;
+    let secret = Secret {
+        data: Some(
+            [
+                ("tls.crt".to_owned(), ByteString(chain.into_bytes())),
+                ("tls.key".to_owned(), ByteString(key.into_bytes())),
+            ]
+            .into(),
+        ),
+        ..secret
+    };
+    api.patch(
+        name,
+        &PatchParams::apply(managers::OPERATOR).force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .map_err(|e| format!("writing Secret {SYSTEM_NAMESPACE}/{name}: {e}"))?;
+    tracing::info!(certificate = %hostnames.join(","), why, %not_after, "certificate issued");
+    run.events
+        .record(
+            &reference(name),
+            portway_kube::events::Kind::Normal,
+            if stored.is_some() {
+                "Renewed"
+            } else {
+                "Issued"
+            },
+            "Issue",
+            format!(
+                "{} issued by {issuer} ({why}), valid until {not_after}",
+                hostnames.join(", ")
+            ),
+        )
+        .await;
+    Ok(not_after)
+}
+
+/// Creates the system namespace the certificates live in, if it is missing.
+pub(crate) async fn ensure_namespace(client: &kube::Client) -> Result<(), kube::Error> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    if api.get_opt(SYSTEM_NAMESPACE).await?.is_some() {
+        return Ok(());
+    }
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": SYSTEM_NAMESPACE}})).unwrap_or_default();
+    let pp = PostParams {
+        field_manager: Some(managers::OPERATOR.into()),
+        ..Default::default()
+    };
+    match api.create(&pp, &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(hostnames: &[&str], issuer: &str, not_after: &str) -> Info {
+        Info {
+            name: "wildcard.p.localhost".into(),
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            not_after: not_after.parse().ok(),
+            issuer: issuer.into(),
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_due_when_missing_changed_or_expiring() {
+        let now: Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
+        let want = vec!["*.p.localhost".to_owned()];
+        let month = Duration::from_secs(30 * 86_400);
+        let cases = [
+            None,
+            Some(info(&["*.p.localhost"], "local-ca", "2027-03-01T00:00:00Z")),
+            Some(info(&["*.q.localhost"], "local-ca", "2027-03-01T00:00:00Z")),
+            Some(info(&["*.p.localhost"], "acme", "2027-03-01T00:00:00Z")),
+            Some(info(&["*.p.localhost"], "local-ca", "2026-12-20T00:00:00Z")),
+            Some(info(&["*.p.localhost"], "local-ca", "garbage")),
+        ];
+        let reasons: Vec<Option<&str>> = cases
+            .iter()
+            .map(|i| due(&want, i.as_ref(), "local-ca", now, month))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                Some("missing"),
+                None,
+                Some("hostnames changed"),
+                Some("issuer changed"),
+                Some("expiring"),
+                Some("expiry unknown"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_condition_names_the_certificate_or_the_trouble() {
+        let now: Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
+        let certs = Certificates::default();
+        assert!(certs.set("*.p.localhost", State::Pending));
+        assert!(!certs.set("*.p.localhost", State::Pending));
+        assert_eq!(certs.condition("a.p.localhost", now).1, PENDING);
+        let (ok, reason, msg) = certs.condition("app.example.com", now);
+        assert_eq!((ok, reason), (false, NOT_COVERED));
+        assert!(msg.contains("*.p.localhost"), "{msg}");
+        certs.set(
+            "*.p.localhost",
+            State::Failed {
+                error: "connection refused".into(),
+            },
+        );
+        let (ok, reason, msg) = certs.condition("a.p.localhost", now);
+        assert_eq!((ok, reason), (false, ISSUE_FAILED));
+        assert!(msg.contains("connection refused"), "{msg}");
+        certs.set(
+            "*.p.localhost",
+            State::Ready {
+                secret: "wildcard.p.localhost".into(),
+                issuer: "local-ca".into(),
+                not_after: "2027-01-01T00:00:00Z".parse().unwrap(),
+            },
+        );
+        assert_eq!(certs.condition("a.p.localhost", now).1, ISSUED);
+        assert_eq!(certs.condition("a.b.p.localhost", now).1, NOT_COVERED);
+        let later: Timestamp = "2027-02-01T00:00:00Z".parse().unwrap();
+        assert_eq!(certs.condition("a.p.localhost", later).1, PENDING);
+    }
+}
