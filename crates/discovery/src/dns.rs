@@ -16,9 +16,11 @@ use hickory_server::proto::rr::rdata::{NS, SOA, TXT};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Api;
 use kube::runtime::watcher;
+use portway_api::certificates::{CHALLENGE_LABEL, SYSTEM_NAMESPACE, challenge_record};
 use portway_api::{Connector, condition};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -341,6 +343,14 @@ async fn run_controller(
     let api: Api<Connector> = Api::all(client.clone());
     let (reader, changes) = portway_kube::watch::reflect(api, watcher::Config::default());
     let mut changes = changes.ready_chunks(1024);
+    // ACME DNS-01 answers the certificate issuer asks us to publish. Not waited for: a
+    // DNS server whose role may not read them still serves the iroh records.
+    let challenges_api: Api<Secret> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let (challenges, challenge_changes) = portway_kube::watch::reflect(
+        challenges_api,
+        watcher::Config::default().labels(&format!("{CHALLENGE_LABEL}=true")),
+    );
+    let mut challenge_changes = challenge_changes.ready_chunks(64);
     let events = portway_kube::Events::new(client.clone(), "portway-dns", None);
     let mut serial = 1u32;
     let mut published = Records::new();
@@ -359,13 +369,28 @@ async fn run_controller(
                     }
                 }
             }
+            batch = challenge_changes.next() => {
+                for e in batch.into_iter().flatten() {
+                    if let Err(err) = e {
+                        tracing::debug!(error = %err, "watching ACME challenges");
+                    }
+                }
+            }
             _ = resync.tick() => {}
         }
         if !ready {
             continue;
         }
         let connectors: Vec<Arc<Connector>> = reader.state();
-        let (records, decisions) = zone::desired(connectors.iter().map(AsRef::as_ref), &origin);
+        let (mut records, decisions) = zone::desired(connectors.iter().map(AsRef::as_ref), &origin);
+        zone::add_challenges(
+            &mut records,
+            challenges
+                .state()
+                .iter()
+                .filter_map(|s| challenge_record(s)),
+            &origin,
+        );
         if records != published {
             serial = serial.wrapping_add(1);
             zone_tx.send_replace(Arc::new(ZoneData::build(

@@ -46,6 +46,27 @@ pub struct Decision {
 /// TXT strings by owner name (lower case, no trailing dot).
 pub type Records = BTreeMap<String, Vec<String>>;
 
+/// Adds ACME DNS-01 answers (`_acme-challenge.<name>`, TXT) to `records`; names outside
+/// `origin`, or that are not challenge names, are ignored: the issuer proves names of this
+/// zone and nothing else.
+pub fn add_challenges(
+    records: &mut Records,
+    challenges: impl IntoIterator<Item = (String, String)>,
+    origin: &str,
+) {
+    for (name, value) in challenges {
+        let in_zone = name
+            .strip_prefix("_acme-challenge.")
+            .is_some_and(|rest| rest == origin || rest.ends_with(&format!(".{origin}")));
+        if in_zone {
+            let values = records.entry(name).or_default();
+            if !values.contains(&value) {
+                values.push(value);
+            }
+        }
+    }
+}
+
 /// The record names of an endpoint in `origin`: zone-wide and per project.
 pub fn record_names(id: &EndpointId, namespace: &str, origin: &str) -> [String; 2] {
     let z32 = id.to_z32();
@@ -370,5 +391,36 @@ mod tests {
         );
         let conflict = decisions.iter().find(|d| d.name == "newer").unwrap();
         assert!(conflict.message.contains("b/older"), "{}", conflict.message);
+    }
+
+    #[test]
+    fn only_challenge_names_of_the_zone_are_published() {
+        let mut records = Records::new();
+        add_challenges(
+            &mut records,
+            [
+                ("_acme-challenge.p.localhost".into(), "a".into()),
+                ("_acme-challenge.p.localhost".into(), "b".into()),
+                ("_acme-challenge.app.p.localhost".into(), "c".into()),
+                ("_acme-challenge.p.localhost".into(), "a".into()),
+                ("_acme-challenge.example.com".into(), "evil".into()),
+                ("_iroh.xyz.p.localhost".into(), "forged".into()),
+                ("_acme-challenge.evilp.localhost".into(), "evil".into()),
+            ],
+            "p.localhost",
+        );
+        assert_eq!(
+            records.into_iter().collect::<Vec<_>>(),
+            [
+                (
+                    "_acme-challenge.app.p.localhost".to_owned(),
+                    vec!["c".to_owned()]
+                ),
+                (
+                    "_acme-challenge.p.localhost".to_owned(),
+                    vec!["a".to_owned(), "b".to_owned()]
+                ),
+            ]
+        );
     }
 }

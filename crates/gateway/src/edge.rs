@@ -1,9 +1,8 @@
 //! The built-in edge: public HTTP/1.1 and HTTP/2 (h2c, or h2 over TLS with per-hostname
 //! certificates), routed through the route table to the in-process sidecar.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -12,13 +11,12 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::certs::Resolver;
 use crate::metrics::Metrics;
 use crate::model::{Table, apply_filter};
 use crate::sidecar::{
@@ -31,10 +29,11 @@ pub use ipnet::IpNet;
 pub struct Config {
     /// Plain HTTP (HTTP/1.1 and h2c) listener; default `127.0.0.1:8080`.
     pub http: Option<SocketAddr>,
-    /// HTTPS listener (h2 and HTTP/1.1 by ALPN); needs `cert_dir`.
+    /// HTTPS listener (h2 and HTTP/1.1 by ALPN), serving the issued certificates and
+    /// those of `cert_dir`.
     pub https: Option<SocketAddr>,
     /// `<hostname>.crt` + `<hostname>.key` per hostname (`_.example.com` stands for
-    /// `*.example.com`; `default.*` answers unknown names).
+    /// `*.example.com`; `default.*` answers unknown names); served before issued ones.
     pub cert_dir: Option<PathBuf>,
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (a load
     /// balancer in front); default none: every client's are replaced by ours.
@@ -71,84 +70,10 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("--https needs a certificate directory")]
-    NoCerts,
-    #[error("reading certificates from {dir}: {reason}")]
-    Certs { dir: PathBuf, reason: String },
     #[error(transparent)]
-    Pem(#[from] portway_tls::PemError),
-}
-
-/// Per-hostname certificates for SNI.
-#[derive(Debug, Default)]
-struct Certs {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: Vec<(String, Arc<CertifiedKey>)>,
-    default: Option<Arc<CertifiedKey>>,
-}
-
-impl Certs {
-    /// Exact name, then the longest matching wildcard, then the default.
-    fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = name.map(str::to_ascii_lowercase) else {
-            return self.default.clone();
-        };
-        self.exact
-            .get(&name)
-            .or_else(|| {
-                self.wildcard
-                    .iter()
-                    .find(|(s, _)| name.len() > s.len() && name.ends_with(s.as_str()))
-                    .map(|(_, k)| k)
-            })
-            .cloned()
-            .or_else(|| self.default.clone())
-    }
-}
-
-impl ResolvesServerCert for Certs {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.lookup(hello.server_name())
-    }
-}
-
-fn load_certs(dir: &Path) -> Result<Certs, Error> {
-    let err = |reason: String| Error::Certs {
-        dir: dir.to_owned(),
-        reason,
-    };
-    let provider = rustls::crypto::ring::default_provider();
-    let mut certs = Certs::default();
-    for entry in std::fs::read_dir(dir).map_err(|e| err(e.to_string()))? {
-        let path = entry.map_err(|e| err(e.to_string()))?.path();
-        if path.extension().is_none_or(|e| e != "crt") {
-            continue;
-        }
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let key_path = path.with_extension("key");
-        let pair = portway_tls::read(&path, &key_path)?;
-        let signer = provider
-            .key_provider
-            .load_private_key(pair.key)
-            .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
-        let ck = Arc::new(CertifiedKey::new(pair.chain, signer));
-        match stem.strip_prefix("_.") {
-            _ if stem == "default" => certs.default = Some(ck),
-            Some(suffix) => certs.wildcard.push((format!(".{suffix}"), ck)),
-            None => {
-                certs.exact.insert(stem, ck);
-            }
-        }
-    }
-    certs.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
-    if certs.exact.is_empty() && certs.wildcard.is_empty() && certs.default.is_none() {
-        return Err(err("no <hostname>.crt/.key pairs found".into()));
-    }
-    Ok(certs)
+    Certs(#[from] crate::certs::Error),
+    #[error("building the TLS configuration")]
+    Tls(#[from] rustls::Error),
 }
 
 struct State {
@@ -173,6 +98,7 @@ impl Edge {
     /// When a listener cannot be bound or certificates cannot be loaded.
     pub async fn bind(
         config: Config,
+        certs: Arc<Resolver>,
         table: Arc<ArcSwap<Table>>,
         sidecar: Arc<Sidecar>,
         metrics: Metrics,
@@ -201,18 +127,12 @@ impl Edge {
         }
         let mut https = None;
         if let Some(addr) = config.https {
-            let dir = config.cert_dir.as_deref().ok_or(Error::NoCerts)?;
-            let certs = load_certs(dir)?;
             let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Certs {
-                dir: dir.to_owned(),
-                reason: e.to_string(),
-            })?
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(certs));
+            .with_cert_resolver(certs);
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let l = TcpListener::bind(addr)
                 .await
@@ -618,70 +538,5 @@ mod tests {
         );
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("proxy.example").is_err());
-    }
-
-    fn write_pair(dir: &Path, stem: &str, san: &str) {
-        let c = rcgen::generate_simple_self_signed(vec![san.to_owned()]).unwrap();
-        std::fs::write(dir.join(format!("{stem}.crt")), c.cert.pem()).unwrap();
-        std::fs::write(
-            dir.join(format!("{stem}.key")),
-            c.signing_key.serialize_pem(),
-        )
-        .unwrap();
-    }
-
-    #[test]
-    fn certificates_by_exact_name_then_longest_wildcard_then_default() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        assert!(
-            matches!(load_certs(d), Err(Error::Certs { .. })),
-            "an empty directory is an error"
-        );
-        write_pair(d, "app.example.com", "app.example.com");
-        write_pair(d, "_.example.com", "*.example.com");
-        write_pair(d, "_.eu.example.com", "*.eu.example.com");
-        let certs = load_certs(d).unwrap();
-        let leaf = |name: Option<&str>| certs.lookup(name).map(|k| k.cert[0].clone());
-        let by_stem = |stem: &str| {
-            portway_tls::read(
-                &d.join(format!("{stem}.crt")),
-                &d.join(format!("{stem}.key")),
-            )
-            .unwrap()
-            .chain[0]
-                .clone()
-        };
-        assert_eq!(
-            leaf(Some("App.Example.com")),
-            Some(by_stem("app.example.com"))
-        );
-        assert_eq!(leaf(Some("x.example.com")), Some(by_stem("_.example.com")));
-        assert_eq!(
-            leaf(Some("x.eu.example.com")),
-            Some(by_stem("_.eu.example.com"))
-        );
-        assert_eq!(
-            leaf(Some("example.com")),
-            None,
-            "a wildcard does not cover its apex"
-        );
-        assert_eq!(leaf(None), None);
-        write_pair(d, "default", "fallback");
-        let certs = load_certs(d).unwrap();
-        let default = certs.lookup(None).map(|k| k.cert[0].clone());
-        assert_eq!(default, Some(by_stem("default")));
-        assert_eq!(
-            certs.lookup(Some("other.org")).map(|k| k.cert[0].clone()),
-            default
-        );
-
-        // A certificate without its key is named, not skipped.
-        std::fs::remove_file(d.join("default.key")).unwrap();
-        let err = load_certs(d).unwrap_err();
-        assert!(
-            matches!(&err, Error::Pem(portway_tls::PemError::Read { path, .. }) if path.ends_with("default.key")),
-            "{err:?}"
-        );
     }
 }

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod access;
+pub mod certs;
 pub mod edge;
 pub mod filters;
 pub mod metrics;

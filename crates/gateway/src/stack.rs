@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::certs;
 use crate::edge::{self, Edge};
 use crate::metrics::Metrics;
 use crate::model::Table;
@@ -70,6 +71,7 @@ pub struct EdgeStack {
     metrics: Metrics,
     routes: Routes,
     sidecar_task: Option<JoinHandle<()>>,
+    certs_task: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -99,8 +101,19 @@ impl EdgeStack {
         let table = Arc::new(ArcSwap::from_pointee(Table::default()));
         // One token stops the whole stack, the edge's listeners included.
         let shutdown = CancellationToken::new();
+        let files = match &config.edge.cert_dir {
+            Some(dir) => certs::load_dir(dir).map_err(edge::Error::from)?,
+            None => certs::Certs::default(),
+        };
+        let resolver = Arc::new(certs::Resolver::new(files));
+        let certs_task = config
+            .edge
+            .https
+            .is_some()
+            .then(|| certs::spawn_watch(client.clone(), resolver.clone(), shutdown.clone()));
         let edge = Edge::bind(
             config.edge,
+            resolver,
             table.clone(),
             sidecar.clone(),
             metrics.clone(),
@@ -140,6 +153,7 @@ impl EdgeStack {
             metrics,
             routes,
             sidecar_task,
+            certs_task,
             shutdown,
         })
     }
@@ -185,12 +199,13 @@ impl EdgeStack {
             sidecar,
             routes,
             sidecar_task,
+            certs_task,
             shutdown,
             ..
         } = self;
         join_within("the edge", &shutdown, async move {
             edge.join().await;
-            if let Some(t) = sidecar_task {
+            for t in sidecar_task.into_iter().chain(certs_task) {
                 let _ = t.await;
             }
             routes.join().await;

@@ -62,12 +62,13 @@ const NOUNS: [&str; 16] = [
     "heron", "summit", "willow", "badger", "canyon", "dune",
 ];
 
-/// A fresh `<adjective>-<noun>-<4 hex>.localhost` (browsers and curl resolve `*.localhost`
-/// to loopback).
-pub fn random_hostname() -> String {
+/// A fresh `<adjective>-<noun>-<4 hex>.<zone>`: under the zone, so the zone's wildcard
+/// certificate serves it over HTTPS at once (and with the default zone,
+/// `portway.localhost`, browsers and curl resolve it to loopback).
+pub fn random_hostname(zone: &str) -> String {
     let a = ADJECTIVES[rand::random_range(0..ADJECTIVES.len())];
     let n = NOUNS[rand::random_range(0..NOUNS.len())];
-    format!("{a}-{n}-{:04x}.localhost", rand::random::<u16>())
+    format!("{a}-{n}-{:04x}.{zone}", rand::random::<u16>())
 }
 
 /// A state directory (`DATA/agents/N`: key, device credential, connector name) that this
@@ -231,7 +232,7 @@ impl Http {
         let hostname = config
             .hostname
             .clone()
-            .unwrap_or_else(random_hostname)
+            .unwrap_or_else(|| random_hostname(&info.zone))
             .to_ascii_lowercase();
         portway_api::validation::hostname(&hostname, false)
             .map_err(|e| Error::Hostname(hostname.clone(), e))?;
@@ -290,9 +291,18 @@ impl Http {
                 .filter(|a| a.status == "False" && a.reason == "HostnameInUse")
                 .map(|a| a.message.clone())
         };
+        // With HTTPS on, the URL printed is https:// once the hostname's certificate is
+        // ready; wait until the issuer has said either way.
+        let certificate = |p: Option<&HttpProxy>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.hostname_statuses.iter().find(|h| h.hostname == hostname))
+                .and_then(|h| find_condition(&h.conditions, "CertificatesReady"))
+                .filter(|c| c.reason != "Pending")
+                .map(|c| c.status == "True")
+        };
         let settled = |p: Option<&HttpProxy>| {
             let c = conditions(p);
-            live(&c) || taken(&c).is_some()
+            (live(&c) && (info.https.is_none() || certificate(p).is_some())) || taken(&c).is_some()
         };
         let waited = tokio::time::timeout(
             deadline,
@@ -328,11 +338,14 @@ impl Http {
             agent.shutdown(true).await;
             return Err(Error::NotProgrammed(deadline, why));
         }
-        let port = info.http.port();
-        let url = if port == 80 {
-            format!("http://{hostname}/")
-        } else {
-            format!("http://{hostname}:{port}/")
+        let https = info
+            .https
+            .filter(|_| matches!(&waited, Ok(Ok(p)) if certificate(p.as_ref()) == Some(true)));
+        let url = match https {
+            Some(a) if a.port() == 443 => format!("https://{hostname}/"),
+            Some(a) => format!("https://{hostname}:{}/", a.port()),
+            None if info.http.port() == 80 => format!("http://{hostname}/"),
+            None => format!("http://{hostname}:{}/", info.http.port()),
         };
         Ok(Self {
             agent,

@@ -118,6 +118,8 @@ pub enum Error {
     Relay(#[from] portway_discovery::relay::Error),
     #[error("DNS server")]
     Dns(#[from] portway_discovery::dns::Error),
+    #[error("the local CA (for HTTPS)")]
+    Ca(#[source] portway_tls::ca::CaError),
     #[error("operator")]
     Operator(#[from] portway_operator::Error),
     #[error("edge")]
@@ -263,6 +265,13 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
+    if config.https.is_some() {
+        // The CA the API server made: one root for the API and every tunnel's HTTPS.
+        let ca = portway_tls::ca::LocalCa::load(&dir.join("pki")).map_err(Error::Ca)?;
+        operator_config.certificates = Some(portway_operator::certs::Config::new(
+            portway_operator::certs::Issuer::LocalCa(Arc::new(ca)),
+        ));
+    }
     let stop = CancellationToken::new();
     let operator =
         portway_operator::Operator::start_until(operator_config, client.clone(), stop.clone())

@@ -810,6 +810,114 @@ async fn public_traffic_end_to_end() {
     drop(http);
 }
 
+/// HTTPS by default: `portway up --https` issues the zone's wildcard from its local CA, so
+/// `portway http` (no hostname: one under the zone) prints an https:// URL that curl
+/// verifies against `DATA/pki/ca.crt` alone, over h2; status says which certificate.
+#[tokio::test]
+async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
+    let stack = Stack::start().await;
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let started = Instant::now();
+    let port = stack.origin.addr.port().to_string();
+    let data = stack.data();
+    let http = Process::start(
+        "http",
+        bin(),
+        [
+            "http",
+            &port,
+            "--data",
+            data.to_str().unwrap(),
+            "--lease-seconds",
+            "30",
+        ],
+    )
+    .await
+    .unwrap();
+    let url = http.ready_str("url");
+    let host = http.ready_str("hostname");
+    assert!(host.ends_with(".portway.localhost"), "{host}");
+    assert_eq!(url, format!("https://{host}:{}/", https.port()));
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
+        .arg(data.join("pki/ca.crt"))
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", https.port()))
+        .arg(format!("{url}hello"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {} 2", stack.origin.addr.port()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "portway http start to first valid HTTPS 200 (wildcard, local CA): {:?}",
+        started.elapsed()
+    );
+
+    let kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
+    let admin = portway_testkit::kube_client(&kc).await.unwrap();
+    let proxy = Api::<HttpProxy>::namespaced(admin.clone(), "default")
+        .get(&http.ready_str("proxy"))
+        .await
+        .unwrap();
+    let status = proxy.status.unwrap();
+    let canonical = status.canonical_hostname.unwrap();
+    for name in [host.as_str(), canonical.as_str()] {
+        let hs = status
+            .hostname_statuses
+            .iter()
+            .find(|h| h.hostname == name)
+            .unwrap_or_else(|| panic!("{name} has no hostname status"));
+        let c = hs
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "CertificatesReady")
+            .unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Issued"));
+        assert!(
+            c.message
+                .contains("portway-system/wildcard.portway.localhost"),
+            "{}",
+            c.message
+        );
+    }
+    // A name no certificate covers is said so, and served over plain HTTP only.
+    let other = stack.http("plain.localhost", 30).await.unwrap();
+    assert!(
+        other
+            .ready_str("url")
+            .starts_with("http://plain.localhost:"),
+        "{}",
+        other.ready_str("url")
+    );
+    let out = tokio::process::Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "get",
+            "secrets",
+            "-n",
+            "portway-system",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(..3) == Some(&["wildcard.portway.localhost", "kubernetes.io/tls", "2"])
+        }),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop((http, other));
+}
+
 /// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request
 /// on the `portway::access` target, naming the device and the path to it; and, with
 /// stderr in a file, no colour codes in either format.
@@ -1172,6 +1280,7 @@ struct EnvoyFront {
     xds: Process,
     envoy: Process,
     addr: SocketAddr,
+    admin_file: PathBuf,
 }
 
 async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
@@ -1204,7 +1313,8 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
             "--sidecar",
             &sidecar,
         ])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(
@@ -1236,9 +1346,20 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
         ],
     )
     .unwrap();
-    let addr = eventually("Envoy listens on the xDS-provided listener", WAIT, || {
+    let addr = envoy_listener(&mut envoy, &admin_file, "portway_http").await;
+    EnvoyFront {
+        xds,
+        envoy,
+        addr,
+        admin_file,
+    }
+}
+
+/// Where Envoy's listener `name` (from xDS) is bound, once it is.
+async fn envoy_listener(envoy: &mut Process, admin_file: &Path, name: &str) -> SocketAddr {
+    eventually(&format!("Envoy listens on {name}"), WAIT, || {
         let exited = envoy.exited();
-        let admin = std::fs::read_to_string(&admin_file).ok();
+        let admin = std::fs::read_to_string(admin_file).ok();
         async move {
             if let Some(status) = exited {
                 panic!("Envoy exited ({status}) before it was ready");
@@ -1250,7 +1371,7 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
             let v: serde_json::Value = serde_json::from_slice(&body)?;
             let listener = v["listener_statuses"]
                 .as_array()
-                .and_then(|l| l.iter().find(|l| l["name"] == "portway_http"))
+                .and_then(|l| l.iter().find(|l| l["name"] == name))
                 .context("no listener yet")?;
             let sa = &listener["local_address"]["socket_address"];
             let port = sa["port_value"].as_u64().context("no port")?;
@@ -1261,8 +1382,7 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
             ))
         }
     })
-    .await;
-    EnvoyFront { xds, envoy, addr }
+    .await
 }
 
 async fn get_via(
@@ -1351,6 +1471,27 @@ async fn envoy_data_plane_end_to_end() {
     );
 
     filters(&stack, front.addr).await;
+
+    // HTTPS: the zone's wildcard, issued once by the operator, reaches Envoy over SDS and
+    // serves the proxy's canonical name (SNI), verified by curl against the local CA.
+    let mut front = front;
+    let tls = envoy_listener(&mut front.envoy, &front.admin_file, "portway_https").await;
+    let canonical = existing.status.unwrap().canonical_hostname.unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
+        .arg(stack.data().join("pki/ca.crt"))
+        .arg("--resolve")
+        .arg(format!("{canonical}:{}:127.0.0.1", tls.port()))
+        .arg(format!("https://{canonical}:{}/hello", tls.port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {} 2", stack.origin.addr.port()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The device goes away: Envoy answers 503 by itself once its backend is unready.
     http.kill9();

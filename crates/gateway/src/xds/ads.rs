@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CLUSTER_TYPE, LISTENER_TYPE, NodeConfig, ROUTE_TYPE, resources};
+use super::{CLUSTER_TYPE, LISTENER_TYPE, NodeConfig, ROUTE_TYPE, SECRET_TYPE, resources};
 use crate::model::Table;
 
 /// What the server knows of one connected Envoy (by node id).
@@ -35,6 +35,7 @@ pub type Envoys = BTreeMap<String, Envoy>;
 /// Shared by every stream.
 struct Shared {
     table: Arc<ArcSwap<Table>>,
+    certificates: super::Certificates,
     version: watch::Receiver<u64>,
     defaults: NodeConfig,
     envoys: watch::Sender<Envoys>,
@@ -98,6 +99,7 @@ pub(super) fn node_config(node: Option<&Node>, defaults: &NodeConfig) -> NodeCon
     NodeConfig {
         sidecar: field("sidecar").unwrap_or(defaults.sidecar),
         listen: field("listen").unwrap_or(defaults.listen),
+        listen_tls: field("listen_tls").or(defaults.listen_tls),
     }
 }
 
@@ -107,14 +109,16 @@ struct Subscription {
     nonce: u64,
 }
 
-/// The order Envoy wants updates in: clusters before listeners before routes.
-const ORDER: [&str; 3] = [CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+/// The order Envoy wants updates in: clusters, then the secrets listeners refer to, then
+/// listeners, then routes.
+const ORDER: [&str; 4] = [CLUSTER_TYPE, SECRET_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
 pub(super) struct Ads(Arc<Shared>);
 
 /// The ADS service for a tonic server, and the Envoys it will see connect.
 pub(super) fn service(
     table: Arc<ArcSwap<Table>>,
+    certificates: super::Certificates,
     version: watch::Receiver<u64>,
     defaults: NodeConfig,
 ) -> (
@@ -124,6 +128,7 @@ pub(super) fn service(
     let (envoys_tx, envoys) = watch::channel(Envoys::new());
     let shared = Arc::new(Shared {
         table,
+        certificates,
         version,
         defaults,
         envoys: envoys_tx,
@@ -189,6 +194,7 @@ impl AggregatedDiscoveryService for Ads {
                 };
                 let current = *version.borrow_and_update();
                 let table = shared.table.load();
+                let certificates = shared.certificates.load();
                 let cfg = node_config(node.as_ref(), &shared.defaults);
                 for type_url in send_all {
                     let Some(sub) = subs.get_mut(&type_url) else {
@@ -202,7 +208,7 @@ impl AggregatedDiscoveryService for Ads {
                     sub.nonce = nonce;
                     let resp = DiscoveryResponse {
                         version_info: current.to_string(),
-                        resources: resources(&type_url, &table, &cfg),
+                        resources: resources(&type_url, &table, &certificates, &cfg),
                         type_url: type_url.clone(),
                         nonce: nonce.to_string(),
                         ..Default::default()
@@ -247,6 +253,7 @@ mod tests {
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
             table,
+            Arc::default(),
             version,
             node(),
             shutdown.clone(),

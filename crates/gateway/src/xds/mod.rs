@@ -30,8 +30,8 @@ use crate::model::Table;
 pub use ads::{Envoy, Envoys};
 pub use bootstrap::bootstrap;
 pub use render::{
-    CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, ROUTES, UNREADY, clusters, listeners, resources,
-    route_configuration, sidecar_cluster,
+    CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, ROUTES, SECRET_TYPE, UNREADY, clusters, listeners,
+    resources, route_configuration, secrets, sidecar_cluster,
 };
 pub use report::{CONDITION, condition, spawn_reporter};
 
@@ -41,7 +41,12 @@ pub use report::{CONDITION, condition, spawn_reporter};
 pub struct NodeConfig {
     pub sidecar: SocketAddr,
     pub listen: SocketAddr,
+    /// The HTTPS listener (SNI, certificates over SDS); `None`: plain HTTP only.
+    pub listen_tls: Option<SocketAddr>,
 }
+
+/// The certificate Secrets every Envoy serves (over SDS), as last watched.
+pub type Certificates = Arc<ArcSwap<Vec<Arc<k8s_openapi::api::core::v1::Secret>>>>;
 
 /// A running xDS server.
 pub struct Server {
@@ -58,13 +63,14 @@ impl Server {
     pub async fn bind(
         listen: SocketAddr,
         table: Arc<ArcSwap<Table>>,
+        certificates: Certificates,
         version: watch::Receiver<u64>,
         defaults: NodeConfig,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let (service, envoys) = ads::service(table, version, defaults);
+        let (service, envoys) = ads::service(table, certificates, version, defaults);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -122,6 +128,8 @@ pub struct Stack {
     server: Server,
     routes: crate::routes::Routes,
     reporter: tokio::task::JoinHandle<()>,
+    /// The certificate watch, and the task passing route versions on.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -133,11 +141,34 @@ impl Stack {
     /// When `config.listen` cannot be bound; nothing is left running.
     pub async fn start(config: StackConfig, client: kube::Client) -> Result<Self, StackError> {
         let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+        let certificates: Certificates = Arc::default();
+        // Envoys are pushed when the routes or the certificates change: one version
+        // moves for either.
         let (version_tx, version) = watch::channel(0u64);
+        let version_tx = Arc::new(version_tx);
+        let (routes_tx, mut routes_version) = watch::channel(0u64);
         let shutdown = CancellationToken::new();
+        let bump = version_tx.clone();
+        let follow_routes = tokio::spawn(async move {
+            while routes_version.changed().await.is_ok() {
+                bump.send_modify(|v| *v += 1);
+            }
+        });
+        let certs_task = {
+            let (certificates, bump) = (certificates.clone(), version_tx.clone());
+            crate::certs::watch_secrets(
+                client.clone(),
+                move |secrets| {
+                    certificates.store(Arc::new(secrets));
+                    bump.send_modify(|v| *v += 1);
+                },
+                shutdown.clone(),
+            )
+        };
         let server = Server::bind(
             config.listen,
             table.clone(),
+            certificates,
             version,
             config.defaults.clone(),
             shutdown.clone(),
@@ -161,7 +192,7 @@ impl Stack {
                 write_status: config.write_status,
             },
             table,
-            version_tx,
+            routes_tx,
             shutdown.clone(),
         );
         let reporter = spawn_reporter(
@@ -175,6 +206,7 @@ impl Stack {
             server,
             routes,
             reporter,
+            tasks: vec![follow_routes, certs_task],
             shutdown,
         })
     }
@@ -199,6 +231,7 @@ impl Stack {
             server,
             routes,
             reporter,
+            tasks,
             shutdown,
             ..
         } = self;
@@ -206,6 +239,10 @@ impl Stack {
             server.join().await;
             routes.join().await;
             let _ = reporter.await;
+            for t in tasks {
+                t.abort();
+                let _ = t.await;
+            }
         })
         .await;
     }
@@ -255,6 +292,7 @@ mod tests {
         NodeConfig {
             sidecar: "127.0.0.1:4001".parse().unwrap(),
             listen: "0.0.0.0:10080".parse().unwrap(),
+            listen_tls: None,
         }
     }
 
@@ -276,7 +314,7 @@ mod tests {
         let cfg = ads::node_config(Some(&n), &node());
         assert_eq!(cfg.sidecar, "10.0.0.5:4001".parse().unwrap());
         assert_eq!(cfg.listen, node().listen);
-        let l = resources(LISTENER_TYPE, &table(), &cfg);
+        let l = resources(LISTENER_TYPE, &table(), &[], &cfg);
         let decoded = Listener::decode(l[0].value.as_slice()).unwrap();
         assert_eq!(decoded.name, "portway_http");
         let yaml = bootstrap(

@@ -2,6 +2,7 @@
 //! configuration, each for one node.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster,
@@ -13,10 +14,13 @@ use envoy_types::pb::envoy::config::core::v3::{
     HeaderValueOption, Http2ProtocolOptions, SocketAddress, address, config_source, data_source,
     header_value_option::HeaderAppendAction, socket_address,
 };
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
@@ -25,15 +29,22 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::{Cors, CorsPolicy};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds,
     http_connection_manager::{CodecType, RouteSpecifier, UpgradeConfig},
     http_filter,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret as TlsSecret, TlsCertificate,
+    secret as tls_secret,
+};
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use k8s_openapi::api::core::v1::Secret;
+use portway_api::certificates::Info;
 use prost::Message;
 
 use portway_api::headers;
@@ -45,6 +56,8 @@ use crate::model::{Backend, HeaderFilter, PathMatch, Table};
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// The one route configuration every listener uses.
 pub const ROUTES: &str = "portway_routes";
 /// The name of Envoy's CORS filter in the chain, which per-route policies refer to.
@@ -135,20 +148,15 @@ pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
     out
 }
 
-/// The public listener: HTTP/1.1 and h2c (codec AUTO), WebSocket upgrades, routes by RDS.
-pub fn listeners(node: &NodeConfig) -> Vec<Listener> {
+/// The HTTP connection manager both listeners run: HTTP/1.1 and h2 (codec AUTO: h2c on
+/// the plain listener, h2 by ALPN on the TLS one), WebSocket upgrades, routes by RDS.
+fn connection_manager() -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: "portway".into(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             route_config_name: ROUTES.into(),
-            config_source: Some(ConfigSource {
-                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-                    AggregatedConfigSource {},
-                )),
-                resource_api_version: ApiVersion::V3 as i32,
-                ..Default::default()
-            }),
+            config_source: Some(ads()),
         })),
         // CORS runs first: it answers preflights before routing, and is off on every
         // route without a policy of its own.
@@ -181,21 +189,113 @@ pub fn listeners(node: &NodeConfig) -> Vec<Listener> {
         }),
         ..Default::default()
     };
-    vec![Listener {
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(
+            "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            &hcm,
+        ))),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+/// The public listeners: plain HTTP, and HTTPS when the node has a TLS address and there
+/// is a certificate to serve (a listener with no filter chain would match nothing).
+pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listener> {
+    let mut out = vec![Listener {
         name: "portway_http".into(),
         address: Some(socket(node.listen)),
         filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    &hcm,
-                ))),
-            }],
+            filters: vec![connection_manager()],
             ..Default::default()
         }],
         ..Default::default()
-    }]
+    }];
+    let chains: Vec<FilterChain> = certificates
+        .iter()
+        .filter_map(|s| Info::of(s))
+        .map(|info| FilterChain {
+            // Envoy matches `*.x` here as clients do: one label below `x`.
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: info.hostnames.clone(),
+                ..Default::default()
+            }),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    &DownstreamTlsContext {
+                        common_tls_context: Some(CommonTlsContext {
+                            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+                            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                                name: info.name.clone(),
+                                sds_config: Some(ads()),
+                            }],
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ))),
+            }),
+            filters: vec![connection_manager()],
+            ..Default::default()
+        })
+        .collect();
+    if let Some(addr) = node.listen_tls
+        && !chains.is_empty()
+    {
+        out.push(Listener {
+            name: "portway_https".into(),
+            address: Some(socket(addr)),
+            listener_filters: vec![ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+                    &TlsInspector::default(),
+                ))),
+                ..Default::default()
+            }],
+            filter_chains: chains,
+            ..Default::default()
+        });
+    }
+    out
+}
+
+/// The certificates as SDS secrets, named as the listeners' filter chains ask for them.
+pub fn secrets(certificates: &[Arc<Secret>]) -> Vec<TlsSecret> {
+    certificates
+        .iter()
+        .filter_map(|s| {
+            let info = Info::of(s)?;
+            let data = s.data.as_ref()?;
+            let inline = |key: &str| {
+                Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineBytes(
+                        data.get(key)?.0.clone(),
+                    )),
+                    ..Default::default()
+                })
+            };
+            Some(TlsSecret {
+                name: info.name,
+                r#type: Some(tls_secret::Type::TlsCertificate(TlsCertificate {
+                    certificate_chain: inline("tls.crt"),
+                    private_key: inline("tls.key"),
+                    ..Default::default()
+                })),
+            })
+        })
+        .collect()
 }
 
 fn removals(f: &HeaderFilter) -> Vec<String> {
@@ -536,17 +636,26 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
 }
 
 /// Every resource of one type for one node, as `Any`s.
-pub fn resources(type_url: &str, table: &Table, node: &NodeConfig) -> Vec<Any> {
+pub fn resources(
+    type_url: &str,
+    table: &Table,
+    certificates: &[Arc<Secret>],
+    node: &NodeConfig,
+) -> Vec<Any> {
     match type_url {
         CLUSTER_TYPE => clusters(table, node)
             .iter()
             .map(|c| any(CLUSTER_TYPE, c))
             .collect(),
-        LISTENER_TYPE => listeners(node)
+        LISTENER_TYPE => listeners(node, certificates)
             .iter()
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
         ROUTE_TYPE => vec![any(ROUTE_TYPE, &route_configuration(table, node))],
+        SECRET_TYPE => secrets(certificates)
+            .iter()
+            .map(|s| any(SECRET_TYPE, s))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -820,17 +929,18 @@ mod tests {
             ("GET,PUT", "60")
         );
         assert!(by_rule("0").typed_per_filter_config.is_empty());
-        let names: Vec<_> = match &listeners(&node())[0].filter_chains[0].filters[0].config_type {
-            Some(filter::ConfigType::TypedConfig(a)) => {
-                HttpConnectionManager::decode(a.value.as_slice())
-                    .unwrap()
-                    .http_filters
-                    .into_iter()
-                    .map(|f| f.name)
-                    .collect()
-            }
-            other => panic!("{other:?}"),
-        };
+        let names: Vec<_> =
+            match &listeners(&node(), &[])[0].filter_chains[0].filters[0].config_type {
+                Some(filter::ConfigType::TypedConfig(a)) => {
+                    HttpConnectionManager::decode(a.value.as_slice())
+                        .unwrap()
+                        .http_filters
+                        .into_iter()
+                        .map(|f| f.name)
+                        .collect()
+                }
+                other => panic!("{other:?}"),
+            };
         assert_eq!(names, [CORS_FILTER, "envoy.filters.http.router"]);
 
         let Some(route::Action::DirectResponse(d)) = &by_rule("2").action else {

@@ -16,12 +16,13 @@ pub struct Args {
     /// Public HTTP address (HTTP/1.1 and h2c).
     #[arg(long, default_value = "0.0.0.0:8080")]
     http: SocketAddr,
-    /// Public HTTPS address, with certificates from --cert-dir.
-    #[arg(long, requires = "cert_dir")]
+    /// Public HTTPS address: serves the certificates the operator issues (Secrets in
+    /// `portway-system`) and those of --cert-dir.
+    #[arg(long)]
     https: Option<SocketAddr>,
     /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com,
-    /// `default` for any other name).
-    #[arg(long)]
+    /// `default` for any other name), served before issued ones.
+    #[arg(long, requires = "https")]
     cert_dir: Option<PathBuf>,
     /// Keep X-Forwarded-*, Forwarded and X-Real-IP from peers in this CIDR (or address),
     /// e.g. a load balancer in front (repeatable). Everyone else's are replaced.

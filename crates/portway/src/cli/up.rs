@@ -16,11 +16,13 @@ pub struct Args {
     /// Public HTTP address of the edge (HTTP/1.1 and h2c).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// Public HTTPS address (h2 and HTTP/1.1), with certificates from --cert-dir.
-    #[arg(long, requires = "cert_dir")]
-    https: Option<SocketAddr>,
-    /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com).
+    /// Public HTTPS address (h2 and HTTP/1.1). Certificates come from the local CA in
+    /// DATA/pki (a wildcard for the zone), and from --cert-dir if given.
     #[arg(long)]
+    https: Option<SocketAddr>,
+    /// Directory of <hostname>.crt/.key pairs (`_.example.com` for *.example.com),
+    /// served before the issued ones.
+    #[arg(long, requires = "https")]
     cert_dir: Option<PathBuf>,
     /// The Kubernetes-compatible API server (HTTPS; kubeconfig in DATA/kubeconfig).
     #[arg(long, default_value = "127.0.0.1:6443")]
@@ -78,9 +80,18 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.ready_file {
         write_ready_file(path, &serde_json::to_value(i)?)?;
     }
+    // Certificates for the zone come from the local CA the API server made: say how to
+    // trust it, or browsers will refuse them.
+    let ca = data.join("pki/ca.crt");
     let https = i
         .https
-        .map(|a| format!("\n  https edge  https://{a}"))
+        .map(|a| {
+            format!(
+                "\n  https edge  https://{a}  (*.{} from the local CA {}: curl --cacert it, or add it to your trust store)",
+                i.zone,
+                ca.display()
+            )
+        })
         .unwrap_or_default();
     eprintln!(
         "Portway is up (data in {}).\n  public edge http://{}{https}\n  API server  {}  (kubectl --kubeconfig {} get httpproxies -A)\n  relay       {}\n  DNS         {} (zone {})\n  metrics     http://{}/metrics\n\nNext: start your app, then in another terminal:\n  portway http 3000{}",

@@ -23,6 +23,10 @@ pub struct Args {
     /// Default public listener address, for Envoys whose bootstrap does not name theirs.
     #[arg(long, default_value = "0.0.0.0:10080")]
     envoy_listen: SocketAddr,
+    /// Default HTTPS listener (SNI; the issued certificates over SDS), for Envoys whose
+    /// bootstrap does not name theirs; none by default.
+    #[arg(long)]
+    envoy_listen_tls: Option<SocketAddr>,
     /// GatewayClass served.
     #[arg(long, default_value = "portway")]
     class: String,
@@ -45,6 +49,7 @@ pub async fn run(args: Args) -> Result<()> {
         defaults: xds::NodeConfig {
             sidecar: args.sidecar,
             listen: args.envoy_listen,
+            listen_tls: args.envoy_listen_tls,
         },
         class: args.class,
         addresses: args.address,
@@ -75,6 +80,9 @@ pub struct BootstrapArgs {
     /// This Envoy's public listener.
     #[arg(long, default_value = "0.0.0.0:10080")]
     listen: SocketAddr,
+    /// This Envoy's HTTPS listener (SNI; certificates from `portway xds` over SDS).
+    #[arg(long)]
+    listen_tls: Option<SocketAddr>,
     /// Envoy's admin interface (keep it private).
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
@@ -85,6 +93,7 @@ pub fn bootstrap(args: BootstrapArgs) {
     let node = portway_gateway::xds::NodeConfig {
         sidecar: args.sidecar,
         listen: args.listen,
+        listen_tls: args.listen_tls,
     };
     print!(
         "{}",

@@ -5,6 +5,7 @@
 
 use super::*;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use portway_api::{Connector, ConnectorAdvertisement};
 use portway_testkit::kubeconfig_with_token;
@@ -14,6 +15,8 @@ const ADMIN: &str = "admin-0123456789abcdef0123";
 const BOB: &str = "bob-0123456789abcdef012345";
 /// A person with the agent role in team-a.
 const MALLORY: &str = "mallory-0123456789abcdef01";
+/// A person who may read team-a.
+const VERA: &str = "vera-0123456789abcdef012345";
 
 /// The API's refusal of a write, as `(code, message)`.
 fn refusal<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> (u16, String) {
@@ -51,7 +54,7 @@ struct World {
 impl World {
     async fn start() -> Self {
         let tokens = format!(
-            "{ADMIN},root,admin,*\n{BOB},bob,agent,team-b\n{MALLORY},mallory,agent,team-a\n"
+            "{ADMIN},root,admin,*\n{BOB},bob,agent,team-b\n{MALLORY},mallory,agent,team-a\n{VERA},vera,viewer,team-a\n"
         );
         let stack = Stack::start_with(Some(&tokens)).await;
         let admin_kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
@@ -549,6 +552,44 @@ async fn attacks_on_isolation_are_refused() {
         "1000 half-sent request heads all closed after {:?}",
         held.elapsed()
     );
+
+    // 7. Certificate keys: the issuer's Secrets (portway-system), and Secrets in a
+    //    project, are read by the control plane alone: not by a device, nor by a
+    //    project's people, whatever their role there.
+    let system: Api<Secret> = Api::namespaced(w.admin.clone(), "portway-system");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while system
+        .get_opt("wildcard.portway.localhost")
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the zone's certificate was never issued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vera = w.person(VERA, "team-a").await;
+    for (who, client) in [
+        ("device-c", device_c.clone()),
+        ("an agent-role person of team-a", mallory.clone()),
+        ("a viewer of team-a", vera),
+    ] {
+        for ns in ["portway-system", "team-a"] {
+            let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+            let (code, msg) = refusal(api.list(&Default::default()).await);
+            assert_eq!(code, 403, "{who} listed Secrets in {ns}: {msg}");
+            let (code, msg) = refusal(api.get("wildcard.portway.localhost").await);
+            assert_eq!(code, 403, "{who} read a Secret in {ns}: {msg}");
+        }
+        let (code, msg) = refusal(
+            Api::<Secret>::namespaced(client, "portway-system")
+                .delete("wildcard.portway.localhost", &DeleteParams::default())
+                .await,
+        );
+        assert_eq!(code, 403, "{who} deleted the zone's certificate: {msg}");
+    }
 
     // 6. Revoking a device: deleting its Connector cuts its credential off at once.
     Api::<Connector>::namespaced(w.admin.clone(), "team-a")
