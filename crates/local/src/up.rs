@@ -42,6 +42,9 @@ pub struct Config {
     pub ephemeral_ttl: Duration,
     /// The edge's access log (`portway::access` events); default off.
     pub access_log: bool,
+    /// With `https`: issue from this ACME directory instead of the local CA (DNS-01
+    /// through our DNS server).
+    pub acme: Option<portway_operator::acme::Config>,
     /// How long an Event lives after it was last seen; default one hour.
     pub event_ttl: Duration,
 }
@@ -62,6 +65,7 @@ impl Config {
             metrics: local(9090),
             ephemeral_ttl: Duration::from_secs(15 * 60),
             access_log: false,
+            acme: None,
             event_ttl: portway_apiserver::events::DEFAULT_TTL,
         }
     }
@@ -266,11 +270,20 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
     if config.https.is_some() {
-        // The CA the API server made: one root for the API and every tunnel's HTTPS.
-        let ca = portway_tls::ca::LocalCa::load(&dir.join("pki")).map_err(Error::Ca)?;
-        operator_config.certificates = Some(portway_operator::certs::Config::new(
-            portway_operator::certs::Issuer::LocalCa(Arc::new(ca)),
-        ));
+        let issuer = match config.acme.clone() {
+            Some(mut acme) => {
+                acme.dns = Some(dns_addr);
+                portway_operator::certs::Issuer::Acme(Arc::new(portway_operator::acme::Acme::new(
+                    acme,
+                    client.clone(),
+                )))
+            }
+            // The CA the API server made: one root for the API and every tunnel's HTTPS.
+            None => portway_operator::certs::Issuer::LocalCa(Arc::new(
+                portway_tls::ca::LocalCa::load(&dir.join("pki")).map_err(Error::Ca)?,
+            )),
+        };
+        operator_config.certificates = Some(portway_operator::certs::Config::new(issuer));
     }
     let stop = CancellationToken::new();
     let operator =

@@ -5,7 +5,8 @@
 //! those Secrets by SNI; HTTPProxy status reads [`Certificates::condition`].
 //!
 //! Today it issues the zone's wildcard (`*.<zone>`), which covers every canonical name and
-//! every spec hostname one label below the zone, from the local CA.
+//! every spec hostname one label below the zone, from the local CA or an ACME directory
+//! ([`crate::acme`], DNS-01 through Portway's DNS server).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ use reasons::*;
 pub enum Issuer {
     /// Portway's own CA (`portway up` without ACME): trusted once, by whoever adds it.
     LocalCa(Arc<LocalCa>),
+    /// An ACME directory, DNS-01 answered by Portway's DNS server.
+    Acme(Arc<crate::acme::Acme>),
 }
 
 impl std::fmt::Debug for Issuer {
@@ -52,6 +55,7 @@ impl Issuer {
     pub fn name(&self) -> String {
         match self {
             Self::LocalCa(_) => "local-ca".into(),
+            Self::Acme(a) => a.directory().to_owned(),
         }
     }
 
@@ -74,8 +78,28 @@ impl Issuer {
                     not_after,
                 ))
             }
+            // The CA decides the validity; the leaf says what it chose.
+            Self::Acme(acme) => {
+                let (chain, key) = acme.issue(hostnames).await?;
+                let not_after = leaf_not_after(&chain)?;
+                Ok((chain, key, not_after))
+            }
         }
     }
+}
+
+/// The expiry of the first certificate in a PEM chain.
+fn leaf_not_after(chain_pem: &str) -> Result<Timestamp, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or("the ACME server sent no certificate")?
+        .map_err(|e| format!("the ACME server sent a bad certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
+        .map_err(|e| format!("the ACME server sent a bad certificate: {e}"))?;
+    Timestamp::from_second(cert.validity().not_after.timestamp())
+        .map_err(|e| format!("certificate expiry out of range: {e}"))
 }
 
 #[derive(Clone, Debug)]

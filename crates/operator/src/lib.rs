@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod acme;
 pub mod certs;
 pub mod connector;
 mod hostnames;

@@ -107,6 +107,12 @@ impl Stack {
         )
         .unwrap();
         let mut args = portway_testkit::up_args(&data, &["--https"]);
+        // A listener `extra` names replaces the default one.
+        for flag in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..i + 2);
+            }
+        }
         args.extend(["--cert-dir".into(), certs.display().to_string()]);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let up = Process::start_with_env("up", bin(), args, env.iter().copied())
@@ -916,6 +922,137 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop((http, other));
+}
+
+/// The `CertificatesReady` condition of `hostname` on the proxy `portway http` made.
+async fn certificate_condition(
+    stack: &Stack,
+    http: &Process,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
+    let admin = kube_client(&kc).await.unwrap();
+    let proxy = Api::<HttpProxy>::namespaced(admin, "default")
+        .get(&http.ready_str("proxy"))
+        .await
+        .unwrap();
+    let host = http.ready_str("hostname");
+    proxy
+        .status
+        .unwrap()
+        .hostname_statuses
+        .into_iter()
+        .find(|h| h.hostname == host)
+        .and_then(|h| {
+            h.conditions
+                .into_iter()
+                .find(|c| c.type_ == "CertificatesReady")
+        })
+        .unwrap_or_else(|| panic!("{host} has no CertificatesReady"))
+}
+
+/// ACME against Pebble: `portway up --https --acme-directory` gets the zone's wildcard
+/// over DNS-01 answered by its own DNS server, so a new tunnel is served over HTTPS that
+/// curl verifies against Pebble's root alone. With Pebble asking a DNS server that is not
+/// ours, the order fails and status says why.
+#[tokio::test]
+async fn the_zone_wildcard_comes_from_acme_over_dns01() {
+    use portway_testkit::pebble::{Pebble, free_port};
+    let dir = tempfile::tempdir().unwrap();
+    let dns = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let pebble = Pebble::start(dir.path(), dns).await.unwrap();
+    let dns_flag = dns.to_string();
+    let acme = |pebble: &Pebble| {
+        [
+            "--acme-directory".to_owned(),
+            pebble.directory.clone(),
+            "--acme-directory-roots".to_owned(),
+            pebble.directory_roots.display().to_string(),
+            "--acme-email".to_owned(),
+            "ops@portway.test".to_owned(),
+        ]
+    };
+    let started = Instant::now();
+    let mut extra = acme(&pebble).to_vec();
+    extra.extend(["--dns".to_owned(), dns_flag]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let stack = Stack::start_full(None, &extra, &[]).await;
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let port = stack.origin.addr.port().to_string();
+    let data = stack.data();
+    let args = [
+        "http",
+        &port,
+        "--data",
+        data.to_str().unwrap(),
+        "--lease-seconds",
+        "30",
+    ];
+    let http = Process::start("http", bin(), args).await.unwrap();
+    let (url, host) = (http.ready_str("url"), http.ready_str("hostname"));
+    assert_eq!(url, format!("https://{host}:{}/", https.port()));
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
+        .arg(&pebble.issuing_root)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", https.port()))
+        .arg(format!("{url}hello"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {} 2", stack.origin.addr.port()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "portway up (ACME, Pebble) start to first valid HTTPS 200 of a new tunnel: {:?}",
+        started.elapsed()
+    );
+    let c = certificate_condition(&stack, &http).await;
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Issued"));
+    assert!(c.message.contains(&pebble.directory), "{}", c.message);
+    drop((http, stack));
+
+    // Pebble asks a DNS server where nothing answers: the order fails, and the hostname
+    // says so, with the ACME server's reason; the URL printed is http://.
+    let wrong_dir = tempfile::tempdir().unwrap();
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let wrong = Pebble::start(wrong_dir.path(), nowhere).await.unwrap();
+    let mut extra = acme(&wrong).to_vec();
+    let dns = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    extra.extend(["--dns".to_owned(), dns.to_string()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let stack = Stack::start_full(None, &extra, &[]).await;
+    let data = stack.data();
+    let args = [
+        "http",
+        &port,
+        "--data",
+        data.to_str().unwrap(),
+        "--lease-seconds",
+        "30",
+    ];
+    let http = Process::start("http", bin(), args).await.unwrap();
+    assert!(
+        http.ready_str("url").starts_with("http://"),
+        "{}",
+        http.ready_str("url")
+    );
+    let c = certificate_condition(&stack, &http).await;
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "IssueFailed"),
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message.contains("_acme-challenge.portway.localhost")
+            || c.message.to_lowercase().contains("dns"),
+        "{}",
+        c.message
+    );
+    eprintln!("CertificatesReady with a wrong DNS server: {}", c.message);
 }
 
 /// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request

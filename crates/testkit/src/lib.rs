@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod origin;
+pub mod pebble;
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -114,11 +115,27 @@ impl Process {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_with_env(name, bin, args, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    ///
+    /// # Errors
+    /// When the program cannot be started.
+    pub fn spawn_with_env<I, S, E, K, V>(name: &str, bin: &Path, args: I, env: E) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+        E: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(bin)
             .args(args)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -1,5 +1,6 @@
 //! One file per command, each with its `Args` and a `run()` that calls the libraries.
 
+pub mod acme;
 pub mod agent;
 pub mod apiserver;
 pub mod dns;

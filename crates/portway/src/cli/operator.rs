@@ -28,8 +28,14 @@ pub struct Args {
     /// Issue the zone's wildcard certificate from the CA in this directory (`ca.crt`,
     /// `ca.key`; `portway apiserver` makes one in `<data-dir>/pki`), kept as a Secret in
     /// `portway-system` that every edge serves.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "acme_directory")]
     local_ca: Option<PathBuf>,
+    #[command(flatten)]
+    acme: super::acme::AcmeFlags,
+    /// The zone's authoritative DNS server (`portway dns`), asked for each ACME answer
+    /// before the ACME server is told to look.
+    #[arg(long, value_name = "ADDR", requires = "acme_directory")]
+    acme_dns: Option<SocketAddr>,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -40,7 +46,13 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
-    if let Some(dir) = &args.local_ca {
+    let acme = args.acme.config(args.acme_dns)?;
+    if let Some(acme) = acme {
+        let issuer = portway_operator::acme::Acme::new(acme, client.clone());
+        config.certificates = Some(portway_operator::certs::Config::new(
+            portway_operator::certs::Issuer::Acme(std::sync::Arc::new(issuer)),
+        ));
+    } else if let Some(dir) = &args.local_ca {
         let ca = portway_tls::ca::LocalCa::load(dir)
             .with_context(|| format!("loading the local CA from {}", dir.display()))?;
         config.certificates = Some(portway_operator::certs::Config::new(

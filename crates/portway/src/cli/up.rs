@@ -53,6 +53,9 @@ pub struct Args {
     /// Seconds an Event (`kubectl get events`) is kept after it was last seen.
     #[arg(long, default_value_t = 3600)]
     event_ttl: u64,
+    /// With --https: certificates from an ACME directory instead of the local CA.
+    #[command(flatten)]
+    acme: super::acme::AcmeFlags,
     /// Write every bound address here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -73,6 +76,13 @@ pub async fn run(args: Args) -> Result<()> {
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
+    anyhow::ensure!(
+        !args.acme.enabled() || args.https.is_some(),
+        "--acme-directory needs --https: certificates are served there"
+    );
+    // Our own DNS server answers the challenges; its address is known once it is bound.
+    config.acme = args.acme.config(None)?;
+    let acme_directory = config.acme.as_ref().map(|a| a.directory.clone());
     let up = portway_local::up::Up::start(config)
         .await
         .context("starting portway")?;
@@ -83,15 +93,16 @@ pub async fn run(args: Args) -> Result<()> {
     // Certificates for the zone come from the local CA the API server made: say how to
     // trust it, or browsers will refuse them.
     let ca = data.join("pki/ca.crt");
+    let issuer = match &acme_directory {
+        Some(url) => format!("from ACME at {url}"),
+        None => format!(
+            "from the local CA {}: curl --cacert it, or add it to your trust store",
+            ca.display()
+        ),
+    };
     let https = i
         .https
-        .map(|a| {
-            format!(
-                "\n  https edge  https://{a}  (*.{} from the local CA {}: curl --cacert it, or add it to your trust store)",
-                i.zone,
-                ca.display()
-            )
-        })
+        .map(|a| format!("\n  https edge  https://{a}  (*.{} {issuer})", i.zone))
         .unwrap_or_default();
     eprintln!(
         "Portway is up (data in {}).\n  public edge http://{}{https}\n  API server  {}  (kubectl --kubeconfig {} get httpproxies -A)\n  relay       {}\n  DNS         {} (zone {})\n  metrics     http://{}/metrics\n\nNext: start your app, then in another terminal:\n  portway http 3000{}",

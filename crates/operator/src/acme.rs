@@ -1,0 +1,397 @@
+//! ACME issuance (RFC 8555, through `instant-acme`) with DNS-01 answered by Portway's own
+//! DNS server: each answer is a Secret in `portway-system` that the DNS server publishes
+//! as `_acme-challenge.<name>` TXT ([`portway_api::certificates::challenge_record`]). That
+//! is how the zone gets a wildcard, so a new tunnel has HTTPS with no ACME round trip.
+//!
+//! The account key is kept in a Secret too, so a restarted operator does not register a
+//! new account. Before telling the ACME server a challenge is ready, the answer is looked
+//! up at the zone's DNS server (when its address is known), as cert-manager does: the
+//! server checks once, and a record not yet published would fail the order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType,
+    ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use portway_api::certificates::{CHALLENGE_LABEL, RECORD, SYSTEM_NAMESPACE};
+use portway_api::managers;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::json;
+
+/// Where certificates come from, and how to reach it.
+#[derive(Clone)]
+pub struct Config {
+    /// The directory URL (`https://acme-v02.api.letsencrypt.org/directory`).
+    pub directory: String,
+    /// `mailto:` contact, if any.
+    pub email: Option<String>,
+    /// External account binding: key id and the HMAC key (base64url, as CAs hand it out).
+    pub eab: Option<(String, String)>,
+    /// Roots to trust for the directory instead of the system's (PEM; Pebble's own).
+    pub directory_roots: Option<Vec<u8>>,
+    /// The zone's authoritative DNS server, asked for each answer before the ACME server is
+    /// told to look (none: no check).
+    pub dns: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("acme::Config")
+            .field("directory", &self.directory)
+            .field("email", &self.email)
+            .field("eab", &self.eab.as_ref().map(|(kid, _)| kid))
+            .field("dns", &self.dns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Name of the Secret holding the account credentials.
+const ACCOUNT_SECRET: &str = "acme-account";
+/// How long an order may take from ready challenges to a certificate.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a published answer may take to show at the DNS server.
+const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Http = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
+
+fn http_client(roots_pem: &[u8]) -> Result<Http, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem) {
+        let cert = cert.map_err(|e| format!("reading the ACME directory's roots: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("an ACME directory root is not usable: {e}"))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    Ok(HyperClient::builder(TokioExecutor::new()).build(https))
+}
+
+/// The issuer's side of ACME: an account, and orders answered over DNS-01.
+pub struct Acme {
+    config: Config,
+    client: kube::Client,
+}
+
+impl Acme {
+    pub fn new(config: Config, client: kube::Client) -> Self {
+        Self { config, client }
+    }
+
+    pub fn directory(&self) -> &str {
+        &self.config.directory
+    }
+
+    fn builder(&self) -> Result<instant_acme::AccountBuilder, String> {
+        match &self.config.directory_roots {
+            Some(pem) => Ok(Account::builder_with_http(
+                Box::new(http_client(pem)?) as Box<dyn HttpClient>
+            )),
+            None => Account::builder().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The stored account for this directory, or a new one (then stored).
+    async fn account(&self) -> Result<Account, String> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let stored = secrets
+            .get_opt(ACCOUNT_SECRET)
+            .await
+            .map_err(|e| format!("reading Secret {SYSTEM_NAMESPACE}/{ACCOUNT_SECRET}: {e}"))?;
+        let credentials = stored
+            .as_ref()
+            .and_then(|s| s.data.as_ref()?.get("credentials.json"))
+            .and_then(|c| serde_json::from_slice::<AccountCredentials>(&c.0).ok())
+            .filter(|c| {
+                // Credentials name their directory; another directory needs a new account.
+                serde_json::to_value(c)
+                    .ok()
+                    .and_then(|v| v["directory"].as_str().map(str::to_owned))
+                    .as_deref()
+                    == Some(self.config.directory.as_str())
+            });
+        if let Some(credentials) = credentials {
+            return self
+                .builder()?
+                .from_credentials(credentials)
+                .await
+                .map_err(|e| format!("restoring the ACME account: {}", chain(&e)));
+        }
+        let contact = self.config.email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let eab = match &self.config.eab {
+            Some((kid, hmac)) => {
+                use base64::Engine as _;
+                let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(hmac.trim_end_matches('='))
+                    .map_err(|e| format!("--acme-eab-hmac is not base64url: {e}"))?;
+                Some(ExternalAccountKey::new(kid.clone(), &key))
+            }
+            None => None,
+        };
+        let (account, credentials) = self
+            .builder()?
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.config.directory.clone(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("registering with {}: {}", self.config.directory, chain(&e)))?;
+        let body = serde_json::to_vec(&credentials).map_err(|e| e.to_string())?;
+        let mut secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": ACCOUNT_SECRET, "namespace": SYSTEM_NAMESPACE,
+                "labels": {portway_api::labels::MANAGED_BY: managers::OPERATOR}},
+            "type": "Opaque",
+        }))
+        .map_err(|e| e.to_string())?;
+        secret.data = Some([("credentials.json".to_owned(), ByteString(body))].into());
+        secrets
+            .patch(
+                ACCOUNT_SECRET,
+                &PatchParams::apply(managers::OPERATOR).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(|e| format!("storing the ACME account: {e}"))?;
+        tracing::info!(directory = %self.config.directory, "ACME account registered");
+        Ok(account)
+    }
+
+    /// Orders a certificate for `hostnames` (wildcards included), answering every
+    /// authorization over DNS-01; returns the chain and its key (PEM). Published answers
+    /// are removed whatever the outcome.
+    pub async fn issue(&self, hostnames: &[String]) -> Result<(String, String), String> {
+        let account = self.account().await?;
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let mut published = Vec::new();
+        let result = self
+            .order(&account, &secrets, hostnames, &mut published)
+            .await;
+        for name in published {
+            if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await {
+                tracing::debug!(secret = %name, error = %e, "removing an ACME answer");
+            }
+        }
+        result
+    }
+
+    async fn order(
+        &self,
+        account: &Account,
+        secrets: &Api<Secret>,
+        hostnames: &[String],
+        published: &mut Vec<String>,
+    ) -> Result<(String, String), String> {
+        let ids: Vec<Identifier> = hostnames
+            .iter()
+            .map(|h| Identifier::Dns(h.clone()))
+            .collect();
+        let mut order = account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .map_err(|e| format!("creating the order: {}", chain(&e)))?;
+        let mut answers = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz =
+                authz.map_err(|e| format!("reading an authorization: {}", chain(&e)))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(format!("an authorization is {other:?}")),
+            }
+            let mut challenge = authz
+                .challenge(ChallengeType::Dns01)
+                .ok_or("the ACME server offers no dns-01 challenge")?;
+            let Identifier::Dns(domain) = &challenge.identifier().identifier else {
+                return Err("the ACME server asked about a non-DNS identifier".into());
+            };
+            let record = format!("_acme-challenge.{domain}");
+            let value = challenge.key_authorization().dns_value();
+            let name = format!("acme-challenge-{}", published.len());
+            publish(secrets, &name, &record, &value).await?;
+            published.push(name);
+            self.propagated(&record, &value).await?;
+            challenge
+                .set_ready()
+                .await
+                .map_err(|e| format!("answering the challenge for {record}: {}", chain(&e)))?;
+            answers.push(record);
+        }
+        let policy = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .backoff(1.5)
+            .timeout(ORDER_TIMEOUT);
+        let status = order
+            .poll_ready(&policy)
+            .await
+            .map_err(|e| format!("waiting for the order: {}", chain(&e)))?;
+        if status != OrderStatus::Ready {
+            let why = order_problem(&mut order).await;
+            return Err(format!(
+                "the order is {status:?} after answering {}: {why}",
+                answers.join(", ")
+            ));
+        }
+        let key = order
+            .finalize()
+            .await
+            .map_err(|e| format!("finalizing the order: {}", chain(&e)))?;
+        let chain = order
+            .poll_certificate(&policy)
+            .await
+            .map_err(|e| format!("downloading the certificate: {}", chain(&e)))?;
+        Ok((chain, key))
+    }
+
+    /// Waits until the zone's DNS server answers `record` with `value`.
+    async fn propagated(&self, record: &str, value: &str) -> Result<(), String> {
+        let Some(server) = self.config.dns else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match txt(server, record).await {
+                Ok(values) if values.iter().any(|v| v == value) => return Ok(()),
+                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {}
+                Ok(values) => {
+                    return Err(format!(
+                        "{server} did not publish {record} within {PROPAGATION_TIMEOUT:?} (it answers {values:?})"
+                    ));
+                }
+                Err(e) => return Err(format!("asking {server} for {record}: {e}")),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// An error with its causes: a bare "client error (Connect)" hides the TLS reason.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// What the ACME server said went wrong with an order's authorizations.
+async fn order_problem(order: &mut instant_acme::Order) -> String {
+    let mut problems = Vec::new();
+    let mut authorizations = order.authorizations();
+    while let Some(Ok(authz)) = authorizations.next().await {
+        for c in &authz.challenges {
+            if let Some(e) = &c.error {
+                problems.push(format!("{}: {e}", authz.identifier()));
+            }
+        }
+    }
+    if problems.is_empty() {
+        "no reason given".into()
+    } else {
+        problems.join("; ")
+    }
+}
+
+async fn publish(
+    secrets: &Api<Secret>,
+    name: &str,
+    record: &str,
+    value: &str,
+) -> Result<(), String> {
+    let mut secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE,
+            "labels": {CHALLENGE_LABEL: "true", portway_api::labels::MANAGED_BY: managers::OPERATOR},
+            "annotations": {RECORD: record}},
+        "type": "Opaque",
+    }))
+    .map_err(|e| e.to_string())?;
+    secret.data = Some([("txt".to_owned(), ByteString(value.as_bytes().to_vec()))].into());
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply(managers::OPERATOR).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(|e| format!("publishing {record}: {e}"))?;
+    Ok(())
+}
+
+/// The TXT values of `name` at `server` (one UDP query, 2 s).
+async fn txt(server: SocketAddr, name: &str) -> Result<Vec<String>, String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let qname = Name::from_ascii(format!("{name}.")).map_err(|e| e.to_string())?;
+    let mut msg = Message::query();
+    msg.add_query(Query::query(qname, RecordType::TXT));
+    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| e.to_string())?;
+    socket
+        .send_to(&bytes, server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+        .await
+        .map_err(|_| "no answer within 2 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let answer = Message::from_vec(&buf[..n]).map_err(|e| e.to_string())?;
+    Ok(answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TXT(t) => Some(
+                t.txt_data
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect::<String>(),
+            ),
+            _ => None,
+        })
+        .collect())
+}

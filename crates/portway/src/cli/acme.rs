@@ -1,0 +1,65 @@
+//! The ACME flags `portway operator` and `portway up` share.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct AcmeFlags {
+    /// Issue the zone's wildcard certificate from this ACME directory (DNS-01, answered
+    /// by Portway's DNS server, which must be the zone's authoritative server), e.g.
+    /// https://acme-v02.api.letsencrypt.org/directory.
+    #[arg(long, value_name = "URL")]
+    acme_directory: Option<String>,
+    /// Contact address for the ACME account.
+    #[arg(long, value_name = "EMAIL", requires = "acme_directory")]
+    acme_email: Option<String>,
+    /// External account binding key id (CAs such as ZeroSSL or Google require one).
+    #[arg(long, value_name = "KID", requires_all = ["acme_directory", "acme_eab_hmac"])]
+    acme_eab_kid: Option<String>,
+    /// External account binding HMAC key (base64url, as the CA gives it).
+    #[arg(long, value_name = "KEY", requires = "acme_eab_kid")]
+    acme_eab_hmac: Option<String>,
+    /// Trust these roots (PEM) for the ACME directory instead of the system's (a test CA
+    /// such as Pebble).
+    #[arg(long, value_name = "FILE", requires = "acme_directory")]
+    acme_directory_roots: Option<PathBuf>,
+}
+
+impl AcmeFlags {
+    pub fn enabled(&self) -> bool {
+        self.acme_directory.is_some()
+    }
+
+    /// The issuer's ACME settings; `dns`: the zone's DNS server, asked for each answer
+    /// before the ACME server is told to look.
+    pub fn config(
+        &self,
+        dns: Option<SocketAddr>,
+    ) -> Result<Option<portway_operator::acme::Config>> {
+        let Some(directory) = &self.acme_directory else {
+            return Ok(None);
+        };
+        // RFC 8555 §6.1: ACME is spoken over HTTPS only.
+        anyhow::ensure!(
+            directory.starts_with("https://"),
+            "--acme-directory {directory}: an ACME directory is an https:// URL"
+        );
+        let directory_roots =
+            match &self.acme_directory_roots {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("reading --acme-directory-roots {}", path.display())
+                })?),
+                None => None,
+            };
+        Ok(Some(portway_operator::acme::Config {
+            directory: directory.clone(),
+            email: self.acme_email.clone(),
+            eab: self.acme_eab_kid.clone().zip(self.acme_eab_hmac.clone()),
+            directory_roots,
+            dns,
+        }))
+    }
+}

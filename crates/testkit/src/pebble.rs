@@ -1,0 +1,115 @@
+//! Pebble, Let's Encrypt's ACME test server (Debian's `pebble`), on loopback ports, with
+//! its own TLS certificate from a CA made here, asking `dns` for DNS-01 answers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Process, eventually};
+
+pub struct Pebble {
+    pub process: Process,
+    /// `https://127.0.0.1:PORT/dir`.
+    pub directory: String,
+    /// The CA of Pebble's own listener (for `--acme-directory-roots`).
+    pub directory_roots: PathBuf,
+    /// The root Pebble issues from (PEM; for curl's `--cacert`).
+    pub issuing_root: PathBuf,
+}
+
+/// A port nobody listens on right now (TCP and UDP), for servers that need one up front.
+///
+/// # Errors
+/// When no socket can be bound.
+pub fn free_port() -> Result<u16> {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+impl Pebble {
+    /// Starts Pebble in `dir` (config and certificates are written there) and waits until
+    /// its directory answers and its issuing root is saved.
+    ///
+    /// # Errors
+    /// When Pebble is not installed or does not come up within 30 s.
+    pub async fn start(dir: &Path, dns: SocketAddr) -> Result<Self> {
+        let bin = which("pebble")
+            .context("pebble is not installed: `apt-get install -y pebble` (.ci/run does it)")?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "pebble listener CA");
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])?
+            .signed_by(&key, &issuer)?;
+        let (cert_path, key_path) = (dir.join("pebble.crt"), dir.join("pebble.key"));
+        let directory_roots = dir.join("pebble-ca.crt");
+        std::fs::write(&cert_path, leaf.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        std::fs::write(&directory_roots, ca_cert.pem())?;
+        let (listen, management) = (free_port()?, free_port()?);
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{listen}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": cert_path, "privateKey": key_path,
+            "httpPort": free_port()?, "tlsPort": free_port()?,
+            "ocspResponderURL": "", "externalAccountBindingRequired": false,
+        }});
+        let config_path = dir.join("pebble.json");
+        std::fs::write(&config_path, config.to_string())?;
+        let dns = dns.to_string();
+        let process = Process::spawn_with_env(
+            "pebble",
+            &bin,
+            ["-config", config_path.to_str().unwrap(), "-dnsserver", &dns],
+            // No random sleep before validating, and no nonces refused at random.
+            [("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "0")],
+        )?;
+        let issuing_root = dir.join("pebble-root.crt");
+        let roots = directory_roots.clone();
+        let root_url = format!("https://127.0.0.1:{management}/roots/0");
+        let root = eventually(
+            "pebble serves its issuing root",
+            Duration::from_secs(30),
+            || {
+                let (roots, url) = (roots.clone(), root_url.clone());
+                async move {
+                    let out = tokio::process::Command::new("curl")
+                        .args(["-sSf", "--cacert"])
+                        .arg(&roots)
+                        .arg(&url)
+                        .output()
+                        .await?;
+                    if !out.status.success() {
+                        bail!("{}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    Ok(out.stdout)
+                }
+            },
+        )
+        .await;
+        std::fs::write(&issuing_root, root)?;
+        Ok(Self {
+            process,
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            directory_roots,
+            issuing_root,
+        })
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+}
