@@ -51,6 +51,8 @@ pub enum Error {
     Unreachable { url: String, why: String },
     #[error("hostname {hostname} is taken: {message}. Choose another with --hostname")]
     HostnameTaken { hostname: String, message: String },
+    #[error("hostname {hostname} is not verified: {message}. Then run this again")]
+    HostnameNotVerified { hostname: String, message: String },
 }
 
 const ADJECTIVES: [&str; 16] = [
@@ -300,9 +302,19 @@ impl Http {
                 .filter(|c| c.reason != "Pending")
                 .map(|c| c.status == "True")
         };
+        // Nor will a name outside the zone that this project has not proven.
+        let unverified = |p: Option<&HttpProxy>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.hostname_statuses.iter().find(|h| h.hostname == hostname))
+                .and_then(|h| find_condition(&h.conditions, "HostnamesVerified"))
+                .filter(|c| c.status == "False")
+                .map(|c| c.message.clone())
+        };
         let settled = |p: Option<&HttpProxy>| {
             let c = conditions(p);
-            (live(&c) && (info.https.is_none() || certificate(p).is_some())) || taken(&c).is_some()
+            (live(&c) && (info.https.is_none() || certificate(p).is_some()))
+                || taken(&c).is_some()
+                || unverified(p).is_some()
         };
         let waited = tokio::time::timeout(
             deadline,
@@ -314,6 +326,12 @@ impl Http {
         {
             agent.shutdown(true).await;
             return Err(Error::HostnameTaken { hostname, message });
+        }
+        if let Ok(Ok(p)) = &waited
+            && let Some(message) = unverified(p.as_ref())
+        {
+            agent.shutdown(true).await;
+            return Err(Error::HostnameNotVerified { hostname, message });
         }
         if !matches!(&waited, Ok(Ok(p)) if live(&conditions(p.as_ref()))) {
             let conds = api

@@ -45,6 +45,9 @@ pub struct Config {
     /// With `https`: issue from this ACME directory instead of the local CA (DNS-01
     /// through our DNS server).
     pub acme: Option<portway_operator::acme::Config>,
+    /// Checks hostnames outside the zone before they are routed; `None`: the system's
+    /// resolver ([`system_resolver`]).
+    pub hostname_resolver: Option<SocketAddr>,
     /// How long an Event lives after it was last seen; default one hour.
     pub event_ttl: Duration,
 }
@@ -66,9 +69,26 @@ impl Config {
             ephemeral_ttl: Duration::from_secs(15 * 60),
             access_log: false,
             acme: None,
+            hostname_resolver: None,
             event_ttl: portway_apiserver::events::DEFAULT_TTL,
         }
     }
+}
+
+/// The first `nameserver` of `/etc/resolv.conf` (port 53), else `127.0.0.1:53` as glibc
+/// assumes.
+pub fn system_resolver() -> SocketAddr {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .find_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        })
+        .map_or_else(
+            || SocketAddr::from(([127, 0, 0, 1], 53)),
+            |ip| SocketAddr::new(ip, 53),
+        )
 }
 
 /// What `portway up` tells its users (and `portway http`), saved as `DATA/portway.json`.
@@ -269,6 +289,10 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
+    // Names outside the zone must be proven: on by default, as a public edge needs.
+    operator_config.verification = Some(portway_operator::verify::Config::new(
+        config.hostname_resolver.unwrap_or_else(system_resolver),
+    ));
     if config.https.is_some() {
         let issuer = match config.acme.clone() {
             Some(mut acme) => {

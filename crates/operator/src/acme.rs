@@ -280,7 +280,10 @@ impl Acme {
         let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
         let mut delay = Duration::from_millis(20);
         loop {
-            match txt(server, record).await {
+            let values = crate::dns::ask(server, record, hickory_proto::rr::RecordType::TXT)
+                .await
+                .map(|a| a.txt);
+            match values {
                 Ok(values) if values.iter().any(|v| v == value) => return Ok(()),
                 Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {}
                 Ok(values) => {
@@ -353,45 +356,4 @@ async fn publish(
         .await
         .map_err(|e| format!("publishing {record}: {e}"))?;
     Ok(())
-}
-
-/// The TXT values of `name` at `server` (one UDP query, 2 s).
-async fn txt(server: SocketAddr, name: &str) -> Result<Vec<String>, String> {
-    use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let qname = Name::from_ascii(format!("{name}.")).map_err(|e| e.to_string())?;
-    let mut msg = Message::query();
-    msg.add_query(Query::query(qname, RecordType::TXT));
-    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
-    let bind: SocketAddr = if server.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = tokio::net::UdpSocket::bind(bind)
-        .await
-        .map_err(|e| e.to_string())?;
-    socket
-        .send_to(&bytes, server)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
-        .await
-        .map_err(|_| "no answer within 2 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let answer = Message::from_vec(&buf[..n]).map_err(|e| e.to_string())?;
-    Ok(answer
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TXT(t) => Some(
-                t.txt_data
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect::<String>(),
-            ),
-            _ => None,
-        })
-        .collect())
 }

@@ -12,8 +12,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use std::sync::Arc;
+
 use parking_lot::RwLock;
 use portway_api::HttpProxy;
+
+use crate::verify::Verifier;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Claim {
@@ -73,6 +77,7 @@ impl std::fmt::Display for Owner {
 
 pub struct HostnameIndex {
     zone: String,
+    verifier: Option<Arc<Verifier>>,
     inner: RwLock<Inner>,
 }
 
@@ -80,9 +85,17 @@ fn lower(h: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// The names a proxy claims: its spec's, and its canonical name.
-fn claims(p: &HttpProxy, zone: &str) -> Vec<(String, bool)> {
-    let mut h: Vec<(String, bool)> = p.spec.hostnames.iter().map(|h| (lower(h), true)).collect();
+/// The names a proxy claims: its spec's (those it has proven, where proof is needed), and
+/// its canonical name.
+fn claims(p: &HttpProxy, zone: &str, verifier: Option<&Verifier>) -> Vec<(String, bool)> {
+    let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+    let mut h: Vec<(String, bool)> = p
+        .spec
+        .hostnames
+        .iter()
+        .filter(|h| verifier.is_none_or(|v| v.may_claim(ns, h)))
+        .map(|h| (lower(h), true))
+        .collect();
     if let Some(uid) = &p.metadata.uid {
         h.push((lower(&format!("{uid}.{zone}")), false));
     }
@@ -166,9 +179,10 @@ impl Inner {
 }
 
 impl HostnameIndex {
-    pub fn new(zone: &str) -> Self {
+    pub fn new(zone: &str, verifier: Option<Arc<Verifier>>) -> Self {
         Self {
             zone: lower(zone),
+            verifier,
             inner: RwLock::default(),
         }
     }
@@ -178,7 +192,7 @@ impl HostnameIndex {
     pub fn upsert(&self, p: &HttpProxy) -> BTreeSet<(String, String)> {
         let claim = Claim::of(p);
         let key = (claim.ns.clone(), claim.name.clone());
-        let names = claims(p, &self.zone);
+        let names = claims(p, &self.zone, self.verifier.as_deref());
         let mut inner = self.inner.write();
         let mut touched = inner.remove(&key);
         touched.extend(names.iter().map(|(h, _)| h.clone()));
@@ -198,7 +212,10 @@ impl HostnameIndex {
     pub fn rebuild<'a>(&self, all: impl IntoIterator<Item = &'a HttpProxy>) {
         let mut inner = Inner::default();
         for p in all {
-            inner.insert(Claim::of(p), claims(p, &self.zone));
+            inner.insert(
+                Claim::of(p),
+                claims(p, &self.zone, self.verifier.as_deref()),
+            );
         }
         *self.inner.write() = inner;
     }
@@ -253,7 +270,7 @@ mod tests {
 
     #[test]
     fn oldest_claimant_wins_and_release_is_reported() {
-        let idx = HostnameIndex::new("portway.localhost");
+        let idx = HostnameIndex::new("portway.localhost", None);
         let old = proxy("a", "old", 1, &["x.example.com"]);
         let new = proxy("a", "new", 2, &["X.example.com", "y.example.com"]);
         idx.upsert(&old);
@@ -278,7 +295,7 @@ mod tests {
 
     #[test]
     fn canonical_names_belong_to_their_proxy_and_other_projects_are_not_named() {
-        let idx = HostnameIndex::new("portway.localhost");
+        let idx = HostnameIndex::new("portway.localhost", None);
         let victim = proxy("a", "web", 5, &[]);
         // Older, and in another project: it still cannot take the canonical name.
         let thief = proxy("b", "steal", 1, &["uid-web.portway.localhost"]);
@@ -293,7 +310,7 @@ mod tests {
 
     #[test]
     fn wildcards_overlap_across_projects_only() {
-        let idx = HostnameIndex::new("portway.localhost");
+        let idx = HostnameIndex::new("portway.localhost", None);
         let wild = proxy("a", "wild", 1, &["*.example.com"]);
         let same_project = proxy("a", "one", 2, &["one.example.com"]);
         let other_project = proxy("b", "two", 3, &["two.example.com", "deep.two.example.com"]);

@@ -22,8 +22,10 @@
 pub mod acme;
 pub mod certs;
 pub mod connector;
+pub mod dns;
 mod hostnames;
 pub mod proxy;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,6 +73,9 @@ pub struct Config {
     pub ephemeral_ttl: Duration,
     /// The certificate issuer; `None`: no certificates, and no `CertificatesReady`.
     pub certificates: Option<certs::Config>,
+    /// Proof of control for hostnames outside the zone; `None`: every name is routed as
+    /// claimed, and no `HostnamesVerified`.
+    pub verification: Option<verify::Config>,
 }
 
 impl Config {
@@ -88,6 +93,7 @@ impl Config {
             concurrency: 16,
             ephemeral_ttl: Duration::from_secs(15 * 60),
             certificates: None,
+            verification: None,
         }
     }
 }
@@ -179,6 +185,9 @@ pub(crate) struct Ctx {
     hostnames: Arc<HostnameIndex>,
     /// What the issuer keeps, when there is one.
     certificates: Option<Arc<certs::Certificates>>,
+    verifier: Option<Arc<verify::Verifier>>,
+    /// Reconciles a proxy again (another proxy's verdict changed its claims).
+    requeue: Tx<HttpProxy>,
     metrics: Metrics,
     /// Condition changes and refusals, for `kubectl describe` and `get events -w`.
     events: portway_kube::Events,
@@ -317,7 +326,11 @@ impl Operator {
         let services = pending::<Service>();
         let slices = pending::<EndpointSlice>();
         let policies = pending::<BackendTrafficPolicy>();
-        let hostnames = Arc::new(HostnameIndex::new(&config.proxy.zone));
+        let verifier = config
+            .verification
+            .clone()
+            .map(|v| Arc::new(verify::Verifier::new(v, &config.proxy.zone)));
+        let hostnames = Arc::new(HostnameIndex::new(&config.proxy.zone, verifier.clone()));
         let proxies_by_ns = Index::new(proxies.store.clone(), by_namespace);
         let conns_by_ns = Index::new(connectors.store.clone(), by_namespace);
         let ads_by_ns = Index::new(ads.store.clone(), by_namespace);
@@ -436,6 +449,8 @@ impl Operator {
             slices: slices_by_owner.clone(),
             policies: policies_by_owner.clone(),
             hostnames,
+            verifier,
+            requeue: proxy_tx.clone(),
             certificates: config
                 .certificates
                 .as_ref()

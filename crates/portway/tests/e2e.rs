@@ -1055,6 +1055,150 @@ async fn the_zone_wildcard_comes_from_acme_over_dns01() {
     eprintln!("CertificatesReady with a wrong DNS server: {}", c.message);
 }
 
+/// The `HostnamesVerified` condition of `host` on a proxy.
+async fn verified_condition(
+    admin: &kube::Client,
+    ns: &str,
+    proxy: &str,
+    host: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let p = Api::<HttpProxy>::namespaced(admin.clone(), ns)
+        .get(proxy)
+        .await
+        .ok()?;
+    p.status?
+        .hostname_statuses
+        .into_iter()
+        .find(|h| h.hostname == host)?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "HostnamesVerified")
+}
+
+/// Hostnames outside the zone are routed only once their project proves control, asked
+/// of a real DNS server (pebble-challtestsrv): a TXT record with the project's token, or a
+/// CNAME to the proxy's canonical name. A project that names the domain first, without
+/// proof, neither gets it nor blocks the owner (squatting).
+#[tokio::test]
+async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
+    let dns = portway_testkit::pebble::MockDns::start().await.unwrap();
+    let resolver = dns.dns.to_string();
+    let stack = Stack::start_full(None, &["--hostname-resolver", &resolver], &[]).await;
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "squatters"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let squat: HttpProxy = serde_json::from_value(json!({
+        "metadata": {"name": "squat"},
+        "spec": {"hostnames": ["shop.test"], "rules": [{"backends": [{
+            "endpoint": "http://127.0.0.1:1", "connector": {"name": "nothing"}}]}]},
+    }))
+    .unwrap();
+    Api::<HttpProxy>::namespaced(admin.clone(), "squatters")
+        .create(&PostParams::default(), &squat)
+        .await
+        .unwrap();
+    let squatter_says = eventually("the squatter is told to prove it", WAIT, || async {
+        let c = verified_condition(&admin, "squatters", "squat", "shop.test")
+            .await
+            .context("no verdict yet")?;
+        ensure!(c.status == "False" && c.reason == "NotVerified", "{c:?}");
+        Ok(c.message)
+    })
+    .await;
+
+    // The owner's first try is refused at once with what to publish.
+    let Err(err) = stack.http("shop.test", 30).await else {
+        panic!("shop.test was routed before it was proven");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("hostname shop.test is not verified")
+            && err.contains("TXT _portway-challenge.shop.test"),
+        "{err}"
+    );
+    let token = err
+        .split('"')
+        .find(|s| s.starts_with("portway-verify="))
+        .unwrap_or_else(|| panic!("no token in: {err}"))
+        .to_owned();
+    assert!(
+        !squatter_says.contains(&token),
+        "another project's token must differ: {squatter_says}"
+    );
+    let (status, _) = stack.get("shop.test", "/hello").await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "nothing routes shop.test yet"
+    );
+
+    // Published: routed, although the squatter's proxy is older.
+    dns.set_txt("_portway-challenge.shop.test", &token)
+        .await
+        .unwrap();
+    let http = stack.http("shop.test", 30).await.unwrap();
+    assert_eq!(
+        stack.get("shop.test", "/hello").await.unwrap().0,
+        StatusCode::OK
+    );
+    let c = verified_condition(&admin, "default", &http.ready_str("proxy"), "shop.test")
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "Verified"),
+        "{}",
+        c.message
+    );
+    let c = verified_condition(&admin, "squatters", "squat", "shop.test")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.status, "False",
+        "the squatter's look finds another project's token"
+    );
+
+    // A CNAME to the proxy's canonical name is proof too.
+    let proxies: Api<HttpProxy> = Api::namespaced(admin.clone(), "default");
+    let mut alias = proxies.get(&http.ready_str("proxy")).await.unwrap();
+    let alias: HttpProxy = serde_json::from_value(json!({
+        "metadata": {"name": "alias"},
+        "spec": {"hostnames": ["alias.test"], "rules": std::mem::take(&mut alias.spec.rules)},
+    }))
+    .unwrap();
+    let alias = proxies
+        .create(&PostParams::default(), &alias)
+        .await
+        .unwrap();
+    let canonical = format!(
+        "{}.portway.localhost",
+        alias.metadata.uid.as_deref().unwrap()
+    );
+    dns.set_cname("alias.test", &canonical).await.unwrap();
+    eventually(
+        "alias.test is routed once its CNAME is seen",
+        WAIT,
+        || async {
+            let (status, body) = stack.get("alias.test", "/hello").await?;
+            ensure!(status == StatusCode::OK, "{status}: {body}");
+            Ok(())
+        },
+    )
+    .await;
+    let c = verified_condition(&admin, "default", "alias", "alias.test")
+        .await
+        .unwrap();
+    assert!(c.message.contains("CNAME"), "{}", c.message);
+    drop(http);
+}
+
 /// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request
 /// on the `portway::access` target, naming the device and the path to it; and, with
 /// stderr in a file, no colour codes in either format.

@@ -113,3 +113,91 @@ fn which(name: &str) -> Option<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.exists())
 }
+
+/// `pebble-challtestsrv` as a mock DNS server whose records a test sets over HTTP.
+pub struct MockDns {
+    pub process: Process,
+    /// Where it answers DNS (UDP and TCP).
+    pub dns: SocketAddr,
+    management: u16,
+}
+
+impl MockDns {
+    /// # Errors
+    /// When it is not installed (Debian's `pebble`) or does not come up within 30 s.
+    pub async fn start() -> Result<Self> {
+        let bin = which("pebble-challtestsrv").context(
+            "pebble-challtestsrv is not installed: `apt-get install -y pebble` (.ci/run does it)",
+        )?;
+        let (dns, management) = (free_port()?, free_port()?);
+        let (dns_addr, mgmt_addr) = (
+            format!("127.0.0.1:{dns}"),
+            format!("127.0.0.1:{management}"),
+        );
+        let process = Process::spawn(
+            "pebble-challtestsrv",
+            &bin,
+            [
+                "-dns01",
+                &dns_addr,
+                "-management",
+                &mgmt_addr,
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+            ],
+        )?;
+        let me = Self {
+            process,
+            dns: dns_addr.parse()?,
+            management,
+        };
+        eventually(
+            "pebble-challtestsrv answers",
+            Duration::from_secs(30),
+            || me.post("clear-txt", serde_json::json!({"host": "ready.test."})),
+        )
+        .await;
+        Ok(me)
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> Result<()> {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sSf", "-X", "POST", "-d"])
+            .arg(body.to_string())
+            .arg(format!("http://127.0.0.1:{}/{path}", self.management))
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("{path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Sets the TXT value of `host`.
+    ///
+    /// # Errors
+    /// When the server refuses.
+    pub async fn set_txt(&self, host: &str, value: &str) -> Result<()> {
+        self.post(
+            "set-txt",
+            serde_json::json!({"host": format!("{host}."), "value": value}),
+        )
+        .await
+    }
+
+    /// Makes `host` a CNAME to `target`.
+    ///
+    /// # Errors
+    /// When the server refuses.
+    pub async fn set_cname(&self, host: &str, target: &str) -> Result<()> {
+        self.post(
+            "set-cname",
+            serde_json::json!({"host": format!("{host}."), "target": format!("{target}.")}),
+        )
+        .await
+    }
+}

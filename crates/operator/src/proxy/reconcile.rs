@@ -129,6 +129,45 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         .and_then(|g| g.status.as_ref())
         .and_then(|s| s.addresses.clone())
         .unwrap_or_default();
+    // Names outside the zone count only once proven; a changed verdict changes claims,
+    // which may free or take a name another proxy waits for.
+    let canonical = proxy
+        .metadata
+        .uid
+        .as_ref()
+        .map(|uid| format!("{uid}.{}", ctx.config.proxy.zone));
+    let mut requeue_after = Duration::from_secs(15 * 60);
+    if let Some(v) = &ctx.verifier {
+        let mut changed = false;
+        // A proxy whose status does not tell its current spec yet is looked up at once:
+        // the user who just published the record and retries must not wait.
+        let told = |h: &str| {
+            proxy.status.as_ref().is_some_and(|s| {
+                s.hostname_statuses.iter().any(|hs| {
+                    hs.hostname.eq_ignore_ascii_case(h)
+                        && hs.conditions.iter().any(|c| {
+                            c.type_ == crate::verify::reasons::HOSTNAMES_VERIFIED
+                                && c.observed_generation == proxy.metadata.generation
+                        })
+                })
+            })
+        };
+        for h in &proxy.spec.hostnames {
+            changed |= v.refresh(&ns, h, canonical.as_deref(), !told(h)).await;
+            if let Some(next) = v.next_look(&ns, h) {
+                requeue_after = requeue_after.min(next.max(Duration::from_secs(1)));
+            }
+        }
+        if changed {
+            for (ns, name) in ctx.hostnames.upsert(&proxy) {
+                let _ = ctx.requeue.send(ObjectRef::new(&name).within(&ns));
+            }
+        }
+    }
+    let verification = ctx.verifier.as_deref().map(|v| {
+        let (ns, canonical) = (ns.clone(), canonical.clone());
+        move |h: &str| v.state(&ns, h, canonical.as_deref())
+    });
     let now = Timestamp::now();
     let certificate = ctx
         .certificates
@@ -143,6 +182,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         gateway_addresses: &addresses,
         config: &ctx.config.proxy,
         certificate: certificate.as_ref().map(|c| c as &dyn Fn(&str) -> _),
+        verification: verification.as_ref().map(|v| v as &dyn Fn(&str) -> _),
         now,
     });
 
@@ -194,7 +234,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         Err(e) if e.is_not_found() => return Ok(Action::await_change()),
         Err(e) => return Err(e.into()),
     }
-    Ok(Action::requeue(Duration::from_secs(15 * 60)))
+    Ok(Action::requeue(requeue_after))
 }
 
 /// The decided status with the transition times of the current one kept where a

@@ -57,7 +57,9 @@ pub async fn run(args: Args) -> Result<()> {
             use portway_local::http::Error;
             match e {
                 // Complete sentences that say what to do: one line, no chain.
-                Error::HostnameTaken { .. } | Error::Unreachable { .. } => anyhow::anyhow!(e.to_string()),
+                Error::HostnameTaken { .. }
+                | Error::HostnameNotVerified { .. }
+                | Error::Unreachable { .. } => anyhow::anyhow!(e.to_string()),
                 e => anyhow::Error::new(e).context("publishing the port"),
             }
         })?,

@@ -36,6 +36,11 @@ pub struct Args {
     /// before the ACME server is told to look.
     #[arg(long, value_name = "ADDR", requires = "acme_directory")]
     acme_dns: Option<SocketAddr>,
+    /// Route a hostname outside the zone only once its project proves control (TXT
+    /// `_portway-challenge.<name>` with the token shown in status, or a CNAME to the
+    /// proxy's canonical name), asked of this resolver.
+    #[arg(long, value_name = "ADDR")]
+    hostname_resolver: Option<SocketAddr>,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -46,6 +51,9 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    config.verification = args
+        .hostname_resolver
+        .map(portway_operator::verify::Config::new);
     let acme = args.acme.config(args.acme_dns)?;
     if let Some(acme) = acme {
         let issuer = portway_operator::acme::Acme::new(acme, client.clone());

@@ -53,6 +53,10 @@ pub struct Args {
     /// Seconds an Event (`kubectl get events`) is kept after it was last seen.
     #[arg(long, default_value_t = 3600)]
     event_ttl: u64,
+    /// The resolver that checks hostnames outside the zone before they are routed
+    /// (default: the first nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    hostname_resolver: Option<SocketAddr>,
     /// With --https: certificates from an ACME directory instead of the local CA.
     #[command(flatten)]
     acme: super::acme::AcmeFlags,
@@ -76,6 +80,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
+    config.hostname_resolver = args.hostname_resolver;
     anyhow::ensure!(
         !args.acme.enabled() || args.https.is_some(),
         "--acme-directory needs --https: certificates are served there"

@@ -7,6 +7,8 @@ use portway_api::{HostnameStatus, HttpProxy};
 use super::conditions::{Problem, Stamp};
 use super::reasons::{HOSTNAME_IN_USE, HOSTNAMES_IN_USE};
 use crate::certs::reasons::CERTIFICATES_READY;
+use crate::verify::Verification;
+use crate::verify::reasons::{HOSTNAMES_VERIFIED, NOT_REQUIRED, NOT_VERIFIED, VERIFIED};
 
 /// The proxy's hostnames, sorted by whether it may have them.
 pub(super) struct Hostnames {
@@ -26,6 +28,7 @@ pub(super) fn resolve(
     claimed_by: &dyn Fn(&str) -> Option<String>,
     canonical: Option<&str>,
     certificate: Option<super::CertificateReady<'_>>,
+    verification: Option<&dyn Fn(&str) -> Verification>,
     stamp: Stamp,
 ) -> Hostnames {
     let certificate_ready = |h: &str| {
@@ -39,7 +42,24 @@ pub(super) fn resolve(
     let mut in_use = Vec::new();
     for h in &proxy.spec.hostnames {
         let h = h.to_ascii_lowercase();
+        let verdict = verification.map(|v| v(&h));
+        let verified = verdict.as_ref().map(|v| {
+            let (ok, reason, message) = match v {
+                Verification::NotRequired(why) => (true, NOT_REQUIRED, why.clone()),
+                Verification::Verified(how) => (true, VERIFIED, how.clone()),
+                Verification::Pending {
+                    instructions,
+                    found,
+                } => (
+                    false,
+                    NOT_VERIFIED,
+                    format!("{h} is not routed until this project proves it controls it: {instructions} ({found})"),
+                ),
+            };
+            stamp.condition(HOSTNAMES_VERIFIED, ok, reason, message)
+        });
         let owner = claimed_by(&h);
+        let pending = verdict.as_ref().is_some_and(|v| !v.routable());
         let c = match &owner {
             Some(other) => {
                 let claimed = format!("{h} is already claimed by {other}");
@@ -47,18 +67,26 @@ pub(super) fn resolve(
                 stamp.condition(HOSTNAMES_IN_USE, true, HOSTNAME_IN_USE, claimed)
             }
             None => {
-                active.push(h.clone());
+                if !pending {
+                    active.push(h.clone());
+                }
                 stamp.condition(
                     HOSTNAMES_IN_USE,
                     false,
                     "HostnameAvailable",
-                    format!("{h} is routed to this proxy"),
+                    if pending {
+                        format!("no other proxy holds {h}")
+                    } else {
+                        format!("{h} is routed to this proxy")
+                    },
                 )
             }
         };
         let mut conditions = vec![c];
-        // A name another proxy holds is not served for this one: no certificate to tell.
-        if owner.is_none() {
+        conditions.extend(verified);
+        // A name another proxy holds, or one not proven, is not served for this one: no
+        // certificate to tell.
+        if owner.is_none() && !pending {
             conditions.extend(certificate_ready(&h));
         }
         statuses.push(HostnameStatus {

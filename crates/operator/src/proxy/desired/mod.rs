@@ -82,6 +82,8 @@ pub struct Inputs<'a> {
     pub config: &'a Config,
     /// `CertificatesReady` for a hostname (status, reason, message), when an issuer runs.
     pub certificate: Option<CertificateReady<'a>>,
+    /// Whether a hostname is proven to be the project's, when proof is asked for.
+    pub verification: Option<&'a dyn Fn(&str) -> crate::verify::Verification>,
     /// Stamped on conditions as their transition time.
     pub now: Timestamp,
 }
@@ -115,6 +117,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         input.claimed_by,
         canonical.as_deref(),
         input.certificate,
+        input.verification,
         stamp,
     );
     // Only what a connector's device advertises may be routed to it.

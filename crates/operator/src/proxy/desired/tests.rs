@@ -150,6 +150,7 @@ impl Case<'_> {
             gateway_addresses: &[],
             config: &config(),
             certificate,
+            verification: None,
             now: NOW,
         })
     }
@@ -745,5 +746,75 @@ fn each_served_hostname_and_the_canonical_one_tell_their_certificate() {
             ("u-1.portway.localhost", Some(("True", "Issued"))),
         ],
         "another project's name says nothing of certificates; the canonical name is listed"
+    );
+}
+
+#[test]
+fn a_hostname_not_yet_proven_is_not_routed_and_says_what_to_publish() {
+    use crate::verify::Verification;
+    let case = Case {
+        proxy: proxy(
+            &["shop.test", "app.portway.localhost"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        ),
+        connectors: vec![connector("laptop", Some(1), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    };
+    let verdict = |h: &str| {
+        if h == "shop.test" {
+            Verification::Pending {
+                instructions: "publish TXT _portway-challenge.shop.test \"t\"".into(),
+                found: "no TXT".into(),
+            }
+        } else {
+            Verification::NotRequired(format!("{h} is under the zone"))
+        }
+    };
+    let d = desired(&Inputs {
+        proxy: &case.proxy,
+        connectors: &case.connectors.iter().collect::<Vec<_>>(),
+        advertisements: &case.ads.iter().collect::<Vec<_>>(),
+        claimed_by: &|_| None,
+        route_status: None,
+        gateway_addresses: &[],
+        config: &config(),
+        certificate: None,
+        verification: Some(&verdict),
+        now: NOW,
+    });
+    let routed = d.route.as_ref().unwrap().spec.hostnames.clone().unwrap();
+    assert_eq!(routed, ["app.portway.localhost", "u-1.portway.localhost"]);
+    let verified: Vec<(&str, &str, &str)> = d
+        .status
+        .hostname_statuses
+        .iter()
+        .filter_map(|h| {
+            let c = h
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "HostnamesVerified")?;
+            Some((h.hostname.as_str(), c.status.as_str(), c.reason.as_str()))
+        })
+        .collect();
+    assert_eq!(
+        verified,
+        [
+            ("shop.test", "False", "NotVerified"),
+            ("app.portway.localhost", "True", "VerificationNotRequired"),
+        ]
+    );
+    let shop = &d.status.hostname_statuses[0].conditions;
+    assert!(
+        shop.iter()
+            .any(|c| c.message.contains("_portway-challenge.shop.test")),
+        "{shop:?}"
+    );
+    assert_eq!(
+        cond(&d, ACCEPTED).status,
+        "True",
+        "the proxy still serves its other names"
     );
 }
