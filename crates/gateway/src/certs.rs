@@ -156,6 +156,12 @@ impl Resolver {
         self.current.store(Arc::new(certs));
     }
 
+    /// Whether an issued certificate (not a `--cert-dir` file) covers `name`: such names
+    /// are redirected from HTTP to HTTPS.
+    pub fn issued_covers(&self, name: &str) -> bool {
+        self.current.load().lookup(Some(name)).is_some()
+    }
+
     pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         // Files first, but a file `default` must not hide an issued certificate.
         let issued = self.current.load();

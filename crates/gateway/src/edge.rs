@@ -82,6 +82,9 @@ struct State {
     metrics: Metrics,
     trusted_proxies: Vec<IpNet>,
     access_log: bool,
+    /// The HTTPS port and the certificates: plain HTTP to a name an issued certificate
+    /// covers is redirected there.
+    redirect: Option<(u16, Arc<Resolver>)>,
 }
 
 /// A running edge.
@@ -104,12 +107,25 @@ impl Edge {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
+        let https_listener = match config.https {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let https_port = https_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port());
         let state = Arc::new(State {
             table,
             sidecar,
             metrics,
             trusted_proxies: config.trusted_proxies.clone(),
             access_log: config.access_log,
+            redirect: https_port.map(|p| (p, certs.clone())),
         });
         let mut tasks = Vec::new();
         let mut http = None;
@@ -126,7 +142,7 @@ impl Edge {
             )));
         }
         let mut https = None;
-        if let Some(addr) = config.https {
+        if let Some(l) = https_listener {
             let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
@@ -134,9 +150,6 @@ impl Edge {
             .with_no_client_auth()
             .with_cert_resolver(certs);
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Bind { addr, source })?;
             https = l.local_addr().ok();
             tasks.push(tokio::spawn(serve(
                 l,
@@ -211,6 +224,24 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Where plain HTTP to `authority` goes instead, when an issued certificate covers its
+/// name: the same host, path and query over HTTPS (port omitted when 443).
+fn https_location(authority: &str, uri: &http::Uri, port: u16, certs: &Resolver) -> Option<String> {
+    let name = match authority.rsplit_once(':') {
+        Some((name, p)) if !name.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => authority,
+    };
+    if !certs.issued_covers(name) {
+        return None;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(if port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{port}{path}")
+    })
+}
+
 /// One public request, top to bottom.
 async fn handle(
     state: &State,
@@ -251,6 +282,16 @@ async fn handle(
         state.metrics.request(&hostname, resp.status().as_u16());
         resp
     };
+    if scheme == "http"
+        && let Some((port, certs)) = &state.redirect
+        && let Some(to) = https_location(&host_raw, req.uri(), *port, certs)
+    {
+        let mut resp = text(StatusCode::PERMANENT_REDIRECT, "");
+        if let Ok(v) = HeaderValue::from_str(&to) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return done(resp);
+    }
 
     // Which route.
     let (method, path, query) = (

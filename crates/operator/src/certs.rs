@@ -4,9 +4,10 @@
 //! renews what expires within `renew_before`, and backs off on failure. Every edge serves
 //! those Secrets by SNI; HTTPProxy status reads [`Certificates::condition`].
 //!
-//! Today it issues the zone's wildcard (`*.<zone>`), which covers every canonical name and
-//! every spec hostname one label below the zone, from the local CA or an ACME directory
-//! ([`crate::acme`], DNS-01 through Portway's DNS server).
+//! It issues the zone's wildcard (`*.<zone>`), which covers every canonical name and
+//! every spec hostname one label below the zone, and a certificate per proven hostname
+//! outside the zone ([`crate::verify`]), from the local CA or an ACME directory
+//! ([`crate::acme`], DNS-01 through Portway's DNS server: zone names only).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use parking_lot::RwLock;
 use portway_api::certificates::{
     self, HOSTNAMES, ISSUER, Info, LABEL, NOT_AFTER, SYSTEM_NAMESPACE,
@@ -245,67 +246,176 @@ pub(crate) struct Run {
     pub events: portway_kube::Events,
     /// Called when a certificate's state changed: proxies' status is rewritten.
     pub changed: Box<dyn Fn() + Send + Sync>,
+    /// Names that need a certificate of their own besides the zone's wildcard: the proven
+    /// hostnames outside the zone.
+    pub wanted: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Woken when `wanted` may have changed.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
-/// Keeps the zone's wildcard certificate issued and current until `shutdown`.
-pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
-    let hostnames = vec![format!("*.{}", run.zone)];
-    let pattern = hostnames[0].clone();
-    let name = certificates::secret_name(&pattern);
-    let api: Api<Secret> = Api::namespaced(run.client.clone(), SYSTEM_NAMESPACE);
-    if run.certificates.set(&pattern, State::Pending) {
-        (run.changed)();
+/// Which of `wanted` this issuer can serve, and why not for the others: an ACME order is
+/// answered over DNS-01 by Portway's DNS, which speaks only for the zone.
+fn issuable(issuer: &Issuer, zone: &str, name: &str) -> Result<(), String> {
+    match issuer {
+        Issuer::LocalCa(_) => Ok(()),
+        Issuer::Acme(_) => {
+            let base = name.strip_prefix("*.").unwrap_or(name);
+            if base == zone || base.ends_with(&format!(".{zone}")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ACME certificates for names outside the zone {zone} need HTTP-01, which Portway does not answer yet"
+                ))
+            }
+        }
     }
-    let mut backoff = run.config.retry;
+}
+
+/// Keeps the zone's wildcard, and a certificate per proven name outside the zone, issued
+/// and current until `shutdown`; removes the certificates of names no longer wanted.
+pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
+    let api: Api<Secret> = Api::namespaced(run.client.clone(), SYSTEM_NAMESPACE);
+    let wildcard = format!("*.{}", run.zone);
+    let mut retry_at: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
     loop {
-        let wait = match keep(&run, &api, &name, &hostnames).await {
-            Ok(not_after) => {
-                backoff = run.config.retry;
-                let state = State::Ready {
-                    secret: name.clone(),
-                    issuer: run.config.issuer.name(),
-                    not_after,
-                };
-                if run.certificates.set(&pattern, state) {
-                    (run.changed)();
+        let mut patterns = vec![wildcard.clone()];
+        patterns.extend(
+            (run.wanted)()
+                .into_iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
+        );
+        patterns.sort();
+        patterns.dedup();
+        let mut wait = Duration::from_secs(60);
+        let mut changed = false;
+        for pattern in &patterns {
+            let now = tokio::time::Instant::now();
+            if let Some((at, _)) = retry_at.get(pattern)
+                && *at > now
+            {
+                wait = wait.min(*at - now);
+                continue;
+            }
+            if run.certificates.states.read().get(pattern).is_none() {
+                changed |= run.certificates.set(pattern, State::Pending);
+            }
+            let name = certificates::secret_name(pattern);
+            let hostnames = vec![pattern.clone()];
+            let result = match issuable(&run.config.issuer, &run.zone, pattern) {
+                Ok(()) => keep(&run, &api, &name, &hostnames).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(not_after) => {
+                    retry_at.remove(pattern);
+                    let state = State::Ready {
+                        secret: name.clone(),
+                        issuer: run.config.issuer.name(),
+                        not_after,
+                    };
+                    changed |= run.certificates.set(pattern, state);
+                    let renew = SignedDuration::try_from(run.config.renew_before)
+                        .ok()
+                        .and_then(|d| not_after.checked_sub(d).ok())
+                        .map_or(Duration::ZERO, |at| {
+                            Duration::try_from(at.duration_since(Timestamp::now()))
+                                .unwrap_or(Duration::ZERO)
+                        });
+                    wait = wait.min(renew.max(Duration::from_secs(1)));
                 }
-                // Look again at least every minute: a deleted Secret is re-issued.
-                let renew = SignedDuration::try_from(run.config.renew_before)
-                    .ok()
-                    .and_then(|d| not_after.checked_sub(d).ok())
-                    .map_or(Duration::ZERO, |at| {
-                        Duration::try_from(at.duration_since(Timestamp::now()))
-                            .unwrap_or(Duration::ZERO)
+                Err(error) => {
+                    let backoff = retry_at.get(pattern).map_or(run.config.retry, |(_, b)| {
+                        (*b * 2).min(run.config.max_retry)
                     });
-                renew.clamp(Duration::from_secs(1), Duration::from_secs(60))
-            }
-            Err(error) => {
-                tracing::warn!(certificate = %pattern, %error, retry = ?backoff, "issuing failed");
-                let state = State::Failed {
-                    error: error.clone(),
-                };
-                if run.certificates.set(&pattern, state) {
-                    (run.changed)();
-                    run.events
-                        .record(
-                            &reference(&name),
-                            portway_kube::events::Kind::Warning,
-                            ISSUE_FAILED,
-                            "Issue",
-                            format!("{pattern}: {error}"),
-                        )
-                        .await;
+                    retry_at.insert(pattern.clone(), (now + backoff, backoff));
+                    wait = wait.min(backoff);
+                    tracing::warn!(certificate = %pattern, %error, retry = ?backoff, "issuing failed");
+                    let state = State::Failed {
+                        error: error.clone(),
+                    };
+                    if run.certificates.set(pattern, state) {
+                        changed = true;
+                        run.events
+                            .record(
+                                &reference(&name),
+                                portway_kube::events::Kind::Warning,
+                                ISSUE_FAILED,
+                                "Issue",
+                                format!("{pattern}: {error}"),
+                            )
+                            .await;
+                    }
                 }
-                let wait = backoff;
-                backoff = (backoff * 2).min(run.config.max_retry);
-                wait
             }
-        };
+        }
+        changed |= forget(&run, &api, &patterns).await;
+        retry_at.retain(|p, _| patterns.contains(p));
+        if changed {
+            (run.changed)();
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
+            () = run.wake.notified() => {}
         }
     }
+}
+
+/// Deletes the certificates of names no longer wanted, those left by an earlier run
+/// included: a name whose proxy or proof is gone is no longer served. True when a state
+/// went.
+async fn forget(run: &Run, api: &Api<Secret>, patterns: &[String]) -> bool {
+    let gone_states: Vec<String> = run
+        .certificates
+        .states
+        .read()
+        .keys()
+        .filter(|p| !patterns.contains(p))
+        .cloned()
+        .collect();
+    for pattern in &gone_states {
+        run.certificates.states.write().remove(pattern);
+    }
+    let selector = format!(
+        "{LABEL}=true,{}={}",
+        portway_api::labels::MANAGED_BY,
+        managers::OPERATOR
+    );
+    let stored = match api.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing certificates");
+            return !gone_states.is_empty();
+        }
+    };
+    for secret in stored {
+        let Some(info) = Info::of(&secret) else {
+            continue;
+        };
+        if info.hostnames.iter().any(|h| patterns.contains(h)) {
+            continue;
+        }
+        match api.delete(&info.name, &Default::default()).await {
+            Ok(_) => {
+                tracing::info!(certificate = %info.hostnames.join(","), "certificate removed: no longer wanted");
+                run.events
+                    .record(
+                        &reference(&info.name),
+                        portway_kube::events::Kind::Normal,
+                        "Removed",
+                        "Remove",
+                        format!(
+                            "{} is no longer routed here; its certificate is no longer served",
+                            info.hostnames.join(", ")
+                        ),
+                    )
+                    .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(secret = %info.name, error = %e, "removing a certificate"),
+        }
+    }
+    !gone_states.is_empty()
 }
 
 /// Makes sure a current certificate for `hostnames` is stored; returns its expiry.

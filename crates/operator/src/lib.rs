@@ -188,6 +188,8 @@ pub(crate) struct Ctx {
     verifier: Option<Arc<verify::Verifier>>,
     /// Reconciles a proxy again (another proxy's verdict changed its claims).
     requeue: Tx<HttpProxy>,
+    /// Wakes the certificate issuer: the set of proven names may have changed.
+    certs_wake: Arc<tokio::sync::Notify>,
     metrics: Metrics,
     /// Condition changes and refusals, for `kubectl describe` and `get events -w`.
     events: portway_kube::Events,
@@ -225,6 +227,27 @@ fn send_matching<K: Resource<DynamicType = ()> + Clone + Send + Sync>(
             let _ = tx.send(object_ref(o.as_ref()));
         }
     }
+}
+
+/// Every hostname outside the zone that a proxy holds and has proven: each gets a
+/// certificate of its own.
+fn proven_hostnames(
+    proxies: &Index<HttpProxy>,
+    verifier: Option<&verify::Verifier>,
+) -> Vec<String> {
+    let Some(v) = verifier else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in proxies.store().state() {
+        let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+        for h in &p.spec.hostnames {
+            if matches!(v.state(ns, h, None), verify::Verification::Verified(_)) {
+                out.push(h.to_ascii_lowercase());
+            }
+        }
+    }
+    out
 }
 
 /// Maps a child object to its owning HTTPProxy.
@@ -331,6 +354,7 @@ impl Operator {
             .clone()
             .map(|v| Arc::new(verify::Verifier::new(v, &config.proxy.zone)));
         let hostnames = Arc::new(HostnameIndex::new(&config.proxy.zone, verifier.clone()));
+        let certs_wake = Arc::new(tokio::sync::Notify::new());
         let proxies_by_ns = Index::new(proxies.store.clone(), by_namespace);
         let conns_by_ns = Index::new(connectors.store.clone(), by_namespace);
         let ads_by_ns = Index::new(ads.store.clone(), by_namespace);
@@ -347,6 +371,7 @@ impl Operator {
         let mut tasks = Vec::new();
         let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![proxies_by_ns.subscriber(), {
             let (tx, by_ns, index) = (proxy_tx.clone(), proxies_by_ns.clone(), hostnames.clone());
+            let wake = certs_wake.clone();
             Box::new(move |e| match e {
                 watcher::Event::Apply(p) => {
                     let _ = tx.send(object_ref(p));
@@ -355,6 +380,7 @@ impl Operator {
                     }
                 }
                 watcher::Event::Delete(p) => {
+                    wake.notify_one();
                     for (ns, name) in index.remove(p) {
                         let _ = tx.send(ObjectRef::new(&name).within(&ns));
                     }
@@ -451,6 +477,7 @@ impl Operator {
             hostnames,
             verifier,
             requeue: proxy_tx.clone(),
+            certs_wake: certs_wake.clone(),
             certificates: config
                 .certificates
                 .as_ref()
@@ -540,6 +567,11 @@ impl Operator {
                 certificates,
                 events: ctx.events.clone(),
                 changed: Box::new(move || send_matching(&tx, &by_ns, None, |_| true)),
+                wanted: {
+                    let (by_ns, verifier) = (proxies_by_ns.clone(), ctx.verifier.clone());
+                    Box::new(move || proven_hostnames(&by_ns, verifier.as_deref()))
+                },
+                wake: certs_wake.clone(),
             };
             tasks.push(tokio::spawn(certs::run(run, shutdown.clone())));
         }

@@ -863,6 +863,12 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
         "portway http start to first valid HTTPS 200 (wildcard, local CA): {:?}",
         started.elapsed()
     );
+    // Plain HTTP to a name with an issued certificate is sent to HTTPS, path and query kept.
+    let redirected = curl_redirect(stack.edge, &host, "/hello?x=1").await;
+    assert_eq!(
+        redirected,
+        format!("308 https://{host}:{}/hello?x=1", https.port())
+    );
 
     let kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
     let admin = portway_testkit::kube_client(&kc).await.unwrap();
@@ -922,6 +928,25 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop((http, other));
+}
+
+/// `curl http://host:PORT/path` at `front`: the status and where it redirects.
+async fn curl_redirect(front: SocketAddr, host: &str, path: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg("--resolve")
+        .arg(format!("{host}:{}:{}", front.port(), front.ip()))
+        .arg(format!("http://{host}:{}{path}", front.port()))
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The `CertificatesReady` condition of `hostname` on the proxy `portway http` made.
@@ -1144,9 +1169,11 @@ async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
         .await
         .unwrap();
     let http = stack.http("shop.test", 30).await.unwrap();
-    assert_eq!(
-        stack.get("shop.test", "/hello").await.unwrap().0,
-        StatusCode::OK
+    // Routed: 200, or already the redirect to HTTPS once its certificate is issued.
+    let (status, body) = stack.get("shop.test", "/hello").await.unwrap();
+    assert!(
+        [StatusCode::OK, StatusCode::PERMANENT_REDIRECT].contains(&status),
+        "{status}: {body}"
     );
     let c = verified_condition(&admin, "default", &http.ready_str("proxy"), "shop.test")
         .await
@@ -1187,7 +1214,7 @@ async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
         WAIT,
         || async {
             let (status, body) = stack.get("alias.test", "/hello").await?;
-            ensure!(status == StatusCode::OK, "{status}: {body}");
+            ensure!(status != StatusCode::NOT_FOUND, "{status}: {body}");
             Ok(())
         },
     )
@@ -1196,6 +1223,50 @@ async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
         .await
         .unwrap();
     assert!(c.message.contains("CNAME"), "{}", c.message);
+
+    // Proven names get certificates of their own (here from the local CA), served by SNI.
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let ca = stack.data().join("pki/ca.crt");
+    let curl_https = |host: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(&ca)
+                .arg("--resolve")
+                .arg(format!("{host}:{}:127.0.0.1", https.port()))
+                .arg(format!("https://{host}:{}/hello", https.port()))
+                .output()
+                .await?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    for host in ["shop.test", "alias.test"] {
+        eventually(&format!("{host} is served over HTTPS"), WAIT, || {
+            curl_https(host)
+        })
+        .await;
+    }
+    // A name no longer routed loses its certificate: the proxy goes, so does the Secret,
+    // and the edge stops serving it.
+    proxies.delete("alias", &Default::default()).await.unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "portway-system");
+    eventually("alias.test's certificate is removed", WAIT, || async {
+        ensure!(
+            secrets.get_opt("alias.test").await?.is_none(),
+            "still there"
+        );
+        ensure!(curl_https("alias.test").await.is_err(), "still served");
+        Ok(())
+    })
+    .await;
+    assert!(curl_https("shop.test").await.is_ok());
     drop(http);
 }
 
@@ -1594,7 +1665,12 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
             "--sidecar",
             &sidecar,
         ])
-        .args(["--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0"])
+        // A fixed HTTPS port: plain HTTP is redirected to it, so Envoy must know it.
+        .args(["--listen", "127.0.0.1:0", "--listen-tls"])
+        .arg(format!(
+            "127.0.0.1:{}",
+            portway_testkit::pebble::free_port().unwrap()
+        ))
         .args(["--admin", "127.0.0.1:0"])
         .output()
         .unwrap();
@@ -1773,6 +1849,14 @@ async fn envoy_data_plane_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Plain HTTP to that name is redirected to Envoy's HTTPS listener; other names are not.
+    assert_eq!(
+        curl_redirect(front.addr, &canonical, "/hello").await,
+        format!("308 https://{canonical}:{}/hello", tls.port())
+    );
+    let plain = curl_redirect(front.addr, "app.localhost", "/hello").await;
+    assert!(plain == "200", "{plain}");
 
     // The device goes away: Envoy answers 503 by itself once its backend is unready.
     http.kill9();

@@ -58,8 +58,10 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const SECRET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-/// The one route configuration every listener uses.
+/// The route configuration of the HTTPS listener, and of the plain one without HTTPS.
 pub const ROUTES: &str = "portway_routes";
+/// The plain listener's, with HTTPS: the same routes, covered names redirected.
+pub const ROUTES_HTTP: &str = "portway_routes_http";
 /// The name of Envoy's CORS filter in the chain, which per-route policies refer to.
 const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// A cluster without endpoints: routes whose backends are all unready point here, so
@@ -150,12 +152,12 @@ pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
 
 /// The HTTP connection manager both listeners run: HTTP/1.1 and h2 (codec AUTO: h2c on
 /// the plain listener, h2 by ALPN on the TLS one), WebSocket upgrades, routes by RDS.
-fn connection_manager() -> Filter {
+fn connection_manager(routes: &str) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: "portway".into(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds {
-            route_config_name: ROUTES.into(),
+            route_config_name: routes.into(),
             config_source: Some(ads()),
         })),
         // CORS runs first: it answers preflights before routing, and is off on every
@@ -211,11 +213,18 @@ fn ads() -> ConfigSource {
 /// The public listeners: plain HTTP, and HTTPS when the node has a TLS address and there
 /// is a certificate to serve (a listener with no filter chain would match nothing).
 pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listener> {
+    // With HTTPS served, the plain listener has routes of its own: the same, but names an
+    // issued certificate covers redirect to HTTPS.
+    let plain = if serves_https(node, certificates) {
+        ROUTES_HTTP
+    } else {
+        ROUTES
+    };
     let mut out = vec![Listener {
         name: "portway_http".into(),
         address: Some(socket(node.listen)),
         filter_chains: vec![FilterChain {
-            filters: vec![connection_manager()],
+            filters: vec![connection_manager(plain)],
             ..Default::default()
         }],
         ..Default::default()
@@ -246,7 +255,7 @@ pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listene
                     },
                 ))),
             }),
-            filters: vec![connection_manager()],
+            filters: vec![connection_manager(ROUTES)],
             ..Default::default()
         })
         .collect();
@@ -269,6 +278,52 @@ pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listene
         });
     }
     out
+}
+
+fn serves_https(node: &NodeConfig, certificates: &[Arc<Secret>]) -> bool {
+    node.listen_tls.is_some() && certificates.iter().any(|s| Info::of(s).is_some())
+}
+
+/// The plain listener's routes when HTTPS is served: a virtual host whose name an issued
+/// certificate covers answers every request with a 308 to the same URL over HTTPS.
+pub fn http_route_configuration(
+    table: &Table,
+    node: &NodeConfig,
+    certificates: &[Arc<Secret>],
+) -> RouteConfiguration {
+    use redirect_action::RedirectResponseCode as Code;
+    let covered: Vec<String> = certificates
+        .iter()
+        .filter_map(|s| Info::of(s))
+        .flat_map(|i| i.hostnames)
+        .collect();
+    let port = node.listen_tls.map_or(0, |a| a.port());
+    let mut rc = route_configuration(table, node);
+    rc.name = ROUTES_HTTP.into();
+    for vh in &mut rc.virtual_hosts {
+        if !covered
+            .iter()
+            .any(|p| portway_api::certificates::covers(p, &vh.name))
+        {
+            continue;
+        }
+        vh.routes = vec![Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Redirect(RedirectAction {
+                scheme_rewrite_specifier: Some(
+                    redirect_action::SchemeRewriteSpecifier::SchemeRedirect("https".into()),
+                ),
+                port_redirect: if port == 443 { 0 } else { u32::from(port) },
+                response_code: Code::PermanentRedirect as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }];
+    }
+    rc
 }
 
 /// The certificates as SDS secrets, named as the listeners' filter chains ask for them.
@@ -651,7 +706,16 @@ pub fn resources(
             .iter()
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
-        ROUTE_TYPE => vec![any(ROUTE_TYPE, &route_configuration(table, node))],
+        ROUTE_TYPE => {
+            let mut out = vec![any(ROUTE_TYPE, &route_configuration(table, node))];
+            if serves_https(node, certificates) {
+                out.push(any(
+                    ROUTE_TYPE,
+                    &http_route_configuration(table, node, certificates),
+                ));
+            }
+            out
+        }
         SECRET_TYPE => secrets(certificates)
             .iter()
             .map(|s| any(SECRET_TYPE, s))

@@ -159,6 +159,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
             }
         }
         if changed {
+            ctx.certs_wake.notify_one();
             for (ns, name) in ctx.hostnames.upsert(&proxy) {
                 let _ = ctx.requeue.send(ObjectRef::new(&name).within(&ns));
             }

@@ -185,7 +185,28 @@ impl World {
 
     async fn serves(&self, host: &str, origin: &Origin) {
         let want = format!("hello from {}", origin.addr.port());
+        // Names under the zone have the zone's certificate: plain HTTP is redirected, so
+        // they are asked over HTTPS, verified against the local CA.
+        let https: SocketAddr = self.stack.up.ready_str("https").parse().unwrap();
+        let ca = self.stack.data().join("pki/ca.crt");
         eventually(&format!("{host} serves {want}"), WAIT, || async {
+            if host.ends_with(".portway.localhost") {
+                let out = tokio::process::Command::new("curl")
+                    .args(["-sS", "--cacert"])
+                    .arg(&ca)
+                    .arg("--resolve")
+                    .arg(format!("{host}:{}:127.0.0.1", https.port()))
+                    .arg(format!("https://{host}:{}/hello", https.port()))
+                    .output()
+                    .await?;
+                let body = String::from_utf8_lossy(&out.stdout);
+                ensure!(
+                    body == want,
+                    "{body}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return Ok(());
+            }
             let (status, body) = self.stack.get(host, "/hello").await?;
             ensure!(status == StatusCode::OK && body == want, "{status}: {body}");
             Ok(())
