@@ -48,6 +48,10 @@ pub struct Config {
     /// Checks hostnames outside the zone before they are routed; `None`: the system's
     /// resolver ([`system_resolver`]).
     pub hostname_resolver: Option<SocketAddr>,
+    /// Validity asked of the local CA (default 90 days) and how long before expiry a
+    /// certificate is renewed (default 30 days).
+    pub certificate_validity: Option<Duration>,
+    pub renew_before: Option<Duration>,
     /// How long an Event lives after it was last seen; default one hour.
     pub event_ttl: Duration,
 }
@@ -70,6 +74,8 @@ impl Config {
             access_log: false,
             acme: None,
             hostname_resolver: None,
+            certificate_validity: None,
+            renew_before: None,
             event_ttl: portway_apiserver::events::DEFAULT_TTL,
         }
     }
@@ -307,7 +313,10 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
                 portway_tls::ca::LocalCa::load(&dir.join("pki")).map_err(Error::Ca)?,
             )),
         };
-        operator_config.certificates = Some(portway_operator::certs::Config::new(issuer));
+        let mut certs = portway_operator::certs::Config::new(issuer);
+        certs.validity = config.certificate_validity.unwrap_or(certs.validity);
+        certs.renew_before = config.renew_before.unwrap_or(certs.renew_before);
+        operator_config.certificates = Some(certs);
     }
     let stop = CancellationToken::new();
     let operator =

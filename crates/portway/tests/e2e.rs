@@ -1080,6 +1080,90 @@ async fn the_zone_wildcard_comes_from_acme_over_dns01() {
     eprintln!("CertificatesReady with a wrong DNS server: {}", c.message);
 }
 
+/// Renewal: with a 20 s validity renewed 15 s before expiry, the zone's certificate is
+/// issued again every few seconds; each renewal is an Event, the edge serves the new one at
+/// once, and the URL keeps answering over verified HTTPS throughout.
+#[tokio::test]
+async fn certificates_are_renewed_before_they_expire() {
+    let stack = Stack::start_full(
+        None,
+        &["--certificate-validity", "20", "--renew-before", "15"],
+        &[],
+    )
+    .await;
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "portway-system");
+    let not_after = || async {
+        let s = secrets.get_opt("wildcard.portway.localhost").await?;
+        let s = s.context("not issued yet")?;
+        let a = s.metadata.annotations.unwrap_or_default();
+        a.get("portway.dev/not-after").cloned().context("no expiry")
+    };
+    let first = eventually("the wildcard is issued", WAIT, not_after).await;
+    let port = stack.origin.addr.port().to_string();
+    let data = stack.data();
+    let args = [
+        "http",
+        &port,
+        "--data",
+        data.to_str().unwrap(),
+        "--lease-seconds",
+        "30",
+    ];
+    let http = Process::start("http", bin(), args).await.unwrap();
+    let host = http.ready_str("hostname");
+    let served_expiry = || async {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-v", "-o", "/dev/null", "--cacert"])
+            .arg(data.join("pki/ca.crt"))
+            .arg("--resolve")
+            .arg(format!("{host}:{}:127.0.0.1", https.port()))
+            .arg(format!("https://{host}:{}/hello", https.port()))
+            .output()
+            .await?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(out.status.success(), "{log}");
+        // curl -v names the served certificate's expiry.
+        log.lines()
+            .find(|l| l.contains("expire date:"))
+            .map(|l| l.trim().to_owned())
+            .context("curl did not show the certificate")
+    };
+    let served_first = eventually("served over HTTPS", WAIT, served_expiry).await;
+    let renewed = eventually(
+        "the certificate is renewed",
+        Duration::from_secs(30),
+        || async {
+            let now = not_after().await?;
+            ensure!(now != first, "still {now}");
+            Ok(now)
+        },
+    )
+    .await;
+    eventually("the edge serves the renewed certificate", WAIT, || async {
+        let now = served_expiry().await?;
+        ensure!(now != served_first, "still {now}");
+        Ok(())
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin, "portway-system")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Renewed")),
+        "no Renewed event; renewed to {renewed}"
+    );
+    drop(http);
+}
+
 /// The `HostnamesVerified` condition of `host` on a proxy.
 async fn verified_condition(
     admin: &kube::Client,

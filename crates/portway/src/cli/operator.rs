@@ -41,6 +41,12 @@ pub struct Args {
     /// proxy's canonical name), asked of this resolver.
     #[arg(long, value_name = "ADDR")]
     hostname_resolver: Option<SocketAddr>,
+    /// Seconds a certificate from the local CA is valid (default 90 days).
+    #[arg(long, value_name = "SECONDS")]
+    certificate_validity: Option<u64>,
+    /// Renew a certificate this many seconds before it expires (default 30 days).
+    #[arg(long, value_name = "SECONDS")]
+    renew_before: Option<u64>,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -66,6 +72,14 @@ pub async fn run(args: Args) -> Result<()> {
         config.certificates = Some(portway_operator::certs::Config::new(
             portway_operator::certs::Issuer::LocalCa(std::sync::Arc::new(ca)),
         ));
+    }
+    if let Some(certs) = &mut config.certificates {
+        if let Some(s) = args.certificate_validity {
+            certs.validity = std::time::Duration::from_secs(s);
+        }
+        if let Some(s) = args.renew_before {
+            certs.renew_before = std::time::Duration::from_secs(s);
+        }
     }
     let operator = portway_operator::Operator::start(config, client)
         .await
