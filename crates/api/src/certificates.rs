@@ -16,6 +16,37 @@ pub const HOSTNAMES: &str = "portway.dev/hostnames";
 pub const NOT_AFTER: &str = "portway.dev/not-after";
 /// Who issued it (`local-ca`, or the ACME directory URL).
 pub const ISSUER: &str = "portway.dev/issuer";
+/// On an HTTPProxy (copied to its HTTPRoute): `"false"` keeps plain HTTP to its names
+/// instead of redirecting it to HTTPS once a certificate covers them.
+pub const HTTPS_REDIRECT: &str = "portway.dev/https-redirect";
+/// On an HTTPProxy (copied to its HTTPRoute): the `Strict-Transport-Security` value its
+/// names answer with over HTTPS, e.g. `max-age=31536000; includeSubDomains`.
+pub const HSTS: &str = "portway.dev/hsts";
+
+/// Checks an HSTS value (RFC 6797): `max-age=<seconds>`, then optionally
+/// `includeSubDomains` and `preload`.
+///
+/// # Errors
+/// The reason, for a field error.
+pub fn hsts(value: &str) -> Result<(), String> {
+    let mut parts = value.split(';').map(str::trim);
+    let max_age = parts
+        .next()
+        .and_then(|p| p.strip_prefix("max-age="))
+        .ok_or("must start with max-age=<seconds>")?;
+    max_age
+        .parse::<u32>()
+        .map_err(|_| format!("max-age must be a number of seconds, got {max_age:?}"))?;
+    for p in parts {
+        if !p.eq_ignore_ascii_case("includeSubDomains") && !p.eq_ignore_ascii_case("preload") {
+            return Err(format!(
+                "unknown directive {p:?} (includeSubDomains, preload)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Marks a Secret holding an ACME DNS-01 answer (value `"true"`), which Portway's DNS
 /// server publishes: the TXT value `data.txt` at the name in annotation [`RECORD`].
 pub const CHALLENGE_LABEL: &str = "portway.dev/acme-challenge";

@@ -644,6 +644,26 @@ impl Validate for ConnectorAdvertisement {
 impl Validate for HttpProxy {
     fn validate(&self) -> Vec<FieldError> {
         let mut errs = Errors::default();
+        let annotations = self.metadata.annotations.as_ref();
+        if let Some(v) = annotations.and_then(|a| a.get(crate::certificates::HTTPS_REDIRECT))
+            && v != "true"
+            && v != "false"
+        {
+            errs.push(
+                format!(
+                    "metadata.annotations[{}]",
+                    crate::certificates::HTTPS_REDIRECT
+                ),
+                FieldErrorKind::Invalid,
+                format!("must be \"true\" or \"false\", got {v:?}"),
+            );
+        }
+        if let Some(v) = annotations.and_then(|a| a.get(crate::certificates::HSTS)) {
+            errs.check(
+                format!("metadata.annotations[{}]", crate::certificates::HSTS),
+                crate::certificates::hsts(v),
+            );
+        }
         let spec = &self.spec;
         errs.max_items("spec.hostnames", &spec.hostnames, MAX_ITEMS);
         for (i, h) in spec.hostnames.iter().enumerate() {

@@ -278,11 +278,21 @@ async fn handle(
         );
     };
     let hostname = host.hostname.clone();
-    let done = |resp: Response<Body>| {
+    let hsts = host
+        .hsts
+        .as_deref()
+        .filter(|_| scheme == "https")
+        .and_then(|v| HeaderValue::from_str(v).ok());
+    let done = |mut resp: Response<Body>| {
+        if let Some(v) = &hsts {
+            resp.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+        }
         state.metrics.request(&hostname, resp.status().as_u16());
         resp
     };
     if scheme == "http"
+        && host.https_redirect
         && let Some((port, certs)) = &state.redirect
         && let Some(to) = https_location(&host_raw, req.uri(), *port, certs)
     {

@@ -371,6 +371,11 @@ impl Route {
 pub struct Host {
     pub hostname: String,
     pub routes: Vec<Route>,
+    /// Plain HTTP is redirected to HTTPS once an issued certificate covers the name,
+    /// unless a route of the name says `portway.dev/https-redirect: "false"`.
+    pub https_redirect: bool,
+    /// `Strict-Transport-Security` for HTTPS answers (annotation `portway.dev/hsts`).
+    pub hsts: Option<String>,
 }
 
 /// The whole table: exact hostnames by hash, wildcards by longest suffix.
@@ -509,6 +514,8 @@ pub fn build(
             .or_default() |= any;
     }
     let mut by_host: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    // Per name: redirect to HTTPS allowed (every route must allow it), and HSTS.
+    let mut settings: HashMap<String, (bool, Option<String>)> = HashMap::new();
     let mut attachments = Vec::new();
     for r in routes {
         if r.metadata.deletion_timestamp.is_some() {
@@ -555,6 +562,22 @@ pub fn build(
             .creation_timestamp
             .as_ref()
             .map_or(0, |t| t.0.as_second());
+        let annotations = r.metadata.annotations.as_ref();
+        let no_redirect = annotations
+            .and_then(|a| a.get(portway_api::certificates::HTTPS_REDIRECT))
+            .is_some_and(|v| v == "false");
+        let hsts = annotations
+            .and_then(|a| a.get(portway_api::certificates::HSTS))
+            .filter(|v| portway_api::certificates::hsts(v).is_ok());
+        for h in &hostnames {
+            let s = settings
+                .entry(h.to_ascii_lowercase())
+                .or_insert((true, None::<String>));
+            s.0 &= !no_redirect;
+            if s.1.is_none() {
+                s.1 = hsts.cloned();
+            }
+        }
         for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
             let rule_filters = rule.filters.as_deref().unwrap_or_default();
             let (filter, response) = HeaderFilter::from_rule(rule_filters);
@@ -688,9 +711,12 @@ pub fn build(
     let mut table = Table::default();
     for (hostname, mut routes) in by_host {
         routes.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let (https_redirect, hsts) = settings.remove(&hostname).unwrap_or((true, None));
         let host = Arc::new(Host {
             hostname: hostname.clone(),
             routes,
+            https_redirect,
+            hsts,
         });
         match hostname.strip_prefix('*') {
             Some(suffix) => table.wildcard.push((suffix.to_owned(), host)),

@@ -927,7 +927,71 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
         "{table}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Per proxy, by annotation: HSTS on, the redirect off; a bad value is refused.
+    let proxies: Api<HttpProxy> = Api::namespaced(admin.clone(), "default");
+    let name = http.ready_str("proxy");
+    let bad = json!({"metadata": {"annotations": {"portway.dev/hsts": "forever"}}});
+    let err = proxies
+        .patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&bad),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metadata.annotations[portway.dev/hsts]"),
+        "{err}"
+    );
+    hsts_and_no_redirect(&proxies, &name).await;
+    let ca = data.join("pki/ca.crt");
+    eventually("HSTS is sent and plain HTTP is kept", WAIT, || async {
+        ensure!(
+            curl_redirect(stack.edge, &host, "/hello").await == "200",
+            "still redirected"
+        );
+        let headers = https_headers(https, &host, &ca).await?;
+        ensure!(
+            headers.contains("strict-transport-security: max-age=600"),
+            "{headers}"
+        );
+        Ok(())
+    })
+    .await;
     drop((http, other));
+}
+
+async fn hsts_and_no_redirect(proxies: &Api<HttpProxy>, name: &str) {
+    let patch = json!({"metadata": {"annotations": {
+        "portway.dev/hsts": "max-age=600", "portway.dev/https-redirect": "false"}}});
+    proxies
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+/// The response headers of `GET https://host/hello` at `front`, verified against `ca`.
+async fn https_headers(front: SocketAddr, host: &str, ca: &Path) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:{}", front.port(), front.ip()))
+        .arg(format!("https://{host}:{}/hello", front.port()))
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_ascii_lowercase())
 }
 
 /// `curl http://host:PORT/path` at `front`: the status and where it redirects.
@@ -1941,6 +2005,23 @@ async fn envoy_data_plane_end_to_end() {
     );
     let plain = curl_redirect(front.addr, "app.localhost", "/hello").await;
     assert!(plain == "200", "{plain}");
+
+    // The same annotations act on Envoy: HSTS over HTTPS, plain HTTP kept.
+    hsts_and_no_redirect(&proxies, &existing.metadata.name.clone().unwrap()).await;
+    let ca = stack.data().join("pki/ca.crt");
+    eventually("Envoy sends HSTS and keeps plain HTTP", WAIT, || async {
+        ensure!(
+            curl_redirect(front.addr, &canonical, "/hello").await == "200",
+            "still redirected"
+        );
+        let headers = https_headers(tls, &canonical, &ca).await?;
+        ensure!(
+            headers.contains("strict-transport-security: max-age=600"),
+            "{headers}"
+        );
+        Ok(())
+    })
+    .await;
 
     // The device goes away: Envoy answers 503 by itself once its backend is unready.
     http.kill9();

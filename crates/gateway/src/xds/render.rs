@@ -298,12 +298,18 @@ pub fn http_route_configuration(
         .flat_map(|i| i.hostnames)
         .collect();
     let port = node.listen_tls.map_or(0, |a| a.port());
+    let kept: Vec<&str> = table
+        .hosts()
+        .filter(|h| !h.https_redirect)
+        .map(|h| h.hostname.as_str())
+        .collect();
     let mut rc = route_configuration(table, node);
     rc.name = ROUTES_HTTP.into();
     for vh in &mut rc.virtual_hosts {
-        if !covered
-            .iter()
-            .any(|p| portway_api::certificates::covers(p, &vh.name))
+        if kept.contains(&vh.name.as_str())
+            || !covered
+                .iter()
+                .any(|p| portway_api::certificates::covers(p, &vh.name))
         {
             continue;
         }
@@ -324,6 +330,23 @@ pub fn http_route_configuration(
         }];
     }
     rc
+}
+
+fn add_hsts(rc: &mut RouteConfiguration, table: &Table) {
+    for h in table.hosts() {
+        let Some(v) = &h.hsts else { continue };
+        if let Some(vh) = rc.virtual_hosts.iter_mut().find(|vh| vh.name == h.hostname) {
+            vh.response_headers_to_add.push(HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: "strict-transport-security".into(),
+                    value: v.clone(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            });
+        }
+    }
 }
 
 /// The certificates as SDS secrets, named as the listeners' filter chains ask for them.
@@ -707,8 +730,14 @@ pub fn resources(
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
         ROUTE_TYPE => {
-            let mut out = vec![any(ROUTE_TYPE, &route_configuration(table, node))];
-            if serves_https(node, certificates) {
+            let https = serves_https(node, certificates);
+            let mut routes = route_configuration(table, node);
+            // HSTS only on the HTTPS listener's routes (clients ignore it over HTTP).
+            if https {
+                add_hsts(&mut routes, table);
+            }
+            let mut out = vec![any(ROUTE_TYPE, &routes)];
+            if https {
                 out.push(any(
                     ROUTE_TYPE,
                     &http_route_configuration(table, node, certificates),

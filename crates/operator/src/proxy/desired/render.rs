@@ -151,8 +151,27 @@ pub(super) fn route(
             r.backend_refs = None;
         }
     }
+    // The data planes read HTTPS behaviour from the route, as they read everything else.
+    let mut metadata = child_meta(proxy, name.clone(), &[]);
+    let carried: std::collections::BTreeMap<String, String> = proxy
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, _)| {
+            [
+                portway_api::certificates::HTTPS_REDIRECT,
+                portway_api::certificates::HSTS,
+            ]
+            .contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !carried.is_empty() {
+        metadata.annotations = Some(carried);
+    }
     HttpRoute {
-        metadata: child_meta(proxy, name.clone(), &[]),
+        metadata,
         spec: HttpRouteSpec {
             parent_refs: Some(vec![HttpRouteParentRefs {
                 group: Some("gateway.networking.k8s.io".into()),
