@@ -14,6 +14,8 @@ pub const LABEL: &str = "portway.dev/certificate";
 pub const HOSTNAMES: &str = "portway.dev/hostnames";
 /// When the certificate expires (RFC 3339).
 pub const NOT_AFTER: &str = "portway.dev/not-after";
+/// When it was issued (RFC 3339): with the expiry, its lifetime.
+pub const ISSUED_AT: &str = "portway.dev/issued-at";
 /// Who issued it (`local-ca`, or the ACME directory URL).
 pub const ISSUER: &str = "portway.dev/issuer";
 /// On an HTTPProxy (copied to its HTTPRoute): `"false"` keeps plain HTTP to its names
@@ -74,11 +76,14 @@ pub fn challenge_record(secret: &Secret) -> Option<(String, String)> {
 }
 
 /// A Secret name for a certificate of `hostname`: the name itself, `*.` written
-/// `wildcard.` (a Secret's name is a DNS subdomain, which `*` is not).
+/// `wildcard.` (a Secret's name is a DNS subdomain, which `*` is not). A name that itself
+/// starts with `wildcard.` or `exact.` gets `exact.` in front, so no two patterns share
+/// a Secret.
 pub fn secret_name(hostname: &str) -> String {
     let h = hostname.trim_end_matches('.').to_ascii_lowercase();
     match h.strip_prefix("*.") {
         Some(rest) => format!("wildcard.{rest}"),
+        None if h.starts_with("wildcard.") || h.starts_with("exact.") => format!("exact.{h}"),
         None => h,
     }
 }
@@ -101,6 +106,7 @@ pub struct Info {
     pub name: String,
     pub hostnames: Vec<String>,
     pub not_after: Option<Timestamp>,
+    pub issued_at: Option<Timestamp>,
     pub issuer: String,
 }
 
@@ -123,6 +129,7 @@ impl Info {
                 .filter(|h| !h.is_empty())
                 .collect(),
             not_after: ann.get(NOT_AFTER).and_then(|t| t.parse().ok()),
+            issued_at: ann.get(ISSUED_AT).and_then(|t| t.parse().ok()),
             issuer: ann.get(ISSUER).cloned().unwrap_or_default(),
         })
     }
@@ -153,5 +160,10 @@ mod tests {
         }
         assert_eq!(secret_name("*.P.localhost."), "wildcard.p.localhost");
         assert_eq!(secret_name("app.example.com"), "app.example.com");
+        assert_eq!(
+            secret_name("wildcard.p.localhost"),
+            "exact.wildcard.p.localhost"
+        );
+        assert_eq!(secret_name("exact.p.localhost"), "exact.exact.p.localhost");
     }
 }

@@ -187,14 +187,42 @@ fn secret_defaults(res: Res, name: &str, old: Option<&Value>, new: &mut Value) -
     let Some(obj) = new.as_object_mut() else {
         return Ok(());
     };
-    if let Some(Value::Object(strings)) = obj.remove("stringData") {
-        let data = obj.entry("data").or_insert_with(|| json!({}));
-        if data.is_null() {
-            *data = json!({});
+    let invalid = |field: String, message: &str| {
+        ApiError::invalid(
+            res,
+            name,
+            &[portway_api::FieldError {
+                field,
+                kind: portway_api::FieldErrorKind::Invalid,
+                message: message.into(),
+            }],
+        )
+    };
+    match obj.remove("stringData") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(strings)) => {
+            let data = obj.entry("data").or_insert_with(|| json!({}));
+            if data.is_null() {
+                *data = json!({});
+            }
+            let Some(data) = data.as_object_mut() else {
+                return Err(invalid(
+                    "data".into(),
+                    "must be an object of base64 strings",
+                ));
+            };
+            for (k, v) in strings {
+                let Some(text) = v.as_str() else {
+                    return Err(invalid(format!("stringData[{k}]"), "must be a string"));
+                };
+                data.insert(
+                    k,
+                    json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
+            }
         }
-        for (k, v) in strings {
-            let text = v.as_str().unwrap_or_default();
-            data[k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+        Some(_) => {
+            return Err(invalid("stringData".into(), "must be an object of strings"));
         }
     }
     let ty = obj.entry("type").or_insert_with(|| json!("Opaque")).clone();

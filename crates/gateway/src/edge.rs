@@ -291,7 +291,14 @@ async fn handle(
         state.metrics.request(&hostname, resp.status().as_u16());
         resp
     };
+    // A trusted load balancer that ended TLS itself says so; redirecting it would loop.
+    let behind_tls = trusts(&state.trusted_proxies, remote.ip())
+        && req
+            .headers()
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
     if scheme == "http"
+        && !behind_tls
         && host.https_redirect
         && let Some((port, certs)) = &state.redirect
         && let Some(to) = https_location(&host_raw, req.uri(), *port, certs)

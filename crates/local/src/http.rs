@@ -213,6 +213,9 @@ async fn device_client(
     .await?)
 }
 
+/// How long a live tunnel waits for its certificate before printing an http:// URL.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(15);
+
 /// A running one-liner.
 pub struct Http {
     pub agent: Agent,
@@ -312,9 +315,7 @@ impl Http {
         };
         let settled = |p: Option<&HttpProxy>| {
             let c = conditions(p);
-            (live(&c) && (info.https.is_none() || certificate(p).is_some()))
-                || taken(&c).is_some()
-                || unverified(p).is_some()
+            live(&c) || taken(&c).is_some() || unverified(p).is_some()
         };
         let waited = tokio::time::timeout(
             deadline,
@@ -356,9 +357,20 @@ impl Http {
             agent.shutdown(true).await;
             return Err(Error::NotProgrammed(deadline, why));
         }
-        let https = info
-            .https
-            .filter(|_| matches!(&waited, Ok(Ok(p)) if certificate(p.as_ref()) == Some(true)));
+        // Live: with HTTPS on, give the issuer a bounded moment to say whether the name
+        // has a certificate (a slow ACME order must not fail a working tunnel; the URL is
+        // then printed as http://).
+        let mut certified = matches!(&waited, Ok(Ok(p)) if certificate(p.as_ref()) == Some(true));
+        if info.https.is_some() && !certified {
+            let decided = |p: Option<&HttpProxy>| certificate(p).is_some();
+            let waited = tokio::time::timeout(
+                CERTIFICATE_WAIT,
+                kube::runtime::wait::await_condition(api.clone(), &proxy, decided),
+            )
+            .await;
+            certified = matches!(&waited, Ok(Ok(p)) if certificate(p.as_ref()) == Some(true));
+        }
+        let https = info.https.filter(|_| certified);
         let url = match https {
             Some(a) if a.port() == 443 => format!("https://{hostname}/"),
             Some(a) => format!("https://{hostname}:{}/", a.port()),

@@ -19,7 +19,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use parking_lot::RwLock;
 use portway_api::certificates::{
-    self, HOSTNAMES, ISSUER, Info, LABEL, NOT_AFTER, SYSTEM_NAMESPACE,
+    self, HOSTNAMES, ISSUED_AT, ISSUER, Info, LABEL, NOT_AFTER, SYSTEM_NAMESPACE,
 };
 use portway_api::managers;
 use portway_tls::ca::LocalCa;
@@ -219,7 +219,13 @@ pub fn due(
     if info.issuer != issuer {
         return Some("issuer changed");
     }
-    let renew_before = SignedDuration::try_from(renew_before).unwrap_or(SignedDuration::MAX);
+    let mut renew_before = SignedDuration::try_from(renew_before).unwrap_or(SignedDuration::MAX);
+    // Never more than two thirds of the lifetime: a CA that issues short certificates (or
+    // a window as long as the validity) must not make every pass a renewal.
+    if let (Some(issued), Some(expires)) = (info.issued_at, info.not_after) {
+        let lifetime = expires.duration_since(issued);
+        renew_before = renew_before.min(lifetime * 2 / 3);
+    }
     match info.not_after {
         Some(t) if t.checked_sub(renew_before).is_ok_and(|at| at > now) => None,
         Some(_) => Some("expiring"),
@@ -277,6 +283,7 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
     let api: Api<Secret> = Api::namespaced(run.client.clone(), SYSTEM_NAMESPACE);
     let wildcard = format!("*.{}", run.zone);
     let mut retry_at: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
+    let mut unwanted_since = BTreeMap::new();
     loop {
         let mut patterns = vec![wildcard.clone()];
         patterns.extend(
@@ -314,8 +321,11 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
                         not_after,
                     };
                     changed |= run.certificates.set(pattern, state);
+                    // As `due` decides: at most two thirds of what is left before expiry.
+                    let left = not_after.duration_since(Timestamp::now());
                     let renew = SignedDuration::try_from(run.config.renew_before)
                         .ok()
+                        .map(|d| d.min(left * 2 / 3))
                         .and_then(|d| not_after.checked_sub(d).ok())
                         .map_or(Duration::ZERO, |at| {
                             Duration::try_from(at.duration_since(Timestamp::now()))
@@ -348,7 +358,7 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
                 }
             }
         }
-        changed |= forget(&run, &api, &patterns).await;
+        changed |= forget(&run, &api, &patterns, &mut unwanted_since).await;
         retry_at.retain(|p, _| patterns.contains(p));
         if changed {
             (run.changed)();
@@ -361,10 +371,18 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
     }
 }
 
+/// How long a certificate left by an earlier run may be unwanted before it is deleted.
+const STALE_GRACE: Duration = Duration::from_secs(600);
+
 /// Deletes the certificates of names no longer wanted, those left by an earlier run
 /// included: a name whose proxy or proof is gone is no longer served. True when a state
 /// went.
-async fn forget(run: &Run, api: &Api<Secret>, patterns: &[String]) -> bool {
+async fn forget(
+    run: &Run,
+    api: &Api<Secret>,
+    patterns: &[String],
+    unwanted_since: &mut BTreeMap<String, tokio::time::Instant>,
+) -> bool {
     let gone_states: Vec<String> = run
         .certificates
         .states
@@ -388,6 +406,12 @@ async fn forget(run: &Run, api: &Api<Secret>, patterns: &[String]) -> bool {
             return !gone_states.is_empty();
         }
     };
+    let now = tokio::time::Instant::now();
+    unwanted_since.retain(|name, _| {
+        !patterns
+            .iter()
+            .any(|p| certificates::secret_name(p) == *name)
+    });
     for secret in stored {
         let Some(info) = Info::of(&secret) else {
             continue;
@@ -395,6 +419,14 @@ async fn forget(run: &Run, api: &Api<Secret>, patterns: &[String]) -> bool {
         if info.hostnames.iter().any(|h| patterns.contains(h)) {
             continue;
         }
+        // A certificate this run kept goes at once; one left by an earlier run waits: just
+        // after a restart the proofs are not looked up yet, and its name may be wanted.
+        let ours = info.hostnames.iter().any(|h| gone_states.contains(h));
+        let since = *unwanted_since.entry(info.name.clone()).or_insert(now);
+        if !ours && now.duration_since(since) < STALE_GRACE {
+            continue;
+        }
+        unwanted_since.remove(&info.name);
         match api.delete(&info.name, &Default::default()).await {
             Ok(_) => {
                 tracing::info!(certificate = %info.hostnames.join(","), "certificate removed: no longer wanted");
@@ -457,6 +489,7 @@ async fn keep(
             "annotations": {
                 HOSTNAMES: hostnames.join(","),
                 NOT_AFTER: not_after.to_string(),
+                ISSUED_AT: Timestamp::now().to_string(),
                 ISSUER: issuer,
             },
         },
@@ -528,6 +561,7 @@ mod tests {
             name: "wildcard.p.localhost".into(),
             hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
             not_after: not_after.parse().ok(),
+            issued_at: None,
             issuer: issuer.into(),
         }
     }
@@ -549,6 +583,19 @@ mod tests {
             .iter()
             .map(|i| due(&want, i.as_ref(), "local-ca", now, month))
             .collect();
+        // A window as long as the lifetime is capped at two thirds of it.
+        let mut short = info(&["*.p.localhost"], "local-ca", "2026-12-01T00:00:20Z");
+        short.issued_at = "2026-12-01T00:00:00Z".parse().ok();
+        let just_issued: Timestamp = "2026-12-01T00:00:01Z".parse().unwrap();
+        assert_eq!(
+            due(&want, Some(&short), "local-ca", just_issued, month),
+            None
+        );
+        let later: Timestamp = "2026-12-01T00:00:08Z".parse().unwrap();
+        assert_eq!(
+            due(&want, Some(&short), "local-ca", later, month),
+            Some("expiring")
+        );
         assert_eq!(
             reasons,
             [

@@ -94,6 +94,13 @@ fn claims(p: &HttpProxy, zone: &str, verifier: Option<&Verifier>) -> Vec<(String
         .hostnames
         .iter()
         .filter(|h| verifier.is_none_or(|v| v.may_claim(ns, h)))
+        // The zone and wildcards in it are refused (the proxy is not Accepted), and must
+        // not block anyone's names meanwhile.
+        .filter(|h| {
+            let h = lower(h);
+            let in_zone = |n: &str| n == zone || n.ends_with(&format!(".{zone}"));
+            !(h == zone || h.strip_prefix("*.").is_some_and(in_zone))
+        })
         .map(|h| (lower(h), true))
         .collect();
     if let Some(uid) = &p.metadata.uid {

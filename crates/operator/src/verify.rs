@@ -109,7 +109,11 @@ pub struct Verifier {
     config: Config,
     zone: String,
     entries: RwLock<HashMap<(String, String), Entry>>,
+    pruned: parking_lot::Mutex<Instant>,
 }
+
+/// An entry not looked at for this long belongs to no proxy any more.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 impl Verifier {
     pub fn new(config: Config, zone: &str) -> Self {
@@ -117,6 +121,7 @@ impl Verifier {
             config,
             zone: zone.to_owned(),
             entries: RwLock::default(),
+            pruned: parking_lot::Mutex::new(Instant::now()),
         }
     }
 
@@ -169,6 +174,7 @@ impl Verifier {
             return false;
         }
         let key = (project.to_owned(), base(host));
+        self.prune();
         let previous = self.entries.read().get(&key).cloned();
         let due = force
             || previous.as_ref().is_none_or(|e| {
@@ -182,7 +188,23 @@ impl Verifier {
         if !due {
             return false;
         }
-        let (verified, found) = self.look(project, host, canonical).await;
+        let (verified, found, answered) = self.look(project, host, canonical).await;
+        // A resolver that did not answer proves nothing either way: a proven name keeps
+        // its verdict (and is asked again soon) instead of losing its route and
+        // certificate to one lost packet.
+        if !answered && let Some(prev) = previous.as_ref().filter(|e| e.verified.is_some()) {
+            let soon = self
+                .config
+                .recheck_verified
+                .saturating_sub(self.config.recheck_pending);
+            let mut kept = prev.clone();
+            kept.checked = Instant::now()
+                .checked_sub(soon)
+                .unwrap_or_else(Instant::now);
+            self.entries.write().insert(key, kept);
+            tracing::warn!(host, project, %found, "the resolver did not answer; keeping the proof");
+            return false;
+        }
         let changed = previous.and_then(|e| e.verified).is_some() != verified.is_some();
         self.entries.write().insert(
             key,
@@ -193,6 +215,19 @@ impl Verifier {
             },
         );
         changed
+    }
+
+    /// Forgets names nobody asked about for an hour (every listed name is looked at every
+    /// 5 min at most), so edited hostnames do not pile up.
+    fn prune(&self) {
+        let mut last = self.pruned.lock();
+        if last.elapsed() < FORGET_AFTER / 6 {
+            return;
+        }
+        *last = Instant::now();
+        self.entries
+            .write()
+            .retain(|_, e| e.checked.elapsed() < FORGET_AFTER);
     }
 
     /// When the next look at `host` is due.
@@ -216,7 +251,7 @@ impl Verifier {
         project: &str,
         host: &str,
         canonical: Option<&str>,
-    ) -> (Option<String>, String) {
+    ) -> (Option<String>, String, bool) {
         let resolver = self.config.resolver;
         let record = record_name(host);
         let want = token(project, host);
@@ -227,6 +262,7 @@ impl Verifier {
             return (
                 Some(format!("TXT {record} holds this project's token")),
                 String::new(),
+                true,
             );
         }
         let cname = match canonical {
@@ -238,12 +274,14 @@ impl Verifier {
                     return (
                         Some(format!("{} is a CNAME to {c}", base(host))),
                         String::new(),
+                        true,
                     );
                 }
                 Some(a)
             }
             _ => None,
         };
+        let mut answered = txt.is_ok();
         let mut found = match txt {
             Ok(a) if a.txt.is_empty() => format!("{resolver} has no TXT at {record}"),
             Ok(a) => format!(
@@ -253,13 +291,14 @@ impl Verifier {
             Err(e) => e,
         };
         if let Some(c) = cname {
+            answered &= c.is_ok();
             found.push_str(&match c {
                 Ok(a) if a.cname.is_empty() => format!("; no CNAME at {}", base(host)),
                 Ok(a) => format!("; CNAME {} to {}", base(host), a.cname.join(", ")),
                 Err(e) => format!("; {e}"),
             });
         }
-        (None, found)
+        (None, found, answered)
     }
 }
 

@@ -107,6 +107,9 @@ pub(super) fn node_config(node: Option<&Node>, defaults: &NodeConfig) -> NodeCon
 struct Subscription {
     sent: Option<u64>,
     nonce: u64,
+    /// The names last asked for (empty: all). Envoy asks for a new SDS secret by sending
+    /// its new list with the last nonce, which must be answered, not taken as an ACK.
+    names: Vec<String>,
 }
 
 /// The order Envoy wants updates in: clusters, then the secrets listeners refer to, then
@@ -171,7 +174,13 @@ impl AggregatedDiscoveryService for Ads {
                             });
                             let sub = subs.entry(req.type_url.clone()).or_default();
                             let answers_last = !req.response_nonce.is_empty() && req.response_nonce == sub.nonce.to_string();
-                            if !answers_last {
+                            let names_changed = sub.names != req.resource_names;
+                            sub.names.clone_from(&req.resource_names);
+                            if answers_last && names_changed && req.error_detail.is_none() {
+                                registration.rejected(&req.type_url, None);
+                                sub.sent = None;
+                                vec![req.type_url]
+                            } else if !answers_last {
                                 // A first request (or one after reconnect): answer this type now.
                                 vec![req.type_url]
                             } else if let Some(err) = &req.error_detail {

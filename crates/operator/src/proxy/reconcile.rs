@@ -152,8 +152,17 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
                 })
             })
         };
+        // All names at once: a proxy's lookups cost one timeout, not one per name.
+        let looks = proxy
+            .spec
+            .hostnames
+            .iter()
+            .map(|h| v.refresh(&ns, h, canonical.as_deref(), !told(h)));
+        changed |= futures::future::join_all(looks)
+            .await
+            .into_iter()
+            .any(|c| c);
         for h in &proxy.spec.hostnames {
-            changed |= v.refresh(&ns, h, canonical.as_deref(), !told(h)).await;
             if let Some(next) = v.next_look(&ns, h) {
                 requeue_after = requeue_after.min(next.max(Duration::from_secs(1)));
             }
@@ -170,10 +179,28 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         move |h: &str| v.state(&ns, h, canonical.as_deref())
     });
     let now = Timestamp::now();
-    let certificate = ctx
-        .certificates
-        .as_deref()
-        .map(|c| move |h: &str| c.condition(h, now));
+    // A proven name the issuer has not taken up yet is being issued, not "not covered".
+    let certificate = ctx.certificates.as_deref().map(|c| {
+        let (ns, verifier) = (ns.clone(), ctx.verifier.clone());
+        move |h: &str| {
+            let said = c.condition(h, now);
+            let proven = verifier.as_deref().is_some_and(|v| {
+                matches!(
+                    v.state(&ns, h, None),
+                    crate::verify::Verification::Verified(_)
+                )
+            });
+            if said.1 == crate::certs::reasons::NOT_COVERED && proven {
+                (
+                    false,
+                    crate::certs::reasons::PENDING,
+                    format!("the certificate for {h} is being issued"),
+                )
+            } else {
+                said
+            }
+        }
+    });
     let d = desired(&Inputs {
         proxy: &proxy,
         connectors: &connector_refs,

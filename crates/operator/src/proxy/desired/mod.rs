@@ -131,9 +131,26 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     let unsupported = portway_api::filters::unsupported_in_proxy(&proxy.spec)
         .into_iter()
         .map(|e| Problem::new(UNSUPPORTED_VALUE, e.to_string()));
+    // The zone is Portway's: its apex or a wildcard in it would take every project's
+    // names (and the tunnel URLs `portway http` makes there).
+    let zone = input.config.zone.trim_end_matches('.').to_ascii_lowercase();
+    let reserved = proxy.spec.hostnames.iter().enumerate().filter_map(|(i, h)| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        let in_zone = |n: &str| n == zone || n.ends_with(&format!(".{zone}"));
+        let taken = h == zone || h.strip_prefix("*.").is_some_and(in_zone);
+        taken.then(|| {
+            Problem::new(
+                INVALID,
+                format!(
+                    "spec.hostnames[{i}]: {h} would cover names of Portway's zone {zone} that belong to others; claim an exact name such as app.{zone}"
+                ),
+            )
+        })
+    });
     let problems: Vec<Problem> = hosts
         .problems
         .into_iter()
+        .chain(reserved)
         .chain(invalid)
         .chain(unsupported)
         .chain(backends.problems)

@@ -818,3 +818,29 @@ fn a_hostname_not_yet_proven_is_not_routed_and_says_what_to_publish() {
         "the proxy still serves its other names"
     );
 }
+
+#[test]
+fn the_zone_itself_and_wildcards_in_it_are_refused() {
+    for h in [
+        "portway.localhost",
+        "*.portway.localhost",
+        "*.team.portway.localhost",
+    ] {
+        let d = Case {
+            proxy: proxy(&[h], "http://127.0.0.1:3000", by_name("laptop")),
+            connectors: vec![connector("laptop", Some(1), true, &[])],
+            ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+            claimed: &[],
+            route_status: None,
+        }
+        .run();
+        let accepted = cond(&d, ACCEPTED);
+        assert_eq!(accepted.status, "False", "{h}");
+        assert!(
+            accepted.message.contains("spec.hostnames[0]"),
+            "{}",
+            accepted.message
+        );
+        assert!(d.route.is_none(), "{h} is not routed");
+    }
+}
