@@ -741,23 +741,8 @@ async fn public_traffic_end_to_end() {
 
     // HTTPS with the hostname's certificate, h2 by ALPN, as curl sees it.
     let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
-    let port = https.port();
-    // Async: the origin runs on this test's runtime, which a blocking wait would stall.
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
-        .arg(stack.dir.path().join("certs/app.localhost.crt"))
-        .arg("--resolve")
-        .arg(format!("app.localhost:{port}:127.0.0.1"))
-        .arg(format!("https://app.localhost:{port}/hello"))
-        .output()
-        .await
-        .expect("curl is installed (.ci/run installs it)");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hello from {} 2", stack.origin.addr.port()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca = stack.dir.path().join("certs/app.localhost.crt");
+    assert_h2_hello(https, "app.localhost", &ca, stack.origin.addr.port()).await;
 
     // The built-in edge also says which public host was asked for, and counts requests.
     let (status, seen) = stack.get("app.localhost", "/headers").await.unwrap();
@@ -844,21 +829,8 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
     let host = http.ready_str("hostname");
     assert!(host.ends_with(".portway.localhost"), "{host}");
     assert_eq!(url, format!("https://{host}:{}/", https.port()));
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
-        .arg(data.join("pki/ca.crt"))
-        .arg("--resolve")
-        .arg(format!("{host}:{}:127.0.0.1", https.port()))
-        .arg(format!("{url}hello"))
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hello from {} 2", stack.origin.addr.port()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca = data.join("pki/ca.crt");
+    assert_h2_hello(https, &host, &ca, stack.origin.addr.port()).await;
     eprintln!(
         "portway http start to first valid HTTPS 200 (wildcard, local CA): {:?}",
         started.elapsed()
@@ -978,20 +950,54 @@ async fn hsts_and_no_redirect(proxies: &Api<HttpProxy>, name: &str) {
 
 /// The response headers of `GET https://host/hello` at `front`, verified against `ca`.
 async fn https_headers(front: SocketAddr, host: &str, ca: &Path) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
-        .arg(ca)
-        .arg("--resolve")
-        .arg(format!("{host}:{}:{}", front.port(), front.ip()))
-        .arg(format!("https://{host}:{}/hello", front.port()))
-        .output()
-        .await?;
+    let out = curl_https(front, host, "/hello", ca, &["-D", "-", "-o", "/dev/null"]).await;
     ensure!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).to_ascii_lowercase())
+}
+
+/// `curl -sS ARGS --cacert CA https://host:PORT/path` with `host` resolved to `front`.
+async fn curl_https(
+    front: SocketAddr,
+    host: &str,
+    path: &str,
+    ca: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    // Async: the origin runs on this test's runtime, which a blocking wait would stall.
+    tokio::process::Command::new("curl")
+        .arg("-sS")
+        .args(args)
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:{}", front.port(), front.ip()))
+        .arg(format!("https://{host}:{}{path}", front.port()))
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)")
+}
+
+/// `GET /hello` at `host` over HTTPS, h2 by ALPN, verified against `ca`, reaches the
+/// origin on `origin_port`.
+async fn assert_h2_hello(front: SocketAddr, host: &str, ca: &Path, origin_port: u16) {
+    let out = curl_https(
+        front,
+        host,
+        "/hello",
+        ca,
+        &["--http2", "-w", " %{http_version}"],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("hello from {origin_port} 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `curl http://host:PORT/path` at `front`: the status and where it redirects.
@@ -1079,21 +1085,7 @@ async fn the_zone_wildcard_comes_from_acme_over_dns01() {
     let http = Process::start("http", bin(), args).await.unwrap();
     let (url, host) = (http.ready_str("url"), http.ready_str("hostname"));
     assert_eq!(url, format!("https://{host}:{}/", https.port()));
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
-        .arg(&pebble.issuing_root)
-        .arg("--resolve")
-        .arg(format!("{host}:{}:127.0.0.1", https.port()))
-        .arg(format!("{url}hello"))
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hello from {} 2", stack.origin.addr.port()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_h2_hello(https, &host, &pebble.issuing_root, stack.origin.addr.port()).await;
     eprintln!(
         "portway up (ACME, Pebble) start to first valid HTTPS 200 of a new tunnel: {:?}",
         started.elapsed()
@@ -1378,14 +1370,7 @@ async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
     let curl_https = |host: &'static str| {
         let ca = ca.clone();
         async move {
-            let out = tokio::process::Command::new("curl")
-                .args(["-sS", "--cacert"])
-                .arg(&ca)
-                .arg("--resolve")
-                .arg(format!("{host}:{}:127.0.0.1", https.port()))
-                .arg(format!("https://{host}:{}/hello", https.port()))
-                .output()
-                .await?;
+            let out = curl_https(https, host, "/hello", &ca, &[]).await;
             ensure!(
                 out.status.success(),
                 "{}",
@@ -1982,21 +1967,8 @@ async fn envoy_data_plane_end_to_end() {
     let mut front = front;
     let tls = envoy_listener(&mut front.envoy, &front.admin_file, "portway_https").await;
     let canonical = existing.status.unwrap().canonical_hostname.unwrap();
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
-        .arg(stack.data().join("pki/ca.crt"))
-        .arg("--resolve")
-        .arg(format!("{canonical}:{}:127.0.0.1", tls.port()))
-        .arg(format!("https://{canonical}:{}/hello", tls.port()))
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hello from {} 2", stack.origin.addr.port()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca = stack.data().join("pki/ca.crt");
+    assert_h2_hello(tls, &canonical, &ca, stack.origin.addr.port()).await;
 
     // Plain HTTP to that name is redirected to Envoy's HTTPS listener; other names are not.
     assert_eq!(

@@ -1,4 +1,4 @@
-//! The ACME flags `portway operator` and `portway up` share.
+//! The certificate flags `portway operator` and `portway up` share: ACME, and renewal.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,5 +61,26 @@ impl AcmeFlags {
             directory_roots,
             dns,
         }))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RenewalFlags {
+    /// Seconds a certificate from the local CA is valid (default 90 days).
+    #[arg(long, value_name = "SECONDS")]
+    certificate_validity: Option<u64>,
+    /// Renew a certificate this many seconds before it expires (default 30 days).
+    #[arg(long, value_name = "SECONDS")]
+    renew_before: Option<u64>,
+}
+
+impl RenewalFlags {
+    /// Validity and renewal window, where given.
+    pub fn durations(&self) -> (Option<std::time::Duration>, Option<std::time::Duration>) {
+        (
+            self.certificate_validity
+                .map(std::time::Duration::from_secs),
+            self.renew_before.map(std::time::Duration::from_secs),
+        )
     }
 }

@@ -41,12 +41,8 @@ pub struct Args {
     /// proxy's canonical name), asked of this resolver.
     #[arg(long, value_name = "ADDR")]
     hostname_resolver: Option<SocketAddr>,
-    /// Seconds a certificate from the local CA is valid (default 90 days).
-    #[arg(long, value_name = "SECONDS")]
-    certificate_validity: Option<u64>,
-    /// Renew a certificate this many seconds before it expires (default 30 days).
-    #[arg(long, value_name = "SECONDS")]
-    renew_before: Option<u64>,
+    #[command(flatten)]
+    renewal: super::acme::RenewalFlags,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -74,12 +70,9 @@ pub async fn run(args: Args) -> Result<()> {
         ));
     }
     if let Some(certs) = &mut config.certificates {
-        if let Some(s) = args.certificate_validity {
-            certs.validity = std::time::Duration::from_secs(s);
-        }
-        if let Some(s) = args.renew_before {
-            certs.renew_before = std::time::Duration::from_secs(s);
-        }
+        let (validity, renew_before) = args.renewal.durations();
+        certs.validity = validity.unwrap_or(certs.validity);
+        certs.renew_before = renew_before.unwrap_or(certs.renew_before);
     }
     let operator = portway_operator::Operator::start(config, client)
         .await

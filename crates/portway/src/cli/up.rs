@@ -57,12 +57,8 @@ pub struct Args {
     /// (default: the first nameserver of /etc/resolv.conf).
     #[arg(long, value_name = "ADDR")]
     hostname_resolver: Option<SocketAddr>,
-    /// Seconds a certificate from the local CA is valid (default 90 days).
-    #[arg(long, value_name = "SECONDS")]
-    certificate_validity: Option<u64>,
-    /// Renew a certificate this many seconds before it expires (default 30 days).
-    #[arg(long, value_name = "SECONDS")]
-    renew_before: Option<u64>,
+    #[command(flatten)]
+    renewal: super::acme::RenewalFlags,
     /// With --https: certificates from an ACME directory instead of the local CA.
     #[command(flatten)]
     acme: super::acme::AcmeFlags,
@@ -87,10 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
     config.hostname_resolver = args.hostname_resolver;
-    config.certificate_validity = args
-        .certificate_validity
-        .map(std::time::Duration::from_secs);
-    config.renew_before = args.renew_before.map(std::time::Duration::from_secs);
+    (config.certificate_validity, config.renew_before) = args.renewal.durations();
     anyhow::ensure!(
         !args.acme.enabled() || args.https.is_some(),
         "--acme-directory needs --https: certificates are served there"

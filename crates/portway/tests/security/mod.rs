@@ -191,14 +191,7 @@ impl World {
         let ca = self.stack.data().join("pki/ca.crt");
         eventually(&format!("{host} serves {want}"), WAIT, || async {
             if host.ends_with(".portway.localhost") {
-                let out = tokio::process::Command::new("curl")
-                    .args(["-sS", "--cacert"])
-                    .arg(&ca)
-                    .arg("--resolve")
-                    .arg(format!("{host}:{}:127.0.0.1", https.port()))
-                    .arg(format!("https://{host}:{}/hello", https.port()))
-                    .output()
-                    .await?;
+                let out = curl_https(https, host, "/hello", &ca, &[]).await;
                 let body = String::from_utf8_lossy(&out.stdout);
                 ensure!(
                     body == want,
