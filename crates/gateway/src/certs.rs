@@ -36,11 +36,9 @@ pub struct Certs {
 }
 
 impl Certs {
-    /// Exact name, then the wildcard of its parent, then the default.
-    fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = name.map(str::to_ascii_lowercase) else {
-            return self.default.clone();
-        };
+    /// Exact name, then the wildcard of its parent; never the default.
+    fn named(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.to_ascii_lowercase();
         self.exact
             .get(&name)
             .or_else(|| {
@@ -48,7 +46,6 @@ impl Certs {
                 self.wildcard.get(parent)
             })
             .cloned()
-            .or_else(|| self.default.clone())
     }
 
     fn insert(&mut self, name: &str, ck: Arc<CertifiedKey>) {
@@ -159,21 +156,12 @@ impl Resolver {
     /// Whether an issued certificate (not a `--cert-dir` file) covers `name`: such names
     /// are redirected from HTTP to HTTPS.
     pub fn issued_covers(&self, name: &str) -> bool {
-        self.current.load().lookup(Some(name)).is_some()
+        self.current.load().named(name).is_some()
     }
 
     pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         // Files first, but a file `default` must not hide an issued certificate.
-        let issued = self.current.load();
-        let files_exact = name.and_then(|n| {
-            let n = n.to_ascii_lowercase();
-            self.files.exact.get(&n).cloned().or_else(|| {
-                let (_, parent) = n.split_once('.')?;
-                self.files.wildcard.get(parent).cloned()
-            })
-        });
-        files_exact
-            .or_else(|| name.and_then(|n| issued.lookup(Some(n))))
+        name.and_then(|n| self.files.named(n).or_else(|| self.current.load().named(n)))
             .or_else(|| self.files.default.clone())
     }
 }
@@ -242,7 +230,7 @@ mod tests {
         write_pair(d, "app.example.com", "app.example.com");
         write_pair(d, "_.example.com", "*.example.com");
         write_pair(d, "_.eu.example.com", "*.eu.example.com");
-        let certs = load_dir(d).unwrap();
+        let certs = Resolver::new(load_dir(d).unwrap());
         let leaf = |name: Option<&str>| certs.lookup(name).map(|k| k.cert[0].clone());
         let by_stem = |stem: &str| {
             portway_tls::read(
@@ -274,7 +262,7 @@ mod tests {
         );
         assert_eq!(leaf(None), None);
         write_pair(d, "default", "fallback");
-        let certs = load_dir(d).unwrap();
+        let certs = Resolver::new(load_dir(d).unwrap());
         let default = certs.lookup(None).map(|k| k.cert[0].clone());
         assert_eq!(default, Some(by_stem("default")));
         assert_eq!(

@@ -278,13 +278,9 @@ async fn handle(
         );
     };
     let hostname = host.hostname.clone();
-    let hsts = host
-        .hsts
-        .as_deref()
-        .filter(|_| scheme == "https")
-        .and_then(|v| HeaderValue::from_str(v).ok());
+    let hsts = host.hsts.as_ref().filter(|_| scheme == "https");
     let done = |mut resp: Response<Body>| {
-        if let Some(v) = &hsts {
+        if let Some(v) = hsts {
             resp.headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
@@ -292,15 +288,17 @@ async fn handle(
         resp
     };
     // A trusted load balancer that ended TLS itself says so; redirecting it would loop.
-    let behind_tls = trusts(&state.trusted_proxies, remote.ip())
-        && req
-            .headers()
-            .get("x-forwarded-proto")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let behind_tls = || {
+        trusts(&state.trusted_proxies, remote.ip())
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+    };
     if scheme == "http"
-        && !behind_tls
         && host.https_redirect
         && let Some((port, certs)) = &state.redirect
+        && !behind_tls()
         && let Some(to) = https_location(&host_raw, req.uri(), *port, certs)
     {
         let mut resp = text(StatusCode::PERMANENT_REDIRECT, "");

@@ -375,7 +375,7 @@ pub struct Host {
     /// unless a route of the name says `portway.dev/https-redirect: "false"`.
     pub https_redirect: bool,
     /// `Strict-Transport-Security` for HTTPS answers (annotation `portway.dev/hsts`).
-    pub hsts: Option<String>,
+    pub hsts: Option<HeaderValue>,
 }
 
 /// The whole table: exact hostnames by hash, wildcards by longest suffix.
@@ -515,7 +515,7 @@ pub fn build(
     }
     let mut by_host: BTreeMap<String, Vec<Route>> = BTreeMap::new();
     // Per name: redirect to HTTPS allowed (every route must allow it), and HSTS.
-    let mut settings: HashMap<String, (bool, Option<String>)> = HashMap::new();
+    let mut settings: HashMap<String, (bool, Option<HeaderValue>)> = HashMap::new();
     let mut attachments = Vec::new();
     for r in routes {
         if r.metadata.deletion_timestamp.is_some() {
@@ -568,14 +568,15 @@ pub fn build(
             .is_some_and(|v| v == "false");
         let hsts = annotations
             .and_then(|a| a.get(portway_api::certificates::HSTS))
-            .filter(|v| portway_api::certificates::hsts(v).is_ok());
+            .filter(|v| portway_api::certificates::hsts(v).is_ok())
+            .and_then(|v| HeaderValue::from_str(v).ok());
         for h in &hostnames {
             let s = settings
                 .entry(h.to_ascii_lowercase())
-                .or_insert((true, None::<String>));
+                .or_insert((true, None::<HeaderValue>));
             s.0 &= !no_redirect;
             if s.1.is_none() {
-                s.1 = hsts.cloned();
+                s.1.clone_from(&hsts);
             }
         }
         for (i, rule) in r.spec.rules.iter().flatten().enumerate() {

@@ -298,20 +298,22 @@ impl Http {
         };
         // With HTTPS on, the URL printed is https:// once the hostname's certificate is
         // ready; wait until the issuer has said either way.
-        let certificate = |p: Option<&HttpProxy>| {
+        // A condition of this tunnel's hostname in the proxy's status.
+        let of_hostname = |p: Option<&HttpProxy>, type_: &str| {
             p.and_then(|p| p.status.as_ref())
                 .and_then(|s| s.hostname_statuses.iter().find(|h| h.hostname == hostname))
-                .and_then(|h| find_condition(&h.conditions, "CertificatesReady"))
+                .and_then(|h| find_condition(&h.conditions, type_).cloned())
+        };
+        let certificate = |p: Option<&HttpProxy>| {
+            of_hostname(p, "CertificatesReady")
                 .filter(|c| c.reason != "Pending")
                 .map(|c| c.status == "True")
         };
         // Nor will a name outside the zone that this project has not proven.
         let unverified = |p: Option<&HttpProxy>| {
-            p.and_then(|p| p.status.as_ref())
-                .and_then(|s| s.hostname_statuses.iter().find(|h| h.hostname == hostname))
-                .and_then(|h| find_condition(&h.conditions, "HostnamesVerified"))
+            of_hostname(p, "HostnamesVerified")
                 .filter(|c| c.status == "False")
-                .map(|c| c.message.clone())
+                .map(|c| c.message)
         };
         let settled = |p: Option<&HttpProxy>| {
             let c = conditions(p);

@@ -917,25 +917,20 @@ async fn a_new_tunnel_is_served_over_https_from_the_local_ca() {
         err.contains("metadata.annotations[portway.dev/hsts]"),
         "{err}"
     );
-    hsts_and_no_redirect(&proxies, &name).await;
-    let ca = data.join("pki/ca.crt");
-    eventually("HSTS is sent and plain HTTP is kept", WAIT, || async {
-        ensure!(
-            curl_redirect(stack.edge, &host, "/hello").await == "200",
-            "still redirected"
-        );
-        let headers = https_headers(https, &host, &ca).await?;
-        ensure!(
-            headers.contains("strict-transport-security: max-age=600"),
-            "{headers}"
-        );
-        Ok(())
-    })
-    .await;
+    hsts_and_no_redirect(&proxies, &name, stack.edge, https, &host, &ca).await;
     drop((http, other));
 }
 
-async fn hsts_and_no_redirect(proxies: &Api<HttpProxy>, name: &str) {
+/// Sets HSTS and turns the redirect off on the proxy `name`, then waits until the data
+/// plane at `plain` (HTTP) and `tls` (HTTPS) does both for `host`.
+async fn hsts_and_no_redirect(
+    proxies: &Api<HttpProxy>,
+    name: &str,
+    plain: SocketAddr,
+    tls: SocketAddr,
+    host: &str,
+    ca: &Path,
+) {
     let patch = json!({"metadata": {"annotations": {
         "portway.dev/hsts": "max-age=600", "portway.dev/https-redirect": "false"}}});
     proxies
@@ -946,6 +941,19 @@ async fn hsts_and_no_redirect(proxies: &Api<HttpProxy>, name: &str) {
         )
         .await
         .unwrap();
+    eventually("HSTS is sent and plain HTTP is kept", WAIT, || async {
+        ensure!(
+            curl_redirect(plain, host, "/hello").await == "200",
+            "still redirected"
+        );
+        let headers = https_headers(tls, host, ca).await?;
+        ensure!(
+            headers.contains("strict-transport-security: max-age=600"),
+            "{headers}"
+        );
+        Ok(())
+    })
+    .await;
 }
 
 /// The response headers of `GET https://host/hello` at `front`, verified against `ca`.
@@ -1979,21 +1987,8 @@ async fn envoy_data_plane_end_to_end() {
     assert!(plain == "200", "{plain}");
 
     // The same annotations act on Envoy: HSTS over HTTPS, plain HTTP kept.
-    hsts_and_no_redirect(&proxies, &existing.metadata.name.clone().unwrap()).await;
-    let ca = stack.data().join("pki/ca.crt");
-    eventually("Envoy sends HSTS and keeps plain HTTP", WAIT, || async {
-        ensure!(
-            curl_redirect(front.addr, &canonical, "/hello").await == "200",
-            "still redirected"
-        );
-        let headers = https_headers(tls, &canonical, &ca).await?;
-        ensure!(
-            headers.contains("strict-transport-security: max-age=600"),
-            "{headers}"
-        );
-        Ok(())
-    })
-    .await;
+    let name = existing.metadata.name.clone().unwrap();
+    hsts_and_no_redirect(&proxies, &name, front.addr, tls, &canonical, &ca).await;
 
     // The device goes away: Envoy answers 503 by itself once its backend is unready.
     http.kill9();

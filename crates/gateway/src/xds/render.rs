@@ -1,6 +1,7 @@
 //! The route table as Envoy resources: clusters, the public listener, the route
 //! configuration, each for one node.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -284,33 +285,38 @@ fn serves_https(node: &NodeConfig, certificates: &[Arc<Secret>]) -> bool {
     node.listen_tls.is_some() && certificates.iter().any(|s| Info::of(s).is_some())
 }
 
-/// The plain listener's routes when HTTPS is served: a virtual host whose name an issued
-/// certificate covers answers every request with a 308 to the same URL over HTTPS.
+/// The plain listener's routes when HTTPS is served, from the HTTPS listener's `routes`
+/// (rendered once): a virtual host whose name an issued certificate covers answers every
+/// request with a 308 to the same URL over HTTPS, unless its routes opt out.
 pub fn http_route_configuration(
+    routes: &RouteConfiguration,
     table: &Table,
     node: &NodeConfig,
     certificates: &[Arc<Secret>],
 ) -> RouteConfiguration {
     use redirect_action::RedirectResponseCode as Code;
-    let covered: Vec<String> = certificates
+    let covered: HashSet<String> = certificates
         .iter()
         .filter_map(|s| Info::of(s))
         .flat_map(|i| i.hostnames)
         .collect();
-    let port = node.listen_tls.map_or(0, |a| a.port());
-    let kept: Vec<&str> = table
+    // As clients check: the name itself, or `*.` and its parent (one label).
+    let covers = |name: &str| {
+        covered.contains(name)
+            || name
+                .split_once('.')
+                .is_some_and(|(_, parent)| covered.contains(&format!("*.{parent}")))
+    };
+    let kept: HashSet<&str> = table
         .hosts()
         .filter(|h| !h.https_redirect)
         .map(|h| h.hostname.as_str())
         .collect();
-    let mut rc = route_configuration(table, node);
+    let port = node.listen_tls.map_or(0, |a| a.port());
+    let mut rc = routes.clone();
     rc.name = ROUTES_HTTP.into();
     for vh in &mut rc.virtual_hosts {
-        if kept.contains(&vh.name.as_str())
-            || !covered
-                .iter()
-                .any(|p| portway_api::certificates::covers(p, &vh.name))
-        {
+        if kept.contains(vh.name.as_str()) || !covers(&vh.name) {
             continue;
         }
         vh.routes = vec![Route {
@@ -333,19 +339,23 @@ pub fn http_route_configuration(
 }
 
 fn add_hsts(rc: &mut RouteConfiguration, table: &Table) {
-    for h in table.hosts() {
-        let Some(v) = &h.hsts else { continue };
-        if let Some(vh) = rc.virtual_hosts.iter_mut().find(|vh| vh.name == h.hostname) {
-            vh.response_headers_to_add.push(HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: "strict-transport-security".into(),
-                    value: v.clone(),
-                    ..Default::default()
-                }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+    let hsts: HashMap<&str, &str> = table
+        .hosts()
+        .filter_map(|h| Some((h.hostname.as_str(), h.hsts.as_ref()?.to_str().ok()?)))
+        .collect();
+    for vh in &mut rc.virtual_hosts {
+        let Some(v) = hsts.get(vh.name.as_str()) else {
+            continue;
+        };
+        vh.response_headers_to_add.push(HeaderValueOption {
+            header: Some(HeaderValue {
+                key: "strict-transport-security".into(),
+                value: (*v).to_owned(),
                 ..Default::default()
-            });
-        }
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        });
     }
 }
 
@@ -730,20 +740,14 @@ pub fn resources(
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
         ROUTE_TYPE => {
-            let https = serves_https(node, certificates);
             let mut routes = route_configuration(table, node);
+            if !serves_https(node, certificates) {
+                return vec![any(ROUTE_TYPE, &routes)];
+            }
+            let plain = http_route_configuration(&routes, table, node, certificates);
             // HSTS only on the HTTPS listener's routes (clients ignore it over HTTP).
-            if https {
-                add_hsts(&mut routes, table);
-            }
-            let mut out = vec![any(ROUTE_TYPE, &routes)];
-            if https {
-                out.push(any(
-                    ROUTE_TYPE,
-                    &http_route_configuration(table, node, certificates),
-                ));
-            }
-            out
+            add_hsts(&mut routes, table);
+            vec![any(ROUTE_TYPE, &routes), any(ROUTE_TYPE, &plain)]
         }
         SECRET_TYPE => secrets(certificates)
             .iter()

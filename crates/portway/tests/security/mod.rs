@@ -571,19 +571,12 @@ async fn attacks_on_isolation_are_refused() {
     //    project, are read by the control plane alone: not by a device, nor by a
     //    project's people, whatever their role there.
     let system: Api<Secret> = Api::namespaced(w.admin.clone(), "portway-system");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while system
-        .get_opt("wildcard.portway.localhost")
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the zone's certificate was never issued"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the zone's certificate is issued", WAIT, || async {
+        let issued = system.get_opt("wildcard.portway.localhost").await?;
+        ensure!(issued.is_some(), "not yet");
+        Ok(())
+    })
+    .await;
     let vera = w.person(VERA, "team-a").await;
     for (who, client) in [
         ("device-c", device_c.clone()),
@@ -598,11 +591,24 @@ async fn attacks_on_isolation_are_refused() {
             assert_eq!(code, 403, "{who} read a Secret in {ns}: {msg}");
         }
         let (code, msg) = refusal(
-            Api::<Secret>::namespaced(client, "portway-system")
+            Api::<Secret>::namespaced(client.clone(), "portway-system")
                 .delete("wildcard.portway.localhost", &DeleteParams::default())
                 .await,
         );
         assert_eq!(code, 403, "{who} deleted the zone's certificate: {msg}");
+        // Nor may they write an ACME answer, which the DNS server would publish.
+        let answer: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "forged", "labels": {"portway.dev/acme-challenge": "true"},
+                "annotations": {"portway.dev/record": "_acme-challenge.portway.localhost"}},
+            "stringData": {"txt": "forged"},
+        }))
+        .unwrap();
+        let (code, msg) = refusal(
+            Api::<Secret>::namespaced(client, "portway-system")
+                .create(&PostParams::default(), &answer)
+                .await,
+        );
+        assert_eq!(code, 403, "{who} wrote an ACME answer: {msg}");
     }
 
     // 6. Revoking a device: deleting its Connector cuts its credential off at once.
