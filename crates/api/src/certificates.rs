@@ -54,17 +54,20 @@ pub fn hsts(value: &str) -> Result<(), String> {
 pub const CHALLENGE_LABEL: &str = "portway.dev/acme-challenge";
 pub const RECORD: &str = "portway.dev/record";
 
+fn is_challenge(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(CHALLENGE_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
 /// The record a challenge Secret asks to publish: name (lowercase, no trailing dot) and
 /// TXT value.
 pub fn challenge_record(secret: &Secret) -> Option<(String, String)> {
     let meta = &secret.metadata;
-    if meta
-        .labels
-        .as_ref()?
-        .get(CHALLENGE_LABEL)
-        .map(String::as_str)
-        != Some("true")
-    {
+    if !is_challenge(secret) {
         return None;
     }
     let name = meta.annotations.as_ref()?.get(RECORD)?;
@@ -73,6 +76,56 @@ pub fn challenge_record(secret: &Secret) -> Option<(String, String)> {
         name.trim_end_matches('.').to_ascii_lowercase(),
         String::from_utf8(value.0.clone()).ok()?,
     ))
+}
+
+/// On a challenge Secret (with [`CHALLENGE_LABEL`]) holding an ACME HTTP-01 answer: the
+/// host it is for. Every edge answers plain-HTTP `GET` [`HTTP01_PATH`]`<token>` to that
+/// host with `data.key-authorization` (`<token>.<thumbprint>`).
+pub const HTTP01_HOST: &str = "portway.dev/http01-host";
+/// Where ACME servers look for an HTTP-01 answer (RFC 8555 §8.3).
+pub const HTTP01_PATH: &str = "/.well-known/acme-challenge/";
+
+/// An HTTP-01 answer, as an edge serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Http01 {
+    /// Lowercase, no trailing dot.
+    pub host: String,
+    pub token: String,
+    pub key_authorization: String,
+}
+
+impl Http01 {
+    /// The request path the ACME server asks.
+    pub fn path(&self) -> String {
+        format!("{HTTP01_PATH}{}", self.token)
+    }
+}
+
+/// The HTTP-01 answer a challenge Secret holds. The token and thumbprint are base64url
+/// (RFC 8555 §8.1), checked here: they end up in a URL path and in Envoy's configuration.
+pub fn http01_answer(secret: &Secret) -> Option<Http01> {
+    let meta = &secret.metadata;
+    if !is_challenge(secret) {
+        return None;
+    }
+    let host = meta.annotations.as_ref()?.get(HTTP01_HOST)?;
+    let value = secret.data.as_ref()?.get("key-authorization")?;
+    let key_authorization = String::from_utf8(value.0.clone()).ok()?;
+    let (token, thumbprint) = key_authorization.split_once('.')?;
+    let base64url = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !base64url(token) || !base64url(thumbprint) {
+        return None;
+    }
+    Some(Http01 {
+        host: host.trim_end_matches('.').to_ascii_lowercase(),
+        token: token.to_owned(),
+        key_authorization,
+    })
 }
 
 /// A Secret name for a certificate of `hostname`: the name itself, `*.` written
@@ -165,5 +218,43 @@ mod tests {
             "exact.wildcard.p.localhost"
         );
         assert_eq!(secret_name("exact.p.localhost"), "exact.exact.p.localhost");
+    }
+
+    #[test]
+    fn an_http01_answer_needs_the_label_a_host_and_a_base64url_key_authorization() {
+        let secret = |label: bool, host: Option<&str>, value: &str| {
+            let mut s: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "acme-http01-0",
+                    "labels": if label { serde_json::json!({CHALLENGE_LABEL: "true"}) } else { serde_json::json!({}) },
+                    "annotations": host.map_or(serde_json::json!({}), |h| serde_json::json!({HTTP01_HOST: h}))},
+            }))
+            .unwrap();
+            s.data = Some(
+                [(
+                    "key-authorization".to_owned(),
+                    k8s_openapi::ByteString(value.as_bytes().to_vec()),
+                )]
+                .into(),
+            );
+            s
+        };
+        let answer = http01_answer(&secret(true, Some("Shop.Test."), "tok_en-1.thumb")).unwrap();
+        assert_eq!(answer.host, "shop.test");
+        assert_eq!(answer.path(), "/.well-known/acme-challenge/tok_en-1");
+        assert_eq!(answer.key_authorization, "tok_en-1.thumb");
+        for (label, host, value) in [
+            (false, Some("shop.test"), "tok.thumb"),
+            (true, None, "tok.thumb"),
+            (true, Some("shop.test"), "no-dot"),
+            (true, Some("shop.test"), "../etc.thumb"),
+            (true, Some("shop.test"), "tok.thumb\r\nx: y"),
+            (true, Some("shop.test"), ".thumb"),
+        ] {
+            assert_eq!(
+                http01_answer(&secret(label, host, value)),
+                None,
+                "{value:?}"
+            );
+        }
     }
 }

@@ -180,7 +180,18 @@ pub fn watch_secrets(
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let api: Api<Secret> = Api::namespaced(client, SYSTEM_NAMESPACE);
-    let config = watcher::Config::default().labels(&format!("{LABEL}=true"));
+    watch_labelled(api, &format!("{LABEL}=true"), changed, shutdown)
+}
+
+/// Watches the Secrets `selector` picks until `shutdown`, handing every current one to
+/// `changed` after each change (and after each relist).
+pub(crate) fn watch_labelled(
+    api: Api<Secret>,
+    selector: &str,
+    changed: impl Fn(Vec<Arc<Secret>>) + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let config = watcher::Config::default().labels(selector);
     let (store, events) = portway_kube::watch::reflect(api, config);
     let update: portway_kube::watch::Subscriber<Secret> = Box::new(move |e| match e {
         watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {

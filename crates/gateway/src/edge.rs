@@ -85,6 +85,8 @@ struct State {
     /// The HTTPS port and the certificates: plain HTTP to a name an issued certificate
     /// covers is redirected there.
     redirect: Option<(u16, Arc<Resolver>)>,
+    /// ACME HTTP-01 answers, served over plain HTTP before any route.
+    http01: crate::http01::Answers,
 }
 
 /// A running edge.
@@ -102,6 +104,7 @@ impl Edge {
     pub async fn bind(
         config: Config,
         certs: Arc<Resolver>,
+        http01: crate::http01::Answers,
         table: Arc<ArcSwap<Table>>,
         sidecar: Arc<Sidecar>,
         metrics: Metrics,
@@ -126,6 +129,7 @@ impl Edge {
             trusted_proxies: config.trusted_proxies.clone(),
             access_log: config.access_log,
             redirect: https_port.map(|p| (p, certs.clone())),
+            http01,
         });
         let mut tasks = Vec::new();
         let mut http = None;
@@ -227,10 +231,7 @@ impl Drop for OpenConnection {
 /// Where plain HTTP to `authority` goes instead, when an issued certificate covers its
 /// name: the same host, path and query over HTTPS (port omitted when 443).
 fn https_location(authority: &str, uri: &http::Uri, port: u16, certs: &Resolver) -> Option<String> {
-    let name = match authority.rsplit_once(':') {
-        Some((name, p)) if !name.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => authority,
-    };
+    let name = host_name(authority);
     if !certs.issued_covers(name) {
         return None;
     }
@@ -240,6 +241,14 @@ fn https_location(authority: &str, uri: &http::Uri, port: u16, certs: &Resolver)
     } else {
         format!("https://{name}:{port}{path}")
     })
+}
+
+/// The name in a Host header or authority, without its port.
+pub(crate) fn host_name(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((name, p)) if !name.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => authority,
+    }
 }
 
 /// One public request, top to bottom.
@@ -268,6 +277,15 @@ async fn handle(
     };
     if let Ok(v) = HeaderValue::from_str(&host_raw) {
         req.headers_mut().insert(header::HOST, v);
+    }
+    // An ACME server checking a name the operator is ordering a certificate for: answered
+    // here, whatever routes or redirects the name has.
+    if scheme == "http"
+        && req.method() == http::Method::GET
+        && let Some(a) = crate::http01::answer(&state.http01.load(), &host_raw, req.uri().path())
+    {
+        state.metrics.request("acme-http01", 200);
+        return text(StatusCode::OK, a.key_authorization.clone());
     }
     let table = state.table.load();
     let Some(host) = table.lookup(&host_raw) else {

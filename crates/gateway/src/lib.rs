@@ -7,6 +7,7 @@
 //! - [`edge`]: public HTTP/1.1, h2c and h2 over TLS (SNI); strips inbound `datum-*` and
 //!   `x-iroh-*`, routes, picks a ready backend, adds `X-Forwarded-*`, forwards through
 //!   the sidecar in process.
+//! - [`http01`]: the ACME HTTP-01 answers every edge serves for the operator's orders.
 //! - [`access`]: the edge's access log, one `portway::access` event per request.
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
@@ -39,6 +40,7 @@ pub mod access;
 pub mod certs;
 pub mod edge;
 pub mod filters;
+pub mod http01;
 pub mod metrics;
 pub mod model;
 pub mod pool;

@@ -71,7 +71,8 @@ pub struct EdgeStack {
     metrics: Metrics,
     routes: Routes,
     sidecar_task: Option<JoinHandle<()>>,
-    certs_task: Option<JoinHandle<()>>,
+    /// The certificate and HTTP-01 answer watches.
+    watches: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -111,9 +112,20 @@ impl EdgeStack {
             .https
             .is_some()
             .then(|| certs::spawn_watch(client.clone(), resolver.clone(), shutdown.clone()));
+        // Every edge with a plain listener answers ACME HTTP-01: the CA may reach any.
+        let http01 = crate::http01::Answers::default();
+        let http01_task = config.edge.http.is_some().then(|| {
+            let answers = http01.clone();
+            crate::http01::watch(
+                client.clone(),
+                move |a| answers.store(Arc::new(a)),
+                shutdown.clone(),
+            )
+        });
         let edge = Edge::bind(
             config.edge,
             resolver,
+            http01,
             table.clone(),
             sidecar.clone(),
             metrics.clone(),
@@ -153,7 +165,7 @@ impl EdgeStack {
             metrics,
             routes,
             sidecar_task,
-            certs_task,
+            watches: certs_task.into_iter().chain(http01_task).collect(),
             shutdown,
         })
     }
@@ -199,13 +211,13 @@ impl EdgeStack {
             sidecar,
             routes,
             sidecar_task,
-            certs_task,
+            watches,
             shutdown,
             ..
         } = self;
         join_within("the edge", &shutdown, async move {
             edge.join().await;
-            for t in sidecar_task.into_iter().chain(certs_task) {
+            for t in sidecar_task.into_iter().chain(watches) {
                 let _ = t.await;
             }
             routes.join().await;

@@ -296,13 +296,13 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
     // Names outside the zone must be proven: on by default, as a public edge needs.
-    operator_config.verification = Some(portway_operator::verify::Config::new(
-        config.hostname_resolver.unwrap_or_else(system_resolver),
-    ));
+    let resolver = config.hostname_resolver.unwrap_or_else(system_resolver);
+    operator_config.verification = Some(portway_operator::verify::Config::new(resolver));
     if config.https.is_some() {
         let issuer = match config.acme.clone() {
             Some(mut acme) => {
                 acme.dns = Some(dns_addr);
+                acme.resolver = Some(resolver);
                 portway_operator::certs::Issuer::Acme(Arc::new(portway_operator::acme::Acme::new(
                     acme,
                     client.clone(),

@@ -1,29 +1,39 @@
-//! ACME issuance (RFC 8555, through `instant-acme`) with DNS-01 answered by Portway's own
-//! DNS server: each answer is a Secret in `portway-system` that the DNS server publishes
-//! as `_acme-challenge.<name>` TXT ([`portway_api::certificates::challenge_record`]). That
-//! is how the zone gets a wildcard, so a new tunnel has HTTPS with no ACME round trip.
+//! ACME issuance (RFC 8555, through `instant-acme`). Each answer is a Secret in
+//! `portway-system`:
+//! - names in the zone (its wildcard included) are answered over DNS-01 by Portway's own
+//!   DNS server, which publishes `_acme-challenge.<name>` TXT
+//!   ([`portway_api::certificates::challenge_record`]). That is how the zone gets a
+//!   wildcard, so a new tunnel has HTTPS with no ACME round trip;
+//! - proven names outside the zone ([`crate::verify`]) are answered over HTTP-01 by every
+//!   edge, built-in or Envoy ([`portway_api::certificates::http01_answer`]): their DNS is
+//!   not ours, but it points at the edges.
 //!
 //! The account key is kept in a Secret too, so a restarted operator does not register a
 //! new account. Before telling the ACME server a challenge is ready, the answer is looked
-//! up at the zone's DNS server (when its address is known), as cert-manager does: the
-//! server checks once, and a record not yet published would fail the order.
+//! up as the server will (the TXT record at the zone's DNS server, or the HTTP answer at
+//! the name's address), as cert-manager does: the server checks once, and an answer not
+//! yet served would fail the order. A certificate no longer wanted is revoked.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hickory_proto::rr::RecordType;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType,
     ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    RevocationReason, RevocationRequest,
 };
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use portway_api::certificates::{CHALLENGE_LABEL, RECORD, SYSTEM_NAMESPACE};
+use portway_api::certificates::{
+    CHALLENGE_LABEL, HTTP01_HOST, HTTP01_PATH, RECORD, SYSTEM_NAMESPACE,
+};
 use portway_api::managers;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -43,6 +53,38 @@ pub struct Config {
     /// The zone's authoritative DNS server, asked for each answer before the ACME server is
     /// told to look (none: no check).
     pub dns: Option<SocketAddr>,
+    /// The port ACME servers fetch HTTP-01 answers from (80): where the edges' plain HTTP
+    /// listener is reached at a name's address.
+    pub http_port: u16,
+    /// The resolver asked for a name's address before an HTTP-01 answer is fetched there
+    /// (none: the system's).
+    pub resolver: Option<SocketAddr>,
+}
+
+/// How the ACME server is shown control of a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Solver {
+    /// A TXT record in the zone, published by Portway's DNS server.
+    Dns01,
+    /// An HTTP answer from every edge, for a proven name outside the zone.
+    Http01,
+}
+
+/// How `name` is answered for, given Portway's `zone`; why it cannot be otherwise.
+///
+/// # Errors
+/// For a wildcard outside the zone: only DNS-01 can prove one, and its DNS is not ours.
+pub fn solver(zone: &str, name: &str) -> Result<Solver, String> {
+    let base = name.strip_prefix("*.").unwrap_or(name);
+    if base == zone || base.ends_with(&format!(".{zone}")) {
+        Ok(Solver::Dns01)
+    } else if name.starts_with("*.") {
+        Err(format!(
+            "an ACME certificate for the wildcard {name} needs DNS-01 at {base}'s own DNS server; Portway answers DNS-01 only in its zone {zone}, and HTTP-01 only for exact names"
+        ))
+    } else {
+        Ok(Solver::Http01)
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -52,6 +94,8 @@ impl std::fmt::Debug for Config {
             .field("email", &self.email)
             .field("eab", &self.eab.as_ref().map(|(kid, _)| kid))
             .field("dns", &self.dns)
+            .field("http_port", &self.http_port)
+            .field("resolver", &self.resolver)
             .finish_non_exhaustive()
     }
 }
@@ -60,7 +104,7 @@ impl std::fmt::Debug for Config {
 const ACCOUNT_SECRET: &str = "acme-account";
 /// How long an order may take from ready challenges to a certificate.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a published answer may take to show at the DNS server.
+/// How long a published answer may take to show at the DNS server, or at the edges.
 const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Http = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
@@ -185,15 +229,19 @@ impl Acme {
         Ok(account)
     }
 
-    /// Orders a certificate for `hostnames` (wildcards included), answering every
-    /// authorization over DNS-01; returns the chain and its key (PEM). Published answers
-    /// are removed whatever the outcome.
-    pub async fn issue(&self, hostnames: &[String]) -> Result<(String, String), String> {
+    /// Orders a certificate for `hostnames`, answering every authorization with
+    /// `solver`; returns the chain and its key (PEM). Published answers are removed
+    /// whatever the outcome.
+    pub async fn issue(
+        &self,
+        hostnames: &[String],
+        solver: Solver,
+    ) -> Result<(String, String), String> {
         let account = self.account().await?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let mut published = Vec::new();
         let result = self
-            .order(&account, &secrets, hostnames, &mut published)
+            .order(&account, &secrets, hostnames, solver, &mut published)
             .await;
         for name in published {
             if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await {
@@ -208,6 +256,7 @@ impl Acme {
         account: &Account,
         secrets: &Api<Secret>,
         hostnames: &[String],
+        solver: Solver,
         published: &mut Vec<String>,
     ) -> Result<(String, String), String> {
         let ids: Vec<Identifier> = hostnames
@@ -228,23 +277,42 @@ impl Acme {
                 AuthorizationStatus::Valid => continue,
                 other => return Err(format!("an authorization is {other:?}")),
             }
+            let kind = match solver {
+                Solver::Dns01 => ChallengeType::Dns01,
+                Solver::Http01 => ChallengeType::Http01,
+            };
             let mut challenge = authz
-                .challenge(ChallengeType::Dns01)
-                .ok_or("the ACME server offers no dns-01 challenge")?;
+                .challenge(kind.clone())
+                .ok_or_else(|| format!("the ACME server offers no {kind:?} challenge"))?;
             let Identifier::Dns(domain) = &challenge.identifier().identifier else {
                 return Err("the ACME server asked about a non-DNS identifier".into());
             };
-            let record = format!("_acme-challenge.{domain}");
-            let value = challenge.key_authorization().dns_value();
-            let name = format!("acme-challenge-{}", published.len());
-            publish(secrets, &name, &record, &value).await?;
-            published.push(name);
-            self.propagated(&record, &value).await?;
+            let domain = domain.clone();
+            let answer = match solver {
+                Solver::Dns01 => {
+                    let record = format!("_acme-challenge.{domain}");
+                    let value = challenge.key_authorization().dns_value();
+                    let name = format!("acme-challenge-{}", published.len());
+                    publish(secrets, &name, (RECORD, &record), ("txt", &value)).await?;
+                    published.push(name);
+                    self.propagated(&record, &value).await?;
+                    record
+                }
+                Solver::Http01 => {
+                    let key_authorization = challenge.key_authorization().as_str().to_owned();
+                    let path = format!("{HTTP01_PATH}{}", challenge.token);
+                    let name = format!("acme-http01-{}", published.len());
+                    let data = ("key-authorization", key_authorization.as_str());
+                    publish(secrets, &name, (HTTP01_HOST, &domain), data).await?;
+                    published.push(name);
+                    self.served(&domain, &path, &key_authorization).await?
+                }
+            };
             challenge
                 .set_ready()
                 .await
-                .map_err(|e| format!("answering the challenge for {record}: {}", chain(&e)))?;
-            answers.push(record);
+                .map_err(|e| format!("answering the challenge at {answer}: {}", chain(&e)))?;
+            answers.push(answer);
         }
         let policy = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
@@ -280,7 +348,7 @@ impl Acme {
         let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
         let mut delay = Duration::from_millis(20);
         loop {
-            let values = crate::dns::ask(server, record, hickory_proto::rr::RecordType::TXT)
+            let values = crate::dns::ask(server, record, RecordType::TXT)
                 .await
                 .map(|a| a.txt);
             match values {
@@ -297,6 +365,135 @@ impl Acme {
             delay = (delay * 2).min(Duration::from_millis(500));
         }
     }
+}
+
+impl Acme {
+    /// Waits until the edges answer `http://<domain><path>` with `key_authorization` at
+    /// the address the ACME server will find for `domain`; returns that URL.
+    async fn served(
+        &self,
+        domain: &str,
+        path: &str,
+        key_authorization: &str,
+    ) -> Result<String, String> {
+        let port = self.config.http_port;
+        let url = if port == 80 {
+            format!("http://{domain}{path}")
+        } else {
+            format!("http://{domain}:{port}{path}")
+        };
+        let client =
+            HyperClient::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<Bytes>>();
+        let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let found = match self.addresses(domain).await {
+                Ok(addrs) => fetch(&client, &addrs, port, domain, path).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(body) if body.trim_end() == key_authorization => return Ok(url),
+                _ if tokio::time::Instant::now() < deadline => {}
+                Ok(body) => {
+                    return Err(format!(
+                        "{url} does not serve the HTTP-01 answer within {PROPAGATION_TIMEOUT:?} (it answers {:?}): does {domain} point at an edge, listening on port {port}?",
+                        body.chars().take(200).collect::<String>()
+                    ));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{url} does not serve the HTTP-01 answer within {PROPAGATION_TIMEOUT:?}: {e}"
+                    ));
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// `domain`'s addresses, from the configured resolver or the system's.
+    async fn addresses(&self, domain: &str) -> Result<Vec<IpAddr>, String> {
+        let addrs = match self.config.resolver {
+            Some(server) => {
+                let mut addrs = Vec::new();
+                for rtype in [RecordType::A, RecordType::AAAA] {
+                    addrs.extend(crate::dns::ask(server, domain, rtype).await?.addrs);
+                }
+                addrs
+            }
+            None => tokio::net::lookup_host((domain, self.config.http_port))
+                .await
+                .map_err(|e| format!("resolving {domain}: {e}"))?
+                .map(|a| a.ip())
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(format!("{domain} has no address"));
+        }
+        Ok(addrs)
+    }
+
+    /// Revokes a certificate this directory issued (`chain_pem`, leaf first): its key is
+    /// about to be deleted, and nothing should trust it any more.
+    pub async fn revoke(&self, chain_pem: &[u8]) -> Result<(), String> {
+        let leaf = CertificateDer::pem_slice_iter(chain_pem)
+            .next()
+            .ok_or("no certificate")?
+            .map_err(|e| format!("not a certificate: {e}"))?;
+        let account = self.account().await?;
+        account
+            .revoke(&RevocationRequest {
+                certificate: &leaf,
+                reason: Some(RevocationReason::CessationOfOperation),
+            })
+            .await
+            .map_err(|e| format!("revoking at {}: {}", self.config.directory, chain(&e)))
+    }
+}
+
+/// The body `GET http://<domain><path>` answers at the first of `addrs` that answers.
+async fn fetch(
+    client: &HyperClient<HttpConnector, http_body_util::Empty<Bytes>>,
+    addrs: &[IpAddr],
+    port: u16,
+    domain: &str,
+    path: &str,
+) -> Result<String, String> {
+    use http_body_util::BodyExt as _;
+    let mut last = String::new();
+    for ip in addrs {
+        let addr = SocketAddr::new(*ip, port);
+        let request = hyper::Request::get(format!("http://{addr}{path}"))
+            .header(hyper::header::HOST, domain)
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(Duration::from_secs(5), async {
+            let response = client.request(request).await.map_err(|e| chain(&e))?;
+            let status = response.status();
+            // An answer is a hundred bytes; a page in its place is cut short.
+            let body = http_body_util::Limited::new(response.into_body(), 4096)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, String>((status, body))
+        })
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".into()));
+        match response {
+            Ok((status, body)) if status.is_success() => {
+                return Ok(String::from_utf8_lossy(&body).into_owned());
+            }
+            Ok((status, body)) => {
+                last = format!(
+                    "{addr} answers {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// An error with its causes: a bare "client error (Connect)" hides the TLS reason.
@@ -332,21 +529,23 @@ async fn order_problem(order: &mut instant_acme::Order) -> String {
     }
 }
 
+/// Publishes an answer: a challenge Secret with one annotation (what it is for) and one
+/// data key (the answer).
 async fn publish(
     secrets: &Api<Secret>,
     name: &str,
-    record: &str,
-    value: &str,
+    (annotation, subject): (&str, &str),
+    (key, value): (&str, &str),
 ) -> Result<(), String> {
     let mut secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": SYSTEM_NAMESPACE,
             "labels": {CHALLENGE_LABEL: "true", portway_api::labels::MANAGED_BY: managers::OPERATOR},
-            "annotations": {RECORD: record}},
+            "annotations": {annotation: subject}},
         "type": "Opaque",
     }))
     .map_err(|e| e.to_string())?;
-    secret.data = Some([("txt".to_owned(), ByteString(value.as_bytes().to_vec()))].into());
+    secret.data = Some([(key.to_owned(), ByteString(value.as_bytes().to_vec()))].into());
     secrets
         .patch(
             name,
@@ -354,6 +553,23 @@ async fn publish(
             &Patch::Apply(&secret),
         )
         .await
-        .map_err(|e| format!("publishing {record}: {e}"))?;
+        .map_err(|e| format!("publishing the answer for {subject}: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zone_names_use_dns01_others_http01_and_foreign_wildcards_neither() {
+        let zone = "portway.example";
+        assert_eq!(solver(zone, "*.portway.example"), Ok(Solver::Dns01));
+        assert_eq!(solver(zone, "a.portway.example"), Ok(Solver::Dns01));
+        assert_eq!(solver(zone, "portway.example"), Ok(Solver::Dns01));
+        assert_eq!(solver(zone, "shop.test"), Ok(Solver::Http01));
+        assert_eq!(solver(zone, "notportway.example"), Ok(Solver::Http01));
+        let err = solver(zone, "*.shop.test").unwrap_err();
+        assert!(err.contains("DNS-01") && err.contains("shop.test"), "{err}");
+    }
 }

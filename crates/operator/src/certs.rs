@@ -7,7 +7,9 @@
 //! It issues the zone's wildcard (`*.<zone>`), which covers every canonical name and
 //! every spec hostname one label below the zone, and a certificate per proven hostname
 //! outside the zone ([`crate::verify`]), from the local CA or an ACME directory
-//! ([`crate::acme`], DNS-01 through Portway's DNS server: zone names only).
+//! ([`crate::acme`]: DNS-01 through Portway's DNS server in the zone, HTTP-01 through
+//! the edges outside it). An ACME certificate whose name is no longer wanted is revoked
+//! when it is deleted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ use reasons::*;
 pub enum Issuer {
     /// Portway's own CA (`portway up` without ACME): trusted once, by whoever adds it.
     LocalCa(Arc<LocalCa>),
-    /// An ACME directory, DNS-01 answered by Portway's DNS server.
+    /// An ACME directory: DNS-01 answered by Portway's DNS server, HTTP-01 by the edges.
     Acme(Arc<crate::acme::Acme>),
 }
 
@@ -64,6 +66,7 @@ impl Issuer {
     async fn issue(
         &self,
         hostnames: &[String],
+        zone: &str,
         validity: Duration,
     ) -> Result<(String, String, Timestamp), String> {
         match self {
@@ -81,7 +84,8 @@ impl Issuer {
             }
             // The CA decides the validity; the leaf says what it chose.
             Self::Acme(acme) => {
-                let (chain, key) = acme.issue(hostnames).await?;
+                let solver = crate::acme::solver(zone, &hostnames[0])?;
+                let (chain, key) = acme.issue(hostnames, solver).await?;
                 let not_after = leaf_not_after(&chain)?;
                 Ok((chain, key, not_after))
             }
@@ -259,21 +263,12 @@ pub(crate) struct Run {
     pub wake: Arc<tokio::sync::Notify>,
 }
 
-/// Which of `wanted` this issuer can serve, and why not for the others: an ACME order is
-/// answered over DNS-01 by Portway's DNS, which speaks only for the zone.
+/// Whether this issuer can serve `name`, and why not: an ACME order for a wildcard
+/// outside the zone needs DNS-01 at someone else's DNS server.
 fn issuable(issuer: &Issuer, zone: &str, name: &str) -> Result<(), String> {
     match issuer {
         Issuer::LocalCa(_) => Ok(()),
-        Issuer::Acme(_) => {
-            let base = name.strip_prefix("*.").unwrap_or(name);
-            if base == zone || base.ends_with(&format!(".{zone}")) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ACME certificates for names outside the zone {zone} need HTTP-01, which Portway does not answer yet"
-                ))
-            }
-        }
+        Issuer::Acme(_) => crate::acme::solver(zone, name).map(|_| ()),
     }
 }
 
@@ -281,6 +276,7 @@ fn issuable(issuer: &Issuer, zone: &str, name: &str) -> Result<(), String> {
 /// and current until `shutdown`; removes the certificates of names no longer wanted.
 pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
     let api: Api<Secret> = Api::namespaced(run.client.clone(), SYSTEM_NAMESPACE);
+    sweep_answers(&api).await;
     let wildcard = format!("*.{}", run.zone);
     let mut retry_at: BTreeMap<String, (tokio::time::Instant, Duration)> = BTreeMap::new();
     let mut unwanted_since = BTreeMap::new();
@@ -371,6 +367,25 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
     }
 }
 
+/// Deletes the ACME answers an earlier run left (it stopped mid-order): no order is open
+/// before this issuer starts one, and a stale answer would be published for nothing.
+async fn sweep_answers(api: &Api<Secret>) {
+    let selector = format!(
+        "{}=true,{}={}",
+        certificates::CHALLENGE_LABEL,
+        portway_api::labels::MANAGED_BY,
+        managers::OPERATOR
+    );
+    let dp = kube::api::DeleteParams::default();
+    match api
+        .delete_collection(&dp, &ListParams::default().labels(&selector))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "removing ACME answers left by an earlier run"),
+    }
+}
+
 /// How long a certificate left by an earlier run may be unwanted before it is deleted.
 const STALE_GRACE: Duration = Duration::from_secs(600);
 
@@ -427,9 +442,10 @@ async fn forget(
             continue;
         }
         unwanted_since.remove(&info.name);
+        let revoked = revoke(run, &secret, &info).await;
         match api.delete(&info.name, &Default::default()).await {
             Ok(_) => {
-                tracing::info!(certificate = %info.hostnames.join(","), "certificate removed: no longer wanted");
+                tracing::info!(certificate = %info.hostnames.join(","), %revoked, "certificate removed: no longer wanted");
                 run.events
                     .record(
                         &reference(&info.name),
@@ -437,7 +453,7 @@ async fn forget(
                         "Removed",
                         "Remove",
                         format!(
-                            "{} is no longer routed here; its certificate is no longer served",
+                            "{} is no longer routed here; its certificate is no longer served ({revoked})",
                             info.hostnames.join(", ")
                         ),
                     )
@@ -448,6 +464,37 @@ async fn forget(
         }
     }
     !gone_states.is_empty()
+}
+
+/// Revokes a certificate about to be deleted, when the configured ACME directory issued
+/// it; says what became of it. A revocation that fails does not keep the certificate:
+/// the name is no longer routed, and its key goes with the Secret.
+async fn revoke(run: &Run, secret: &Secret, info: &Info) -> String {
+    let Issuer::Acme(acme) = &run.config.issuer else {
+        return format!("issued by {}, which keeps no revocation list", info.issuer);
+    };
+    if info.issuer != acme.directory() {
+        return format!("issued by {}, not revoked", info.issuer);
+    }
+    let Some(chain) = secret.data.as_ref().and_then(|d| d.get("tls.crt")) else {
+        return "no certificate to revoke".into();
+    };
+    match acme.revoke(&chain.0).await {
+        Ok(()) => format!("revoked at {}", info.issuer),
+        Err(error) => {
+            tracing::warn!(certificate = %info.hostnames.join(","), %error, "revoking");
+            run.events
+                .record(
+                    &reference(&info.name),
+                    portway_kube::events::Kind::Warning,
+                    "RevokeFailed",
+                    "Revoke",
+                    format!("{}: {error}", info.hostnames.join(", ")),
+                )
+                .await;
+            format!("not revoked: {error}")
+        }
+    }
 }
 
 /// Makes sure a current certificate for `hostnames` is stored; returns its expiry.
@@ -477,7 +524,7 @@ async fn keep(
     let (chain, key, not_after) = run
         .config
         .issuer
-        .issue(hostnames, run.config.validity)
+        .issue(hostnames, &run.zone, run.config.validity)
         .await?;
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1",

@@ -1,5 +1,6 @@
-//! One DNS question over UDP, for the two checks the operator makes itself: that an ACME
-//! answer is published, and that a project proved it controls a hostname.
+//! One DNS question over UDP, for the checks the operator makes itself: that an ACME
+//! answer is published (or where to fetch it), and that a project proved it controls a
+//! hostname.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +15,8 @@ pub struct Answer {
     pub txt: Vec<String>,
     /// CNAME targets, lowercase, without the trailing dot.
     pub cname: Vec<String>,
+    /// A and AAAA addresses.
+    pub addrs: Vec<std::net::IpAddr>,
 }
 
 /// Asks `server` (recursion desired) for `name`'s records of `rtype`, waiting 2 s.
@@ -70,6 +73,8 @@ pub async fn ask(server: SocketAddr, name: &str, rtype: RecordType) -> Result<An
             RData::CNAME(c) => out
                 .cname
                 .push(c.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
+            RData::A(a) => out.addrs.push(a.0.into()),
+            RData::AAAA(a) => out.addrs.push(a.0.into()),
             _ => {}
         }
     }

@@ -1062,7 +1062,7 @@ async fn the_zone_wildcard_comes_from_acme_over_dns01() {
     use portway_testkit::pebble::{Pebble, free_port};
     let dir = tempfile::tempdir().unwrap();
     let dns = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let pebble = Pebble::start(dir.path(), dns).await.unwrap();
+    let pebble = Pebble::start(dir.path(), dns, None).await.unwrap();
     let dns_flag = dns.to_string();
     let acme = |pebble: &Pebble| {
         [
@@ -1107,7 +1107,9 @@ async fn the_zone_wildcard_comes_from_acme_over_dns01() {
     // says so, with the ACME server's reason; the URL printed is http://.
     let wrong_dir = tempfile::tempdir().unwrap();
     let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let wrong = Pebble::start(wrong_dir.path(), nowhere).await.unwrap();
+    let wrong = Pebble::start(wrong_dir.path(), nowhere, None)
+        .await
+        .unwrap();
     let mut extra = acme(&wrong).to_vec();
     let dns = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     extra.extend(["--dns".to_owned(), dns.to_string()]);
@@ -1409,6 +1411,161 @@ async fn hostnames_outside_the_zone_are_routed_only_once_proven() {
     .await;
     assert!(curl_https("shop.test").await.is_ok());
     drop(http);
+}
+
+/// Proves `host` for the default project: the first `portway http` is refused with the
+/// token to publish, which is then published at `dns`.
+async fn prove(stack: &Stack, dns: &portway_testkit::pebble::MockDns, host: &str) {
+    let Err(err) = stack.http(host, 30).await else {
+        panic!("{host} was routed before it was proven");
+    };
+    let err = err.to_string();
+    let token = err
+        .split('"')
+        .find(|s| s.starts_with("portway-verify="))
+        .unwrap_or_else(|| panic!("no token in: {err}"));
+    dns.set_txt(&format!("_portway-challenge.{host}"), token)
+        .await
+        .unwrap();
+}
+
+/// `GET /hello` at `host` over HTTPS through `front` succeeds, verified against `ca`.
+async fn https_ok(front: SocketAddr, host: &str, ca: &Path) -> anyhow::Result<()> {
+    let out = curl_https(front, host, "/hello", ca, &[]).await;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// How many ACME HTTP-01 answers the built-in edge of `portway up` gave.
+async fn acme_answers(stack: &Stack) -> u64 {
+    let metrics = stack.up.ready_str("metrics");
+    let out = tokio::process::Command::new("curl")
+        .args(["-sSf", &format!("http://{metrics}/metrics")])
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.starts_with("portway_gateway_requests_total{") && l.contains("host=\"acme-http01\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The serial (hex) of the certificate a `kubernetes.io/tls` Secret holds.
+fn serial_of(secret: &k8s_openapi::api::core::v1::Secret) -> String {
+    let pem = &secret.data.as_ref().unwrap()["tls.crt"].0;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    cert.raw_serial_as_string().replace(':', "")
+}
+
+/// Proven names outside the zone get ACME certificates over HTTP-01, answered by
+/// whichever edge the ACME server reaches (a load balancer in front of the edges, pointed
+/// at the built-in edge for one name and at a real Envoy for the other). curl verifies
+/// each against Pebble's root alone. A name whose proxy goes has its certificate revoked
+/// at the CA and no longer served.
+#[tokio::test]
+async fn custom_domains_get_acme_certificates_over_http01_on_both_data_planes() {
+    use portway_testkit::forward::Forwarder;
+    use portway_testkit::pebble::{MockDns, Pebble};
+    let dns = MockDns::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Every name resolves to 127.0.0.1 (MockDns); the CA connects to the balancer's port.
+    let lb = Forwarder::start(([127, 0, 0, 1], 9).into()).await.unwrap();
+    let pebble = Pebble::start(dir.path(), dns.dns, Some(lb.addr.port()))
+        .await
+        .unwrap();
+    let (resolver, lb_port) = (dns.dns.to_string(), lb.addr.port().to_string());
+    let roots = pebble.directory_roots.display().to_string();
+    let stack = Stack::start_full(
+        None,
+        &[
+            "--hostname-resolver",
+            &resolver,
+            "--acme-directory",
+            &pebble.directory,
+            "--acme-directory-roots",
+            &roots,
+            "--acme-http-port",
+            &lb_port,
+        ],
+        &[],
+    )
+    .await;
+    let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    let root = pebble.issuing_root.clone();
+    let port = stack.origin.addr.port();
+
+    // The built-in edge answers.
+    lb.point_at(stack.edge);
+    prove(&stack, &dns, "shop.test").await;
+    let started = Instant::now();
+    let shop = stack.http("shop.test", 30).await.unwrap();
+    eventually("shop.test is served over HTTPS from Pebble", WAIT, || {
+        https_ok(https, "shop.test", &root)
+    })
+    .await;
+    eprintln!(
+        "custom domain over ACME HTTP-01 (Pebble, built-in edge): portway http to first valid HTTPS 200: {:?}",
+        started.elapsed()
+    );
+    assert_h2_hello(https, "shop.test", &root, port).await;
+    assert_eq!(certificate_condition(&stack, &shop).await.reason, "Issued");
+    // Fetched twice: by the operator's own check, then by the CA.
+    let answered_by_edge = acme_answers(&stack).await;
+    assert!(answered_by_edge >= 2, "{answered_by_edge}");
+
+    // A real Envoy answers: the balancer now sends the CA there.
+    let mut front = envoy_front(&stack, "envoy-http01").await;
+    lb.point_at(front.addr);
+    prove(&stack, &dns, "blog.test").await;
+    let blog = stack.http("blog.test", 30).await.unwrap();
+    let tls = envoy_listener(&mut front.envoy, &front.admin_file, "portway_https").await;
+    eventually(
+        "Envoy serves blog.test over HTTPS from Pebble",
+        WAIT,
+        || https_ok(tls, "blog.test", &root),
+    )
+    .await;
+    assert_h2_hello(tls, "blog.test", &root, port).await;
+    assert_eq!(
+        acme_answers(&stack).await,
+        answered_by_edge,
+        "the answers for blog.test were Envoy's alone"
+    );
+
+    // shop.test's proxy goes: its certificate is revoked at Pebble, and not served.
+    let kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
+    let admin = kube_client(&kc).await.unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "portway-system");
+    let serial = serial_of(&secrets.get("shop.test").await.unwrap());
+    assert!(!pebble.revoked(&serial).await.unwrap());
+    Api::<HttpProxy>::namespaced(admin, "default")
+        .delete(&shop.ready_str("proxy"), &Default::default())
+        .await
+        .unwrap();
+    eventually("shop.test's certificate is revoked", WAIT, || async {
+        ensure!(pebble.revoked(&serial).await?, "not revoked yet");
+        ensure!(
+            secrets.get_opt("shop.test").await?.is_none(),
+            "still stored"
+        );
+        ensure!(
+            https_ok(https, "shop.test", &root).await.is_err(),
+            "still served"
+        );
+        Ok(())
+    })
+    .await;
+    https_ok(tls, "blog.test", &root).await.unwrap();
+    drop((shop, blog, front));
 }
 
 /// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request

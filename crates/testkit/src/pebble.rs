@@ -17,6 +17,8 @@ pub struct Pebble {
     pub directory_roots: PathBuf,
     /// The root Pebble issues from (PEM; for curl's `--cacert`).
     pub issuing_root: PathBuf,
+    /// Its management API (`https://127.0.0.1:PORT`, trusted with `directory_roots`).
+    pub management: String,
 }
 
 /// A port nobody listens on right now (TCP and UDP), for servers that need one up front.
@@ -34,12 +36,34 @@ pub fn free_port() -> Result<u16> {
 }
 
 impl Pebble {
+    /// Whether Pebble holds the certificate `serial` (hex) as revoked.
+    ///
+    /// # Errors
+    /// When its management API does not answer about the serial.
+    pub async fn revoked(&self, serial: &str) -> Result<bool> {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sSf", "--cacert"])
+            .arg(&self.directory_roots)
+            .arg(format!(
+                "{}/cert-status-by-serial/{serial}",
+                self.management
+            ))
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(status["Status"] == "Revoked")
+    }
+
     /// Starts Pebble in `dir` (config and certificates are written there) and waits until
-    /// its directory answers and its issuing root is saved.
+    /// its directory answers and its issuing root is saved. It fetches HTTP-01 answers
+    /// from `http_port` (none: a port nobody listens on).
     ///
     /// # Errors
     /// When Pebble is not installed or does not come up within 30 s.
-    pub async fn start(dir: &Path, dns: SocketAddr) -> Result<Self> {
+    pub async fn start(dir: &Path, dns: SocketAddr, http_port: Option<u16>) -> Result<Self> {
         let bin = which("pebble")
             .context("pebble is not installed: `apt-get install -y pebble` (.ci/run does it)")?;
         let ca_key = rcgen::KeyPair::generate()?;
@@ -62,7 +86,8 @@ impl Pebble {
             "listenAddress": format!("127.0.0.1:{listen}"),
             "managementListenAddress": format!("127.0.0.1:{management}"),
             "certificate": cert_path, "privateKey": key_path,
-            "httpPort": free_port()?, "tlsPort": free_port()?,
+            "httpPort": match http_port { Some(p) => p, None => free_port()? },
+            "tlsPort": free_port()?,
             "ocspResponderURL": "", "externalAccountBindingRequired": false,
         }});
         let config_path = dir.join("pebble.json");
@@ -104,6 +129,7 @@ impl Pebble {
             directory: format!("https://127.0.0.1:{listen}/dir"),
             directory_roots,
             issuing_root,
+            management: format!("https://127.0.0.1:{management}"),
         })
     }
 }
@@ -147,6 +173,9 @@ impl MockDns {
                 "-https01",
                 "",
                 "-tlsalpn01",
+                "",
+                // Every name is at 127.0.0.1 (its default), and only there.
+                "-defaultIPv6",
                 "",
             ],
         )?;

@@ -35,7 +35,7 @@ pub type Envoys = BTreeMap<String, Envoy>;
 /// Shared by every stream.
 struct Shared {
     table: Arc<ArcSwap<Table>>,
-    certificates: super::Certificates,
+    secrets: super::SharedSecrets,
     version: watch::Receiver<u64>,
     defaults: NodeConfig,
     envoys: watch::Sender<Envoys>,
@@ -121,7 +121,7 @@ pub(super) struct Ads(Arc<Shared>);
 /// The ADS service for a tonic server, and the Envoys it will see connect.
 pub(super) fn service(
     table: Arc<ArcSwap<Table>>,
-    certificates: super::Certificates,
+    secrets: super::SharedSecrets,
     version: watch::Receiver<u64>,
     defaults: NodeConfig,
 ) -> (
@@ -131,7 +131,7 @@ pub(super) fn service(
     let (envoys_tx, envoys) = watch::channel(Envoys::new());
     let shared = Arc::new(Shared {
         table,
-        certificates,
+        secrets,
         version,
         defaults,
         envoys: envoys_tx,
@@ -203,7 +203,7 @@ impl AggregatedDiscoveryService for Ads {
                 };
                 let current = *version.borrow_and_update();
                 let table = shared.table.load();
-                let certificates = shared.certificates.load();
+                let secrets = shared.secrets.load();
                 let cfg = node_config(node.as_ref(), &shared.defaults);
                 for type_url in send_all {
                     let Some(sub) = subs.get_mut(&type_url) else {
@@ -217,7 +217,7 @@ impl AggregatedDiscoveryService for Ads {
                     sub.nonce = nonce;
                     let resp = DiscoveryResponse {
                         version_info: current.to_string(),
-                        resources: resources(&type_url, &table, &certificates, &cfg),
+                        resources: resources(&type_url, &table, &secrets, &cfg),
                         type_url: type_url.clone(),
                         nonce: nonce.to_string(),
                         ..Default::default()

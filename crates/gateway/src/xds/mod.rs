@@ -45,8 +45,15 @@ pub struct NodeConfig {
     pub listen_tls: Option<SocketAddr>,
 }
 
-/// The certificate Secrets every Envoy serves (over SDS), as last watched.
-pub type Certificates = Arc<ArcSwap<Vec<Arc<k8s_openapi::api::core::v1::Secret>>>>;
+/// What every Envoy serves besides routes, as last watched: the certificate Secrets (over
+/// SDS) and the ACME HTTP-01 answers (direct responses on the plain listener).
+#[derive(Debug, Default)]
+pub struct Secrets {
+    pub certificates: Vec<Arc<k8s_openapi::api::core::v1::Secret>>,
+    pub http01: Vec<portway_api::certificates::Http01>,
+}
+
+pub type SharedSecrets = Arc<ArcSwap<Secrets>>;
 
 /// A running xDS server.
 pub struct Server {
@@ -63,14 +70,14 @@ impl Server {
     pub async fn bind(
         listen: SocketAddr,
         table: Arc<ArcSwap<Table>>,
-        certificates: Certificates,
+        secrets: SharedSecrets,
         version: watch::Receiver<u64>,
         defaults: NodeConfig,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let (service, envoys) = ads::service(table, certificates, version, defaults);
+        let (service, envoys) = ads::service(table, secrets, version, defaults);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -141,9 +148,9 @@ impl Stack {
     /// When `config.listen` cannot be bound; nothing is left running.
     pub async fn start(config: StackConfig, client: kube::Client) -> Result<Self, StackError> {
         let table = Arc::new(ArcSwap::from_pointee(Table::default()));
-        let certificates: Certificates = Arc::default();
-        // Envoys are pushed when the routes or the certificates change: one version
-        // moves for either.
+        let secrets: SharedSecrets = Arc::default();
+        // Envoys are pushed when the routes, the certificates or the HTTP-01 answers
+        // change: one version moves for any.
         let (version_tx, version) = watch::channel(0u64);
         let version_tx = Arc::new(version_tx);
         let (routes_tx, mut routes_version) = watch::channel(0u64);
@@ -155,11 +162,32 @@ impl Stack {
             }
         });
         let certs_task = {
-            let (certificates, bump) = (certificates.clone(), version_tx.clone());
+            let (secrets, bump) = (secrets.clone(), version_tx.clone());
             crate::certs::watch_secrets(
                 client.clone(),
-                move |secrets| {
-                    certificates.store(Arc::new(secrets));
+                move |certificates| {
+                    secrets.rcu(|s| {
+                        Arc::new(Secrets {
+                            certificates: certificates.clone(),
+                            http01: s.http01.clone(),
+                        })
+                    });
+                    bump.send_modify(|v| *v += 1);
+                },
+                shutdown.clone(),
+            )
+        };
+        let http01_task = {
+            let (secrets, bump) = (secrets.clone(), version_tx.clone());
+            crate::http01::watch(
+                client.clone(),
+                move |http01| {
+                    secrets.rcu(|s| {
+                        Arc::new(Secrets {
+                            certificates: s.certificates.clone(),
+                            http01: http01.clone(),
+                        })
+                    });
                     bump.send_modify(|v| *v += 1);
                 },
                 shutdown.clone(),
@@ -168,7 +196,7 @@ impl Stack {
         let server = Server::bind(
             config.listen,
             table.clone(),
-            certificates,
+            secrets,
             version,
             config.defaults.clone(),
             shutdown.clone(),
@@ -206,7 +234,7 @@ impl Stack {
             server,
             routes,
             reporter,
-            tasks: vec![follow_routes, certs_task],
+            tasks: vec![follow_routes, certs_task, http01_task],
             shutdown,
         })
     }
@@ -314,7 +342,7 @@ mod tests {
         let cfg = ads::node_config(Some(&n), &node());
         assert_eq!(cfg.sidecar, "10.0.0.5:4001".parse().unwrap());
         assert_eq!(cfg.listen, node().listen);
-        let l = resources(LISTENER_TYPE, &table(), &[], &cfg);
+        let l = resources(LISTENER_TYPE, &table(), &Secrets::default(), &cfg);
         let decoded = Listener::decode(l[0].value.as_slice()).unwrap();
         assert_eq!(decoded.name, "portway_http");
         let yaml = bootstrap(

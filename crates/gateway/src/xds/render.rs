@@ -45,7 +45,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use k8s_openapi::api::core::v1::Secret;
-use portway_api::certificates::Info;
+use portway_api::certificates::{Http01, Info};
 use prost::Message;
 
 use portway_api::headers;
@@ -723,13 +723,59 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
     }
 }
 
+/// ACME HTTP-01 answers as direct responses on the plain listener, first in their name's
+/// virtual host (a new one when the name has none), so no route or redirect hides them.
+fn add_http01(rc: &mut RouteConfiguration, answers: &[Http01]) {
+    for a in answers {
+        let route = Route {
+            name: format!("acme-http01/{}", a.token),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Path(a.path())),
+                headers: vec![HeaderMatcher {
+                    name: ":method".into(),
+                    header_match_specifier: Some(
+                        header_matcher::HeaderMatchSpecifier::StringMatch(exact("GET")),
+                    ),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            action: Some(route::Action::DirectResponse(DirectResponseAction {
+                status: 200,
+                body: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(
+                        a.key_authorization.clone(),
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        match rc
+            .virtual_hosts
+            .iter_mut()
+            .find(|vh| vh.domains.iter().any(|d| d.eq_ignore_ascii_case(&a.host)))
+        {
+            Some(vh) => vh.routes.insert(0, route),
+            None => rc.virtual_hosts.push(VirtualHost {
+                name: format!("acme-http01/{}", a.host),
+                domains: vec![a.host.clone()],
+                routes: vec![route],
+                ..Default::default()
+            }),
+        }
+    }
+}
+
 /// Every resource of one type for one node, as `Any`s.
 pub fn resources(
     type_url: &str,
     table: &Table,
-    certificates: &[Arc<Secret>],
+    edge: &super::Secrets,
     node: &NodeConfig,
 ) -> Vec<Any> {
+    let certificates = &edge.certificates;
     match type_url {
         CLUSTER_TYPE => clusters(table, node)
             .iter()
@@ -742,9 +788,12 @@ pub fn resources(
         ROUTE_TYPE => {
             let mut routes = route_configuration(table, node);
             if !serves_https(node, certificates) {
+                // The plain listener's alone.
+                add_http01(&mut routes, &edge.http01);
                 return vec![any(ROUTE_TYPE, &routes)];
             }
-            let plain = http_route_configuration(&routes, table, node, certificates);
+            let mut plain = http_route_configuration(&routes, table, node, certificates);
+            add_http01(&mut plain, &edge.http01);
             // HSTS only on the HTTPS listener's routes (clients ignore it over HTTP).
             add_hsts(&mut routes, table);
             vec![any(ROUTE_TYPE, &routes), any(ROUTE_TYPE, &plain)]
@@ -1044,5 +1093,53 @@ mod tests {
             panic!("{:?}", by_rule("2").action)
         };
         assert_eq!(d.status, 500);
+    }
+
+    #[test]
+    fn http01_answers_come_first_in_their_virtual_host_or_get_one() {
+        let answer = |host: &str, token: &str| Http01 {
+            host: host.into(),
+            token: token.into(),
+            key_authorization: format!("{token}.thumb"),
+        };
+        let secrets = super::super::Secrets {
+            certificates: Vec::new(),
+            http01: vec![
+                answer("app.example.com", "t1"),
+                answer("new.example.com", "t2"),
+                answer("new.example.com", "t3"),
+            ],
+        };
+        let rcs = resources(ROUTE_TYPE, &table(), &secrets, &node());
+        let rc = RouteConfiguration::decode(rcs[0].value.as_slice()).unwrap();
+        let vhost = |name: &str| {
+            rc.virtual_hosts
+                .iter()
+                .find(|v| v.domains.iter().any(|d| d == name))
+                .unwrap_or_else(|| panic!("no virtual host for {name}"))
+        };
+        let app = vhost("app.example.com");
+        assert_eq!(app.routes[0].name, "acme-http01/t1");
+        assert!(app.routes.len() > 1, "the routes are kept after the answer");
+        let Some(route::Action::DirectResponse(d)) = &app.routes[0].action else {
+            panic!("{:?}", app.routes[0].action)
+        };
+        assert_eq!(d.status, 200);
+        assert_eq!(
+            d.body.as_ref().unwrap().specifier,
+            Some(data_source::Specifier::InlineString("t1.thumb".into()))
+        );
+        assert_eq!(
+            app.routes[0].r#match.as_ref().unwrap().path_specifier,
+            Some(route_match::PathSpecifier::Path(
+                "/.well-known/acme-challenge/t1".into()
+            ))
+        );
+        let new: Vec<&str> = vhost("new.example.com")
+            .routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(new, ["acme-http01/t3", "acme-http01/t2"]);
     }
 }

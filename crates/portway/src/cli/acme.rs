@@ -8,9 +8,10 @@ use clap::Args;
 
 #[derive(Args, Debug, Clone)]
 pub struct AcmeFlags {
-    /// Issue the zone's wildcard certificate from this ACME directory (DNS-01, answered
-    /// by Portway's DNS server, which must be the zone's authoritative server), e.g.
-    /// https://acme-v02.api.letsencrypt.org/directory.
+    /// Issue certificates from this ACME directory, e.g.
+    /// https://acme-v02.api.letsencrypt.org/directory: the zone's wildcard over DNS-01
+    /// (answered by Portway's DNS server, which must be the zone's authoritative server),
+    /// and proven custom domains over HTTP-01 (answered by every edge).
     #[arg(long, value_name = "URL")]
     acme_directory: Option<String>,
     /// Contact address for the ACME account.
@@ -26,6 +27,16 @@ pub struct AcmeFlags {
     /// such as Pebble).
     #[arg(long, value_name = "FILE", requires = "acme_directory")]
     acme_directory_roots: Option<PathBuf>,
+    /// The port the ACME server fetches HTTP-01 answers from; each answer is fetched
+    /// there first, at the name's address, before the ACME server is told to look. Only
+    /// a test CA (Pebble) is configured to use another port than 80.
+    #[arg(
+        long,
+        value_name = "PORT",
+        default_value_t = 80,
+        requires = "acme_directory"
+    )]
+    acme_http_port: u16,
 }
 
 impl AcmeFlags {
@@ -33,11 +44,13 @@ impl AcmeFlags {
         self.acme_directory.is_some()
     }
 
-    /// The issuer's ACME settings; `dns`: the zone's DNS server, asked for each answer
-    /// before the ACME server is told to look.
+    /// The issuer's ACME settings; `dns`: the zone's DNS server, asked for each DNS-01
+    /// answer before the ACME server is told to look; `resolver`: where a name's address
+    /// is looked up before its HTTP-01 answer is fetched (none: the system's).
     pub fn config(
         &self,
         dns: Option<SocketAddr>,
+        resolver: Option<SocketAddr>,
     ) -> Result<Option<portway_operator::acme::Config>> {
         let Some(directory) = &self.acme_directory else {
             return Ok(None);
@@ -60,6 +73,8 @@ impl AcmeFlags {
             eab: self.acme_eab_kid.clone().zip(self.acme_eab_hmac.clone()),
             directory_roots,
             dns,
+            http_port: self.acme_http_port,
+            resolver,
         }))
     }
 }

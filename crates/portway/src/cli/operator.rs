@@ -56,7 +56,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.verification = args
         .hostname_resolver
         .map(portway_operator::verify::Config::new);
-    let acme = args.acme.config(args.acme_dns)?;
+    let acme = args.acme.config(args.acme_dns, args.hostname_resolver)?;
     if let Some(acme) = acme {
         let issuer = portway_operator::acme::Acme::new(acme, client.clone());
         config.certificates = Some(portway_operator::certs::Config::new(

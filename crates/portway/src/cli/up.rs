@@ -88,8 +88,9 @@ pub async fn run(args: Args) -> Result<()> {
         !args.acme.enabled() || args.https.is_some(),
         "--acme-directory needs --https: certificates are served there"
     );
-    // Our own DNS server answers the challenges; its address is known once it is bound.
-    config.acme = args.acme.config(None)?;
+    // Our own DNS server answers the challenges; its address is known once it is bound,
+    // and names are looked up where hostnames are checked.
+    config.acme = args.acme.config(None, None)?;
     let acme_directory = config.acme.as_ref().map(|a| a.directory.clone());
     let up = portway_local::up::Up::start(config)
         .await

@@ -596,19 +596,31 @@ async fn attacks_on_isolation_are_refused() {
                 .await,
         );
         assert_eq!(code, 403, "{who} deleted the zone's certificate: {msg}");
-        // Nor may they write an ACME answer, which the DNS server would publish.
-        let answer: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "forged", "labels": {"portway.dev/acme-challenge": "true"},
-                "annotations": {"portway.dev/record": "_acme-challenge.portway.localhost"}},
-            "stringData": {"txt": "forged"},
-        }))
-        .unwrap();
-        let (code, msg) = refusal(
-            Api::<Secret>::namespaced(client, "portway-system")
-                .create(&PostParams::default(), &answer)
-                .await,
-        );
-        assert_eq!(code, 403, "{who} wrote an ACME answer: {msg}");
+        // Nor may they write an ACME answer, which the DNS server (DNS-01) or every edge
+        // (HTTP-01) would publish: a certificate for a name they do not own would follow.
+        for (annotation, key) in [
+            (
+                json!({"portway.dev/record": "_acme-challenge.portway.localhost"}),
+                "txt",
+            ),
+            (
+                json!({"portway.dev/http01-host": "shop.test"}),
+                "key-authorization",
+            ),
+        ] {
+            let answer: Secret = serde_json::from_value(json!({
+                "metadata": {"name": "forged", "labels": {"portway.dev/acme-challenge": "true"},
+                    "annotations": annotation},
+                "stringData": {key: "forged.token"},
+            }))
+            .unwrap();
+            let (code, msg) = refusal(
+                Api::<Secret>::namespaced(client.clone(), "portway-system")
+                    .create(&PostParams::default(), &answer)
+                    .await,
+            );
+            assert_eq!(code, 403, "{who} wrote an ACME answer ({key}): {msg}");
+        }
     }
 
     // 6. Revoking a device: deleting its Connector cuts its credential off at once.
