@@ -35,15 +35,62 @@ fn bin() -> &'static Path {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
+type EdgeConnector = hyper_rustls::HttpsConnector<HttpConnector<FixedResolver>>;
+
 /// A client whose every connection goes to the edge, whatever the URL's host says (so
 /// `http://app.localhost/` needs no resolver).
-fn client(edge: SocketAddr, h2: bool) -> Client<HttpConnector<FixedResolver>, Body> {
+fn client(edge: SocketAddr, h2: bool) -> Client<EdgeConnector, Body> {
+    tls_client(edge, None, h2)
+}
+
+/// [`client`] that also speaks `https://` URLs, trusting `ca` alone (h2 by ALPN).
+fn tls_client(edge: SocketAddr, ca: Option<&Path>, h2: bool) -> Client<EdgeConnector, Body> {
     let mut connector = HttpConnector::new_with_resolver(FixedResolver(edge));
     connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(ca))
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
     let mut b = Client::builder(TokioExecutor::new());
     b.http2_only(h2);
     b.build(connector)
 }
+
+/// Trusts `ca` alone (none: nothing).
+fn tls_config(ca: Option<&Path>) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+/// A connection to `front` for `host`: plain TCP, or TLS verified against `ca`.
+async fn connect(front: SocketAddr, host: &str, ca: Option<&Path>) -> Box<dyn ReadWrite> {
+    let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+    let Some(ca) = ca else {
+        return Box::new(tcp);
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config(Some(ca))));
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    Box::new(connector.connect(name, tcp).await.unwrap())
+}
+
+trait ReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ReadWrite for T {}
 
 #[derive(Clone)]
 struct FixedResolver(SocketAddr);
@@ -185,12 +232,14 @@ impl Stack {
 }
 
 /// The same cases against any data plane: `front` is where public clients connect (the
-/// built-in edge, or an Envoy), the tunnel for `host` must be up.
-async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
+/// built-in edge, or an Envoy), the tunnel for `host` must be up. With `ca`, over HTTPS
+/// verified against it (`front` is then the HTTPS listener).
+async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool, ca: Option<&Path>) {
     let origin_port = stack.origin.addr.port();
-    let h1 = client(front, false);
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let h1 = tls_client(front, ca, false);
     let get = |path: &str| {
-        let req = Request::get(format!("http://{host}{path}"))
+        let req = Request::get(format!("{scheme}://{host}{path}"))
             .body(empty())
             .unwrap();
         let h1 = h1.clone();
@@ -213,7 +262,7 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     const BIG: u64 = 50 * 1024 * 1024;
     let resp = h1
         .request(
-            Request::get(format!("http://{host}/big?n={BIG}"))
+            Request::get(format!("{scheme}://{host}/big?n={BIG}"))
                 .body(empty())
                 .unwrap(),
         )
@@ -242,7 +291,7 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
             )
         })
     });
-    let req = Request::post(format!("http://{host}/hash"))
+    let req = Request::post(format!("{scheme}://{host}/hash"))
         .body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap();
     let resp = h1.request(req).await.unwrap();
@@ -260,7 +309,7 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     // SSE: the first event arrives while the response is still open.
     let resp = h1
         .request(
-            Request::get(format!("http://{host}/sse"))
+            Request::get(format!("{scheme}://{host}/sse"))
                 .body(empty())
                 .unwrap(),
         )
@@ -280,10 +329,12 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     assert_eq!(rest.as_ref(), b"data: second\n\n");
 
     // WebSocket echo, text and a 1 MiB binary message.
-    let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{host}/ws"), tcp)
-        .await
-        .unwrap();
+    let stream = connect(front, host, ca).await;
+    let ws_scheme = if ca.is_some() { "wss" } else { "ws" };
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("{ws_scheme}://{host}/ws"), stream)
+            .await
+            .unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     use tokio_tungstenite::tungstenite::Message;
     ws.send(Message::text("ping")).await.unwrap();
@@ -296,11 +347,11 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     );
     ws.close(None).await.unwrap();
 
-    // HTTP/2 (h2c, prior knowledge).
-    let h2 = client(front, true);
+    // HTTP/2 (h2c, prior knowledge; h2 by ALPN over TLS).
+    let h2 = tls_client(front, ca, true);
     let resp = h2
         .request(
-            Request::get(format!("http://{host}/hello"))
+            Request::get(format!("{scheme}://{host}/hello"))
                 .body(empty())
                 .unwrap(),
         )
@@ -329,7 +380,7 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     );
 
     // A client cannot choose the device or the target: inbound datum-*/x-iroh-* vanish.
-    let req = Request::get(format!("http://{host}/headers"))
+    let req = Request::get(format!("{scheme}://{host}/headers"))
         .header("datum-node-id", "00".repeat(32))
         .header("datum-target-port", "22")
         .header("datum-extra", "1")
@@ -352,7 +403,10 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
         "{seen}"
     );
     assert!(
-        seen.contains("x-forwarded-for: ") && seen.contains("x-forwarded-proto: http"),
+        seen.contains("x-forwarded-for: ")
+            && seen
+                .lines()
+                .any(|l| l == format!("x-forwarded-proto: {scheme}")),
         "{seen}"
     );
     assert!(
@@ -365,7 +419,7 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
     // names, and a client's own forwarding headers stop at the edge.
     if !envoy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+        let mut tcp = connect(front, host, ca).await;
         let head = format!(
             "GET http://{host}/headers HTTP/1.1\r\nHost: nobody.localhost\r\n\
              Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n\
@@ -396,10 +450,16 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool) {
         }
     }
 
-    // Unknown hosts get a 404 (with the hostname in the built-in edge's answer).
-    let req = Request::get("http://nobody.localhost/")
+    // Unknown hosts get a 404 (with the hostname in the built-in edge's answer); over
+    // HTTPS no certificate is offered for them.
+    let req = Request::get(format!("{scheme}://nobody.localhost/"))
         .body(empty())
         .unwrap();
+    if ca.is_some() {
+        let refused = h1.request(req).await;
+        assert!(refused.is_err(), "{refused:?}");
+        return;
+    }
     let resp = h1.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let body = String::from_utf8(
@@ -736,13 +796,23 @@ async fn public_traffic_end_to_end() {
         http.ready_str("url"),
         format!("http://app.localhost:{}/", stack.edge.port())
     );
-    battery(&stack, stack.edge, "app.localhost", false).await;
+    battery(&stack, stack.edge, "app.localhost", false, None).await;
     filters(&stack, stack.edge).await;
 
     // HTTPS with the hostname's certificate, h2 by ALPN, as curl sees it.
     let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
     let ca = stack.dir.path().join("certs/app.localhost.crt");
     assert_h2_hello(https, "app.localhost", &ca, stack.origin.addr.port()).await;
+
+    // The same battery over HTTPS, at the proxy's canonical name (the zone's wildcard
+    // from the local CA).
+    let canonical = canonical_of(&stack, &http).await;
+    let ca = stack.data().join("pki/ca.crt");
+    eventually("the canonical name is served over HTTPS", WAIT, || {
+        https_ok(https, &canonical, &ca)
+    })
+    .await;
+    battery(&stack, https, &canonical, false, Some(&ca)).await;
 
     // The built-in edge also says which public host was asked for, and counts requests.
     let (status, seen) = stack.get("app.localhost", "/headers").await.unwrap();
@@ -1440,6 +1510,23 @@ async fn https_ok(front: SocketAddr, host: &str, ca: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// The canonical name of the proxy `portway http` made.
+async fn canonical_of(stack: &Stack, http: &Process) -> String {
+    let kc = PathBuf::from(stack.up.ready_str("kubeconfig"));
+    let admin = kube_client(&kc).await.unwrap();
+    let name = http.ready_str("proxy");
+    eventually("the proxy has a canonical name", WAIT, || async {
+        let proxy = Api::<HttpProxy>::namespaced(admin.clone(), "default")
+            .get(&name)
+            .await?;
+        proxy
+            .status
+            .and_then(|s| s.canonical_hostname)
+            .context("not yet")
+    })
+    .await
+}
+
 /// How many ACME HTTP-01 answers the built-in edge of `portway up` gave.
 async fn acme_answers(stack: &Stack) -> u64 {
     let metrics = stack.up.ready_str("metrics");
@@ -2079,7 +2166,7 @@ async fn envoy_data_plane_end_to_end() {
         Ok(())
     })
     .await;
-    battery(&stack, front.addr, "app.localhost", true).await;
+    battery(&stack, front.addr, "app.localhost", true, None).await;
     xds_accepted_follows_the_envoys(&stack, &front).await;
 
     // A route change reaches Envoy: a new proxy for the same device answers within a second.
@@ -2134,6 +2221,7 @@ async fn envoy_data_plane_end_to_end() {
     let canonical = existing.status.unwrap().canonical_hostname.unwrap();
     let ca = stack.data().join("pki/ca.crt");
     assert_h2_hello(tls, &canonical, &ca, stack.origin.addr.port()).await;
+    battery(&stack, tls, &canonical, true, Some(&ca)).await;
 
     // Plain HTTP to that name is redirected to Envoy's HTTPS listener; other names are not.
     assert_eq!(
