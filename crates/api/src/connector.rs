@@ -33,8 +33,17 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorClassSpec {
-    /// The controller responsible for connectors of this class, e.g. `portway.dev/operator`.
+    /// The controller responsible for connectors of this class, e.g. `portway.dev/operator`;
+    /// as in Datum, [`DATUM_CONNECT_CONTROLLER`] when not given (`spec: {}`).
+    #[serde(default = "default_controller_name")]
     pub controller_name: String,
+}
+
+/// The controller of Datum's `datum-connect` ConnectorClass, and Datum's default.
+pub const DATUM_CONNECT_CONTROLLER: &str = "networking.datumapis.com/datum-connect";
+
+fn default_controller_name() -> String {
+    DATUM_CONNECT_CONTROLLER.into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -121,9 +121,15 @@ pub struct ConnectorReference {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpProxyStatus {
-    /// `Accepted`, `Programmed`, `ConnectorMetadataProgrammed`, `HostnamesInUse`.
+    /// `Accepted`, `Programmed`, `ConnectorMetadataProgrammed`, `HostnamesInUse`, and, as
+    /// Datum sets them, `HostnamesVerified` (with spec hostnames to prove) and
+    /// `CertificatesReady` (with an issuer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Every hostname the proxy is served at, sorted (the canonical one included), once the
+    /// gateway accepted its route: where Datum's agent reads its public URL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostname_statuses: Vec<HostnameStatus>,
     /// A hostname that always routes to this proxy: `<uid>.<zone>`.

@@ -67,12 +67,25 @@ pub mod headers {
     pub const FALLBACK: &str = "datum-fallback";
     /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
     pub const IROH_PREFIX: &str = "x-iroh-";
+    /// The prefix of Datum's iroh-gateway target headers; stripped from public requests.
+    pub const DATUM_X_PREFIX: &str = "x-datum-";
+
+    /// Datum's iroh-gateway names for the routing headers, as its Envoy configuration
+    /// sends them: the standalone sidecar takes them in place of the `datum-*` ones.
+    pub mod datum_gateway {
+        pub const ENDPOINT_ID: &str = "x-iroh-endpoint-id";
+        pub const TARGET_HOST: &str = "x-datum-target-host";
+        pub const TARGET_PORT: &str = "x-datum-target-port";
+        pub const TARGET_PROTO: &str = "x-datum-target-proto";
+    }
 
     /// Headers only Portway sets, on the internal hop: they choose the device and its
     /// target, so no client, user filter or HTTPProxy may name them.
     pub fn is_reserved(name: &str) -> bool {
         let lower = name.to_ascii_lowercase();
-        lower.starts_with(PREFIX) || lower.starts_with(IROH_PREFIX)
+        lower.starts_with(PREFIX)
+            || lower.starts_with(IROH_PREFIX)
+            || lower.starts_with(DATUM_X_PREFIX)
     }
 }
 

@@ -109,6 +109,21 @@ fn finalizers(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Removes every object member whose value is `null`, at any depth: as kube-apiserver
+/// does (built-in kinds decode a null as the zero value; custom resources prune nulls of
+/// fields that are not `nullable`), a JSON `null` is an absent field. Clients such as
+/// Datum's agent send `"status": null` or `"filters": null` for what they leave unset.
+fn drop_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, v| !v.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
 /// Checks `apiVersion`/`kind` against the URL's kind, filling them when absent.
 ///
 /// # Errors
@@ -122,6 +137,7 @@ pub fn check_type(res: Res, body: &mut Value) -> Result<()> {
 /// # Errors
 /// As [`check_type`].
 pub fn check_type_meta(api_version: &str, kind: &str, body: &mut Value) -> Result<()> {
+    drop_nulls(body);
     let Some(obj) = body.as_object_mut() else {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",

@@ -407,13 +407,11 @@ fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Destination
     })
 }
 
-/// Removes every `datum-*` and `x-iroh-*` header.
+/// Removes every `datum-*`, `x-iroh-*` and `x-datum-*` header.
 pub fn strip_internal(headers: &mut HeaderMap) {
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| {
-            k.as_str().starts_with(headers::PREFIX) || k.as_str().starts_with(headers::IROH_PREFIX)
-        })
+        .filter(|k| headers::is_reserved(k.as_str()))
         .cloned()
         .collect();
     for k in doomed {
@@ -761,6 +759,8 @@ impl Sidecar {
             .map_err(|e| Box::new(e) as BoxError)
             .boxed()
         });
+        let mut req = req;
+        from_datum_gateway(req.headers_mut());
         if req.method() == Method::CONNECT {
             return self.connect(req, on_upgrade).await;
         }
@@ -778,6 +778,33 @@ impl Sidecar {
         {
             Ok((_, r)) => r,
             Err(e) => e.into_response(&host),
+        }
+    }
+}
+
+/// Datum's iroh-gateway headers (`x-iroh-endpoint-id`, `x-datum-target-*`), as Datum's
+/// Envoy configuration sends them, become the `datum-*` ones, so this sidecar can stand
+/// in for that gateway. Only when no `datum-*` routing header is present: Portway's Envoy
+/// routes set all of those, and a client's own `x-datum-*` must never override them.
+fn from_datum_gateway(h: &mut HeaderMap) {
+    use headers::datum_gateway as dg;
+    let ours = [
+        headers::NODE_ID,
+        headers::TARGET_HOST,
+        headers::TARGET_PORT,
+        headers::TARGET_PROTO,
+    ];
+    if ours.iter().any(|n| h.contains_key(*n)) {
+        return;
+    }
+    for (theirs, ours) in [
+        (dg::ENDPOINT_ID, headers::NODE_ID),
+        (dg::TARGET_HOST, headers::TARGET_HOST),
+        (dg::TARGET_PORT, headers::TARGET_PORT),
+        (dg::TARGET_PROTO, headers::TARGET_PROTO),
+    ] {
+        if let Some(v) = h.remove(theirs) {
+            h.insert(ours, v);
         }
     }
 }
@@ -967,6 +994,42 @@ mod tests {
             take_target(&mut bad, &targets),
             Err(ForwardError::BadRoute(_))
         ));
+    }
+
+    #[test]
+    fn datum_gateway_headers_stand_in_only_when_no_datum_header_is_there() {
+        let mut h = headers(&[
+            ("x-iroh-endpoint-id", "abc"),
+            ("x-datum-target-host", "127.0.0.1"),
+            ("x-datum-target-port", "3000"),
+            ("x-datum-target-proto", "http"),
+        ]);
+        from_datum_gateway(&mut h);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "datum-node-id",
+                "datum-target-host",
+                "datum-target-port",
+                "datum-target-proto"
+            ]
+        );
+        assert_eq!(h["datum-node-id"], "abc");
+        // A Portway route's headers win, and a client's aliases are dropped later.
+        let mut h = headers(&[
+            ("datum-node-id", "ours"),
+            ("datum-target-host", "10.0.0.1"),
+            ("datum-target-port", "80"),
+            ("x-datum-target-host", "169.254.169.254"),
+            ("x-iroh-endpoint-id", "theirs"),
+        ]);
+        from_datum_gateway(&mut h);
+        assert_eq!(h["datum-node-id"], "ours");
+        assert_eq!(h["datum-target-host"], "10.0.0.1");
+        strip_internal(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

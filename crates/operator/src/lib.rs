@@ -66,6 +66,9 @@ pub struct Config {
     pub proxy: proxy::desired::Config,
     /// The ConnectorClass created by default (`portway`).
     pub connector_class: String,
+    /// The ConnectorClass controller names served: connectors of a class naming one of
+    /// them are this operator's (default: Portway's own and Datum's `datum-connect`).
+    pub connector_controllers: Vec<String>,
     /// Reconciles in flight per controller (default 16).
     pub concurrency: u16,
     /// How long an ephemeral connector (`portway http`) outlives its lease before it is
@@ -80,7 +83,7 @@ pub struct Config {
 
 impl Config {
     /// Defaults: zone `portway.localhost`, classes `portway`, controller
-    /// `portway.dev/operator`.
+    /// `portway.dev/operator` (and Datum's for connector classes).
     pub fn new(sidecars: Vec<SocketAddr>) -> Self {
         Self {
             proxy: proxy::desired::Config {
@@ -90,6 +93,10 @@ impl Config {
                 controller_name: CONTROLLER_NAME.into(),
             },
             connector_class: portway_api::DEFAULT_CLASS.into(),
+            connector_controllers: vec![
+                CONTROLLER_NAME.into(),
+                portway_api::DATUM_CONNECT_CONTROLLER.into(),
+            ],
             concurrency: 16,
             ephemeral_ttl: Duration::from_secs(15 * 60),
             certificates: None,

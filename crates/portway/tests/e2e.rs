@@ -27,6 +27,7 @@ const WAIT: Duration = Duration::from_secs(45);
 /// The longest any public request may wait when a device is gone.
 const BOUND: Duration = Duration::from_secs(5);
 
+mod datum;
 mod security;
 
 fn bin() -> &'static Path {

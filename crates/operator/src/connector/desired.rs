@@ -17,23 +17,27 @@ pub struct ConnectorDecision {
     pub requeue_after: Option<Duration>,
 }
 
-/// `None` when the connector's class belongs to another controller: not ours to touch.
+/// `None` when the connector's class belongs to a controller not among `controllers`: not
+/// ours to touch.
 pub fn connector(
     c: &Connector,
     class: Option<&ConnectorClass>,
     lease: Option<&Lease>,
-    controller: &str,
+    controllers: &[String],
     now: Timestamp,
 ) -> Option<ConnectorDecision> {
     let generation = c.metadata.generation;
     let class_name = &c.spec.connector_class_name;
     let accepted = match class {
-        Some(cls) if cls.spec.controller_name != controller => return None,
-        Some(_) => condition_at(
+        Some(cls) if !controllers.contains(&cls.spec.controller_name) => return None,
+        Some(cls) => condition_at(
             "Accepted",
             true,
             "Accepted",
-            format!("connector class {class_name} is served by {controller}"),
+            format!(
+                "connector class {class_name} is served by {}",
+                cls.spec.controller_name
+            ),
             generation,
             now,
         ),
@@ -103,6 +107,44 @@ pub fn connector(
     Some(ConnectorDecision {
         conditions: vec![accepted, ready],
         requeue_after,
+    })
+}
+
+/// How long a Lease the operator creates lasts between renewals, as in Datum.
+pub const LEASE_SECONDS: i32 = 30;
+
+/// The heartbeat Lease to create for an accepted connector whose agent has not named one
+/// (`status.leaseRef`): Datum's agent only renews the Lease the control plane made; Portway's
+/// makes its own, and either way the Lease is named after the connector and owned by it.
+/// `None` when the connector names its Lease, or one of that name already exists (then
+/// only `leaseRef` is missing). The holder is the connector: Datum's agent renews without
+/// saying who it is, and an empty holder means a released lease.
+pub fn lease_to_create(c: &Connector, accepted: bool, exists: bool) -> Option<Lease> {
+    let named = c.status.as_ref().is_some_and(|s| s.lease_ref.is_some());
+    if !accepted || named || exists {
+        return None;
+    }
+    let name = c.metadata.name.clone()?;
+    let owner = kube::Resource::controller_owner_ref(c, &())?;
+    Some(Lease {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: c.metadata.namespace.clone(),
+            owner_references: Some(vec![owner]),
+            labels: Some(
+                [(
+                    labels::MANAGED_BY.to_owned(),
+                    portway_api::managers::OPERATOR.to_owned(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(name),
+            lease_duration_seconds: Some(LEASE_SECONDS),
+            ..Default::default()
+        }),
     })
 }
 
@@ -265,7 +307,7 @@ mod tests {
             ("no lease", None, "False", "ConnectorNotReady", None),
         ];
         for (what, l, status, reason, requeue) in cases {
-            let d = connector(&c, Some(&cls), l.as_ref(), ME, now).unwrap();
+            let d = connector(&c, Some(&cls), l.as_ref(), &[ME.to_owned()], now).unwrap();
             let ready = find_condition(&d.conditions, "Ready").unwrap();
             assert_eq!(
                 (ready.status.as_str(), ready.reason.as_str()),
@@ -383,13 +425,65 @@ mod tests {
                 capabilities: vec![],
             },
         );
-        let missing = connector(&c, None, None, ME, now).unwrap();
+        let me = [ME.to_owned()];
+        let missing = connector(&c, None, None, &me, now).unwrap();
         let accepted = find_condition(&missing.conditions, "Accepted").unwrap();
         assert_eq!(
             (accepted.status.as_str(), accepted.reason.as_str()),
             ("False", "ConnectorClassNotFound")
         );
-        assert!(connector(&c, Some(&class("someone.else/controller")), None, ME, now).is_none());
+        assert!(connector(&c, Some(&class("someone.else/controller")), None, &me, now).is_none());
+        // Several controller names may be served at once, Datum's among them.
+        let both = [
+            ME.to_owned(),
+            portway_api::DATUM_CONNECT_CONTROLLER.to_owned(),
+        ];
+        let datum = connector(
+            &c,
+            Some(&class(portway_api::DATUM_CONNECT_CONTROLLER)),
+            None,
+            &both,
+            now,
+        )
+        .unwrap();
+        let accepted = find_condition(&datum.conditions, "Accepted").unwrap();
+        assert_eq!(accepted.status, "True", "{accepted:?}");
+        assert!(accepted.message.contains("datum-connect"), "{accepted:?}");
+    }
+
+    #[test]
+    fn a_lease_is_made_for_an_accepted_connector_that_names_none() {
+        let mut c = Connector::new(
+            "datum-connect-abcde",
+            ConnectorSpec {
+                connector_class_name: "datum-connect".into(),
+                capabilities: vec![],
+            },
+        );
+        c.metadata.namespace = Some("p".into());
+        c.metadata.uid = Some("u-1".into());
+        let lease = lease_to_create(&c, true, false).unwrap();
+        assert_eq!(lease.metadata.name.as_deref(), Some("datum-connect-abcde"));
+        assert_eq!(lease.metadata.namespace.as_deref(), Some("p"));
+        let owner = &lease.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), ("u-1", Some(true)));
+        let spec = lease.spec.unwrap();
+        assert_eq!(spec.lease_duration_seconds, Some(LEASE_SECONDS));
+        assert_eq!(spec.holder_identity.as_deref(), Some("datum-connect-abcde"));
+        assert!(
+            spec.renew_time.is_none(),
+            "not renewed until the agent says so"
+        );
+        // Not accepted (no class), already there, or named by the agent: nothing to make.
+        assert!(lease_to_create(&c, false, false).is_none());
+        assert!(lease_to_create(&c, true, true).is_none());
+        c.status = Some(portway_api::ConnectorStatus {
+            lease_ref: Some(portway_api::LocalObjectReference {
+                name: "datum-connect-abcde".into(),
+            }),
+            ..Default::default()
+        });
+        assert!(lease_to_create(&c, true, false).is_none());
     }
 
     #[test]

@@ -31,13 +31,14 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
         &c,
         class.as_deref(),
         lease.as_deref(),
-        &ctx.config.proxy.controller_name,
+        &ctx.config.connector_controllers,
         Timestamp::now(),
     ) else {
         return Ok(Action::await_change());
     };
     // Guarded by resourceVersion: the DNS server writes conditions on connectors too.
     let api: Api<Connector> = Api::namespaced(ctx.client.clone(), &ns);
+    ensure_lease(&ctx, &api, &c, class.is_some(), lease.is_some()).await?;
     if portway_kube::patch_conditions(
         &api,
         Some(&c),
@@ -93,6 +94,48 @@ pub(crate) async fn reconcile_connector(c: Arc<Connector>, ctx: Arc<Ctx>) -> Res
             Ok(Action::await_change())
         }
     }
+}
+
+/// Creates the connector's heartbeat Lease and names it in `status.leaseRef` when its
+/// agent has not ([`desired::lease_to_create`]): a Datum agent waits for both, then only
+/// renews.
+async fn ensure_lease(
+    ctx: &Ctx,
+    api: &Api<Connector>,
+    c: &Connector,
+    accepted: bool,
+    exists: bool,
+) -> Result<(), Error> {
+    let named = c.status.as_ref().is_some_and(|s| s.lease_ref.is_some());
+    if !accepted || named {
+        return Ok(());
+    }
+    let name = c.name_any();
+    if let Some(lease) = desired::lease_to_create(c, accepted, exists) {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(ctx.client.clone(), &c.namespace().unwrap_or_default());
+        let pp = kube::api::PostParams {
+            field_manager: Some(managers::OPERATOR.into()),
+            ..Default::default()
+        };
+        match leases.create(&pp, &lease).await {
+            Ok(_) => {
+                ctx.metrics.writes.inc();
+            }
+            // The agent made it first: it is named after the connector all the same.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let patch = serde_json::json!({"status": {"leaseRef": {"name": name}}});
+    let pp = kube::api::PatchParams {
+        field_manager: Some(managers::OPERATOR.into()),
+        ..Default::default()
+    };
+    api.patch_status(&name, &pp, &kube::api::Patch::Merge(&patch))
+        .await?;
+    ctx.metrics.writes.inc();
+    Ok(())
 }
 
 pub(crate) async fn reconcile_advertisement(

@@ -270,6 +270,16 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
 fn merged_status(current: &HttpProxyStatus, decided: &HttpProxyStatus) -> HttpProxyStatus {
     let mut status = decided.clone();
     status.conditions = merged_conditions(&current.conditions, &status.conditions);
+    // The summaries come and go with spec hostnames and the issuer: one not decided now
+    // is stale, not someone else's.
+    let summaries = [
+        crate::verify::reasons::HOSTNAMES_VERIFIED,
+        crate::certs::reasons::CERTIFICATES_READY,
+    ];
+    status.conditions.retain(|c| {
+        !summaries.contains(&c.type_.as_str())
+            || decided.conditions.iter().any(|d| d.type_ == c.type_)
+    });
     for hs in &mut status.hostname_statuses {
         let old = current
             .hostname_statuses

@@ -21,6 +21,11 @@ pub struct Args {
     /// Zone for canonical hostnames (`<uid>.<zone>`).
     #[arg(long, default_value = "portway.localhost")]
     zone: String,
+    /// ConnectorClass controller names served (comma-separated or repeated): a connector
+    /// whose class names one of them is this operator's. Default: Portway's own
+    /// (`portway.dev/operator`) and Datum's (`networking.datumapis.com/datum-connect`).
+    #[arg(long, value_delimiter = ',', value_name = "NAME")]
+    connector_controller: Vec<String>,
     /// Seconds an ephemeral connector (made by `portway http`) outlives its lease before
     /// it is deleted with its proxies.
     #[arg(long, default_value_t = 900)]
@@ -53,6 +58,9 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    if !args.connector_controller.is_empty() {
+        config.connector_controllers = args.connector_controller;
+    }
     config.verification = args
         .hostname_resolver
         .map(portway_operator::verify::Config::new);

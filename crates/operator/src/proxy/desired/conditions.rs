@@ -59,6 +59,90 @@ pub(super) fn refused(
     ])
 }
 
+/// The per-hostname `HostnamesVerified` and `CertificatesReady`, summed up on the proxy as
+/// Datum does: `HostnamesVerified` when it has spec hostnames and they are checked, and
+/// `CertificatesReady` when an issuer runs.
+pub(super) fn hostname_summaries(
+    statuses: &[portway_api::HostnameStatus],
+    has_spec_hostnames: bool,
+    stamp: Stamp,
+) -> Vec<Condition> {
+    use crate::certs::reasons::{CERTIFICATES_READY, ISSUE_FAILED};
+    use crate::verify::reasons::HOSTNAMES_VERIFIED;
+    let of = |type_: &str| -> Vec<(&str, &Condition)> {
+        statuses
+            .iter()
+            .filter_map(|s| {
+                let c = s.conditions.iter().find(|c| c.type_ == type_)?;
+                Some((s.hostname.as_str(), c))
+            })
+            .collect()
+    };
+    let not_true = |list: &[(&str, &Condition)]| -> Vec<String> {
+        list.iter()
+            .filter(|(_, c)| c.status != "True")
+            .map(|(h, c)| format!("{h} ({})", c.reason))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let verified = of(HOSTNAMES_VERIFIED);
+    if has_spec_hostnames && !verified.is_empty() {
+        let missing = not_true(&verified);
+        out.push(if missing.is_empty() {
+            stamp.condition(
+                HOSTNAMES_VERIFIED,
+                true,
+                HOSTNAMES_VERIFIED,
+                format!("all {} hostnames are verified", verified.len()),
+            )
+        } else {
+            stamp.condition(
+                HOSTNAMES_VERIFIED,
+                false,
+                "UnverifiedHostnamesPresent",
+                format!(
+                    "unverified hostnames present: {}; see status.hostnameStatuses",
+                    missing.join(", ")
+                ),
+            )
+        });
+    }
+    let certs = of(CERTIFICATES_READY);
+    if !certs.is_empty() {
+        let missing = not_true(&certs);
+        let failed = certs
+            .iter()
+            .any(|(_, c)| c.status != "True" && c.reason == ISSUE_FAILED);
+        out.push(match (missing.is_empty(), failed) {
+            (true, _) => stamp.condition(
+                CERTIFICATES_READY,
+                true,
+                "AllCertificatesReady",
+                format!("certificates are ready for all {} hostnames", certs.len()),
+            ),
+            (false, true) => stamp.condition(
+                CERTIFICATES_READY,
+                false,
+                "CertificatesFailed",
+                format!(
+                    "not ready: {}; see status.hostnameStatuses",
+                    missing.join(", ")
+                ),
+            ),
+            (false, false) => stamp.condition(
+                CERTIFICATES_READY,
+                false,
+                "CertificatesPending",
+                format!(
+                    "not ready: {}; see status.hostnameStatuses",
+                    missing.join(", ")
+                ),
+            ),
+        });
+    }
+    out
+}
+
 /// Whether our gateway accepted the generated route (named like the proxy).
 pub(super) fn accepted_by_gateway(
     route_status: Option<&HttpRouteStatus>,

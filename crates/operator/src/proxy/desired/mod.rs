@@ -156,8 +156,11 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         .chain(backends.problems)
         .collect();
 
+    let summaries =
+        conditions::hostname_summaries(&hosts.statuses, !proxy.spec.hostnames.is_empty(), stamp);
     let mut status = HttpProxyStatus {
         conditions: Vec::new(),
+        hostnames: Vec::new(),
         hostname_statuses: hosts.statuses,
         canonical_hostname: canonical,
         addresses: input.gateway_addresses.to_vec(),
@@ -165,6 +168,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     // Any problem refuses the whole proxy: no children, so nothing half-works.
     if let Some(refused) = conditions::refused(&problems, &hosts.condition, stamp) {
         status.conditions = refused;
+        status.conditions.extend(summaries);
         return Desired {
             status,
             ..Default::default()
@@ -188,6 +192,12 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         &hosts.condition,
         stamp,
     );
+    status.conditions.extend(summaries);
+    if accepted_by_gateway {
+        status.hostnames = hosts.active.clone();
+        status.hostnames.sort();
+        status.hostnames.dedup();
+    }
     Desired {
         gateway: Some(render::gateway(
             proxy,

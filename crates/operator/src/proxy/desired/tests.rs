@@ -290,6 +290,26 @@ fn gateway_acceptance_makes_it_programmed() {
     }
     .run();
     assert_eq!(cond(&d, PROGRAMMED).status, "True");
+    // Where Datum's agent reads its URL: every served name, the canonical one included.
+    assert_eq!(d.status.hostnames, ["u-1.portway.localhost"]);
+    // Not yet accepted by the gateway: no name is claimed to be served.
+    let pending = Case {
+        proxy: proxy(
+            &["b.example.com", "a.example.com"],
+            "http://127.0.0.1:3000",
+            by_name("laptop"),
+        ),
+        connectors: vec![connector("laptop", Some(1), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    assert!(
+        pending.status.hostnames.is_empty(),
+        "{:?}",
+        pending.status.hostnames
+    );
 }
 
 #[test]
@@ -747,6 +767,16 @@ fn each_served_hostname_and_the_canonical_one_tell_their_certificate() {
         ],
         "another project's name says nothing of certificates; the canonical name is listed"
     );
+    // Summed up on the proxy, as Datum does.
+    let summary = cond(&d, "CertificatesReady");
+    assert_eq!(
+        (summary.status.as_str(), summary.reason.as_str()),
+        ("False", "CertificatesPending")
+    );
+    assert!(
+        summary.message.contains("app.example.com (NotCovered)"),
+        "{summary:?}"
+    );
 }
 
 #[test]
@@ -816,6 +846,15 @@ fn a_hostname_not_yet_proven_is_not_routed_and_says_what_to_publish() {
         cond(&d, ACCEPTED).status,
         "True",
         "the proxy still serves its other names"
+    );
+    let summary = cond(&d, "HostnamesVerified");
+    assert_eq!(
+        (summary.status.as_str(), summary.reason.as_str()),
+        ("False", "UnverifiedHostnamesPresent")
+    );
+    assert!(
+        summary.message.contains("shop.test (NotVerified)"),
+        "{summary:?}"
     );
 }
 
