@@ -96,6 +96,7 @@ pub fn desired(
                                 name: Some(connector_name.clone()),
                                 selector: None,
                             }),
+                            tls: None,
                             filters: vec![],
                         }],
                     }],

@@ -99,13 +99,28 @@ pub fn default_matches() -> Vec<HttpRouteRulesMatches> {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpProxyBackend {
-    /// Where the device sends the request, e.g. `http://127.0.0.1:3000`.
+    /// Where the device sends the request, e.g. `http://127.0.0.1:3000`; without a
+    /// connector, the origin the edge reaches itself, e.g. `https://api.example.com`.
     pub endpoint: String,
     /// Which connector(s) carry the request; several matches mean several backends.
+    /// Absent: the endpoint is a public origin, reached without a tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connector: Option<ConnectorReference>,
+    /// TLS to an `https://` origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTls>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<HttpRouteRulesBackendRefsFilters>,
+}
+
+/// TLS to an origin.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendTls {
+    /// The name the origin's certificate must carry (and SNI); default: the endpoint's
+    /// host. Required for an `https://` endpoint at an IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// A connector by name, or every connector whose labels match, in the proxy's namespace.

@@ -22,6 +22,7 @@ mod crds;
 mod envoy;
 pub mod filters;
 mod httpproxy;
+pub mod origins;
 pub mod proxy_status;
 mod selector;
 mod target;
@@ -62,6 +63,17 @@ pub mod headers {
     pub const TARGET_HOST: &str = "datum-target-host";
     pub const TARGET_PORT: &str = "datum-target-port";
     pub const TARGET_PROTO: &str = "datum-target-proto";
+    /// [`NODE_ID`]'s value for a backend without a connector: the sidecar reaches the
+    /// origin ([`crate::origins`]) itself.
+    pub const DIRECT: &str = "direct";
+    /// For an origin over HTTPS: the name its certificate is checked against (and SNI);
+    /// `-` for none. Set on every direct route, so no client chooses it.
+    pub const TARGET_TLS_NAME: &str = "datum-target-tls-name";
+    /// For an origin: the `Host` it is sent; `-` keeps the public one. Set on every direct
+    /// route, so no client chooses it.
+    pub const TARGET_AUTHORITY: &str = "datum-target-authority";
+    /// Written where a value is absent, so the header is still overwritten.
+    pub const NONE: &str = "-";
     /// The other ready backends of an Envoy route (`<node-id> <host> <port>`, comma
     /// separated), for the sidecar to fail over to when the chosen device is down.
     pub const FALLBACK: &str = "datum-fallback";

@@ -326,6 +326,40 @@ pub fn http_url(s: &str, allow_path: bool) -> Result<Url, String> {
     Ok(url)
 }
 
+/// A hostname as Gateway API's `PreciseHostname`: lower-case DNS labels, no wildcard and
+/// no port, at most 253 characters (Datum's rule for `Host` values and TLS names).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn precise_hostname(s: &str) -> Result<(), String> {
+    if let Some((host, port)) = s.rsplit_once(':')
+        && !host.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(format!(
+            "must not include a port; use {host:?} and set the port on the backend endpoint"
+        ));
+    }
+    if s.len() > 253 {
+        return Err("must be no more than 253 characters".into());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if s.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be a hostname of lower-case letters, digits, '-' and '.', starting and ending with a letter or digit (e.g. example.com); wildcards are not permitted"
+        ))
+    }
+}
+
 /// A lower-case hex iroh endpoint id (32 bytes).
 ///
 /// # Errors
@@ -715,6 +749,32 @@ impl Validate for HttpProxy {
                     format!("{f}.endpoint"),
                     http_url(&b.endpoint, false).map(drop),
                 );
+                if let Some(tls) = &b.tls {
+                    if !b.endpoint.starts_with("https://") {
+                        errs.push(
+                            format!("{f}.tls"),
+                            FieldErrorKind::Invalid,
+                            "applies to https:// endpoints only",
+                        );
+                    }
+                    if let Some(name) = &tls.hostname {
+                        errs.check(format!("{f}.tls.hostname"), precise_hostname(name));
+                    }
+                }
+                // An origin at an IP address has no name its certificate could carry.
+                if b.connector.is_none()
+                    && b.tls.as_ref().and_then(|t| t.hostname.as_ref()).is_none()
+                    && http_url(&b.endpoint, false).is_ok_and(|u| {
+                        u.scheme() == "https"
+                            && matches!(u.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)))
+                    })
+                {
+                    errs.push(
+                        format!("{f}.tls.hostname"),
+                        FieldErrorKind::Required,
+                        "required for an https:// endpoint at an IP address: the name the origin's certificate carries",
+                    );
+                }
                 match &b.connector {
                     None => {}
                     Some(c) => match (&c.name, &c.selector) {
@@ -1293,6 +1353,7 @@ mod tests {
                         name: Some("c".into()),
                         selector: Some(Default::default()),
                     }),
+                    tls: None,
                     filters: vec![],
                 }],
                 ..Default::default()
@@ -1483,6 +1544,7 @@ mod tests {
                         name: Some("c".into()),
                         selector: None,
                     }),
+                    tls: None,
                     filters,
                 }],
                 ..Default::default()

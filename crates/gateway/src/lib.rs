@@ -12,6 +12,8 @@
 //! - [`sidecar`]: dials a NodeID through DNS discovery and the relay, pools CONNECT
 //!   tunnels (`iroh-http-proxy/1`), forwards requests and upgrades; registers itself as an
 //!   authorised gateway; also serves standalone beside Envoy.
+//! - [`origin`]: backends without a connector, which the sidecar reaches itself over
+//!   HTTP or HTTPS, each resolved address checked against the origin policy.
 //! - [`tunnel`]: the sidecar's dialer: one pooled iroh connection per device, a CONNECT
 //!   per tunnel, the devices just lost (answered at once, probed until back).
 //! - [`xds`]: the table as Envoy clusters, listener and routes over ADS (gRPC), and the
@@ -28,6 +30,7 @@
 //!     edge: edge::Config::default(),
 //!     class: "portway".into(),
 //!     addresses: Vec::new(),
+//!     origins: Default::default(),
 //! };
 //! let stack = EdgeStack::start(config, client, None).await?;
 //! println!("edge on {:?}", stack.http_addr());
@@ -43,6 +46,7 @@ pub mod filters;
 pub mod http01;
 pub mod metrics;
 pub mod model;
+pub mod origin;
 pub mod pool;
 pub mod routes;
 pub mod sidecar;

@@ -183,10 +183,15 @@ impl HeaderFilter {
 /// change it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tunnel {
+    /// The device's id, or [`headers::DIRECT`] for an origin the sidecar reaches itself.
     pub node_id: HeaderValue,
     pub host: HeaderValue,
     pub port: HeaderValue,
     pub proto: HeaderValue,
+    /// The name an https target's certificate is checked against (`-` for none).
+    pub tls_name: Option<HeaderValue>,
+    /// An origin's `Host` (`-` keeps the public one); `None` for a device.
+    pub authority: Option<HeaderValue>,
 }
 
 impl Tunnel {
@@ -204,17 +209,31 @@ impl Tunnel {
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .and_then(|h| HeaderValue::from_str(&h.value).ok())
         };
+        let node_id = get(headers::NODE_ID)?;
+        // An origin's name and Host are written as `-` when absent, never left out, so a
+        // client's own never stands in for them.
+        let origin = node_id == headers::DIRECT;
+        let none = || origin.then(|| HeaderValue::from_static(headers::NONE));
         Some(Self {
-            node_id: get(headers::NODE_ID)?,
             host: get(headers::TARGET_HOST)?,
             port: get(headers::TARGET_PORT)?,
             proto: get(headers::TARGET_PROTO).unwrap_or(HeaderValue::from_static("http")),
+            tls_name: get(headers::TARGET_TLS_NAME).or_else(none),
+            authority: get(headers::TARGET_AUTHORITY)
+                .filter(|_| origin)
+                .or_else(none),
+            node_id,
         })
     }
 
+    /// Whether it is an origin, not a device.
+    pub fn is_origin(&self) -> bool {
+        self.node_id == headers::DIRECT
+    }
+
     /// The routing headers, for the sidecar (in process, or behind Envoy).
-    pub fn headers(&self) -> [(HeaderName, HeaderValue); 4] {
-        [
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = vec![
             (
                 HeaderName::from_static(headers::NODE_ID),
                 self.node_id.clone(),
@@ -231,7 +250,20 @@ impl Tunnel {
                 HeaderName::from_static(headers::TARGET_PROTO),
                 self.proto.clone(),
             ),
-        ]
+        ];
+        if let Some(name) = &self.tls_name {
+            out.push((
+                HeaderName::from_static(headers::TARGET_TLS_NAME),
+                name.clone(),
+            ));
+        }
+        if let Some(authority) = &self.authority {
+            out.push((
+                HeaderName::from_static(headers::TARGET_AUTHORITY),
+                authority.clone(),
+            ));
+        }
+        out
     }
 
     /// Sets the routing headers, replacing whatever a filter or client put there.

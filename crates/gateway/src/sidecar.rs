@@ -65,6 +65,8 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 pub struct Destination {
     pub node: EndpointId,
     pub target: Target,
+    /// For an `https://` endpoint: the name the app's certificate is checked against.
+    pub tls: Option<String>,
 }
 
 /// Why forwarding failed.
@@ -84,6 +86,8 @@ pub enum ForwardError {
     /// The device could not reach the app; its own words (status 502). Nothing reached
     /// the app.
     App(String),
+    /// An origin (a backend without a connector) could not be reached; nothing was sent.
+    Origin(String),
     /// The target did not answer in time.
     Timeout(Duration),
     /// The connection broke after the request was sent.
@@ -106,6 +110,10 @@ impl ForwardError {
                 format!("{host}: tunnel not online ({why})"),
             ),
             Self::App(why) => text(StatusCode::BAD_GATEWAY, format!("{host}: {why}")),
+            Self::Origin(why) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("{host}: could not reach the origin: {why}"),
+            ),
             Self::Timeout(d) => text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -125,7 +133,7 @@ impl ForwardError {
     /// a request that can be replayed and changes nothing.
     pub fn may_fail_over(&self, replayable: bool, idempotent: bool) -> bool {
         match self {
-            Self::Dial(_) | Self::Offline(_) | Self::App(_) => replayable,
+            Self::Dial(_) | Self::Offline(_) | Self::App(_) | Self::Origin(_) => replayable,
             Self::Upstream(_) | Self::Lost(_) => replayable && idempotent,
             Self::BadRoute(_) | Self::Timeout(_) => false,
         }
@@ -144,6 +152,8 @@ pub struct Config {
     /// A device connection silent this long is dead (default 2 s): keep-alives go every
     /// quarter of it, so only a device that is gone stays silent that long.
     pub dead_after: Duration,
+    /// How origins (backends without a connector) are reached.
+    pub origins: crate::origin::Config,
 }
 
 impl Default for Config {
@@ -153,6 +163,7 @@ impl Default for Config {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             dead_after: Duration::from_secs(2),
+            origins: crate::origin::Config::default(),
         }
     }
 }
@@ -217,13 +228,13 @@ impl Via {
 }
 
 /// A CONNECT tunnel as a byte stream.
-pub struct TunnelIo {
+pub struct TunnelStream {
     send: SendStream,
     recv: Pin<Box<dyn AsyncRead + Send + Sync>>,
     _keep: Box<dyn Any + Send + Sync>,
 }
 
-impl AsyncRead for TunnelIo {
+impl AsyncRead for TunnelStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -233,7 +244,7 @@ impl AsyncRead for TunnelIo {
     }
 }
 
-impl AsyncWrite for TunnelIo {
+impl AsyncWrite for TunnelStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -250,6 +261,53 @@ impl AsyncWrite for TunnelIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
+
+/// What HTTP runs over to a device: the tunnel, or TLS to the app over it (an `https://`
+/// endpoint: the app's certificate checked here, end to end).
+pub enum TunnelIo {
+    Plain(TunnelStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TunnelStream>>),
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -395,15 +453,28 @@ fn take_target(headers: &mut HeaderMap, targets: &Targets) -> Result<Destination
         .and_then(|v| v.to_str().ok())
         .unwrap_or("http")
         .to_owned();
-    if proto != "http" {
-        return Err(ForwardError::BadRoute(format!(
-            "target protocol {proto:?} is not supported by this sidecar (only http)"
-        )));
-    }
+    let tls = match proto.as_str() {
+        "http" => None,
+        // Every https route names the certificate's name; the target's host otherwise.
+        "https" => Some(
+            headers
+                .get(headers::TARGET_TLS_NAME)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && *v != headers::NONE)
+                .unwrap_or(&host)
+                .to_owned(),
+        ),
+        _ => {
+            return Err(ForwardError::BadRoute(format!(
+                "target protocol {proto:?} is not supported (http or https)"
+            )));
+        }
+    };
     strip_internal(headers);
     Ok(Destination {
         node,
         target: Target { host, port },
+        tls,
     })
 }
 
@@ -422,6 +493,7 @@ pub fn strip_internal(headers: &mut HeaderMap) {
 /// The sidecar: an iroh endpoint plus a pool of tunnels.
 pub struct Sidecar {
     endpoint: Endpoint,
+    origins: crate::origin::Connector,
     dialer: Arc<Dialer>,
     pool: Arc<Pool>,
     targets: Arc<Targets>,
@@ -432,17 +504,25 @@ pub struct Sidecar {
 impl Sidecar {
     /// Wraps an endpoint (built with `portway_discovery::endpoint::bind`, with DNS lookup
     /// so NodeIDs resolve).
-    pub fn new(endpoint: Endpoint, config: Config, metrics: Metrics) -> Self {
+    ///
+    /// # Errors
+    /// When the origins' extra roots do not parse.
+    pub fn new(
+        endpoint: Endpoint,
+        config: Config,
+        metrics: Metrics,
+    ) -> Result<Self, crate::origin::Error> {
         let dialer = Dialer::new(endpoint.clone(), config.dial_timeout, config.idle_timeout);
         let targets = Arc::new(Targets::default());
-        Self {
+        Ok(Self {
+            origins: crate::origin::Connector::new(config.origins.clone())?,
             endpoint,
             dialer,
             pool: Pool::new(config.idle_timeout),
             targets,
             config,
             metrics,
-        }
+        })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -518,6 +598,10 @@ impl Sidecar {
         on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<Body>, ForwardError> {
         let (mut parts, body) = req.into_parts();
+        if let Some(origin) = crate::origin::Origin::from_headers(&parts.headers)? {
+            strip_internal(&mut parts.headers);
+            return self.forward_origin(origin, parts, body, on_upgrade).await;
+        }
         let target = take_target(&mut parts.headers, &self.targets)?;
         if let Some(why) = self.dialer.down(&target.node) {
             return Err(ForwardError::Offline(why));
@@ -557,7 +641,7 @@ impl Sidecar {
                 Ok(Err(e)) => return Err(self.broken(node, Some(e))),
                 Ok(Ok(resp)) => resp,
             };
-            return self.finish(resp, via, Some((down, asked)));
+            return self.finish(resp, Some(via), Some((down, asked)));
         }
         loop {
             let mut conn = match self.pool.take(&target) {
@@ -569,7 +653,7 @@ impl Sidecar {
                 Ok(Ok(resp)) => {
                     let via = conn.via.clone();
                     let resp = self.pool.respond(target, conn, resp);
-                    return self.finish(resp, via, None);
+                    return self.finish(resp, Some(via), None);
                 }
                 Ok(Err(e)) => {
                     let unsent = e.as_ref().is_some_and(hyper::Error::is_canceled);
@@ -598,6 +682,54 @@ impl Sidecar {
         }
     }
 
+    /// Forwards to an origin over a connection of its own (HTTP/1.1, TLS for `https`),
+    /// with the `Host` its route asks for. Upgrades are spliced through as for devices.
+    async fn forward_origin(
+        &self,
+        origin: crate::origin::Origin,
+        mut parts: http::request::Parts,
+        body: Body,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<Body>, ForwardError> {
+        let upgrade = strip_hop_by_hop(&mut parts.headers).filter(|_| on_upgrade.is_some());
+        if let Some(protocol) = &upgrade {
+            set_upgrade(&mut parts.headers, protocol.clone());
+        }
+        let host = match &origin.authority {
+            Some(a) => HeaderValue::from_str(a).ok(),
+            None => request_authority(&parts.uri, &parts.headers)
+                .and_then(|a| HeaderValue::from_str(&a).ok()),
+        };
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
+        }
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(pq).map_err(|e| ForwardError::BadRoute(e.to_string()))?;
+        parts.version = Version::HTTP_11;
+        let io = self.origins.connect(&origin).await?;
+        let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ForwardError::Origin(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "origin connection ended");
+            }
+        });
+        let timeout = self.config.response_timeout;
+        let resp = match tokio::time::timeout(
+            timeout,
+            send.send_request(Request::from_parts(parts, body)),
+        )
+        .await
+        {
+            Err(_) => return Err(ForwardError::Timeout(timeout)),
+            Ok(Err(e)) => return Err(ForwardError::Upstream(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        self.finish(resp, None, on_upgrade.zip(upgrade))
+    }
+
     /// Opens a tunnel to `dest` as a fresh HTTP/1.1 connection.
     async fn dial(&self, dest: &Destination) -> Result<Conn, ForwardError> {
         let started = Instant::now();
@@ -611,10 +743,19 @@ impl Sidecar {
             .observe(started.elapsed().as_secs_f64());
         let guard = self.metrics.tunnel_opened(&dest.node.to_string());
         let via = Via::of(&tunnel.conn);
-        let io = TunnelIo {
+        let stream = TunnelStream {
             send: tunnel.send,
             recv: Box::pin(tunnel.recv),
             _keep: Box::new((tunnel.conn, guard)),
+        };
+        let io = match &dest.tls {
+            None => TunnelIo::Plain(stream),
+            Some(name) => TunnelIo::Tls(Box::new(
+                self.origins
+                    .tls(name, stream)
+                    .await
+                    .map_err(|why| ForwardError::App(format!("TLS to the app: {why}")))?,
+            )),
         };
         Conn::new(io, via)
             .await
@@ -637,13 +778,15 @@ impl Sidecar {
     fn finish<B>(
         &self,
         mut resp: Response<B>,
-        via: Via,
+        via: Option<Via>,
         downstream: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
     ) -> Result<Response<Body>, ForwardError>
     where
         B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
     {
-        resp.extensions_mut().insert(via);
+        if let Some(via) = via {
+            resp.extensions_mut().insert(via);
+        }
         let switched_to = resp.headers().get(header::UPGRADE).cloned();
         strip_hop_by_hop(resp.headers_mut());
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -729,7 +872,7 @@ impl Sidecar {
             .dial_latency
             .observe(started.elapsed().as_secs_f64());
         let guard = self.metrics.tunnel_opened(&node.to_string());
-        let mut tunnel = TunnelIo {
+        let mut tunnel = TunnelStream {
             send: streams.send,
             recv: Box::pin(streams.recv),
             _keep: Box::new((streams.conn, guard)),
@@ -870,6 +1013,8 @@ pub enum SetupError {
     Key(#[from] portway_discovery::endpoint::KeyError),
     #[error("sidecar endpoint")]
     Bind(#[from] portway_discovery::endpoint::BindError),
+    #[error(transparent)]
+    Origins(crate::origin::Error),
     #[error("registering the sidecar in ConnectorClass {class}")]
     Register {
         class: String,
@@ -916,7 +1061,7 @@ pub async fn start(
             source: Box::new(source),
         })?;
     tracing::info!(id = %ep.id(), class = %setup.class, "sidecar registered as an authorised gateway");
-    Ok(Sidecar::new(ep, config, metrics))
+    Sidecar::new(ep, config, metrics).map_err(SetupError::Origins)
 }
 
 /// Lists this sidecar's endpoint id in the ConnectorClass's `status.gateways`, so agents
@@ -983,7 +1128,8 @@ mod tests {
                 target: Target {
                     host: "127.0.0.1".into(),
                     port: 3000
-                }
+                },
+                tls: None,
             }
         );
         assert_eq!(h.len(), 1);

@@ -53,6 +53,8 @@ pub struct EdgeStackConfig {
     pub class: String,
     /// Addresses published in Gateway status; empty: the IPs the edge is bound to.
     pub addresses: Vec<String>,
+    /// How the sidecar reaches origins (backends without a connector).
+    pub origins: crate::origin::Config,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +96,10 @@ impl EdgeStack {
             sidecar::start(
                 &config.sidecar,
                 &client,
-                sidecar::Config::default(),
+                sidecar::Config {
+                    origins: config.origins.clone(),
+                    ..Default::default()
+                },
                 metrics.clone(),
             )
             .await?,

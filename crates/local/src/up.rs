@@ -48,6 +48,9 @@ pub struct Config {
     /// Checks hostnames outside the zone before they are routed; `None`: the system's
     /// resolver ([`system_resolver`]).
     pub hostname_resolver: Option<SocketAddr>,
+    /// Origins (backends without a connector): the networks allowed although forbidden
+    /// by default, and the roots trusted for their certificates.
+    pub origins: portway_gateway::origin::Config,
     /// Validity asked of the local CA (default 90 days) and how long before expiry a
     /// certificate is renewed (default 30 days).
     pub certificate_validity: Option<Duration>,
@@ -74,6 +77,7 @@ impl Config {
             access_log: false,
             acme: None,
             hostname_resolver: None,
+            origins: portway_gateway::origin::Config::default(),
             certificate_validity: None,
             renew_before: None,
             event_ttl: portway_apiserver::events::DEFAULT_TTL,
@@ -295,6 +299,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     let mut operator_config = portway_operator::Config::new(vec![sidecar_addr]);
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
+    operator_config.proxy.allowed_origins = config.origins.allowed.clone();
     // Names outside the zone must be proven: on by default, as a public edge needs.
     let resolver = config.hostname_resolver.unwrap_or_else(system_resolver);
     operator_config.verification = Some(portway_operator::verify::Config::new(resolver));
@@ -355,6 +360,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
         },
         class: portway_api::DEFAULT_CLASS.into(),
         addresses: Vec::new(),
+        origins: config.origins.clone(),
     };
     let edge = EdgeStack::start(edge_config, client.clone(), Some(sidecar_listener)).await?;
     let (http, https, sidecar_id) = (

@@ -91,6 +91,7 @@ impl Config {
                 zone: "portway.localhost".into(),
                 gateway_class: portway_api::DEFAULT_CLASS.into(),
                 controller_name: CONTROLLER_NAME.into(),
+                allowed_origins: Vec::new(),
             },
             connector_class: portway_api::DEFAULT_CLASS.into(),
             connector_controllers: vec![

@@ -1656,6 +1656,200 @@ async fn custom_domains_get_acme_certificates_over_http01_on_both_data_planes() 
     drop((shop, blog, front));
 }
 
+/// An HTTPS origin on loopback: TLS as `name` (a certificate from a CA made here, whose
+/// PEM is returned), then the bytes to `to`.
+async fn tls_origin(name: &str, to: SocketAddr) -> (SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let (Ok(mut tls), Ok(mut plain)) = (
+                    acceptor.accept(tcp).await,
+                    tokio::net::TcpStream::connect(to).await,
+                ) {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    (addr, ca_cert.pem())
+}
+
+/// Backends without a connector are origins the edge reaches itself, through the same
+/// sidecar, on both data planes: over http (the public Host kept for an address) and https
+/// (checked against the origin's name, which is also its Host); a wrong name is a 502
+/// that says so. An https:// app on a device gets TLS inside the tunnel. An origin on the
+/// edge's own machine needs `--allow-origin-network`; the cloud's metadata address stays
+/// refused.
+#[tokio::test]
+async fn origins_and_https_targets_on_both_data_planes() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::spawn().await.unwrap();
+    let (secure, ca) = tls_origin("origin.test", origin.addr).await;
+    let roots = dir.path().join("origin-ca.pem");
+    std::fs::write(&roots, ca).unwrap();
+    let stack = Stack::start_full(
+        None,
+        &[
+            "--allow-origin-network",
+            "127.0.0.0/8",
+            "--origin-roots",
+            roots.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(admin, "default");
+    let create = |name: &str, host: &str, backend: serde_json::Value| {
+        let proxy: HttpProxy = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"hostnames": [host], "rules": [{"backends": [backend]}]},
+        }))
+        .unwrap();
+        let proxies = proxies.clone();
+        async move {
+            proxies
+                .create(&PostParams::default(), &proxy)
+                .await
+                .unwrap()
+        }
+    };
+    create(
+        "plain",
+        "plain.localhost",
+        json!({"endpoint": format!("http://127.0.0.1:{}", origin.addr.port())}),
+    )
+    .await;
+    create(
+        "secure",
+        "secure.localhost",
+        json!({"endpoint": format!("https://127.0.0.1:{}", secure.port()),
+            "tls": {"hostname": "origin.test"}}),
+    )
+    .await;
+    create(
+        "wrong-name",
+        "wrong.localhost",
+        json!({"endpoint": format!("https://127.0.0.1:{}", secure.port()),
+            "tls": {"hostname": "other.test"}}),
+    )
+    .await;
+    create(
+        "metadata",
+        "metadata.localhost",
+        json!({"endpoint": "http://169.254.169.254"}),
+    )
+    .await;
+    // An https:// app on a device: TLS to it inside the tunnel, checked against its name.
+    let device = stack
+        .http_to(secure.port(), "device.localhost", 30, &[])
+        .await
+        .unwrap();
+    let connector = proxies
+        .get(&device.ready_str("proxy"))
+        .await
+        .unwrap()
+        .spec
+        .rules[0]
+        .backends[0]
+        .connector
+        .clone()
+        .and_then(|c| c.name)
+        .unwrap();
+    create(
+        "tunnel-tls",
+        "tunnel-tls.localhost",
+        json!({"endpoint": format!("https://127.0.0.1:{}", secure.port()),
+            "connector": {"name": connector}, "tls": {"hostname": "origin.test"}}),
+    )
+    .await;
+    let hello = format!("hello from {}", origin.addr.port());
+    let front = envoy_front(&stack, "envoy-origins").await;
+    for (plane, at) in [("built-in edge", stack.edge), ("Envoy", front.addr)] {
+        for host in [
+            "plain.localhost",
+            "secure.localhost",
+            "tunnel-tls.localhost",
+        ] {
+            eventually(
+                &format!("{plane} serves {host} from its origin"),
+                WAIT,
+                || async {
+                    let (status, body) = get_via(at, host, "/hello").await?;
+                    ensure!(
+                        status == StatusCode::OK && body == hello,
+                        "{status}: {body}"
+                    );
+                    Ok(())
+                },
+            )
+            .await;
+        }
+        let (_, seen) = get_via(at, "plain.localhost", "/headers").await.unwrap();
+        assert!(seen.contains("host: plain.localhost\n"), "{plane}: {seen}");
+        assert!(!seen.contains("datum-"), "{plane}: {seen}");
+        let (_, seen) = get_via(at, "secure.localhost", "/headers").await.unwrap();
+        assert!(seen.contains("host: origin.test\n"), "{plane}: {seen}");
+        let (_, seen) = get_via(at, "tunnel-tls.localhost", "/headers")
+            .await
+            .unwrap();
+        assert!(
+            seen.contains("host: tunnel-tls.localhost\n"),
+            "{plane}: {seen}"
+        );
+        let (status, body) = get_via(at, "wrong.localhost", "/hello").await.unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{plane}: {body}");
+        assert!(body.contains("TLS as other.test"), "{plane}: {body}");
+    }
+    let refused = proxies.get("metadata").await.unwrap();
+    let accepted = refused
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Accepted")
+        .unwrap();
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", "OriginNotAllowed"),
+        "{}",
+        accepted.message
+    );
+    assert!(
+        accepted.message.contains("169.254.0.0/16"),
+        "{}",
+        accepted.message
+    );
+    drop((front, device));
+}
+
 /// `portway up --access-log` with `PORTWAY_LOG_FORMAT=json`: one JSON object per request
 /// on the `portway::access` target, naming the device and the path to it; and, with
 /// stderr in a file, no colour codes in either format.

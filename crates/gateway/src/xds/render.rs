@@ -420,7 +420,7 @@ fn backend_headers(b: &Backend) -> Vec<HeaderValueOption> {
     let mut out = header_options(&b.headers);
     if let Some(t) = &b.tunnel {
         out.extend(header_options(&HeaderFilter {
-            set: t.headers().into(),
+            set: t.headers(),
             ..Default::default()
         }));
     }
@@ -437,6 +437,8 @@ fn fallback_header(chosen: usize, ready: &[(usize, &Backend)]) -> HeaderValueOpt
         .iter()
         .filter(|(i, _)| *i != chosen)
         .filter_map(|(_, b)| b.tunnel.as_ref())
+        // A fallback names a device; an origin is never down in the sidecar's sense.
+        .filter(|t| !t.is_origin())
         .filter_map(|t| {
             Some(format!(
                 "{} {} {}",

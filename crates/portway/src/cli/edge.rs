@@ -57,6 +57,7 @@ pub async fn run(args: Args) -> Result<()> {
         },
         class: args.sidecar.class.clone(),
         addresses: args.address,
+        origins: args.sidecar.origins.config()?,
     };
     let stack = EdgeStack::start(config, client, None)
         .await

@@ -7,6 +7,7 @@ pub mod dns;
 pub mod edge;
 pub mod http;
 pub mod operator;
+pub mod origins;
 pub mod relay;
 pub mod sidecar;
 pub mod token;

@@ -48,6 +48,8 @@ pub struct Args {
     hostname_resolver: Option<SocketAddr>,
     #[command(flatten)]
     renewal: super::acme::RenewalFlags,
+    #[command(flatten)]
+    origins: super::origins::AllowFlags,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -58,6 +60,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_operator::Config::new(args.sidecar);
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
+    config.proxy.allowed_origins = args.origins.allow_origin_network;
     if !args.connector_controller.is_empty() {
         config.connector_controllers = args.connector_controller;
     }

@@ -38,6 +38,8 @@ pub struct Flags {
     /// ConnectorClass to register in.
     #[arg(long, default_value = "portway")]
     pub class: String,
+    #[command(flatten)]
+    pub origins: super::origins::OriginFlags,
 }
 
 pub fn setup(f: &Flags) -> Result<portway_gateway::sidecar::Setup> {
@@ -73,9 +75,16 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let client = kube_client(args.sidecar.kubeconfig.as_deref()).await?;
     let setup = setup(&args.sidecar)?;
-    let s =
-        portway_gateway::sidecar::start(&setup, &client, Default::default(), Default::default())
-            .await?;
+    let s = portway_gateway::sidecar::start(
+        &setup,
+        &client,
+        portway_gateway::sidecar::Config {
+            origins: args.sidecar.origins.config()?,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await?;
     let s = std::sync::Arc::new(s);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

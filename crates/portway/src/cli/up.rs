@@ -62,6 +62,8 @@ pub struct Args {
     /// With --https: certificates from an ACME directory instead of the local CA.
     #[command(flatten)]
     acme: super::acme::AcmeFlags,
+    #[command(flatten)]
+    origins: super::origins::OriginFlags,
     /// Write every bound address here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -83,6 +85,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
     config.hostname_resolver = args.hostname_resolver;
+    config.origins = args.origins.config()?;
     (config.certificate_validity, config.renew_before) = args.renewal.durations();
     anyhow::ensure!(
         !args.acme.enabled() || args.https.is_some(),

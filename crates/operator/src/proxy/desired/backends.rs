@@ -1,15 +1,16 @@
 //! Backends: each (rule, backend) pair of the spec, through the connectors it names, to
-//! the devices that advertise its endpoint.
+//! the devices that advertise its endpoint; or, without a connector, to an origin the
+//! sidecar reaches itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use portway_api::{
-    Connector, ConnectorAdvertisement, ConnectorReference, HttpProxy, Protocol, Target,
+    Connector, ConnectorAdvertisement, ConnectorReference, HttpProxy, Protocol, Target, headers,
     is_condition_true, selector_matches,
 };
 
 use super::conditions::Problem;
-use super::reasons::{CONNECTOR_NOT_FOUND, INVALID, NOT_ADVERTISED};
+use super::reasons::{CONNECTOR_NOT_FOUND, INVALID, NOT_ADVERTISED, ORIGIN_NOT_ALLOWED};
 
 /// A backend endpoint URL, reduced to what the sidecar dials: where, and which scheme.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,27 +37,74 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Endpoint, String> {
     })
 }
 
-/// One resolved backend: a (rule, backend) pair through one connector.
+/// One resolved backend: a (rule, backend) pair through one connector, or to an origin.
 pub(super) struct Backend<'a> {
     pub rule: usize,
     pub backend: usize,
-    pub connector: &'a Connector,
+    /// `None`: an origin the sidecar reaches itself.
+    pub connector: Option<&'a Connector>,
+    /// The device's id, or [`headers::DIRECT`].
     pub node_id: &'a str,
     pub endpoint: Endpoint,
+    /// For an origin: the name its certificate is checked against (https), and the
+    /// `Host` it is sent (`None`: the public one).
+    pub tls_name: Option<String>,
+    pub authority: Option<String>,
 }
 
 impl Backend<'_> {
+    /// The connector's name; `direct` for an origin.
     pub fn connector_name(&self) -> &str {
-        self.connector.metadata.name.as_deref().unwrap_or_default()
+        self.connector.map_or(headers::DIRECT, |c| {
+            c.metadata.name.as_deref().unwrap_or_default()
+        })
     }
 
-    /// Whether the connector's agent is connected; its endpoints' readiness follows.
+    /// Whether the connector's agent is connected; its endpoints' readiness follows. An
+    /// origin is always ready: the sidecar answers for it.
     pub fn ready(&self) -> bool {
-        self.connector
-            .status
-            .as_ref()
-            .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
+        self.connector.is_none_or(|c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
+        })
     }
+}
+
+/// An origin's TLS name and `Host`, or why it may not be reached: the edge's own machine
+/// and link are refused unless `allowed` ([`portway_api::origins`]). The `Host` is the
+/// rule's rewritten hostname, else the origin's name (its `tls.hostname`, or the
+/// endpoint's DNS name), else the public one.
+fn origin(
+    field: &str,
+    backend: &portway_api::HttpProxyBackend,
+    endpoint: &Endpoint,
+    rewritten_host: Option<&str>,
+    allowed: &[ipnet::IpNet],
+) -> Result<(Option<String>, Option<String>), Problem> {
+    let host = endpoint.target.host.as_str();
+    let refused =
+        |why: String| Problem::new(ORIGIN_NOT_ALLOWED, format!("{field}.endpoint: {why}"));
+    let ip = host
+        .trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .ok();
+    match ip {
+        Some(ip) => portway_api::origins::check(ip, allowed).map_err(refused)?,
+        None if portway_api::origins::is_localhost(host) => {
+            portway_api::origins::check(std::net::Ipv4Addr::LOCALHOST.into(), allowed)
+                .map_err(|_| refused(format!("{host} is this machine, which an origin may not be; an administrator may allow it with --allow-origin-network")))?;
+        }
+        None => {}
+    }
+    let name = backend
+        .tls
+        .as_ref()
+        .and_then(|t| t.hostname.clone())
+        .or_else(|| ip.is_none().then(|| host.to_owned()));
+    let tls_name = (endpoint.proto == "https").then(|| name.clone()).flatten();
+    let authority = rewritten_host.map(str::to_owned).or(name);
+    Ok((tls_name, authority))
 }
 
 /// The backends the proxy can route to, and why the others cannot be used.
@@ -70,6 +118,7 @@ pub(super) fn resolve<'a>(
     proxy: &HttpProxy,
     connectors: &[&'a Connector],
     advertisements: &[&ConnectorAdvertisement],
+    allowed_origins: &[ipnet::IpNet],
 ) -> Backends<'a> {
     let project = proxy.metadata.namespace.as_deref().unwrap_or_default();
     let mut resolved = Vec::new();
@@ -84,6 +133,33 @@ pub(super) fn resolve<'a>(
                     continue;
                 }
             };
+            if backend.connector.is_none() {
+                let rewritten = rule
+                    .filters
+                    .iter()
+                    .find_map(|f| f.url_rewrite.as_ref()?.hostname.as_deref());
+                match origin(&field, backend, &endpoint, rewritten, allowed_origins) {
+                    Ok((tls_name, authority)) => resolved.push(Backend {
+                        rule: i,
+                        backend: j,
+                        connector: None,
+                        node_id: headers::DIRECT,
+                        endpoint,
+                        tls_name,
+                        authority,
+                    }),
+                    Err(p) => problems.push(p),
+                }
+                continue;
+            }
+            // TLS to the app runs inside the tunnel, checked against this name.
+            let tls_name = (endpoint.proto == "https").then(|| {
+                backend
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.hostname.clone())
+                    .unwrap_or_else(|| endpoint.target.host.clone())
+            });
             let matched =
                 match select_connectors(&field, backend.connector.as_ref(), connectors, project) {
                     Ok(m) => m,
@@ -105,9 +181,11 @@ pub(super) fn resolve<'a>(
                     resolved.push(Backend {
                         rule: i,
                         backend: j,
-                        connector: c,
+                        connector: Some(c),
                         node_id,
                         endpoint: endpoint.clone(),
+                        tls_name: tls_name.clone(),
+                        authority: None,
                     });
                 }
             }

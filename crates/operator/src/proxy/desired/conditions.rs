@@ -171,18 +171,26 @@ pub(super) fn accepted(
     let ready = backends.iter().filter(|b| b.ready()).count();
     let connectors = backends
         .iter()
-        .map(|b| b.connector.metadata.name.as_deref())
+        .filter_map(|b| b.connector?.metadata.name.as_deref())
         .collect::<BTreeSet<_>>()
         .len();
+    let origins = backends.iter().filter(|b| b.connector.is_none()).count();
     vec![
         stamp.condition(
             ACCEPTED,
             true,
             ACCEPTED,
-            format!(
-                "{} backend(s) through {connectors} connector(s), {ready} ready",
-                backends.len()
-            ),
+            if origins == 0 {
+                format!(
+                    "{} backend(s) through {connectors} connector(s), {ready} ready",
+                    backends.len()
+                )
+            } else {
+                format!(
+                    "{} backend(s): {origins} origin(s), the others through {connectors} connector(s); {ready} ready",
+                    backends.len()
+                )
+            },
         ),
         if accepted_by_gateway {
             stamp.condition(

@@ -39,6 +39,8 @@ pub mod reasons {
     pub const INVALID: &str = "Invalid";
     pub const CONNECTOR_NOT_FOUND: &str = "ConnectorNotFound";
     pub const NOT_ADVERTISED: &str = "BackendNotAdvertised";
+    /// An origin (a backend without a connector) at the edge's own machine or link.
+    pub const ORIGIN_NOT_ALLOWED: &str = "OriginNotAllowed";
     pub const PENDING: &str = "Pending";
     /// At least one backend's connector is Ready (its agent holds a current lease), so
     /// the public URL reaches a device; False means it answers 503.
@@ -60,6 +62,9 @@ pub struct Config {
     pub gateway_class: String,
     /// The controller name written into route status parents by our gateway.
     pub controller_name: String,
+    /// Networks an origin may be in although [`portway_api::origins::FORBIDDEN`] holds
+    /// them (a development machine's loopback).
+    pub allowed_origins: Vec<ipnet::IpNet>,
 }
 
 /// `CertificatesReady` for a hostname: status, reason, message.
@@ -121,7 +126,12 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         stamp,
     );
     // Only what a connector's device advertises may be routed to it.
-    let backends = backends::resolve(proxy, input.connectors, input.advertisements);
+    let backends = backends::resolve(
+        proxy,
+        input.connectors,
+        input.advertisements,
+        &input.config.allowed_origins,
+    );
     // Objects stored before a validation rule existed (a reserved header in a filter,
     // say) are refused here too, never half-applied.
     let invalid = portway_api::validation::Validate::validate(proxy)

@@ -194,15 +194,25 @@ fn backend_ref(proxy: &HttpProxy, b: &Backend<'_>) -> HttpRouteRulesBackendRefs 
         name: n.into(),
         value: v,
     };
+    let mut routing = vec![
+        set(headers::NODE_ID, b.node_id.to_owned()),
+        set(headers::TARGET_HOST, b.endpoint.target.host.clone()),
+        set(headers::TARGET_PORT, b.endpoint.target.port.to_string()),
+        set(headers::TARGET_PROTO, b.endpoint.proto.clone()),
+    ];
+    // An origin's name and Host are always written, `-` for none, so no client's own
+    // header is left in their place; so is the TLS name of an https target on a device.
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| headers::NONE.into());
+    if b.connector.is_none() {
+        routing.push(set(headers::TARGET_TLS_NAME, or_none(&b.tls_name)));
+        routing.push(set(headers::TARGET_AUTHORITY, or_none(&b.authority)));
+    } else if b.tls_name.is_some() {
+        routing.push(set(headers::TARGET_TLS_NAME, or_none(&b.tls_name)));
+    }
     let mut filters = vec![HttpRouteRulesBackendRefsFilters {
         r#type: HttpRouteRulesBackendRefsFiltersType::RequestHeaderModifier,
         request_header_modifier: Some(HttpRouteRulesBackendRefsFiltersRequestHeaderModifier {
-            set: Some(vec![
-                set(headers::NODE_ID, b.node_id.to_owned()),
-                set(headers::TARGET_HOST, b.endpoint.target.host.clone()),
-                set(headers::TARGET_PORT, b.endpoint.target.port.to_string()),
-                set(headers::TARGET_PROTO, b.endpoint.proto.clone()),
-            ]),
+            set: Some(routing),
             ..Default::default()
         }),
         ..Default::default()

@@ -17,6 +17,7 @@ fn config() -> Config {
         zone: "portway.localhost".into(),
         gateway_class: "portway".into(),
         controller_name: CONTROLLER_NAME.into(),
+        allowed_origins: Vec::new(),
     }
 }
 
@@ -83,6 +84,7 @@ fn proxy(hostnames: &[&str], endpoint: &str, connector: Option<ConnectorReferenc
                 backends: vec![HttpProxyBackend {
                     endpoint: endpoint.into(),
                     connector,
+                    tls: None,
                     filters: vec![],
                 }],
                 ..Default::default()
@@ -423,7 +425,7 @@ fn refusals_each_with_their_reason_and_no_children() {
             "scheme \"ftp\"",
         ),
         (
-            "no connector",
+            "an origin on the edge's own machine",
             Case {
                 proxy: proxy(&[], "http://127.0.0.1:3000", None),
                 connectors: laptop(),
@@ -431,8 +433,32 @@ fn refusals_each_with_their_reason_and_no_children() {
                 claimed: &[],
                 route_status: None,
             },
-            INVALID,
-            "needs a connector",
+            ORIGIN_NOT_ALLOWED,
+            "127.0.0.1 is in 127.0.0.0/8",
+        ),
+        (
+            "an origin named localhost",
+            Case {
+                proxy: proxy(&[], "http://localhost:3000", None),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            ORIGIN_NOT_ALLOWED,
+            "localhost is this machine",
+        ),
+        (
+            "the cloud's metadata service",
+            Case {
+                proxy: proxy(&[], "http://169.254.169.254", None),
+                connectors: laptop(),
+                ads: ad(),
+                claimed: &[],
+                route_status: None,
+            },
+            ORIGIN_NOT_ALLOWED,
+            "169.254.169.254 is in 169.254.0.0/16",
         ),
         (
             "empty selector",
@@ -612,9 +638,91 @@ fn reserved_headers_in_stored_objects_are_refused() {
 }
 
 #[test]
+fn an_origin_is_reached_directly_with_its_name_and_host() {
+    let routing = |d: &Desired| route_headers(d)[0].clone();
+    let d = Case {
+        proxy: proxy(&[], "https://api.example.com", None),
+        connectors: vec![],
+        ads: vec![],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    assert_eq!(
+        cond(&d, ACCEPTED).status,
+        "True",
+        "{:?}",
+        cond(&d, ACCEPTED)
+    );
+    assert_eq!(cond(&d, BACKENDS_READY).status, "True");
+    let h = routing(&d);
+    let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(get("datum-node-id"), Some("direct"));
+    assert_eq!(get("datum-target-host"), Some("api.example.com"));
+    assert_eq!(get("datum-target-port"), Some("443"));
+    assert_eq!(get("datum-target-proto"), Some("https"));
+    assert_eq!(get("datum-target-tls-name"), Some("api.example.com"));
+    assert_eq!(get("datum-target-authority"), Some("api.example.com"));
+
+    // At an IP: the TLS name given; over http, no TLS name, the public Host kept; and a
+    // loopback origin once the installation allows it.
+    let mut p = proxy(&[], "https://10.0.0.7:8443", None);
+    p.spec.rules[0].backends[0].tls = Some(portway_api::BackendTls {
+        hostname: Some("internal.example.com".into()),
+    });
+    let d = Case {
+        proxy: p,
+        connectors: vec![],
+        ads: vec![],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    let h = routing(&d);
+    let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(get("datum-target-tls-name"), Some("internal.example.com"));
+    assert_eq!(get("datum-target-authority"), Some("internal.example.com"));
+    let d = Case {
+        proxy: proxy(&[], "http://10.0.0.7:8080", None),
+        connectors: vec![],
+        ads: vec![],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    let h = routing(&d);
+    let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(
+        (get("datum-target-tls-name"), get("datum-target-authority")),
+        (Some("-"), Some("-"))
+    );
+    let mut allowing = config();
+    allowing.allowed_origins = vec!["127.0.0.0/8".parse().unwrap()];
+    let p = proxy(&[], "http://127.0.0.1:3000", None);
+    let d = desired(&Inputs {
+        proxy: &p,
+        connectors: &[],
+        advertisements: &[],
+        claimed_by: &|_| None,
+        route_status: None,
+        gateway_addresses: &[],
+        config: &allowing,
+        certificate: None,
+        verification: None,
+        now: NOW,
+    });
+    assert_eq!(
+        cond(&d, ACCEPTED).status,
+        "True",
+        "{:?}",
+        cond(&d, ACCEPTED)
+    );
+}
+
+#[test]
 fn wildcard_advertisements_and_unreported_ids() {
     let d = Case {
-        proxy: proxy(&[], "https://api.internal:8443", by_name("laptop")),
+        proxy: proxy(&[], "http://api.internal:8443", by_name("laptop")),
         connectors: vec![connector("laptop", None, false, &[])],
         ads: vec![advertise("laptop", "*.internal", 8443)],
         claimed: &[],
