@@ -187,6 +187,36 @@ pub(crate) fn shapes<T: Serialize>(field: &str, filters: &[T]) -> Vec<FieldError
 }
 
 /// Whether `name` is an HTTP field name (RFC 9110 token).
+/// The `Host` a rule's or backend's `RequestHeaderModifier` sets (lower-case): Datum's
+/// way to rewrite it, which Portway turns into the rule's URLRewrite hostname (no data
+/// plane lets a header filter change `Host`). Filters walked as JSON, so both levels'
+/// types answer alike.
+pub fn host_set<T: Serialize>(filters: &[T]) -> Option<String> {
+    filters.iter().find_map(|f| {
+        let v = serde_json::to_value(f).ok()?;
+        v["requestHeaderModifier"]["set"]
+            .as_array()?
+            .iter()
+            .find(|h| {
+                h["name"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("host"))
+            })
+            .and_then(|h| h["value"].as_str())
+            .map(str::to_ascii_lowercase)
+    })
+}
+
+/// The hostname a rule rewrites `Host` to: its URLRewrite's, or what its (or its one
+/// backend's) `RequestHeaderModifier` sets.
+pub fn host_override(rule: &crate::HttpProxyRule) -> Option<String> {
+    rule.filters
+        .iter()
+        .find_map(|f| f.url_rewrite.as_ref()?.hostname.clone())
+        .or_else(|| host_set(&rule.filters))
+        .or_else(|| rule.backends.iter().find_map(|b| host_set(&b.filters)))
+}
+
 pub fn header_name(name: &str) -> Result<(), String> {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || !name.chars().all(tchar) {

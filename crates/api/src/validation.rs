@@ -94,11 +94,23 @@ fn reserved_headers<T: serde::Serialize>(errs: &mut Errors, field: &str, filters
                         errs.check(format!("{at}.value"), crate::filters::header_value(v));
                     }
                     if name.eq_ignore_ascii_case("host") {
-                        errs.push(
-                            format!("{at}{suffix}"),
-                            FieldErrorKind::Forbidden,
-                            "the Host header is not a filter's to change: use a URLRewrite filter's hostname",
-                        );
+                        // As Datum: setting Host on the request rewrites it (a hostname,
+                        // no port); nothing else may touch it.
+                        match h.get("value").and_then(|v| v.as_str()) {
+                            Some(value)
+                                if modifier == "requestHeaderModifier" && op == "set" =>
+                            {
+                                errs.check(
+                                    format!("{at}.value"),
+                                    precise_hostname(&value.to_ascii_lowercase()),
+                                );
+                            }
+                            _ => errs.push(
+                                format!("{at}{suffix}"),
+                                FieldErrorKind::Forbidden,
+                                "the Host header may only be set on the request (its value a hostname), or rewritten with a URLRewrite filter's hostname",
+                            ),
+                        }
                     }
                     if crate::headers::is_reserved(name) {
                         errs.push(
@@ -742,6 +754,34 @@ impl Validate for HttpProxy {
                 &rule.filters,
             ));
             rule_filters(&mut errs, &f, rule);
+            let rewrites_host = rule
+                .filters
+                .iter()
+                .any(|x| x.url_rewrite.as_ref().is_some_and(|u| u.hostname.is_some()));
+            let sets_host = crate::filters::host_set(&rule.filters).is_some()
+                || rule
+                    .backends
+                    .iter()
+                    .any(|b| crate::filters::host_set(&b.filters).is_some());
+            if rewrites_host && sets_host {
+                errs.push(
+                    format!("{f}.filters"),
+                    FieldErrorKind::Invalid,
+                    "sets Host and rewrites the hostname: choose one",
+                );
+            }
+            if rule.backends.len() > 1
+                && rule
+                    .backends
+                    .iter()
+                    .any(|b| crate::filters::host_set(&b.filters).is_some())
+            {
+                errs.push(
+                    format!("{f}.backends"),
+                    FieldErrorKind::Invalid,
+                    "a backend sets Host, which rewrites it for the whole rule: set it on the rule when it has several backends",
+                );
+            }
             errs.max_items(&format!("{f}.backends"), &rule.backends, MAX_ITEMS);
             for (j, b) in rule.backends.iter().enumerate() {
                 let f = format!("{f}.backends[{j}]");
@@ -1487,7 +1527,8 @@ mod tests {
                     ),
                 ],
             ),
-            // Host is the edge's (Envoy refuses a route that changes it).
+            // Host may only be set on the request, to a hostname without a port (as
+            // Datum: it becomes the rule's URLRewrite hostname), and not beside one.
             (
                 json!([]),
                 json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": ["Host"]}}]),
@@ -1495,6 +1536,41 @@ mod tests {
                     "spec.rules[0].filters[0].requestHeaderModifier.remove[0]",
                     FieldErrorKind::Forbidden,
                 )],
+            ),
+            (
+                json!([]),
+                json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "Host", "value": "Coffee.Example.com"}]}}]),
+                vec![],
+            ),
+            (
+                json!([]),
+                json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "host", "value": "example.com:8080"}],
+                    "add": [{"name": "Host", "value": "example.com"}]}},
+                {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                    "set": [{"name": "Host", "value": "example.com"}]}}]),
+                vec![
+                    (
+                        "spec.rules[0].filters[0].requestHeaderModifier.set[0].value",
+                        FieldErrorKind::Invalid,
+                    ),
+                    (
+                        "spec.rules[0].filters[0].requestHeaderModifier.add[0].name",
+                        FieldErrorKind::Forbidden,
+                    ),
+                    (
+                        "spec.rules[0].filters[1].responseHeaderModifier.set[0].name",
+                        FieldErrorKind::Forbidden,
+                    ),
+                ],
+            ),
+            (
+                json!([]),
+                json!([{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "Host", "value": "a.example.com"}]}},
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "b.example.com"}}]),
+                vec![("spec.rules[0].filters", FieldErrorKind::Invalid)],
             ),
         ];
         for (matches, filters, want) in cases {

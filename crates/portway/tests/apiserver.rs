@@ -1435,8 +1435,11 @@ async fn kubectl_get_crd_lists_the_built_in_crds_read_only() {
         assert!(!ok && err.contains("NotFound"), "{bin:?}: {err}");
 
         let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.example.com\nspec:\n  group: example.com\n  names: {kind: Gadget, plural: gadgets}\n  scope: Namespaced\n  versions:\n  - {name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object}}}\n";
+        // Datum's own CRD for a kind Portway serves: applied, it is answered as built in.
+        let datum = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: connectors.networking.datumapis.com\nspec:\n  group: networking.datumapis.com\n  names: {kind: Connector, listKind: ConnectorList, plural: connectors, singular: connector}\n  scope: Namespaced\n  versions:\n  - {name: v1alpha1, served: true, storage: true, schema: {openAPIV3Schema: {type: object}}, subresources: {status: {}}}\n";
         for (args, stdin) in [
             (vec!["create", "-f", "-"], Some(crd)),
+            (vec!["apply", "-f", "-"], Some(datum)),
             (
                 vec!["delete", "crd", "connectors.networking.datumapis.com"],
                 None,

@@ -386,6 +386,9 @@ async fn battery(stack: &Stack, front: SocketAddr, host: &str, envoy: bool, ca: 
         .header("datum-target-port", "22")
         .header("datum-extra", "1")
         .header("x-iroh-whatever", "1")
+        // Datum's iroh-gateway names, which the sidecar takes behind Datum's Envoy.
+        .header("x-iroh-endpoint-id", "00".repeat(32))
+        .header("x-datum-target-host", "169.254.169.254")
         .body(empty())
         .unwrap();
     let resp = h1.request(req).await.unwrap();
@@ -1767,6 +1770,34 @@ async fn origins_and_https_targets_on_both_data_planes() {
         json!({"endpoint": "http://169.254.169.254"}),
     )
     .await;
+    // Datum's way to choose the Host: set it on the request (a hostname, no port).
+    let host_set: HttpProxy = serde_json::from_value(json!({
+        "metadata": {"name": "host-set"},
+        "spec": {"hostnames": ["rewrite.localhost"], "rules": [{
+            "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                "set": [{"name": "Host", "value": "Coffee.Example.com"}]}}],
+            "backends": [{"endpoint": format!("http://127.0.0.1:{}", origin.addr.port())}]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &host_set)
+        .await
+        .unwrap();
+    let mut with_port = host_set.clone();
+    with_port.metadata.name = Some("host-port".into());
+    with_port.spec.hostnames = vec!["port.localhost".into()];
+    with_port.spec.rules[0].filters = serde_json::from_value(json!([{
+        "type": "RequestHeaderModifier",
+        "requestHeaderModifier": {"set": [{"name": "Host", "value": "example.com:8080"}]}}]))
+    .unwrap();
+    let Err(kube::Error::Api(refused)) = proxies.create(&PostParams::default(), &with_port).await
+    else {
+        panic!("a Host with a port was accepted");
+    };
+    assert!(
+        refused.code == 422 && refused.message.contains("must not include a port"),
+        "{refused:?}"
+    );
     // An https:// app on a device: TLS to it inside the tunnel, checked against its name.
     let device = stack
         .http_to(secure.port(), "device.localhost", 30, &[])
@@ -1822,6 +1853,16 @@ async fn origins_and_https_targets_on_both_data_planes() {
             .unwrap();
         assert!(
             seen.contains("host: tunnel-tls.localhost\n"),
+            "{plane}: {seen}"
+        );
+        let seen = eventually(&format!("{plane} rewrites Host"), WAIT, || async {
+            let (status, seen) = get_via(at, "rewrite.localhost", "/headers").await?;
+            ensure!(status == StatusCode::OK, "{status}: {seen}");
+            Ok(seen)
+        })
+        .await;
+        assert!(
+            seen.contains("host: coffee.example.com\n"),
             "{plane}: {seen}"
         );
         let (status, body) = get_via(at, "wrong.localhost", "/hello").await.unwrap();

@@ -107,6 +107,58 @@ async fn datum_connects_requests_replayed_serve_a_device() {
         "{class}"
     );
 
+    // A connector whose class appears later is accepted on its own once it does.
+    let accepted = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let (_, c) = send(
+                &admin,
+                Method::GET,
+                &format!("{NA}/connectors/{name}"),
+                JSON,
+                None,
+            )
+            .await;
+            c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Accepted")
+                .cloned()
+                .unwrap_or_default()
+        }
+    };
+    let (code, early) = send(
+        &admin,
+        Method::POST,
+        &format!("{NA}/connectors?"),
+        JSON,
+        Some(r#"{"apiVersion":"networking.datumapis.com/v1alpha1","kind":"Connector","metadata":{"name":"early"},"spec":{"connectorClassName":"late"}}"#),
+    )
+    .await;
+    assert_eq!(code, 201, "{early}");
+    eventually("the class is not found yet", WAIT, || async {
+        let c = accepted("early").await;
+        ensure!(c["reason"] == "ConnectorClassNotFound", "{c}");
+        Ok(())
+    })
+    .await;
+    let (code, late) = send(
+        &admin,
+        Method::POST,
+        "/apis/networking.datumapis.com/v1alpha1/connectorclasses?",
+        JSON,
+        Some(r#"{"apiVersion":"networking.datumapis.com/v1alpha1","kind":"ConnectorClass","metadata":{"name":"late"},"spec":{}}"#),
+    )
+    .await;
+    assert_eq!(code, 201, "{late}");
+    eventually("accepted once its class exists", WAIT, || async {
+        let c = accepted("early").await;
+        ensure!(c["status"] == "True", "{c}");
+        Ok(())
+    })
+    .await;
+
     // The device: an iroh endpoint on Portway's relay, serving tunnels as datum-connect does.
     let relay: iroh::RelayUrl = stack.up.ready_str("relay").parse().unwrap();
     let ep = portway_discovery::endpoint::bind(&portway_discovery::endpoint::Config {

@@ -134,11 +134,14 @@ pub(super) fn resolve<'a>(
                 }
             };
             if backend.connector.is_none() {
-                let rewritten = rule
-                    .filters
-                    .iter()
-                    .find_map(|f| f.url_rewrite.as_ref()?.hostname.as_deref());
-                match origin(&field, backend, &endpoint, rewritten, allowed_origins) {
+                let rewritten = portway_api::filters::host_override(rule);
+                match origin(
+                    &field,
+                    backend,
+                    &endpoint,
+                    rewritten.as_deref(),
+                    allowed_origins,
+                ) {
                     Ok((tls_name, authority)) => resolved.push(Backend {
                         rule: i,
                         backend: j,

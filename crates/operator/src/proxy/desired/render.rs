@@ -11,6 +11,7 @@ use gateway_api::apis::standard::httproutes::{
     HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
     HttpRouteRulesBackendRefsFilters, HttpRouteRulesBackendRefsFiltersRequestHeaderModifier,
     HttpRouteRulesBackendRefsFiltersRequestHeaderModifierSet, HttpRouteRulesBackendRefsFiltersType,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewrite,
     HttpRouteSpec,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -133,12 +134,15 @@ pub(super) fn route(
         .spec
         .rules
         .iter()
-        .map(|r| HttpRouteRules {
-            name: r.name.clone(),
-            matches: Some(r.matches.clone()),
-            filters: (!r.filters.is_empty()).then(|| r.filters.clone()),
-            backend_refs: Some(Vec::new()),
-            ..Default::default()
+        .map(|r| {
+            let filters = rule_filters(r);
+            HttpRouteRules {
+                name: r.name.clone(),
+                matches: Some(r.matches.clone()),
+                filters: (!filters.is_empty()).then_some(filters),
+                backend_refs: Some(Vec::new()),
+                ..Default::default()
+            }
         })
         .collect();
     for b in backends {
@@ -187,6 +191,36 @@ pub(super) fn route(
     }
 }
 
+/// A rule's filters as the route carries them: a `Host` the request header filter sets
+/// (Datum's way) becomes the URLRewrite hostname the data planes apply.
+fn rule_filters(rule: &portway_api::HttpProxyRule) -> Vec<HttpRouteRulesFilters> {
+    let mut filters = rule.filters.clone();
+    let Some(host) = portway_api::filters::host_override(rule) else {
+        return filters;
+    };
+    for f in &mut filters {
+        if let Some(set) = f
+            .request_header_modifier
+            .as_mut()
+            .and_then(|m| m.set.as_mut())
+        {
+            set.retain(|h| !h.name.eq_ignore_ascii_case("host"));
+        }
+    }
+    match filters.iter_mut().find_map(|f| f.url_rewrite.as_mut()) {
+        Some(rewrite) => rewrite.hostname = Some(host),
+        None => filters.push(HttpRouteRulesFilters {
+            r#type: HttpRouteRulesFiltersType::UrlRewrite,
+            url_rewrite: Some(HttpRouteRulesFiltersUrlRewrite {
+                hostname: Some(host),
+                path: None,
+            }),
+            ..Default::default()
+        }),
+    }
+    filters
+}
+
 /// The backend's Service, with the headers that tell the sidecar which device and target
 /// to dial set first, then the user's own filters.
 fn backend_ref(proxy: &HttpProxy, b: &Backend<'_>) -> HttpRouteRulesBackendRefs {
@@ -221,7 +255,18 @@ fn backend_ref(proxy: &HttpProxy, b: &Backend<'_>) -> HttpRouteRulesBackendRefs 
         proxy.spec.rules[b.rule].backends[b.backend]
             .filters
             .iter()
-            .cloned(),
+            .cloned()
+            .map(|mut f| {
+                // Moved to the rule's URLRewrite (see `rule_filters`).
+                if let Some(set) = f
+                    .request_header_modifier
+                    .as_mut()
+                    .and_then(|m| m.set.as_mut())
+                {
+                    set.retain(|h| !h.name.eq_ignore_ascii_case("host"));
+                }
+                f
+            }),
     );
     HttpRouteRulesBackendRefs {
         name: service_name(proxy, b),

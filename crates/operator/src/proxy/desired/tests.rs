@@ -720,6 +720,50 @@ fn an_origin_is_reached_directly_with_its_name_and_host() {
 }
 
 #[test]
+fn a_host_set_on_the_request_becomes_the_rules_rewrite() {
+    let mut p = proxy(&[], "http://api.example.com", None);
+    p.spec.rules[0].filters = serde_json::from_value(serde_json::json!([{
+        "type": "RequestHeaderModifier",
+        "requestHeaderModifier": {"set": [{"name": "Host", "value": "Coffee.Example.com"},
+            {"name": "x-kept", "value": "1"}]}}]))
+    .unwrap();
+    let d = Case {
+        proxy: p,
+        connectors: vec![],
+        ads: vec![],
+        claimed: &[],
+        route_status: None,
+    }
+    .run();
+    let rule = &d.route.as_ref().unwrap().spec.rules.as_ref().unwrap()[0];
+    let filters = rule.filters.as_ref().unwrap();
+    let set = filters[0]
+        .request_header_modifier
+        .as_ref()
+        .unwrap()
+        .set
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        set.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        ["x-kept"]
+    );
+    assert_eq!(
+        filters[1].url_rewrite.as_ref().unwrap().hostname.as_deref(),
+        Some("coffee.example.com")
+    );
+    // The origin is sent that Host too.
+    let h = route_headers(&d)[0].clone();
+    assert!(
+        h.contains(&(
+            "datum-target-authority".to_owned(),
+            "coffee.example.com".to_owned()
+        )),
+        "{h:?}"
+    );
+}
+
+#[test]
 fn wildcard_advertisements_and_unreported_ids() {
     let d = Case {
         proxy: proxy(&[], "http://api.internal:8443", by_name("laptop")),
