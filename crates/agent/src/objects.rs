@@ -20,12 +20,14 @@ pub const TUNNEL_LABEL: &str = "portway.dev/tunnel";
 
 /// `<connector>-<tunnel>`, shortened to fit a name if needed.
 pub fn object_name(connector: &str, tunnel: &str) -> String {
-    let max_prefix = 253usize.saturating_sub(tunnel.len() + 1);
-    let prefix = connector
-        .get(..connector.len().min(max_prefix))
-        .unwrap_or(connector)
-        .trim_end_matches(['-', '.']);
-    format!("{prefix}-{tunnel}")
+    let name = format!("{connector}-{tunnel}");
+    // An HTTPProxy's name is a DNS label: a connector named after an FQDN hostname, or a
+    // long one, gets a readable prefix and a hash of both names instead.
+    if portway_api::validation::dns1123_label(&name).is_ok() {
+        name
+    } else {
+        portway_api::names::label_name(&name, &[connector, tunnel])
+    }
 }
 
 /// The label selector matching every object the agent wrote for this connector.
@@ -98,6 +100,7 @@ pub fn desired(
                             }),
                             tls: None,
                             filters: vec![],
+                            instance: None,
                         }],
                     }],
                 },
@@ -183,8 +186,14 @@ mod tests {
 
     #[test]
     fn names_stay_valid() {
-        let long = "a".repeat(250);
-        let n = object_name(&long, "web");
-        assert!(n.len() <= 253 && n.ends_with("-web"));
+        assert_eq!(object_name("laptop", "web"), "laptop-web");
+        for connector in ["a".repeat(250), "laptop.example.com".into()] {
+            let n = object_name(&connector, "web");
+            assert!(
+                portway_api::validation::dns1123_label(&n).is_ok(),
+                "{n} is not a label"
+            );
+            assert_ne!(n, object_name(&connector, "api"), "unique per tunnel");
+        }
     }
 }

@@ -101,6 +101,9 @@ pub fn default_matches() -> Vec<HttpRouteRulesMatches> {
 pub struct HttpProxyBackend {
     /// Where the device sends the request, e.g. `http://127.0.0.1:3000`; without a
     /// connector, the origin the edge reaches itself, e.g. `https://api.example.com`.
+    /// Required (the schema leaves it optional only so that Datum's `instance` backends
+    /// decode and are refused by name).
+    #[serde(default)]
     pub endpoint: String,
     /// Which connector(s) carry the request; several matches mean several backends.
     /// Absent: the endpoint is a public origin, reached without a tunnel.
@@ -111,6 +114,18 @@ pub struct HttpProxyBackend {
     pub tls: Option<BackendTls>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<HttpRouteRulesBackendRefsFilters>,
+    /// Datum's backend on one of its compute Instances: not available in Portway, so a
+    /// backend that names one is refused at admission (Portway has no Instances).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<BackendInstance>,
+}
+
+/// Datum's `instance` backend reference, kept so that it is refused by name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendInstance {
+    pub name: String,
+    pub port: i32,
 }
 
 /// TLS to an origin.

@@ -22,6 +22,7 @@ mod crds;
 mod envoy;
 pub mod filters;
 mod httpproxy;
+pub mod names;
 pub mod origins;
 pub mod proxy_status;
 mod selector;

@@ -21,6 +21,9 @@ use crate::{
 
 /// Most lists in Portway's own kinds hold at most this many items.
 pub const MAX_ITEMS: usize = 16;
+/// Matches in one HTTPProxy rule, and in all its rules (Gateway API's and Datum's limits).
+pub const MAX_MATCHES: usize = 64;
+pub const MAX_MATCHES_TOTAL: usize = 128;
 /// Total size of all annotations on one object, as in Kubernetes.
 pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
 
@@ -336,6 +339,66 @@ pub fn http_url(s: &str, allow_path: bool) -> Result<Url, String> {
         ));
     }
     Ok(url)
+}
+
+/// A name of at least two labels, as `example.com` (Datum's `IsFullyQualifiedDomainName`).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn fully_qualified(s: &str) -> Result<(), String> {
+    let s = s.strip_prefix("*.").unwrap_or(s);
+    if s.trim_end_matches('.').contains('.') {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be a fully qualified domain name of at least two labels, e.g. {s}.example.com"
+        ))
+    }
+}
+
+/// A path match's value (`Exact` or `PathPrefix`), as Gateway API checks it: absolute,
+/// without `//`, dot segments, an encoded `/` or a fragment, and only URL path characters,
+/// so that a path means one thing to every proxy on the way.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn path_value(s: &str) -> Result<(), String> {
+    if !s.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    for bad in ["//", "/./", "/../", "%2f", "%2F", "#"] {
+        if s.contains(bad) {
+            return Err(format!("must not contain {bad:?}"));
+        }
+    }
+    for bad in ["/..", "/."] {
+        if s.ends_with(bad) {
+            return Err(format!("must not end with {bad:?}"));
+        }
+    }
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            if !(i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit())
+            {
+                return Err("'%' must start a percent-encoded byte such as %20".into());
+            }
+            i += 3;
+            continue;
+        }
+        if !(b.is_ascii_alphanumeric() || b"-/._~!$&'()*+,;=:@".contains(&b)) {
+            return Err(format!(
+                "must only contain URL path characters ([-A-Za-z0-9/._~!$&'()*+,;=:@] or %XX), not {:?}",
+                b as char
+            ));
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// A hostname as Gateway API's `PreciseHostname`: lower-case DNS labels, no wildcard and
@@ -672,6 +735,14 @@ impl Validate for ConnectorAdvertisement {
                     );
                 }
                 errs.max_items(&format!("{f}.ports"), &svc.ports, MAX_ITEMS);
+                // Datum keys ports by name: a name, when given, names one port.
+                errs.unique(
+                    &format!("{f}.ports"),
+                    svc.ports
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, p)| Some((k, p.name.as_deref()?))),
+                );
                 for (k, p) in svc.ports.iter().enumerate() {
                     errs.check(format!("{f}.ports[{k}].port"), port(p.port));
                     if let Some(name) = &p.name {
@@ -688,6 +759,9 @@ impl Validate for ConnectorAdvertisement {
 }
 
 impl Validate for HttpProxy {
+    /// As Datum: the proxy's name names its generated Services, which are labels.
+    const NAME_RULE: NameRule = NameRule::Label;
+
     fn validate(&self) -> Vec<FieldError> {
         let mut errs = Errors::default();
         let annotations = self.metadata.annotations.as_ref();
@@ -713,7 +787,10 @@ impl Validate for HttpProxy {
         let spec = &self.spec;
         errs.max_items("spec.hostnames", &spec.hostnames, MAX_ITEMS);
         for (i, h) in spec.hostnames.iter().enumerate() {
-            errs.check(format!("spec.hostnames[{i}]"), hostname(h, true));
+            errs.check(
+                format!("spec.hostnames[{i}]"),
+                hostname(h, true).and_then(|()| fully_qualified(h)),
+            );
         }
         errs.unique(
             "spec.hostnames",
@@ -730,22 +807,54 @@ impl Validate for HttpProxy {
             );
         }
         errs.max_items("spec.rules", &spec.rules, MAX_ITEMS);
+        errs.unique(
+            "spec.rules",
+            spec.rules
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| Some((i, r.name.as_deref()?))),
+        );
+        // As Datum (and Gateway API): 64 matches a rule, 128 in all.
+        let matches: usize = spec.rules.iter().map(|r| r.matches.len()).sum();
+        if matches > MAX_MATCHES_TOTAL {
+            errs.push(
+                "spec.rules",
+                FieldErrorKind::TooMany,
+                format!("{matches} matches in all: at most {MAX_MATCHES_TOTAL}"),
+            );
+        }
         for (i, rule) in spec.rules.iter().enumerate() {
             let f = format!("spec.rules[{i}]");
             if let Some(name) = &rule.name {
-                errs.check(format!("{f}.name"), dns1123_label(name));
+                errs.check(format!("{f}.name"), dns1123_subdomain(name));
             }
-            errs.max_items(&format!("{f}.matches"), &rule.matches, MAX_ITEMS);
+            errs.max_items(&format!("{f}.matches"), &rule.matches, MAX_MATCHES);
             for (j, m) in rule.matches.iter().enumerate() {
-                if let Some(value) = m.path.as_ref().and_then(|p| p.value.as_deref())
-                    && !value.starts_with('/')
+                if let Some(p) = &m.path
+                    && let Some(value) = p.value.as_deref()
                 {
-                    errs.push(
-                        format!("{f}.matches[{j}].path.value"),
-                        FieldErrorKind::Invalid,
-                        "must start with '/'",
-                    );
+                    let regex = p.r#type.as_ref().is_some_and(|t| {
+                        *t == gateway_api::apis::standard::httproutes::HttpRouteRulesMatchesPathType::RegularExpression
+                    });
+                    if !regex {
+                        errs.check(format!("{f}.matches[{j}].path.value"), path_value(value));
+                    }
                 }
+            }
+            let redirects = rule.filters.iter().any(|x| x.request_redirect.is_some());
+            if rule.backends.is_empty() && !redirects {
+                errs.push(
+                    format!("{f}.backends"),
+                    FieldErrorKind::Required,
+                    "a backend is required unless the rule has a RequestRedirect filter",
+                );
+            }
+            if !rule.backends.is_empty() && redirects {
+                errs.push(
+                    format!("{f}.backends"),
+                    FieldErrorKind::Invalid,
+                    "a rule that redirects sends nothing to a backend: remove the backends or the RequestRedirect filter",
+                );
             }
             errs.max_items(&format!("{f}.filters"), &rule.filters, MAX_ITEMS);
             reserved_headers(&mut errs, &format!("{f}.filters"), &rule.filters);
@@ -785,10 +894,31 @@ impl Validate for HttpProxy {
             errs.max_items(&format!("{f}.backends"), &rule.backends, MAX_ITEMS);
             for (j, b) in rule.backends.iter().enumerate() {
                 let f = format!("{f}.backends[{j}]");
-                errs.check(
-                    format!("{f}.endpoint"),
-                    http_url(&b.endpoint, false).map(drop),
-                );
+                if b.instance.is_some() {
+                    errs.push(
+                        format!("{f}.instance"),
+                        FieldErrorKind::NotSupported,
+                        "Datum's Instance backends are not available in Portway, which has no compute Instances: use endpoint (with a connector for an app on a device)",
+                    );
+                } else if errs.required(format!("{f}.endpoint"), &b.endpoint) {
+                    errs.check(
+                        format!("{f}.endpoint"),
+                        http_url(&b.endpoint, false).and_then(|u| match u.host() {
+                            // An origin's name is resolved by the edge: a single label
+                            // would be a name of the edge's own network (as Datum).
+                            Some(url::Host::Domain(d)) if b.connector.is_none() => {
+                                fully_qualified(d).or_else(|e| {
+                                    if crate::origins::is_localhost(d) {
+                                        Ok(())
+                                    } else {
+                                        Err(format!("an origin {e}"))
+                                    }
+                                })
+                            }
+                            _ => Ok(()),
+                        }),
+                    );
+                }
                 if let Some(tls) = &b.tls {
                     if !b.endpoint.starts_with("https://") {
                         errs.push(
@@ -1395,6 +1525,7 @@ mod tests {
                     }),
                     tls: None,
                     filters: vec![],
+                    instance: None,
                 }],
                 ..Default::default()
             }],
@@ -1582,9 +1713,11 @@ mod tests {
                     ..Default::default()
                 }],
             });
+            // Filters alone: whether the rule needs backends is another test's.
             let got: Vec<(String, FieldErrorKind)> = p
                 .validate()
                 .into_iter()
+                .filter(|e| e.field != "spec.rules[0].backends")
                 .map(|e| (e.field, e.kind))
                 .collect();
             let want: Vec<(String, FieldErrorKind)> =
@@ -1622,6 +1755,7 @@ mod tests {
                     }),
                     tls: None,
                     filters,
+                    instance: None,
                 }],
                 ..Default::default()
             }],
@@ -1682,6 +1816,16 @@ mod tests {
             }],
         };
         assert!(adv.validate().is_empty());
+        let port = adv.spec.layer4[0].services[0].ports[0].clone();
+        adv.spec.layer4[0].services[0]
+            .ports
+            .push(ServicePort { port: 81, ..port });
+        let fields: Vec<_> = adv.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            ["spec.layer4[0].services[0].ports[1]"],
+            "names are keys"
+        );
     }
 
     #[test]
@@ -1746,5 +1890,169 @@ mod tests {
         };
         assert!(validate_meta(&meta, NameRule::Subdomain).is_empty());
         assert_eq!(validate_meta(&meta, NameRule::Label).len(), 1);
+    }
+
+    /// Datum's stricter rules, one proxy each: the field each refuses, or none.
+    #[test]
+    fn datum_rules_for_names_paths_backends_and_origins() {
+        use serde_json::json;
+        let one = |v: serde_json::Value| -> Vec<(String, FieldErrorKind)> {
+            let spec: HttpProxySpec = serde_json::from_value(v).unwrap();
+            proxy(spec)
+                .validate()
+                .into_iter()
+                .map(|e| (e.field, e.kind))
+                .collect()
+        };
+        let backend = |b: serde_json::Value| json!({"rules": [{"backends": [b]}]});
+        let path = |v: &str| {
+            json!({"rules": [{"matches": [{"path": {"type": "PathPrefix", "value": v}}],
+                "backends": [{"endpoint": "http://127.0.0.1:3000", "connector": {"name": "c"}}]}]})
+        };
+        let invalid = |f: &str| vec![(f.to_owned(), FieldErrorKind::Invalid)];
+        let none: Vec<(String, FieldErrorKind)> = vec![];
+        let cases = [
+            (path("/api/v1"), none.clone()),
+            (path("/a%20b"), none.clone()),
+            (
+                json!({"rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/a/.*"}}],
+                    "backends": [{"endpoint": "http://127.0.0.1:3000", "connector": {"name": "c"}}]}]}),
+                none.clone(),
+            ),
+            (
+                path("/a//b"),
+                invalid("spec.rules[0].matches[0].path.value"),
+            ),
+            (
+                path("/a/../b"),
+                invalid("spec.rules[0].matches[0].path.value"),
+            ),
+            (path("/a/."), invalid("spec.rules[0].matches[0].path.value")),
+            (
+                path("/a%2fb"),
+                invalid("spec.rules[0].matches[0].path.value"),
+            ),
+            (path("/a#b"), invalid("spec.rules[0].matches[0].path.value")),
+            (path("/a b"), invalid("spec.rules[0].matches[0].path.value")),
+            (
+                path("/a%zz"),
+                invalid("spec.rules[0].matches[0].path.value"),
+            ),
+            (
+                json!({"rules": [{"name": "web.v1", "backends": [{"endpoint": "http://a.example.com"}]}]}),
+                none.clone(),
+            ),
+            (
+                json!({"rules": [{"matches": [{"path": {"value": "/"}}]}]}),
+                vec![(
+                    "spec.rules[0].backends".to_owned(),
+                    FieldErrorKind::Required,
+                )],
+            ),
+            (
+                json!({"rules": [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}]}]}),
+                none.clone(),
+            ),
+            (
+                json!({"rules": [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}],
+                    "backends": [{"endpoint": "http://a.example.com"}]}]}),
+                invalid("spec.rules[0].backends"),
+            ),
+            (
+                json!({"rules": []}),
+                vec![("spec.rules".to_owned(), FieldErrorKind::Required)],
+            ),
+            (
+                backend(json!({"endpoint": "https://10.0.0.7"})),
+                vec![(
+                    "spec.rules[0].backends[0].tls.hostname".to_owned(),
+                    FieldErrorKind::Required,
+                )],
+            ),
+            (
+                backend(
+                    json!({"endpoint": "https://10.0.0.7", "tls": {"hostname": "api.example.com:443"}}),
+                ),
+                invalid("spec.rules[0].backends[0].tls.hostname"),
+            ),
+            (
+                backend(
+                    json!({"endpoint": "https://10.0.0.7", "tls": {"hostname": "api.example.com"}}),
+                ),
+                none.clone(),
+            ),
+            (
+                backend(json!({"instance": {"name": "vm", "port": 80}})),
+                vec![(
+                    "spec.rules[0].backends[0].instance".to_owned(),
+                    FieldErrorKind::NotSupported,
+                )],
+            ),
+            (
+                backend(json!({"connector": {"name": "c"}})),
+                vec![(
+                    "spec.rules[0].backends[0].endpoint".to_owned(),
+                    FieldErrorKind::Required,
+                )],
+            ),
+            (
+                backend(json!({"endpoint": "http://intranet"})),
+                invalid("spec.rules[0].backends[0].endpoint"),
+            ),
+            (
+                backend(json!({"endpoint": "http://localhost:8080"})),
+                none.clone(),
+            ),
+            (
+                backend(json!({"endpoint": "http://db:5432", "connector": {"name": "c"}})),
+                none.clone(),
+            ),
+            (
+                backend(
+                    json!({"endpoint": "http://db:5432", "connector": {"name": "laptop.home"}}),
+                ),
+                none.clone(),
+            ),
+            (
+                json!({"hostnames": ["intranet"], "rules": [{"backends": [{"endpoint": "http://a.example.com"}]}]}),
+                invalid("spec.hostnames[0]"),
+            ),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(one(spec.clone()), want, "{spec}");
+        }
+        let mut dotted = proxy(Default::default());
+        dotted.metadata.name = Some("a.b".into());
+        assert_eq!(
+            validate_meta(&dotted.metadata, HttpProxy::NAME_RULE).len(),
+            1,
+            "an HTTPProxy's name is a label"
+        );
+    }
+
+    #[test]
+    fn rule_names_are_unique_and_matches_bounded_as_in_datum() {
+        let rule = |name: &str, matches: usize| HttpProxyRule {
+            name: Some(name.into()),
+            matches: vec![Default::default(); matches],
+            ..Default::default()
+        };
+        let p = proxy(HttpProxySpec {
+            hostnames: vec![],
+            rules: vec![rule("a", 64), rule("a", 64), rule("b", 1)],
+        });
+        let got: Vec<(String, FieldErrorKind)> = p
+            .validate()
+            .into_iter()
+            .filter(|e| !e.field.ends_with(".backends"))
+            .map(|e| (e.field, e.kind))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spec.rules[1]".to_owned(), FieldErrorKind::Duplicate),
+                ("spec.rules".to_owned(), FieldErrorKind::TooMany),
+            ]
+        );
     }
 }

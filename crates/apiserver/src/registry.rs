@@ -624,6 +624,11 @@ mod tests {
         let bad = json!({"apiVersion": "x", "kind": "Connector", "metadata": {"name": "c1"}, "spec": {"connectorClassName": 5}});
         let err = conn.decode(&bad).err().unwrap();
         assert_eq!(err.field, "spec.connectorClassName");
+        // A capability Portway does not implement is refused, not stored.
+        let unknown_capability = json!({"apiVersion": "x", "kind": "Connector", "metadata": {"name": "c1"},
+            "spec": {"connectorClassName": "portway", "capabilities": [{"type": "ConnectUDP"}]}});
+        let err = conn.decode(&unknown_capability).err().unwrap();
+        assert!(err.field.starts_with("spec.capabilities"), "{err:?}");
     }
 
     #[test]

@@ -332,7 +332,7 @@ async fn datum_connects_requests_replayed_serve_a_device() {
         "{ads}"
     );
     let hostname = eventually(
-        "status.hostnames, Accepted and Programmed",
+        "status.hostnames, Accepted, Programmed and CertificatesReady",
         WAIT,
         || async {
             renew().await;
@@ -352,8 +352,9 @@ async fn datum_connects_requests_replayed_serve_a_device() {
                     .flatten()
                     .any(|c| c["type"] == t && c["status"] == "True")
             };
+            // CertificatesReady too: the zone's wildcard (local CA) covers the name.
             ensure!(
-                is_true("Accepted") && is_true("Programmed"),
+                is_true("Accepted") && is_true("Programmed") && is_true("CertificatesReady"),
                 "{}",
                 p["status"]
             );
@@ -369,7 +370,8 @@ async fn datum_connects_requests_replayed_serve_a_device() {
         },
     )
     .await;
-    let canonical = Api::<HttpProxy>::namespaced(admin, "default")
+    let proxies = Api::<HttpProxy>::namespaced(admin, "default");
+    let canonical = proxies
         .get(&proxy)
         .await
         .unwrap()
@@ -377,6 +379,13 @@ async fn datum_connects_requests_replayed_serve_a_device() {
         .unwrap()
         .canonical_hostname
         .unwrap();
+    // status.addresses: where the gateway serving it listens, as it reported.
+    eventually("status.addresses", WAIT, || async {
+        let status = proxies.get(&proxy).await?.status.unwrap_or_default();
+        ensure!(!status.addresses.is_empty(), "{status:?}");
+        Ok(())
+    })
+    .await;
     assert_eq!(
         hostname, canonical,
         "the generated name is the canonical one"
@@ -401,5 +410,55 @@ async fn datum_connects_requests_replayed_serve_a_device() {
     .await;
     assert_eq!(body, format!("hello from {port}"));
     eprintln!("datum-connect replay: {hostname} answered {body:?}");
+
+    // Behind Datum's Envoy configuration, the sidecar stands in for Datum's iroh-gateway:
+    // its headers (`x-iroh-endpoint-id`, `x-datum-target-*`) on the internal listener, on
+    // a plain request and on a CONNECT, reach the same app.
+    let sidecar: SocketAddr = stack.up.ready_str("sidecar").parse().unwrap();
+    let plain = exchange(
+        sidecar,
+        None,
+        &format!("GET /hello HTTP/1.1\r\nHost: app\r\nx-iroh-endpoint-id: {id}\r\nx-datum-target-host: 127.0.0.1\r\nx-datum-target-port: {port}\r\nx-datum-target-proto: http\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        plain.starts_with("HTTP/1.1 200") && plain.ends_with(&format!("hello from {port}")),
+        "{plain}"
+    );
+    let tunneled = exchange(
+        sidecar,
+        Some(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nx-iroh-endpoint-id: {id}\r\n\r\n")),
+        "GET /hello HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        tunneled.starts_with("HTTP/1.1 200") && tunneled.ends_with(&format!("hello from {port}")),
+        "{tunneled}"
+    );
     drop(ep);
+}
+
+/// One HTTP/1.1 exchange on a new connection, after a CONNECT when one is given (its
+/// answer must be 200): everything the server sent until it closed.
+async fn exchange(addr: SocketAddr, connect: Option<&str>, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if let Some(head) = connect {
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"\r\n\r\n") {
+                answer.push(s.read_u8().await.unwrap());
+            }
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 200"), "CONNECT: {answer}");
+        }
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(WAIT, talk)
+        .await
+        .expect("the sidecar answers in time")
 }

@@ -623,6 +623,52 @@ async fn attacks_on_isolation_are_refused() {
         }
     }
 
+    // 8. Origins (backends without a connector) may not be the edge's own machine or
+    //    link: a project's person cannot use the edge to reach a service on it (here
+    //    device A's app it never offers, on this machine's loopback) or the cloud's
+    //    metadata address, however the address is spelled.
+    let proxies: Api<HttpProxy> = Api::namespaced(mallory.clone(), "team-a");
+    for (name, endpoint) in [
+        ("to-loopback", format!("http://127.0.0.1:{secret_port}")),
+        ("to-localhost", format!("http://localhost:{secret_port}")),
+        ("to-decimal", format!("http://2130706433:{secret_port}")),
+        (
+            "to-mapped",
+            format!("http://[::ffff:127.0.0.1]:{secret_port}"),
+        ),
+        ("to-ipv6", format!("http://[::1]:{secret_port}")),
+        ("to-metadata", "http://169.254.169.254".to_owned()),
+    ] {
+        let host = format!("{name}.localhost");
+        let p: HttpProxy = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"hostnames": [host], "rules": [{"backends": [{"endpoint": endpoint}]}]},
+        }))
+        .unwrap();
+        proxies.create(&PostParams::default(), &p).await.unwrap();
+        let c = w.accepted("team-a", name, "False").await;
+        assert_eq!(c.reason, "OriginNotAllowed", "{endpoint}: {c:?}");
+        let (status, body) = w.stack.get(&host, "/hello").await.unwrap();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{endpoint}: {body}");
+    }
+    // And the sidecar checks what a name resolves to when it connects, so a name that
+    // only turns out to be this machine then (DNS the operator cannot foresee) is refused
+    // too: asked directly, as the edge would ask it.
+    let sidecar: SocketAddr = w.stack.up.ready_str("sidecar").parse().unwrap();
+    let answer = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(sidecar).await.unwrap();
+        s.write_all(format!("GET /hello HTTP/1.1\r\nHost: x\r\ndatum-node-id: direct\r\ndatum-target-host: localhost\r\ndatum-target-port: {secret_port}\r\ndatum-target-proto: http\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let answer = tokio::time::timeout(WAIT, answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 502") && !answer.contains("hello from"),
+        "{answer}"
+    );
+
     // 6. Revoking a device: deleting its Connector cuts its credential off at once.
     Api::<Connector>::namespaced(w.admin.clone(), "team-a")
         .delete("device-c", &DeleteParams::default())

@@ -86,6 +86,7 @@ fn proxy(hostnames: &[&str], endpoint: &str, connector: Option<ConnectorReferenc
                     connector,
                     tls: None,
                     filters: vec![],
+                    instance: None,
                 }],
                 ..Default::default()
             }],
@@ -847,6 +848,22 @@ fn filters_no_data_plane_implements_are_refused() {
     );
     assert_eq!(cond(&d, PROGRAMMED).reason, UNSUPPORTED_VALUE);
     assert!(d.route.is_none() && d.gateway.is_none());
+
+    // Datum's ExtensionRef to Envoy Gateway's HTTPRouteFilter, on a rule and on a backend.
+    let mut ext = p.clone();
+    let filter = serde_json::json!([{"type": "ExtensionRef", "extensionRef": {
+        "group": "gateway.envoyproxy.io", "kind": "HTTPRouteFilter", "name": "f"}}]);
+    ext.spec.rules[0].filters = serde_json::from_value(filter.clone()).unwrap();
+    ext.spec.rules[0].backends[0].filters = serde_json::from_value(filter).unwrap();
+    let d = case(ext);
+    let accepted = cond(&d, ACCEPTED);
+    assert_eq!(accepted.reason, UNSUPPORTED_VALUE);
+    for field in [
+        "spec.rules[0].filters[0].extensionRef",
+        "spec.rules[0].backends[0].filters[0].extensionRef",
+    ] {
+        assert!(accepted.message.contains(field), "{}", accepted.message);
+    }
 
     let implemented: Vec<gateway_api::apis::standard::httproutes::HttpRouteRulesFilters> =
         serde_json::from_value(serde_json::json!([
