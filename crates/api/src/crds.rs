@@ -3,7 +3,9 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass, HttpProxy};
+use crate::{
+    BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass, HttpProxy, TcpProxy,
+};
 
 /// Every CRD Portway declares, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
@@ -12,6 +14,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         Connector::crd(),
         ConnectorAdvertisement::crd(),
         HttpProxy::crd(),
+        TcpProxy::crd(),
         BackendTrafficPolicy::crd(),
     ]
 }

@@ -27,6 +27,7 @@ pub mod origins;
 pub mod proxy_status;
 mod selector;
 mod target;
+mod tcpproxy;
 pub mod validation;
 
 pub use advertisement::*;
@@ -37,6 +38,7 @@ pub use envoy::*;
 pub use httpproxy::*;
 pub use selector::*;
 pub use target::Target;
+pub use tcpproxy::*;
 pub use validation::{FieldError, FieldErrorKind, Validate};
 
 /// Re-exported so dependants use the same versions as the types.
@@ -109,9 +111,42 @@ pub mod labels {
     pub const AGENT_VERSION: &str = "portway.dev/agent-version";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     pub const PROXY: &str = "portway.dev/httpproxy";
+    /// On the objects the operator generates for a TCPProxy: its name.
+    pub const TCP_PROXY: &str = "portway.dev/tcpproxy";
     /// `"true"` on a connector made by `portway http`: once its lease has run out for
     /// the operator's ephemeral TTL it is deleted, its advertisements and proxies with it.
     pub const EPHEMERAL: &str = "portway.dev/ephemeral";
+}
+
+/// Annotation keys Portway sets on objects.
+pub mod annotations {
+    /// On an EndpointSlice the operator generates for a TCPProxy backend: where its
+    /// connections go, `<node-id> <host> <port>` (the `datum-fallback` entry format).
+    /// TCPRoute backendRefs have no filters to carry it, and only the operator may write
+    /// EndpointSlices, so no project chooses a device this way.
+    pub const TUNNEL_TARGET: &str = "portway.dev/tunnel-target";
+
+    /// `<node-id> <host> <port>` ([`TUNNEL_TARGET`], and each `datum-fallback` entry).
+    pub fn parse_tunnel_target(s: &str) -> Option<(String, crate::Target)> {
+        let mut parts = s.split_whitespace();
+        let (Some(node), Some(host), Some(port), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some((
+            node.to_owned(),
+            crate::Target {
+                host: host.to_owned(),
+                port: port.parse().ok()?,
+            },
+        ))
+    }
+
+    /// The value of [`TUNNEL_TARGET`] for a device and a target on it.
+    pub fn tunnel_target(node_id: &str, target: &crate::Target) -> String {
+        format!("{node_id} {} {}", target.host, target.port)
+    }
 }
 
 /// Field managers, so server-side apply tells the writers apart.

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -16,7 +17,7 @@ use url::Url;
 
 use crate::{
     BackendTrafficPolicy, ConnectionType, Connector, ConnectorAdvertisement, ConnectorClass,
-    HttpProxy,
+    ConnectorReference, HttpProxy, Target, TcpProxy,
 };
 
 /// Most lists in Portway's own kinds hold at most this many items.
@@ -184,6 +185,18 @@ impl Errors {
         }
     }
 
+    /// A list of 1 to `max` items, each a `what`.
+    fn one_to<T>(&mut self, field: &str, list: &[T], max: usize, what: &str) {
+        if list.is_empty() {
+            self.push(
+                field,
+                FieldErrorKind::Required,
+                format!("at least one {what} is required"),
+            );
+        }
+        self.max_items(field, list, max);
+    }
+
     fn unique<'a>(&mut self, field: &str, values: impl IntoIterator<Item = (usize, &'a str)>) {
         let mut seen = HashSet::new();
         for (i, v) in values {
@@ -339,6 +352,48 @@ pub fn http_url(s: &str, allow_path: bool) -> Result<Url, String> {
         ));
     }
     Ok(url)
+}
+
+/// A TCPProxy backend's endpoint, `tcp://host:port`: the target on the device (an IP
+/// address, IPv6 in brackets, or a DNS name; no wildcard) and its port, nothing else.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn tcp_endpoint(s: &str) -> Result<Target, String> {
+    let Some(rest) = s.strip_prefix("tcp://") else {
+        return Err(match s.split_once("://") {
+            Some((scheme, _)) => {
+                format!("scheme {scheme:?} is not supported; use tcp://host:port")
+            }
+            None => format!("{s:?} is not tcp://host:port"),
+        });
+    };
+    for (c, what) in [
+        ('@', "credentials"),
+        ('/', "a path"),
+        ('?', "a query"),
+        ('#', "a fragment"),
+    ] {
+        if rest.contains(c) {
+            return Err(format!(
+                "{s:?} must not have {what}: a TCP endpoint is tcp://host:port"
+            ));
+        }
+    }
+    // Without brackets an IPv6 address's last group would read as the port.
+    if !rest.starts_with('[') && rest.matches(':').count() > 1 {
+        return Err(format!(
+            "{s:?}: an IPv6 address goes in brackets, as tcp://[::1]:22"
+        ));
+    }
+    if !rest.contains(':') {
+        return Err(format!("{s:?} has no port: use tcp://host:port"));
+    }
+    let target = Target::parse(rest)?;
+    if rest.starts_with('[') && target.host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!("{s:?}: only an IPv6 address goes in brackets"));
+    }
+    Ok(target)
 }
 
 /// A name of at least two labels, as `example.com` (Datum's `IsFullyQualifiedDomainName`).
@@ -592,6 +647,21 @@ fn validate_selector(errs: &mut Errors, field: &str, sel: &LabelSelector) {
     }
 }
 
+/// A backend's connector (`{field}.connector`): exactly one of a name or a selector.
+fn connector_reference(errs: &mut Errors, field: &str, c: &ConnectorReference) {
+    match (&c.name, &c.selector) {
+        (Some(name), None) => {
+            errs.check(format!("{field}.connector.name"), dns1123_subdomain(name))
+        }
+        (None, Some(sel)) => validate_selector(errs, &format!("{field}.connector.selector"), sel),
+        _ => errs.push(
+            format!("{field}.connector"),
+            FieldErrorKind::Invalid,
+            "exactly one of name or selector must be set",
+        ),
+    }
+}
+
 impl Validate for ConnectorClass {
     fn validate(&self) -> Vec<FieldError> {
         let mut errs = Errors::default();
@@ -799,14 +869,7 @@ impl Validate for HttpProxy {
                 .enumerate()
                 .map(|(i, h)| (i, h.as_str())),
         );
-        if spec.rules.is_empty() {
-            errs.push(
-                "spec.rules",
-                FieldErrorKind::Required,
-                "at least one rule is required",
-            );
-        }
-        errs.max_items("spec.rules", &spec.rules, MAX_ITEMS);
+        errs.one_to("spec.rules", &spec.rules, MAX_ITEMS, "rule");
         errs.unique(
             "spec.rules",
             spec.rules
@@ -945,21 +1008,8 @@ impl Validate for HttpProxy {
                         "required for an https:// endpoint at an IP address: the name the origin's certificate carries",
                     );
                 }
-                match &b.connector {
-                    None => {}
-                    Some(c) => match (&c.name, &c.selector) {
-                        (Some(name), None) => {
-                            errs.check(format!("{f}.connector.name"), dns1123_subdomain(name))
-                        }
-                        (None, Some(sel)) => {
-                            validate_selector(&mut errs, &format!("{f}.connector.selector"), sel)
-                        }
-                        _ => errs.push(
-                            format!("{f}.connector"),
-                            FieldErrorKind::Invalid,
-                            "exactly one of name or selector must be set",
-                        ),
-                    },
+                if let Some(c) = &b.connector {
+                    connector_reference(&mut errs, &f, c);
                 }
                 errs.max_items(&format!("{f}.filters"), &b.filters, MAX_ITEMS);
                 reserved_headers(&mut errs, &format!("{f}.filters"), &b.filters);
@@ -974,6 +1024,34 @@ impl Validate for HttpProxy {
                     &format!("status.hostnameStatuses[{i}].conditions"),
                     &h.conditions,
                 );
+            }
+        }
+        errs.0
+    }
+}
+
+impl Validate for TcpProxy {
+    /// As HTTPProxy: the proxy's name names its generated Services, which are labels.
+    const NAME_RULE: NameRule = NameRule::Label;
+
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let spec = &self.spec;
+        if let Some(p) = spec.port {
+            errs.check("spec.port", port(p));
+        }
+        errs.one_to("spec.backends", &spec.backends, MAX_ITEMS, "backend");
+        for (i, b) in spec.backends.iter().enumerate() {
+            let f = format!("spec.backends[{i}]");
+            if errs.required(format!("{f}.endpoint"), &b.endpoint) {
+                errs.check(format!("{f}.endpoint"), tcp_endpoint(&b.endpoint).map(drop));
+            }
+            connector_reference(&mut errs, &f, &b.connector);
+        }
+        if let Some(status) = &self.status {
+            errs.conditions("status.conditions", &status.conditions);
+            if let Some(p) = status.port {
+                errs.check("status.port", port(p));
             }
         }
         errs.0
@@ -1440,6 +1518,24 @@ impl Validate for HttpRoute {
             for (j, b) in r.backend_refs.iter().flatten().enumerate() {
                 if let Some(p) = b.port {
                     errs.check(format!("spec.rules[{i}].backendRefs[{j}].port"), port(p));
+                }
+            }
+        }
+        errs.0
+    }
+}
+
+impl Validate for TcpRoute {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let rules = &self.spec.rules;
+        errs.max_items("spec.rules", rules, MAX_ITEMS);
+        for (i, r) in rules.iter().enumerate() {
+            let f = format!("spec.rules[{i}].backendRefs");
+            errs.max_items(&f, &r.backend_refs, MAX_ITEMS);
+            for (j, b) in r.backend_refs.iter().enumerate() {
+                if let Some(p) = b.port {
+                    errs.check(format!("{f}[{j}].port"), port(p));
                 }
             }
         }
@@ -2021,12 +2117,20 @@ mod tests {
         for (spec, want) in cases {
             assert_eq!(one(spec.clone()), want, "{spec}");
         }
-        let mut dotted = proxy(Default::default());
-        dotted.metadata.name = Some("a.b".into());
+        assert_name_is_a_label::<HttpProxy>();
+    }
+
+    /// As Datum: a proxy's name names its generated Services, which are labels.
+    fn assert_name_is_a_label<K: Validate>() {
+        let dotted = ObjectMeta {
+            name: Some("a.b".into()),
+            ..Default::default()
+        };
         assert_eq!(
-            validate_meta(&dotted.metadata, HttpProxy::NAME_RULE).len(),
+            validate_meta(&dotted, K::NAME_RULE).len(),
             1,
-            "an HTTPProxy's name is a label"
+            "{}: a proxy's name is a label",
+            std::any::type_name::<K>()
         );
     }
 
@@ -2054,5 +2158,143 @@ mod tests {
                 ("spec.rules".to_owned(), FieldErrorKind::TooMany),
             ]
         );
+    }
+
+    #[test]
+    fn tcp_endpoints_are_tcp_host_port_and_nothing_else() {
+        let ok = |s: &str, host: &str, port: u16| {
+            assert_eq!(
+                tcp_endpoint(s),
+                Ok(Target {
+                    host: host.into(),
+                    port
+                }),
+                "{s}"
+            );
+        };
+        ok("tcp://127.0.0.1:22", "127.0.0.1", 22);
+        ok("tcp://[::1]:5432", "::1", 5432);
+        ok("tcp://DB.internal:5432", "db.internal", 5432);
+        ok("tcp://localhost:65535", "localhost", 65535);
+        let refused = [
+            ("http://127.0.0.1:22", "scheme \"http\""),
+            ("127.0.0.1:22", "is not tcp://host:port"),
+            ("tcp://127.0.0.1", "has no port"),
+            ("tcp://127.0.0.1:0", "between 1 and 65535"),
+            ("tcp://127.0.0.1:65536", "between 1 and 65535"),
+            ("tcp://127.0.0.1:ssh", "between 1 and 65535"),
+            ("tcp://127.0.0.1:22/", "a path"),
+            ("tcp://127.0.0.1:22?x=1", "a query"),
+            ("tcp://127.0.0.1:22#x", "a fragment"),
+            ("tcp://user:pw@127.0.0.1:22", "credentials"),
+            ("tcp://::1:22", "in brackets"),
+            ("tcp://[db.internal]:22", "only an IPv6 address"),
+            ("tcp://*.internal:22", "wildcard"),
+            ("tcp://bad_host:22", "host"),
+            ("tcp://:22", "host"),
+        ];
+        for (s, says) in refused {
+            let e = tcp_endpoint(s).unwrap_err();
+            assert!(e.contains(says), "{s}: {e:?} should say {says:?}");
+        }
+    }
+
+    /// Each case: a TCPProxy spec (JSON), and the fields (with kinds) refused.
+    #[test]
+    fn tcp_proxy_errors_name_the_field() {
+        use serde_json::json;
+        let backend = |endpoint: &str, connector: serde_json::Value| json!({"endpoint": endpoint, "connector": connector});
+        let ssh = || backend("tcp://127.0.0.1:22", json!({"name": "laptop"}));
+        let invalid = |f: &str| vec![(f.to_owned(), FieldErrorKind::Invalid)];
+        let none: Vec<(String, FieldErrorKind)> = vec![];
+        let cases = [
+            (json!({"backends": [ssh()]}), none.clone()),
+            (json!({"port": 20022, "backends": [ssh()]}), none.clone()),
+            (
+                json!({"backends": [backend("tcp://[::1]:5432",
+                    json!({"selector": {"matchLabels": {"app": "db"}}}))]}),
+                none.clone(),
+            ),
+            (
+                json!({"port": 0, "backends": [ssh()]}),
+                invalid("spec.port"),
+            ),
+            (
+                json!({"port": 65536, "backends": [ssh()]}),
+                invalid("spec.port"),
+            ),
+            (
+                json!({"backends": []}),
+                vec![("spec.backends".to_owned(), FieldErrorKind::Required)],
+            ),
+            (
+                json!({"backends": vec![ssh(); 17]}),
+                vec![("spec.backends".to_owned(), FieldErrorKind::TooMany)],
+            ),
+            (
+                json!({"backends": [backend("", json!({"name": "laptop"}))]}),
+                vec![(
+                    "spec.backends[0].endpoint".to_owned(),
+                    FieldErrorKind::Required,
+                )],
+            ),
+            (
+                json!({"backends": [ssh(), backend("http://127.0.0.1:22", json!({"name": "laptop"}))]}),
+                invalid("spec.backends[1].endpoint"),
+            ),
+            (
+                json!({"backends": [backend("tcp://127.0.0.1:22", json!({}))]}),
+                invalid("spec.backends[0].connector"),
+            ),
+            (
+                json!({"backends": [backend("tcp://127.0.0.1:22",
+                    json!({"name": "laptop", "selector": {"matchLabels": {"a": "b"}}}))]}),
+                invalid("spec.backends[0].connector"),
+            ),
+            (
+                json!({"backends": [backend("tcp://127.0.0.1:22", json!({"name": "Laptop"}))]}),
+                invalid("spec.backends[0].connector.name"),
+            ),
+            (
+                json!({"backends": [backend("tcp://127.0.0.1:22",
+                    json!({"selector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}))]}),
+                vec![(
+                    "spec.backends[0].connector.selector.matchExpressions[0].values".to_owned(),
+                    FieldErrorKind::Required,
+                )],
+            ),
+        ];
+        for (spec, want) in cases {
+            let p = TcpProxy::new("ssh", serde_json::from_value(spec.clone()).unwrap());
+            let got: Vec<(String, FieldErrorKind)> = p
+                .validate()
+                .into_iter()
+                .map(|e| (e.field, e.kind))
+                .collect();
+            assert_eq!(got, want, "{spec}");
+        }
+        let mut p = TcpProxy::new(
+            "ssh",
+            serde_json::from_value(json!({"backends": [ssh()]})).unwrap(),
+        );
+        p.status = Some(TcpProxyStatus {
+            conditions: vec![],
+            port: Some(70000),
+        });
+        let fields: Vec<_> = p.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["status.port"]);
+        assert_name_is_a_label::<TcpProxy>();
+    }
+
+    #[test]
+    fn tcp_route_ports_are_checked() {
+        let route: TcpRoute = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "r"},
+            "spec": {"parentRefs": [{"name": "g", "sectionName": "tcp"}],
+                "rules": [{"backendRefs": [{"name": "a", "port": 22}, {"name": "b", "port": 0}]}]}
+        }))
+        .unwrap();
+        let fields: Vec<_> = route.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["spec.rules[0].backendRefs[1].port"]);
     }
 }

@@ -8,7 +8,7 @@
 //! |------------|--------------------------------------------------------------------|----------------------|
 //! | `admin`    | every verb, every namespace                                        | every verb |
 //! | `operator` | every verb, every namespace                                        | ConnectorClass, GatewayClass: every verb; Namespace: read |
-//! | `agent`    | Connector, ConnectorAdvertisement, HTTPProxy, Lease: every verb, own namespaces only | ConnectorClass: read; own Namespace: get |
+//! | `agent`    | Connector, ConnectorAdvertisement, HTTPProxy, TCPProxy, Lease: every verb, own namespaces only | ConnectorClass: read; own Namespace: get |
 //! | `viewer`   | read (get, list, watch), own namespaces only                       | Namespace (own), ConnectorClass, GatewayClass: read |
 //!
 //! Every user may read discovery, OpenAPI and the CustomResourceDefinitions, and ask what
@@ -287,7 +287,9 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
             (false, _) => true,
         },
         Role::Agent => match (a.res.namespaced, kind) {
-            (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "Lease") => in_own_ns,
+            (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "TCPProxy" | "Lease") => {
+                in_own_ns
+            }
             // A device reports its tunnels' life in its own project.
             (true, "Event") => in_own_ns,
             (true, _) => false,
@@ -456,6 +458,12 @@ mod tests {
         assert!(!ok(&agent, Verb::Get, conn, Some("p2")));
         assert!(!ok(&agent, Verb::List, conn, None));
         assert!(!ok(&agent, Verb::Get, route, Some("p1")));
+        let tcp_proxy = reg.by_key("tcpproxies.networking.datumapis.com").unwrap();
+        let tcp_route = reg.by_key("tcproutes.gateway.networking.k8s.io").unwrap();
+        assert!(ok(&agent, Verb::Create, tcp_proxy, Some("p1")));
+        assert!(!ok(&agent, Verb::Create, tcp_proxy, Some("p2")));
+        assert!(!ok(&agent, Verb::Get, tcp_route, Some("p1")));
+        assert!(!ok(&agent, Verb::Create, tcp_route, Some("p1")));
         assert!(ok(&agent, Verb::Watch, class, None));
         assert!(!ok(&agent, Verb::Update, class, None));
         assert!(ok(&agent, Verb::Get, ns, Some("p1")));
@@ -466,6 +474,9 @@ mod tests {
         assert!(!ok(&viewer, Verb::Patch, conn, Some("p1")));
         let operator = user(Role::Operator, Namespaces::All);
         assert!(ok(&operator, Verb::Create, route, Some("any")));
+        assert!(ok(&operator, Verb::Patch, tcp_route, Some("any")));
+        assert!(ok(&viewer, Verb::List, tcp_route, Some("p1")));
+        assert!(!ok(&viewer, Verb::Create, tcp_proxy, Some("p1")));
         assert!(ok(&operator, Verb::Update, class, None));
         assert!(!ok(&operator, Verb::Delete, ns, Some("p1")));
         let err = authorize(

@@ -9,7 +9,7 @@
 //!   if it does not exist and binds the credential to its uid.
 //! - With it the device may write only its own Connector (and only its own NodeID as
 //!   `status.connectionDetails.publicKey.id`), its Lease (named after the connector), and
-//!   the ConnectorAdvertisements and HTTPProxies that point at its connector alone
+//!   the ConnectorAdvertisements, HTTPProxies and TCPProxies that point at its connector alone
 //!   ([`check_write`]). People's tokens may not write a device's objects either.
 //! - Deleting the Connector revokes the credential at once: every request re-checks the
 //!   bound uid.
@@ -416,8 +416,9 @@ pub struct JoinRequest {
 }
 
 /// The connector an object of a device-owned kind belongs to: a Connector's or Lease's
-/// own name, an advertisement's `spec.connectorRef.name`; for an HTTPProxy, every
-/// connector its backends name (a selector backend yields `None`: it could reach any).
+/// own name, an advertisement's `spec.connectorRef.name`; for an HTTPProxy or a TCPProxy,
+/// every connector its backends name (a selector backend yields `None`: it could reach
+/// any).
 fn owners(res: Res, obj: &Value) -> Option<Vec<String>> {
     let s = |v: &Value| v.as_str().map(str::to_owned);
     match res.kind {
@@ -428,6 +429,12 @@ fn owners(res: Res, obj: &Value) -> Option<Vec<String>> {
             .into_iter()
             .flatten()
             .flat_map(|r| r["backends"].as_array().into_iter().flatten())
+            .map(|b| s(&b["connector"]["name"]))
+            .collect(),
+        "TCPProxy" => obj["spec"]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .map(|b| s(&b["connector"]["name"]))
             .collect(),
         _ => Some(Vec::new()),
@@ -477,7 +484,7 @@ pub fn check_write(
     }
     if !matches!(
         res.kind,
-        "Connector" | "Lease" | "ConnectorAdvertisement" | "HTTPProxy"
+        "Connector" | "Lease" | "ConnectorAdvertisement" | "HTTPProxy" | "TCPProxy"
     ) {
         return Ok(());
     }
@@ -525,7 +532,7 @@ pub fn check_write(
         .roles
         .iter()
         .any(|r| matches!(r, Role::Admin | Role::Operator))
-        || res.kind == "HTTPProxy"
+        || matches!(res.kind, "HTTPProxy" | "TCPProxy")
     {
         return Ok(());
     }
@@ -726,6 +733,38 @@ mod tests {
                 json!({"connector": {"selector": {"matchLabels": {"x": "y"}}}})
             ))
         ));
+        let tcp = reg.by_key("tcpproxies.networking.datumapis.com").unwrap();
+        let tp = |connectors: &[Value]| {
+            let backends: Vec<Value> = connectors
+                .iter()
+                .map(|c| json!({"endpoint": "tcp://127.0.0.1:22", "connector": c}))
+                .collect();
+            json!({"metadata": {"name": "x"}, "spec": {"backends": backends}})
+        };
+        let named = |c: &str| json!({"name": c});
+        assert!(ok(&a, tcp, None, Some(&tp(&[named("a"), named("a")]))));
+        assert!(
+            !ok(&a, tcp, None, Some(&tp(&[named("a"), named("b")]))),
+            "another device's connector among its own"
+        );
+        assert!(
+            !ok(&a, tcp, Some(&tp(&[named("b")])), Some(&tp(&[named("a")]))),
+            "taking over another device's proxy"
+        );
+        assert!(
+            !ok(&a, tcp, Some(&tp(&[named("b")])), None),
+            "deleting another's"
+        );
+        assert!(!ok(
+            &a,
+            tcp,
+            None,
+            Some(&tp(&[json!({"selector": {"matchLabels": {"x": "y"}}})]))
+        ));
+        assert!(
+            !ok(&a, tcp, None, Some(&tp(&[]))),
+            "a proxy naming no connector"
+        );
         // A person with the agent role cannot touch a joined device's objects.
         let person = User {
             name: "dev".into(),
@@ -747,5 +786,6 @@ mod tests {
             None,
             Some(&px(json!({"connector": {"name": "b"}})))
         ));
+        assert!(ok(&person, tcp, None, Some(&tp(&[named("b")]))));
     }
 }

@@ -444,6 +444,50 @@ mod tests {
         assert!(api_group("authorization.k8s.io").is_some());
     }
 
+    /// TCPRoute is served from Gateway API's experimental version beside the v1 kinds,
+    /// which stays the group's preferred version.
+    #[test]
+    fn tcp_routes_and_proxies_are_discovered() {
+        let group = api_group("gateway.networking.k8s.io").unwrap();
+        assert_eq!(group["preferredVersion"]["version"], "v1");
+        assert_eq!(
+            group["versions"][1]["groupVersion"],
+            "gateway.networking.k8s.io/v1alpha2"
+        );
+        let names = |group: &str, version: &str| -> Vec<String> {
+            resource_list(group, version).unwrap()["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            names("gateway.networking.k8s.io", "v1alpha2"),
+            ["tcproutes", "tcproutes/status"]
+        );
+        let proxies = names("networking.datumapis.com", "v1alpha");
+        assert!(
+            proxies.contains(&"tcpproxies".to_owned())
+                && proxies.contains(&"tcpproxies/status".to_owned()),
+            "{proxies:?}"
+        );
+        let doc = aggregated(false, "v=v2");
+        let versions: Vec<&str> = doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == "gateway.networking.k8s.io")
+            .unwrap()["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap())
+            .collect();
+        assert_eq!(versions, ["v1", "v1alpha2"]);
+        assert!(openapi_v3_doc("apis/gateway.networking.k8s.io/v1alpha2").is_some());
+    }
+
     #[test]
     fn openapi_docs_tag_kinds() {
         let root = openapi_v3_root();

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -13,7 +14,7 @@ use kube::CustomResourceExt;
 use portway_api::validation::validate_meta;
 use portway_api::{
     BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass, FieldError,
-    FieldErrorKind, HttpProxy, Validate,
+    FieldErrorKind, HttpProxy, TcpProxy, Validate,
 };
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -441,6 +442,20 @@ impl Registry {
                 proto: None,
                 field_selectors: &[],
             }),
+            // Gateway API's experimental channel: the routes of TCPProxies.
+            builtin::<TcpRoute>(Builtin {
+                group: "gateway.networking.k8s.io",
+                version: "v1alpha2",
+                kind: "TCPRoute",
+                plural: "tcproutes",
+                short_names: &[],
+                namespaced: true,
+                status: true,
+                columns: vec![],
+                strategic: None,
+                proto: None,
+                field_selectors: &[],
+            }),
             // One record under two APIs (see `events`): kube-rs writes events.k8s.io,
             // kubectl reads core/v1.
             builtin::<k8s_openapi::api::core::v1::Event>(Builtin {
@@ -514,6 +529,7 @@ impl Registry {
             ]),
             custom::<ConnectorAdvertisement>(&["spec.connectorRef.name"]),
             custom::<HttpProxy>(&[]),
+            custom::<TcpProxy>(&[]),
             custom::<BackendTrafficPolicy>(&[]),
         ];
         let mut types = types;
@@ -606,6 +622,45 @@ mod tests {
                 .namespaced
         );
         assert_eq!(reg.groups()[0].0, "coordination.k8s.io");
+        let tcp = reg
+            .by_path("networking.datumapis.com", "v1alpha", "tcpproxies")
+            .unwrap();
+        assert_eq!((tcp.kind, tcp.singular.as_str()), ("TCPProxy", "tcpproxy"));
+        assert!(tcp.namespaced && tcp.status);
+        assert_eq!(tcp.short_names, ["tcpp"]);
+        let columns: Vec<&str> = tcp.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            columns,
+            ["Port", "Accepted", "Programmed", "Age", "BackendsReady"]
+        );
+    }
+
+    #[test]
+    fn tcp_routes_are_served_beside_the_v1_routes() {
+        let reg = registry();
+        let route = reg
+            .by_kind("gateway.networking.k8s.io/v1alpha2", "TCPRoute")
+            .unwrap();
+        assert_eq!(route.key(), "tcproutes.gateway.networking.k8s.io");
+        assert!(route.namespaced && route.status);
+        let gateway_api = reg
+            .groups()
+            .into_iter()
+            .find(|(g, _)| *g == "gateway.networking.k8s.io")
+            .unwrap();
+        assert_eq!(gateway_api.1, ["v1", "v1alpha2"], "v1 stays preferred");
+        let body = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": "ssh"},
+            "spec": {"parentRefs": [{"name": "ssh", "sectionName": "tcp"}],
+                "rules": [{"backendRefs": [{"name": "ssh-0", "port": 22, "weight": 1}]}]},
+        });
+        let d = route.decode(&body).unwrap();
+        assert!(
+            d.unknown.is_empty() && d.errors.is_empty(),
+            "{:?}",
+            d.errors
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub mod pool;
 pub mod routes;
 pub mod sidecar;
 mod stack;
+pub mod tcp;
 pub mod tunnel;
 pub mod xds;
 

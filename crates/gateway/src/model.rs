@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::{
     HttpRoute, HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters, HttpRouteRulesMatches,
@@ -15,7 +16,7 @@ use gateway_api::apis::standard::httproutes::{
 use http::header::{HeaderName, HeaderValue};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use portway_api::filters::Level;
-use portway_api::headers;
+use portway_api::{Target, headers};
 
 use crate::filters::{Cors, Redirect, Rewrite};
 
@@ -347,35 +348,7 @@ impl Route {
     /// Ready backends, starting at the next round-robin position (weights repeat a
     /// backend); the caller tries them in order, so a failed dial fails over.
     pub fn ready_in_order(&self) -> Vec<&Backend> {
-        let ready: Vec<&Backend> = self
-            .backends
-            .iter()
-            .filter(|b| b.ready && b.weight > 0)
-            .collect();
-        if ready.is_empty() {
-            return ready;
-        }
-        let total: usize = ready.iter().map(|b| b.weight as usize).sum();
-        let mut slot = self.cursor.fetch_add(1, Ordering::Relaxed) % total;
-        let start = ready
-            .iter()
-            .position(|b| {
-                let w = b.weight as usize;
-                if slot < w {
-                    true
-                } else {
-                    slot -= w;
-                    false
-                }
-            })
-            .unwrap_or(0);
-        ready
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(ready.len())
-            .copied()
-            .collect()
+        ready_in_order(&self.backends, &self.cursor)
     }
 
     /// Precedence per Gateway API: exact path, longer prefix, method, more headers, more
@@ -398,6 +371,69 @@ impl Route {
     }
 }
 
+/// Ready `backends`, starting at the next round-robin position of `cursor` (weights
+/// repeat a backend); the caller tries them in order, so a failed dial fails over.
+fn ready_in_order<'a>(backends: &'a [Backend], cursor: &AtomicUsize) -> Vec<&'a Backend> {
+    let ready: Vec<&Backend> = backends
+        .iter()
+        .filter(|b| b.ready && b.weight > 0)
+        .collect();
+    if ready.is_empty() {
+        return ready;
+    }
+    let total: usize = ready.iter().map(|b| b.weight as usize).sum();
+    let mut slot = cursor.fetch_add(1, Ordering::Relaxed) % total;
+    let start = ready
+        .iter()
+        .position(|b| {
+            let w = b.weight as usize;
+            if slot < w {
+                true
+            } else {
+                slot -= w;
+                false
+            }
+        })
+        .unwrap_or(0);
+    ready
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(ready.len())
+        .copied()
+        .collect()
+}
+
+/// A public TCP port (a TCPRoute on a Gateway's `TCP` listener): each connection goes to
+/// one of its backends, ready ones in round-robin order.
+#[derive(Debug)]
+pub struct TcpService {
+    pub port: u16,
+    /// `namespace/name` of the TCPRoute.
+    pub route: String,
+    pub backends: Vec<Backend>,
+    cursor: AtomicUsize,
+}
+
+impl TcpService {
+    /// The device and target of each ready backend, in the order to try them.
+    pub fn choices(&self) -> Vec<(String, Target)> {
+        ready_in_order(&self.backends, &self.cursor)
+            .into_iter()
+            .filter_map(|b| {
+                let t = b.tunnel.as_ref()?;
+                Some((
+                    t.node_id.to_str().ok()?.to_owned(),
+                    Target {
+                        host: t.host.to_str().ok()?.to_owned(),
+                        port: t.port.to_str().ok()?.parse().ok()?,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
 /// All routes of one hostname.
 #[derive(Debug)]
 pub struct Host {
@@ -415,6 +451,8 @@ pub struct Host {
 pub struct Table {
     exact: HashMap<String, Arc<Host>>,
     wildcard: Vec<(String, Arc<Host>)>,
+    /// Public TCP ports.
+    pub tcp: BTreeMap<u16, Arc<TcpService>>,
 }
 
 /// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
@@ -460,12 +498,20 @@ impl Table {
     }
 }
 
-/// An HTTPRoute accepted by one of our Gateways, for status reporting.
+/// A route accepted by one of our Gateways, for status reporting.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
+    pub kind: RouteKind,
     pub route_ns: String,
     pub route: String,
     pub gateway: String,
+}
+
+/// Which kind of route an [`Attachment`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    Http,
+    Tcp,
 }
 
 fn key(ns: Option<&String>, name: Option<&String>) -> String {
@@ -513,6 +559,7 @@ pub fn build(
     class: &str,
     gateways: &[&Gateway],
     routes: &[&HttpRoute],
+    tcp_routes: &[&TcpRoute],
     slices: &[&EndpointSlice],
 ) -> (Table, Vec<Attachment>) {
     let ours: HashMap<String, &Gateway> = gateways
@@ -584,6 +631,7 @@ pub fn build(
         for p in &parents {
             let gateway = p.rsplit('/').next().unwrap_or_default().to_owned();
             attachments.push(Attachment {
+                kind: RouteKind::Http,
                 route_ns: ns.clone(),
                 route: name.clone(),
                 gateway,
@@ -761,7 +809,132 @@ pub fn build(
     table
         .wildcard
         .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+    let (tcp, tcp_attachments) = tcp_services(&ours, tcp_routes, slices, &ready);
+    table.tcp = tcp;
+    attachments.extend(tcp_attachments);
     (table, attachments)
+}
+
+/// The public TCP ports: each TCPRoute attached to a `TCP` listener of one of `ours`
+/// serves that listener's port; its backends' devices and targets come from the
+/// operator's annotation on their EndpointSlices. One route a port: the oldest.
+fn tcp_services(
+    ours: &HashMap<String, &Gateway>,
+    routes: &[&TcpRoute],
+    slices: &[&EndpointSlice],
+    ready: &HashMap<String, bool>,
+) -> (BTreeMap<u16, Arc<TcpService>>, Vec<Attachment>) {
+    let mut targets: HashMap<String, Tunnel> = HashMap::new();
+    for s in slices {
+        let (Some(svc), Some(target)) = (
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name")),
+            s.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(portway_api::annotations::TUNNEL_TARGET))
+                .and_then(|v| portway_api::annotations::parse_tunnel_target(v)),
+        ) else {
+            continue;
+        };
+        let (node, target) = target;
+        let (Ok(node_id), Ok(host)) = (
+            HeaderValue::from_str(&node),
+            HeaderValue::from_str(&target.host),
+        ) else {
+            continue;
+        };
+        targets.insert(
+            key(s.metadata.namespace.as_ref(), Some(svc)),
+            Tunnel {
+                node_id,
+                host,
+                port: HeaderValue::from(target.port),
+                proto: HeaderValue::from_static("tcp"),
+                tls_name: None,
+                authority: None,
+            },
+        );
+    }
+    let mut routes: Vec<&&TcpRoute> = routes
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .collect();
+    routes.sort_by_key(|r| {
+        (
+            r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            key(r.metadata.namespace.as_ref(), r.metadata.name.as_ref()),
+        )
+    });
+    let mut services = BTreeMap::new();
+    let mut attachments = Vec::new();
+    for r in routes {
+        let ns = r.metadata.namespace.clone().unwrap_or_default();
+        let name = r.metadata.name.clone().unwrap_or_default();
+        for p in r.spec.parent_refs.iter().flatten() {
+            if p.kind.as_deref().is_some_and(|k| k != "Gateway") {
+                continue;
+            }
+            let gw_ns = p.namespace.clone().unwrap_or_else(|| ns.clone());
+            let Some(g) = ours.get(&format!("{gw_ns}/{}", p.name)) else {
+                continue;
+            };
+            let listeners = g.spec.listeners.iter().filter(|l| {
+                l.protocol == "TCP"
+                    && p.section_name.as_ref().is_none_or(|s| *s == l.name)
+                    && p.port.is_none_or(|port| port == l.port)
+            });
+            for l in listeners {
+                let Ok(port) = u16::try_from(l.port) else {
+                    continue;
+                };
+                if services.contains_key(&port) {
+                    continue;
+                }
+                let backends = r
+                    .spec
+                    .rules
+                    .iter()
+                    .flat_map(|rule| rule.backend_refs.iter())
+                    .filter(|b| b.kind.as_deref().is_none_or(|k| k == "Service"))
+                    .map(|b| {
+                        let svc = format!(
+                            "{}/{}",
+                            b.namespace.clone().unwrap_or_else(|| ns.clone()),
+                            b.name
+                        );
+                        let tunnel = targets.get(&svc).cloned();
+                        Backend {
+                            service: b.name.clone(),
+                            weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
+                            ready: tunnel.is_some() && ready.get(&svc).copied().unwrap_or(false),
+                            headers: HeaderFilter::default(),
+                            response: HeaderFilter::default(),
+                            tunnel,
+                        }
+                    })
+                    .collect();
+                services.insert(
+                    port,
+                    Arc::new(TcpService {
+                        port,
+                        route: format!("{ns}/{name}"),
+                        backends,
+                        cursor: AtomicUsize::new(0),
+                    }),
+                );
+                attachments.push(Attachment {
+                    kind: RouteKind::Tcp,
+                    route_ns: ns.clone(),
+                    route: name.clone(),
+                    gateway: p.name.clone(),
+                });
+            }
+        }
+    }
+    (services, attachments)
 }
 
 /// Applies a filter to request headers: remove, then set (replace), then add.
@@ -823,6 +996,91 @@ mod tests {
         ]})
     }
 
+    /// A TCPRoute on a Gateway's TCP listener serves that port: its backends' devices
+    /// and targets from the operator's slice annotations, ready ones only; a second route
+    /// on the same port (newer), one on an HTTP listener, and a slice without the
+    /// annotation serve nothing.
+    #[test]
+    fn tcp_ports_from_tcp_listeners_and_annotated_slices() {
+        let tcp_gateway = |name: &str, port: i32| -> Gateway {
+            serde_json::from_value(json!({"metadata": {"name": name, "namespace": "p1"},
+                "spec": {"gatewayClassName": "portway", "listeners": [{"name": "tcp", "port": port, "protocol": "TCP"}]}})).unwrap()
+        };
+        let tcp_route = |name: &str, gateway: &str, services: &[&str], created: &str| -> TcpRoute {
+            let refs: Vec<_> = services
+                .iter()
+                .map(|s| json!({"name": s, "port": 6379}))
+                .collect();
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "p1", "creationTimestamp": created},
+                "spec": {"parentRefs": [{"name": gateway, "sectionName": "tcp"}], "rules": [{"backendRefs": refs}]},
+            }))
+            .unwrap()
+        };
+        let annotated = |svc: &str, ready: bool, node: &str| -> EndpointSlice {
+            let mut s = slice(svc, ready);
+            s.metadata.annotations = Some(
+                [(
+                    portway_api::annotations::TUNNEL_TARGET.to_owned(),
+                    format!("{node} 127.0.0.1 6379"),
+                )]
+                .into(),
+            );
+            s
+        };
+        let gws = [
+            tcp_gateway("db", 20001),
+            tcp_gateway("db-too", 20001),
+            gateway("gw", "portway"),
+        ];
+        let routes = [
+            tcp_route(
+                "db",
+                "db",
+                &["a", "b", "c", "plain"],
+                "2026-01-01T00:00:00Z",
+            ),
+            tcp_route("db-too", "db-too", &["a"], "2026-01-02T00:00:00Z"),
+            tcp_route("on-http", "gw", &["a"], "2026-01-01T00:00:00Z"),
+        ];
+        let slices = [
+            annotated("a", true, "n1"),
+            annotated("b", false, "n2"),
+            annotated("c", true, "n3"),
+            slice("plain", true),
+        ];
+        let (table, attachments) = build(
+            "portway",
+            &gws.iter().collect::<Vec<_>>(),
+            &[],
+            &routes.iter().collect::<Vec<_>>(),
+            &slices.iter().collect::<Vec<_>>(),
+        );
+        assert_eq!(table.tcp.keys().copied().collect::<Vec<_>>(), [20001]);
+        let db = &table.tcp[&20001];
+        assert_eq!(db.route, "p1/db");
+        let target = |n: &str| {
+            (
+                n.to_owned(),
+                Target {
+                    host: "127.0.0.1".into(),
+                    port: 6379,
+                },
+            )
+        };
+        assert_eq!(db.choices(), [target("n1"), target("n3")]);
+        assert_eq!(db.choices(), [target("n3"), target("n1")], "round robin");
+        assert_eq!(
+            attachments,
+            [Attachment {
+                kind: RouteKind::Tcp,
+                route_ns: "p1".into(),
+                route: "db".into(),
+                gateway: "db".into(),
+            }]
+        );
+    }
+
     #[test]
     fn hosts_routes_precedence_and_readiness() {
         let gws = [gateway("gw", "portway"), gateway("other", "someone-else")];
@@ -858,6 +1116,7 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &routes.iter().collect::<Vec<_>>(),
+            &[],
             &slices.iter().collect::<Vec<_>>(),
         );
         assert!(

@@ -825,8 +825,50 @@ impl Sidecar {
         }))
     }
 
-    /// Handles `CONNECT host:port` with `datum-node-id`: a raw tunnel to the target,
-    /// spliced with the client connection once hyper hands it over.
+    /// Opens a raw stream to the first of `choices` (a device's hex NodeID and a target
+    /// on it) that accepts: devices that are down go last, and every failure goes on to
+    /// the next, since nothing was sent yet. A CONNECT and a public TCP port splice their
+    /// client with it.
+    ///
+    /// # Errors
+    /// The last attempt's (or `Stream` when `choices` is empty).
+    pub async fn open_first(
+        &self,
+        choices: &[(String, Target)],
+    ) -> Result<TunnelStream, OpenError> {
+        let mut order: Vec<&(String, Target)> = choices.iter().collect();
+        order.sort_by_key(|(node, _)| self.is_down(node));
+        let mut last = OpenError::Stream("no backend".into());
+        for (node_id, target) in order {
+            let Some(node) = self.targets.node(node_id) else {
+                last = OpenError::Stream(format!("{node_id:?} is not a NodeID"));
+                continue;
+            };
+            let started = Instant::now();
+            match self.dialer.open(node, target).await {
+                Ok(streams) => {
+                    self.metrics
+                        .dial_latency
+                        .observe(started.elapsed().as_secs_f64());
+                    let guard = self.metrics.tunnel_opened(node_id);
+                    return Ok(TunnelStream {
+                        send: streams.send,
+                        recv: Box::pin(streams.recv),
+                        _keep: Box::new((streams.conn, guard)),
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(node = %node_id, %target, error = ?e, "trying the next backend, if any");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Handles `CONNECT host:port` with `datum-node-id` (and `datum-fallback`, the other
+    /// backends, when Envoy sends it): a raw tunnel to the target, spliced with the
+    /// client connection once hyper hands it over.
     pub async fn connect(
         &self,
         req: Request<Body>,
@@ -836,11 +878,11 @@ impl Sidecar {
             .headers()
             .get(headers::NODE_ID)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<EndpointId>().ok())
+            .filter(|v| self.targets.node(v).is_some())
         else {
             return text(
                 StatusCode::BAD_REQUEST,
-                "CONNECT needs a datum-node-id header",
+                "CONNECT needs a datum-node-id header naming a device",
             );
         };
         let Some(target) = req.uri().authority().and_then(|a| {
@@ -851,9 +893,10 @@ impl Sidecar {
         }) else {
             return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
-        let started = Instant::now();
-        let streams = match self.dialer.open(node, &target).await {
-            Ok(s) => s,
+        let mut choices = vec![(node.to_owned(), target)];
+        choices.extend(fallbacks(req.headers()));
+        let mut tunnel = match self.open_first(&choices).await {
+            Ok(t) => t,
             Err(OpenError::Refused { status, details }) => {
                 let why = details.unwrap_or_else(|| format!("the device answered {status}"));
                 return text(status, format!("tunnel failed: {why}"));
@@ -867,15 +910,6 @@ impl Sidecar {
             Err(OpenError::Stream(why)) => {
                 return text(StatusCode::BAD_GATEWAY, format!("tunnel failed: {why}"));
             }
-        };
-        self.metrics
-            .dial_latency
-            .observe(started.elapsed().as_secs_f64());
-        let guard = self.metrics.tunnel_opened(&node.to_string());
-        let mut tunnel = TunnelStream {
-            send: streams.send,
-            recv: Box::pin(streams.recv),
-            _keep: Box::new((streams.conn, guard)),
         };
         tokio::spawn(async move {
             if let Ok(client) = on_upgrade.await {
@@ -956,31 +990,31 @@ fn from_datum_gateway(h: &mut HeaderMap) {
 /// (`<node-id> <host> <port>`, comma separated) with that device and target.
 fn with_fallbacks(headers: &HeaderMap) -> Vec<HeaderMap> {
     let mut heads = vec![headers.clone()];
-    let entries = headers
-        .get_all(headers::FALLBACK)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','));
-    for entry in entries {
-        let mut parts = entry.split_whitespace();
-        let (Some(node), Some(host), Some(port), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
+    for (node, target) in fallbacks(headers) {
         let mut head = headers.clone();
         for (name, value) in [
             (headers::NODE_ID, node),
-            (headers::TARGET_HOST, host),
-            (headers::TARGET_PORT, port),
+            (headers::TARGET_HOST, target.host),
+            (headers::TARGET_PORT, target.port.to_string()),
         ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
+            if let Ok(v) = HeaderValue::from_str(&value) {
                 head.insert(name, v);
             }
         }
         heads.push(head);
     }
     heads
+}
+
+/// The `datum-fallback` entries: the route's other backends.
+fn fallbacks(headers: &HeaderMap) -> Vec<(String, Target)> {
+    headers
+        .get_all(headers::FALLBACK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(portway_api::annotations::parse_tunnel_target)
+        .collect()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

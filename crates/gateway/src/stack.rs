@@ -137,6 +137,21 @@ impl EdgeStack {
             shutdown.clone(),
         )
         .await?;
+        // Public TCP ports listen where the edge's HTTP does, and follow the table.
+        let (version, versions) = watch::channel(0);
+        let tcp_task = crate::tcp::spawn(
+            crate::tcp::Config {
+                ip: edge
+                    .http_addr()
+                    .or(edge.https_addr())
+                    .map_or(crate::tcp::Config::default().ip, |a| a.ip()),
+                ..Default::default()
+            },
+            table.clone(),
+            versions,
+            sidecar.clone(),
+            shutdown.clone(),
+        );
         let sidecar_addr = sidecar_listener.as_ref().and_then(|l| l.local_addr().ok());
         let sidecar_task =
             sidecar_listener.map(|l| crate::serve_sidecar(l, sidecar.clone(), shutdown.clone()));
@@ -159,8 +174,7 @@ impl EdgeStack {
                 write_status: true,
             },
             table,
-            // Nobody follows the edge's table version: it reads the table per request.
-            watch::channel(0).0,
+            version,
             shutdown.clone(),
         );
         Ok(Self {
@@ -170,7 +184,11 @@ impl EdgeStack {
             metrics,
             routes,
             sidecar_task,
-            watches: certs_task.into_iter().chain(http01_task).collect(),
+            watches: certs_task
+                .into_iter()
+                .chain(http01_task)
+                .chain([tcp_task])
+                .collect(),
             shutdown,
         })
     }

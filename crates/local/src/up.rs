@@ -57,6 +57,8 @@ pub struct Config {
     pub renew_before: Option<Duration>,
     /// How long an Event lives after it was last seen; default one hour.
     pub event_ttl: Duration,
+    /// The public ports TCPProxies may have; default 20000-20999.
+    pub tcp_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl Config {
@@ -81,6 +83,7 @@ impl Config {
             certificate_validity: None,
             renew_before: None,
             event_ttl: portway_apiserver::events::DEFAULT_TTL,
+            tcp_ports: portway_operator::tcp::ports::DEFAULT_RANGE,
         }
     }
 }
@@ -300,6 +303,7 @@ async fn start_parts(config: &Config, parts: &mut Supervisor) -> Result<Info, Er
     operator_config.proxy.zone = config.zone.clone();
     operator_config.ephemeral_ttl = config.ephemeral_ttl;
     operator_config.proxy.allowed_origins = config.origins.allowed.clone();
+    operator_config.tcp_ports = config.tcp_ports.clone();
     // Names outside the zone must be proven: on by default, as a public edge needs.
     let resolver = config.hostname_resolver.unwrap_or_else(system_resolver);
     operator_config.verification = Some(portway_operator::verify::Config::new(resolver));

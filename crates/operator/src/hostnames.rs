@@ -27,15 +27,17 @@ pub struct Claim {
 }
 
 impl Claim {
-    pub fn of(p: &HttpProxy) -> Self {
+    /// The claim of a proxy of either kind (a hostname's, or a TCP port's): its age and
+    /// name, which order claims.
+    pub fn of<K: kube::Resource>(p: &K) -> Self {
+        let m = p.meta();
         Self {
-            created: p
-                .metadata
+            created: m
                 .creation_timestamp
                 .as_ref()
                 .map_or(i64::MAX, |t| t.0.as_second()),
-            ns: p.metadata.namespace.clone().unwrap_or_default(),
-            name: p.metadata.name.clone().unwrap_or_default(),
+            ns: m.namespace.clone().unwrap_or_default(),
+            name: m.name.clone().unwrap_or_default(),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The operator: validates HTTPProxies against advertisements and programs Gateway API
 //! objects; keeps connector readiness.
 //!
-//! Three controllers on `kube::runtime::Controller`, fed by one shared watch per kind:
+//! Four controllers on `kube::runtime::Controller`, fed by one shared watch per kind:
 //! - HTTPProxy → Gateway, HTTPRoute, Service + EndpointSlice per backend connector,
 //!   BackendTrafficPolicy, and the proxy's status ([`proxy::desired`] decides everything);
+//! - TCPProxy → a public port from the edge's range ([`tcp::ports`]), a Gateway with a TCP
+//!   listener on it, a TCPRoute, Service + EndpointSlice per backend connector, and the
+//!   proxy's status ([`tcp::desired`]);
 //! - Connector → `Accepted` (its class exists) and `Ready` (its Lease is current),
 //!   requeued at lease expiry;
 //! - ConnectorAdvertisement → `Accepted` (its connector exists).
@@ -25,13 +28,16 @@ pub mod connector;
 pub mod dns;
 mod hostnames;
 pub mod proxy;
+pub mod tcp;
 pub mod verify;
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -46,7 +52,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use portway_api::{
     BackendTrafficPolicy, CONTROLLER_NAME, Connector, ConnectorAdvertisement, ConnectorClass,
-    HttpProxy, managers,
+    HttpProxy, TcpProxy, managers,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -58,6 +64,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::hostnames::HostnameIndex;
+use crate::tcp::ports::PortIndex;
 use portway_kube::watch::{Index, Subscriber, by_namespace, by_owner, pending, relisted, touched};
 
 /// What the operator needs to know.
@@ -79,6 +86,9 @@ pub struct Config {
     /// Proof of control for hostnames outside the zone; `None`: every name is routed as
     /// claimed, and no `HostnamesVerified`.
     pub verification: Option<verify::Config>,
+    /// The public ports TCPProxies may have (default 20000-20999): a `spec.port` outside
+    /// it is refused, and a proxy without one gets the lowest free port of it.
+    pub tcp_ports: RangeInclusive<u16>,
 }
 
 impl Config {
@@ -102,6 +112,7 @@ impl Config {
             ephemeral_ttl: Duration::from_secs(15 * 60),
             certificates: None,
             verification: None,
+            tcp_ports: tcp::ports::DEFAULT_RANGE,
         }
     }
 }
@@ -190,12 +201,18 @@ pub(crate) struct Ctx {
     services: Index<Service>,
     slices: Index<EndpointSlice>,
     policies: Index<BackendTrafficPolicy>,
+    /// TCPRoutes, by owner uid (the Gateways, Services and slices above serve both kinds).
+    tcp_routes: Index<TcpRoute>,
     hostnames: Arc<HostnameIndex>,
+    /// Every TCPProxy's port.
+    tcp_ports: Arc<PortIndex>,
     /// What the issuer keeps, when there is one.
     certificates: Option<Arc<certs::Certificates>>,
     verifier: Option<Arc<verify::Verifier>>,
     /// Reconciles a proxy again (another proxy's verdict changed its claims).
     requeue: Tx<HttpProxy>,
+    /// Reconciles a TCPProxy again (a port it waits for was freed or contested).
+    tcp_requeue: Tx<TcpProxy>,
     /// Wakes the certificate issuer: the set of proven names may have changed.
     certs_wake: Arc<tokio::sync::Notify>,
     metrics: Metrics,
@@ -258,8 +275,23 @@ fn proven_hostnames(
     out
 }
 
-/// Maps a child object to its owning HTTPProxy.
-fn owner_subscriber<K: Resource + Send + Sync + 'static>(tx: Tx<HttpProxy>) -> Subscriber<K> {
+/// Sends refs for each (namespace, name).
+fn send_keys<K: Resource<DynamicType = ()>>(
+    tx: &Tx<K>,
+    keys: impl IntoIterator<Item = (String, String)>,
+) {
+    for (ns, name) in keys {
+        let _ = tx.send(ObjectRef::new(&name).within(&ns));
+    }
+}
+
+/// Maps a child object to its owner of kind `O` (an HTTPProxy or a TCPProxy).
+fn owner_subscriber<K, O>(tx: Tx<O>) -> Subscriber<K>
+where
+    K: Resource + Send + Sync + 'static,
+    O: Resource<DynamicType = ()> + 'static,
+{
+    let kind = O::kind(&()).into_owned();
     Box::new(move |e| {
         if let Some(o) = touched(e) {
             let ns = o.meta().namespace.clone().unwrap_or_default();
@@ -268,7 +300,7 @@ fn owner_subscriber<K: Resource + Send + Sync + 'static>(tx: Tx<HttpProxy>) -> S
                 .owner_references
                 .iter()
                 .flatten()
-                .filter(|r| r.kind == "HTTPProxy")
+                .filter(|r| r.kind == kind)
             {
                 let _ = tx.send(ObjectRef::new(&r.name).within(&ns));
             }
@@ -357,6 +389,8 @@ impl Operator {
         let services = pending::<Service>();
         let slices = pending::<EndpointSlice>();
         let policies = pending::<BackendTrafficPolicy>();
+        let tcp_proxies = pending::<TcpProxy>();
+        let tcp_routes = pending::<TcpRoute>();
         let verifier = config
             .verification
             .clone()
@@ -371,10 +405,17 @@ impl Operator {
         let services_by_owner = Index::new(services.store.clone(), by_owner);
         let slices_by_owner = Index::new(slices.store.clone(), by_owner);
         let policies_by_owner = Index::new(policies.store.clone(), by_owner);
+        let tcp_by_ns = Index::new(tcp_proxies.store.clone(), by_namespace);
+        let tcp_routes_by_owner = Index::new(tcp_routes.store.clone(), by_owner);
+        let tcp_ports = Arc::new(PortIndex::new(config.tcp_ports.clone()));
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel::<ObjectRef<Connector>>();
         let (ad_tx, ad_rx) = mpsc::unbounded_channel::<ObjectRef<ConnectorAdvertisement>>();
+        let (tcp_tx, tcp_rx) = mpsc::unbounded_channel::<ObjectRef<TcpProxy>>();
+        // Set once the port index holds every granted port: no TCPProxy is given a port
+        // before (restart-safe, as `status.port` is what survives a restart).
+        let (ports_known_tx, mut ports_known) = watch::channel(false);
 
         let mut tasks = Vec::new();
         let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![proxies_by_ns.subscriber(), {
@@ -401,6 +442,23 @@ impl Operator {
                 _ => {}
             })
         }];
+        let tcp_subs: Vec<Subscriber<TcpProxy>> = vec![tcp_by_ns.subscriber(), {
+            let (tx, by_ns, ports) = (tcp_tx.clone(), tcp_by_ns.clone(), tcp_ports.clone());
+            Box::new(move |e| match e {
+                watcher::Event::Apply(p) => {
+                    let _ = tx.send(object_ref(p));
+                    send_keys(&tx, ports.observe(p));
+                }
+                watcher::Event::Delete(p) => send_keys(&tx, ports.forget(p)),
+                watcher::Event::InitDone => {
+                    let all = by_ns.store().state();
+                    ports.rebuild(all.iter().map(AsRef::as_ref));
+                    ports_known_tx.send_replace(true);
+                    send_matching(&tx, &by_ns, None, |_| true);
+                }
+                _ => {}
+            })
+        }];
         let conn_subs: Vec<Subscriber<Connector>> = vec![conns_by_ns.subscriber(), {
             let (ptx, ctx_, atx) = (proxy_tx.clone(), conn_tx.clone(), ad_tx.clone());
             let (pstore, astore, cstore) = (
@@ -408,10 +466,12 @@ impl Operator {
                 ads_by_ns.clone(),
                 conns_by_ns.clone(),
             );
+            let (ttx, tstore) = (tcp_tx.clone(), tcp_by_ns.clone());
             Box::new(move |e| {
                 if let Some(c) = touched(e) {
                     let ns = c.namespace();
                     send_matching(&ptx, &pstore, ns.as_deref(), |_| true);
+                    send_matching(&ttx, &tstore, ns.as_deref(), |_| true);
                     send_matching(&atx, &astore, ns.as_deref(), |a| {
                         a.spec.connector_ref.name == c.name_any()
                     });
@@ -421,6 +481,7 @@ impl Operator {
                 } else if relisted(e) {
                     send_matching(&ctx_, &cstore, None, |_| true);
                     send_matching(&ptx, &pstore, None, |_| true);
+                    send_matching(&ttx, &tstore, None, |_| true);
                     send_matching(&atx, &astore, None, |_| true);
                 }
             })
@@ -432,15 +493,18 @@ impl Operator {
                 proxies_by_ns.clone(),
                 ads_by_ns.clone(),
             );
+            let (ttx, tstore) = (tcp_tx.clone(), tcp_by_ns.clone());
             Box::new(move |e| {
                 if let Some(a) = touched(e) {
                     send_matching(&ptx, &pstore, a.namespace().as_deref(), |_| true);
+                    send_matching(&ttx, &tstore, a.namespace().as_deref(), |_| true);
                     if matches!(e, watcher::Event::Apply(_)) {
                         let _ = atx.send(object_ref(a));
                     }
                 } else if relisted(e) {
                     send_matching(&atx, &astore, None, |_| true);
                     send_matching(&ptx, &pstore, None, |_| true);
+                    send_matching(&ttx, &tstore, None, |_| true);
                 }
             })
         }];
@@ -482,9 +546,12 @@ impl Operator {
             services: services_by_owner.clone(),
             slices: slices_by_owner.clone(),
             policies: policies_by_owner.clone(),
+            tcp_routes: tcp_routes_by_owner.clone(),
             hostnames,
+            tcp_ports,
             verifier,
             requeue: proxy_tx.clone(),
+            tcp_requeue: tcp_tx.clone(),
             certs_wake: certs_wake.clone(),
             certificates: config
                 .certificates
@@ -507,6 +574,7 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
+            let (k, l) = (tcp_proxies.store.clone(), tcp_routes.store.clone());
             async move {
                 let _ = futures::join!(
                     a.wait_until_ready(),
@@ -518,19 +586,26 @@ impl Operator {
                     g.wait_until_ready(),
                     h.wait_until_ready(),
                     i.wait_until_ready(),
-                    j.wait_until_ready()
+                    j.wait_until_ready(),
+                    k.wait_until_ready(),
+                    l.wait_until_ready(),
+                    async move {
+                        let _ = ports_known.wait_for(|known| *known).await;
+                    },
                 );
             }
         };
         let proxy_store = proxies.store.clone();
         let conn_store = connectors.store.clone();
         let ad_store = ads.store.clone();
+        let tcp_store = tcp_proxies.store.clone();
         let s = &shutdown;
         tasks.push(proxies.spawn(Api::all(client.clone()), proxy_subs, s.clone()));
         tasks.push(connectors.spawn(Api::all(client.clone()), conn_subs, s.clone()));
         tasks.push(ads.spawn(Api::all(client.clone()), ad_subs, s.clone()));
         tasks.push(leases.spawn(Api::all(client.clone()), lease_subs, s.clone()));
         tasks.push(classes.spawn(Api::all(client.clone()), class_subs, s.clone()));
+        tasks.push(tcp_proxies.spawn(Api::all(client.clone()), tcp_subs, s.clone()));
         tasks.push(routes.spawn(
             Api::all(client.clone()),
             vec![
@@ -539,11 +614,21 @@ impl Operator {
             ],
             s.clone(),
         ));
+        tasks.push(tcp_routes.spawn(
+            Api::all(client.clone()),
+            vec![
+                tcp_routes_by_owner.subscriber(),
+                owner_subscriber(tcp_tx.clone()),
+            ],
+            s.clone(),
+        ));
+        // Gateways, Services and slices are generated for both proxy kinds.
         tasks.push(gateways.spawn(
             Api::all(client.clone()),
             vec![
                 gateways_by_owner.subscriber(),
                 owner_subscriber(proxy_tx.clone()),
+                owner_subscriber(tcp_tx.clone()),
             ],
             s.clone(),
         ));
@@ -552,6 +637,7 @@ impl Operator {
             vec![
                 services_by_owner.subscriber(),
                 owner_subscriber(proxy_tx.clone()),
+                owner_subscriber(tcp_tx.clone()),
             ],
             s.clone(),
         ));
@@ -560,6 +646,7 @@ impl Operator {
             vec![
                 slices_by_owner.subscriber(),
                 owner_subscriber(proxy_tx.clone()),
+                owner_subscriber(tcp_tx),
             ],
             s.clone(),
         ));
@@ -617,6 +704,16 @@ impl Operator {
                 ctx.clone(),
             )
             .for_each(|_| futures::future::ready(()));
+        let tcp_controller = Controller::for_stream(futures::stream::pending(), tcp_store)
+            .with_config(cfg.clone())
+            .reconcile_on(UnboundedReceiverStream::new(tcp_rx))
+            .graceful_shutdown_on(stop())
+            .run(
+                counted("tcpproxy", tcp::reconcile::reconcile),
+                error_policy("tcpproxy"),
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
         let ad_controller = Controller::for_stream(futures::stream::pending(), ad_store)
             .with_config(cfg)
             .reconcile_on(UnboundedReceiverStream::new(ad_rx))
@@ -636,7 +733,12 @@ impl Operator {
             }
             tracing::info!("operator caches synced; reconciling");
             synced_tx.send_replace(true);
-            futures::join!(proxy_controller, connector_controller, ad_controller);
+            futures::join!(
+                proxy_controller,
+                tcp_controller,
+                connector_controller,
+                ad_controller
+            );
         }));
         Ok(Self {
             shutdown,

@@ -29,6 +29,7 @@ const BOUND: Duration = Duration::from_secs(5);
 
 mod datum;
 mod security;
+mod tcp;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_portway"))
@@ -208,6 +209,26 @@ impl Stack {
         ];
         args.extend_from_slice(extra);
         Process::start("http", bin(), args).await
+    }
+
+    /// `portway http PORT` (any local port), and the name of the connector it joined as.
+    async fn device_for(&self, port: u16, hostname: &str, lease: u32) -> (Process, String) {
+        let device = self.http_to(port, hostname, lease, &[]).await.unwrap();
+        let admin = kube_client(Path::new(&self.up.ready_str("kubeconfig")))
+            .await
+            .unwrap();
+        let connector = Api::<HttpProxy>::namespaced(admin, "default")
+            .get(&device.ready_str("proxy"))
+            .await
+            .unwrap()
+            .spec
+            .rules[0]
+            .backends[0]
+            .connector
+            .clone()
+            .and_then(|c| c.name)
+            .unwrap();
+        (device, connector)
     }
 
     /// A GET that must complete within [`BOUND`].
@@ -1799,21 +1820,9 @@ async fn origins_and_https_targets_on_both_data_planes() {
         "{refused:?}"
     );
     // An https:// app on a device: TLS to it inside the tunnel, checked against its name.
-    let device = stack
-        .http_to(secure.port(), "device.localhost", 30, &[])
-        .await
-        .unwrap();
-    let connector = proxies
-        .get(&device.ready_str("proxy"))
-        .await
-        .unwrap()
-        .spec
-        .rules[0]
-        .backends[0]
-        .connector
-        .clone()
-        .and_then(|c| c.name)
-        .unwrap();
+    let (device, connector) = stack
+        .device_for(secure.port(), "device.localhost", 30)
+        .await;
     create(
         "tunnel-tls",
         "tunnel-tls.localhost",
@@ -2257,6 +2266,12 @@ struct EnvoyFront {
 }
 
 async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
+    envoy_front_on(stack, node_id, "127.0.0.1").await
+}
+
+/// An Envoy fed by its own `portway xds`, listening on `ip` (public TCP ports too: a
+/// loopback address of its own keeps them apart from the built-in edge's).
+async fn envoy_front_on(stack: &Stack, node_id: &str, ip: &str) -> EnvoyFront {
     let kubeconfig = stack.up.ready_str("kubeconfig");
     let sidecar = stack.up.ready_str("sidecar");
     let xds = Process::start(
@@ -2287,9 +2302,9 @@ async fn envoy_front(stack: &Stack, node_id: &str) -> EnvoyFront {
             &sidecar,
         ])
         // A fixed HTTPS port: plain HTTP is redirected to it, so Envoy must know it.
-        .args(["--listen", "127.0.0.1:0", "--listen-tls"])
+        .args(["--listen", &format!("{ip}:0"), "--listen-tls"])
         .arg(format!(
-            "127.0.0.1:{}",
+            "{ip}:{}",
             portway_testkit::pebble::free_port().unwrap()
         ))
         .args(["--admin", "127.0.0.1:0"])

@@ -3,14 +3,83 @@
 
 use std::collections::HashMap;
 
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
-use gateway_api::apis::standard::httproutes::{HttpRoute, HttpRouteStatusParents};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use portway_api::{condition, set_condition};
 use serde_json::{Map, Value, json};
 
 use super::Config;
-use crate::model::Attachment;
+use crate::model::{Attachment, RouteKind};
+
+/// A route of a kind the edge serves, as its status is written.
+#[derive(Clone, Copy, Debug)]
+pub enum RouteRef<'a> {
+    Http(&'a HttpRoute),
+    Tcp(&'a TcpRoute),
+}
+
+impl<'a> From<&'a HttpRoute> for RouteRef<'a> {
+    fn from(r: &'a HttpRoute) -> Self {
+        Self::Http(r)
+    }
+}
+
+impl<'a> From<&'a TcpRoute> for RouteRef<'a> {
+    fn from(r: &'a TcpRoute) -> Self {
+        Self::Tcp(r)
+    }
+}
+
+/// A route by kind, namespace and name.
+type RouteKey<'a> = (RouteKind, &'a str, &'a str);
+
+/// One entry of a route's `status.parents`, whatever the route's kind.
+struct Parent<'a> {
+    controller: &'a str,
+    gateway: &'a str,
+    conditions: &'a [Condition],
+    json: Value,
+}
+
+impl<'a> RouteRef<'a> {
+    pub fn meta(&self) -> &'a ObjectMeta {
+        match self {
+            Self::Http(r) => &r.metadata,
+            Self::Tcp(r) => &r.metadata,
+        }
+    }
+
+    fn kind(&self) -> RouteKind {
+        match self {
+            Self::Http(_) => RouteKind::Http,
+            Self::Tcp(_) => RouteKind::Tcp,
+        }
+    }
+
+    fn parents(&self) -> Vec<Parent<'a>> {
+        // The two kinds' status types differ but have the same fields.
+        macro_rules! parents {
+            ($r:expr) => {
+                $r.status
+                    .iter()
+                    .flat_map(|s| s.parents.iter())
+                    .map(|p| Parent {
+                        controller: &p.controller_name,
+                        gateway: &p.parent_ref.name,
+                        conditions: &p.conditions,
+                        json: serde_json::to_value(p).unwrap_or_default(),
+                    })
+                    .collect()
+            };
+        }
+        match self {
+            Self::Http(r) => parents!(r),
+            Self::Tcp(r) => parents!(r),
+        }
+    }
+}
 
 /// One status write, with the cached object it was decided from (the write is guarded on
 /// that object's `resourceVersion`).
@@ -26,7 +95,7 @@ pub enum StatusWrite<'a> {
     /// The route's whole `status`: our parent entry for each Gateway of ours it attaches
     /// to, other entries as they were.
     RouteParents {
-        route: &'a HttpRoute,
+        route: RouteRef<'a>,
         gateways: Vec<String>,
         status: Value,
     },
@@ -39,6 +108,7 @@ pub fn desired<'a>(
     config: &Config,
     gateways: &[&'a Gateway],
     routes: &[&'a HttpRoute],
+    tcp_routes: &[&'a TcpRoute],
     attachments: &[Attachment],
 ) -> Vec<StatusWrite<'a>> {
     let mut attached: HashMap<(&str, &str), usize> = HashMap::new();
@@ -58,16 +128,19 @@ pub fn desired<'a>(
 
     // One write per route, naming all its Gateways: a write per attachment would race
     // with itself on a route attached twice.
-    let by_key: HashMap<(&str, &str), &'a HttpRoute> = routes
+    let by_key: HashMap<RouteKey, RouteRef<'a>> = routes
         .iter()
+        .map(|r| RouteRef::Http(r))
+        .chain(tcp_routes.iter().map(|r| RouteRef::Tcp(r)))
         .map(|r| {
-            let ns = r.metadata.namespace.as_deref().unwrap_or_default();
-            ((ns, r.metadata.name.as_deref().unwrap_or_default()), *r)
+            let meta = r.meta();
+            let ns = meta.namespace.as_deref().unwrap_or_default();
+            ((r.kind(), ns, meta.name.as_deref().unwrap_or_default()), r)
         })
         .collect();
-    let mut per_route: Vec<((&str, &str), Vec<String>)> = Vec::new();
+    let mut per_route: Vec<(RouteKey, Vec<String>)> = Vec::new();
     for a in attachments {
-        let key = (a.route_ns.as_str(), a.route.as_str());
+        let key = (a.kind, a.route_ns.as_str(), a.route.as_str());
         match per_route.iter_mut().find(|(k, _)| *k == key) {
             Some((_, gws)) if !gws.contains(&a.gateway) => gws.push(a.gateway.clone()),
             Some(_) => {}
@@ -78,9 +151,9 @@ pub fn desired<'a>(
         let Some(route) = by_key.get(&key) else {
             continue;
         };
-        if let Some(status) = route_parents(route, &config.controller_name, &gateways) {
+        if let Some(status) = route_parents(*route, &config.controller_name, &gateways) {
             writes.push(StatusWrite::RouteParents {
-                route,
+                route: *route,
                 gateways,
                 status,
             });
@@ -130,7 +203,8 @@ fn gateway_status<'a>(
         .listeners
         .iter()
         .map(|l| {
-            json!({"name": l.name, "attachedRoutes": attached, "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+            let kind = if l.protocol == "TCP" { "TCPRoute" } else { "HTTPRoute" };
+            json!({"name": l.name, "attachedRoutes": attached, "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": kind}],
                    "conditions": [condition("Accepted", true, "Accepted", "", generation), condition("Programmed", true, "Programmed", "", generation)]})
         })
         .collect();
@@ -154,21 +228,19 @@ fn gateway_status<'a>(
 /// when it already says so. Other controllers' entries, and ours for other Gateways, are
 /// kept as they are.
 pub(super) fn route_parents(
-    route: &HttpRoute,
+    route: RouteRef<'_>,
     controller: &str,
     gateways: &[String],
 ) -> Option<Value> {
-    let status = route.status.clone().unwrap_or_default();
-    let mine = |p: &HttpRouteStatusParents, gateway: &str| {
-        p.controller_name == controller && p.parent_ref.name == gateway
-    };
-    let generation = route.metadata.generation;
-    let ns = route.metadata.namespace.clone().unwrap_or_default();
+    let parents = route.parents();
+    let mine = |p: &Parent, gateway: &str| p.controller == controller && p.gateway == gateway;
+    let generation = route.meta().generation;
+    let ns = route.meta().namespace.clone().unwrap_or_default();
     let mut changed = false;
     let mut entries = Vec::new();
     for gateway in gateways {
-        let existing = status.parents.iter().find(|p| mine(p, gateway));
-        let mut conditions = existing.map(|p| p.conditions.clone()).unwrap_or_default();
+        let existing = parents.iter().find(|p| mine(p, gateway));
+        let mut conditions = existing.map(|p| p.conditions.to_vec()).unwrap_or_default();
         changed |= existing.is_none();
         changed |= set_condition(
             &mut conditions,
@@ -187,14 +259,13 @@ pub(super) fn route_parents(
     if !changed {
         return None;
     }
-    let mut parents: Vec<Value> = status
-        .parents
-        .iter()
+    let mut kept: Vec<Value> = parents
+        .into_iter()
         .filter(|p| !gateways.iter().any(|g| mine(p, g)))
-        .filter_map(|p| serde_json::to_value(p).ok())
+        .map(|p| p.json)
         .collect();
-    parents.extend(entries);
-    Some(json!({"parents": parents}))
+    kept.extend(entries);
+    Some(json!({"parents": kept}))
 }
 
 #[cfg(test)]
@@ -233,8 +304,58 @@ mod tests {
         .unwrap()
     }
 
+    /// A TCPRoute on a TCP listener gets our parent entry, and the listener says it takes
+    /// TCPRoutes.
+    #[test]
+    fn tcp_routes_get_parents_and_tcp_listeners_say_so() {
+        let gw: Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"gatewayClassName": "portway", "listeners": [{"name": "tcp", "port": 20001, "protocol": "TCP"}]},
+        }))
+        .unwrap();
+        let route: TcpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"parentRefs": [{"name": "db"}], "rules": [{"backendRefs": [{"name": "a", "port": 1}]}]},
+        }))
+        .unwrap();
+        let attachments = [Attachment {
+            kind: RouteKind::Tcp,
+            route_ns: "p".into(),
+            route: "db".into(),
+            gateway: "db".into(),
+        }];
+        let writes = desired(&config(), &[&gw], &[], &[&route], &attachments);
+        let kinds: Vec<&Value> = writes
+            .iter()
+            .filter_map(|w| match w {
+                StatusWrite::Gateway { rest, .. } => {
+                    Some(&rest["listeners"][0]["supportedKinds"][0]["kind"])
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, [&json!("TCPRoute")]);
+        let parents: Vec<String> = writes
+            .iter()
+            .filter_map(|w| match w {
+                StatusWrite::RouteParents {
+                    route: RouteRef::Tcp(r),
+                    status,
+                    ..
+                } => Some(format!(
+                    "{}:{}",
+                    r.metadata.name.as_deref().unwrap(),
+                    status["parents"][0]["conditions"][0]["type"]
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parents, ["db:\"Accepted\""]);
+    }
+
     fn attach(route: &str, gateway: &str) -> Attachment {
         Attachment {
+            kind: RouteKind::Http,
             route_ns: "p".into(),
             route: route.into(),
             gateway: gateway.into(),
@@ -305,7 +426,7 @@ mod tests {
                     .collect();
                 format!(
                     "route {} for {gateways:?} parents={parents:?}",
-                    route.metadata.name.as_deref().unwrap()
+                    route.meta().name.as_deref().unwrap()
                 )
             }
         }
@@ -329,8 +450,13 @@ mod tests {
     }
 
     fn written_route(w: &StatusWrite) -> HttpRoute {
-        let StatusWrite::RouteParents { route, status, .. } = w else {
-            panic!("not a route write")
+        let StatusWrite::RouteParents {
+            route: RouteRef::Http(route),
+            status,
+            ..
+        } = w
+        else {
+            panic!("not an HTTPRoute write")
         };
         let mut r = (*route).clone();
         r.status = serde_json::from_value(status.clone()).unwrap();
@@ -349,7 +475,7 @@ mod tests {
 
     fn check(cases: Vec<Case>) {
         for c in cases {
-            let writes = desired(&c.config, &c.gateways, &c.routes, &c.attachments);
+            let writes = desired(&c.config, &c.gateways, &c.routes, &[], &c.attachments);
             let got: Vec<String> = writes.iter().map(summary).collect();
             assert_eq!(got, c.want, "{}", c.what);
         }
@@ -425,7 +551,7 @@ mod tests {
         let gw = gateway("gw", "portway", &["http"]);
         let r = with_parent(route("r"), OTHER, "gw");
         let attached = || vec![attach("r", "gw")];
-        let writes = desired(&config(), &[&gw], &[&r], &attached());
+        let writes = desired(&config(), &[&gw], &[&r], &[], &attached());
         let (gw, r) = (written_gateway(&writes[0]), written_route(&writes[1]));
         let mut moved = config();
         moved.addresses = vec!["10.0.0.2".into()];
@@ -488,7 +614,7 @@ mod tests {
     #[test]
     fn our_entry_for_another_gateway_is_kept() {
         let r = with_parent(route("r"), OURS, "old");
-        let status = route_parents(&r, OURS, &["gw".into()]).unwrap();
+        let status = route_parents(RouteRef::Http(&r), OURS, &["gw".into()]).unwrap();
         let names: Vec<_> = status["parents"]
             .as_array()
             .unwrap()

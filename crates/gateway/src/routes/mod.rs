@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::StreamExt;
+use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{self, Table};
 
-pub use desired::{StatusWrite, desired};
+pub use desired::{RouteRef, StatusWrite, desired};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -87,6 +88,7 @@ pub fn spawn(
     let all = || watcher::Config::default();
     let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
     let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
+    let (tcp_store, tcp_routes) = reflect(Api::<TcpRoute>::all(client.clone()), all());
     let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
@@ -101,14 +103,18 @@ pub fn spawn(
                 changed_tx.send_modify(|n| *n += 1);
             }
         });
-        let (gws, routes, slices) = (
+        let (gws, routes, tcp_routes, slices) = (
             gws.map(|e| e.map(drop)),
             routes.map(|e| e.map(drop)),
+            tcp_routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
         );
-        let mut changes = futures::stream::select(futures::stream::select(gws, routes), slices)
-            .ready_chunks(512)
-            .boxed();
+        let mut changes = futures::stream::select(
+            futures::stream::select(gws, routes),
+            futures::stream::select(tcp_routes, slices),
+        )
+        .ready_chunks(512)
+        .boxed();
         let events = portway_kube::Events::new(client.clone(), "portway-edge", None);
         let mut resync = tokio::time::interval(Duration::from_secs(60));
         let mut n = 0u64;
@@ -127,21 +133,34 @@ pub fn spawn(
                 },
                 _ = resync.tick() => {}
             }
-            if !(is_ready(&gw_store) && is_ready(&route_store) && is_ready(&slice_store)) {
+            if !(is_ready(&gw_store)
+                && is_ready(&route_store)
+                && is_ready(&tcp_store)
+                && is_ready(&slice_store))
+            {
                 continue;
             }
-            let (gw_state, route_state, slice_state) =
-                (gw_store.state(), route_store.state(), slice_store.state());
+            let (gw_state, route_state, tcp_state, slice_state) = (
+                gw_store.state(),
+                route_store.state(),
+                tcp_store.state(),
+                slice_store.state(),
+            );
             let gws: Vec<&Gateway> = gw_state.iter().map(AsRef::as_ref).collect();
             let routes: Vec<&HttpRoute> = route_state.iter().map(AsRef::as_ref).collect();
+            let tcp_routes: Vec<&TcpRoute> = tcp_state.iter().map(AsRef::as_ref).collect();
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
-            let (t, attachments) = model::build(&config.class, &gws, &routes, &slices);
-            tracing::debug!(hosts = t.len(), "route table rebuilt");
+            let (t, attachments) = model::build(&config.class, &gws, &routes, &tcp_routes, &slices);
+            tracing::debug!(
+                hosts = t.len(),
+                tcp_ports = t.tcp.len(),
+                "route table rebuilt"
+            );
             table.store(Arc::new(t));
             n += 1;
             version.send_replace(n);
             if config.write_status {
-                let writes = desired(&config, &gws, &routes, &attachments);
+                let writes = desired(&config, &gws, &routes, &tcp_routes, &attachments);
                 apply(&client, &events, &config.controller_name, writes).await;
             }
         }
@@ -199,45 +218,60 @@ async fn apply(
                 route,
                 gateways,
                 status,
-            } => {
-                let (ns, name) = (route.namespace().unwrap_or_default(), route.name_any());
-                let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
-                // The first attempt writes what was decided from `route`; after a 409 the
-                // route is read again and decided again.
-                let mut decided = Some(status);
-                let decide = |r: &HttpRoute| {
-                    decided
-                        .take()
-                        .or_else(|| desired::route_parents(r, controller, &gateways))
-                };
-                let result = portway_kube::patch_status_with(
-                    &api,
-                    Some(route),
-                    &name,
-                    managers::EDGE,
-                    decide,
+            } => match route {
+                RouteRef::Http(r) => {
+                    write_parents(client, events, controller, r, gateways, status).await;
+                }
+                RouteRef::Tcp(r) => {
+                    write_parents(client, events, controller, r, gateways, status).await;
+                }
+            },
+        }
+    }
+}
+
+/// Writes a route's `status.parents` as decided; after a 409 the route is read again and
+/// decided again.
+async fn write_parents<K>(
+    client: &kube::Client,
+    events: &portway_kube::Events,
+    controller: &str,
+    route: &K,
+    gateways: Vec<String>,
+    status: serde_json::Value,
+) where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    for<'a> RouteRef<'a>: From<&'a K>,
+{
+    let (ns, name) = (route.namespace().unwrap_or_default(), route.name_any());
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let mut decided = Some(status);
+    let decide = |r: &K| {
+        decided
+            .take()
+            .or_else(|| desired::route_parents(RouteRef::from(r), controller, &gateways))
+    };
+    let result =
+        portway_kube::patch_status_with(&api, Some(route), &name, managers::EDGE, decide).await;
+    match result {
+        Ok(true) => {
+            let note = format!("attached to Gateway {} and served", gateways.join(", "));
+            events
+                .record(
+                    &route.object_ref(&()),
+                    portway_kube::events::Kind::Normal,
+                    "Accepted",
+                    "Reconcile",
+                    note,
                 )
                 .await;
-                match result {
-                    Ok(true) => {
-                        let note =
-                            format!("attached to Gateway {} and served", gateways.join(", "));
-                        events
-                            .record(
-                                &route.object_ref(&()),
-                                portway_kube::events::Kind::Normal,
-                                "Accepted",
-                                "Reconcile",
-                                note,
-                            )
-                            .await;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(route = %format!("{ns}/{name}"), error = %e, "writing HTTPRoute status");
-                    }
-                }
-            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(route = %format!("{ns}/{name}"), kind = %K::kind(&()), error = %e, "writing route status");
         }
     }
 }

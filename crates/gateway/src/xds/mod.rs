@@ -311,6 +311,7 @@ mod tests {
             "portway",
             &[&gw],
             &[&route],
+            &[],
             &slices.iter().collect::<Vec<_>>(),
         )
         .0

@@ -36,6 +36,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::{CodecType, RouteSpecifier, UpgradeConfig},
     http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret as TlsSecret, TlsCertificate,
     secret as tls_secret,
@@ -136,7 +137,42 @@ fn cluster(name: &str, endpoint: Option<SocketAddr>) -> Cluster {
     }
 }
 
-/// Clusters: one per backend slot (all the local sidecar) and the empty one.
+/// The sidecar cluster public TCP ports tunnel through.
+pub const SIDECAR_TCP: &str = "portway_sidecar_tcp";
+
+/// The local sidecar over HTTP/2 (h2c): a `CONNECT` on an HTTP/2 stream can end one
+/// direction and keep the other (`END_STREAM`), so a TCP client's half-close is passed
+/// on; over HTTP/1.1 Envoy would close the whole tunnel at the client's end.
+fn sidecar_h2_cluster(node: &NodeConfig) -> Cluster {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions,
+        http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+        },
+    };
+    let mut c = cluster(SIDECAR_TCP, Some(node.sidecar));
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        any(
+            "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            &options,
+        ),
+    );
+    c
+}
+
+/// Clusters: one per backend slot (all the local sidecar), the local sidecar over
+/// HTTP/2 for TCP tunnels, and the empty one.
 pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
     let slots = table
         .hosts()
@@ -147,6 +183,9 @@ pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
     let mut out: Vec<Cluster> = (0..slots)
         .map(|i| cluster(&sidecar_cluster(i), Some(node.sidecar)))
         .collect();
+    if !table.tcp.is_empty() {
+        out.push(sidecar_h2_cluster(node));
+    }
     out.push(cluster(UNREADY, None));
     out
 }
@@ -279,6 +318,78 @@ pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listene
         });
     }
     out
+}
+
+/// One listener per public TCP port, on the node's listen address: `tcp_proxy` tunnels
+/// each connection to the sidecar as a `CONNECT` to the first ready backend's target,
+/// with its device in `datum-node-id` and the other ready backends in
+/// `datum-fallback` (the sidecar tries those when that device is down). With no ready
+/// backend the upstream is the empty cluster, so Envoy closes the connection at once.
+pub fn tcp_listeners(table: &Table, node: &NodeConfig) -> Vec<Listener> {
+    table
+        .tcp
+        .values()
+        .map(|service| {
+            let ready: Vec<(usize, &Backend)> = service
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.ready && b.tunnel.is_some())
+                .collect();
+            let (cluster, tunneling_config) = match ready.first() {
+                Some((chosen, b)) => {
+                    let t = b.tunnel.as_ref().map(|t| (t.host.to_str(), t.port.to_str()));
+                    let hostname = match t {
+                        Some((Ok(host), Ok(port))) if host.contains(':') => {
+                            format!("[{host}]:{port}")
+                        }
+                        Some((Ok(host), Ok(port))) => format!("{host}:{port}"),
+                        _ => String::new(),
+                    };
+                    let mut headers_to_add = backend_headers(b);
+                    if ready.len() > 1 {
+                        headers_to_add.push(fallback_header(*chosen, &ready));
+                    }
+                    (
+                        SIDECAR_TCP.to_owned(),
+                        Some(tcp_proxy::TunnelingConfig {
+                            hostname: hostname.replace('%', "%%"),
+                            headers_to_add,
+                            ..Default::default()
+                        }),
+                    )
+                }
+                None => (UNREADY.to_owned(), None),
+            };
+            let name = format!("portway_tcp_{}", service.port);
+            let proxy = TcpProxy {
+                stat_prefix: name.clone(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+                tunneling_config,
+                // As the built-in edge: a connection that moves nothing for an hour ends.
+                idle_timeout: Some(PbDuration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            };
+            Listener {
+                address: Some(socket(SocketAddr::new(node.listen.ip(), service.port))),
+                filter_chains: vec![FilterChain {
+                    filters: vec![Filter {
+                        name: "envoy.filters.network.tcp_proxy".into(),
+                        config_type: Some(filter::ConfigType::TypedConfig(any(
+                            "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                            &proxy,
+                        ))),
+                    }],
+                    ..Default::default()
+                }],
+                name,
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 fn serves_https(node: &NodeConfig, certificates: &[Arc<Secret>]) -> bool {
@@ -785,6 +896,7 @@ pub fn resources(
             .collect(),
         LISTENER_TYPE => listeners(node, certificates)
             .iter()
+            .chain(&tcp_listeners(table, node))
             .map(|l| any(LISTENER_TYPE, l))
             .collect(),
         ROUTE_TYPE => {
@@ -815,6 +927,86 @@ mod tests {
     use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
     use envoy_types::pb::envoy::config::route::v3::{Route, route, route_action, route_match};
     use envoy_types::pb::google::protobuf::Duration as PbDuration;
+
+    /// A public TCP port: a listener whose tcp_proxy tunnels to the sidecar as a CONNECT
+    /// to the first ready backend's target, naming its device, the other ready one as
+    /// fallback; with none ready, the empty cluster and no tunnel.
+    #[test]
+    fn tcp_ports_become_tcp_proxy_listeners_tunnelling_to_the_sidecar() {
+        use serde_json::json;
+        let gw: gateway_api::apis::standard::gateways::Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "p"}, "spec": {"gatewayClassName": "portway",
+            "listeners": [{"name": "tcp", "port": 20001, "protocol": "TCP"}]}}))
+        .unwrap();
+        let route: gateway_api::apis::experimental::tcproutes::TcpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "p"},
+            "spec": {"parentRefs": [{"name": "db"}], "rules": [{"backendRefs": [
+                {"name": "a", "port": 6379}, {"name": "b", "port": 6379}, {"name": "c", "port": 6379}]}]}})).unwrap();
+        let slice = |svc: &str,
+                     ready: bool,
+                     node: &str|
+         -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            serde_json::from_value(json!({"metadata": {"name": svc, "namespace": "p",
+                "labels": {"kubernetes.io/service-name": svc},
+                "annotations": {(portway_api::annotations::TUNNEL_TARGET): format!("{node} 127.0.0.1 6379")}},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}]})).unwrap()
+        };
+        let proxy = |slices: &[k8s_openapi::api::discovery::v1::EndpointSlice]| {
+            let (table, _) = crate::model::build(
+                "portway",
+                &[&gw],
+                &[],
+                &[&route],
+                &slices.iter().collect::<Vec<_>>(),
+            );
+            let listeners = tcp_listeners(&table, &node());
+            assert_eq!(listeners.len(), 1);
+            let l = &listeners[0];
+            assert_eq!(l.name, "portway_tcp_20001");
+            assert_eq!(
+                l.address,
+                Some(socket(SocketAddr::new(node().listen.ip(), 20001)))
+            );
+            let Some(filter::ConfigType::TypedConfig(any)) =
+                &l.filter_chains[0].filters[0].config_type
+            else {
+                panic!("no typed config")
+            };
+            TcpProxy::decode(any.value.as_slice()).unwrap()
+        };
+        let p = proxy(&[
+            slice("a", false, "n1"),
+            slice("b", true, "n2"),
+            slice("c", true, "n3"),
+        ]);
+        assert_eq!(
+            p.cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster(SIDECAR_TCP.into()))
+        );
+        let tunnel = p.tunneling_config.unwrap();
+        assert_eq!(tunnel.hostname, "127.0.0.1:6379");
+        let headers: Vec<(String, String)> = tunnel
+            .headers_to_add
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect();
+        assert!(
+            headers.contains(&("datum-node-id".into(), "n2".into()))
+                && headers.contains(&("datum-fallback".into(), "n3 127.0.0.1 6379".into())),
+            "{headers:?}"
+        );
+        let p = proxy(&[
+            slice("a", false, "n1"),
+            slice("b", false, "n2"),
+            slice("c", false, "n3"),
+        ]);
+        assert_eq!(
+            p.cluster_specifier,
+            Some(tcp_proxy::ClusterSpecifier::Cluster(UNREADY.into()))
+        );
+        assert!(p.tunneling_config.is_none());
+    }
 
     #[test]
     fn clusters_point_every_slot_at_the_local_sidecar() {
@@ -1005,7 +1197,7 @@ mod tests {
             ]},
         }))
         .unwrap();
-        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[]);
+        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[], &[]);
         let rc = route_configuration(&table, &node());
         let by_rule = |rule: &str| {
             rc.virtual_hosts[0]

@@ -9,6 +9,7 @@ use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -42,7 +43,7 @@ pub fn contains(have: &Value, want: &Value) -> bool {
 }
 
 /// Server-side applies `want` unless the store's copy already matches.
-async fn apply<K>(ctx: &Ctx, store: &Store<K>, want: &K) -> Result<(), Error>
+pub(crate) async fn apply<K>(ctx: &Ctx, store: &Store<K>, want: &K) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
@@ -66,19 +67,21 @@ where
     Ok(())
 }
 
-/// Deletes this proxy's children of one kind that are not in `keep`.
-async fn prune<K>(
+/// Deletes the children of one kind that `owner` (a proxy of either kind) controls and
+/// that are not in `keep`.
+pub(crate) async fn prune<K, O>(
     ctx: &Ctx,
     by_owner: &Index<K>,
-    proxy: &HttpProxy,
+    owner: &O,
     keep: &HashSet<String>,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
     K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    O: Resource,
 {
-    let ns = proxy.namespace().unwrap_or_default();
-    let uid = proxy.uid().unwrap_or_default();
+    let ns = owner.namespace().unwrap_or_default();
+    let uid = owner.uid().unwrap_or_default();
     let stale: Vec<String> = by_owner
         .get(&uid)
         .iter()
@@ -104,10 +107,61 @@ where
     Ok(())
 }
 
-fn names<K: Resource>(objs: impl IntoIterator<Item = K>) -> HashSet<String> {
+pub(crate) fn names<'a, K: Resource + 'a>(
+    objs: impl IntoIterator<Item = &'a K>,
+) -> HashSet<String> {
     objs.into_iter()
         .map(|o| o.meta().name.clone().unwrap_or_default())
         .collect()
+}
+
+/// The children both proxy kinds generate: a Gateway, and per backend a Service and its
+/// EndpointSlices.
+pub(crate) struct Shared<'a> {
+    pub gateway: &'a Option<Gateway>,
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+}
+
+impl<'a> Shared<'a> {
+    pub fn new(
+        gateway: &'a Option<Gateway>,
+        services: &'a [Service],
+        slices: &'a [EndpointSlice],
+    ) -> Self {
+        Self {
+            gateway,
+            services,
+            slices,
+        }
+    }
+}
+
+/// Applies the shared children; before the route that names them, as status may only
+/// claim what exists.
+pub(crate) async fn apply_shared(ctx: &Ctx, shared: &Shared<'_>) -> Result<(), Error> {
+    if let Some(g) = shared.gateway {
+        apply(ctx, ctx.gateways.store(), g).await?;
+    }
+    for s in shared.services {
+        apply(ctx, ctx.services.store(), s).await?;
+    }
+    for s in shared.slices {
+        apply(ctx, ctx.slices.store(), s).await?;
+    }
+    Ok(())
+}
+
+/// Deletes what `owner` (a proxy of either kind) controls of the shared kinds that
+/// `shared` no longer holds; after its route, which stops naming them first.
+pub(crate) async fn prune_shared<O: Resource>(
+    ctx: &Ctx,
+    owner: &O,
+    shared: &Shared<'_>,
+) -> Result<(), Error> {
+    prune::<Gateway, _>(ctx, &ctx.gateways, owner, &names(shared.gateway)).await?;
+    prune::<EndpointSlice, _>(ctx, &ctx.slices, owner, &names(shared.slices)).await?;
+    prune::<Service, _>(ctx, &ctx.services, owner, &names(shared.services)).await
 }
 
 pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -120,7 +174,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     let ads: Vec<Arc<ConnectorAdvertisement>> = ctx.advertisements.get(&ns);
     let route = ctx.routes.store().get(&ObjectRef::new(&name).within(&ns));
     let gateway = ctx.gateways.store().get(&ObjectRef::new(&name).within(&ns));
-    let me = Claim::of(&proxy);
+    let me = Claim::of(&*proxy);
     let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me).map(|o| o.to_string());
     let connector_refs: Vec<&Connector> = connectors.iter().map(AsRef::as_ref).collect();
     let ad_refs: Vec<&ConnectorAdvertisement> = ads.iter().map(AsRef::as_ref).collect();
@@ -215,54 +269,70 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     });
 
     // Children first (status may only claim what exists).
-    if let Some(g) = &d.gateway {
-        apply(&ctx, ctx.gateways.store(), g).await?;
-    }
-    for s in &d.services {
-        apply(&ctx, ctx.services.store(), s).await?;
-    }
-    for s in &d.slices {
-        apply(&ctx, ctx.slices.store(), s).await?;
-    }
+    let shared = Shared::new(&d.gateway, &d.services, &d.slices);
+    apply_shared(&ctx, &shared).await?;
     if let Some(r) = &d.route {
         apply(&ctx, ctx.routes.store(), r).await?;
     }
     if let Some(p) = &d.policy {
         apply(&ctx, ctx.policies.store(), p).await?;
     }
-    prune::<HttpRoute>(&ctx, &ctx.routes, &proxy, &names(d.route.clone())).await?;
-    prune::<Gateway>(&ctx, &ctx.gateways, &proxy, &names(d.gateway.clone())).await?;
-    prune::<BackendTrafficPolicy>(&ctx, &ctx.policies, &proxy, &names(d.policy.clone())).await?;
-    prune::<EndpointSlice>(&ctx, &ctx.slices, &proxy, &names(d.slices.clone())).await?;
-    prune::<Service>(&ctx, &ctx.services, &proxy, &names(d.services.clone())).await?;
+    prune::<HttpRoute, _>(&ctx, &ctx.routes, &*proxy, &names(&d.route)).await?;
+    prune::<BackendTrafficPolicy, _>(&ctx, &ctx.policies, &*proxy, &names(&d.policy)).await?;
+    prune_shared(&ctx, &*proxy, &shared).await?;
 
-    // Decided again from the object as stored if another writer got there first.
-    let api: Api<HttpProxy> = Api::namespaced(ctx.client.clone(), &ns);
-    let written =
-        portway_kube::patch_status_with(&api, Some(&proxy), &name, managers::OPERATOR, |p| {
+    let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());
+    let exists = write_status(
+        &ctx,
+        &*proxy,
+        old.unwrap_or_default(),
+        &d.status.conditions,
+        |p: &HttpProxy| {
             let current = p.status.clone().unwrap_or_default();
             let status = merged_status(&current, &d.status);
             (status != current).then(|| json!(status))
-        })
-        .await;
-    match written {
-        Ok(true) => {
-            ctx.metrics.writes.inc();
-            let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());
-            ctx.events
-                .conditions_changed(
-                    &proxy.object_ref(&()),
-                    old.unwrap_or_default(),
-                    &d.status.conditions,
-                )
-                .await;
-        }
-        Ok(false) => {}
-        // Deleted meanwhile: its children go with it.
-        Err(e) if e.is_not_found() => return Ok(Action::await_change()),
-        Err(e) => return Err(e.into()),
+        },
+    )
+    .await?;
+    if !exists {
+        return Ok(Action::await_change());
     }
     Ok(Action::requeue(requeue_after))
+}
+
+/// Writes the status `decide` returns for a proxy of either kind as stored (`None`: it is
+/// right already), and records one event for the conditions that changed from `old` to
+/// `new`. Returns `false` when the proxy is gone (deleted meanwhile: its children go with
+/// it).
+pub(crate) async fn write_status<K, F>(
+    ctx: &Ctx,
+    proxy: &K,
+    old: &[Condition],
+    new: &[Condition],
+    decide: F,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+    F: FnMut(&K) -> Option<Value>,
+{
+    // Decided again from the object as stored if another writer got there first.
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &proxy.namespace().unwrap_or_default());
+    let name = proxy.name_any();
+    match portway_kube::patch_status_with(&api, Some(proxy), &name, managers::OPERATOR, decide)
+        .await
+    {
+        Ok(true) => {
+            ctx.metrics.writes.inc();
+            ctx.events
+                .conditions_changed(&proxy.object_ref(&()), old, new)
+                .await;
+            Ok(true)
+        }
+        Ok(false) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The decided status with the transition times of the current one kept where a

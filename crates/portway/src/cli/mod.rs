@@ -134,6 +134,11 @@ fn base_dir(xdg: Option<&OsStr>, home: Option<&OsStr>, under_home: &str) -> Path
         .unwrap_or_else(|| PathBuf::from("/var/lib"))
 }
 
+/// `--tcp-ports FIRST-LAST`, as clap's value parser.
+pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    portway_operator::tcp::ports::parse_range(s).map_err(|e| e.to_string())
+}
+
 /// Writes `value` to `path` atomically, so readers never see half a file.
 pub fn write_ready_file(path: &Path, value: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("tmp");

@@ -1,4 +1,4 @@
-//! `portway operator`: HTTPProxy → Gateway API objects, connector readiness.
+//! `portway operator`: HTTPProxy and TCPProxy → Gateway API objects, connector readiness.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +50,10 @@ pub struct Args {
     renewal: super::acme::RenewalFlags,
     #[command(flatten)]
     origins: super::origins::AllowFlags,
+    /// The public ports TCPProxies may have, FIRST-LAST: a proxy without `spec.port` gets
+    /// the lowest free one, and one asking for a port outside is refused.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "20000-20999", value_parser = super::parse_port_range)]
+    tcp_ports: std::ops::RangeInclusive<u16>,
     /// Write {"operator": "ready"} here once the caches are synced and controllers run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -61,6 +65,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.proxy.zone = args.zone;
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     config.proxy.allowed_origins = args.origins.allow_origin_network;
+    config.tcp_ports = args.tcp_ports;
     if !args.connector_controller.is_empty() {
         config.connector_controllers = args.connector_controller;
     }

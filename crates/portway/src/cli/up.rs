@@ -50,6 +50,9 @@ pub struct Args {
     /// and the path to it) as a `portway::access` event.
     #[arg(long)]
     access_log: bool,
+    /// The public ports TCPProxies may have, FIRST-LAST (each a listener of the edge).
+    #[arg(long, value_name = "FIRST-LAST", default_value = "20000-20999", value_parser = super::parse_port_range)]
+    tcp_ports: std::ops::RangeInclusive<u16>,
     /// Seconds an Event (`kubectl get events`) is kept after it was last seen.
     #[arg(long, default_value_t = 3600)]
     event_ttl: u64,
@@ -84,6 +87,7 @@ pub async fn run(args: Args) -> Result<()> {
     config.ephemeral_ttl = std::time::Duration::from_secs(args.ephemeral_ttl);
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
     config.access_log = args.access_log;
+    config.tcp_ports = args.tcp_ports;
     config.hostname_resolver = args.hostname_resolver;
     config.origins = args.origins.config()?;
     (config.certificate_validity, config.renew_before) = args.renewal.durations();

@@ -324,6 +324,72 @@ async fn attacks_on_isolation_are_refused() {
         .unwrap();
     let c = w.accepted("team-a", "reach", "False").await;
     assert_eq!(c.reason, "BackendNotAdvertised", "{c:?}");
+    // The same for a public TCP port: refused by the operator unless advertised; a device
+    // may not name another device's connector, nor another project's; and what routes a
+    // port to a device (TCPRoutes, and the EndpointSlices whose annotation names the
+    // device) is written by the operator alone.
+    let tcp = |connector: &str| -> portway_api::TcpProxy {
+        serde_json::from_value(json!({"metadata": {"name": "reach-tcp"}, "spec": {"backends": [
+            {"endpoint": format!("tcp://127.0.0.1:{secret_port}"), "connector": {"name": connector}}]}}))
+        .unwrap()
+    };
+    for (who, client, ns) in [
+        ("device-c", &device_c, "team-a"),
+        ("device-b", &device_b, "team-a"),
+    ] {
+        let (code, msg) = refusal(
+            Api::<portway_api::TcpProxy>::namespaced(client.clone(), ns)
+                .create(&PostParams::default(), &tcp("device-a"))
+                .await,
+        );
+        assert_eq!(code, 403, "{who}: {msg}");
+    }
+    let route: gateway_api::apis::experimental::tcproutes::TcpRoute = serde_json::from_value(json!({
+        "metadata": {"name": "forged"},
+        "spec": {"parentRefs": [{"name": "forged"}], "rules": [{"backendRefs": [{"name": "x", "port": 1}]}]}}))
+    .unwrap();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "forged", "labels": {"kubernetes.io/service-name": "x"},
+            "annotations": {(portway_api::annotations::TUNNEL_TARGET): format!("{a_id} 127.0.0.1 {secret_port}")}},
+        "addressType": "IPv4", "endpoints": []}))
+    .unwrap();
+    for (who, client) in [("mallory", &mallory), ("device-c", &device_c)] {
+        let (code, msg) = refusal(
+            Api::<gateway_api::apis::experimental::tcproutes::TcpRoute>::namespaced(
+                client.clone(),
+                "team-a",
+            )
+            .create(&PostParams::default(), &route)
+            .await,
+        );
+        assert_eq!(code, 403, "{who} wrote a TCPRoute: {msg}");
+        let (code, msg) = refusal(
+            Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
+                client.clone(),
+                "team-a",
+            )
+            .create(&PostParams::default(), &slice)
+            .await,
+        );
+        assert_eq!(code, 403, "{who} wrote an EndpointSlice: {msg}");
+    }
+    Api::<portway_api::TcpProxy>::namespaced(mallory.clone(), "team-a")
+        .create(&PostParams::default(), &tcp("device-a"))
+        .await
+        .unwrap();
+    let api: Api<portway_api::TcpProxy> = Api::namespaced(w.admin.clone(), "team-a");
+    eventually("reach-tcp is refused", WAIT, || async {
+        let p = api.get("reach-tcp").await?;
+        let status = p.status.unwrap_or_default();
+        let c = portway_api::find_condition(&status.conditions, "Accepted")
+            .context("no Accepted yet")?;
+        ensure!(c.reason == "BackendNotAdvertised", "{c:?}");
+        Ok(())
+    })
+    .await;
+    api.delete("reach-tcp", &DeleteParams::default())
+        .await
+        .unwrap();
     // ...and even when an admin writes the advertisement (so the operator routes it),
     // the device serves only its own tunnels.
     Api::<ConnectorAdvertisement>::namespaced(w.admin.clone(), "team-a")

@@ -63,12 +63,16 @@ impl Backend<'_> {
     /// Whether the connector's agent is connected; its endpoints' readiness follows. An
     /// origin is always ready: the sidecar answers for it.
     pub fn ready(&self) -> bool {
-        self.connector.is_none_or(|c| {
-            c.status
-                .as_ref()
-                .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
-        })
+        self.connector.is_none_or(connector_ready)
     }
+}
+
+/// Whether a connector's agent is connected (holds a current lease): the readiness of the
+/// endpoints of every backend through it.
+pub(crate) fn connector_ready(c: &Connector) -> bool {
+    c.status
+        .as_ref()
+        .is_some_and(|s| is_condition_true(&s.conditions, "Ready"))
 }
 
 /// An origin's TLS name and `Host`, or why it may not be reached: the edge's own machine
@@ -163,38 +167,60 @@ pub(super) fn resolve<'a>(
                     .and_then(|t| t.hostname.clone())
                     .unwrap_or_else(|| endpoint.target.host.clone())
             });
-            let matched =
-                match select_connectors(&field, backend.connector.as_ref(), connectors, project) {
-                    Ok(m) => m,
-                    Err(p) => {
-                        problems.push(p);
-                        continue;
-                    }
-                };
-            for c in matched {
-                if let Err(p) =
-                    check_advertised(&field, &backend.endpoint, &endpoint, c, advertisements)
-                {
-                    problems.push(p);
-                    continue;
-                }
-                // A connector that has not reported its id cannot be dialed yet; it gets no
-                // backend until it does (requests meet 503 meanwhile).
-                if let Some(node_id) = c.endpoint_id() {
-                    resolved.push(Backend {
-                        rule: i,
-                        backend: j,
-                        connector: Some(c),
-                        node_id,
-                        endpoint: endpoint.clone(),
-                        tls_name: tls_name.clone(),
-                        authority: None,
-                    });
-                }
+            let (reachable, refused) = reachable_through(
+                &field,
+                &backend.endpoint,
+                &endpoint.target,
+                backend.connector.as_ref(),
+                connectors,
+                advertisements,
+                project,
+            );
+            problems.extend(refused);
+            for (c, node_id) in reachable {
+                resolved.push(Backend {
+                    rule: i,
+                    backend: j,
+                    connector: Some(c),
+                    node_id,
+                    endpoint: endpoint.clone(),
+                    tls_name: tls_name.clone(),
+                    authority: None,
+                });
             }
         }
     }
     Backends { resolved, problems }
+}
+
+/// The connectors that carry a backend (`field`, e.g. `spec.backends[0]`) to `target`
+/// (written `endpoint` in the spec), each with its device's id: those `reference`
+/// selects that advertise the target. A connector that has not reported its id cannot be
+/// dialed yet; it gets no backend until it does (clients meet a 503 or a refused
+/// connection meanwhile).
+/// The problems say why a selected connector may not be used, or why none is selected.
+pub(crate) fn reachable_through<'a>(
+    field: &str,
+    endpoint: &str,
+    target: &Target,
+    reference: Option<&ConnectorReference>,
+    connectors: &[&'a Connector],
+    advertisements: &[&ConnectorAdvertisement],
+    project: &str,
+) -> (Vec<(&'a Connector, &'a str)>, Vec<Problem>) {
+    let matched = match select_connectors(field, reference, connectors, project) {
+        Ok(m) => m,
+        Err(p) => return (Vec::new(), vec![p]),
+    };
+    let mut reachable = Vec::new();
+    let mut problems = Vec::new();
+    for c in matched {
+        match check_advertised(field, endpoint, target, c, advertisements) {
+            Err(p) => problems.push(p),
+            Ok(()) => reachable.extend(c.endpoint_id().map(|id| (c, id))),
+        }
+    }
+    (reachable, problems)
 }
 
 /// The live connectors a backend names: one by name, or all a selector matches (sorted by
@@ -262,10 +288,11 @@ fn select_connectors<'a>(
 }
 
 /// A device serves only what its connector allows (TCP connect enabled) and advertises.
+/// `endpoint` is the target as the spec writes it, for the message.
 fn check_advertised(
     field: &str,
-    url: &str,
-    endpoint: &Endpoint,
+    endpoint: &str,
+    target: &Target,
     connector: &Connector,
     advertisements: &[&ConnectorAdvertisement],
 ) -> Result<(), Problem> {
@@ -275,7 +302,6 @@ fn check_advertised(
         .copied()
         .filter(|a| a.spec.connector_ref.name == cname && a.metadata.deletion_timestamp.is_none())
         .collect();
-    let target = &endpoint.target;
     if connector.connect_tcp_enabled()
         && ads
             .iter()
@@ -300,7 +326,7 @@ fn check_advertised(
     Err(Problem::new(
         NOT_ADVERTISED,
         format!(
-            "{field}: endpoint {url} is not advertised by connector {cname} (it advertises {offered})"
+            "{field}: endpoint {endpoint} is not advertised by connector {cname} (it advertises {offered})"
         ),
     ))
 }

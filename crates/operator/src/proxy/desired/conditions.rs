@@ -13,7 +13,7 @@ use super::reasons::{ACCEPTED, BACKENDS_READY, METADATA, NO_READY_BACKEND, PENDI
 
 /// What every condition of one decision shares: the generation it observed and the time.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Stamp {
+pub(crate) struct Stamp {
     pub generation: Option<i64>,
     pub now: Timestamp,
 }
@@ -26,7 +26,7 @@ impl Stamp {
 
 /// Why the proxy is refused: the condition reason, and a sentence naming the field.
 #[derive(Clone, Debug)]
-pub(super) struct Problem {
+pub(crate) struct Problem {
     pub reason: &'static str,
     pub message: String,
 }
@@ -149,14 +149,31 @@ pub(super) fn accepted_by_gateway(
     controller_name: &str,
     route: &str,
 ) -> bool {
-    route_status.is_some_and(|s| {
-        s.parents.iter().any(|p| {
-            p.controller_name == controller_name
-                && p.parent_ref.name == route
-                && p.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Accepted" && c.status == "True")
+    let parents = route_status.map(|s| {
+        s.parents.iter().map(|p| {
+            (
+                p.controller_name.as_str(),
+                p.parent_ref.name.as_str(),
+                p.conditions.as_slice(),
+            )
         })
+    });
+    parent_accepted(parents.into_iter().flatten(), controller_name, route)
+}
+
+/// Whether a route's `status.parents`, as (controller name, parent name, conditions) of
+/// whichever route kind, has our gateway's `Accepted=True` for the Gateway `gateway`.
+pub(crate) fn parent_accepted<'a>(
+    parents: impl IntoIterator<Item = (&'a str, &'a str, &'a [Condition])>,
+    controller_name: &str,
+    gateway: &str,
+) -> bool {
+    parents.into_iter().any(|(controller, parent, conditions)| {
+        controller == controller_name
+            && parent == gateway
+            && conditions
+                .iter()
+                .any(|c| c.type_ == "Accepted" && c.status == "True")
     })
 }
 
@@ -192,21 +209,7 @@ pub(super) fn accepted(
                 )
             },
         ),
-        if accepted_by_gateway {
-            stamp.condition(
-                PROGRAMMED,
-                true,
-                PROGRAMMED,
-                "the gateway accepted the route".into(),
-            )
-        } else {
-            stamp.condition(
-                PROGRAMMED,
-                false,
-                PENDING,
-                "waiting for the gateway to accept the route".into(),
-            )
-        },
+        programmed(accepted_by_gateway, stamp),
         // A backend exists only once its connector has reported its id.
         if !forwards {
             stamp.condition(
@@ -237,25 +240,56 @@ pub(super) fn accepted(
                 BACKENDS_READY,
                 "every rule redirects: no device is needed".into(),
             )
-        } else if ready > 0 {
-            stamp.condition(
-                BACKENDS_READY,
-                true,
-                BACKENDS_READY,
-                format!("{ready} of {} backend(s) ready", backends.len()),
-            )
         } else {
-            stamp.condition(
-                BACKENDS_READY,
-                false,
-                NO_READY_BACKEND,
-                format!(
-                    "none of the {} backend(s) has a Ready connector: the agent is offline or \
-                     has not connected yet, so requests get 503",
-                    backends.len()
-                ),
-            )
+            backends_ready(ready, backends.len(), "requests get 503", stamp)
         },
         hostnames.clone(),
     ]
+}
+
+/// `Programmed`, of a proxy of either kind: True once our gateway accepted the route.
+pub(crate) fn programmed(accepted_by_gateway: bool, stamp: Stamp) -> Condition {
+    if accepted_by_gateway {
+        stamp.condition(
+            PROGRAMMED,
+            true,
+            PROGRAMMED,
+            "the gateway accepted the route".into(),
+        )
+    } else {
+        stamp.condition(
+            PROGRAMMED,
+            false,
+            PENDING,
+            "waiting for the gateway to accept the route".into(),
+        )
+    }
+}
+
+/// `BackendsReady`, of a proxy of either kind: True while one of its `total` backends has
+/// a Ready connector; `otherwise` says what clients meet when none has.
+pub(crate) fn backends_ready(
+    ready: usize,
+    total: usize,
+    otherwise: &str,
+    stamp: Stamp,
+) -> Condition {
+    if ready > 0 {
+        stamp.condition(
+            BACKENDS_READY,
+            true,
+            BACKENDS_READY,
+            format!("{ready} of {total} backend(s) ready"),
+        )
+    } else {
+        stamp.condition(
+            BACKENDS_READY,
+            false,
+            NO_READY_BACKEND,
+            format!(
+                "none of the {total} backend(s) has a Ready connector: the agent is offline or \
+                 has not connected yet, so {otherwise}"
+            ),
+        )
+    }
 }

@@ -5,12 +5,12 @@
 //! may serve), [`backends`] (each backend through its connectors to the devices that may
 //! serve it), [`render`] (the Gateway API objects) and [`conditions`] (the status).
 
-mod backends;
-mod conditions;
+pub(crate) mod backends;
+pub(crate) mod conditions;
 mod hostnames;
-mod render;
+pub(crate) mod render;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::net::SocketAddr;
 

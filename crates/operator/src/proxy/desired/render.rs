@@ -16,7 +16,7 @@ use gateway_api::apis::standard::httproutes::{
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use portway_api::{
     BackendTrafficPolicy, BackendTrafficPolicySpec, HttpProxy, PolicyTargetReference,
@@ -50,15 +50,26 @@ fn proxy_name(proxy: &HttpProxy) -> String {
     proxy.metadata.name.clone().unwrap_or_default()
 }
 
-fn owner(proxy: &HttpProxy) -> Option<Vec<OwnerReference>> {
-    proxy.controller_owner_ref(&()).map(|o| vec![o])
-}
-
 /// Labelled as ours and owned by the proxy, so pruning finds it and deletion takes it along.
 fn child_meta(proxy: &HttpProxy, name: String, extra_labels: &[(&str, &str)]) -> ObjectMeta {
+    owned_meta(proxy, labels::PROXY, name, extra_labels)
+}
+
+/// The metadata of an object generated for `owner` (a proxy of either kind): in its
+/// namespace, controlled by it (deletion takes it along), labelled as the operator's and
+/// with the owner's name under `owner_label`, so pruning finds it.
+pub(crate) fn owned_meta<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    owner_label: &str,
+    name: String,
+    extra_labels: &[(&str, &str)],
+) -> ObjectMeta {
     let mut l = BTreeMap::from([
         (labels::MANAGED_BY.to_owned(), managers::OPERATOR.to_owned()),
-        (labels::PROXY.to_owned(), proxy_name(proxy)),
+        (
+            owner_label.to_owned(),
+            owner.meta().name.clone().unwrap_or_default(),
+        ),
     ]);
     l.extend(
         extra_labels
@@ -67,9 +78,9 @@ fn child_meta(proxy: &HttpProxy, name: String, extra_labels: &[(&str, &str)]) ->
     );
     ObjectMeta {
         name: Some(name),
-        namespace: proxy.metadata.namespace.clone(),
+        namespace: owner.meta().namespace.clone(),
         labels: Some(l),
-        owner_references: owner(proxy),
+        owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
         ..Default::default()
     }
 }
@@ -253,82 +264,119 @@ fn backend_ref(proxy: &HttpProxy, b: &Backend<'_>) -> HttpRouteRulesBackendRefs 
     }
 }
 
+/// What an HTTPProxy backend's Service and EndpointSlices are made of.
+fn sidecar_backend<'a>(proxy: &HttpProxy, b: &'a Backend<'_>) -> SidecarBackend<'a> {
+    SidecarBackend {
+        service: service_name(proxy, b),
+        connector: b.connector_name(),
+        ready: b.ready(),
+        port: ("http", 80),
+    }
+}
+
 /// A headless Service per backend; its endpoints are the slices below.
 pub(super) fn services(proxy: &HttpProxy, backends: &[Backend<'_>]) -> Vec<Service> {
+    let meta = |name, extra: &[(&str, &str)]| child_meta(proxy, name, extra);
     backends
         .iter()
-        .map(|b| Service {
-            metadata: child_meta(
-                proxy,
-                service_name(proxy, b),
-                &[("portway.dev/connector", b.connector_name())],
-            ),
-            spec: Some(ServiceSpec {
-                cluster_ip: Some("None".into()),
-                ports: Some(vec![ServicePort {
-                    name: Some("http".into()),
-                    port: 80,
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        })
+        .map(|b| sidecar_service(&meta, &sidecar_backend(proxy, b)))
         .collect()
 }
 
-/// Per backend, one EndpointSlice per address family and port of the sidecars (a slice
-/// holds one of each), ready while the backend's connector is.
+/// Per backend, the slices of [`sidecar_slices`].
 pub(super) fn slices(
     proxy: &HttpProxy,
     backends: &[Backend<'_>],
+    sidecars: &[SocketAddr],
+) -> Vec<EndpointSlice> {
+    let meta = |name, extra: &[(&str, &str)]| child_meta(proxy, name, extra);
+    backends
+        .iter()
+        .flat_map(|b| sidecar_slices(&meta, &sidecar_backend(proxy, b), sidecars))
+        .collect()
+}
+
+/// One backend through one connector, as its Service and EndpointSlices show it, for
+/// either proxy kind: the route names the Service, whose endpoints are the sidecars.
+pub(crate) struct SidecarBackend<'a> {
+    pub service: String,
+    /// The connector's name (a label on both objects).
+    pub connector: &'a str,
+    /// The connector's `Ready`: the endpoints' readiness.
+    pub ready: bool,
+    /// The Service port's name and number: what the route's backendRef names.
+    pub port: (&'static str, i32),
+}
+
+/// Builds a generated object's metadata from its name and extra labels.
+pub(crate) type MetaFn<'a> = dyn Fn(String, &[(&str, &str)]) -> ObjectMeta + 'a;
+
+/// A backend's headless Service; its endpoints are [`sidecar_slices`].
+pub(crate) fn sidecar_service(meta: &MetaFn<'_>, b: &SidecarBackend<'_>) -> Service {
+    Service {
+        metadata: meta(b.service.clone(), &[("portway.dev/connector", b.connector)]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ports: Some(vec![ServicePort {
+                name: Some(b.port.0.into()),
+                port: b.port.1,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// A backend's EndpointSlices: one per address family and port of the sidecars (a slice
+/// holds one of each), ready while the backend's connector is.
+pub(crate) fn sidecar_slices(
+    meta: &MetaFn<'_>,
+    b: &SidecarBackend<'_>,
     sidecars: &[SocketAddr],
 ) -> Vec<EndpointSlice> {
     let mut groups: BTreeMap<(bool, u16), Vec<SocketAddr>> = BTreeMap::new();
     for s in sidecars {
         groups.entry((s.is_ipv6(), s.port())).or_default().push(*s);
     }
+    let svc_name = &b.service;
+    let ready = b.ready;
     let mut slices = Vec::new();
-    for b in backends {
-        let svc_name = service_name(proxy, b);
-        let ready = b.ready();
-        for ((v6, port), addrs) in &groups {
-            let family = if *v6 { "IPv6" } else { "IPv4" };
-            let slice_name = format!("{svc_name}-{}{port}", if *v6 { "v6-" } else { "" });
-            slices.push(EndpointSlice {
-                metadata: child_meta(
-                    proxy,
-                    slice_name,
-                    &[
-                        ("kubernetes.io/service-name", &svc_name),
-                        ("endpointslice.kubernetes.io/managed-by", managers::OPERATOR),
-                        ("portway.dev/connector", b.connector_name()),
-                    ],
-                ),
-                address_type: family.into(),
-                endpoints: Some(
-                    addrs
-                        .iter()
-                        .map(|a| Endpoint {
-                            addresses: vec![a.ip().to_string()],
-                            conditions: Some(EndpointConditions {
-                                ready: Some(ready),
-                                serving: Some(ready),
-                                terminating: Some(false),
-                            }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ports: Some(vec![EndpointPort {
-                    name: Some("http".into()),
-                    port: Some(i32::from(*port)),
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-            });
-        }
+    for ((v6, port), addrs) in &groups {
+        let family = if *v6 { "IPv6" } else { "IPv4" };
+        let slice_name = format!("{svc_name}-{}{port}", if *v6 { "v6-" } else { "" });
+        slices.push(EndpointSlice {
+            metadata: meta(
+                slice_name,
+                &[
+                    ("kubernetes.io/service-name", svc_name),
+                    ("endpointslice.kubernetes.io/managed-by", managers::OPERATOR),
+                    ("portway.dev/connector", b.connector),
+                ],
+            ),
+            address_type: family.into(),
+            endpoints: Some(
+                addrs
+                    .iter()
+                    .map(|a| Endpoint {
+                        addresses: vec![a.ip().to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(ready),
+                            serving: Some(ready),
+                            terminating: Some(false),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ports: Some(vec![EndpointPort {
+                name: Some(b.port.0.into()),
+                port: Some(i32::from(*port)),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+        });
     }
     slices
 }

@@ -1,5 +1,5 @@
 //! The decision as a whole, case by case: each case builds inputs and checks the children
-//! and conditions `desired` returns.
+//! and conditions `desired` returns. Its fixtures serve the TCPProxy's tests too.
 
 use super::*;
 use gateway_api::apis::standard::httproutes::{
@@ -8,7 +8,7 @@ use gateway_api::apis::standard::httproutes::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use portway_api::*;
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     Config {
         sidecars: vec![
             "127.0.0.1:4001".parse().unwrap(),
@@ -21,7 +21,12 @@ fn config() -> Config {
     }
 }
 
-fn connector(name: &str, id: Option<u8>, ready: bool, labels: &[(&str, &str)]) -> Connector {
+pub(crate) fn connector(
+    name: &str,
+    id: Option<u8>,
+    ready: bool,
+    labels: &[(&str, &str)],
+) -> Connector {
     let mut c = Connector::new(
         name,
         ConnectorSpec {
@@ -50,7 +55,7 @@ fn connector(name: &str, id: Option<u8>, ready: bool, labels: &[(&str, &str)]) -
     c
 }
 
-fn advertise(connector: &str, address: &str, port: i32) -> ConnectorAdvertisement {
+pub(crate) fn advertise(connector: &str, address: &str, port: i32) -> ConnectorAdvertisement {
     let mut a = ConnectorAdvertisement::new(
         &format!("{connector}-ad"),
         ConnectorAdvertisementSpec {
@@ -98,14 +103,14 @@ fn proxy(hostnames: &[&str], endpoint: &str, connector: Option<ConnectorReferenc
     p
 }
 
-fn by_name(n: &str) -> Option<ConnectorReference> {
+pub(crate) fn by_name(n: &str) -> Option<ConnectorReference> {
     Some(ConnectorReference {
         name: Some(n.into()),
         selector: None,
     })
 }
 
-fn by_labels(l: &[(&str, &str)]) -> Option<ConnectorReference> {
+pub(crate) fn by_labels(l: &[(&str, &str)]) -> Option<ConnectorReference> {
     Some(ConnectorReference {
         name: None,
         selector: Some(LabelSelector {
@@ -120,7 +125,7 @@ fn by_labels(l: &[(&str, &str)]) -> Option<ConnectorReference> {
 }
 
 /// A fixed clock, so every condition's stamp is known.
-const NOW: Timestamp = Timestamp::UNIX_EPOCH;
+pub(crate) const NOW: Timestamp = Timestamp::UNIX_EPOCH;
 
 struct Case<'a> {
     proxy: HttpProxy,
@@ -161,6 +166,19 @@ impl Case<'_> {
 
 fn cond<'a>(d: &'a Desired, t: &str) -> &'a Condition {
     find_condition(&d.status.conditions, t).unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+/// `Accepted` of a refused proxy (of either kind), checked to be False for `reason`.
+pub(crate) fn refused<'a>(conditions: &'a [Condition], what: &str, reason: &str) -> &'a Condition {
+    let accepted =
+        find_condition(conditions, ACCEPTED).unwrap_or_else(|| panic!("{what}: no Accepted"));
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", reason),
+        "{what}: {}",
+        accepted.message
+    );
+    accepted
 }
 
 fn route_headers(d: &Desired) -> Vec<Vec<(String, String)>> {
@@ -476,13 +494,7 @@ fn refusals_each_with_their_reason_and_no_children() {
     ];
     for (what, case, reason, mention) in cases {
         let d = case.run();
-        let accepted = cond(&d, ACCEPTED);
-        assert_eq!(
-            (accepted.status.as_str(), accepted.reason.as_str()),
-            ("False", reason),
-            "{what}: {}",
-            accepted.message
-        );
+        let accepted = refused(&d.status.conditions, what, reason);
         assert!(
             accepted.message.contains(mention),
             "{what}: {:?} should mention {mention:?}",

@@ -1,0 +1,81 @@
+//! `TCPProxy`: a public TCP port on the edge, spliced through connectors to a target on a
+//! device (`portway tcp 22`). The operator grants the port (the one asked for, or one from
+//! the edge's range, kept while the proxy lives) and generates a Gateway listener and a
+//! `TCPRoute` for it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ConnectorReference;
+
+/// Publishes one public TCP port; every connection to it is carried to one of the
+/// backends (a `host:port` on a device reached through a connector), a ready one first.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.datumapis.com",
+    version = "v1alpha",
+    kind = "TCPProxy",
+    root = "TcpProxy",
+    plural = "tcpproxies",
+    singular = "tcpproxy",
+    namespaced,
+    status = "TcpProxyStatus",
+    shortname = "tcpp",
+    derive = "Default",
+    derive = "PartialEq",
+    printcolumn(name = "Port", type_ = "integer", json_path = ".status.port"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Programmed",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "BackendsReady",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"BackendsReady\")].status",
+        description = "True while at least one backend's connector is Ready.",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProxySpec {
+    /// The public port wanted (like `ngrok tcp --remote-addr`); absent: the operator
+    /// allocates one from the edge's range and keeps it while the proxy exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+    /// Where connections go: 1 to 16 backends, tried ready ones first.
+    pub backends: Vec<TcpProxyBackend>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProxyBackend {
+    /// The target on the device, `tcp://host:port`, e.g. `tcp://127.0.0.1:22`; it must
+    /// be advertised by the connector.
+    pub endpoint: String,
+    /// Which connector(s) carry the connection; several matches mean several backends.
+    pub connector: ConnectorReference,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProxyStatus {
+    /// `Accepted`, `Programmed`, `BackendsReady`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The public port granted; kept across restarts while the proxy exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+}

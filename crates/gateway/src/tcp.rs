@@ -1,0 +1,274 @@
+//! Public TCP ports (`TCPProxy` → Gateway `TCP` listener + `TCPRoute`): one listener per
+//! port of the route table, bound and closed as the table changes. Every connection is
+//! spliced through the sidecar to the first of the port's backends whose device accepts
+//! (ready ones in round-robin order, devices that are down last); with no ready backend,
+//! or none that accepts, the connection is closed at once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::Table;
+use crate::sidecar::Sidecar;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The address public ports are bound on (the edge's `--http` address).
+    pub ip: IpAddr,
+    /// Connections at once on one port; past it a new connection is closed at once.
+    pub max_connections: usize,
+    /// A connection that carries no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ip: IpAddr::from([0, 0, 0, 0]),
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How often a port that could not be bound (taken by another program) is tried again.
+const REBIND: Duration = Duration::from_secs(5);
+
+/// Serves the table's TCP ports until `shutdown`.
+pub fn spawn(
+    config: Config,
+    table: Arc<ArcSwap<Table>>,
+    mut version: watch::Receiver<u64>,
+    sidecar: Arc<Sidecar>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let config = Arc::new(config);
+        let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
+        let mut retry = tokio::time::interval(REBIND);
+        loop {
+            let wanted: Vec<u16> = table.load().tcp.keys().copied().collect();
+            bound.retain(|port, token| {
+                let keep = wanted.contains(port);
+                if !keep {
+                    // Closes the listener and cuts its connections: the port is gone.
+                    token.cancel();
+                    tracing::info!(port, "public TCP port closed");
+                }
+                keep
+            });
+            for port in wanted {
+                if bound.contains_key(&port) {
+                    continue;
+                }
+                let addr = SocketAddr::new(config.ip, port);
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        tracing::info!(%addr, "public TCP port open");
+                        let token = shutdown.child_token();
+                        bound.insert(port, token.clone());
+                        tokio::spawn(accept(
+                            listener,
+                            port,
+                            config.clone(),
+                            table.clone(),
+                            sidecar.clone(),
+                            token,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot bind a public TCP port; trying again");
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = version.changed() => if changed.is_err() { return },
+                _ = retry.tick() => {}
+            }
+        }
+    })
+}
+
+async fn accept(
+    listener: TcpListener,
+    port: u16,
+    config: Arc<Config>,
+    table: Arc<ArcSwap<Table>>,
+    sidecar: Arc<Sidecar>,
+    closed: CancellationToken,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = closed.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
+                // Out of file descriptors, say: pause rather than spin.
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "accepting a TCP connection");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        if open.load(Ordering::Relaxed) >= config.max_connections {
+            tracing::debug!(port, %peer, "too many connections; closed");
+            continue;
+        }
+        // The backends as the table says now: a route's changes apply to new connections
+        // without closing the port.
+        let Some(service) = table.load().tcp.get(&port).cloned() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        let open = open.clone();
+        let (sidecar, closed, idle) = (sidecar.clone(), closed.clone(), config.idle_timeout);
+        tokio::spawn(async move {
+            let choices = service.choices();
+            if choices.is_empty() {
+                tracing::debug!(port, %peer, route = %service.route, "no ready backend; closed");
+            } else {
+                match sidecar.open_first(&choices).await {
+                    Ok(tunnel) => splice(stream, tunnel, idle, &closed).await,
+                    Err(e) => {
+                        tracing::debug!(port, %peer, route = %service.route, error = ?e, "no backend accepted; closed");
+                    }
+                }
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Copies both ways (each direction's end passed on as a half-close) until both ends
+/// are done, nothing moves for `idle`, or the port closes.
+async fn splice<C, T>(client: C, mut tunnel: T, idle: Duration, closed: &CancellationToken)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Active {
+        inner: client,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut tunnel);
+    tokio::pin!(copy);
+    loop {
+        let quiet_since = start + Duration::from_millis(last.load(Ordering::Relaxed));
+        tokio::select! {
+            _ = &mut copy => return,
+            () = closed.cancelled() => return,
+            () = tokio::time::sleep_until(quiet_since + idle) => {
+                let moved = start + Duration::from_millis(last.load(Ordering::Relaxed));
+                if moved + idle <= Instant::now() {
+                    tracing::debug!(?idle, "idle TCP connection closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A client connection that notes when bytes last moved either way.
+struct Active<S> {
+    inner: S,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<S> Active<S> {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A splice that moves nothing ends when the idle timeout has passed; bytes moving
+    /// either way put it off.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_after_the_timeout() {
+        let idle = Duration::from_secs(30);
+        let (client, mut user) = tokio::io::duplex(64);
+        let (tunnel, mut app) = tokio::io::duplex(64);
+        let closed = CancellationToken::new();
+        let started = Instant::now();
+        let talk = async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            user.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            app.read_exact(&mut got).await.unwrap();
+            (user, app)
+        };
+        let ((_user, _app), ()) = tokio::join!(talk, splice(client, tunnel, idle, &closed));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(50) && took < Duration::from_secs(51),
+            "{took:?}"
+        );
+    }
+}

@@ -1,0 +1,413 @@
+//! Every decision about a TCPProxy, as a pure function: which Gateway API objects it
+//! needs and what its status says. No client and no clock (the time is an input); the
+//! public port is the port index's verdict ([`super::ports`]), an input too.
+//!
+//! [`desired`] runs the steps in order: the port, the backends (each through the
+//! connectors it names, to devices that advertise its target; the HTTPProxy's rules,
+//! shared), then either a refusal (no objects) or the Gateway, TCPRoute, Services and
+//! EndpointSlices with the conditions of an accepted proxy.
+
+#[cfg(test)]
+mod tests;
+
+use gateway_api::apis::experimental::tcproutes::{
+    TcpRoute, TcpRouteParentRefs, TcpRouteRules, TcpRouteRulesBackendRefs, TcpRouteSpec,
+    TcpRouteStatus,
+};
+use gateway_api::apis::standard::gateways::{
+    Gateway, GatewayListeners, GatewayListenersAllowedRoutes, GatewayListenersAllowedRoutesKinds,
+    GatewaySpec,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use portway_api::names::label_name;
+use portway_api::{
+    Connector, ConnectorAdvertisement, Target, TcpProxy, TcpProxyStatus, annotations, labels,
+};
+
+use super::ports::Verdict;
+use crate::proxy::desired::Config;
+use crate::proxy::desired::backends::{connector_ready, reachable_through};
+use crate::proxy::desired::conditions::{
+    Problem, Stamp, backends_ready, parent_accepted, programmed,
+};
+use crate::proxy::desired::render::{SidecarBackend, owned_meta, sidecar_service, sidecar_slices};
+
+/// Condition types and reasons on TCPProxy: HTTPProxy's where they mean the same.
+pub mod reasons {
+    pub use crate::proxy::desired::reasons::{
+        ACCEPTED, BACKENDS_READY, CONNECTOR_NOT_FOUND, INVALID, NO_READY_BACKEND, NOT_ADVERTISED,
+        PENDING, PROGRAMMED,
+    };
+    /// `spec.port` is held by another TCPProxy.
+    pub const PORT_IN_USE: &str = "PortInUse";
+    /// `spec.port` is outside the edge's range.
+    pub const PORT_NOT_ALLOWED: &str = "PortNotAllowed";
+    /// No port was asked for and the range is used up.
+    pub const NO_PORT_AVAILABLE: &str = "NoPortAvailable";
+    /// The Gateway or TCPRoute the proxy would generate exists and belongs to another
+    /// object (an HTTPProxy of the same name makes a Gateway of that name too).
+    pub const NAME_IN_USE: &str = "NameInUse";
+}
+use reasons::*;
+
+/// The Gateway listener of every TCPProxy, and the TCPRoute's `sectionName`.
+pub const LISTENER: &str = "tcp";
+
+/// The name of a TCPProxy's Gateway and TCPRoute: `<proxy>.tcp`. HTTPProxy names are
+/// DNS labels, without a dot, so an HTTPProxy's Gateway (named after it) never takes it.
+pub fn child_name(proxy: &str) -> String {
+    format!("{proxy}.{LISTENER}")
+}
+
+/// What the decision needs to know.
+pub struct Inputs<'a> {
+    pub proxy: &'a TcpProxy,
+    /// Connectors in the proxy's namespace.
+    pub connectors: &'a [&'a Connector],
+    /// Advertisements in the proxy's namespace.
+    pub advertisements: &'a [&'a ConnectorAdvertisement],
+    /// The public port, as the port index granted it (or why it did not).
+    pub port: &'a Verdict,
+    /// Who holds the Gateway or TCPRoute name this proxy's objects would take, when that
+    /// is not this proxy (e.g. `the Gateway p1/web belongs to the HTTPProxy web`).
+    pub name_taken_by: Option<&'a str>,
+    /// The generated TCPRoute's status, as the gateway reported it.
+    pub route_status: Option<&'a TcpRouteStatus>,
+    /// The settings shared with HTTPProxies: gateway class, controller name, sidecars.
+    pub config: &'a Config,
+    /// Stamped on conditions as their transition time.
+    pub now: Timestamp,
+}
+
+/// The objects and status the proxy should have. Objects absent here must not exist.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub gateway: Option<Gateway>,
+    pub route: Option<TcpRoute>,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub status: TcpProxyStatus,
+}
+
+/// One backend through one connector.
+struct Backend<'a> {
+    /// Its index in `spec.backends`.
+    index: usize,
+    connector: &'a Connector,
+    node_id: &'a str,
+    target: Target,
+}
+
+impl Backend<'_> {
+    fn connector_name(&self) -> &str {
+        self.connector.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// Stable per backend and connector; `tcp` keeps it apart from the Services of an
+    /// HTTPProxy of the same name.
+    fn service_name(&self, proxy: &str) -> String {
+        label_name(
+            proxy,
+            &[proxy, "tcp", &self.index.to_string(), self.connector_name()],
+        )
+    }
+
+    fn sidecar(&self, proxy: &str) -> SidecarBackend<'_> {
+        SidecarBackend {
+            service: self.service_name(proxy),
+            connector: self.connector_name(),
+            ready: connector_ready(self.connector),
+            port: ("tcp", i32::from(self.target.port)),
+        }
+    }
+}
+
+/// Each backend through the connectors it names, to devices that advertise its target.
+fn resolve<'a>(
+    proxy: &TcpProxy,
+    connectors: &[&'a Connector],
+    advertisements: &[&ConnectorAdvertisement],
+) -> (Vec<Backend<'a>>, Vec<Problem>) {
+    let project = proxy.metadata.namespace.as_deref().unwrap_or_default();
+    let mut resolved = Vec::new();
+    let mut problems = Vec::new();
+    for (i, b) in proxy.spec.backends.iter().enumerate() {
+        let field = format!("spec.backends[{i}]");
+        let target = match portway_api::validation::tcp_endpoint(&b.endpoint) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem::new(INVALID, format!("{field}.endpoint: {e}")));
+                continue;
+            }
+        };
+        let (reachable, refused) = reachable_through(
+            &field,
+            &b.endpoint,
+            &target,
+            Some(&b.connector),
+            connectors,
+            advertisements,
+            project,
+        );
+        problems.extend(refused);
+        resolved.extend(reachable.into_iter().map(|(connector, node_id)| Backend {
+            index: i,
+            connector,
+            node_id,
+            target: target.clone(),
+        }));
+    }
+    (resolved, problems)
+}
+
+/// Decides the proxy's children and status.
+pub fn desired(input: &Inputs<'_>) -> Desired {
+    let proxy = input.proxy;
+    let name = proxy.metadata.name.clone().unwrap_or_default();
+    let stamp = Stamp {
+        generation: proxy.metadata.generation,
+        now: input.now,
+    };
+    // The port first: its refusal is the one that says the proxy lost its port.
+    let port_problem = input
+        .port
+        .as_ref()
+        .err()
+        .map(|r| Problem::new(r.reason(), r.message()));
+    let taken = input.name_taken_by.map(|by| {
+        Problem::new(
+            NAME_IN_USE,
+            format!("metadata.name: {by}: rename this TCPProxy"),
+        )
+    });
+    // Objects stored before a validation rule existed are refused here too.
+    let invalid = portway_api::validation::Validate::validate(proxy)
+        .into_iter()
+        .map(|e| Problem::new(INVALID, e.to_string()));
+    // Only what a connector's device advertises may be routed to it.
+    let (backends, backend_problems) = resolve(proxy, input.connectors, input.advertisements);
+    let mut said = std::collections::HashSet::new();
+    let problems: Vec<Problem> = port_problem
+        .into_iter()
+        .chain(taken)
+        .chain(invalid)
+        .chain(backend_problems)
+        // A stored endpoint that fails today's validation fails to resolve too.
+        .filter(|p| said.insert(p.message.clone()))
+        .collect();
+    // A proxy refused for any other reason keeps its port: it is still its own.
+    let mut status = TcpProxyStatus {
+        conditions: Vec::new(),
+        port: input.port.as_ref().ok().map(|p| i32::from(*p)),
+    };
+    let port = match input.port {
+        Ok(port) if problems.is_empty() => *port,
+        // Any problem refuses the whole proxy: no children, so nothing half-works.
+        _ => {
+            status.conditions = refused(&problems, stamp);
+            return Desired {
+                status,
+                ..Default::default()
+            };
+        }
+    };
+    let accepted_by_gateway = input.route_status.is_some_and(|s| {
+        let parents = s.parents.iter().map(|p| {
+            (
+                p.controller_name.as_str(),
+                p.parent_ref.name.as_str(),
+                p.conditions.as_slice(),
+            )
+        });
+        parent_accepted(parents, &input.config.controller_name, &child_name(&name))
+    });
+    status.conditions = accepted(&backends, port, accepted_by_gateway, stamp);
+    let meta = |child: String, extra: &[(&str, &str)]| -> ObjectMeta {
+        owned_meta(proxy, labels::TCP_PROXY, child, extra)
+    };
+    let services = backends
+        .iter()
+        .map(|b| sidecar_service(&meta, &b.sidecar(&name)))
+        .collect();
+    let slices = backends
+        .iter()
+        .flat_map(|b| {
+            // Where the edge sends the connections: TCPRoutes carry no filters, so the
+            // device and target ride on the slices only the operator may write.
+            let target = annotations::tunnel_target(b.node_id, &b.target);
+            sidecar_slices(&meta, &b.sidecar(&name), &input.config.sidecars)
+                .into_iter()
+                .map(move |mut s| {
+                    s.metadata.annotations =
+                        Some([(annotations::TUNNEL_TARGET.to_owned(), target.clone())].into());
+                    s
+                })
+        })
+        .collect();
+    Desired {
+        gateway: Some(gateway(
+            meta(child_name(&name), &[]),
+            port,
+            &input.config.gateway_class,
+        )),
+        route: Some(route(
+            meta(child_name(&name), &[]),
+            &child_name(&name),
+            &name,
+            &backends,
+        )),
+        services,
+        slices,
+        status,
+    }
+}
+
+/// Who holds a name this proxy's objects would take, when that is not this proxy:
+/// `objects` are the Gateway and TCPRoute of its name that exist, by kind. Applying ours
+/// over another's would take it from its owner (an HTTPProxy of the same name makes a
+/// Gateway of that name).
+pub fn name_taken_by(proxy: &TcpProxy, objects: &[(&str, Option<&ObjectMeta>)]) -> Option<String> {
+    let ns = proxy.metadata.namespace.as_deref().unwrap_or_default();
+    objects.iter().find_map(|(kind, meta)| {
+        let m = (*meta)?;
+        let name = m.name.as_deref().unwrap_or_default();
+        let controller = m
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true));
+        match controller {
+            Some(r) if proxy.metadata.uid.as_ref() == Some(&r.uid) => None,
+            Some(r) => Some(format!(
+                "the {kind} {ns}/{name} belongs to the {} {}",
+                r.kind, r.name
+            )),
+            None => Some(format!(
+                "the {kind} {ns}/{name} exists and was not generated for this proxy"
+            )),
+        }
+    })
+}
+
+/// One TCP listener on the granted port, taking TCPRoutes only.
+fn gateway(metadata: ObjectMeta, port: u16, class: &str) -> Gateway {
+    Gateway {
+        metadata,
+        spec: GatewaySpec {
+            gateway_class_name: class.to_owned(),
+            listeners: vec![GatewayListeners {
+                name: LISTENER.into(),
+                port: i32::from(port),
+                protocol: "TCP".into(),
+                allowed_routes: Some(GatewayListenersAllowedRoutes {
+                    kinds: Some(vec![GatewayListenersAllowedRoutesKinds {
+                        group: Some("gateway.networking.k8s.io".into()),
+                        kind: "TCPRoute".into(),
+                    }]),
+                    namespaces: None,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// Attached to the proxy's Gateway; one rule, a backendRef per backend and connector.
+fn route(metadata: ObjectMeta, gateway: &str, name: &str, backends: &[Backend<'_>]) -> TcpRoute {
+    TcpRoute {
+        metadata,
+        spec: TcpRouteSpec {
+            parent_refs: Some(vec![TcpRouteParentRefs {
+                name: gateway.to_owned(),
+                section_name: Some(LISTENER.into()),
+                ..Default::default()
+            }]),
+            rules: vec![TcpRouteRules {
+                backend_refs: backends
+                    .iter()
+                    .map(|b| TcpRouteRulesBackendRefs {
+                        name: b.service_name(name),
+                        port: Some(i32::from(b.target.port)),
+                        weight: Some(1),
+                        ..Default::default()
+                    })
+                    .collect(),
+                name: None,
+            }],
+            use_default_gateways: None,
+        },
+        status: None,
+    }
+}
+
+/// Every problem in `Accepted`'s message (so one read shows all that needs fixing), under
+/// the first one's reason.
+fn refused(problems: &[Problem], stamp: Stamp) -> Vec<Condition> {
+    let reason = problems.first().map_or(INVALID, |p| p.reason);
+    let message = problems
+        .iter()
+        .map(|p| p.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    vec![
+        stamp.condition(ACCEPTED, false, reason, message),
+        stamp.condition(
+            PROGRAMMED,
+            false,
+            reason,
+            "not programmed: the proxy is not accepted".into(),
+        ),
+        stamp.condition(
+            BACKENDS_READY,
+            false,
+            reason,
+            "no backend is used: the proxy is not accepted".into(),
+        ),
+    ]
+}
+
+/// The conditions of an accepted proxy.
+fn accepted(
+    backends: &[Backend<'_>],
+    port: u16,
+    accepted_by_gateway: bool,
+    stamp: Stamp,
+) -> Vec<Condition> {
+    let ready = backends
+        .iter()
+        .filter(|b| connector_ready(b.connector))
+        .count();
+    let mut connectors: Vec<&str> = backends.iter().map(Backend::connector_name).collect();
+    connectors.sort_unstable();
+    connectors.dedup();
+    let total = backends.len();
+    vec![
+        stamp.condition(
+            ACCEPTED,
+            true,
+            ACCEPTED,
+            format!(
+                "port {port}: {total} backend(s) through {} connector(s), {ready} ready",
+                connectors.len()
+            ),
+        ),
+        programmed(accepted_by_gateway, stamp),
+        // A backend exists only once its connector has reported its id.
+        if total == 0 {
+            stamp.condition(
+                BACKENDS_READY,
+                false,
+                NO_READY_BACKEND,
+                "no backend connector has reported its endpoint id yet, so connections are refused"
+                    .into(),
+            )
+        } else {
+            backends_ready(ready, total, "connections are refused", stamp)
+        },
+    ]
+}

@@ -1,0 +1,276 @@
+//! Public TCP ports (`TCPProxy`), on both data planes: the port granted (asked for, or
+//! from the range), a refused request for a taken or foreign port, bytes both ways by
+//! hash with half-close, 200 connections at once, a Redis client against a Redis
+//! server on the device, and a device that goes offline.
+
+use std::net::IpAddr;
+
+use kube::api::DeleteParams;
+use portway_api::TcpProxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+/// An echo server for the device: every byte back as it comes, and its own end
+/// (half-close) once the client's has come.
+async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `n` bytes of the test pattern through `addr` while reading the echo, ends its
+/// side (half-close), and returns the hash of what came back once the far end closed.
+async fn echo_through(addr: SocketAddr, n: u64) -> anyhow::Result<String> {
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let write = async move {
+        let mut sent = 0u64;
+        while sent < n {
+            let chunk: Vec<u8> = (sent..n.min(sent + 65536)).map(pattern).collect();
+            w.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+        }
+        w.shutdown().await?;
+        anyhow::Ok(())
+    };
+    let read = async move {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 65536];
+        let mut got = 0u64;
+        loop {
+            let k = r.read(&mut buf).await?;
+            if k == 0 {
+                break;
+            }
+            hasher.update(&buf[..k]);
+            got += k as u64;
+        }
+        anyhow::ensure!(got == n, "{got} of {n} bytes came back");
+        anyhow::Ok(hex(&hasher.finalize()))
+    };
+    let ((), hash) = tokio::try_join!(write, read)?;
+    Ok(hash)
+}
+
+/// A TCPProxy's status once it is `Accepted` (or refused: `want` False).
+async fn proxy_condition(
+    api: &Api<TcpProxy>,
+    name: &str,
+    type_: &str,
+    want: &str,
+) -> (String, String, Option<i32>) {
+    eventually(&format!("{name} {type_}={want}"), WAIT, || async {
+        let p = api.get(name).await?;
+        let status = p.status.unwrap_or_default();
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .context(format!("no {type_} yet"))?;
+        ensure!(c.status == want, "{c:?}");
+        Ok((c.reason.clone(), c.message.clone(), status.port))
+    })
+    .await
+}
+
+fn tcp_proxy(name: &str, port: Option<u16>, endpoint: &str, connector: &str) -> TcpProxy {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"port": port, "backends": [{"endpoint": endpoint, "connector": {"name": connector}}]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn tcp_ports_on_both_data_planes() {
+    let lo = portway_testkit::pebble::free_port().unwrap();
+    let hi = portway_testkit::pebble::free_port().unwrap();
+    let (lo, hi) = (lo.min(hi), lo.max(hi));
+    let range = format!("{lo}-{hi}");
+    let stack = Stack::start_full(None, &["--tcp-ports", &range], &[]).await;
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let tcp: Api<TcpProxy> = Api::namespaced(admin.clone(), "default");
+
+    // The device: `portway http` advertises its target (TCP) and names its connector.
+    let (echo, _echo_task) = echo_server().await;
+    let (device, connector) = stack.device_for(echo.port(), "echo.localhost", 5).await;
+    let endpoint = format!("tcp://127.0.0.1:{}", echo.port());
+
+    // Allocated from the range: the lowest free port; asked for: granted; taken or
+    // outside the range: refused, saying why.
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy("echo", None, &endpoint, &connector),
+    )
+    .await
+    .unwrap();
+    let (_, _, port) = proxy_condition(&tcp, "echo", "Programmed", "True").await;
+    assert_eq!(port, Some(i32::from(lo)));
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy("asked", Some(hi), &endpoint, &connector),
+    )
+    .await
+    .unwrap();
+    let (_, _, port) = proxy_condition(&tcp, "asked", "Programmed", "True").await;
+    assert_eq!(port, Some(i32::from(hi)));
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy("taken", Some(hi), &endpoint, &connector),
+    )
+    .await
+    .unwrap();
+    let (reason, message, _) = proxy_condition(&tcp, "taken", "Accepted", "False").await;
+    assert_eq!(reason, "PortInUse", "{message}");
+    assert!(message.contains("asked"), "{message}");
+    let outside = if lo > 1024 { lo - 1 } else { hi + 1 };
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy("outside", Some(outside), &endpoint, &connector),
+    )
+    .await
+    .unwrap();
+    let (reason, message, _) = proxy_condition(&tcp, "outside", "Accepted", "False").await;
+    assert_eq!(reason, "PortNotAllowed", "{message}");
+    assert!(message.contains(&range), "{message}");
+
+    // Envoy on a loopback address of its own, so both planes can open the same ports.
+    let envoy_ip: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut front = envoy_front_on(&stack, "envoy-tcp", "127.0.0.2").await;
+    let edge_ip = stack.edge.ip();
+    const BULK: u64 = 32 << 20;
+    for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
+        for port in [lo, hi] {
+            let addr = SocketAddr::new(ip, port);
+            if ip == envoy_ip {
+                envoy_listener(
+                    &mut front.envoy,
+                    &front.admin_file,
+                    &format!("portway_tcp_{port}"),
+                )
+                .await;
+            }
+            let hash = eventually(&format!("{plane} serves port {port}"), WAIT, || async {
+                echo_through(addr, 1000).await
+            })
+            .await;
+            assert_eq!(hash, pattern_hash(1000));
+        }
+        // Bytes both ways by hash, each side's end passed on.
+        let addr = SocketAddr::new(ip, lo);
+        let started = Instant::now();
+        assert_eq!(echo_through(addr, BULK).await.unwrap(), pattern_hash(BULK));
+        eprintln!(
+            "{plane}: {} MiB echoed through a public TCP port in {:?}",
+            BULK >> 20,
+            started.elapsed()
+        );
+        // 200 connections at once.
+        let all = futures::future::join_all((0..200).map(|_| echo_through(addr, 4096))).await;
+        let failed: Vec<String> = all
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{plane}: {} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+    }
+
+    // A Redis server on the device, a Redis client at the public port.
+    let redis_port = portway_testkit::pebble::free_port().unwrap();
+    let _redis = Process::spawn(
+        "redis",
+        Path::new("redis-server"),
+        [
+            "--port",
+            &redis_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )
+    .expect("redis-server is not installed (.ci/run installs it)");
+    let (redis_device, redis_connector) = stack.device_for(redis_port, "redis.localhost", 5).await;
+    // The port `asked` held, for Redis (`taken` goes first: it asked for it too).
+    for name in ["taken", "asked"] {
+        tcp.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy(
+            "redis",
+            Some(hi),
+            &format!("tcp://127.0.0.1:{redis_port}"),
+            &redis_connector,
+        ),
+    )
+    .await
+    .unwrap();
+    proxy_condition(&tcp, "redis", "Programmed", "True").await;
+    for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
+        let cli = |args: &[&str]| {
+            let mut all = vec![
+                "-h".to_owned(),
+                ip.to_string(),
+                "-p".to_owned(),
+                hi.to_string(),
+            ];
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            async move {
+                let out = tokio::process::Command::new("redis-cli")
+                    .args(&all)
+                    .output()
+                    .await?;
+                anyhow::Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            }
+        };
+        eventually(&format!("{plane}: redis-cli PING"), WAIT, || async {
+            let pong = cli(&["PING"]).await?;
+            ensure!(pong == "PONG", "{pong:?}");
+            Ok(())
+        })
+        .await;
+        assert_eq!(cli(&["SET", "plane", plane]).await.unwrap(), "OK");
+        assert_eq!(cli(&["GET", "plane"]).await.unwrap(), plane);
+    }
+
+    // The device goes away: new connections are closed at once, not left hanging.
+    drop(device);
+    for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
+        let addr = SocketAddr::new(ip, lo);
+        eventually(
+            &format!("{plane} closes connections to an offline device"),
+            WAIT,
+            || async {
+                let started = Instant::now();
+                let r = echo_through(addr, 10).await;
+                ensure!(r.is_err(), "still served");
+                ensure!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "took {:?}",
+                    started.elapsed()
+                );
+                Ok(())
+            },
+        )
+        .await;
+    }
+    drop((front, redis_device));
+}
