@@ -818,21 +818,11 @@ async fn release_lease(s: &Shared, reg: &Registration) {
 
 /// Applies the tunnels' advertisements and proxies, and deletes ones no longer wanted.
 async fn sync_tunnels(s: &Shared, connector: &Connector, tunnels: &[Tunnel]) -> Result<(), Error> {
-    let (ads, proxies) = objects::desired(connector, tunnels);
-    let apply = PatchParams::apply(managers::AGENT).force();
-    let ad_api: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
-    let proxy_api: Api<HttpProxy> = Api::namespaced(s.client.clone(), &s.config.project);
+    let wanted = objects::desired(connector, tunnels);
     let mut keep = HashSet::new();
-    for ad in &ads {
-        let name = ad.metadata.name.clone().unwrap_or_default();
-        ad_api.patch(&name, &apply, &Patch::Apply(ad)).await?;
-        keep.insert(("ad", name));
-    }
-    for p in &proxies {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        proxy_api.patch(&name, &apply, &Patch::Apply(p)).await?;
-        keep.insert(("proxy", name));
-    }
+    apply_all(s, "ad", &wanted.advertisements, &mut keep).await?;
+    apply_all(s, "proxy", &wanted.proxies, &mut keep).await?;
+    apply_all(s, "tcpproxy", &wanted.tcp_proxies, &mut keep).await?;
     prune(
         s,
         connector.metadata.name.as_deref().unwrap_or_default(),
@@ -841,22 +831,56 @@ async fn sync_tunnels(s: &Shared, connector: &Connector, tunnels: &[Tunnel]) -> 
     .await
 }
 
-async fn prune(s: &Shared, connector: &str, keep: &HashSet<(&str, String)>) -> Result<(), Error> {
-    let lp = ListParams::default().labels(&objects::selector(connector));
-    let ad_api: Api<ConnectorAdvertisement> = Api::namespaced(s.client.clone(), &s.config.project);
-    for ad in ad_api.list(&lp).await? {
-        let name = ad.metadata.name.unwrap_or_default();
-        if !keep.contains(&("ad", name.clone())) {
-            tracing::info!(advertisement = %name, "removing advertisement of a tunnel no longer configured");
-            ad_api.delete(&name, &DeleteParams::default()).await?;
-        }
+/// Server-side applies `objects` (of one kind, noted in `keep` under `tag`).
+async fn apply_all<'a, K>(
+    s: &Shared,
+    tag: &'a str,
+    objects: &[K],
+    keep: &mut HashSet<(&'a str, String)>,
+) -> Result<(), Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let apply = PatchParams::apply(managers::AGENT).force();
+    let api: Api<K> = Api::namespaced(s.client.clone(), &s.config.project);
+    for o in objects {
+        let name = o.meta().name.clone().unwrap_or_default();
+        api.patch(&name, &apply, &Patch::Apply(o)).await?;
+        keep.insert((tag, name));
     }
-    let proxy_api: Api<HttpProxy> = Api::namespaced(s.client.clone(), &s.config.project);
-    for p in proxy_api.list(&lp).await? {
-        let name = p.metadata.name.unwrap_or_default();
-        if !keep.contains(&("proxy", name.clone())) {
-            tracing::info!(httpproxy = %name, "removing HTTPProxy of a tunnel no longer configured");
-            proxy_api.delete(&name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+async fn prune(s: &Shared, connector: &str, keep: &HashSet<(&str, String)>) -> Result<(), Error> {
+    prune_kind::<ConnectorAdvertisement>(s, connector, "ad", keep).await?;
+    prune_kind::<HttpProxy>(s, connector, "proxy", keep).await?;
+    prune_kind::<portway_api::TcpProxy>(s, connector, "tcpproxy", keep).await
+}
+
+/// Deletes this connector's objects of kind `K` that `keep` does not hold under `tag`.
+async fn prune_kind<K>(
+    s: &Shared,
+    connector: &str,
+    tag: &str,
+    keep: &HashSet<(&str, String)>,
+) -> Result<(), Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let lp = ListParams::default().labels(&objects::selector(connector));
+    let api: Api<K> = Api::namespaced(s.client.clone(), &s.config.project);
+    for o in api.list(&lp).await? {
+        let name = o.meta().name.clone().unwrap_or_default();
+        if !keep.contains(&(tag, name.clone())) {
+            tracing::info!(kind = %K::kind(&()), name = %name, "removing an object of a tunnel no longer configured");
+            api.delete(&name, &DeleteParams::default()).await?;
         }
     }
     Ok(())

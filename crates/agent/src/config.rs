@@ -14,6 +14,12 @@
 //! target = "127.0.0.1:3000"
 //! protocol = "http"              # or "tcp"
 //! hostnames = ["web.example.com"]
+//!
+//! [[tunnel]]
+//! name = "db"
+//! target = "127.0.0.1:5432"
+//! protocol = "tcp"
+//! public_port = 20001            # or `public = true`: a TCPProxy at any port of the range
 //! ```
 
 use std::collections::BTreeMap;
@@ -24,7 +30,7 @@ use portway_api::validation;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::tunnel::{Protocol, Target, Tunnel};
+use crate::tunnel::{Protocol, PublicPort, Target, Tunnel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +78,12 @@ struct TunnelEntry {
     protocol: Option<Spanned<String>>,
     #[serde(default)]
     hostnames: Vec<Spanned<String>>,
+    /// A tcp tunnel published at a public TCP port: any (`true`)...
+    #[serde(default)]
+    public: Option<Spanned<bool>>,
+    /// ...or this one.
+    #[serde(default)]
+    public_port: Option<Spanned<u16>>,
 }
 
 /// What the file says; absent values leave the flags' (or defaults') in place.
@@ -186,10 +198,28 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
                 .iter()
                 .map(|h| h.get_ref().to_ascii_lowercase())
                 .collect(),
+            public: match (&t.public, &t.public_port) {
+                (_, Some(p)) if *p.get_ref() == 0 => {
+                    return Err(invalid(
+                        p.span(),
+                        field("public_port"),
+                        "must be 1-65535".into(),
+                    ));
+                }
+                (_, Some(p)) => Some(PublicPort::Port(*p.get_ref())),
+                (Some(p), None) if *p.get_ref() => Some(PublicPort::Any),
+                _ => None,
+            },
         };
         if let Err((f, e)) = tunnel.check() {
             let span = match f {
                 "name" => t.name.span(),
+                "public" => t
+                    .public
+                    .as_ref()
+                    .map(Spanned::span)
+                    .or(t.public_port.as_ref().map(Spanned::span))
+                    .unwrap_or(t.name.span()),
                 _ => t.hostnames.first().map_or(t.name.span(), Spanned::span),
             };
             return Err(invalid(span, field(f), e));

@@ -33,4 +33,4 @@ mod server;
 pub mod tunnel;
 
 pub use agent::{Agent, Config, Error, Registration, Stats, default_name, device_labels};
-pub use tunnel::{Protocol, Target, Tunnel};
+pub use tunnel::{Protocol, PublicPort, Target, Tunnel};

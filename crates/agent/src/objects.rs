@@ -1,6 +1,7 @@
 //! What the agent writes for its tunnels, as a pure function: one ConnectorAdvertisement
-//! per tunnel and, for HTTP tunnels with hostnames, one HTTPProxy, each owned by the
-//! Connector (so deleting the Connector removes them).
+//! per tunnel; for HTTP tunnels with hostnames, one HTTPProxy; for TCP tunnels published
+//! at a public port, one TCPProxy; each owned by the Connector (so deleting the Connector
+//! removes them).
 
 use std::collections::BTreeMap;
 
@@ -9,10 +10,11 @@ use kube::Resource;
 use portway_api::{
     Connector, ConnectorAdvertisement, ConnectorAdvertisementSpec, ConnectorReference, HttpProxy,
     HttpProxyBackend, HttpProxyRule, HttpProxySpec, Layer4Advertisement, Layer4Service,
-    LocalObjectReference, ServicePort, default_matches, labels, managers,
+    LocalObjectReference, ServicePort, TcpProxy, TcpProxyBackend, TcpProxySpec, default_matches,
+    labels, managers,
 };
 
-use crate::tunnel::{Protocol, Tunnel};
+use crate::tunnel::{Protocol, PublicPort, Tunnel};
 
 /// Labels every object the agent writes carries, so it can find (and prune) its own.
 pub const CONNECTOR_LABEL: &str = "portway.dev/connector";
@@ -54,14 +56,23 @@ fn meta(connector: &Connector, tunnel: &Tunnel) -> ObjectMeta {
     }
 }
 
+/// The objects a connector's tunnels call for.
+#[derive(Debug, Default)]
+pub struct Objects {
+    /// One per tunnel: the device offers its target.
+    pub advertisements: Vec<ConnectorAdvertisement>,
+    /// One per http tunnel with hostnames.
+    pub proxies: Vec<HttpProxy>,
+    /// One per tcp tunnel published at a public port.
+    pub tcp_proxies: Vec<TcpProxy>,
+}
+
 /// The advertisements and proxies `tunnels` call for.
-pub fn desired(
-    connector: &Connector,
-    tunnels: &[Tunnel],
-) -> (Vec<ConnectorAdvertisement>, Vec<HttpProxy>) {
+pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
     let connector_name = connector.metadata.name.clone().unwrap_or_default();
     let mut advertisements = Vec::new();
     let mut proxies = Vec::new();
+    let mut tcp_proxies = Vec::new();
     for t in tunnels {
         advertisements.push(ConnectorAdvertisement {
             metadata: meta(connector, t),
@@ -107,8 +118,31 @@ pub fn desired(
                 status: None,
             });
         }
+        if let (Protocol::Tcp, Some(public)) = (t.protocol, t.public) {
+            tcp_proxies.push(TcpProxy {
+                metadata: meta(connector, t),
+                spec: TcpProxySpec {
+                    port: match public {
+                        PublicPort::Any => None,
+                        PublicPort::Port(p) => Some(i32::from(p)),
+                    },
+                    backends: vec![TcpProxyBackend {
+                        endpoint: format!("tcp://{}", t.target),
+                        connector: ConnectorReference {
+                            name: Some(connector_name.clone()),
+                            selector: None,
+                        },
+                    }],
+                },
+                status: None,
+            });
+        }
     }
-    (advertisements, proxies)
+    Objects {
+        advertisements,
+        proxies,
+        tcp_proxies,
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +173,7 @@ mod tests {
             },
             protocol,
             hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+            public: None,
         }
     }
 
@@ -148,13 +183,27 @@ mod tests {
             tunnel("web", Protocol::Http, &["web.example.com"]),
             tunnel("api", Protocol::Http, &[]),
             tunnel("db", Protocol::Tcp, &[]),
+            Tunnel {
+                public: Some(PublicPort::Port(20001)),
+                ..tunnel("redis", Protocol::Tcp, &[])
+            },
         ];
-        let (ads, proxies) = desired(&connector(), &tunnels);
+        let Objects {
+            advertisements: ads,
+            proxies,
+            tcp_proxies,
+        } = desired(&connector(), &tunnels);
+        assert_eq!(tcp_proxies.len(), 1, "published tcp tunnels only");
+        let t = &tcp_proxies[0];
+        assert_eq!(t.metadata.name.as_deref(), Some("laptop-redis"));
+        assert_eq!(t.spec.port, Some(20001));
+        assert_eq!(t.spec.backends[0].endpoint, "tcp://127.0.0.1:3000");
+        assert!(t.validate().is_empty(), "{:?}", t.validate());
         assert_eq!(
             ads.iter()
                 .map(|a| a.metadata.name.clone().unwrap())
                 .collect::<Vec<_>>(),
-            ["laptop-web", "laptop-api", "laptop-db"]
+            ["laptop-web", "laptop-api", "laptop-db", "laptop-redis"]
         );
         assert_eq!(proxies.len(), 1);
         let p = &proxies[0];

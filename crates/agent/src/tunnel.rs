@@ -10,8 +10,16 @@ pub enum Protocol {
     /// Published through an HTTPProxy when it has hostnames.
     #[default]
     Http,
-    /// Advertised only; reachable by CONNECT.
+    /// Advertised; published at a public TCP port (a TCPProxy) when `public` says so.
     Tcp,
+}
+
+/// Which public TCP port a tcp tunnel asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublicPort {
+    /// Any: the edge's range gives one, kept while the tunnel lives.
+    Any,
+    Port(u16),
 }
 
 impl Protocol {
@@ -31,10 +39,13 @@ pub struct Tunnel {
     pub protocol: Protocol,
     /// Public hostnames (HTTP tunnels only).
     pub hostnames: Vec<String>,
+    /// Published at a public TCP port (TCP tunnels only).
+    pub public: Option<PublicPort>,
 }
 
 impl Tunnel {
-    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp][,HOSTNAME...]`.
+    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp][,HOSTNAME...]`, where a tcp
+    /// tunnel takes `public` or `public=PORT` instead of hostnames.
     ///
     /// # Errors
     /// A sentence naming the part that is wrong.
@@ -50,11 +61,23 @@ impl Tunnel {
             target,
             protocol: Protocol::Http,
             hostnames: Vec::new(),
+            public: None,
         };
         for p in parts.filter(|p| !p.is_empty()) {
             match p {
                 "http" => t.protocol = Protocol::Http,
                 "tcp" => t.protocol = Protocol::Tcp,
+                "public" => t.public = Some(PublicPort::Any),
+                p if p.starts_with("public=") => {
+                    let port = p["public=".len()..]
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| {
+                            format!("--tunnel {name}: {p:?}: a port 1-65535 is wanted")
+                        })?;
+                    t.public = Some(PublicPort::Port(port));
+                }
                 host => t.hostnames.push(host.to_ascii_lowercase()),
             }
         }
@@ -71,6 +94,12 @@ impl Tunnel {
         validation::dns1123_label(&self.name).map_err(|e| ("name", e))?;
         if self.protocol == Protocol::Tcp && !self.hostnames.is_empty() {
             return Err(("hostnames", "only http tunnels have hostnames".into()));
+        }
+        if self.protocol == Protocol::Http && self.public.is_some() {
+            return Err((
+                "public",
+                "only tcp tunnels have a public port (http ones have hostnames)".into(),
+            ));
         }
         if self.hostnames.len() > validation::MAX_ITEMS {
             return Err((
@@ -110,5 +139,15 @@ mod tests {
                 .contains("name")
         );
         assert!(Tunnel::parse_flag("web").is_err());
+        let db = Tunnel::parse_flag("db=127.0.0.1:5432,tcp,public=20001").unwrap();
+        assert_eq!(db.public, Some(PublicPort::Port(20001)));
+        let any = Tunnel::parse_flag("db=127.0.0.1:5432,tcp,public").unwrap();
+        assert_eq!(any.public, Some(PublicPort::Any));
+        assert!(
+            Tunnel::parse_flag("web=127.0.0.1:1,http,public")
+                .unwrap_err()
+                .contains("public")
+        );
+        assert!(Tunnel::parse_flag("db=127.0.0.1:1,tcp,public=0").is_err());
     }
 }

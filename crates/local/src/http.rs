@@ -53,6 +53,8 @@ pub enum Error {
     HostnameTaken { hostname: String, message: String },
     #[error("hostname {hostname} is not verified: {message}. Then run this again")]
     HostnameNotVerified { hostname: String, message: String },
+    #[error("the public port is refused: {0}. Choose another with --remote-port")]
+    PortRefused(String),
 }
 
 const ADJECTIVES: [&str; 16] = [
@@ -77,7 +79,7 @@ pub fn random_hostname(zone: &str) -> String {
 /// process holds for its lifetime by an OS lock on `N/lock`. The kernel drops the lock
 /// when the process ends, `kill -9` included, so a dead run never keeps its slot and a
 /// recycled PID never looks alive.
-struct Slot {
+pub struct Slot {
     dir: PathBuf,
     n: usize,
     _lock: std::fs::File,
@@ -213,6 +215,102 @@ async fn device_client(
     .await?)
 }
 
+/// A one-liner's tunnel to `127.0.0.1:port`, named `<protocol>-<port>`.
+pub(crate) fn local_tunnel(protocol: Protocol, port: u16) -> Tunnel {
+    Tunnel {
+        name: format!("{}-{port}", protocol.as_str()),
+        target: Target {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        protocol,
+        hostnames: Vec::new(),
+        public: None,
+    }
+}
+
+/// Whether a one-liner's proxy is live: accepted, programmed and a backend ready.
+pub(crate) fn live(c: &[Condition]) -> bool {
+    ["Accepted", "Programmed", "BackendsReady"]
+        .iter()
+        .all(|t| is_condition_true(c, t))
+}
+
+/// Why a one-liner's proxy is not live by `deadline`: its conditions that are not True,
+/// each with its reason and message, or the watch's failure.
+pub(crate) fn not_programmed(deadline: Duration, c: &[Condition], watch: Option<String>) -> Error {
+    let why = c
+        .iter()
+        .filter(|c| c.status != "True")
+        .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let why = match watch {
+        Some(e) => format!("watching it failed: {e}"),
+        None if why.is_empty() => "no status yet".into(),
+        None => why,
+    };
+    Error::NotProgrammed(deadline, why)
+}
+
+/// A one-liner's agent, running with its one tunnel.
+pub(crate) struct Device {
+    pub agent: Agent,
+    /// The device's own client (its credential).
+    pub client: kube::Client,
+    pub info: Info,
+    pub slot: Slot,
+}
+
+/// Joins (or joins again) as the one-liner's device in the state slot last used for
+/// `key` (a hostname, `tcp-PORT`), and starts the agent with `tunnel`.
+/// Returns it with the name of the tunnel's proxy.
+pub(crate) async fn start_device(
+    config: &Config,
+    key: &str,
+    tunnel: Tunnel,
+) -> Result<(Device, String), Error> {
+    let info = Info::load(&config.data_dir)?;
+    reachable(&info.apiserver, Duration::from_secs(5)).await?;
+    let slot = state_slot(&config.data_dir, key)?;
+    let state_dir = slot.dir.clone();
+    let mut agent_config = portway_agent::Config::new(config.project.clone(), state_dir.clone());
+    let base = config
+        .name
+        .clone()
+        .unwrap_or_else(portway_agent::default_name);
+    agent_config.name = if slot.n == 1 {
+        base
+    } else {
+        format!("{base}-{}", slot.n)
+    };
+    agent_config.lease_duration = config.lease;
+    agent_config.relay_only = config.relay_only;
+    agent_config
+        .labels
+        .insert(portway_api::labels::EPHEMERAL.into(), "true".into());
+    let client = device_client(config, &info, &state_dir, &agent_config).await?;
+    agent_config.relays = vec![
+        info.relay
+            .parse()
+            .map_err(|_| UpError::Corrupt(config.data_dir.join(Info::FILE), "relay URL".into()))?,
+    ];
+    let name = tunnel.name.clone();
+    agent_config.tunnels = vec![tunnel];
+    let agent = Agent::start(agent_config, client.clone()).await?;
+    let connector = agent.registered().await.connector.clone();
+    let proxy = portway_agent::objects::object_name(&connector, &name);
+    Ok((
+        Device {
+            agent,
+            client,
+            info,
+            slot,
+        },
+        proxy,
+    ))
+}
+
 /// How long a live tunnel waits for its certificate before printing an http:// URL.
 const CERTIFICATE_WAIT: Duration = Duration::from_secs(15);
 
@@ -233,62 +331,26 @@ impl Http {
     /// When `portway up` is not running, or the proxy is not programmed in time (the
     /// error says which condition is missing).
     pub async fn start(config: Config) -> Result<Self, Error> {
-        let info = Info::load(&config.data_dir)?;
+        let zone = Info::load(&config.data_dir)?.zone;
         let hostname = config
             .hostname
             .clone()
-            .unwrap_or_else(|| random_hostname(&info.zone))
+            .unwrap_or_else(|| random_hostname(&zone))
             .to_ascii_lowercase();
         portway_api::validation::hostname(&hostname, false)
             .map_err(|e| Error::Hostname(hostname.clone(), e))?;
-        reachable(&info.apiserver, Duration::from_secs(5)).await?;
-        let slot = state_slot(&config.data_dir, &hostname)?;
-        let state_dir = slot.dir.clone();
-        let mut agent_config =
-            portway_agent::Config::new(config.project.clone(), state_dir.clone());
-        let base = config
-            .name
-            .clone()
-            .unwrap_or_else(portway_agent::default_name);
-        agent_config.name = if slot.n == 1 {
-            base
-        } else {
-            format!("{base}-{}", slot.n)
-        };
-        agent_config.lease_duration = config.lease;
-        agent_config.relay_only = config.relay_only;
-        agent_config
-            .labels
-            .insert(portway_api::labels::EPHEMERAL.into(), "true".into());
-        let client = device_client(&config, &info, &state_dir, &agent_config).await?;
-        agent_config.relays =
-            vec![info.relay.parse().map_err(|_| {
-                UpError::Corrupt(config.data_dir.join(Info::FILE), "relay URL".into())
-            })?];
-        agent_config.tunnels = vec![Tunnel {
-            name: format!("http-{}", config.port),
-            target: Target {
-                host: "127.0.0.1".into(),
-                port: config.port,
-            },
-            protocol: Protocol::Http,
+        let tunnel = Tunnel {
             hostnames: vec![hostname.clone()],
-        }];
-        let agent = Agent::start(agent_config, client.clone()).await?;
-        let reg = agent.registered().await;
-        let proxy =
-            portway_agent::objects::object_name(&reg.connector, &format!("http-{}", config.port));
-        let api: Api<HttpProxy> = Api::namespaced(client, &config.project);
+            ..local_tunnel(Protocol::Http, config.port)
+        };
+        let (device, proxy) = start_device(&config, &hostname, tunnel).await?;
+        let (agent, info, slot) = (device.agent, device.info, device.slot);
+        let api: Api<HttpProxy> = Api::namespaced(device.client, &config.project);
         let deadline = Duration::from_secs(60);
         let conditions = |p: Option<&HttpProxy>| {
             p.and_then(|p| p.status.as_ref())
                 .map(|s| s.conditions.clone())
                 .unwrap_or_default()
-        };
-        let live = |c: &[Condition]| {
-            ["Accepted", "Programmed", "BackendsReady"]
-                .iter()
-                .all(|t| is_condition_true(c, t))
         };
         // Another proxy owning the hostname will not change by waiting.
         let taken = |c: &[Condition]| {
@@ -345,19 +407,12 @@ impl Http {
                 .and_then(|p| p.status)
                 .map(|s| s.conditions)
                 .unwrap_or_default();
-            let why = conds
-                .iter()
-                .filter(|c| c.status != "True")
-                .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            let why = match waited {
-                Ok(Err(e)) => format!("watching it failed: {e}"),
-                _ if why.is_empty() => "no status yet".into(),
-                _ => why,
+            let watch = match waited {
+                Ok(Err(e)) => Some(e.to_string()),
+                _ => None,
             };
             agent.shutdown(true).await;
-            return Err(Error::NotProgrammed(deadline, why));
+            return Err(not_programmed(deadline, &conds, watch));
         }
         // Live: with HTTPS on, give the issuer a bounded moment to say whether the name
         // has a certificate (a slow ACME order must not fail a working tunnel; the URL is

@@ -1,5 +1,5 @@
 //! Portway on one machine: `portway up` runs every part in one process, `portway http`
-//! publishes a local port.
+//! publishes a local port at a hostname and `portway tcp` at a public TCP port.
 //!
 //! [`up::Up`] starts the API server, DNS, relay, operator, edge and sidecar on one SQLite
 //! file, with an admin kubeconfig in the data directory, and saves the addresses in
@@ -16,4 +16,5 @@
 //! ```
 
 pub mod http;
+pub mod tcp;
 pub mod up;

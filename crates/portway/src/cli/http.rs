@@ -1,20 +1,16 @@
-//! `portway http PORT`: the one-liner.
+//! `portway http PORT` and `portway tcp PORT`: the one-liners.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{Args as ClapArgs, Parser};
 use serde_json::json;
 
 use super::{default_data_dir, shutdown_signal, write_ready_file};
 
-#[derive(Parser)]
-pub struct Args {
-    /// The local port your app listens on (127.0.0.1:PORT).
-    port: u16,
-    /// Public hostname (default: a random name under .localhost).
-    #[arg(long)]
-    hostname: Option<String>,
+/// What both one-liners take besides the port.
+#[derive(ClapArgs)]
+pub struct DeviceArgs {
     /// Project (namespace).
     #[arg(long, default_value = "default")]
     project: String,
@@ -28,7 +24,7 @@ pub struct Args {
     /// Data directory of `portway up`.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Heartbeat lease in seconds: if this process dies, the URL answers 503 after this.
+    /// Heartbeat lease in seconds: if this process dies, the tunnel goes offline after this.
     #[arg(long, default_value_t = 30)]
     lease_seconds: u64,
     /// Reach the edge only through the relay: no direct UDP path.
@@ -39,33 +35,64 @@ pub struct Args {
     ready_file: Option<PathBuf>,
 }
 
+impl DeviceArgs {
+    fn config(self, port: u16, hostname: Option<String>) -> portway_local::http::Config {
+        portway_local::http::Config {
+            data_dir: self.data.unwrap_or_else(default_data_dir),
+            port,
+            hostname,
+            project: self.project,
+            kubeconfig: self.kubeconfig,
+            name: self.name,
+            lease: std::time::Duration::from_secs(self.lease_seconds.max(2)),
+            relay_only: self.relay_only,
+        }
+    }
+}
+
+#[derive(Parser)]
+pub struct Args {
+    /// The local port your app listens on (127.0.0.1:PORT).
+    port: u16,
+    /// Public hostname (default: a random name under .localhost).
+    #[arg(long)]
+    hostname: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Parser)]
+pub struct TcpArgs {
+    /// The local port your service listens on (127.0.0.1:PORT).
+    port: u16,
+    /// The public port wanted (default: one from the edge's range, kept while this runs).
+    #[arg(long)]
+    remote_port: Option<u16>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Failures that say what to do in one complete sentence: no chain.
+fn one_line(e: portway_local::http::Error) -> anyhow::Error {
+    use portway_local::http::Error;
+    match e {
+        Error::HostnameTaken { .. }
+        | Error::HostnameNotVerified { .. }
+        | Error::Unreachable { .. }
+        | Error::PortRefused(_) => anyhow::anyhow!(e.to_string()),
+        e => anyhow::Error::new(e).context("publishing the port"),
+    }
+}
+
 pub async fn run(args: Args) -> Result<()> {
-    use std::io::{IsTerminal, Write};
-    let config = portway_local::http::Config {
-        data_dir: args.data.unwrap_or_else(default_data_dir),
-        port: args.port,
-        hostname: args.hostname,
-        project: args.project,
-        kubeconfig: args.kubeconfig,
-        name: args.name,
-        lease: std::time::Duration::from_secs(args.lease_seconds.max(2)),
-        relay_only: args.relay_only,
-    };
+    let ready_file = args.device.ready_file.clone();
+    let config = args.device.config(args.port, args.hostname);
     let started = tokio::time::Instant::now();
     let h = tokio::select! {
-        h = portway_local::http::Http::start(config) => h.map_err(|e| {
-            use portway_local::http::Error;
-            match e {
-                // Complete sentences that say what to do: one line, no chain.
-                Error::HostnameTaken { .. }
-                | Error::HostnameNotVerified { .. }
-                | Error::Unreachable { .. } => anyhow::anyhow!(e.to_string()),
-                e => anyhow::Error::new(e).context("publishing the port"),
-            }
-        })?,
+        h = portway_local::http::Http::start(config) => h.map_err(one_line)?,
         () = shutdown_signal() => return Ok(()),
     };
-    if let Some(path) = &args.ready_file {
+    if let Some(path) = &ready_file {
         write_ready_file(
             path,
             &json!({"url": h.url, "hostname": h.hostname, "proxy": h.proxy, "node_id": h.agent.node_id().to_string()}),
@@ -77,16 +104,51 @@ pub async fn run(args: Args) -> Result<()> {
         args.port,
         started.elapsed().as_millis()
     );
+    status_until_stopped(&h.agent).await;
+    h.stop().await;
+    eprintln!("tunnel removed");
+    Ok(())
+}
+
+pub async fn run_tcp(args: TcpArgs) -> Result<()> {
+    let ready_file = args.device.ready_file.clone();
+    let config = args.device.config(args.port, None);
+    let started = tokio::time::Instant::now();
+    let t = tokio::select! {
+        t = portway_local::tcp::Tcp::start(config, args.remote_port) => t.map_err(one_line)?,
+        () = shutdown_signal() => return Ok(()),
+    };
+    if let Some(path) = &ready_file {
+        write_ready_file(
+            path,
+            &json!({"url": t.url, "port": t.port, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
+        )?;
+    }
+    println!(
+        "{} → 127.0.0.1:{}  (ready in {} ms; Ctrl-C to stop)",
+        t.url,
+        args.port,
+        started.elapsed().as_millis()
+    );
+    status_until_stopped(&t.agent).await;
+    t.stop().await;
+    eprintln!("tunnel removed");
+    Ok(())
+}
+
+/// On a terminal, a live status line until Ctrl-C.
+async fn status_until_stopped(agent: &portway_agent::Agent) {
+    use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal();
     crate::logs::STATUS_LINE.store(tty, std::sync::atomic::Ordering::Relaxed);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    let state = h.agent.state();
+    let state = agent.state();
     loop {
         tokio::select! {
             () = shutdown_signal() => break,
             _ = tick.tick() => {
                 if tty {
-                    let s = h.agent.stats();
+                    let s = agent.stats();
                     print!("\r\x1b[2K{}  requests {}  active {}  refused {}", state.borrow().as_str(), s.requests, s.active, s.denied);
                     let _ = std::io::stdout().flush();
                 }
@@ -97,7 +159,4 @@ pub async fn run(args: Args) -> Result<()> {
     if tty {
         println!();
     }
-    h.stop().await;
-    eprintln!("tunnel removed");
-    Ok(())
 }

@@ -46,6 +46,9 @@ pub enum Command {
     Up(up::Args),
     /// Publish a local port at a public hostname (needs `portway up`), like `ngrok http`.
     Http(http::Args),
+    /// Publish a local TCP port at a public TCP port of the edge (needs `portway up`),
+    /// like `ngrok tcp`.
+    Tcp(http::TcpArgs),
     /// Run the built-in edge (with its sidecar in process) against a control plane.
     Edge(edge::Args),
     /// Run a standalone sidecar for an Envoy: requests carrying datum-* headers are
@@ -79,6 +82,7 @@ pub async fn run(command: Command) -> Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
         Command::Http(args) => http::run(args).await,
+        Command::Tcp(args) => http::run_tcp(args).await,
         Command::Edge(args) => edge::run(args).await,
         Command::Sidecar(args) => sidecar::run(args).await,
         Command::Apiserver(args) => apiserver::run(args).await,

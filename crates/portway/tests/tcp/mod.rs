@@ -254,23 +254,75 @@ async fn tcp_ports_on_both_data_planes() {
     // The device goes away: new connections are closed at once, not left hanging.
     drop(device);
     for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
-        let addr = SocketAddr::new(ip, lo);
-        eventually(
-            &format!("{plane} closes connections to an offline device"),
-            WAIT,
-            || async {
-                let started = Instant::now();
-                let r = echo_through(addr, 10).await;
-                ensure!(r.is_err(), "still served");
-                ensure!(
-                    started.elapsed() < Duration::from_secs(5),
-                    "took {:?}",
-                    started.elapsed()
-                );
-                Ok(())
-            },
-        )
-        .await;
+        closed_quickly(plane, SocketAddr::new(ip, lo)).await;
     }
+
+    // `portway tcp PORT` (like `ngrok tcp`): the one-liner joins, publishes the port the
+    // range gives (the one `echo` frees) and prints where to connect.
+    tcp.delete("echo", &DeleteParams::default()).await.unwrap();
+    let data = stack.data();
+    let one_liner = Process::start(
+        "tcp",
+        bin(),
+        [
+            "tcp",
+            &echo.port().to_string(),
+            "--data",
+            data.to_str().unwrap(),
+            "--lease-seconds",
+            "5",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(one_liner.ready_str("url"), format!("tcp://{edge_ip}:{lo}"));
+    for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
+        let addr = SocketAddr::new(ip, lo);
+        let hash = eventually(&format!("{plane}: portway tcp's port"), WAIT, || async {
+            echo_through(addr, 1000).await
+        })
+        .await;
+        assert_eq!(hash, pattern_hash(1000));
+    }
+    // Asked for a port another proxy holds: one clear line, non-zero exit.
+    let out = tokio::process::Command::new(bin())
+        .args([
+            "tcp",
+            &echo.port().to_string(),
+            "--remote-port",
+            &hi.to_string(),
+        ])
+        .args(["--data", data.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("public port is refused")
+            && err.contains("--remote-port"),
+        "{err}"
+    );
+    drop(one_liner);
     drop((front, redis_device));
+}
+
+/// New connections to `addr` end at once (its device is offline), within a deadline.
+async fn closed_quickly(plane: &str, addr: SocketAddr) {
+    eventually(
+        &format!("{plane} closes connections to an offline device"),
+        WAIT,
+        || async {
+            let started = Instant::now();
+            let r = echo_through(addr, 10).await;
+            ensure!(r.is_err(), "still served");
+            ensure!(
+                started.elapsed() < Duration::from_secs(5),
+                "took {:?}",
+                started.elapsed()
+            );
+            Ok(())
+        },
+    )
+    .await;
 }

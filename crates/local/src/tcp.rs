@@ -1,0 +1,106 @@
+//! `portway tcp PORT`: the one-liner for raw TCP (like `ngrok tcp 22`). Runs the agent with
+//! one tcp tunnel to `127.0.0.1:PORT` published at a public port of the edge, waits until
+//! the port is live, and reports `tcp://HOST:PORT`.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::Api;
+use portway_agent::{Agent, Protocol, PublicPort, Tunnel};
+use portway_api::{TcpProxy, find_condition};
+
+use crate::http::{Config, Error, Slot, live, local_tunnel, not_programmed, start_device};
+
+/// A running TCP one-liner.
+pub struct Tcp {
+    pub agent: Agent,
+    /// `tcp://HOST:PORT`, where clients connect.
+    pub url: String,
+    /// The public port granted.
+    pub port: u16,
+    pub proxy: String,
+    _slot: Slot,
+}
+
+/// Why a port will not be granted by waiting: the TCPProxy's refusal.
+const PORT_REFUSALS: [&str; 3] = ["PortInUse", "PortNotAllowed", "NoPortAvailable"];
+
+impl Tcp {
+    /// Starts the agent and waits until the public port reaches the local one. `remote`:
+    /// the public port wanted, else one from the edge's range.
+    ///
+    /// # Errors
+    /// When `portway up` is not running, the port is refused (taken, outside the range,
+    /// none left), or the proxy is not programmed in time (the error says which condition
+    /// is missing).
+    pub async fn start(config: Config, remote: Option<u16>) -> Result<Self, Error> {
+        let tunnel = Tunnel {
+            public: Some(remote.map_or(PublicPort::Any, PublicPort::Port)),
+            ..local_tunnel(Protocol::Tcp, config.port)
+        };
+        let key = tunnel.name.clone();
+        let (device, proxy) = start_device(&config, &key, tunnel).await?;
+        let (agent, info, slot) = (device.agent, device.info, device.slot);
+        let api: Api<TcpProxy> = Api::namespaced(device.client, &config.project);
+        let conditions = |p: Option<&TcpProxy>| -> Vec<Condition> {
+            p.and_then(|p| p.status.clone())
+                .map(|s| s.conditions)
+                .unwrap_or_default()
+        };
+        let refused = |c: &[Condition]| {
+            find_condition(c, "Accepted")
+                .filter(|a| a.status == "False" && PORT_REFUSALS.contains(&a.reason.as_str()))
+                .map(|a| a.message.clone())
+        };
+        let settled = |p: Option<&TcpProxy>| {
+            let c = conditions(p);
+            live(&c) || refused(&c).is_some()
+        };
+        let deadline = Duration::from_secs(60);
+        let waited = tokio::time::timeout(
+            deadline,
+            kube::runtime::wait::await_condition(api.clone(), &proxy, settled),
+        )
+        .await;
+        let done = match &waited {
+            Ok(Ok(p)) => p.clone(),
+            _ => None,
+        };
+        if let Some(message) = refused(&conditions(done.as_ref())) {
+            agent.shutdown(true).await;
+            return Err(Error::PortRefused(message));
+        }
+        let port = done
+            .as_ref()
+            .filter(|p| live(&conditions(Some(p))))
+            .and_then(|p| p.status.as_ref()?.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let Some(port) = port else {
+            let watch = match waited {
+                Ok(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            agent.shutdown(true).await;
+            return Err(not_programmed(deadline, &conditions(done.as_ref()), watch));
+        };
+        // The edge binds public ports where it serves HTTP.
+        let host = match info.http.ip() {
+            ip if ip.is_unspecified() => "localhost".to_owned(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        Ok(Self {
+            agent,
+            url: format!("tcp://{host}:{port}"),
+            port,
+            proxy,
+            _slot: slot,
+        })
+    }
+
+    /// Removes the tunnel's advertisement and proxy (the connector stays), releases the
+    /// lease and frees the state slot.
+    pub async fn stop(self) {
+        self.agent.shutdown(true).await;
+    }
+}
