@@ -139,6 +139,7 @@ impl EdgeStack {
         .await?;
         // Public TCP ports listen where the edge's HTTP does, and follow the table.
         let (version, versions) = watch::channel(0);
+        let (binds, tcp_binds) = watch::channel(crate::tcp::Binds::new());
         let tcp_task = crate::tcp::spawn(
             crate::tcp::Config {
                 ip: edge
@@ -150,6 +151,7 @@ impl EdgeStack {
             table.clone(),
             versions,
             sidecar.clone(),
+            binds,
             shutdown.clone(),
         );
         let sidecar_addr = sidecar_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -172,6 +174,7 @@ impl EdgeStack {
                 controller_name: portway_api::CONTROLLER_NAME.into(),
                 addresses,
                 write_status: true,
+                tcp_binds: Some(tcp_binds),
             },
             table,
             version,

@@ -4,7 +4,7 @@
 //! (ready ones in round-robin order, devices that are down last); with no ready backend,
 //! or none that accepts, the connection is closed at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,17 +46,23 @@ impl Default for Config {
 /// How often a port that could not be bound (taken by another program) is tried again.
 const REBIND: Duration = Duration::from_secs(5);
 
-/// Serves the table's TCP ports until `shutdown`.
+/// Each port of the table: listening, or why it cannot (the bind error). Route status says
+/// so, so a port another program holds is never reported as served.
+pub type Binds = BTreeMap<u16, Result<(), String>>;
+
+/// Serves the table's TCP ports until `shutdown`, telling `binds` how each fares.
 pub fn spawn(
     config: Config,
     table: Arc<ArcSwap<Table>>,
     mut version: watch::Receiver<u64>,
     sidecar: Arc<Sidecar>,
+    binds: watch::Sender<Binds>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let config = Arc::new(config);
         let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
+        let mut failed: HashMap<u16, String> = HashMap::new();
         let mut retry = tokio::time::interval(REBIND);
         loop {
             let wanted: Vec<u16> = table.load().tcp.keys().copied().collect();
@@ -69,7 +75,8 @@ pub fn spawn(
                 }
                 keep
             });
-            for port in wanted {
+            failed.retain(|port, _| wanted.contains(port));
+            for &port in &wanted {
                 if bound.contains_key(&port) {
                     continue;
                 }
@@ -77,6 +84,7 @@ pub fn spawn(
                 match TcpListener::bind(addr).await {
                     Ok(listener) => {
                         tracing::info!(%addr, "public TCP port open");
+                        failed.remove(&port);
                         let token = shutdown.child_token();
                         bound.insert(port, token.clone());
                         tokio::spawn(accept(
@@ -89,10 +97,26 @@ pub fn spawn(
                         ));
                     }
                     Err(e) => {
-                        tracing::warn!(%addr, error = %e, "cannot bind a public TCP port; trying again");
+                        let why = format!("the edge cannot listen on {addr}: {e}");
+                        // Once per trouble, not every retry.
+                        if failed.get(&port) != Some(&why) {
+                            tracing::warn!(%addr, error = %e, "cannot bind a public TCP port; trying again every {REBIND:?}");
+                        }
+                        failed.insert(port, why);
                     }
                 }
             }
+            let now: Binds = wanted
+                .iter()
+                .map(|p| (*p, failed.get(p).map_or(Ok(()), |e| Err(e.clone()))))
+                .collect();
+            binds.send_if_modified(|b| {
+                let changed = *b != now;
+                if changed {
+                    *b = now;
+                }
+                changed
+            });
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = version.changed() => if changed.is_err() { return },

@@ -97,6 +97,8 @@ pub enum StatusWrite<'a> {
     RouteParents {
         route: RouteRef<'a>,
         gateways: Vec<String>,
+        /// Gateways whose listener for the route cannot serve it, and why.
+        refused: HashMap<String, String>,
         status: Value,
     },
 }
@@ -115,6 +117,14 @@ pub fn desired<'a>(
     for a in attachments {
         *attached.entry((&a.route_ns, &a.gateway)).or_default() += 1;
     }
+    let binds = config.tcp_binds.as_ref().map(|b| b.borrow().clone());
+    // A TCP listener's state: `None` while its port has not been tried yet.
+    let tcp_state = |l: &gateway_api::apis::standard::gateways::GatewayListeners| {
+        let binds = binds.as_ref()?;
+        u16::try_from(l.port)
+            .ok()
+            .and_then(|p| binds.get(&p).cloned())
+    };
     let mut writes: Vec<StatusWrite<'a>> = gateways
         .iter()
         .filter(|g| g.spec.gateway_class_name == config.class)
@@ -122,7 +132,7 @@ pub fn desired<'a>(
             let ns = g.metadata.namespace.as_deref().unwrap_or_default();
             let name = g.metadata.name.as_deref().unwrap_or_default();
             let count = attached.get(&(ns, name)).copied().unwrap_or(0);
-            gateway_status(g, &config.addresses, count)
+            gateway_status(g, &config.addresses, count, &tcp_state)
         })
         .collect();
 
@@ -147,14 +157,45 @@ pub fn desired<'a>(
             None => per_route.push((key, vec![a.gateway.clone()])),
         }
     }
+    let all_gateways = gateways;
     for (key, gateways) in per_route {
         let Some(route) = by_key.get(&key) else {
             continue;
         };
-        if let Some(status) = route_parents(*route, &config.controller_name, &gateways) {
+        // A TCPRoute is served once its port listens: refused with the bind error, not
+        // reported at all before the port was tried.
+        let mut refused = HashMap::new();
+        let mut untried = false;
+        if key.0 == RouteKind::Tcp && binds.is_some() {
+            for gw in &gateways {
+                let listeners = all_gateways
+                    .iter()
+                    .find(|g| {
+                        g.metadata.namespace.as_deref() == Some(key.1)
+                            && g.metadata.name.as_deref() == Some(gw.as_str())
+                    })
+                    .into_iter()
+                    .flat_map(|g| g.spec.listeners.iter())
+                    .filter(|l| l.protocol == "TCP");
+                for l in listeners {
+                    match tcp_state(l) {
+                        None => untried = true,
+                        Some(Err(why)) => {
+                            refused.insert(gw.clone(), why);
+                        }
+                        Some(Ok(())) => {}
+                    }
+                }
+            }
+        }
+        if untried {
+            continue;
+        }
+        if let Some(status) = route_parents(*route, &config.controller_name, &gateways, &refused) {
             writes.push(StatusWrite::RouteParents {
                 route: *route,
                 gateways,
+                refused,
                 status,
             });
         }
@@ -163,11 +204,15 @@ pub fn desired<'a>(
 }
 
 /// `Accepted` and `Programmed`, the published `addresses` and a `listeners` entry per
-/// listener counting `attached` routes; `None` when the Gateway already says all that.
+/// listener counting `attached` routes (a TCP listener whose port cannot be bound is not
+/// programmed: `PortUnavailable`); `None` when the Gateway already says all that.
 fn gateway_status<'a>(
     g: &'a Gateway,
     addresses: &[String],
     attached: usize,
+    tcp_state: &dyn Fn(
+        &gateway_api::apis::standard::gateways::GatewayListeners,
+    ) -> Option<Result<(), String>>,
 ) -> Option<StatusWrite<'a>> {
     let generation = g.metadata.generation;
     let status = g.status.clone().unwrap_or_default();
@@ -204,12 +249,28 @@ fn gateway_status<'a>(
         .iter()
         .map(|l| {
             let kind = if l.protocol == "TCP" { "TCPRoute" } else { "HTTPRoute" };
+            let programmed = match tcp_state(l) {
+                Some(Err(why)) => condition("Programmed", false, "PortUnavailable", &why, generation),
+                _ => condition("Programmed", true, "Programmed", "", generation),
+            };
             json!({"name": l.name, "attachedRoutes": attached, "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": kind}],
-                   "conditions": [condition("Accepted", true, "Accepted", "", generation), condition("Programmed", true, "Programmed", "", generation)]})
+                   "conditions": [condition("Accepted", true, "Accepted", "", generation), programmed]})
         })
         .collect();
+    let programmed_of = |conditions: &[Condition]| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == "Programmed")
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
     let listeners_same = status.listeners.as_ref().is_some_and(|ls| {
-        ls.len() == listeners.len() && ls.iter().all(|l| l.attached_routes == attached as i32)
+        ls.len() == listeners.len()
+            && ls.iter().zip(&listeners).all(|(l, want)| {
+                let want: Vec<Condition> =
+                    serde_json::from_value(want["conditions"].clone()).unwrap_or_default();
+                l.attached_routes == attached as i32
+                    && programmed_of(&l.conditions) == programmed_of(&want)
+            })
     });
     if !changed && current_addresses == json!(addresses) && listeners_same {
         return None;
@@ -231,6 +292,7 @@ pub(super) fn route_parents(
     route: RouteRef<'_>,
     controller: &str,
     gateways: &[String],
+    refused: &HashMap<String, String>,
 ) -> Option<Value> {
     let parents = route.parents();
     let mine = |p: &Parent, gateway: &str| p.controller == controller && p.gateway == gateway;
@@ -242,10 +304,12 @@ pub(super) fn route_parents(
         let existing = parents.iter().find(|p| mine(p, gateway));
         let mut conditions = existing.map(|p| p.conditions.to_vec()).unwrap_or_default();
         changed |= existing.is_none();
-        changed |= set_condition(
-            &mut conditions,
-            condition("Accepted", true, "Accepted", "", generation),
-        );
+        let accepted = match refused.get(gateway) {
+            // Gateway API's reason for a listener that cannot bind its port.
+            Some(why) => condition("Accepted", false, "PortUnavailable", why, generation),
+            None => condition("Accepted", true, "Accepted", "", generation),
+        };
+        changed |= set_condition(&mut conditions, accepted);
         changed |= set_condition(
             &mut conditions,
             condition("ResolvedRefs", true, "ResolvedRefs", "", generation),
@@ -281,6 +345,7 @@ mod tests {
             controller_name: OURS.into(),
             addresses: vec!["10.0.0.1".into()],
             write_status: true,
+            tcp_binds: None,
         }
     }
 
@@ -351,6 +416,58 @@ mod tests {
             })
             .collect();
         assert_eq!(parents, ["db:\"Accepted\""]);
+
+        // When this process binds the ports (the built-in edge): nothing is said of a port
+        // not tried yet; one another program holds refuses the route and is not
+        // programmed on the listener, with the bind error; one that listens is accepted.
+        let with_binds = |binds: crate::tcp::Binds| {
+            let (_tx, rx) = tokio::sync::watch::channel(binds);
+            let config = Config {
+                tcp_binds: Some(rx),
+                ..config()
+            };
+            let writes = desired(&config, &[&gw], &[], &[&route], &attachments);
+            let route_accepted: Vec<(String, String)> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    StatusWrite::RouteParents { status, .. } => {
+                        let c = &status["parents"][0]["conditions"][0];
+                        Some((
+                            c["status"].as_str()?.to_owned(),
+                            c["reason"].as_str()?.to_owned(),
+                        ))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let listener_programmed: Vec<String> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    StatusWrite::Gateway { rest, .. } => {
+                        let c = &rest["listeners"][0]["conditions"][1];
+                        Some(format!(
+                            "{}/{}",
+                            c["status"].as_str()?,
+                            c["reason"].as_str()?
+                        ))
+                    }
+                    _ => None,
+                })
+                .collect();
+            (route_accepted, listener_programmed)
+        };
+        let (route_accepted, listener) = with_binds(Default::default());
+        assert!(route_accepted.is_empty(), "{route_accepted:?}");
+        assert_eq!(listener, ["True/Programmed"]);
+        let (route_accepted, listener) =
+            with_binds([(20001, Err("address in use".to_owned()))].into());
+        assert_eq!(
+            route_accepted,
+            [("False".to_owned(), "PortUnavailable".to_owned())]
+        );
+        assert_eq!(listener, ["False/PortUnavailable"]);
+        let (route_accepted, _) = with_binds([(20001, Ok(()))].into());
+        assert_eq!(route_accepted, [("True".to_owned(), "Accepted".to_owned())]);
     }
 
     fn attach(route: &str, gateway: &str) -> Attachment {
@@ -404,6 +521,7 @@ mod tests {
                 route,
                 gateways,
                 status,
+                ..
             } => {
                 let parents: Vec<_> = status["parents"]
                     .as_array()
@@ -614,7 +732,8 @@ mod tests {
     #[test]
     fn our_entry_for_another_gateway_is_kept() {
         let r = with_parent(route("r"), OURS, "old");
-        let status = route_parents(RouteRef::Http(&r), OURS, &["gw".into()]).unwrap();
+        let status =
+            route_parents(RouteRef::Http(&r), OURS, &["gw".into()], &HashMap::new()).unwrap();
         let names: Vec<_> = status["parents"]
             .as_array()
             .unwrap()

@@ -39,6 +39,9 @@ pub struct Config {
     /// Whether to write Gateway and HTTPRoute status (the built-in edge does; an xDS server
     /// beside other writers may not).
     pub write_status: bool,
+    /// How the public TCP ports fare, when this process binds them (the built-in edge): a
+    /// TCPRoute is accepted only once its port listens, and refused with the bind error.
+    pub tcp_binds: Option<watch::Receiver<crate::tcp::Binds>>,
 }
 
 /// The Gateways the route watcher caches, shared with the other writer of Gateway status
@@ -118,9 +121,21 @@ pub fn spawn(
         let events = portway_kube::Events::new(client.clone(), "portway-edge", None);
         let mut resync = tokio::time::interval(Duration::from_secs(60));
         let mut n = 0u64;
+        let mut tcp_binds = config.tcp_binds.clone();
         loop {
+            let binds_changed = async {
+                match &mut tcp_binds {
+                    Some(b) => {
+                        if b.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = binds_changed => {}
                 batch = changes.next() => match batch {
                     None => return,
                     Some(batch) => {
@@ -217,17 +232,31 @@ async fn apply(
             StatusWrite::RouteParents {
                 route,
                 gateways,
+                refused,
                 status,
-            } => match route {
-                RouteRef::Http(r) => {
-                    write_parents(client, events, controller, r, gateways, status).await;
+            } => {
+                let parents = Parents {
+                    gateways,
+                    refused,
+                    status,
+                };
+                match route {
+                    RouteRef::Http(r) => {
+                        write_parents(client, events, controller, r, parents).await
+                    }
+                    RouteRef::Tcp(r) => write_parents(client, events, controller, r, parents).await,
                 }
-                RouteRef::Tcp(r) => {
-                    write_parents(client, events, controller, r, gateways, status).await;
-                }
-            },
+            }
         }
     }
+}
+
+/// A route's parent entries as decided: its Gateways, those refusing it (and why), and the
+/// status that says so.
+struct Parents {
+    gateways: Vec<String>,
+    refused: std::collections::HashMap<String, String>,
+    status: serde_json::Value,
 }
 
 /// Writes a route's `status.parents` as decided; after a 409 the route is read again and
@@ -237,8 +266,7 @@ async fn write_parents<K>(
     events: &portway_kube::Events,
     controller: &str,
     route: &K,
-    gateways: Vec<String>,
-    status: serde_json::Value,
+    parents: Parents,
 ) where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -248,22 +276,41 @@ async fn write_parents<K>(
 {
     let (ns, name) = (route.namespace().unwrap_or_default(), route.name_any());
     let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let Parents {
+        gateways,
+        refused,
+        status,
+    } = parents;
     let mut decided = Some(status);
     let decide = |r: &K| {
         decided
             .take()
-            .or_else(|| desired::route_parents(RouteRef::from(r), controller, &gateways))
+            .or_else(|| desired::route_parents(RouteRef::from(r), controller, &gateways, &refused))
     };
     let result =
         portway_kube::patch_status_with(&api, Some(route), &name, managers::EDGE, decide).await;
     match result {
-        Ok(true) => {
+        Ok(true) if refused.is_empty() => {
             let note = format!("attached to Gateway {} and served", gateways.join(", "));
             events
                 .record(
                     &route.object_ref(&()),
                     portway_kube::events::Kind::Normal,
                     "Accepted",
+                    "Reconcile",
+                    note,
+                )
+                .await;
+        }
+        Ok(true) => {
+            let mut why: Vec<&String> = refused.values().collect();
+            why.sort();
+            let note = why.into_iter().cloned().collect::<Vec<_>>().join("; ");
+            events
+                .record(
+                    &route.object_ref(&()),
+                    portway_kube::events::Kind::Warning,
+                    "PortUnavailable",
                     "Reconcile",
                     note,
                 )

@@ -218,6 +218,8 @@ impl Stack {
                 controller_name: portway_api::CONTROLLER_NAME.into(),
                 addresses,
                 write_status: config.write_status,
+                // Envoy binds the ports; whether it could is not known here.
+                tcp_binds: None,
             },
             table,
             routes_tx,

@@ -224,7 +224,19 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         });
         parent_accepted(parents, &input.config.controller_name, &child_name(&name))
     });
-    status.conditions = accepted(&backends, port, accepted_by_gateway, stamp);
+    // The gateway's refusal as it words it: a port another program holds on the edge is
+    // `PortUnavailable`, with the bind error.
+    let refusal = input.route_status.and_then(|s| {
+        s.parents
+            .iter()
+            .filter(|p| {
+                p.controller_name == input.config.controller_name
+                    && p.parent_ref.name == child_name(&name)
+            })
+            .flat_map(|p| p.conditions.iter())
+            .find(|c| c.type_ == "Accepted" && c.status == "False")
+    });
+    status.conditions = accepted(&backends, port, accepted_by_gateway, refusal, stamp);
     let meta = |child: String, extra: &[(&str, &str)]| -> ObjectMeta {
         owned_meta(proxy, labels::TCP_PROXY, child, extra)
     };
@@ -376,6 +388,7 @@ fn accepted(
     backends: &[Backend<'_>],
     port: u16,
     accepted_by_gateway: bool,
+    refusal: Option<&Condition>,
     stamp: Stamp,
 ) -> Vec<Condition> {
     let ready = backends
@@ -396,7 +409,15 @@ fn accepted(
                 connectors.len()
             ),
         ),
-        programmed(accepted_by_gateway, stamp),
+        match refusal {
+            Some(c) if !accepted_by_gateway => stamp.condition(
+                PROGRAMMED,
+                false,
+                &c.reason,
+                format!("the gateway cannot serve the route: {}", c.message),
+            ),
+            _ => programmed(accepted_by_gateway, stamp),
+        },
         // A backend exists only once its connector has reported its id.
         if total == 0 {
             stamp.condition(

@@ -94,9 +94,12 @@ fn tcp_proxy(name: &str, port: Option<u16>, endpoint: &str, connector: &str) -> 
 
 #[tokio::test]
 async fn tcp_ports_on_both_data_planes() {
-    let lo = portway_testkit::pebble::free_port().unwrap();
-    let hi = portway_testkit::pebble::free_port().unwrap();
-    let (lo, hi) = (lo.min(hi), lo.max(hi));
+    // Three free ports: the range from the lowest to the highest, which holds the third.
+    let mut ports = std::collections::BTreeSet::new();
+    while ports.len() < 3 {
+        ports.insert(portway_testkit::pebble::free_port().unwrap());
+    }
+    let [lo, mid, hi]: [u16; 3] = ports.into_iter().collect::<Vec<_>>().try_into().unwrap();
     let range = format!("{lo}-{hi}");
     let stack = Stack::start_full(None, &["--tcp-ports", &range], &[]).await;
     let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
@@ -146,6 +149,38 @@ async fn tcp_ports_on_both_data_planes() {
     let (reason, message, _) = proxy_condition(&tcp, "outside", "Accepted", "False").await;
     assert_eq!(reason, "PortNotAllowed", "{message}");
     assert!(message.contains(&range), "{message}");
+
+    // A port another program holds on the edge's machine: not programmed, saying why,
+    // until it is free.
+    let holder = std::net::TcpListener::bind((stack.edge.ip(), mid)).unwrap();
+    tcp.create(
+        &PostParams::default(),
+        &tcp_proxy("held", Some(mid), &endpoint, &connector),
+    )
+    .await
+    .unwrap();
+    let message = eventually("held: PortUnavailable", WAIT, || async {
+        let p = tcp.get("held").await?;
+        let c = portway_api::find_condition(&p.status.unwrap_or_default().conditions, "Programmed")
+            .cloned()
+            .context("no Programmed yet")?;
+        ensure!(
+            c.status == "False" && c.reason == "PortUnavailable",
+            "{c:?}"
+        );
+        Ok(c.message)
+    })
+    .await;
+    assert!(message.contains(&mid.to_string()), "{message}");
+    drop(holder);
+    proxy_condition(&tcp, "held", "Programmed", "True").await;
+    assert_eq!(
+        echo_through(SocketAddr::new(stack.edge.ip(), mid), 1000)
+            .await
+            .unwrap(),
+        pattern_hash(1000)
+    );
+    tcp.delete("held", &DeleteParams::default()).await.unwrap();
 
     // Envoy on a loopback address of its own, so both planes can open the same ports.
     let envoy_ip: IpAddr = "127.0.0.2".parse().unwrap();

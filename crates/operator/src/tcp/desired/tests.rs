@@ -488,13 +488,35 @@ fn programmed_once_our_gateway_accepts_the_route() {
                 section_name: Some(LISTENER.into()),
                 ..Default::default()
             },
-            conditions: vec![condition("Accepted", accepted, "Accepted", "", Some(1))],
+            conditions: vec![if accepted {
+                condition("Accepted", true, "Accepted", "", Some(1))
+            } else {
+                condition(
+                    "Accepted",
+                    false,
+                    "PortUnavailable",
+                    "the edge cannot listen on 127.0.0.1:20022: address in use",
+                    Some(1),
+                )
+            }],
         }],
     };
+    // The gateway's own refusal is passed on, reason and words.
+    let d = Case {
+        route_status: Some(parent(CONTROLLER_NAME, "ssh.tcp", false)),
+        ..Case::new(ssh(None))
+    }
+    .run();
+    let c = cond(&d, PROGRAMMED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "PortUnavailable")
+    );
+    assert!(c.message.contains("address in use"), "{}", c.message);
     let cases = [
         (Some(parent(CONTROLLER_NAME, "ssh.tcp", true)), true),
-        (Some(parent(CONTROLLER_NAME, "ssh.tcp", false)), false),
         (Some(parent("example.com/other", "ssh.tcp", true)), false),
+        (Some(parent("example.com/other", "ssh.tcp", false)), false),
         (Some(parent(CONTROLLER_NAME, "other", true)), false),
         (None, false),
     ];
