@@ -227,6 +227,14 @@ impl Tunnel {
         })
     }
 
+    /// The target `host:port` on the device (or the origin).
+    pub fn target(&self) -> Option<Target> {
+        Some(Target {
+            host: self.host.to_str().ok()?.to_owned(),
+            port: self.port.to_str().ok()?.parse().ok()?,
+        })
+    }
+
     /// Whether it is an origin, not a device.
     pub fn is_origin(&self) -> bool {
         self.node_id == headers::DIRECT
@@ -422,13 +430,7 @@ impl TcpService {
             .into_iter()
             .filter_map(|b| {
                 let t = b.tunnel.as_ref()?;
-                Some((
-                    t.node_id.to_str().ok()?.to_owned(),
-                    Target {
-                        host: t.host.to_str().ok()?.to_owned(),
-                        port: t.port.to_str().ok()?.parse().ok()?,
-                    },
-                ))
+                Some((t.node_id.to_str().ok()?.to_owned(), t.target()?))
             })
             .collect()
     }

@@ -53,7 +53,7 @@ use portway_api::headers;
 
 use super::NodeConfig;
 use crate::filters::{PathChange, Redirect};
-use crate::model::{Backend, HeaderFilter, PathMatch, Table};
+use crate::model::{Backend, HeaderFilter, PathMatch, Table, Tunnel};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -338,14 +338,13 @@ pub fn tcp_listeners(table: &Table, node: &NodeConfig) -> Vec<Listener> {
                 .collect();
             let (cluster, tunneling_config) = match ready.first() {
                 Some((chosen, b)) => {
-                    let t = b.tunnel.as_ref().map(|t| (t.host.to_str(), t.port.to_str()));
-                    let hostname = match t {
-                        Some((Ok(host), Ok(port))) if host.contains(':') => {
-                            format!("[{host}]:{port}")
-                        }
-                        Some((Ok(host), Ok(port))) => format!("{host}:{port}"),
-                        _ => String::new(),
-                    };
+                    // `host:port`, an IPv6 host in brackets: the CONNECT authority.
+                    let hostname = b
+                        .tunnel
+                        .as_ref()
+                        .and_then(Tunnel::target)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default();
                     let mut headers_to_add = backend_headers(b);
                     if ready.len() > 1 {
                         headers_to_add.push(fallback_header(*chosen, &ready));
