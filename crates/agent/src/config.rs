@@ -12,7 +12,7 @@
 //! [[tunnel]]
 //! name = "web"
 //! target = "127.0.0.1:3000"
-//! protocol = "http"              # or "tcp"
+//! protocol = "http"              # or "tcp", "tls"
 //! hostnames = ["web.example.com"]
 //!
 //! [[tunnel]]
@@ -20,6 +20,12 @@
 //! target = "127.0.0.1:5432"
 //! protocol = "tcp"
 //! public_port = 20001            # or `public = true`: a TCPProxy at any port of the range
+//!
+//! [[tunnel]]
+//! name = "mail"
+//! target = "127.0.0.1:8443"
+//! protocol = "tls"               # passed through on the edge's TLS port, undecrypted
+//! hostnames = ["mail.example.com"]   # optional; the canonical name is always served
 //! ```
 
 use std::collections::BTreeMap;
@@ -181,11 +187,12 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
         {
             None | Some(("http", _)) => Protocol::Http,
             Some(("tcp", _)) => Protocol::Tcp,
+            Some(("tls", _)) => Protocol::Tls,
             Some((other, span)) => {
                 return Err(invalid(
                     span,
                     field("protocol"),
-                    format!("{other:?} is not one of \"http\", \"tcp\""),
+                    format!("{other:?} is not one of \"http\", \"tcp\", \"tls\""),
                 ));
             }
         };

@@ -10,8 +10,8 @@ use kube::Resource;
 use portway_api::{
     Connector, ConnectorAdvertisement, ConnectorAdvertisementSpec, ConnectorReference, HttpProxy,
     HttpProxyBackend, HttpProxyRule, HttpProxySpec, Layer4Advertisement, Layer4Service,
-    LocalObjectReference, ServicePort, TcpProxy, TcpProxyBackend, TcpProxySpec, default_matches,
-    labels, managers,
+    LocalObjectReference, ServicePort, TcpProxy, TcpProxyBackend, TcpProxySpec, TlsPassthrough,
+    default_matches, labels, managers,
 };
 
 use crate::tunnel::{Protocol, PublicPort, Tunnel};
@@ -63,7 +63,7 @@ pub struct Objects {
     pub advertisements: Vec<ConnectorAdvertisement>,
     /// One per http tunnel with hostnames.
     pub proxies: Vec<HttpProxy>,
-    /// One per tcp tunnel published at a public port.
+    /// One per tcp tunnel published at a public port, and per tls tunnel.
     pub tcp_proxies: Vec<TcpProxy>,
 }
 
@@ -118,14 +118,23 @@ pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
                 status: None,
             });
         }
-        if let (Protocol::Tcp, Some(public)) = (t.protocol, t.public) {
+        let published = match (t.protocol, t.public) {
+            (Protocol::Tcp, Some(PublicPort::Any)) => Some((None, None)),
+            (Protocol::Tcp, Some(PublicPort::Port(p))) => Some((Some(i32::from(p)), None)),
+            (Protocol::Tls, _) => Some((
+                None,
+                Some(TlsPassthrough {
+                    hostnames: t.hostnames.clone(),
+                }),
+            )),
+            _ => None,
+        };
+        if let Some((port, tls)) = published {
             tcp_proxies.push(TcpProxy {
                 metadata: meta(connector, t),
                 spec: TcpProxySpec {
-                    port: match public {
-                        PublicPort::Any => None,
-                        PublicPort::Port(p) => Some(i32::from(p)),
-                    },
+                    port,
+                    tls,
                     backends: vec![TcpProxyBackend {
                         endpoint: format!("tcp://{}", t.target),
                         connector: ConnectorReference {

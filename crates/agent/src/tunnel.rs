@@ -1,5 +1,5 @@
 //! Tunnels the agent offers: a name, a target `host:port` on the device, a protocol, and
-//! for HTTP tunnels the public hostnames to publish.
+//! for HTTP and TLS tunnels the public hostnames to publish.
 
 use portway_api::validation;
 // Re-exported: the agent's callers name it `tunnel::Target` (and `portway_agent::Target`).
@@ -12,6 +12,10 @@ pub enum Protocol {
     Http,
     /// Advertised; published at a public TCP port (a TCPProxy) when `public` says so.
     Tcp,
+    /// A TLS server on the device, always published by TLS passthrough on the edge's TLS
+    /// port (a TCPProxy with `spec.tls`): under its canonical name and `hostnames`. The
+    /// device terminates TLS; the edge never decrypts.
+    Tls,
 }
 
 /// Which public TCP port a tcp tunnel asks for.
@@ -27,6 +31,7 @@ impl Protocol {
         match self {
             Self::Http => "http",
             Self::Tcp => "tcp",
+            Self::Tls => "tls",
         }
     }
 }
@@ -37,21 +42,21 @@ pub struct Tunnel {
     pub name: String,
     pub target: Target,
     pub protocol: Protocol,
-    /// Public hostnames (HTTP tunnels only).
+    /// Public hostnames (HTTP and TLS tunnels).
     pub hostnames: Vec<String>,
     /// Published at a public TCP port (TCP tunnels only).
     pub public: Option<PublicPort>,
 }
 
 impl Tunnel {
-    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp][,HOSTNAME...]`, where a tcp
-    /// tunnel takes `public` or `public=PORT` instead of hostnames.
+    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp|tls][,HOSTNAME...]`, where a
+    /// tcp tunnel takes `public` or `public=PORT` instead of hostnames.
     ///
     /// # Errors
     /// A sentence naming the part that is wrong.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (name, rest) = s.split_once('=').ok_or_else(|| {
-            format!("--tunnel {s:?}: expected NAME=HOST:PORT[,http|tcp][,HOSTNAME...]")
+            format!("--tunnel {s:?}: expected NAME=HOST:PORT[,http|tcp|tls][,HOSTNAME...]")
         })?;
         let mut parts = rest.split(',').map(str::trim);
         let target = Target::parse(parts.next().unwrap_or_default())
@@ -67,6 +72,7 @@ impl Tunnel {
             match p {
                 "http" => t.protocol = Protocol::Http,
                 "tcp" => t.protocol = Protocol::Tcp,
+                "tls" => t.protocol = Protocol::Tls,
                 "public" => t.public = Some(PublicPort::Any),
                 p if p.starts_with("public=") => {
                     let port = p["public=".len()..]
@@ -93,12 +99,15 @@ impl Tunnel {
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         validation::dns1123_label(&self.name).map_err(|e| ("name", e))?;
         if self.protocol == Protocol::Tcp && !self.hostnames.is_empty() {
-            return Err(("hostnames", "only http tunnels have hostnames".into()));
+            return Err((
+                "hostnames",
+                "only http and tls tunnels have hostnames".into(),
+            ));
         }
-        if self.protocol == Protocol::Http && self.public.is_some() {
+        if self.protocol != Protocol::Tcp && self.public.is_some() {
             return Err((
                 "public",
-                "only tcp tunnels have a public port (http ones have hostnames)".into(),
+                "only tcp tunnels have a public port (http and tls ones have hostnames)".into(),
             ));
         }
         if self.hostnames.len() > validation::MAX_ITEMS {
@@ -108,7 +117,9 @@ impl Tunnel {
             ));
         }
         for h in &self.hostnames {
-            validation::hostname(h, true).map_err(|e| ("hostnames", e))?;
+            // Passthrough names are exact: see `TlsPassthrough`.
+            validation::hostname(h, self.protocol == Protocol::Http)
+                .map_err(|e| ("hostnames", e))?;
         }
         Ok(())
     }
@@ -149,5 +160,16 @@ mod tests {
                 .contains("public")
         );
         assert!(Tunnel::parse_flag("db=127.0.0.1:1,tcp,public=0").is_err());
+        let tls = Tunnel::parse_flag("db=127.0.0.1:8443,tls,DB.example.com").unwrap();
+        assert_eq!(
+            (tls.protocol, tls.hostnames.as_slice()),
+            (Protocol::Tls, ["db.example.com".to_owned()].as_slice())
+        );
+        assert!(
+            Tunnel::parse_flag("db=127.0.0.1:8443,tls,*.example.com")
+                .unwrap_err()
+                .contains("hostnames")
+        );
+        assert!(Tunnel::parse_flag("db=127.0.0.1:8443,tls,public").is_err());
     }
 }

@@ -2,6 +2,11 @@
 //! device (`portway tcp 22`). The operator grants the port (the one asked for, or one from
 //! the edge's range, kept while the proxy lives) and generates a Gateway listener and a
 //! `TCPRoute` for it.
+//!
+//! With `spec.tls` the proxy is TLS passthrough instead (`portway tls 8443`): no port of
+//! its own, but names on the edge's shared TLS port, chosen by the ClientHello's server
+//! name; the TLS stream reaches the device undecrypted and the device terminates it. The
+//! operator generates a Gateway `TLS` listener in `Passthrough` mode and a `TLSRoute`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -26,6 +31,7 @@ use crate::ConnectorReference;
     derive = "Default",
     derive = "PartialEq",
     printcolumn(name = "Port", type_ = "integer", json_path = ".status.port"),
+    printcolumn(name = "Hostnames", type_ = "string", json_path = ".status.hostnames"),
     printcolumn(
         name = "Accepted",
         type_ = "string",
@@ -55,6 +61,10 @@ pub struct TcpProxySpec {
     /// allocates one from the edge's range and keeps it while the proxy exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
+    /// TLS passthrough by server name on the edge's shared TLS port, instead of a port of
+    /// its own (`spec.port` must then be absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsPassthrough>,
     /// Where connections go: 1 to 16 backends, tried ready ones first.
     pub backends: Vec<TcpProxyBackend>,
 }
@@ -69,6 +79,18 @@ pub struct TcpProxyBackend {
     pub connector: ConnectorReference,
 }
 
+/// Which TLS connections come to a passthrough proxy: those whose ClientHello names its
+/// canonical name (`<uid>.<zone>`, always) or one of `hostnames`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsPassthrough {
+    /// Further names, fully qualified, no wildcards: names outside the zone must be
+    /// proven by the project as for HTTPProxy, and a name belongs to one proxy of either
+    /// kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpProxyStatus {
@@ -78,4 +100,7 @@ pub struct TcpProxyStatus {
     /// The public port granted; kept across restarts while the proxy exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
+    /// A passthrough proxy's names in service, its canonical name first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -1040,6 +1041,31 @@ impl Validate for TcpProxy {
         if let Some(p) = spec.port {
             errs.check("spec.port", port(p));
         }
+        if let Some(tls) = &spec.tls {
+            if spec.port.is_some() {
+                errs.push(
+                    "spec.port",
+                    FieldErrorKind::Forbidden,
+                    "a TLS passthrough proxy (spec.tls) shares the edge's TLS port: drop spec.port or spec.tls",
+                );
+            }
+            errs.max_items("spec.tls.hostnames", &tls.hostnames, MAX_ITEMS);
+            for (i, h) in tls.hostnames.iter().enumerate() {
+                // Exact names only: the data planes rank a wildcard against a certificate's
+                // names differently, and a name served two ways would surprise.
+                errs.check(
+                    format!("spec.tls.hostnames[{i}]"),
+                    hostname(h, false).and_then(|()| fully_qualified(h)),
+                );
+            }
+            errs.unique(
+                "spec.tls.hostnames",
+                tls.hostnames
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| (i, h.as_str())),
+            );
+        }
         errs.one_to("spec.backends", &spec.backends, MAX_ITEMS, "backend");
         for (i, b) in spec.backends.iter().enumerate() {
             let f = format!("spec.backends[{i}]");
@@ -1528,17 +1554,47 @@ impl Validate for HttpRoute {
 impl Validate for TcpRoute {
     fn validate(&self) -> Vec<FieldError> {
         let mut errs = Errors::default();
-        let rules = &self.spec.rules;
-        errs.max_items("spec.rules", rules, MAX_ITEMS);
-        for (i, r) in rules.iter().enumerate() {
-            let f = format!("spec.rules[{i}].backendRefs");
-            errs.max_items(&f, &r.backend_refs, MAX_ITEMS);
-            for (j, b) in r.backend_refs.iter().enumerate() {
-                if let Some(p) = b.port {
-                    errs.check(format!("{f}[{j}].port"), port(p));
-                }
+        let rules: Vec<Vec<Option<i32>>> = self
+            .spec
+            .rules
+            .iter()
+            .map(|r| r.backend_refs.iter().map(|b| b.port).collect())
+            .collect();
+        layer4_rules(&mut errs, &rules);
+        errs.0
+    }
+}
+
+/// A layer-4 route's rules, given as each rule's backendRefs' ports: bounded counts, and
+/// ports that are ports.
+fn layer4_rules(errs: &mut Errors, rules: &[Vec<Option<i32>>]) {
+    errs.max_items("spec.rules", rules, MAX_ITEMS);
+    for (i, refs) in rules.iter().enumerate() {
+        let f = format!("spec.rules[{i}].backendRefs");
+        errs.max_items(&f, refs, MAX_ITEMS);
+        for (j, p) in refs.iter().enumerate() {
+            if let Some(p) = p {
+                errs.check(format!("{f}[{j}].port"), port(*p));
             }
         }
+    }
+}
+
+impl Validate for TlsRoute {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let hostnames = &self.spec.hostnames;
+        errs.max_items("spec.hostnames", hostnames, MAX_ITEMS);
+        for (i, h) in hostnames.iter().enumerate() {
+            errs.check(format!("spec.hostnames[{i}]"), hostname(h, true));
+        }
+        let rules: Vec<Vec<Option<i32>>> = self
+            .spec
+            .rules
+            .iter()
+            .map(|r| r.backend_refs.iter().map(|b| b.port).collect())
+            .collect();
+        layer4_rules(&mut errs, &rules);
         errs.0
     }
 }
@@ -2255,6 +2311,27 @@ mod tests {
                 json!({"backends": [backend("tcp://127.0.0.1:22", json!({"name": "Laptop"}))]}),
                 invalid("spec.backends[0].connector.name"),
             ),
+            // TLS passthrough: exact, fully qualified, unique names; no port of its own.
+            (
+                json!({"tls": {"hostnames": ["db.example.com"]}, "backends": [ssh()]}),
+                vec![],
+            ),
+            (
+                json!({"port": 20001, "tls": {}, "backends": [ssh()]}),
+                vec![("spec.port".to_owned(), FieldErrorKind::Forbidden)],
+            ),
+            (
+                json!({"tls": {"hostnames": ["*.example.com", "db", "a.example.com", "a.example.com"]},
+                       "backends": [ssh()]}),
+                vec![
+                    ("spec.tls.hostnames[0]".to_owned(), FieldErrorKind::Invalid),
+                    ("spec.tls.hostnames[1]".to_owned(), FieldErrorKind::Invalid),
+                    (
+                        "spec.tls.hostnames[3]".to_owned(),
+                        FieldErrorKind::Duplicate,
+                    ),
+                ],
+            ),
             (
                 json!({"backends": [backend("tcp://127.0.0.1:22",
                     json!({"selector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}))]}),
@@ -2278,8 +2355,8 @@ mod tests {
             serde_json::from_value(json!({"backends": [ssh()]})).unwrap(),
         );
         p.status = Some(TcpProxyStatus {
-            conditions: vec![],
             port: Some(70000),
+            ..Default::default()
         });
         let fields: Vec<_> = p.validate().into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["status.port"]);

@@ -464,6 +464,9 @@ mod tests {
         assert!(!ok(&agent, Verb::Create, tcp_proxy, Some("p2")));
         assert!(!ok(&agent, Verb::Get, tcp_route, Some("p1")));
         assert!(!ok(&agent, Verb::Create, tcp_route, Some("p1")));
+        let tls_route = reg.by_key("tlsroutes.gateway.networking.k8s.io").unwrap();
+        assert!(!ok(&agent, Verb::Create, tls_route, Some("p1")));
+        assert!(!ok(&agent, Verb::Get, tls_route, Some("p1")));
         assert!(ok(&agent, Verb::Watch, class, None));
         assert!(!ok(&agent, Verb::Update, class, None));
         assert!(ok(&agent, Verb::Get, ns, Some("p1")));

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -456,6 +457,20 @@ impl Registry {
                 proto: None,
                 field_selectors: &[],
             }),
+            // The routes of TLS passthrough TCPProxies (v1 since Gateway API 1.5).
+            builtin::<TlsRoute>(Builtin {
+                group: "gateway.networking.k8s.io",
+                version: "v1",
+                kind: "TLSRoute",
+                plural: "tlsroutes",
+                short_names: &[],
+                namespaced: true,
+                status: true,
+                columns: vec![column("Hostnames", "string", ".spec.hostnames")],
+                strategic: None,
+                proto: None,
+                field_selectors: &[],
+            }),
             // One record under two APIs (see `events`): kube-rs writes events.k8s.io,
             // kubectl reads core/v1.
             builtin::<k8s_openapi::api::core::v1::Event>(Builtin {
@@ -631,7 +646,14 @@ mod tests {
         let columns: Vec<&str> = tcp.columns.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             columns,
-            ["Port", "Accepted", "Programmed", "Age", "BackendsReady"]
+            [
+                "Port",
+                "Hostnames",
+                "Accepted",
+                "Programmed",
+                "Age",
+                "BackendsReady"
+            ]
         );
     }
 
@@ -643,6 +665,11 @@ mod tests {
             .unwrap();
         assert_eq!(route.key(), "tcproutes.gateway.networking.k8s.io");
         assert!(route.namespaced && route.status);
+        let tls = reg
+            .by_kind("gateway.networking.k8s.io/v1", "TLSRoute")
+            .unwrap();
+        assert_eq!(tls.key(), "tlsroutes.gateway.networking.k8s.io");
+        assert!(tls.namespaced && tls.status);
         let gateway_api = reg
             .groups()
             .into_iter()

@@ -110,6 +110,13 @@ impl Edge {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
+        let passthrough: Arc<dyn portway_serve::Passthrough> =
+            Arc::new(crate::tcp::Passthrough::new(
+                table.clone(),
+                sidecar.clone(),
+                crate::tcp::Config::default(),
+                shutdown.clone(),
+            ));
         let https_listener = match config.https {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -141,6 +148,7 @@ impl Edge {
             tasks.push(tokio::spawn(serve(
                 l,
                 None,
+                None,
                 state.clone(),
                 shutdown.clone(),
             )));
@@ -158,6 +166,7 @@ impl Edge {
             tasks.push(tokio::spawn(serve(
                 l,
                 Some(TlsAcceptor::from(Arc::new(tls))),
+                Some(passthrough),
                 state,
                 shutdown,
             )));
@@ -187,6 +196,7 @@ const MAX_CONNECTIONS: usize = 50_000;
 async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    passthrough: Option<Arc<dyn portway_serve::Passthrough>>,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
@@ -209,7 +219,13 @@ async fn serve(
             }
         })
     };
-    portway_serve::serve(listener, tls, service, shutdown, limits).await;
+    match (tls, passthrough) {
+        (Some(tls), Some(p)) => {
+            portway_serve::serve_with_passthrough(listener, tls, p, service, shutdown, limits)
+                .await;
+        }
+        (tls, _) => portway_serve::serve(listener, tls, service, shutdown, limits).await,
+    }
 }
 
 /// Counts a client connection in `active_connections` while its service lives.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::{
     HttpRoute, HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters, HttpRouteRulesMatches,
@@ -412,8 +413,9 @@ fn ready_in_order<'a>(backends: &'a [Backend], cursor: &AtomicUsize) -> Vec<&'a 
         .collect()
 }
 
-/// A public TCP port (a TCPRoute on a Gateway's `TCP` listener): each connection goes to
-/// one of its backends, ready ones in round-robin order.
+/// A public TCP port (a TCPRoute on a Gateway's `TCP` listener), or a name passed through
+/// on the TLS port (a TLSRoute on a `TLS` listener in `Passthrough` mode): each connection
+/// goes to one of its backends, ready ones in round-robin order.
 #[derive(Debug)]
 pub struct TcpService {
     pub port: u16,
@@ -455,6 +457,8 @@ pub struct Table {
     wildcard: Vec<(String, Arc<Host>)>,
     /// Public TCP ports.
     pub tcp: BTreeMap<u16, Arc<TcpService>>,
+    /// Names passed through undecrypted on the TLS port (lowercase, exact).
+    pub tls: BTreeMap<String, Arc<TcpService>>,
 }
 
 /// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
@@ -514,6 +518,7 @@ pub struct Attachment {
 pub enum RouteKind {
     Http,
     Tcp,
+    Tls,
 }
 
 fn key(ns: Option<&String>, name: Option<&String>) -> String {
@@ -562,6 +567,7 @@ pub fn build(
     gateways: &[&Gateway],
     routes: &[&HttpRoute],
     tcp_routes: &[&TcpRoute],
+    tls_routes: &[&TlsRoute],
     slices: &[&EndpointSlice],
 ) -> (Table, Vec<Attachment>) {
     let ours: HashMap<String, &Gateway> = gateways
@@ -811,21 +817,19 @@ pub fn build(
     table
         .wildcard
         .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-    let (tcp, tcp_attachments) = tcp_services(&ours, tcp_routes, slices, &ready);
+    let targets = tunnel_targets(slices);
+    let (tcp, tcp_attachments) = tcp_services(&ours, tcp_routes, &targets, &ready);
     table.tcp = tcp;
     attachments.extend(tcp_attachments);
+    let (tls, tls_attachments) = tls_services(&ours, tls_routes, &targets, &ready);
+    table.tls = tls;
+    attachments.extend(tls_attachments);
     (table, attachments)
 }
 
-/// The public TCP ports: each TCPRoute attached to a `TCP` listener of one of `ours`
-/// serves that listener's port; its backends' devices and targets come from the
-/// operator's annotation on their EndpointSlices. One route a port: the oldest.
-fn tcp_services(
-    ours: &HashMap<String, &Gateway>,
-    routes: &[&TcpRoute],
-    slices: &[&EndpointSlice],
-    ready: &HashMap<String, bool>,
-) -> (BTreeMap<u16, Arc<TcpService>>, Vec<Attachment>) {
+/// Each layer-4 backend's device and target, by `namespace/service`: from the operator's
+/// annotation on its EndpointSlices (TCPRoutes and TLSRoutes carry no filters).
+fn tunnel_targets(slices: &[&EndpointSlice]) -> HashMap<String, Tunnel> {
     let mut targets: HashMap<String, Tunnel> = HashMap::new();
     for s in slices {
         let (Some(svc), Some(target)) = (
@@ -860,19 +864,137 @@ fn tcp_services(
             },
         );
     }
-    let mut routes: Vec<&&TcpRoute> = routes
+    targets
+}
+
+/// A layer-4 route's backends: each Service's tunnel, ready when its slices say so.
+fn l4_backends<'r>(
+    ns: &str,
+    refs: impl Iterator<Item = (Option<&'r str>, Option<&'r str>, &'r str, Option<i32>)>,
+    targets: &HashMap<String, Tunnel>,
+    ready: &HashMap<String, bool>,
+) -> Vec<Backend> {
+    refs.filter(|(kind, ..)| kind.is_none_or(|k| k == "Service"))
+        .map(|(_, bns, name, weight)| {
+            let svc = format!("{}/{name}", bns.unwrap_or(ns));
+            let tunnel = targets.get(&svc).cloned();
+            Backend {
+                service: name.to_owned(),
+                weight: weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
+                ready: tunnel.is_some() && ready.get(&svc).copied().unwrap_or(false),
+                headers: HeaderFilter::default(),
+                response: HeaderFilter::default(),
+                tunnel,
+            }
+        })
+        .collect()
+}
+
+/// Oldest first, then by name: the order in which routes take ports and names.
+fn by_age<'a, K: kube::Resource>(routes: &[&'a K]) -> Vec<&'a K> {
+    let mut routes: Vec<&K> = routes
         .iter()
-        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .copied()
+        .filter(|r| r.meta().deletion_timestamp.is_none())
         .collect();
     routes.sort_by_key(|r| {
+        let m = r.meta();
         (
-            r.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            key(r.metadata.namespace.as_ref(), r.metadata.name.as_ref()),
+            m.creation_timestamp.as_ref().map(|t| t.0),
+            key(m.namespace.as_ref(), m.name.as_ref()),
         )
     });
+    routes
+}
+
+/// The names passed through: each TLSRoute attached to a `TLS` listener in `Passthrough`
+/// mode of one of `ours` serves its hostnames (exact ones; the operator writes no
+/// wildcard). One route a name: the oldest.
+fn tls_services(
+    ours: &HashMap<String, &Gateway>,
+    routes: &[&TlsRoute],
+    targets: &HashMap<String, Tunnel>,
+    ready: &HashMap<String, bool>,
+) -> (BTreeMap<String, Arc<TcpService>>, Vec<Attachment>) {
+    use gateway_api::apis::standard::gateways::GatewayListenersTlsMode;
+    let mut services: BTreeMap<String, Arc<TcpService>> = BTreeMap::new();
+    let mut attachments = Vec::new();
+    for r in by_age(routes) {
+        let ns = r.metadata.namespace.clone().unwrap_or_default();
+        let name = r.metadata.name.clone().unwrap_or_default();
+        for p in r.spec.parent_refs.iter().flatten() {
+            if p.kind.as_deref().is_some_and(|k| k != "Gateway") {
+                continue;
+            }
+            let gw_ns = p.namespace.clone().unwrap_or_else(|| ns.clone());
+            let Some(g) = ours.get(&format!("{gw_ns}/{}", p.name)) else {
+                continue;
+            };
+            let Some(l) = g.spec.listeners.iter().find(|l| {
+                l.protocol == "TLS"
+                    && l.tls.as_ref().and_then(|t| t.mode.clone())
+                        == Some(GatewayListenersTlsMode::Passthrough)
+                    && p.section_name.as_ref().is_none_or(|s| *s == l.name)
+                    && p.port.is_none_or(|port| port == l.port)
+            }) else {
+                continue;
+            };
+            let backends = l4_backends(
+                &ns,
+                r.spec
+                    .rules
+                    .iter()
+                    .flat_map(|rule| rule.backend_refs.iter())
+                    .map(|b| {
+                        (
+                            b.kind.as_deref(),
+                            b.namespace.as_deref(),
+                            b.name.as_str(),
+                            b.weight,
+                        )
+                    }),
+                targets,
+                ready,
+            );
+            let service = Arc::new(TcpService {
+                port: u16::try_from(l.port).unwrap_or(443),
+                route: format!("{ns}/{name}"),
+                backends,
+                cursor: AtomicUsize::new(0),
+            });
+            let mut served = false;
+            for h in &r.spec.hostnames {
+                let h = normalize_host(h);
+                if h.starts_with('*') || services.contains_key(&h) {
+                    continue;
+                }
+                services.insert(h, service.clone());
+                served = true;
+            }
+            if served {
+                attachments.push(Attachment {
+                    kind: RouteKind::Tls,
+                    route_ns: ns.clone(),
+                    route: name.clone(),
+                    gateway: p.name.clone(),
+                });
+            }
+        }
+    }
+    (services, attachments)
+}
+
+/// The public TCP ports: each TCPRoute attached to a `TCP` listener of one of `ours`
+/// serves that listener's port. One route a port: the oldest.
+fn tcp_services(
+    ours: &HashMap<String, &Gateway>,
+    routes: &[&TcpRoute],
+    targets: &HashMap<String, Tunnel>,
+    ready: &HashMap<String, bool>,
+) -> (BTreeMap<u16, Arc<TcpService>>, Vec<Attachment>) {
     let mut services = BTreeMap::new();
     let mut attachments = Vec::new();
-    for r in routes {
+    for r in by_age(routes) {
         let ns = r.metadata.namespace.clone().unwrap_or_default();
         let name = r.metadata.name.clone().unwrap_or_default();
         for p in r.spec.parent_refs.iter().flatten() {
@@ -895,29 +1017,23 @@ fn tcp_services(
                 if services.contains_key(&port) {
                     continue;
                 }
-                let backends = r
-                    .spec
-                    .rules
-                    .iter()
-                    .flat_map(|rule| rule.backend_refs.iter())
-                    .filter(|b| b.kind.as_deref().is_none_or(|k| k == "Service"))
-                    .map(|b| {
-                        let svc = format!(
-                            "{}/{}",
-                            b.namespace.clone().unwrap_or_else(|| ns.clone()),
-                            b.name
-                        );
-                        let tunnel = targets.get(&svc).cloned();
-                        Backend {
-                            service: b.name.clone(),
-                            weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
-                            ready: tunnel.is_some() && ready.get(&svc).copied().unwrap_or(false),
-                            headers: HeaderFilter::default(),
-                            response: HeaderFilter::default(),
-                            tunnel,
-                        }
-                    })
-                    .collect();
+                let backends = l4_backends(
+                    &ns,
+                    r.spec
+                        .rules
+                        .iter()
+                        .flat_map(|rule| rule.backend_refs.iter())
+                        .map(|b| {
+                            (
+                                b.kind.as_deref(),
+                                b.namespace.as_deref(),
+                                b.name.as_str(),
+                                b.weight,
+                            )
+                        }),
+                    targets,
+                    ready,
+                );
                 services.insert(
                     port,
                     Arc::new(TcpService {
@@ -1056,6 +1172,7 @@ mod tests {
             &gws.iter().collect::<Vec<_>>(),
             &[],
             &routes.iter().collect::<Vec<_>>(),
+            &[],
             &slices.iter().collect::<Vec<_>>(),
         );
         assert_eq!(table.tcp.keys().copied().collect::<Vec<_>>(), [20001]);
@@ -1118,6 +1235,7 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &routes.iter().collect::<Vec<_>>(),
+            &[],
             &[],
             &slices.iter().collect::<Vec<_>>(),
         );

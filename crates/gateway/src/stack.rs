@@ -175,6 +175,7 @@ impl EdgeStack {
                 addresses,
                 write_status: true,
                 tcp_binds: Some(tcp_binds),
+                no_tls_port: routes::no_tls_port(edge.https_addr().is_some()),
             },
             table,
             version,

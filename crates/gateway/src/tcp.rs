@@ -3,6 +3,10 @@
 //! spliced through the sidecar to the first of the port's backends whose device accepts
 //! (ready ones in round-robin order, devices that are down last); with no ready backend,
 //! or none that accepts, the connection is closed at once.
+//!
+//! [`Passthrough`] carries the TLS connections the edge's TLS listener hands over by
+//! server name (`TLSRoute`, passthrough) the same way: the bytes reach the device as the
+//! client sent them, and the device terminates TLS.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +24,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::Table;
+use parking_lot::Mutex;
+
+use crate::model::{Table, TcpService};
 use crate::sidecar::Sidecar;
 
 #[derive(Clone, Debug)]
@@ -167,19 +173,123 @@ async fn accept(
         let open = open.clone();
         let (sidecar, closed, idle) = (sidecar.clone(), closed.clone(), config.idle_timeout);
         tokio::spawn(async move {
-            let choices = service.choices();
-            if choices.is_empty() {
-                tracing::debug!(port, %peer, route = %service.route, "no ready backend; closed");
-            } else {
-                match sidecar.open_first(&choices).await {
-                    Ok(tunnel) => splice(stream, tunnel, idle, &closed).await,
-                    Err(e) => {
-                        tracing::debug!(port, %peer, route = %service.route, error = ?e, "no backend accepted; closed");
-                    }
-                }
-            }
+            carry(&service, stream, peer, &sidecar, idle, &closed).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// One client connection to one of the service's backends, the first whose device
+/// accepts; closed at once when none does.
+async fn carry<C>(
+    service: &TcpService,
+    client: C,
+    peer: SocketAddr,
+    sidecar: &Sidecar,
+    idle: Duration,
+    closed: &CancellationToken,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let choices = service.choices();
+    if choices.is_empty() {
+        tracing::debug!(%peer, route = %service.route, "no ready backend; closed");
+        return;
+    }
+    match sidecar.open_first(&choices).await {
+        Ok(tunnel) => splice(client, tunnel, idle, closed).await,
+        Err(e) => {
+            tracing::debug!(%peer, route = %service.route, error = ?e, "no backend accepted; closed");
+        }
+    }
+}
+
+/// The TLS listener's passthrough names ([`Table::tls`]): a connection whose ClientHello
+/// names one is carried, undecrypted, to one of its backends.
+pub struct Passthrough {
+    table: Arc<ArcSwap<Table>>,
+    sidecar: Arc<Sidecar>,
+    config: Config,
+    /// Connections open per name, for the per-tunnel cap (`config.max_connections`).
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    shutdown: CancellationToken,
+}
+
+impl Passthrough {
+    pub fn new(
+        table: Arc<ArcSwap<Table>>,
+        sidecar: Arc<Sidecar>,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            table,
+            sidecar,
+            config,
+            open: Arc::default(),
+            shutdown,
+        }
+    }
+}
+
+/// One open connection of a name, counted until dropped.
+struct Counted {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    name: String,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl portway_serve::Passthrough for Passthrough {
+    fn active(&self) -> bool {
+        !self.table.load().tls.is_empty()
+    }
+
+    fn claim(
+        &self,
+        server_name: &str,
+        io: portway_serve::Prefixed<tokio::net::TcpStream>,
+        peer: portway_serve::Peer,
+    ) -> Result<
+        futures::future::BoxFuture<'static, ()>,
+        portway_serve::Prefixed<tokio::net::TcpStream>,
+    > {
+        let Some(service) = self.table.load().tls.get(server_name).cloned() else {
+            return Err(io);
+        };
+        let counted = {
+            let mut open = self.open.lock();
+            let n = open.entry(server_name.to_owned()).or_default();
+            if *n >= self.config.max_connections {
+                tracing::debug!(server_name, peer = %peer.remote, "too many connections; closed");
+                // Taken, and dropped: a name passed through is never terminated here.
+                return Ok(Box::pin(async move { drop(io) }));
+            }
+            *n += 1;
+            Counted {
+                open: self.open.clone(),
+                name: server_name.to_owned(),
+            }
+        };
+        let (sidecar, idle, closed) = (
+            self.sidecar.clone(),
+            self.config.idle_timeout,
+            self.shutdown.clone(),
+        );
+        Ok(Box::pin(async move {
+            let _counted = counted;
+            carry(&service, io, peer.remote, &sidecar, idle, &closed).await;
+        }))
     }
 }
 

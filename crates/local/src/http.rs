@@ -55,6 +55,8 @@ pub enum Error {
     HostnameNotVerified { hostname: String, message: String },
     #[error("the public port is refused: {0}. Choose another with --remote-port")]
     PortRefused(String),
+    #[error("the TLS name is refused: {0}. Choose another with --hostname")]
+    NameRefused(String),
 }
 
 const ADJECTIVES: [&str; 16] = [

@@ -1,6 +1,10 @@
 //! `portway tcp PORT`: the one-liner for raw TCP (like `ngrok tcp 22`). Runs the agent with
 //! one tcp tunnel to `127.0.0.1:PORT` published at a public port of the edge, waits until
 //! the port is live, and reports `tcp://HOST:PORT`.
+//!
+//! `portway tls PORT [--hostname H]...` (like `ngrok tls`): the same for a TLS server on
+//! the device, published by passthrough on the edge's TLS port under the proxy's
+//! canonical name and `H`; reports `tls://NAME:PORT` for each name.
 
 use std::time::Duration;
 
@@ -11,19 +15,26 @@ use portway_api::{TcpProxy, find_condition};
 
 use crate::http::{Config, Error, Slot, live, local_tunnel, not_programmed, start_device};
 
-/// A running TCP one-liner.
+/// A running TCP (or TLS passthrough) one-liner.
 pub struct Tcp {
     pub agent: Agent,
-    /// `tcp://HOST:PORT`, where clients connect.
+    /// `tcp://HOST:PORT` (`tls://NAME:PORT`, the first name), where clients connect.
     pub url: String,
-    /// The public port granted.
+    /// The public port granted; for TLS, the edge's TLS port.
     pub port: u16,
+    /// TLS passthrough: every name served, canonical one last.
+    pub hostnames: Vec<String>,
     pub proxy: String,
     _slot: Slot,
 }
 
-/// Why a port will not be granted by waiting: the TCPProxy's refusal.
-const PORT_REFUSALS: [&str; 3] = ["PortInUse", "PortNotAllowed", "NoPortAvailable"];
+/// Why a port or name will not be granted by waiting: the TCPProxy's refusal.
+const REFUSALS: [&str; 4] = [
+    "PortInUse",
+    "PortNotAllowed",
+    "NoPortAvailable",
+    "HostnameInUse",
+];
 
 impl Tcp {
     /// Starts the agent and waits until the public port reaches the local one. `remote`:
@@ -38,6 +49,26 @@ impl Tcp {
             public: Some(remote.map_or(PublicPort::Any, PublicPort::Port)),
             ..local_tunnel(Protocol::Tcp, config.port)
         };
+        Self::publish(config, tunnel).await
+    }
+
+    /// Starts the agent and waits until TLS connections naming the proxy's names reach
+    /// the local TLS server, undecrypted. `hostnames`: names besides the canonical one
+    /// (outside the zone, the project must have proven them).
+    ///
+    /// # Errors
+    /// As [`Tcp::start`]; a name another proxy holds is refused at once, and an edge
+    /// without a TLS port never programs the proxy (the error says so).
+    pub async fn start_tls(config: Config, hostnames: Vec<String>) -> Result<Self, Error> {
+        let tunnel = Tunnel {
+            hostnames: hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            ..local_tunnel(Protocol::Tls, config.port)
+        };
+        Self::publish(config, tunnel).await
+    }
+
+    async fn publish(config: Config, tunnel: Tunnel) -> Result<Self, Error> {
+        let tls = tunnel.protocol == Protocol::Tls;
         let key = tunnel.name.clone();
         let (device, proxy) = start_device(&config, &key, tunnel).await?;
         let (agent, info, slot) = (device.agent, device.info, device.slot);
@@ -49,7 +80,7 @@ impl Tcp {
         };
         let refused = |c: &[Condition]| {
             find_condition(c, "Accepted")
-                .filter(|a| a.status == "False" && PORT_REFUSALS.contains(&a.reason.as_str()))
+                .filter(|a| a.status == "False" && REFUSALS.contains(&a.reason.as_str()))
                 .map(|a| a.message.clone())
         };
         let settled = |p: Option<&TcpProxy>| {
@@ -68,13 +99,29 @@ impl Tcp {
         };
         if let Some(message) = refused(&conditions(done.as_ref())) {
             agent.shutdown(true).await;
-            return Err(Error::PortRefused(message));
+            return Err(if tls {
+                Error::NameRefused(message)
+            } else {
+                Error::PortRefused(message)
+            });
         }
-        let port = done
+        let status = done
             .as_ref()
             .filter(|p| live(&conditions(Some(p))))
-            .and_then(|p| p.status.as_ref()?.port)
-            .and_then(|p| u16::try_from(p).ok());
+            .and_then(|p| p.status.clone());
+        let hostnames = status
+            .as_ref()
+            .map(|s| s.hostnames.clone())
+            .unwrap_or_default();
+        let port = if tls {
+            info.https
+                .map(|a| a.port())
+                .filter(|_| !hostnames.is_empty())
+        } else {
+            status
+                .and_then(|s| s.port)
+                .and_then(|p| u16::try_from(p).ok())
+        };
         let Some(port) = port else {
             let watch = match waited {
                 Ok(Err(e)) => Some(e.to_string()),
@@ -89,10 +136,15 @@ impl Tcp {
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             ip => ip.to_string(),
         };
+        let url = match hostnames.first() {
+            Some(name) if tls => format!("tls://{name}:{port}"),
+            _ => format!("tcp://{host}:{port}"),
+        };
         Ok(Self {
             agent,
-            url: format!("tcp://{host}:{port}"),
+            url,
             port,
+            hostnames,
             proxy,
             _slot: slot,
         })

@@ -1,5 +1,7 @@
 //! Who owns each hostname. One index holds every claimed name, canonical ones included,
-//! across all projects. The rule:
+//! across all projects and both kinds that serve names: HTTPProxies, and TCPProxies in
+//! TLS passthrough (a name is either terminated at the edge or passed through, never
+//! both). The rule:
 //!
 //! - a proxy's canonical name (`<uid>.<zone>`) belongs to it, whatever else claims it;
 //! - otherwise the oldest claimant (creation time, then namespace/name) wins;
@@ -15,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use portway_api::HttpProxy;
+use portway_api::{HttpProxy, TcpProxy};
 
 use crate::verify::Verifier;
 
@@ -24,14 +26,20 @@ pub struct Claim {
     pub created: i64,
     pub ns: String,
     pub name: String,
+    /// `HTTPProxy` or `TCPProxy`: both may hold names, and may share a name.
+    pub kind: String,
 }
+
+/// A proxy in the index: its kind, namespace and name.
+pub type Key = (String, String, String);
 
 impl Claim {
     /// The claim of a proxy of either kind (a hostname's, or a TCP port's): its age and
     /// name, which order claims.
-    pub fn of<K: kube::Resource>(p: &K) -> Self {
+    pub fn of<K: kube::Resource<DynamicType = ()>>(p: &K) -> Self {
         let m = p.meta();
         Self {
+            kind: K::kind(&()).into_owned(),
             created: m
                 .creation_timestamp
                 .as_ref()
@@ -51,8 +59,8 @@ struct Held {
 
 #[derive(Default)]
 struct Inner {
-    /// Each proxy's claims, by name.
-    by_proxy: HashMap<(String, String), Vec<(String, Held)>>,
+    /// Each proxy's claims, by kind and name.
+    by_proxy: HashMap<Key, Vec<(String, Held)>>,
     by_host: HashMap<String, BTreeSet<Held>>,
     /// Names claimed as wildcards, `*.x` stored as `.x`: few, scanned for overlaps.
     wildcards: BTreeSet<String>,
@@ -61,8 +69,8 @@ struct Inner {
 /// A name another proxy owns, as the refused proxy's status tells it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
-    /// The owner's name (`namespace/name`) when it is in the same project; another
-    /// project's names are not shown to this one.
+    /// The owner's kind and name (`HTTPProxy namespace/name`) when it is in the same
+    /// project; another project's names are not shown to this one.
     pub proxy: Option<String>,
     /// The name it holds (the same name, or an overlapping wildcard or canonical name).
     pub hostname: String,
@@ -71,7 +79,7 @@ pub struct Owner {
 impl std::fmt::Display for Owner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.proxy {
-            Some(p) => write!(f, "the HTTPProxy {p} (as {})", self.hostname),
+            Some(p) => write!(f, "the {p} (as {})", self.hostname),
             None => write!(f, "another project (as {})", self.hostname),
         }
     }
@@ -87,13 +95,38 @@ fn lower(h: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// A kind whose objects claim hostnames.
+pub trait Claimant: kube::Resource<DynamicType = ()> {
+    /// The names its spec asks for; `None` when it serves no name at all (a TCPProxy
+    /// with a port of its own), not even its canonical one.
+    fn spec_hostnames(&self) -> Option<&[String]>;
+}
+
+impl Claimant for HttpProxy {
+    fn spec_hostnames(&self) -> Option<&[String]> {
+        Some(&self.spec.hostnames)
+    }
+}
+
+impl Claimant for TcpProxy {
+    fn spec_hostnames(&self) -> Option<&[String]> {
+        self.spec.tls.as_ref().map(|t| t.hostnames.as_slice())
+    }
+}
+
+fn key_of(c: &Claim) -> Key {
+    (c.kind.clone(), c.ns.clone(), c.name.clone())
+}
+
 /// The names a proxy claims: its spec's (those it has proven, where proof is needed), and
 /// its canonical name.
-fn claims(p: &HttpProxy, zone: &str, verifier: Option<&Verifier>) -> Vec<(String, bool)> {
-    let ns = p.metadata.namespace.as_deref().unwrap_or_default();
-    let mut h: Vec<(String, bool)> = p
-        .spec
-        .hostnames
+fn claims<P: Claimant>(p: &P, zone: &str, verifier: Option<&Verifier>) -> Vec<(String, bool)> {
+    let Some(spec) = p.spec_hostnames() else {
+        return Vec::new();
+    };
+    let meta = p.meta();
+    let ns = meta.namespace.as_deref().unwrap_or_default();
+    let mut h: Vec<(String, bool)> = spec
         .iter()
         .filter(|h| verifier.is_none_or(|v| v.may_claim(ns, h)))
         // The zone and wildcards in it are refused (the proxy is not Accepted), and must
@@ -105,7 +138,7 @@ fn claims(p: &HttpProxy, zone: &str, verifier: Option<&Verifier>) -> Vec<(String
         })
         .map(|h| (lower(h), true))
         .collect();
-    if let Some(uid) = &p.metadata.uid {
+    if let Some(uid) = &meta.uid {
         h.push((lower(&format!("{uid}.{zone}")), false));
     }
     h.sort();
@@ -121,7 +154,7 @@ fn covers(suffix: &str, host: &str) -> bool {
 }
 
 impl Inner {
-    fn remove(&mut self, key: &(String, String)) -> Vec<String> {
+    fn remove(&mut self, key: &Key) -> Vec<String> {
         let Some(claims) = self.by_proxy.remove(key) else {
             return Vec::new();
         };
@@ -140,7 +173,7 @@ impl Inner {
     }
 
     fn insert(&mut self, claim: Claim, names: Vec<(String, bool)>) {
-        let key = (claim.ns.clone(), claim.name.clone());
+        let key = key_of(&claim);
         let mut claims = Vec::new();
         for (h, spec) in names {
             let held = Held {
@@ -178,11 +211,11 @@ impl Inner {
             .flat_map(|(h, set)| set.iter().map(move |c| (h.as_str(), c)))
     }
 
-    fn claimants(&self, hosts: &[String]) -> BTreeSet<(String, String)> {
+    fn claimants(&self, hosts: &[String]) -> BTreeSet<Key> {
         hosts
             .iter()
             .flat_map(|h| self.overlapping(h))
-            .map(|(_, c)| (c.claim.ns.clone(), c.claim.name.clone()))
+            .map(|(_, c)| key_of(&c.claim))
             .collect()
     }
 }
@@ -196,11 +229,11 @@ impl HostnameIndex {
         }
     }
 
-    /// Records the proxy's names; returns every proxy (namespace, name) whose claims
-    /// may have changed: those overlapping an old or new name.
-    pub fn upsert(&self, p: &HttpProxy) -> BTreeSet<(String, String)> {
+    /// Records the proxy's names; returns every proxy (kind, namespace, name) whose
+    /// claims may have changed: those overlapping an old or new name.
+    pub fn upsert<P: Claimant>(&self, p: &P) -> BTreeSet<Key> {
         let claim = Claim::of(p);
-        let key = (claim.ns.clone(), claim.name.clone());
+        let key = key_of(&claim);
         let names = claims(p, &self.zone, self.verifier.as_deref());
         let mut inner = self.inner.write();
         let mut touched = inner.remove(&key);
@@ -210,23 +243,33 @@ impl HostnameIndex {
     }
 
     /// Forgets a proxy; returns the proxies that overlapped its names.
-    pub fn remove(&self, p: &HttpProxy) -> BTreeSet<(String, String)> {
+    pub fn remove<P: Claimant>(&self, p: &P) -> BTreeSet<Key> {
         let claim = Claim::of(p);
         let mut inner = self.inner.write();
-        let old = inner.remove(&(claim.ns, claim.name));
+        let old = inner.remove(&key_of(&claim));
         inner.claimants(&old)
     }
 
-    /// Replaces everything (after a relist, when deletions may have been missed).
-    pub fn rebuild<'a>(&self, all: impl IntoIterator<Item = &'a HttpProxy>) {
-        let mut inner = Inner::default();
+    /// Replaces every claim of `P`'s kind (after a relist, when deletions may have been
+    /// missed); the other kind's stay.
+    pub fn rebuild<'a, P: Claimant + 'a>(&self, all: impl IntoIterator<Item = &'a P>) {
+        let kind = P::kind(&());
+        let mut inner = self.inner.write();
+        let stale: Vec<Key> = inner
+            .by_proxy
+            .keys()
+            .filter(|k| k.0 == kind)
+            .cloned()
+            .collect();
+        for k in &stale {
+            inner.remove(k);
+        }
         for p in all {
             inner.insert(
                 Claim::of(p),
                 claims(p, &self.zone, self.verifier.as_deref()),
             );
         }
-        *self.inner.write() = inner;
     }
 
     /// Who owns `host` if `me` (claiming it in its spec) may not have it: a canonical
@@ -246,7 +289,8 @@ impl HostnameIndex {
             })
             .min_by(|a, b| a.1.cmp(b.1))
             .map(|(h, c)| Owner {
-                proxy: (c.claim.ns == me.ns).then(|| format!("{}/{}", c.claim.ns, c.claim.name)),
+                proxy: (c.claim.ns == me.ns)
+                    .then(|| format!("{} {}/{}", c.claim.kind, c.claim.ns, c.claim.name)),
                 hostname: h.to_owned(),
             })
     }
@@ -285,8 +329,8 @@ mod tests {
         idx.upsert(&old);
         let touched = idx.upsert(&new);
         assert!(
-            touched.contains(&("a".into(), "old".into()))
-                && touched.contains(&("a".into(), "new".into()))
+            touched.contains(&("HTTPProxy".into(), "a".into(), "old".into()))
+                && touched.contains(&("HTTPProxy".into(), "a".into(), "new".into()))
         );
         assert_eq!(
             owner(&idx, "x.example.com", &new).as_deref(),
@@ -296,10 +340,56 @@ mod tests {
         assert_eq!(owner(&idx, "y.example.com", &new), None);
         // The old proxy drops the hostname: the new one must be told.
         let touched = idx.upsert(&proxy("a", "old", 1, &["z.example.com"]));
-        assert!(touched.contains(&("a".into(), "new".into())));
+        assert!(touched.contains(&("HTTPProxy".into(), "a".into(), "new".into())));
         assert_eq!(owner(&idx, "x.example.com", &new), None);
         let touched = idx.remove(&proxy("a", "new", 2, &[]));
         assert!(touched.is_empty());
+    }
+
+    fn tls_proxy(ns: &str, name: &str, created: i64, hosts: Option<&[&str]>) -> TcpProxy {
+        let mut p = TcpProxy::new(
+            name,
+            portway_api::TcpProxySpec {
+                tls: hosts.map(|h| portway_api::TlsPassthrough {
+                    hostnames: h.iter().map(|h| h.to_string()).collect(),
+                }),
+                ..Default::default()
+            },
+        );
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        p
+    }
+
+    /// A name is terminated at the edge or passed through, never both: HTTPProxies and
+    /// passthrough TCPProxies claim from one index; a TCPProxy with a port claims nothing.
+    #[test]
+    fn passthrough_proxies_and_http_proxies_share_names() {
+        let idx = HostnameIndex::new("portway.localhost", None);
+        let tls = tls_proxy("a", "db", 1, Some(&["db.example.com"]));
+        // Same name as the passthrough proxy, in another kind: it is not the same claim.
+        let http = proxy("a", "db", 2, &["db.example.com"]);
+        let port = tls_proxy("a", "plain", 0, None);
+        idx.upsert(&tls);
+        idx.upsert(&port);
+        let touched = idx.upsert(&http);
+        assert!(touched.contains(&("TCPProxy".into(), "a".into(), "db".into())));
+        assert_eq!(
+            owner(&idx, "db.example.com", &http).as_deref(),
+            Some("the TCPProxy a/db (as db.example.com)")
+        );
+        assert_eq!(idx.claimed_by("db.example.com", &Claim::of(&tls)), None);
+        assert_eq!(
+            idx.claimed_by("uid-plain.portway.localhost", &Claim::of(&http)),
+            None
+        );
+        // Relisting HTTPProxies keeps the passthrough proxy's claims.
+        idx.rebuild([&http]);
+        assert!(owner(&idx, "db.example.com", &http).is_some());
+        let touched = idx.remove(&tls);
+        assert!(touched.contains(&("HTTPProxy".into(), "a".into(), "db".into())));
+        assert_eq!(owner(&idx, "db.example.com", &http), None);
     }
 
     #[test]
@@ -310,7 +400,7 @@ mod tests {
         let thief = proxy("b", "steal", 1, &["uid-web.portway.localhost"]);
         idx.upsert(&thief);
         let touched = idx.upsert(&victim);
-        assert!(touched.contains(&("b".into(), "steal".into())));
+        assert!(touched.contains(&("HTTPProxy".into(), "b".into(), "steal".into())));
         assert_eq!(
             owner(&idx, "UID-web.portway.localhost", &thief).as_deref(),
             Some("another project (as uid-web.portway.localhost)")

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -203,6 +204,8 @@ pub(crate) struct Ctx {
     policies: Index<BackendTrafficPolicy>,
     /// TCPRoutes, by owner uid (the Gateways, Services and slices above serve both kinds).
     tcp_routes: Index<TcpRoute>,
+    /// TLSRoutes of passthrough TCPProxies, by owner uid.
+    tls_routes: Index<TlsRoute>,
     hostnames: Arc<HostnameIndex>,
     /// Every TCPProxy's port.
     tcp_ports: Arc<PortIndex>,
@@ -276,6 +279,21 @@ fn proven_hostnames(
 }
 
 /// Sends refs for each (namespace, name).
+/// Requeues the proxies of either kind whose hostname claims may have changed.
+fn send_claimants(
+    http: &Tx<HttpProxy>,
+    tcp: &Tx<TcpProxy>,
+    keys: impl IntoIterator<Item = hostnames::Key>,
+) {
+    for (kind, ns, name) in keys {
+        if kind == TcpProxy::kind(&()) {
+            let _ = tcp.send(ObjectRef::new(&name).within(&ns));
+        } else {
+            let _ = http.send(ObjectRef::new(&name).within(&ns));
+        }
+    }
+}
+
 fn send_keys<K: Resource<DynamicType = ()>>(
     tx: &Tx<K>,
     keys: impl IntoIterator<Item = (String, String)>,
@@ -391,6 +409,7 @@ impl Operator {
         let policies = pending::<BackendTrafficPolicy>();
         let tcp_proxies = pending::<TcpProxy>();
         let tcp_routes = pending::<TcpRoute>();
+        let tls_routes = pending::<TlsRoute>();
         let verifier = config
             .verification
             .clone()
@@ -407,6 +426,7 @@ impl Operator {
         let policies_by_owner = Index::new(policies.store.clone(), by_owner);
         let tcp_by_ns = Index::new(tcp_proxies.store.clone(), by_namespace);
         let tcp_routes_by_owner = Index::new(tcp_routes.store.clone(), by_owner);
+        let tls_routes_by_owner = Index::new(tls_routes.store.clone(), by_owner);
         let tcp_ports = Arc::new(PortIndex::new(config.tcp_ports.clone()));
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
@@ -420,19 +440,16 @@ impl Operator {
         let mut tasks = Vec::new();
         let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![proxies_by_ns.subscriber(), {
             let (tx, by_ns, index) = (proxy_tx.clone(), proxies_by_ns.clone(), hostnames.clone());
+            let ttx = tcp_tx.clone();
             let wake = certs_wake.clone();
             Box::new(move |e| match e {
                 watcher::Event::Apply(p) => {
                     let _ = tx.send(object_ref(p));
-                    for (ns, name) in index.upsert(p) {
-                        let _ = tx.send(ObjectRef::new(&name).within(&ns));
-                    }
+                    send_claimants(&tx, &ttx, index.upsert(p));
                 }
                 watcher::Event::Delete(p) => {
                     wake.notify_one();
-                    for (ns, name) in index.remove(p) {
-                        let _ = tx.send(ObjectRef::new(&name).within(&ns));
-                    }
+                    send_claimants(&tx, &ttx, index.remove(p));
                 }
                 watcher::Event::InitDone => {
                     let all = by_ns.store().state();
@@ -444,15 +461,23 @@ impl Operator {
         }];
         let tcp_subs: Vec<Subscriber<TcpProxy>> = vec![tcp_by_ns.subscriber(), {
             let (tx, by_ns, ports) = (tcp_tx.clone(), tcp_by_ns.clone(), tcp_ports.clone());
+            let (ptx, index) = (proxy_tx.clone(), hostnames.clone());
             Box::new(move |e| match e {
                 watcher::Event::Apply(p) => {
                     let _ = tx.send(object_ref(p));
                     send_keys(&tx, ports.observe(p));
+                    send_claimants(&ptx, &tx, index.upsert(p));
                 }
-                watcher::Event::Delete(p) => send_keys(&tx, ports.forget(p)),
+                watcher::Event::Delete(p) => {
+                    send_keys(&tx, ports.forget(p));
+                    send_claimants(&ptx, &tx, index.remove(p));
+                }
                 watcher::Event::InitDone => {
                     let all = by_ns.store().state();
                     ports.rebuild(all.iter().map(AsRef::as_ref));
+                    // Before the controllers start (they wait for `ports_known`), so no
+                    // HTTPProxy is given a name a passthrough proxy holds.
+                    index.rebuild(all.iter().map(AsRef::as_ref));
                     ports_known_tx.send_replace(true);
                     send_matching(&tx, &by_ns, None, |_| true);
                 }
@@ -547,6 +572,7 @@ impl Operator {
             slices: slices_by_owner.clone(),
             policies: policies_by_owner.clone(),
             tcp_routes: tcp_routes_by_owner.clone(),
+            tls_routes: tls_routes_by_owner.clone(),
             hostnames,
             tcp_ports,
             verifier,
@@ -574,7 +600,11 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
-            let (k, l) = (tcp_proxies.store.clone(), tcp_routes.store.clone());
+            let (k, l, m) = (
+                tcp_proxies.store.clone(),
+                tcp_routes.store.clone(),
+                tls_routes.store.clone(),
+            );
             async move {
                 let _ = futures::join!(
                     a.wait_until_ready(),
@@ -589,6 +619,7 @@ impl Operator {
                     j.wait_until_ready(),
                     k.wait_until_ready(),
                     l.wait_until_ready(),
+                    m.wait_until_ready(),
                     async move {
                         let _ = ports_known.wait_for(|known| *known).await;
                     },
@@ -618,6 +649,14 @@ impl Operator {
             Api::all(client.clone()),
             vec![
                 tcp_routes_by_owner.subscriber(),
+                owner_subscriber(tcp_tx.clone()),
+            ],
+            s.clone(),
+        ));
+        tasks.push(tls_routes.spawn(
+            Api::all(client.clone()),
+            vec![
+                tls_routes_by_owner.subscriber(),
                 owner_subscriber(tcp_tx.clone()),
             ],
             s.clone(),

@@ -17,6 +17,10 @@
 //! - on shutdown, connections finish the requests in flight for up to `shutdown_grace`, then
 //!   are dropped.
 //!
+//! [`serve_with_passthrough`] does the same on a TLS listener, except that connections
+//! whose ClientHello names a server that a [`Passthrough`] claims are handed to it
+//! undecrypted, for a device that terminates TLS itself.
+//!
 //! [`supervise::Supervisor`] runs the parts of one process (`portway up`) so that one
 //! part's death stops them all, and stops them in order within a grace period.
 //!
@@ -37,7 +41,10 @@
 //! # Ok(()) }
 //! ```
 
+mod passthrough;
 pub mod supervise;
+
+pub use passthrough::{Passthrough, Prefixed};
 
 use std::future::Future;
 use std::io;
@@ -146,6 +153,63 @@ const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    make_service: M,
+    shutdown: CancellationToken,
+    limits: Limits,
+) where
+    M: Fn(&Peer) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let tls = tls.map(|acceptor| Tls {
+        acceptor,
+        passthrough: None,
+    });
+    serve_inner(listener, tls, make_service, shutdown, limits).await;
+}
+
+/// As [`serve`] with TLS, but while `passthrough` is [active](Passthrough::active) each
+/// connection's ClientHello is read first, and a connection whose server name it
+/// [claims](Passthrough::claim) is handed to it undecrypted instead of being served here.
+/// Reading the ClientHello counts against `limits.tls_handshake_timeout`; a claimed
+/// connection holds its connection slot until it ends.
+pub async fn serve_with_passthrough<M, S, B>(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    passthrough: Arc<dyn Passthrough>,
+    make_service: M,
+    shutdown: CancellationToken,
+    limits: Limits,
+) where
+    M: Fn(&Peer) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let tls = Tls {
+        acceptor: tls,
+        passthrough: Some(passthrough),
+    };
+    serve_inner(listener, Some(tls), make_service, shutdown, limits).await;
+}
+
+/// How a TLS listener takes its connections.
+#[derive(Clone)]
+struct Tls {
+    acceptor: TlsAcceptor,
+    passthrough: Option<Arc<dyn Passthrough>>,
+}
+
+async fn serve_inner<M, S, B>(
+    listener: TcpListener,
+    tls: Option<Tls>,
     make_service: M,
     shutdown: CancellationToken,
     limits: Limits,
@@ -308,10 +372,10 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 async fn connection<M, S, B>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: Peer,
     slot: OwnedSemaphorePermit,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Tls>,
     shared: Arc<Shared<M>>,
 ) where
     M: Fn(&Peer) -> S + Send + Sync + 'static,
@@ -323,30 +387,99 @@ async fn connection<M, S, B>(
     B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
-    let result = match tls {
-        None => drive(stream, slot, &peer, &shared).await,
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(shared.limits.tls_handshake_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                r = handshake => match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                },
-                () = shared.shutdown.cancelled() => return,
-            };
-            drive(stream, slot, &peer, &shared).await
+    let Some(tls) = tls else {
+        if let Err(e) = drive(stream, slot, &peer, &shared).await {
+            tracing::debug!(error = %e, "connection ended with an error");
         }
+        return;
     };
-    if let Err(e) = result {
+    // One deadline for reading the ClientHello and for the handshake that follows.
+    let deadline = Instant::now() + shared.limits.tls_handshake_timeout;
+    let Some(passthrough) = tls.passthrough.filter(|p| p.active()) else {
+        return terminate(stream, tls.acceptor, deadline, slot, &peer, &shared).await;
+    };
+    let sniffed = tokio::select! {
+        r = tokio::time::timeout_at(deadline, passthrough::sniff(&mut stream)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading the ClientHello failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        },
+        () = shared.shutdown.cancelled() => return,
+    };
+    let io = Prefixed::new(sniffed.bytes, stream);
+    let io = match sniffed.server_name {
+        Some(name) => {
+            let raw = Peer { tls: false, ..peer };
+            match passthrough.claim(&name, io, raw) {
+                Ok(carry) => {
+                    tracing::debug!(server_name = %name, "passing the connection through");
+                    return pass_through(carry, slot, &shared).await;
+                }
+                Err(io) => io,
+            }
+        }
+        None => io,
+    };
+    terminate(io, tls.acceptor, deadline, slot, &peer, &shared).await;
+}
+
+/// Completes the TLS handshake by `deadline` and serves HTTP over it.
+async fn terminate<I, M, S, B>(
+    io: I,
+    acceptor: TlsAcceptor,
+    deadline: Instant,
+    slot: OwnedSemaphorePermit,
+    peer: &Peer,
+    shared: &Shared<M>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    M: Fn(&Peer) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(io));
+    let stream = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        },
+        () = shared.shutdown.cancelled() => return,
+    };
+    if let Err(e) = drive(stream, slot, peer, shared).await {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Runs a claimed connection to its end, or until the shutdown grace has passed.
+async fn pass_through<M>(
+    carry: futures::future::BoxFuture<'static, ()>,
+    slot: OwnedSemaphorePermit,
+    shared: &Shared<M>,
+) {
+    // The spliced connection costs a descriptor like any other: it keeps its slot.
+    let _slot = slot;
+    tokio::select! {
+        () = carry => {}
+        () = shared.force.cancelled() => {
+            tracing::debug!("shutdown grace passed; dropping a passed-through connection");
+        }
     }
 }
 

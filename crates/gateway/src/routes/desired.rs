@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
@@ -18,6 +19,7 @@ use crate::model::{Attachment, RouteKind};
 pub enum RouteRef<'a> {
     Http(&'a HttpRoute),
     Tcp(&'a TcpRoute),
+    Tls(&'a TlsRoute),
 }
 
 impl<'a> From<&'a HttpRoute> for RouteRef<'a> {
@@ -29,6 +31,12 @@ impl<'a> From<&'a HttpRoute> for RouteRef<'a> {
 impl<'a> From<&'a TcpRoute> for RouteRef<'a> {
     fn from(r: &'a TcpRoute) -> Self {
         Self::Tcp(r)
+    }
+}
+
+impl<'a> From<&'a TlsRoute> for RouteRef<'a> {
+    fn from(r: &'a TlsRoute) -> Self {
+        Self::Tls(r)
     }
 }
 
@@ -48,6 +56,7 @@ impl<'a> RouteRef<'a> {
         match self {
             Self::Http(r) => &r.metadata,
             Self::Tcp(r) => &r.metadata,
+            Self::Tls(r) => &r.metadata,
         }
     }
 
@@ -55,11 +64,12 @@ impl<'a> RouteRef<'a> {
         match self {
             Self::Http(_) => RouteKind::Http,
             Self::Tcp(_) => RouteKind::Tcp,
+            Self::Tls(_) => RouteKind::Tls,
         }
     }
 
     fn parents(&self) -> Vec<Parent<'a>> {
-        // The two kinds' status types differ but have the same fields.
+        // The kinds' status types differ but have the same fields.
         macro_rules! parents {
             ($r:expr) => {
                 $r.status
@@ -77,6 +87,7 @@ impl<'a> RouteRef<'a> {
         match self {
             Self::Http(r) => parents!(r),
             Self::Tcp(r) => parents!(r),
+            Self::Tls(r) => parents!(r),
         }
     }
 }
@@ -111,6 +122,7 @@ pub fn desired<'a>(
     gateways: &[&'a Gateway],
     routes: &[&'a HttpRoute],
     tcp_routes: &[&'a TcpRoute],
+    tls_routes: &[&'a TlsRoute],
     attachments: &[Attachment],
 ) -> Vec<StatusWrite<'a>> {
     let mut attached: HashMap<(&str, &str), usize> = HashMap::new();
@@ -142,6 +154,7 @@ pub fn desired<'a>(
         .iter()
         .map(|r| RouteRef::Http(r))
         .chain(tcp_routes.iter().map(|r| RouteRef::Tcp(r)))
+        .chain(tls_routes.iter().map(|r| RouteRef::Tls(r)))
         .map(|r| {
             let meta = r.meta();
             let ns = meta.namespace.as_deref().unwrap_or_default();
@@ -190,6 +203,14 @@ pub fn desired<'a>(
         }
         if untried {
             continue;
+        }
+        // A passthrough route needs the edge's TLS port.
+        if key.0 == RouteKind::Tls
+            && let Some(why) = &config.no_tls_port
+        {
+            for gw in &gateways {
+                refused.insert(gw.clone(), why.clone());
+            }
         }
         if let Some(status) = route_parents(*route, &config.controller_name, &gateways, &refused) {
             writes.push(StatusWrite::RouteParents {
@@ -248,7 +269,11 @@ fn gateway_status<'a>(
         .listeners
         .iter()
         .map(|l| {
-            let kind = if l.protocol == "TCP" { "TCPRoute" } else { "HTTPRoute" };
+            let kind = match l.protocol.as_str() {
+                "TCP" => "TCPRoute",
+                "TLS" => "TLSRoute",
+                _ => "HTTPRoute",
+            };
             let programmed = match tcp_state(l) {
                 Some(Err(why)) => condition("Programmed", false, "PortUnavailable", &why, generation),
                 _ => condition("Programmed", true, "Programmed", "", generation),
@@ -346,6 +371,7 @@ mod tests {
             addresses: vec!["10.0.0.1".into()],
             write_status: true,
             tcp_binds: None,
+            no_tls_port: None,
         }
     }
 
@@ -389,7 +415,7 @@ mod tests {
             route: "db".into(),
             gateway: "db".into(),
         }];
-        let writes = desired(&config(), &[&gw], &[], &[&route], &attachments);
+        let writes = desired(&config(), &[&gw], &[], &[&route], &[], &attachments);
         let kinds: Vec<&Value> = writes
             .iter()
             .filter_map(|w| match w {
@@ -424,9 +450,10 @@ mod tests {
             let (_tx, rx) = tokio::sync::watch::channel(binds);
             let config = Config {
                 tcp_binds: Some(rx),
+                no_tls_port: None,
                 ..config()
             };
-            let writes = desired(&config, &[&gw], &[], &[&route], &attachments);
+            let writes = desired(&config, &[&gw], &[], &[&route], &[], &attachments);
             let route_accepted: Vec<(String, String)> = writes
                 .iter()
                 .filter_map(|w| match w {
@@ -593,7 +620,7 @@ mod tests {
 
     fn check(cases: Vec<Case>) {
         for c in cases {
-            let writes = desired(&c.config, &c.gateways, &c.routes, &[], &c.attachments);
+            let writes = desired(&c.config, &c.gateways, &c.routes, &[], &[], &c.attachments);
             let got: Vec<String> = writes.iter().map(summary).collect();
             assert_eq!(got, c.want, "{}", c.what);
         }
@@ -669,7 +696,7 @@ mod tests {
         let gw = gateway("gw", "portway", &["http"]);
         let r = with_parent(route("r"), OTHER, "gw");
         let attached = || vec![attach("r", "gw")];
-        let writes = desired(&config(), &[&gw], &[&r], &[], &attached());
+        let writes = desired(&config(), &[&gw], &[&r], &[], &[], &attached());
         let (gw, r) = (written_gateway(&writes[0]), written_route(&writes[1]));
         let mut moved = config();
         moved.addresses = vec!["10.0.0.2".into()];

@@ -11,6 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures::StreamExt;
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -42,6 +43,16 @@ pub struct Config {
     /// How the public TCP ports fare, when this process binds them (the built-in edge): a
     /// TCPRoute is accepted only once its port listens, and refused with the bind error.
     pub tcp_binds: Option<watch::Receiver<crate::tcp::Binds>>,
+    /// Why TLS passthrough routes cannot be served, when the data plane has no TLS port:
+    /// they are refused with it rather than reported as served.
+    pub no_tls_port: Option<String>,
+}
+
+/// Why passthrough routes cannot be served by a data plane without a TLS port.
+pub fn no_tls_port(serves_tls: bool) -> Option<String> {
+    (!serves_tls).then(|| {
+        "this edge has no TLS port to pass TLS through: start it with an HTTPS address".to_owned()
+    })
 }
 
 /// The Gateways the route watcher caches, shared with the other writer of Gateway status
@@ -92,6 +103,7 @@ pub fn spawn(
     let (gw_store, gws) = reflect(Api::<Gateway>::all(client.clone()), all());
     let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
     let (tcp_store, tcp_routes) = reflect(Api::<TcpRoute>::all(client.clone()), all());
+    let (tls_store, tls_routes) = reflect(Api::<TlsRoute>::all(client.clone()), all());
     let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
@@ -106,15 +118,16 @@ pub fn spawn(
                 changed_tx.send_modify(|n| *n += 1);
             }
         });
-        let (gws, routes, tcp_routes, slices) = (
+        let (gws, routes, tcp_routes, tls_routes, slices) = (
             gws.map(|e| e.map(drop)),
             routes.map(|e| e.map(drop)),
             tcp_routes.map(|e| e.map(drop)),
+            tls_routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
         );
         let mut changes = futures::stream::select(
             futures::stream::select(gws, routes),
-            futures::stream::select(tcp_routes, slices),
+            futures::stream::select(futures::stream::select(tcp_routes, tls_routes), slices),
         )
         .ready_chunks(512)
         .boxed();
@@ -151,31 +164,49 @@ pub fn spawn(
             if !(is_ready(&gw_store)
                 && is_ready(&route_store)
                 && is_ready(&tcp_store)
+                && is_ready(&tls_store)
                 && is_ready(&slice_store))
             {
                 continue;
             }
-            let (gw_state, route_state, tcp_state, slice_state) = (
+            let (gw_state, route_state, tcp_state, tls_state, slice_state) = (
                 gw_store.state(),
                 route_store.state(),
                 tcp_store.state(),
+                tls_store.state(),
                 slice_store.state(),
             );
             let gws: Vec<&Gateway> = gw_state.iter().map(AsRef::as_ref).collect();
             let routes: Vec<&HttpRoute> = route_state.iter().map(AsRef::as_ref).collect();
             let tcp_routes: Vec<&TcpRoute> = tcp_state.iter().map(AsRef::as_ref).collect();
+            let tls_routes: Vec<&TlsRoute> = tls_state.iter().map(AsRef::as_ref).collect();
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
-            let (t, attachments) = model::build(&config.class, &gws, &routes, &tcp_routes, &slices);
+            let (t, attachments) = model::build(
+                &config.class,
+                &gws,
+                &routes,
+                &tcp_routes,
+                &tls_routes,
+                &slices,
+            );
             tracing::debug!(
                 hosts = t.len(),
                 tcp_ports = t.tcp.len(),
+                tls_names = t.tls.len(),
                 "route table rebuilt"
             );
             table.store(Arc::new(t));
             n += 1;
             version.send_replace(n);
             if config.write_status {
-                let writes = desired(&config, &gws, &routes, &tcp_routes, &attachments);
+                let writes = desired(
+                    &config,
+                    &gws,
+                    &routes,
+                    &tcp_routes,
+                    &tls_routes,
+                    &attachments,
+                );
                 apply(&client, &events, &config.controller_name, writes).await;
             }
         }
@@ -245,6 +276,7 @@ async fn apply(
                         write_parents(client, events, controller, r, parents).await
                     }
                     RouteRef::Tcp(r) => write_parents(client, events, controller, r, parents).await,
+                    RouteRef::Tls(r) => write_parents(client, events, controller, r, parents).await,
                 }
             }
         }

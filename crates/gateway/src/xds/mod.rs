@@ -220,6 +220,7 @@ impl Stack {
                 write_status: config.write_status,
                 // Envoy binds the ports; whether it could is not known here.
                 tcp_binds: None,
+                no_tls_port: crate::routes::no_tls_port(config.defaults.listen_tls.is_some()),
             },
             table,
             routes_tx,
@@ -313,6 +314,7 @@ mod tests {
             "portway",
             &[&gw],
             &[&route],
+            &[],
             &[],
             &slices.iter().collect::<Vec<_>>(),
         )

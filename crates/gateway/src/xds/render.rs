@@ -53,7 +53,7 @@ use portway_api::headers;
 
 use super::NodeConfig;
 use crate::filters::{PathChange, Redirect};
-use crate::model::{Backend, HeaderFilter, PathMatch, Table, Tunnel};
+use crate::model::{Backend, HeaderFilter, PathMatch, Table, TcpService, Tunnel};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -183,7 +183,7 @@ pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
     let mut out: Vec<Cluster> = (0..slots)
         .map(|i| cluster(&sidecar_cluster(i), Some(node.sidecar)))
         .collect();
-    if !table.tcp.is_empty() {
+    if !(table.tcp.is_empty() && table.tls.is_empty()) {
         out.push(sidecar_h2_cluster(node));
     }
     out.push(cluster(UNREADY, None));
@@ -251,8 +251,10 @@ fn ads() -> ConfigSource {
 }
 
 /// The public listeners: plain HTTP, and HTTPS when the node has a TLS address and there
-/// is a certificate to serve (a listener with no filter chain would match nothing).
-pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listener> {
+/// is a certificate to serve or a name to pass through (a listener with no filter chain
+/// would match nothing). A passthrough name's chain matches its exact server name, which
+/// Envoy ranks above a certificate's wildcard, and tunnels the TLS bytes undecrypted.
+pub fn listeners(table: &Table, node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listener> {
     // With HTTPS served, the plain listener has routes of its own: the same, but names an
     // issued certificate covers redirect to HTTPS.
     let plain = if serves_https(node, certificates) {
@@ -269,6 +271,14 @@ pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listene
         }],
         ..Default::default()
     }];
+    let passthrough = table.tls.iter().map(|(name, service)| FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            server_names: vec![name.clone()],
+            ..Default::default()
+        }),
+        filters: vec![tunnel_filter(service, format!("portway_tls_{name}"))],
+        ..Default::default()
+    });
     let chains: Vec<FilterChain> = certificates
         .iter()
         .filter_map(|s| Info::of(s))
@@ -298,6 +308,7 @@ pub fn listeners(node: &NodeConfig, certificates: &[Arc<Secret>]) -> Vec<Listene
             filters: vec![connection_manager(ROUTES)],
             ..Default::default()
         })
+        .chain(passthrough)
         .collect();
     if let Some(addr) = node.listen_tls
         && !chains.is_empty()
@@ -330,58 +341,11 @@ pub fn tcp_listeners(table: &Table, node: &NodeConfig) -> Vec<Listener> {
         .tcp
         .values()
         .map(|service| {
-            let ready: Vec<(usize, &Backend)> = service
-                .backends
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.ready && b.tunnel.is_some())
-                .collect();
-            let (cluster, tunneling_config) = match ready.first() {
-                Some((chosen, b)) => {
-                    // `host:port`, an IPv6 host in brackets: the CONNECT authority.
-                    let hostname = b
-                        .tunnel
-                        .as_ref()
-                        .and_then(Tunnel::target)
-                        .map(|t| t.to_string())
-                        .unwrap_or_default();
-                    let mut headers_to_add = backend_headers(b);
-                    if ready.len() > 1 {
-                        headers_to_add.push(fallback_header(*chosen, &ready));
-                    }
-                    (
-                        SIDECAR_TCP.to_owned(),
-                        Some(tcp_proxy::TunnelingConfig {
-                            hostname: hostname.replace('%', "%%"),
-                            headers_to_add,
-                            ..Default::default()
-                        }),
-                    )
-                }
-                None => (UNREADY.to_owned(), None),
-            };
             let name = format!("portway_tcp_{}", service.port);
-            let proxy = TcpProxy {
-                stat_prefix: name.clone(),
-                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
-                tunneling_config,
-                // As the built-in edge: a connection that moves nothing for an hour ends.
-                idle_timeout: Some(PbDuration {
-                    seconds: 3600,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            };
             Listener {
                 address: Some(socket(SocketAddr::new(node.listen.ip(), service.port))),
                 filter_chains: vec![FilterChain {
-                    filters: vec![Filter {
-                        name: "envoy.filters.network.tcp_proxy".into(),
-                        config_type: Some(filter::ConfigType::TypedConfig(any(
-                            "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                            &proxy,
-                        ))),
-                    }],
+                    filters: vec![tunnel_filter(service, name.clone())],
                     ..Default::default()
                 }],
                 name,
@@ -389,6 +353,60 @@ pub fn tcp_listeners(table: &Table, node: &NodeConfig) -> Vec<Listener> {
             }
         })
         .collect()
+}
+
+/// The `tcp_proxy` of one layer-4 service (a public port, or a passthrough name): a
+/// CONNECT to the sidecar for the first ready backend's target, naming its device, the
+/// other ready ones as fallback; with none ready, the empty cluster.
+fn tunnel_filter(service: &TcpService, stat_prefix: String) -> Filter {
+    let ready: Vec<(usize, &Backend)> = service
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.ready && b.tunnel.is_some())
+        .collect();
+    let (cluster, tunneling_config) = match ready.first() {
+        Some((chosen, b)) => {
+            // `host:port`, an IPv6 host in brackets: the CONNECT authority.
+            let hostname = b
+                .tunnel
+                .as_ref()
+                .and_then(Tunnel::target)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            let mut headers_to_add = backend_headers(b);
+            if ready.len() > 1 {
+                headers_to_add.push(fallback_header(*chosen, &ready));
+            }
+            (
+                SIDECAR_TCP.to_owned(),
+                Some(tcp_proxy::TunnelingConfig {
+                    hostname: hostname.replace('%', "%%"),
+                    headers_to_add,
+                    ..Default::default()
+                }),
+            )
+        }
+        None => (UNREADY.to_owned(), None),
+    };
+    let proxy = TcpProxy {
+        stat_prefix,
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+        tunneling_config,
+        // As the built-in edge: a connection that moves nothing for an hour ends.
+        idle_timeout: Some(PbDuration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(
+            "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            &proxy,
+        ))),
+    }
 }
 
 fn serves_https(node: &NodeConfig, certificates: &[Arc<Secret>]) -> bool {
@@ -893,7 +911,7 @@ pub fn resources(
             .iter()
             .map(|c| any(CLUSTER_TYPE, c))
             .collect(),
-        LISTENER_TYPE => listeners(node, certificates)
+        LISTENER_TYPE => listeners(table, node, certificates)
             .iter()
             .chain(&tcp_listeners(table, node))
             .map(|l| any(LISTENER_TYPE, l))
@@ -927,6 +945,74 @@ mod tests {
     use envoy_types::pb::envoy::config::route::v3::{Route, route, route_action, route_match};
     use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
+    /// TLS passthrough: a TLSRoute on a `TLS` listener in `Passthrough` mode becomes a
+    /// chain of the HTTPS listener matching its exact names, with no TLS of Envoy's own,
+    /// tunnelling to the device as a public port does; a listener of another mode, a
+    /// wildcard name or a route of another class is not served. Without certificates, the
+    /// HTTPS listener exists for the passthrough chain alone.
+    #[test]
+    fn passthrough_names_become_sni_chains_without_tls_termination() {
+        use serde_json::json;
+        let gw = |name: &str, mode: &str| -> gateway_api::apis::standard::gateways::Gateway {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "p"}, "spec": {"gatewayClassName": "portway",
+                "listeners": [{"name": "tls", "port": 443, "protocol": "TLS", "tls": {"mode": mode}}]}}))
+            .unwrap()
+        };
+        let (pass, term) = (gw("db", "Passthrough"), gw("t", "Terminate"));
+        let route = |name: &str,
+                     gw: &str,
+                     hosts: &[&str]|
+         -> gateway_api::apis::experimental::tlsroutes::TlsRoute {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "p"},
+                "spec": {"hostnames": hosts, "parentRefs": [{"name": gw}],
+                         "rules": [{"backendRefs": [{"name": "a", "port": 8443}]}]}}))
+            .unwrap()
+        };
+        let routes = [
+            route("db", "db", &["DB.example.com", "*.example.com"]),
+            route("t", "t", &["t.example.com"]),
+        ];
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "p", "labels": {"kubernetes.io/service-name": "a"},
+                "annotations": {(portway_api::annotations::TUNNEL_TARGET): "n1 127.0.0.1 8443"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}]}))
+        .unwrap();
+        let (table, attachments) = crate::model::build(
+            "portway",
+            &[&pass, &term],
+            &[],
+            &[],
+            &routes.iter().collect::<Vec<_>>(),
+            &[&slice],
+        );
+        assert_eq!(table.tls.keys().collect::<Vec<_>>(), ["db.example.com"]);
+        assert_eq!(attachments.len(), 1);
+        assert_eq!(attachments[0].kind, crate::model::RouteKind::Tls);
+        let mut tls_node = node();
+        tls_node.listen_tls = Some("0.0.0.0:10443".parse().unwrap());
+        let all = listeners(&table, &tls_node, &[]);
+        let https = all.iter().find(|l| l.name == "portway_https").unwrap();
+        assert_eq!(https.filter_chains.len(), 1);
+        let chain = &https.filter_chains[0];
+        assert_eq!(
+            chain.filter_chain_match.as_ref().unwrap().server_names,
+            ["db.example.com"]
+        );
+        assert!(chain.transport_socket.is_none(), "Envoy must not decrypt");
+        let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else {
+            panic!("no typed config")
+        };
+        let p = TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(p.tunneling_config.unwrap().hostname, "127.0.0.1:8443");
+        assert!(
+            clusters(&table, &tls_node)
+                .iter()
+                .any(|c| c.name == SIDECAR_TCP)
+        );
+    }
+
     /// A public TCP port: a listener whose tcp_proxy tunnels to the sidecar as a CONNECT
     /// to the first ready backend's target, naming its device, the other ready one as
     /// fallback; with none ready, the empty cluster and no tunnel.
@@ -956,6 +1042,7 @@ mod tests {
                 &[&gw],
                 &[],
                 &[&route],
+                &[],
                 &slices.iter().collect::<Vec<_>>(),
             );
             let listeners = tcp_listeners(&table, &node());
@@ -1196,7 +1283,7 @@ mod tests {
             ]},
         }))
         .unwrap();
-        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[], &[]);
+        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[], &[], &[]);
         let rc = route_configuration(&table, &node());
         let by_rule = |rule: &str| {
             rc.virtual_hosts[0]
@@ -1268,18 +1355,20 @@ mod tests {
             ("GET,PUT", "60")
         );
         assert!(by_rule("0").typed_per_filter_config.is_empty());
-        let names: Vec<_> =
-            match &listeners(&node(), &[])[0].filter_chains[0].filters[0].config_type {
-                Some(filter::ConfigType::TypedConfig(a)) => {
-                    HttpConnectionManager::decode(a.value.as_slice())
-                        .unwrap()
-                        .http_filters
-                        .into_iter()
-                        .map(|f| f.name)
-                        .collect()
-                }
-                other => panic!("{other:?}"),
-            };
+        let names: Vec<_> = match &listeners(&Table::default(), &node(), &[])[0].filter_chains[0]
+            .filters[0]
+            .config_type
+        {
+            Some(filter::ConfigType::TypedConfig(a)) => {
+                HttpConnectionManager::decode(a.value.as_slice())
+                    .unwrap()
+                    .http_filters
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect()
+            }
+            other => panic!("{other:?}"),
+        };
         assert_eq!(names, [CORS_FILTER, "envoy.filters.http.router"]);
 
         let Some(route::Action::DirectResponse(d)) = &by_rule("2").action else {

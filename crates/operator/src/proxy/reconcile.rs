@@ -223,9 +223,11 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         }
         if changed {
             ctx.certs_wake.notify_one();
-            for (ns, name) in ctx.hostnames.upsert(&proxy) {
-                let _ = ctx.requeue.send(ObjectRef::new(&name).within(&ns));
-            }
+            crate::send_claimants(
+                &ctx.requeue,
+                &ctx.tcp_requeue,
+                ctx.hostnames.upsert(&*proxy),
+            );
         }
     }
     let verification = ctx.verifier.as_deref().map(|v| {

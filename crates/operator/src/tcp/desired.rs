@@ -2,10 +2,11 @@
 //! needs and what its status says. No client and no clock (the time is an input); the
 //! public port is the port index's verdict ([`super::ports`]), an input too.
 //!
-//! [`desired`] runs the steps in order: the port, the backends (each through the
-//! connectors it names, to devices that advertise its target; the HTTPProxy's rules,
-//! shared), then either a refusal (no objects) or the Gateway, TCPRoute, Services and
-//! EndpointSlices with the conditions of an accepted proxy.
+//! [`desired`] runs the steps in order: the port (or, in TLS passthrough, the names), the
+//! backends (each through the connectors it names, to devices that advertise its target;
+//! the HTTPProxy's rules, shared), then either a refusal (no objects) or the Gateway,
+//! TCPRoute (TLSRoute), Services and EndpointSlices with the conditions of an accepted
+//! proxy.
 
 #[cfg(test)]
 mod tests;
@@ -14,9 +15,12 @@ use gateway_api::apis::experimental::tcproutes::{
     TcpRoute, TcpRouteParentRefs, TcpRouteRules, TcpRouteRulesBackendRefs, TcpRouteSpec,
     TcpRouteStatus,
 };
+use gateway_api::apis::experimental::tlsroutes::{
+    TlsRoute, TlsRouteParentRefs, TlsRouteRules, TlsRouteRulesBackendRefs, TlsRouteSpec,
+};
 use gateway_api::apis::standard::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutes, GatewayListenersAllowedRoutesKinds,
-    GatewaySpec,
+    GatewayListenersTls, GatewayListenersTlsMode, GatewaySpec,
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -34,6 +38,7 @@ use crate::proxy::desired::conditions::{
     Problem, Stamp, backends_ready, parent_accepted, programmed,
 };
 use crate::proxy::desired::render::{SidecarBackend, owned_meta, sidecar_service, sidecar_slices};
+use crate::verify::Verification;
 
 /// Condition types and reasons on TCPProxy: HTTPProxy's where they mean the same.
 pub mod reasons {
@@ -50,11 +55,17 @@ pub mod reasons {
     /// The Gateway or TCPRoute the proxy would generate exists and belongs to another
     /// object (an HTTPProxy of the same name makes a Gateway of that name too).
     pub const NAME_IN_USE: &str = "NameInUse";
+    pub use crate::proxy::desired::reasons::HOSTNAME_IN_USE;
 }
 use reasons::*;
 
 /// The Gateway listener of every TCPProxy, and the TCPRoute's `sectionName`.
 pub const LISTENER: &str = "tcp";
+/// The Gateway listener of a passthrough proxy, and its TLSRoute's `sectionName`.
+pub const TLS_LISTENER: &str = "tls";
+/// The port a passthrough listener names: the edge serves it on its TLS address,
+/// whatever port that is (as HTTP listeners say 80).
+pub const TLS_PORT: i32 = 443;
 
 /// The name of a TCPProxy's Gateway and TCPRoute: `<proxy>.tcp`. HTTPProxy names are
 /// DNS labels, without a dot, so an HTTPProxy's Gateway (named after it) never takes it.
@@ -69,12 +80,13 @@ pub struct Inputs<'a> {
     pub connectors: &'a [&'a Connector],
     /// Advertisements in the proxy's namespace.
     pub advertisements: &'a [&'a ConnectorAdvertisement],
-    /// The public port, as the port index granted it (or why it did not).
-    pub port: &'a Verdict,
+    /// How the proxy is reached: its port, or its names on the shared TLS port.
+    pub listen: Listen<'a>,
     /// Who holds the Gateway or TCPRoute name this proxy's objects would take, when that
     /// is not this proxy (e.g. `the Gateway p1/web belongs to the HTTPProxy web`).
     pub name_taken_by: Option<&'a str>,
-    /// The generated TCPRoute's status, as the gateway reported it.
+    /// The generated TCPRoute's (or TLSRoute's, of the same shape) status, as the gateway
+    /// reported it.
     pub route_status: Option<&'a TcpRouteStatus>,
     /// The settings shared with HTTPProxies: gateway class, controller name, sidecars.
     pub config: &'a Config,
@@ -82,11 +94,30 @@ pub struct Inputs<'a> {
     pub now: Timestamp,
 }
 
+/// How a proxy is reached.
+pub enum Listen<'a> {
+    /// A port of its own, as the port index granted it (or why it did not).
+    Port(&'a Verdict),
+    /// TLS passthrough (`spec.tls`): names on the edge's shared TLS port.
+    Tls(TlsNames<'a>),
+}
+
+/// What decides a passthrough proxy's names.
+pub struct TlsNames<'a> {
+    /// `<uid>.<zone>`, always the proxy's own.
+    pub canonical: Option<&'a str>,
+    /// Who holds a name, when not this proxy (another proxy of either kind).
+    pub claimed_by: &'a dyn Fn(&str) -> Option<String>,
+    /// Whether the project has proven a name; `None`: no proof is asked for.
+    pub verification: Option<&'a dyn Fn(&str) -> Verification>,
+}
+
 /// The objects and status the proxy should have. Objects absent here must not exist.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Desired {
     pub gateway: Option<Gateway>,
     pub route: Option<TcpRoute>,
+    pub tls_route: Option<TlsRoute>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub status: TcpProxyStatus,
@@ -171,12 +202,16 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         generation: proxy.metadata.generation,
         now: input.now,
     };
-    // The port first: its refusal is the one that says the proxy lost its port.
-    let port_problem = input
-        .port
-        .as_ref()
-        .err()
+    // The port first: its refusal is the one that says the proxy lost its port. A
+    // passthrough proxy's names come first likewise.
+    let (verdict, names) = match &input.listen {
+        Listen::Port(v) => (Some(*v), None),
+        Listen::Tls(t) => (None, Some(tls_names(proxy, t))),
+    };
+    let port_problem = verdict
+        .and_then(|v| v.as_ref().err())
         .map(|r| Problem::new(r.reason(), r.message()));
+    let name_problems = names.iter().flat_map(|n| n.problems.clone());
     let taken = input.name_taken_by.map(|by| {
         Problem::new(
             NAME_IN_USE,
@@ -192,6 +227,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     let mut said = std::collections::HashSet::new();
     let problems: Vec<Problem> = port_problem
         .into_iter()
+        .chain(name_problems)
         .chain(taken)
         .chain(invalid)
         .chain(backend_problems)
@@ -201,10 +237,12 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     // A proxy refused for any other reason keeps its port: it is still its own.
     let mut status = TcpProxyStatus {
         conditions: Vec::new(),
-        port: input.port.as_ref().ok().map(|p| i32::from(*p)),
+        port: verdict.and_then(|v| v.as_ref().ok()).map(|p| i32::from(*p)),
+        hostnames: Vec::new(),
     };
-    let port = match input.port {
-        Ok(port) if problems.is_empty() => *port,
+    let listen = match (verdict, &names) {
+        (Some(Ok(port)), _) if problems.is_empty() => Listening::Port(*port),
+        (None, Some(n)) if problems.is_empty() => Listening::Tls(n),
         // Any problem refuses the whole proxy: no children, so nothing half-works.
         _ => {
             status.conditions = refused(&problems, stamp);
@@ -236,7 +274,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
             .flat_map(|p| p.conditions.iter())
             .find(|c| c.type_ == "Accepted" && c.status == "False")
     });
-    status.conditions = accepted(&backends, port, accepted_by_gateway, refusal, stamp);
+    status.conditions = accepted(&backends, &listen, accepted_by_gateway, refusal, stamp);
     let meta = |child: String, extra: &[(&str, &str)]| -> ObjectMeta {
         owned_meta(proxy, labels::TCP_PROXY, child, extra)
     };
@@ -259,22 +297,92 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
                 })
         })
         .collect();
+    let gateway = Some(gateway(
+        meta(child_name(&name), &[]),
+        &listen,
+        &input.config.gateway_class,
+    ));
+    let (route, tls_route) = match &listen {
+        Listening::Port(_) => (
+            Some(route(
+                meta(child_name(&name), &[]),
+                &child_name(&name),
+                &name,
+                &backends,
+            )),
+            None,
+        ),
+        Listening::Tls(n) => {
+            status.hostnames.clone_from(&n.active);
+            (
+                None,
+                Some(tls_route(
+                    meta(child_name(&name), &[]),
+                    &child_name(&name),
+                    &name,
+                    &n.active,
+                    &backends,
+                )),
+            )
+        }
+    };
     Desired {
-        gateway: Some(gateway(
-            meta(child_name(&name), &[]),
-            port,
-            &input.config.gateway_class,
-        )),
-        route: Some(route(
-            meta(child_name(&name), &[]),
-            &child_name(&name),
-            &name,
-            &backends,
-        )),
+        gateway,
+        route,
+        tls_route,
         services,
         slices,
         status,
     }
+}
+
+/// How an accepted proxy listens.
+enum Listening<'a> {
+    Port(u16),
+    Tls(&'a Names),
+}
+
+/// A passthrough proxy's names, decided.
+struct Names {
+    /// Served: spec names it holds and has proven, then the canonical name.
+    active: Vec<String>,
+    /// Spec names waiting for proof, each with what to publish.
+    pending: Vec<String>,
+    /// Names another proxy holds: each refuses the proxy, so its status never claims a
+    /// name that reaches someone else's device.
+    problems: Vec<Problem>,
+}
+
+fn tls_names(proxy: &TcpProxy, t: &TlsNames<'_>) -> Names {
+    let mut names = Names {
+        active: Vec::new(),
+        pending: Vec::new(),
+        problems: Vec::new(),
+    };
+    let spec = proxy.spec.tls.iter().flat_map(|t| t.hostnames.iter());
+    for (i, h) in spec.enumerate() {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(owner) = (t.claimed_by)(&h) {
+            names.problems.push(Problem::new(
+                HOSTNAME_IN_USE,
+                format!("spec.tls.hostnames[{i}]: {h} is already claimed by {owner}; choose another hostname or delete the other claim"),
+            ));
+            continue;
+        }
+        match t.verification.map(|v| v(&h)) {
+            Some(Verification::Pending {
+                instructions,
+                found,
+            }) => names.pending.push(format!(
+                "{h} is not routed until this project proves it controls it: {instructions} ({found})"
+            )),
+            _ => names.active.push(h),
+        }
+    }
+    names
+        .active
+        .extend(t.canonical.map(str::to_ascii_lowercase));
+    names
 }
 
 /// Who holds a name this proxy's objects would take, when that is not this proxy:
@@ -304,26 +412,76 @@ pub fn name_taken_by(proxy: &TcpProxy, objects: &[(&str, Option<&ObjectMeta>)]) 
     })
 }
 
-/// One TCP listener on the granted port, taking TCPRoutes only.
-fn gateway(metadata: ObjectMeta, port: u16, class: &str) -> Gateway {
+/// One listener: TCP on the granted port, taking TCPRoutes only; or TLS in passthrough
+/// mode on the shared TLS port, taking TLSRoutes only.
+fn gateway(metadata: ObjectMeta, listen: &Listening<'_>, class: &str) -> Gateway {
+    let (name, port, protocol, kind, tls) = match listen {
+        Listening::Port(p) => (LISTENER, i32::from(*p), "TCP", "TCPRoute", None),
+        Listening::Tls(_) => (
+            TLS_LISTENER,
+            TLS_PORT,
+            "TLS",
+            "TLSRoute",
+            Some(GatewayListenersTls {
+                mode: Some(GatewayListenersTlsMode::Passthrough),
+                ..Default::default()
+            }),
+        ),
+    };
     Gateway {
         metadata,
         spec: GatewaySpec {
             gateway_class_name: class.to_owned(),
             listeners: vec![GatewayListeners {
-                name: LISTENER.into(),
-                port: i32::from(port),
-                protocol: "TCP".into(),
+                name: name.into(),
+                port,
+                protocol: protocol.into(),
+                tls,
                 allowed_routes: Some(GatewayListenersAllowedRoutes {
                     kinds: Some(vec![GatewayListenersAllowedRoutesKinds {
                         group: Some("gateway.networking.k8s.io".into()),
-                        kind: "TCPRoute".into(),
+                        kind: kind.into(),
                     }]),
                     namespaces: None,
                 }),
                 ..Default::default()
             }],
             ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// Attached to the proxy's passthrough listener, matching its names; as [`route`].
+fn tls_route(
+    metadata: ObjectMeta,
+    gateway: &str,
+    name: &str,
+    hostnames: &[String],
+    backends: &[Backend<'_>],
+) -> TlsRoute {
+    TlsRoute {
+        metadata,
+        spec: TlsRouteSpec {
+            hostnames: hostnames.to_vec(),
+            parent_refs: Some(vec![TlsRouteParentRefs {
+                name: gateway.to_owned(),
+                section_name: Some(TLS_LISTENER.into()),
+                ..Default::default()
+            }]),
+            rules: vec![TlsRouteRules {
+                backend_refs: backends
+                    .iter()
+                    .map(|b| TlsRouteRulesBackendRefs {
+                        name: b.service_name(name),
+                        port: Some(i32::from(b.target.port)),
+                        weight: Some(1),
+                        ..Default::default()
+                    })
+                    .collect(),
+                name: None,
+            }],
+            use_default_gateways: None,
         },
         status: None,
     }
@@ -386,7 +544,7 @@ fn refused(problems: &[Problem], stamp: Stamp) -> Vec<Condition> {
 /// The conditions of an accepted proxy.
 fn accepted(
     backends: &[Backend<'_>],
-    port: u16,
+    listen: &Listening<'_>,
     accepted_by_gateway: bool,
     refusal: Option<&Condition>,
     stamp: Stamp,
@@ -399,13 +557,20 @@ fn accepted(
     connectors.sort_unstable();
     connectors.dedup();
     let total = backends.len();
+    let (at, pending) = match listen {
+        Listening::Port(port) => (format!("port {port}"), String::new()),
+        Listening::Tls(n) => (
+            format!("TLS passthrough for {}", n.active.join(", ")),
+            n.pending.iter().map(|p| format!("; {p}")).collect(),
+        ),
+    };
     vec![
         stamp.condition(
             ACCEPTED,
             true,
             ACCEPTED,
             format!(
-                "port {port}: {total} backend(s) through {} connector(s), {ready} ready",
+                "{at}: {total} backend(s) through {} connector(s), {ready} ready{pending}",
                 connectors.len()
             ),
         ),

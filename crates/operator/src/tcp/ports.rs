@@ -156,6 +156,10 @@ fn port_of(p: Option<i32>) -> Option<u16> {
 /// The claim a proxy's spec and status make; `pending` is what the index allocated it
 /// before its status could say so.
 fn held_by(p: &TcpProxy, range: &RangeInclusive<u16>, pending: Option<Held>) -> Option<Held> {
+    // A passthrough proxy shares the TLS port: it holds none of the range.
+    if p.spec.tls.is_some() {
+        return None;
+    }
     let status = port_of(p.status.as_ref().and_then(|s| s.port));
     match p.spec.port {
         Some(asked) => port_of(Some(asked))
@@ -420,6 +424,7 @@ mod tests {
             TcpProxySpec {
                 port: spec,
                 backends: vec![],
+                ..Default::default()
             },
         );
         p.metadata.namespace = Some(ns.into());
@@ -427,6 +432,7 @@ mod tests {
         p.status = status.map(|port| TcpProxyStatus {
             conditions: vec![],
             port: Some(port),
+            ..Default::default()
         });
         p
     }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tcproutes::{TcpRoute, TcpRouteStatus};
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -12,7 +13,8 @@ use kube::runtime::reflector::ObjectRef;
 use portway_api::{Connector, ConnectorAdvertisement, TcpProxy, TcpProxyStatus};
 use serde_json::{Value, json};
 
-use super::desired::{Inputs, child_name, desired, name_taken_by};
+use super::desired::{Inputs, Listen, TlsNames, child_name, desired, name_taken_by};
+use crate::hostnames::Claim;
 use crate::proxy::desired::merged_conditions;
 use crate::proxy::reconcile::{
     Shared, apply, apply_shared, names, prune, prune_shared, write_status,
@@ -26,9 +28,25 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     let ns = proxy.namespace().unwrap_or_default();
     let name = proxy.name_any();
     // Taken (and recorded) first, so no proxy reconciled meanwhile is given the same port;
-    // a port freed or contested wakes the proxies waiting for it.
-    let (port, touched) = ctx.tcp_ports.assign(&proxy);
+    // a port freed or contested wakes the proxies waiting for it. A passthrough proxy
+    // holds none (one that was given a port before lets it go).
+    let passthrough = proxy.spec.tls.is_some();
+    let (port, touched) = if passthrough {
+        (None, ctx.tcp_ports.forget(&proxy))
+    } else {
+        let (verdict, touched) = ctx.tcp_ports.assign(&proxy);
+        (Some(verdict), touched)
+    };
     crate::send_keys(&ctx.tcp_requeue, touched);
+    let canonical = proxy
+        .metadata
+        .uid
+        .as_ref()
+        .map(|uid| format!("{uid}.{}", ctx.config.proxy.zone));
+    let mut requeue_after = Duration::from_secs(15 * 60);
+    if passthrough {
+        requeue_after = refresh_proofs(&ctx, &proxy, canonical.as_deref()).await;
+    }
     let connectors: Vec<Arc<Connector>> = ctx.connectors.get(&ns);
     let ads: Vec<Arc<ConnectorAdvertisement>> = ctx.advertisements.get(&ns);
     let connector_refs: Vec<&Connector> = connectors.iter().map(AsRef::as_ref).collect();
@@ -36,6 +54,10 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     let child = child_name(&name);
     let route = ctx
         .tcp_routes
+        .store()
+        .get(&ObjectRef::new(&child).within(&ns));
+    let tls_route = ctx
+        .tls_routes
         .store()
         .get(&ObjectRef::new(&child).within(&ns));
     let gateway = ctx
@@ -47,15 +69,43 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
         &[
             ("Gateway", gateway.as_ref().map(|g| &g.metadata)),
             ("TCPRoute", route.as_ref().map(|r| &r.metadata)),
+            ("TLSRoute", tls_route.as_ref().map(|r| &r.metadata)),
         ],
     );
+    let me = Claim::of(&*proxy);
+    let claimed_by = |h: &str| ctx.hostnames.claimed_by(h, &me).map(|o| o.to_string());
+    let verification = ctx.verifier.as_deref().map(|v| {
+        let (ns, canonical) = (ns.clone(), canonical.clone());
+        move |h: &str| v.state(&ns, h, canonical.as_deref())
+    });
+    let listen = match &port {
+        Some(verdict) => Listen::Port(verdict),
+        None => Listen::Tls(TlsNames {
+            canonical: canonical.as_deref(),
+            claimed_by: &claimed_by,
+            verification: verification
+                .as_ref()
+                .map(|v| v as &dyn Fn(&str) -> crate::verify::Verification),
+        }),
+    };
+    // A TLSRoute's status has a TCPRoute's shape: read through one type.
+    let tls_status: Option<TcpRouteStatus> = tls_route
+        .as_ref()
+        .and_then(|r| r.status.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .and_then(|v| serde_json::from_value(v).ok());
+    let route_status = if passthrough {
+        tls_status.as_ref()
+    } else {
+        route.as_ref().and_then(|r| r.status.as_ref())
+    };
     let d = desired(&Inputs {
         proxy: &proxy,
         connectors: &connector_refs,
         advertisements: &ad_refs,
-        port: &port,
+        listen,
         name_taken_by: taken.as_deref(),
-        route_status: route.as_ref().and_then(|r| r.status.as_ref()),
+        route_status,
         config: &ctx.config.proxy,
         now: Timestamp::now(),
     });
@@ -66,8 +116,12 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     if let Some(r) = &d.route {
         apply(&ctx, ctx.tcp_routes.store(), r).await?;
     }
+    if let Some(r) = &d.tls_route {
+        apply(&ctx, ctx.tls_routes.store(), r).await?;
+    }
     let owner = &*proxy;
     prune::<TcpRoute, _>(&ctx, &ctx.tcp_routes, owner, &names(&d.route)).await?;
+    prune::<TlsRoute, _>(&ctx, &ctx.tls_routes, owner, &names(&d.tls_route)).await?;
     prune_shared(&ctx, owner, &shared).await?;
 
     let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());
@@ -81,6 +135,7 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
             let status = TcpProxyStatus {
                 conditions: merged_conditions(&current.conditions, &d.status.conditions),
                 port: d.status.port,
+                hostnames: d.status.hostnames.clone(),
             };
             (status != current).then(|| status_patch(&status))
         },
@@ -89,7 +144,41 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     if !exists {
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs(15 * 60)))
+    Ok(Action::requeue(requeue_after))
+}
+
+/// Looks a passthrough proxy's names outside the zone up again when due (as HTTPProxies'
+/// names are: one proof serves both kinds); a changed verdict changes claims, so the
+/// proxies that share a name decide again. Returns when to look next.
+async fn refresh_proofs(ctx: &Ctx, proxy: &TcpProxy, canonical: Option<&str>) -> Duration {
+    let mut next = Duration::from_secs(15 * 60);
+    let Some(v) = &ctx.verifier else {
+        return next;
+    };
+    let ns = proxy.namespace().unwrap_or_default();
+    let names = proxy.spec.tls.iter().flat_map(|t| t.hostnames.iter());
+    // Not told yet (new or changed): look at once, so the user who just published the
+    // record does not wait.
+    let told = proxy.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == proxy.metadata.generation)
+            && !s.conditions.is_empty()
+    });
+    let looks = names.clone().map(|h| v.refresh(&ns, h, canonical, !told));
+    let changed = futures::future::join_all(looks)
+        .await
+        .into_iter()
+        .any(|c| c);
+    for h in names {
+        if let Some(at) = v.next_look(&ns, h) {
+            next = next.min(at.max(Duration::from_secs(1)));
+        }
+    }
+    if changed {
+        crate::send_claimants(&ctx.requeue, &ctx.tcp_requeue, ctx.hostnames.upsert(proxy));
+    }
+    next
 }
 
 /// The merge patch of a status: a port the proxy lost is removed, which a merge patch
@@ -109,13 +198,13 @@ mod tests {
     #[test]
     fn a_lost_port_is_removed_from_status() {
         let lost = TcpProxyStatus {
-            conditions: vec![],
             port: None,
+            ..Default::default()
         };
         assert_eq!(status_patch(&lost), json!({"port": null}));
         let kept = TcpProxyStatus {
-            conditions: vec![],
             port: Some(20000),
+            ..Default::default()
         };
         assert_eq!(status_patch(&kept), json!({"port": 20000}));
     }

@@ -72,6 +72,18 @@ pub struct TcpArgs {
     device: DeviceArgs,
 }
 
+#[derive(Parser)]
+pub struct TlsArgs {
+    /// The local port your TLS server listens on (127.0.0.1:PORT); it terminates TLS.
+    port: u16,
+    /// A name to serve besides the canonical one (repeatable); outside the zone, the
+    /// project must have proven it.
+    #[arg(long = "hostname")]
+    hostnames: Vec<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 /// Failures that say what to do in one complete sentence: no chain.
 fn one_line(e: portway_local::http::Error) -> anyhow::Error {
     use portway_local::http::Error;
@@ -79,7 +91,8 @@ fn one_line(e: portway_local::http::Error) -> anyhow::Error {
         Error::HostnameTaken { .. }
         | Error::HostnameNotVerified { .. }
         | Error::Unreachable { .. }
-        | Error::PortRefused(_) => anyhow::anyhow!(e.to_string()),
+        | Error::PortRefused(_)
+        | Error::NameRefused(_) => anyhow::anyhow!(e.to_string()),
         e => anyhow::Error::new(e).context("publishing the port"),
     }
 }
@@ -130,6 +143,37 @@ pub async fn run_tcp(args: TcpArgs) -> Result<()> {
         args.port,
         started.elapsed().as_millis()
     );
+    status_until_stopped(&t.agent).await;
+    t.stop().await;
+    eprintln!("tunnel removed");
+    Ok(())
+}
+
+pub async fn run_tls(args: TlsArgs) -> Result<()> {
+    let ready_file = args.device.ready_file.clone();
+    let config = args.device.config(args.port, None);
+    let started = tokio::time::Instant::now();
+    let t = tokio::select! {
+        t = portway_local::tcp::Tcp::start_tls(config, args.hostnames) => t.map_err(one_line)?,
+        () = shutdown_signal() => return Ok(()),
+    };
+    if let Some(path) = &ready_file {
+        write_ready_file(
+            path,
+            &json!({"url": t.url, "port": t.port, "hostnames": t.hostnames, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
+        )?;
+    }
+    for (i, name) in t.hostnames.iter().enumerate() {
+        let note = if i == 0 {
+            format!(
+                "  (ready in {} ms; Ctrl-C to stop)",
+                started.elapsed().as_millis()
+            )
+        } else {
+            String::new()
+        };
+        println!("tls://{name}:{} → 127.0.0.1:{}{note}", t.port, args.port);
+    }
     status_until_stopped(&t.agent).await;
     t.stop().await;
     eprintln!("tunnel removed");

@@ -348,6 +348,12 @@ async fn attacks_on_isolation_are_refused() {
         "metadata": {"name": "forged"},
         "spec": {"parentRefs": [{"name": "forged"}], "rules": [{"backendRefs": [{"name": "x", "port": 1}]}]}}))
     .unwrap();
+    let tls_route: gateway_api::apis::experimental::tlsroutes::TlsRoute =
+        serde_json::from_value(json!({
+            "metadata": {"name": "forged"},
+            "spec": {"hostnames": ["a.localhost"], "parentRefs": [{"name": "forged"}],
+                     "rules": [{"backendRefs": [{"name": "x", "port": 1}]}]}}))
+        .unwrap();
     let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
         "metadata": {"name": "forged", "labels": {"kubernetes.io/service-name": "x"},
             "annotations": {(portway_api::annotations::TUNNEL_TARGET): format!("{a_id} 127.0.0.1 {secret_port}")}},
@@ -363,6 +369,15 @@ async fn attacks_on_isolation_are_refused() {
             .await,
         );
         assert_eq!(code, 403, "{who} wrote a TCPRoute: {msg}");
+        let (code, msg) = refusal(
+            Api::<gateway_api::apis::experimental::tlsroutes::TlsRoute>::namespaced(
+                client.clone(),
+                "team-a",
+            )
+            .create(&PostParams::default(), &tls_route)
+            .await,
+        );
+        assert_eq!(code, 403, "{who} wrote a TLSRoute: {msg}");
         let (code, msg) = refusal(
             Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
                 client.clone(),
@@ -489,6 +504,37 @@ async fn attacks_on_isolation_are_refused() {
         assert!(
             !c.message.contains("team-a"),
             "another project's names stay hidden: {}",
+            c.message
+        );
+    }
+    // ...nor by passing TLS through under them (a name is terminated at the edge or
+    // passed through, for one proxy of either kind).
+    for (name, host) in [
+        ("canon-tls", canonical.as_str()),
+        ("same-tls", "a.localhost"),
+    ] {
+        let p: portway_api::TcpProxy = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"tls": {"hostnames": [host]}, "backends": [{
+                "endpoint": format!("tcp://127.0.0.1:{}", w.origin_b.addr.port()),
+                "connector": {"name": "device-b"}}]}}))
+        .unwrap();
+        let api = Api::<portway_api::TcpProxy>::namespaced(bob.clone(), "team-b");
+        api.create(&PostParams::default(), &p).await.unwrap();
+        let c = eventually(&format!("{name} is refused"), WAIT, || async {
+            let p = api.get(name).await?;
+            let c =
+                portway_api::find_condition(&p.status.unwrap_or_default().conditions, "Accepted")
+                    .cloned()
+                    .context("no Accepted yet")?;
+            ensure!(c.status == "False", "{c:?}");
+            Ok(c)
+        })
+        .await;
+        assert_eq!(c.reason, "HostnameInUse", "{host}: {c:?}");
+        assert!(
+            c.message.contains("another project") && !c.message.contains("team-a"),
+            "{host}: {}",
             c.message
         );
     }

@@ -1,7 +1,10 @@
 //! Public TCP ports (`TCPProxy`), on both data planes: the port granted (asked for, or
 //! from the range), a refused request for a taken or foreign port, bytes both ways by
 //! hash with half-close, 200 connections at once, a Redis client against a Redis
-//! server on the device, and a device that goes offline.
+//! server on the device, and a device that goes offline. TLS passthrough runs on the
+//! same stack ([`tls`]).
+
+mod tls;
 
 use std::net::IpAddr;
 
@@ -32,8 +35,15 @@ async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// Sends `n` bytes of the test pattern through `addr` while reading the echo, ends its
 /// side (half-close), and returns the hash of what came back once the far end closed.
 async fn echo_through(addr: SocketAddr, n: u64) -> anyhow::Result<String> {
-    let s = tokio::net::TcpStream::connect(addr).await?;
-    let (mut r, mut w) = s.into_split();
+    echo_over(tokio::net::TcpStream::connect(addr).await?, n).await
+}
+
+/// As [`echo_through`], over any connection (TLS to a device, say).
+async fn echo_over<S>(s: S, n: u64) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let (mut r, mut w) = tokio::io::split(s);
     let write = async move {
         let mut sent = 0u64;
         while sent < n {
@@ -285,6 +295,8 @@ async fn tcp_ports_on_both_data_planes() {
         assert_eq!(cli(&["SET", "plane", plane]).await.unwrap(), "OK");
         assert_eq!(cli(&["GET", "plane"]).await.unwrap(), plane);
     }
+
+    tls::passthrough_on_both_planes(&stack, &mut front).await;
 
     // The device goes away: new connections are closed at once, not left hanging.
     drop(device);

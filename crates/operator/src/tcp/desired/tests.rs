@@ -28,6 +28,7 @@ fn proxy(port: Option<i32>, backends: &[(&str, Option<ConnectorReference>)]) -> 
                     connector: connector.clone().unwrap_or_default(),
                 })
                 .collect(),
+            ..Default::default()
         },
     );
     p.metadata.namespace = Some("p1".into());
@@ -68,7 +69,7 @@ impl Case {
             proxy: &self.proxy,
             connectors: &self.connectors.iter().collect::<Vec<_>>(),
             advertisements: &self.ads.iter().collect::<Vec<_>>(),
-            port: &self.port,
+            listen: Listen::Port(&self.port),
             name_taken_by: self.taken,
             route_status: self.route_status.as_ref(),
             config: &config(),
@@ -195,6 +196,7 @@ fn the_port_is_kept_requested_or_allocated() {
         p.status = Some(TcpProxyStatus {
             conditions: vec![],
             port: Some(port),
+            ..Default::default()
         });
         p
     };
@@ -234,6 +236,7 @@ fn port_refusals_clear_the_port_and_generate_nothing() {
         TcpProxySpec {
             port: Some(20022),
             backends: vec![],
+            ..Default::default()
         },
     );
     holder.metadata.namespace = Some("p1".into());
@@ -247,6 +250,7 @@ fn port_refusals_clear_the_port_and_generate_nothing() {
     lost.status = Some(TcpProxyStatus {
         conditions: vec![],
         port: Some(20005),
+        ..Default::default()
     });
     let cases = [
         (
@@ -572,4 +576,86 @@ fn a_name_held_by_another_object_is_named() {
         name_taken_by(&me, &[("Gateway", None), ("TCPRoute", Some(&by_hand))]).as_deref(),
         Some("the TCPRoute p1/ssh exists and was not generated for this proxy")
     );
+}
+
+/// TLS passthrough: no port; a TLS listener in Passthrough mode on the shared port and a
+/// TLSRoute for the spec names the proxy holds and has proven, then its canonical name;
+/// a name another proxy holds refuses the proxy; one not proven yet is not routed and
+/// Accepted says what to publish.
+#[test]
+fn a_passthrough_proxy_gets_a_tls_listener_and_route_for_its_names() {
+    let mut p = ssh(None);
+    p.spec.tls = Some(portway_api::TlsPassthrough {
+        hostnames: vec!["db.example.com".into(), "new.example.org".into()],
+    });
+    let case = Case::new(p);
+    let run = |claimed: &dyn Fn(&str) -> Option<String>| {
+        let pending = |h: &str| {
+            if h == "new.example.org" {
+                Verification::Pending {
+                    instructions: "publish TXT".into(),
+                    found: "nothing".into(),
+                }
+            } else {
+                Verification::Verified("TXT".into())
+            }
+        };
+        desired(&Inputs {
+            proxy: &case.proxy,
+            connectors: &case.connectors.iter().collect::<Vec<_>>(),
+            advertisements: &case.ads.iter().collect::<Vec<_>>(),
+            listen: Listen::Tls(TlsNames {
+                canonical: Some("u-1.portway.localhost"),
+                claimed_by: claimed,
+                verification: Some(&pending),
+            }),
+            name_taken_by: None,
+            route_status: None,
+            config: &config(),
+            now: NOW,
+        })
+    };
+    let d = run(&|_| None);
+    assert_eq!(status_of(&d, ACCEPTED), ("True".into(), ACCEPTED.into()));
+    let accepted = &cond(&d, ACCEPTED).message;
+    assert!(
+        accepted.starts_with("TLS passthrough for db.example.com, u-1.portway.localhost:")
+            && accepted.contains("new.example.org is not routed until this project proves it controls it: publish TXT"),
+        "{accepted}"
+    );
+    assert_eq!(d.status.port, None);
+    assert_eq!(
+        d.status.hostnames,
+        ["db.example.com", "u-1.portway.localhost"]
+    );
+    assert!(d.route.is_none());
+    let listener = &d.gateway.as_ref().unwrap().spec.listeners[0];
+    assert_eq!(
+        serde_json::to_value(listener).unwrap(),
+        json!({"name": "tls", "port": 443, "protocol": "TLS", "tls": {"mode": "Passthrough"},
+               "allowedRoutes": {"kinds": [{"group": "gateway.networking.k8s.io", "kind": "TLSRoute"}]}})
+    );
+    let route = serde_json::to_value(d.tls_route.as_ref().unwrap()).unwrap();
+    assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
+    assert_eq!(
+        route["spec"],
+        json!({"hostnames": ["db.example.com", "u-1.portway.localhost"],
+               "parentRefs": [{"name": "ssh.tcp", "sectionName": "tls"}],
+               "rules": [{"backendRefs": [{"name": label_name("ssh", &["ssh", "tcp", "0", "laptop"]), "port": 22, "weight": 1}]}]})
+    );
+    assert_eq!(d.slices.len(), 1);
+
+    let d = run(&|h| {
+        (h == "db.example.com").then(|| "the HTTPProxy p1/web (as db.example.com)".into())
+    });
+    assert!(no_children(&d) && d.tls_route.is_none());
+    assert_eq!(
+        status_of(&d, ACCEPTED),
+        ("False".into(), HOSTNAME_IN_USE.into())
+    );
+    assert_eq!(
+        cond(&d, ACCEPTED).message,
+        "spec.tls.hostnames[0]: db.example.com is already claimed by the HTTPProxy p1/web (as db.example.com); choose another hostname or delete the other claim"
+    );
+    assert!(d.status.hostnames.is_empty());
 }
