@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::objects;
-use crate::policy::{Gatekeeper, Policy};
+use crate::policy::{Gatekeeper, Offer, Policy};
 use crate::server::{Counters, Server};
 use crate::tunnel::Tunnel;
 
@@ -887,10 +887,13 @@ where
 }
 
 /// What the device offers: its own tunnels' targets.
-fn targets(tunnels: &[Tunnel]) -> Vec<(String, u16)> {
+fn targets(tunnels: &[Tunnel]) -> Vec<Offer> {
     tunnels
         .iter()
-        .map(|t| (t.target.host.to_ascii_lowercase(), t.target.port))
+        .map(|t| Offer {
+            proxy_protocol: t.proxy_protocol,
+            ..Offer::new(&t.target.host, t.target.port)
+        })
         .collect()
 }
 

@@ -20,6 +20,7 @@
 //! target = "127.0.0.1:5432"
 //! protocol = "tcp"
 //! public_port = 20001            # or `public = true`: a TCPProxy at any port of the range
+//! proxy_protocol = true          # a PROXY v2 header naming the public client (tcp, tls)
 //!
 //! [[tunnel]]
 //! name = "mail"
@@ -90,6 +91,9 @@ struct TunnelEntry {
     /// ...or this one.
     #[serde(default)]
     public_port: Option<Spanned<u16>>,
+    /// A PROXY protocol v2 header before each connection's bytes (tcp and tls tunnels).
+    #[serde(default)]
+    proxy_protocol: Option<Spanned<bool>>,
 }
 
 /// What the file says; absent values leave the flags' (or defaults') in place.
@@ -217,10 +221,15 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
                 (Some(p), None) if *p.get_ref() => Some(PublicPort::Any),
                 _ => None,
             },
+            proxy_protocol: t.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
         };
         if let Err((f, e)) = tunnel.check() {
             let span = match f {
                 "name" => t.name.span(),
+                "proxy_protocol" => t
+                    .proxy_protocol
+                    .as_ref()
+                    .map_or(t.name.span(), Spanned::span),
                 "public" => t
                     .public
                     .as_ref()

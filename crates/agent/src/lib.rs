@@ -29,6 +29,7 @@ pub mod config;
 pub mod join;
 pub mod objects;
 pub mod policy;
+mod proxy_protocol;
 mod server;
 pub mod tunnel;
 

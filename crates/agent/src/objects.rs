@@ -183,6 +183,7 @@ mod tests {
             protocol,
             hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
             public: None,
+            proxy_protocol: false,
         }
     }
 

@@ -15,10 +15,30 @@ use tokio::sync::watch;
 pub struct Policy {
     /// Endpoint ids (hex) that may open streams.
     pub gateways: HashSet<String>,
-    /// What may be reached: `host:port` of this device's tunnels (a host may be a `*.`
-    /// wildcard for names strictly below it). Not cached: the configuration is at hand.
+    /// What may be reached: this device's tunnels' targets. Not cached: the
+    /// configuration is at hand.
     #[serde(skip)]
-    pub targets: Vec<(String, u16)>,
+    pub targets: Vec<Offer>,
+}
+
+/// One target the device offers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// Lowercase; a `*.` wildcard stands for names strictly below it.
+    pub host: String,
+    pub port: u16,
+    /// A tunnel to it starts with a PROXY protocol v2 header naming the public client.
+    pub proxy_protocol: bool,
+}
+
+impl Offer {
+    pub fn new(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_ascii_lowercase(),
+            port,
+            proxy_protocol: false,
+        }
+    }
 }
 
 /// Why a stream was refused.
@@ -31,10 +51,11 @@ pub enum Denied {
 impl Policy {
     /// Decides one request: the dialer must be an authorised gateway and the target one
     /// of this device's tunnels (host exact, case-insensitive, or `*.` wildcard; port).
+    /// Returns the tunnel's offer.
     ///
     /// # Errors
     /// Which check failed.
-    pub fn check(&self, dialer: &EndpointId, host: &str, port: u16) -> Result<(), Denied> {
+    pub fn check(&self, dialer: &EndpointId, host: &str, port: u16) -> Result<&Offer, Denied> {
         if !self.gateways.contains(&dialer.to_string()) {
             return Err(Denied::Dialer);
         }
@@ -43,10 +64,10 @@ impl Policy {
             Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
             None => pattern.eq_ignore_ascii_case(&host),
         };
-        if !self.targets.iter().any(|(h, p)| *p == port && offered(h)) {
-            return Err(Denied::Target);
-        }
-        Ok(())
+        self.targets
+            .iter()
+            .find(|o| o.port == port && offered(&o.host))
+            .ok_or(Denied::Target)
     }
 }
 
@@ -60,11 +81,12 @@ pub struct Gatekeeper {
 }
 
 impl Gatekeeper {
-    /// Whether `remote` may reach `host:port` under the current policy.
-    pub fn allows(&self, remote: &EndpointId, host: &str, port: u16) -> bool {
+    /// The offer `remote` may reach at `host:port` under the current policy, if any.
+    pub fn allows(&self, remote: &EndpointId, host: &str, port: u16) -> Option<Offer> {
         let policy = self.policy.borrow().clone();
-        let Err(why) = policy.check(remote, host, port) else {
-            return true;
+        let why = match policy.check(remote, host, port) {
+            Ok(offer) => return Some(offer.clone()),
+            Err(why) => why,
         };
         self.denied
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -77,7 +99,7 @@ impl Gatekeeper {
             // Full means a report is already due: this one is counted in it.
             let _ = tx.try_send(format!("{remote} asked for {host}:{port}: {reason}"));
         }
-        false
+        None
     }
 }
 
@@ -91,11 +113,12 @@ mod tests {
         let stranger = iroh::SecretKey::from_bytes(&[2; 32]).public();
         let policy = Policy {
             gateways: [gw.to_string()].into(),
-            targets: vec![("*.svc.local".into(), 80), ("127.0.0.1".into(), 3000)],
+            targets: vec![Offer::new("*.svc.local", 80), Offer::new("127.0.0.1", 3000)],
         };
-        assert_eq!(policy.check(&gw, "a.svc.local", 80), Ok(()));
-        assert_eq!(policy.check(&gw, "A.Svc.Local", 80), Ok(()));
-        assert_eq!(policy.check(&gw, "127.0.0.1", 3000), Ok(()));
+        let ok = |h: &str, p: u16| policy.check(&gw, h, p).map(|o| o.port);
+        assert_eq!(ok("a.svc.local", 80), Ok(80));
+        assert_eq!(ok("A.Svc.Local", 80), Ok(80));
+        assert_eq!(ok("127.0.0.1", 3000), Ok(3000));
         assert_eq!(policy.check(&gw, "127.0.0.1", 22), Err(Denied::Target));
         assert_eq!(policy.check(&gw, "a.svc.local", 81), Err(Denied::Target));
         assert_eq!(policy.check(&gw, "svc.local", 80), Err(Denied::Target));

@@ -158,10 +158,10 @@ impl Inner {
             answer(&mut send, StatusCode::BAD_REQUEST, None).await;
             return Err("no target".into());
         };
-        if !self.gate.allows(&remote, &authority.host, authority.port) {
+        let Some(offer) = self.gate.allows(&remote, &authority.host, authority.port) else {
             answer(&mut send, StatusCode::FORBIDDEN, None).await;
             return Ok(());
-        }
+        };
         let _active = Active::new(&self.counters);
         let target = format!("{}:{}", authority.host, authority.port);
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await {
@@ -187,7 +187,21 @@ impl Inner {
         };
         let _ = tcp.set_nodelay(true);
         match req.kind {
-            HttpProxyRequestKind::Tunnel { .. } => tunnel(tcp, rest, send, recv).await,
+            HttpProxyRequestKind::Tunnel { .. } => {
+                // Before any byte of the client's: the target reads it first.
+                let preface = offer.proxy_protocol.then(|| {
+                    let client = req
+                        .headers
+                        .get(portway_api::headers::CLIENT_ADDRESS)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let target = tcp.peer_addr().unwrap_or_else(|_| {
+                        std::net::SocketAddr::from(([0, 0, 0, 0], authority.port))
+                    });
+                    crate::proxy_protocol::header(client, target)
+                });
+                tunnel(tcp, preface, rest, send, recv).await
+            }
             HttpProxyRequestKind::Absolute { method, target } => {
                 let mut head = Request::new(());
                 *head.method_mut() = method;
@@ -258,9 +272,11 @@ async fn answer(send: &mut SendStream, status: StatusCode, proxy_status: Option<
     let _ = send.finish();
 }
 
-/// CONNECT: confirms, then splices the stream with the app's connection.
+/// CONNECT: confirms, then splices the stream with the app's connection (after the
+/// PROXY protocol `preface`, when the tunnel asks for one).
 async fn tunnel(
     mut tcp: TcpStream,
+    preface: Option<Vec<u8>>,
     rest: Bytes,
     mut send: SendStream,
     recv: RecvStream,
@@ -268,6 +284,9 @@ async fn tunnel(
     send.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(preface) = preface {
+        tcp.write_all(&preface).await.map_err(|e| e.to_string())?;
+    }
     tcp.write_all(&rest).await.map_err(|e| e.to_string())?;
     let (tcp_read, tcp_write) = tcp.split();
     tokio::try_join!(copy(recv, tcp_write), copy(tcp_read, send))

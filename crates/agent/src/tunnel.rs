@@ -46,11 +46,15 @@ pub struct Tunnel {
     pub hostnames: Vec<String>,
     /// Published at a public TCP port (TCP tunnels only).
     pub public: Option<PublicPort>,
+    /// Each connection to the target starts with a PROXY protocol v2 header naming the
+    /// public client (tcp and tls tunnels; like `ngrok --proxy-proto 2`).
+    pub proxy_protocol: bool,
 }
 
 impl Tunnel {
     /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp|tls][,HOSTNAME...]`, where a
-    /// tcp tunnel takes `public` or `public=PORT` instead of hostnames.
+    /// tcp tunnel takes `public` or `public=PORT` instead of hostnames, and tcp and tls
+    /// ones take `proxy-protocol`.
     ///
     /// # Errors
     /// A sentence naming the part that is wrong.
@@ -67,6 +71,7 @@ impl Tunnel {
             protocol: Protocol::Http,
             hostnames: Vec::new(),
             public: None,
+            proxy_protocol: false,
         };
         for p in parts.filter(|p| !p.is_empty()) {
             match p {
@@ -74,6 +79,7 @@ impl Tunnel {
                 "tcp" => t.protocol = Protocol::Tcp,
                 "tls" => t.protocol = Protocol::Tls,
                 "public" => t.public = Some(PublicPort::Any),
+                "proxy-protocol" => t.proxy_protocol = true,
                 p if p.starts_with("public=") => {
                     let port = p["public=".len()..]
                         .parse::<u16>()
@@ -108,6 +114,13 @@ impl Tunnel {
             return Err((
                 "public",
                 "only tcp tunnels have a public port (http and tls ones have hostnames)".into(),
+            ));
+        }
+        if self.protocol == Protocol::Http && self.proxy_protocol {
+            return Err((
+                "proxy_protocol",
+                "only tcp and tls tunnels take the PROXY protocol (http ones get X-Forwarded-For)"
+                    .into(),
             ));
         }
         if self.hostnames.len() > validation::MAX_ITEMS {
@@ -171,5 +184,15 @@ mod tests {
                 .contains("hostnames")
         );
         assert!(Tunnel::parse_flag("db=127.0.0.1:8443,tls,public").is_err());
+        assert!(
+            Tunnel::parse_flag("ssh=127.0.0.1:22,tcp,public,proxy-protocol")
+                .unwrap()
+                .proxy_protocol
+        );
+        assert!(
+            Tunnel::parse_flag("web=127.0.0.1:80,http,proxy-protocol")
+                .unwrap_err()
+                .contains("proxy_protocol")
+        );
     }
 }

@@ -80,6 +80,10 @@ pub mod headers {
     /// The other ready backends of an Envoy route (`<node-id> <host> <port>`, comma
     /// separated), for the sidecar to fail over to when the chosen device is down.
     pub const FALLBACK: &str = "datum-fallback";
+    /// On a layer-4 tunnel (`CONNECT`): the public client's address (`ip:port`), for a
+    /// device target that takes the PROXY protocol. Set by the edge, and by Envoy's
+    /// tunnelling config; the device trusts it from authorised gateways only.
+    pub const CLIENT_ADDRESS: &str = "datum-client-address";
     /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
     pub const IROH_PREFIX: &str = "x-iroh-";
     /// The prefix of Datum's iroh-gateway target headers; stripped from public requests.

@@ -735,7 +735,7 @@ impl Sidecar {
         let started = Instant::now();
         let tunnel = self
             .dialer
-            .open(dest.node, &dest.target)
+            .open(dest.node, &dest.target, None)
             .await
             .map_err(|e| ForwardError::from(DialError::from(e)))?;
         self.metrics
@@ -828,13 +828,15 @@ impl Sidecar {
     /// Opens a raw stream to the first of `choices` (a device's hex NodeID and a target
     /// on it) that accepts: devices that are down go last, and every failure goes on to
     /// the next, since nothing was sent yet. A CONNECT and a public TCP port splice their
-    /// client with it.
+    /// client with it; `client` is the public client's address, for targets that take the
+    /// PROXY protocol.
     ///
     /// # Errors
     /// The last attempt's (or `Stream` when `choices` is empty).
     pub async fn open_first(
         &self,
         choices: &[(String, Target)],
+        client: Option<std::net::SocketAddr>,
     ) -> Result<TunnelStream, OpenError> {
         let mut order: Vec<&(String, Target)> = choices.iter().collect();
         order.sort_by_key(|(node, _)| self.is_down(node));
@@ -845,7 +847,7 @@ impl Sidecar {
                 continue;
             };
             let started = Instant::now();
-            match self.dialer.open(node, target).await {
+            match self.dialer.open(node, target, client).await {
                 Ok(streams) => {
                     self.metrics
                         .dial_latency
@@ -895,7 +897,13 @@ impl Sidecar {
         };
         let mut choices = vec![(node.to_owned(), target)];
         choices.extend(fallbacks(req.headers()));
-        let mut tunnel = match self.open_first(&choices).await {
+        // Envoy's tunnelling config names the public client (a public port's connection).
+        let client = req
+            .headers()
+            .get(headers::CLIENT_ADDRESS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut tunnel = match self.open_first(&choices, client).await {
             Ok(t) => t,
             Err(OpenError::Refused { status, details }) => {
                 let why = details.unwrap_or_else(|| format!("the device answered {status}"));

@@ -196,7 +196,7 @@ async fn carry<C>(
         tracing::debug!(%peer, route = %service.route, "no ready backend; closed");
         return;
     }
-    match sidecar.open_first(&choices).await {
+    match sidecar.open_first(&choices, Some(peer)).await {
         Ok(tunnel) => splice(client, tunnel, idle, closed).await,
         Err(e) => {
             tracing::debug!(%peer, route = %service.route, error = ?e, "no backend accepted; closed");

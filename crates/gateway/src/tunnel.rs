@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,7 +22,7 @@ use iroh::{Endpoint, EndpointId};
 use iroh_proxy_utils::HttpResponse;
 use iroh_util::connection_pool::{ConnectionPool, ConnectionRef, Options};
 use parking_lot::Mutex;
-use portway_api::{TUNNEL_ALPN, Target, proxy_status};
+use portway_api::{TUNNEL_ALPN, Target, headers, proxy_status};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Largest CONNECT response head read.
@@ -136,7 +137,8 @@ impl Dialer {
         Some(why)
     }
 
-    /// Opens a tunnel to `target` on `node`, dialing it if needed.
+    /// Opens a tunnel to `target` on `node`, dialing it if needed; `client`: the public
+    /// client's address, told to the device for targets that take the PROXY protocol.
     ///
     /// # Errors
     /// See [`OpenError`]; `Down` when the device is (now) down.
@@ -144,6 +146,7 @@ impl Dialer {
         self: &Arc<Self>,
         node: EndpointId,
         target: &Target,
+        client: Option<SocketAddr>,
     ) -> Result<Tunnel, OpenError> {
         if let Some(why) = self.down(&node) {
             return Err(OpenError::Down(why));
@@ -163,7 +166,11 @@ impl Dialer {
             Ok(streams) => streams,
             Err(e) => return Err(self.broke(node, &conn, e.to_string())),
         };
-        let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(client) = client {
+            head.push_str(&format!("{}: {client}\r\n", headers::CLIENT_ADDRESS));
+        }
+        head.push_str("\r\n");
         if let Err(e) = send.write_all(head.as_bytes()).await {
             return Err(self.broke(node, &conn, e.to_string()));
         }

@@ -228,6 +228,7 @@ pub(crate) fn local_tunnel(protocol: Protocol, port: u16) -> Tunnel {
         protocol,
         hostnames: Vec::new(),
         public: None,
+        proxy_protocol: false,
     }
 }
 

@@ -38,15 +38,21 @@ const REFUSALS: [&str; 4] = [
 
 impl Tcp {
     /// Starts the agent and waits until the public port reaches the local one. `remote`:
-    /// the public port wanted, else one from the edge's range.
+    /// the public port wanted, else one from the edge's range; `proxy_protocol`: each
+    /// connection starts with a PROXY v2 header naming the public client.
     ///
     /// # Errors
     /// When `portway up` is not running, the port is refused (taken, outside the range,
     /// none left), or the proxy is not programmed in time (the error says which condition
     /// is missing).
-    pub async fn start(config: Config, remote: Option<u16>) -> Result<Self, Error> {
+    pub async fn start(
+        config: Config,
+        remote: Option<u16>,
+        proxy_protocol: bool,
+    ) -> Result<Self, Error> {
         let tunnel = Tunnel {
             public: Some(remote.map_or(PublicPort::Any, PublicPort::Port)),
+            proxy_protocol,
             ..local_tunnel(Protocol::Tcp, config.port)
         };
         Self::publish(config, tunnel).await
@@ -59,9 +65,14 @@ impl Tcp {
     /// # Errors
     /// As [`Tcp::start`]; a name another proxy holds is refused at once, and an edge
     /// without a TLS port never programs the proxy (the error says so).
-    pub async fn start_tls(config: Config, hostnames: Vec<String>) -> Result<Self, Error> {
+    pub async fn start_tls(
+        config: Config,
+        hostnames: Vec<String>,
+        proxy_protocol: bool,
+    ) -> Result<Self, Error> {
         let tunnel = Tunnel {
             hostnames: hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            proxy_protocol,
             ..local_tunnel(Protocol::Tls, config.port)
         };
         Self::publish(config, tunnel).await

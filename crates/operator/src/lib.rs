@@ -463,10 +463,11 @@ impl Operator {
             let (tx, by_ns, ports) = (tcp_tx.clone(), tcp_by_ns.clone(), tcp_ports.clone());
             let (ptx, index) = (proxy_tx.clone(), hostnames.clone());
             Box::new(move |e| match e {
+                // Indexed before it is reconciled: `assign` records only proxies it knows.
                 watcher::Event::Apply(p) => {
-                    let _ = tx.send(object_ref(p));
                     send_keys(&tx, ports.observe(p));
                     send_claimants(&ptx, &tx, index.upsert(p));
+                    let _ = tx.send(object_ref(p));
                 }
                 watcher::Event::Delete(p) => {
                     send_keys(&tx, ports.forget(p));

@@ -11,7 +11,11 @@
 //! PEERS_BIN=bench/.tools/bin target/release/examples/peer_bench
 //! ```
 //!
-//! `PATHS=portway,dumbpipe` limits the run to some paths (direct is always measured);
+//! Portway is measured twice: HTTP tunnels through the edge (`portway http`), and public
+//! TCP ports (`portway tcp`, the same layer as socat, bore and rathole).
+//!
+//! `PATHS=portway,portway-tcp,dumbpipe` limits the run to some paths (direct is always
+//! measured);
 //! `RELAY=1` adds Portway with direct UDP off (every packet through the relay);
 //! `PORTWAY_BIN` runs another `portway` build (to compare two in one run).
 
@@ -183,6 +187,44 @@ fn fresh_ms(addr: SocketAddr, host: &str) -> f64 {
     t[t.len() / 2]
 }
 
+/// New connections a second, each carrying one request (`Connection: close`) read to its
+/// end, from 8 clients at once for 3 s: what a tunnel costs per connection.
+async fn conns_per_s(addr: SocketAddr, host: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request =
+        format!("GET {SMALL} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    let until = Instant::now() + Duration::from_secs(3);
+    let started = Instant::now();
+    let clients = (0..8).map(|_| {
+        let request = request.clone();
+        async move {
+            let mut done = 0u64;
+            let mut buf = vec![0u8; 4096];
+            while Instant::now() < until {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(&request).await.unwrap();
+                let mut got = Vec::new();
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(
+                    got.starts_with(b"HTTP/1.1 200"),
+                    "through {addr}: {}",
+                    String::from_utf8_lossy(&got[..got.len().min(200)])
+                );
+                done += 1;
+            }
+            done
+        }
+    });
+    let total: u64 = futures::future::join_all(clients).await.into_iter().sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Opens [`HELD`] WebSockets through `addr`, each echoing once; returns them open.
 async fn hold(addr: SocketAddr, host: &str) -> Vec<impl Send> {
     let url = format!("ws://{host}/ws");
@@ -212,6 +254,7 @@ struct Row {
     name: String,
     mbps: f64,
     fresh_ms: f64,
+    conns: f64,
     c1: Wrk,
     c64: Wrk,
     cpu_us: Option<f64>,
@@ -225,6 +268,7 @@ async fn measure(path: &Tunnel) -> Row {
     let _ = wrk(&url, host, 1, 8, 1);
     let mbps = download_mbps(web, host);
     let fresh_ms = fresh_ms(web, host);
+    let conns = conns_per_s(web, host).await;
     let c1 = wrk(&url, host, 1, 1, 5);
     let pids = path.pids();
     let before = cpu_seconds(&pids);
@@ -248,6 +292,7 @@ async fn measure(path: &Tunnel) -> Row {
         name: path.name.clone(),
         mbps,
         fresh_ms,
+        conns,
         c1,
         c64,
         cpu_us,
@@ -538,6 +583,37 @@ async fn portway(dir: &Path, web: u16, ws: u16, relay_only: bool) -> Tunnel {
     }
 }
 
+/// Public TCP ports (`portway tcp`): the raw bytes through the edge's port, the
+/// sidecar and iroh to the agent, as the peers above carry them.
+async fn portway_tcp(dir: &Path, web: u16, ws: u16) -> Tunnel {
+    let bin = std::env::var_os("PORTWAY_BIN")
+        .map_or_else(portway_testkit::bench::release_bin, PathBuf::from);
+    let data = dir.join("portway-tcp");
+    let args = portway_testkit::up_args(&data, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (up, _) = portway_testkit::start_quiet(&bin, &args, "up").await;
+    let data = data.to_string_lossy();
+    let mut procs = vec![up];
+    let mut public = Vec::new();
+    for port in [web, ws] {
+        let port = port.to_string();
+        let (p, info) =
+            portway_testkit::start_quiet(&bin, &["tcp", &port, "--data", &data], "tcp").await;
+        let url = info["url"].as_str().unwrap().to_owned();
+        let addr: SocketAddr = url.trim_start_matches("tcp://").parse().unwrap();
+        public.push(addr);
+        procs.push(p);
+    }
+    Tunnel {
+        name: "**Portway TCP port**".into(),
+        web: public[0],
+        web_host: "localhost".into(),
+        ws: public[1],
+        ws_host: "localhost".into(),
+        procs,
+    }
+}
+
 /// Starts a peer's processes.
 type Start = Box<dyn FnOnce() -> Tunnel>;
 
@@ -607,6 +683,11 @@ async fn main() {
         wait_200(&path.name, path.web, &path.web_host, SMALL);
         rows.push(measure(&path).await);
     }
+    if wanted("portway-tcp") {
+        let path = portway_tcp(d, web, ws).await;
+        wait_200(&path.name, path.web, &path.web_host, SMALL);
+        rows.push(measure(&path).await);
+    }
     if std::env::var_os("RELAY").is_some() {
         let path = portway(d, web, ws, true).await;
         wait_200(&path.name, path.web, &path.web_host, SMALL);
@@ -626,15 +707,15 @@ async fn main() {
             .trim()
     );
     let base = &rows[0];
-    let (mbps0, rps0) = (base.mbps, base.c64.rps);
+    let (mbps0, rps0, conns0) = (base.mbps, base.c64.rps, base.conns);
     println!(
-        "| path | 256 MiB, MB/s (× direct) | c1 p50 µs | c1 p99 µs | c64 req/s (× direct) | CPU µs/req (c64) | RSS KiB per held connection | fresh connection ms |"
+        "| path | 256 MiB, MB/s (× direct) | c1 p50 µs | c1 p99 µs | c64 req/s (× direct) | new connections/s (× direct) | CPU µs/req (c64) | RSS KiB per held connection | fresh connection ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let opt = |v: Option<f64>, digits: usize| v.map_or("–".into(), |v| format!("{v:.digits$}"));
     for r in &rows {
         println!(
-            "| {} | {:.0} ({:.2} ×) | {:.0} | {:.0} | {:.0} ({:.2} ×) | {} | {} | {:.2} |",
+            "| {} | {:.0} ({:.2} ×) | {:.0} | {:.0} | {:.0} ({:.2} ×) | {:.0} ({:.2} ×) | {} | {} | {:.2} |",
             r.name,
             r.mbps,
             r.mbps / mbps0,
@@ -642,6 +723,8 @@ async fn main() {
             r.c1.p99_us,
             r.c64.rps,
             r.c64.rps / rps0,
+            r.conns,
+            r.conns / conns0,
             opt(r.cpu_us, 0),
             opt(r.held_kib, 1),
             r.fresh_ms,

@@ -378,6 +378,16 @@ fn tunnel_filter(service: &TcpService, stat_prefix: String) -> Filter {
             if ready.len() > 1 {
                 headers_to_add.push(fallback_header(*chosen, &ready));
             }
+            // The public client, for device targets that take the PROXY protocol.
+            headers_to_add.push(HeaderValueOption {
+                header: Some(HeaderValue {
+                    key: headers::CLIENT_ADDRESS.into(),
+                    value: "%DOWNSTREAM_REMOTE_ADDRESS%".into(),
+                    ..Default::default()
+                }),
+                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                ..Default::default()
+            });
             (
                 SIDECAR_TCP.to_owned(),
                 Some(tcp_proxy::TunnelingConfig {

@@ -368,6 +368,12 @@ impl PortIndex {
                 },
             },
         };
+        // A proxy the watch has not reported, or has reported deleted, records nothing: a
+        // reconcile that was under way when its proxy was deleted must not leave the port
+        // held by a ghost.
+        if !inner.entries.contains_key(&key) {
+            return (verdict, BTreeSet::new());
+        }
         let touched = inner.set(claim, held);
         (verdict, touched)
     }
@@ -441,8 +447,22 @@ mod tests {
         (ns.into(), name.into())
     }
 
+    /// As the operator decides: the watch reports the proxy, then it is reconciled.
     fn verdict(idx: &PortIndex, p: &TcpProxy) -> Verdict {
+        idx.observe(p);
         idx.assign(p).0
+    }
+
+    /// A reconcile that was under way when its proxy was deleted takes no port.
+    #[test]
+    fn a_deleted_proxy_holds_nothing() {
+        let idx = PortIndex::new(20000..=20001);
+        let gone = proxy("p1", "gone", 1, Some(20000), None);
+        assert_eq!(verdict(&idx, &gone), Ok(20000));
+        idx.forget(&gone);
+        assert_eq!(idx.assign(&gone).0, Ok(20000));
+        let next = proxy("p1", "next", 2, Some(20000), None);
+        assert_eq!(verdict(&idx, &next), Ok(20000));
     }
 
     #[test]

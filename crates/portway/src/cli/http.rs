@@ -68,6 +68,10 @@ pub struct TcpArgs {
     /// The public port wanted (default: one from the edge's range, kept while this runs).
     #[arg(long)]
     remote_port: Option<u16>,
+    /// Start each connection to the local port with a PROXY protocol v2 header naming
+    /// the public client (like `ngrok --proxy-proto 2`); the app must expect it.
+    #[arg(long)]
+    proxy_protocol: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -80,6 +84,10 @@ pub struct TlsArgs {
     /// project must have proven it.
     #[arg(long = "hostname")]
     hostnames: Vec<String>,
+    /// Start each connection to the local port with a PROXY protocol v2 header naming
+    /// the public client; the TLS server must expect it.
+    #[arg(long)]
+    proxy_protocol: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -128,7 +136,7 @@ pub async fn run_tcp(args: TcpArgs) -> Result<()> {
     let config = args.device.config(args.port, None);
     let started = tokio::time::Instant::now();
     let t = tokio::select! {
-        t = portway_local::tcp::Tcp::start(config, args.remote_port) => t.map_err(one_line)?,
+        t = portway_local::tcp::Tcp::start(config, args.remote_port, args.proxy_protocol) => t.map_err(one_line)?,
         () = shutdown_signal() => return Ok(()),
     };
     if let Some(path) = &ready_file {
@@ -154,7 +162,7 @@ pub async fn run_tls(args: TlsArgs) -> Result<()> {
     let config = args.device.config(args.port, None);
     let started = tokio::time::Instant::now();
     let t = tokio::select! {
-        t = portway_local::tcp::Tcp::start_tls(config, args.hostnames) => t.map_err(one_line)?,
+        t = portway_local::tcp::Tcp::start_tls(config, args.hostnames, args.proxy_protocol) => t.map_err(one_line)?,
         () = shutdown_signal() => return Ok(()),
     };
     if let Some(path) = &ready_file {

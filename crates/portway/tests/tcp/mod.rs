@@ -196,7 +196,7 @@ async fn tcp_ports_on_both_data_planes() {
     let envoy_ip: IpAddr = "127.0.0.2".parse().unwrap();
     let mut front = envoy_front_on(&stack, "envoy-tcp", "127.0.0.2").await;
     let edge_ip = stack.edge.ip();
-    const BULK: u64 = 32 << 20;
+    const BULK: u64 = 256 << 20;
     for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
         for port in [lo, hi] {
             let addr = SocketAddr::new(ip, port);
@@ -308,20 +308,7 @@ async fn tcp_ports_on_both_data_planes() {
     // range gives (the one `echo` frees) and prints where to connect.
     tcp.delete("echo", &DeleteParams::default()).await.unwrap();
     let data = stack.data();
-    let one_liner = Process::start(
-        "tcp",
-        bin(),
-        [
-            "tcp",
-            &echo.port().to_string(),
-            "--data",
-            data.to_str().unwrap(),
-            "--lease-seconds",
-            "5",
-        ],
-    )
-    .await
-    .unwrap();
+    let one_liner = start_one_liner(&stack, &["tcp", &echo.port().to_string()]).await;
     assert_eq!(one_liner.ready_str("url"), format!("tcp://{edge_ip}:{lo}"));
     for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
         let addr = SocketAddr::new(ip, lo);
@@ -351,7 +338,86 @@ async fn tcp_ports_on_both_data_planes() {
         "{err}"
     );
     drop(one_liner);
+
+    // `--proxy-protocol`: the app reads a PROXY v2 header naming the real client first.
+    let (who, _who_task) = proxy_protocol_server().await;
+    let one_liner = start_one_liner(
+        &stack,
+        &[
+            "tcp",
+            &who.port().to_string(),
+            "--remote-port",
+            &mid.to_string(),
+            "--proxy-protocol",
+        ],
+    )
+    .await;
+    for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
+        if ip == envoy_ip {
+            envoy_listener(
+                &mut front.envoy,
+                &front.admin_file,
+                &format!("portway_tcp_{mid}"),
+            )
+            .await;
+        }
+        let addr = SocketAddr::new(ip, mid);
+        let (client, seen) = eventually(&format!("{plane}: PROXY v2 header"), WAIT, || async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let client = s.local_addr()?;
+            let mut seen = String::new();
+            s.read_to_string(&mut seen).await?;
+            ensure!(!seen.is_empty(), "closed without an answer");
+            Ok((client, seen))
+        })
+        .await;
+        assert_eq!(seen, format!("PROXY {client}\n"), "{plane}");
+    }
+    drop(one_liner);
     drop((front, redis_device));
+}
+
+/// An app that takes the PROXY protocol: reads the v2 header each connection starts with
+/// and answers `PROXY <source address>` (or what was wrong), then closes.
+async fn proxy_protocol_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                let answer = match s.read_exact(&mut head).await {
+                    Err(e) => format!("no header: {e}\n"),
+                    Ok(_) if &head[..12] != b"\r\n\r\n\0\r\nQUIT\n" => "not PROXY v2\n".into(),
+                    Ok(_) => {
+                        let mut body =
+                            vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+                        let _ = s.read_exact(&mut body).await;
+                        match (head[12], head[13], body.len()) {
+                            (0x21, 0x11, 12) => {
+                                let ip =
+                                    std::net::Ipv4Addr::new(body[0], body[1], body[2], body[3]);
+                                let port = u16::from_be_bytes([body[8], body[9]]);
+                                format!("PROXY {}\n", SocketAddr::from((ip, port)))
+                            }
+                            (cmd, fam, len) => format!("unexpected {cmd:#x} {fam:#x} {len}\n"),
+                        }
+                    }
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A one-liner (`portway tcp …`, `portway tls …`) joined to `stack`, with a short lease.
+async fn start_one_liner(stack: &Stack, args: &[&str]) -> Process {
+    let data = stack.data();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--data", data.to_str().unwrap(), "--lease-seconds", "5"]);
+    Process::start(args[0], bin(), all).await.unwrap()
 }
 
 /// New connections to `addr` end at once (its device is offline), within a deadline.

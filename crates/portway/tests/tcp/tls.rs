@@ -12,7 +12,7 @@ use portway_api::TcpProxy;
 use tokio::io::AsyncWriteExt;
 
 use super::super::*;
-use super::{echo_over, proxy_condition};
+use super::{echo_over, proxy_condition, start_one_liner};
 
 /// The device certificate's subject: `s_client` prints it, and only the device has it.
 const DEVICE_CN: &str = "portway-device-test";
@@ -171,22 +171,16 @@ pub(super) async fn passthrough_on_both_planes(stack: &Stack, front: &mut EnvoyF
     tcp.delete("db2", &DeleteParams::default()).await.unwrap();
 
     // `portway tls PORT --hostname H` (like `ngrok tls`): joins, publishes, prints where.
-    let one_liner = Process::start(
-        "tls",
-        bin(),
-        [
+    let one_liner = start_one_liner(
+        stack,
+        &[
             "tls",
             &device_port.to_string(),
             "--hostname",
             "mail.localhost",
-            "--data",
-            data.to_str().unwrap(),
-            "--lease-seconds",
-            "5",
         ],
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         one_liner.ready_str("url"),
         format!("tls://mail.localhost:{}", edge_tls.port())

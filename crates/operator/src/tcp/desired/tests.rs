@@ -213,6 +213,7 @@ fn the_port_is_kept_requested_or_allocated() {
     for (what, p, want) in cases {
         let index = PortIndex::new(20000..=20999);
         let mut case = Case::new(p);
+        index.observe(&case.proxy);
         case.port = index.assign(&case.proxy).0;
         let d = case.run();
         assert_eq!(cond(&d, ACCEPTED).status, "True", "{what}");
@@ -242,8 +243,10 @@ fn port_refusals_clear_the_port_and_generate_nothing() {
     holder.metadata.namespace = Some("p1".into());
     holder.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1).unwrap()));
     let in_use = PortIndex::new(20000..=20999);
+    in_use.observe(&holder);
     let _ = in_use.assign(&holder);
     let full = PortIndex::new(20022..=20022);
+    full.observe(&holder);
     let _ = full.assign(&holder);
     let narrow = PortIndex::new(20000..=20999);
     let mut lost = ssh(Some(20022));
@@ -277,6 +280,7 @@ fn port_refusals_clear_the_port_and_generate_nothing() {
     ];
     for (what, index, p, reason, says) in cases {
         let mut case = Case::new(p);
+        index.observe(&case.proxy);
         case.port = index.assign(&case.proxy).0;
         let d = case.run();
         let accepted = refused(&d.status.conditions, what, reason);
