@@ -892,6 +892,7 @@ fn targets(tunnels: &[Tunnel]) -> Vec<Offer> {
         .iter()
         .map(|t| Offer {
             proxy_protocol: t.proxy_protocol,
+            udp: t.protocol == crate::tunnel::Protocol::Udp,
             ..Offer::new(&t.target.host, t.target.port)
         })
         .collect()

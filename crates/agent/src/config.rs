@@ -12,7 +12,7 @@
 //! [[tunnel]]
 //! name = "web"
 //! target = "127.0.0.1:3000"
-//! protocol = "http"              # or "tcp", "tls"
+//! protocol = "http"              # or "tcp", "tls", "udp"
 //! hostnames = ["web.example.com"]
 //!
 //! [[tunnel]]
@@ -192,11 +192,12 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
             None | Some(("http", _)) => Protocol::Http,
             Some(("tcp", _)) => Protocol::Tcp,
             Some(("tls", _)) => Protocol::Tls,
+            Some(("udp", _)) => Protocol::Udp,
             Some((other, span)) => {
                 return Err(invalid(
                     span,
                     field("protocol"),
-                    format!("{other:?} is not one of \"http\", \"tcp\", \"tls\""),
+                    format!("{other:?} is not one of \"http\", \"tcp\", \"tls\", \"udp\""),
                 ));
             }
         };
@@ -292,7 +293,7 @@ mod tests {
             not_hostport.starts_with("agent.toml:4: tunnel[0].target:"),
             "{not_hostport}"
         );
-        let proto = err("[[tunnel]]\nname = \"web\"\ntarget = \"a:1\"\nprotocol = \"udp\"\n");
+        let proto = err("[[tunnel]]\nname = \"web\"\ntarget = \"a:1\"\nprotocol = \"sctp\"\n");
         assert!(
             proto.starts_with("agent.toml:4: tunnel[0].protocol:"),
             "{proto}"

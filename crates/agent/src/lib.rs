@@ -32,6 +32,7 @@ pub mod policy;
 mod proxy_protocol;
 mod server;
 pub mod tunnel;
+mod udp;
 
 pub use agent::{Agent, Config, Error, Registration, Stats, default_name, device_labels};
 pub use tunnel::{Protocol, PublicPort, Target, Tunnel};

@@ -87,7 +87,11 @@ pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
                         ports: vec![ServicePort {
                             name: Some(t.protocol.as_str().to_owned()),
                             port: i32::from(t.target.port),
-                            protocol: portway_api::Protocol::Tcp,
+                            protocol: if t.protocol == Protocol::Udp {
+                                portway_api::Protocol::Udp
+                            } else {
+                                portway_api::Protocol::Tcp
+                            },
                         }],
                     }],
                 }],
@@ -119,8 +123,10 @@ pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
             });
         }
         let published = match (t.protocol, t.public) {
-            (Protocol::Tcp, Some(PublicPort::Any)) => Some((None, None)),
-            (Protocol::Tcp, Some(PublicPort::Port(p))) => Some((Some(i32::from(p)), None)),
+            (Protocol::Tcp | Protocol::Udp, Some(PublicPort::Any)) => Some((None, None)),
+            (Protocol::Tcp | Protocol::Udp, Some(PublicPort::Port(p))) => {
+                Some((Some(i32::from(p)), None))
+            }
             (Protocol::Tls, _) => Some((
                 None,
                 Some(TlsPassthrough {
@@ -136,7 +142,15 @@ pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
                     port,
                     tls,
                     backends: vec![TcpProxyBackend {
-                        endpoint: format!("tcp://{}", t.target),
+                        endpoint: format!(
+                            "{}://{}",
+                            if t.protocol == Protocol::Udp {
+                                "udp"
+                            } else {
+                                "tcp"
+                            },
+                            t.target
+                        ),
                         connector: ConnectorReference {
                             name: Some(connector_name.clone()),
                             selector: None,

@@ -29,6 +29,8 @@ pub struct Offer {
     pub port: u16,
     /// A tunnel to it starts with a PROXY protocol v2 header naming the public client.
     pub proxy_protocol: bool,
+    /// A UDP service: reached only by UDP tunnels (and a TCP one only by TCP tunnels).
+    pub udp: bool,
 }
 
 impl Offer {
@@ -37,6 +39,7 @@ impl Offer {
             host: host.to_ascii_lowercase(),
             port,
             proxy_protocol: false,
+            udp: false,
         }
     }
 }
@@ -55,7 +58,13 @@ impl Policy {
     ///
     /// # Errors
     /// Which check failed.
-    pub fn check(&self, dialer: &EndpointId, host: &str, port: u16) -> Result<&Offer, Denied> {
+    pub fn check(
+        &self,
+        dialer: &EndpointId,
+        host: &str,
+        port: u16,
+        udp: bool,
+    ) -> Result<&Offer, Denied> {
         if !self.gateways.contains(&dialer.to_string()) {
             return Err(Denied::Dialer);
         }
@@ -66,7 +75,7 @@ impl Policy {
         };
         self.targets
             .iter()
-            .find(|o| o.port == port && offered(&o.host))
+            .find(|o| o.port == port && o.udp == udp && offered(&o.host))
             .ok_or(Denied::Target)
     }
 }
@@ -81,10 +90,11 @@ pub struct Gatekeeper {
 }
 
 impl Gatekeeper {
-    /// The offer `remote` may reach at `host:port` under the current policy, if any.
-    pub fn allows(&self, remote: &EndpointId, host: &str, port: u16) -> Option<Offer> {
+    /// The offer `remote` may reach at `host:port` (over UDP with `udp`) under the
+    /// current policy, if any.
+    pub fn allows(&self, remote: &EndpointId, host: &str, port: u16, udp: bool) -> Option<Offer> {
         let policy = self.policy.borrow().clone();
-        let why = match policy.check(remote, host, port) {
+        let why = match policy.check(remote, host, port, udp) {
             Ok(offer) => return Some(offer.clone()),
             Err(why) => why,
         };
@@ -115,19 +125,33 @@ mod tests {
             gateways: [gw.to_string()].into(),
             targets: vec![Offer::new("*.svc.local", 80), Offer::new("127.0.0.1", 3000)],
         };
-        let ok = |h: &str, p: u16| policy.check(&gw, h, p).map(|o| o.port);
+        let ok = |h: &str, p: u16| policy.check(&gw, h, p, false).map(|o| o.port);
         assert_eq!(ok("a.svc.local", 80), Ok(80));
         assert_eq!(ok("A.Svc.Local", 80), Ok(80));
         assert_eq!(ok("127.0.0.1", 3000), Ok(3000));
-        assert_eq!(policy.check(&gw, "127.0.0.1", 22), Err(Denied::Target));
-        assert_eq!(policy.check(&gw, "a.svc.local", 81), Err(Denied::Target));
-        assert_eq!(policy.check(&gw, "svc.local", 80), Err(Denied::Target));
+        // A TCP service is not reached over UDP.
         assert_eq!(
-            policy.check(&stranger, "a.svc.local", 80),
+            policy.check(&gw, "127.0.0.1", 3000, true),
+            Err(Denied::Target)
+        );
+        assert_eq!(
+            policy.check(&gw, "127.0.0.1", 22, false),
+            Err(Denied::Target)
+        );
+        assert_eq!(
+            policy.check(&gw, "a.svc.local", 81, false),
+            Err(Denied::Target)
+        );
+        assert_eq!(
+            policy.check(&gw, "svc.local", 80, false),
+            Err(Denied::Target)
+        );
+        assert_eq!(
+            policy.check(&stranger, "a.svc.local", 80, false),
             Err(Denied::Dialer)
         );
         assert_eq!(
-            Policy::default().check(&gw, "a.svc.local", 80),
+            Policy::default().check(&gw, "a.svc.local", 80, false),
             Err(Denied::Dialer)
         );
     }

@@ -4,6 +4,7 @@
 //! `Proxy-Status` (RFC 9209) names the app, this device and what happened.
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh_proxy_utils::{HttpProxyRequestKind, HttpRequest};
 use portway_api::proxy_status;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -158,12 +159,28 @@ impl Inner {
             answer(&mut send, StatusCode::BAD_REQUEST, None).await;
             return Err("no target".into());
         };
-        let Some(offer) = self.gate.allows(&remote, &authority.host, authority.port) else {
+        let udp = req
+            .headers
+            .get(portway_api::headers::TARGET_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case(portway_api::headers::UDP));
+        // Datagrams need a stream of their own: only a CONNECT gives one.
+        if udp && !matches!(req.kind, HttpProxyRequestKind::Tunnel { .. }) {
+            answer(&mut send, StatusCode::BAD_REQUEST, None).await;
+            return Err("UDP asked for without CONNECT".into());
+        }
+        let Some(offer) = self
+            .gate
+            .allows(&remote, &authority.host, authority.port, udp)
+        else {
             answer(&mut send, StatusCode::FORBIDDEN, None).await;
             return Ok(());
         };
         let _active = Active::new(&self.counters);
         let target = format!("{}:{}", authority.host, authority.port);
+        if udp {
+            return self.udp(&target, rest, send, recv).await;
+        }
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
@@ -195,9 +212,9 @@ impl Inner {
                         .get(portway_api::headers::CLIENT_ADDRESS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
-                    let target = tcp.peer_addr().unwrap_or_else(|_| {
-                        std::net::SocketAddr::from(([0, 0, 0, 0], authority.port))
-                    });
+                    let target = tcp
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], authority.port)));
                     crate::proxy_protocol::header(client, target)
                 });
                 tunnel(tcp, preface, rest, send, recv).await
@@ -209,6 +226,49 @@ impl Inner {
                 *head.headers_mut() = req.headers;
                 absolute(tcp, head, rest, send, recv).await
             }
+        }
+    }
+
+    /// CONNECT for UDP: a socket connected to the app, then framed datagrams both ways
+    /// until the gateway ends the stream, the flow idles out, or shutdown.
+    async fn udp(
+        &self,
+        target: &str,
+        rest: Bytes,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Result<(), String> {
+        let socket = match tokio::time::timeout(CONNECT_TIMEOUT, udp_socket(target)).await {
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => {
+                let (error, details) = self.unreachable(target, &e);
+                tracing::warn!(%details, "UDP tunnel request failed (502)");
+                let status = proxy_status::value(error, &details);
+                answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
+                return Ok(());
+            }
+            Err(_) => {
+                let details = format!(
+                    "the app at {target} on device {} could not be resolved within {}s",
+                    self.device,
+                    CONNECT_TIMEOUT.as_secs()
+                );
+                tracing::warn!(%details, "UDP tunnel request failed (502)");
+                let status = proxy_status::value("dns_timeout", &details);
+                answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
+                return Ok(());
+            }
+        };
+        send.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        // The bytes read past the request head are the first frames.
+        let from_gateway = std::io::Cursor::new(rest).chain(recv);
+        tokio::select! {
+            r = crate::udp::relay(socket, from_gateway, send, crate::udp::UDP_IDLE) => {
+                r.map_err(|e| e.to_string())
+            }
+            () = self.shutdown.cancelled() => Ok(()),
         }
     }
 
@@ -255,6 +315,22 @@ async fn read_head(recv: &mut RecvStream) -> Result<(HttpRequest, Bytes), String
             Err(e) => return Err(format!("not HTTP: {e}")),
         }
     }
+}
+
+/// A UDP socket connected to `target`'s first address, bound on the same family.
+async fn udp_socket(target: &str) -> io::Result<UdpSocket> {
+    let addr = tokio::net::lookup_host(target)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(any, 0)).await?;
+    socket.connect(addr).await?;
+    Ok(socket)
 }
 
 /// Answers with an empty response and ends the stream.

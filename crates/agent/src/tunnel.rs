@@ -16,6 +16,9 @@ pub enum Protocol {
     /// port (a TCPProxy with `spec.tls`): under its canonical name and `hostnames`. The
     /// device terminates TLS; the edge never decrypts.
     Tls,
+    /// A UDP service: advertised as UDP; published at a public UDP port of the built-in
+    /// edge (a TCPProxy with a `udp://` backend) when `public` says so.
+    Udp,
 }
 
 /// Which public TCP port a tcp tunnel asks for.
@@ -32,6 +35,7 @@ impl Protocol {
             Self::Http => "http",
             Self::Tcp => "tcp",
             Self::Tls => "tls",
+            Self::Udp => "udp",
         }
     }
 }
@@ -52,15 +56,15 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp|tls][,HOSTNAME...]`, where a
-    /// tcp tunnel takes `public` or `public=PORT` instead of hostnames, and tcp and tls
-    /// ones take `proxy-protocol`.
+    /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp|tls|udp][,HOSTNAME...]`,
+    /// where tcp and udp tunnels take `public` or `public=PORT` instead of hostnames, and
+    /// tcp and tls ones take `proxy-protocol`.
     ///
     /// # Errors
     /// A sentence naming the part that is wrong.
     pub fn parse_flag(s: &str) -> Result<Self, String> {
         let (name, rest) = s.split_once('=').ok_or_else(|| {
-            format!("--tunnel {s:?}: expected NAME=HOST:PORT[,http|tcp|tls][,HOSTNAME...]")
+            format!("--tunnel {s:?}: expected NAME=HOST:PORT[,http|tcp|tls|udp][,HOSTNAME...]")
         })?;
         let mut parts = rest.split(',').map(str::trim);
         let target = Target::parse(parts.next().unwrap_or_default())
@@ -78,6 +82,7 @@ impl Tunnel {
                 "http" => t.protocol = Protocol::Http,
                 "tcp" => t.protocol = Protocol::Tcp,
                 "tls" => t.protocol = Protocol::Tls,
+                "udp" => t.protocol = Protocol::Udp,
                 "public" => t.public = Some(PublicPort::Any),
                 "proxy-protocol" => t.proxy_protocol = true,
                 p if p.starts_with("public=") => {
@@ -104,19 +109,21 @@ impl Tunnel {
     /// `(field, reason)`.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         validation::dns1123_label(&self.name).map_err(|e| ("name", e))?;
-        if self.protocol == Protocol::Tcp && !self.hostnames.is_empty() {
+        let ports = matches!(self.protocol, Protocol::Tcp | Protocol::Udp);
+        if ports && !self.hostnames.is_empty() {
             return Err((
                 "hostnames",
                 "only http and tls tunnels have hostnames".into(),
             ));
         }
-        if self.protocol != Protocol::Tcp && self.public.is_some() {
+        if !ports && self.public.is_some() {
             return Err((
                 "public",
-                "only tcp tunnels have a public port (http and tls ones have hostnames)".into(),
+                "only tcp and udp tunnels have a public port (http and tls ones have hostnames)"
+                    .into(),
             ));
         }
-        if self.protocol == Protocol::Http && self.proxy_protocol {
+        if matches!(self.protocol, Protocol::Http | Protocol::Udp) && self.proxy_protocol {
             return Err((
                 "proxy_protocol",
                 "only tcp and tls tunnels take the PROXY protocol (http ones get X-Forwarded-For)"
@@ -184,6 +191,12 @@ mod tests {
                 .contains("hostnames")
         );
         assert!(Tunnel::parse_flag("db=127.0.0.1:8443,tls,public").is_err());
+        let dns = Tunnel::parse_flag("dns=127.0.0.1:53,udp,public=20053").unwrap();
+        assert_eq!(
+            (dns.protocol, dns.public),
+            (Protocol::Udp, Some(PublicPort::Port(20053)))
+        );
+        assert!(Tunnel::parse_flag("dns=127.0.0.1:53,udp,proxy-protocol").is_err());
         assert!(
             Tunnel::parse_flag("ssh=127.0.0.1:22,tcp,public,proxy-protocol")
                 .unwrap()

@@ -52,6 +52,11 @@ pub const GROUP: &str = "networking.datumapis.com";
 /// as spoken by `iroh-proxy-utils`, Datum Connect and iroh-gateway.
 pub const TUNNEL_ALPN: &[u8] = b"iroh-http-proxy/1";
 
+/// A UDP tunnel's framing: each datagram is preceded by its length in this many bytes,
+/// big-endian (`tokio_util`'s `LengthDelimitedCodec` with `length_field_length(2)`), so
+/// a datagram is at most 65 535 bytes.
+pub const UDP_FRAME_LENGTH_BYTES: usize = 2;
+
 /// The ConnectorClass and GatewayClass that Portway serves by default.
 pub const DEFAULT_CLASS: &str = "portway";
 
@@ -84,6 +89,10 @@ pub mod headers {
     /// device target that takes the PROXY protocol. Set by the edge, and by Envoy's
     /// tunnelling config; the device trusts it from authorised gateways only.
     pub const CLIENT_ADDRESS: &str = "datum-client-address";
+    /// [`TARGET_PROTO`]'s value on a layer-4 tunnel (`CONNECT`) that carries UDP: the
+    /// stream carries datagrams, each framed by a 2-byte big-endian length
+    /// ([`crate::UDP_FRAME_LENGTH_BYTES`]).
+    pub const UDP: &str = "udp";
     /// iroh-proxy-utils' own metadata prefix; stripped from public requests as well.
     pub const IROH_PREFIX: &str = "x-iroh-";
     /// The prefix of Datum's iroh-gateway target headers; stripped from public requests.

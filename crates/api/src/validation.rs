@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -18,7 +19,7 @@ use url::Url;
 
 use crate::{
     BackendTrafficPolicy, ConnectionType, Connector, ConnectorAdvertisement, ConnectorClass,
-    ConnectorReference, HttpProxy, Target, TcpProxy,
+    ConnectorReference, HttpProxy, Protocol, Target, TcpProxy,
 };
 
 /// Most lists in Portway's own kinds hold at most this many items.
@@ -361,13 +362,29 @@ pub fn http_url(s: &str, allow_path: bool) -> Result<Url, String> {
 /// # Errors
 /// A sentence saying what is wrong.
 pub fn tcp_endpoint(s: &str) -> Result<Target, String> {
-    let Some(rest) = s.strip_prefix("tcp://") else {
-        return Err(match s.split_once("://") {
-            Some((scheme, _)) => {
-                format!("scheme {scheme:?} is not supported; use tcp://host:port")
-            }
-            None => format!("{s:?} is not tcp://host:port"),
-        });
+    match layer4_endpoint(s)? {
+        (Protocol::Tcp, target) => Ok(target),
+        (Protocol::Udp, _) => Err(format!("{s:?} is not tcp://host:port")),
+    }
+}
+
+/// A TCPProxy backend's endpoint, `tcp://host:port` or `udp://host:port` (a public UDP
+/// port): the protocol, and the target as [`tcp_endpoint`] reads it.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn layer4_endpoint(s: &str) -> Result<(Protocol, Target), String> {
+    let (protocol, rest) = match (s.strip_prefix("tcp://"), s.strip_prefix("udp://")) {
+        (Some(rest), _) => (Protocol::Tcp, rest),
+        (_, Some(rest)) => (Protocol::Udp, rest),
+        _ => {
+            return Err(match s.split_once("://") {
+                Some((scheme, _)) => format!(
+                    "scheme {scheme:?} is not supported; use tcp://host:port or udp://host:port"
+                ),
+                None => format!("{s:?} is not tcp://host:port"),
+            });
+        }
     };
     for (c, what) in [
         ('@', "credentials"),
@@ -394,7 +411,7 @@ pub fn tcp_endpoint(s: &str) -> Result<Target, String> {
     if rest.starts_with('[') && target.host.parse::<std::net::Ipv6Addr>().is_err() {
         return Err(format!("{s:?}: only an IPv6 address goes in brackets"));
     }
-    Ok(target)
+    Ok((protocol, target))
 }
 
 /// A name of at least two labels, as `example.com` (Datum's `IsFullyQualifiedDomainName`).
@@ -1067,10 +1084,23 @@ impl Validate for TcpProxy {
             );
         }
         errs.one_to("spec.backends", &spec.backends, MAX_ITEMS, "backend");
+        // One protocol a proxy: the first backend's.
+        let mut protocol = None;
         for (i, b) in spec.backends.iter().enumerate() {
             let f = format!("spec.backends[{i}]");
             if errs.required(format!("{f}.endpoint"), &b.endpoint) {
-                errs.check(format!("{f}.endpoint"), tcp_endpoint(&b.endpoint).map(drop));
+                match layer4_endpoint(&b.endpoint) {
+                    Err(e) => errs.check(format!("{f}.endpoint"), Err(e)),
+                    Ok((p, _)) if *protocol.get_or_insert(p) != p => errs.check(
+                        format!("{f}.endpoint"),
+                        Err("tcp:// and udp:// backends cannot be mixed in one proxy".into()),
+                    ),
+                    Ok((Protocol::Udp, _)) if spec.tls.is_some() => errs.check(
+                        format!("{f}.endpoint"),
+                        Err("TLS passthrough (spec.tls) carries TCP: use tcp://".into()),
+                    ),
+                    Ok(_) => {}
+                }
             }
             connector_reference(&mut errs, &f, &b.connector);
         }
@@ -1552,6 +1582,20 @@ impl Validate for HttpRoute {
 }
 
 impl Validate for TcpRoute {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Errors::default();
+        let rules: Vec<Vec<Option<i32>>> = self
+            .spec
+            .rules
+            .iter()
+            .map(|r| r.backend_refs.iter().map(|b| b.port).collect())
+            .collect();
+        layer4_rules(&mut errs, &rules);
+        errs.0
+    }
+}
+
+impl Validate for UdpRoute {
     fn validate(&self) -> Vec<FieldError> {
         let mut errs = Errors::default();
         let rules: Vec<Vec<Option<i32>>> = self
@@ -2310,6 +2354,19 @@ mod tests {
             (
                 json!({"backends": [backend("tcp://127.0.0.1:22", json!({"name": "Laptop"}))]}),
                 invalid("spec.backends[0].connector.name"),
+            ),
+            // UDP: udp:// backends; not mixed with tcp://, not under TLS passthrough.
+            (
+                json!({"backends": [backend("udp://127.0.0.1:53", json!({"name": "laptop"}))]}),
+                vec![],
+            ),
+            (
+                json!({"backends": [ssh(), backend("udp://127.0.0.1:53", json!({"name": "laptop"}))]}),
+                invalid("spec.backends[1].endpoint"),
+            ),
+            (
+                json!({"tls": {}, "backends": [backend("udp://127.0.0.1:53", json!({"name": "laptop"}))]}),
+                invalid("spec.backends[0].endpoint"),
             ),
             // TLS passthrough: exact, fully qualified, unique names; no port of its own.
             (

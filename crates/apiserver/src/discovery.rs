@@ -444,8 +444,8 @@ mod tests {
         assert!(api_group("authorization.k8s.io").is_some());
     }
 
-    /// TCPRoute is served from Gateway API's experimental version beside the v1 kinds,
-    /// which stays the group's preferred version.
+    /// TCPRoute and UDPRoute are served from Gateway API's experimental version beside
+    /// the v1 kinds (TLSRoute among them), which stays the group's preferred version.
     #[test]
     fn tcp_routes_and_proxies_are_discovered() {
         let group = api_group("gateway.networking.k8s.io").unwrap();
@@ -464,7 +464,12 @@ mod tests {
         };
         assert_eq!(
             names("gateway.networking.k8s.io", "v1alpha2"),
-            ["tcproutes", "tcproutes/status"]
+            [
+                "tcproutes",
+                "tcproutes/status",
+                "udproutes",
+                "udproutes/status"
+            ]
         );
         let proxies = names("networking.datumapis.com", "v1alpha");
         assert!(

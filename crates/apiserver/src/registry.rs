@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -449,6 +450,20 @@ impl Registry {
                 version: "v1alpha2",
                 kind: "TCPRoute",
                 plural: "tcproutes",
+                short_names: &[],
+                namespaced: true,
+                status: true,
+                columns: vec![],
+                strategic: None,
+                proto: None,
+                field_selectors: &[],
+            }),
+            // The routes of TCPProxies with udp:// backends.
+            builtin::<UdpRoute>(Builtin {
+                group: "gateway.networking.k8s.io",
+                version: "v1alpha2",
+                kind: "UDPRoute",
+                plural: "udproutes",
                 short_names: &[],
                 namespaced: true,
                 status: true,

@@ -53,6 +53,7 @@ pub mod sidecar;
 mod stack;
 pub mod tcp;
 pub mod tunnel;
+pub mod udp;
 pub mod xds;
 
 pub use stack::{EdgeStack, EdgeStackConfig, EdgeStackError};

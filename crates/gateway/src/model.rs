@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::{
     HttpRoute, HttpRouteRulesBackendRefsFilters, HttpRouteRulesFilters, HttpRouteRulesMatches,
@@ -426,6 +427,16 @@ pub struct TcpService {
 }
 
 impl TcpService {
+    /// A service whose round robin starts at its first ready backend.
+    pub fn new(port: u16, route: String, backends: Vec<Backend>) -> Self {
+        Self {
+            port,
+            route,
+            backends,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
     /// The device and target of each ready backend, in the order to try them.
     pub fn choices(&self) -> Vec<(String, Target)> {
         ready_in_order(&self.backends, &self.cursor)
@@ -459,6 +470,8 @@ pub struct Table {
     pub tcp: BTreeMap<u16, Arc<TcpService>>,
     /// Names passed through undecrypted on the TLS port (lowercase, exact).
     pub tls: BTreeMap<String, Arc<TcpService>>,
+    /// Public UDP ports (built-in edge only).
+    pub udp: BTreeMap<u16, Arc<TcpService>>,
 }
 
 /// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
@@ -519,6 +532,7 @@ pub enum RouteKind {
     Http,
     Tcp,
     Tls,
+    Udp,
 }
 
 fn key(ns: Option<&String>, name: Option<&String>) -> String {
@@ -566,10 +580,14 @@ pub fn build(
     class: &str,
     gateways: &[&Gateway],
     routes: &[&HttpRoute],
-    tcp_routes: &[&TcpRoute],
-    tls_routes: &[&TlsRoute],
+    l4: &Layer4Routes<'_>,
     slices: &[&EndpointSlice],
 ) -> (Table, Vec<Attachment>) {
+    let Layer4Routes {
+        tcp: tcp_routes,
+        tls: tls_routes,
+        udp: udp_routes,
+    } = *l4;
     let ours: HashMap<String, &Gateway> = gateways
         .iter()
         .filter(|g| g.spec.gateway_class_name == class && g.metadata.deletion_timestamp.is_none())
@@ -818,9 +836,19 @@ pub fn build(
         .wildcard
         .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
     let targets = tunnel_targets(slices);
-    let (tcp, tcp_attachments) = tcp_services(&ours, tcp_routes, &targets, &ready);
+    let (tcp, tcp_attachments) = port_services(&ours, tcp_routes, Proto::Tcp, &targets, &ready);
     table.tcp = tcp;
     attachments.extend(tcp_attachments);
+    // A UDPRoute has a TCPRoute's shape: read through one type.
+    let udp_routes: Vec<TcpRoute> = udp_routes
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    let udp_refs: Vec<&TcpRoute> = udp_routes.iter().collect();
+    let (udp, udp_attachments) = port_services(&ours, &udp_refs, Proto::Udp, &targets, &ready);
+    table.udp = udp;
+    attachments.extend(udp_attachments);
     let (tls, tls_attachments) = tls_services(&ours, tls_routes, &targets, &ready);
     table.tls = tls;
     attachments.extend(tls_attachments);
@@ -984,14 +1012,35 @@ fn tls_services(
     (services, attachments)
 }
 
-/// The public TCP ports: each TCPRoute attached to a `TCP` listener of one of `ours`
-/// serves that listener's port. One route a port: the oldest.
-fn tcp_services(
+/// The layer-4 routes of a table.
+#[derive(Clone, Copy, Default)]
+pub struct Layer4Routes<'a> {
+    pub tcp: &'a [&'a TcpRoute],
+    pub tls: &'a [&'a TlsRoute],
+    pub udp: &'a [&'a UdpRoute],
+}
+
+/// Which kind of public port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// The public ports of one protocol: each route (TCPRoute, or UDPRoute read as one)
+/// attached to a listener of that protocol of one of `ours` serves that listener's port.
+/// One route a port: the oldest.
+fn port_services(
     ours: &HashMap<String, &Gateway>,
     routes: &[&TcpRoute],
+    proto: Proto,
     targets: &HashMap<String, Tunnel>,
     ready: &HashMap<String, bool>,
 ) -> (BTreeMap<u16, Arc<TcpService>>, Vec<Attachment>) {
+    let (protocol, kind) = match proto {
+        Proto::Tcp => ("TCP", RouteKind::Tcp),
+        Proto::Udp => ("UDP", RouteKind::Udp),
+    };
     let mut services = BTreeMap::new();
     let mut attachments = Vec::new();
     for r in by_age(routes) {
@@ -1006,7 +1055,7 @@ fn tcp_services(
                 continue;
             };
             let listeners = g.spec.listeners.iter().filter(|l| {
-                l.protocol == "TCP"
+                l.protocol == protocol
                     && p.section_name.as_ref().is_none_or(|s| *s == l.name)
                     && p.port.is_none_or(|port| port == l.port)
             });
@@ -1044,7 +1093,7 @@ fn tcp_services(
                     }),
                 );
                 attachments.push(Attachment {
-                    kind: RouteKind::Tcp,
+                    kind,
                     route_ns: ns.clone(),
                     route: name.clone(),
                     gateway: p.name.clone(),
@@ -1171,8 +1220,11 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &[],
-            &routes.iter().collect::<Vec<_>>(),
-            &[],
+            &crate::model::Layer4Routes {
+                tcp: &routes.iter().collect::<Vec<_>>(),
+                tls: &[],
+                ..Default::default()
+            },
             &slices.iter().collect::<Vec<_>>(),
         );
         assert_eq!(table.tcp.keys().copied().collect::<Vec<_>>(), [20001]);
@@ -1235,8 +1287,7 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &routes.iter().collect::<Vec<_>>(),
-            &[],
-            &[],
+            &crate::model::Layer4Routes::default(),
             &slices.iter().collect::<Vec<_>>(),
         );
         assert!(

@@ -735,7 +735,7 @@ impl Sidecar {
         let started = Instant::now();
         let tunnel = self
             .dialer
-            .open(dest.node, &dest.target, None)
+            .open(dest.node, &dest.target, None, false)
             .await
             .map_err(|e| ForwardError::from(DialError::from(e)))?;
         self.metrics
@@ -829,7 +829,7 @@ impl Sidecar {
     /// on it) that accepts: devices that are down go last, and every failure goes on to
     /// the next, since nothing was sent yet. A CONNECT and a public TCP port splice their
     /// client with it; `client` is the public client's address, for targets that take the
-    /// PROXY protocol.
+    /// PROXY protocol; `udp`: the tunnel carries framed datagrams to a UDP target.
     ///
     /// # Errors
     /// The last attempt's (or `Stream` when `choices` is empty).
@@ -837,6 +837,7 @@ impl Sidecar {
         &self,
         choices: &[(String, Target)],
         client: Option<std::net::SocketAddr>,
+        udp: bool,
     ) -> Result<TunnelStream, OpenError> {
         let mut order: Vec<&(String, Target)> = choices.iter().collect();
         order.sort_by_key(|(node, _)| self.is_down(node));
@@ -847,7 +848,7 @@ impl Sidecar {
                 continue;
             };
             let started = Instant::now();
-            match self.dialer.open(node, target, client).await {
+            match self.dialer.open(node, target, client, udp).await {
                 Ok(streams) => {
                     self.metrics
                         .dial_latency
@@ -903,7 +904,7 @@ impl Sidecar {
             .get(headers::CLIENT_ADDRESS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        let mut tunnel = match self.open_first(&choices, client).await {
+        let mut tunnel = match self.open_first(&choices, client, false).await {
             Ok(t) => t,
             Err(OpenError::Refused { status, details }) => {
                 let why = details.unwrap_or_else(|| format!("the device answered {status}"));

@@ -140,17 +140,31 @@ impl EdgeStack {
         // Public TCP ports listen where the edge's HTTP does, and follow the table.
         let (version, versions) = watch::channel(0);
         let (binds, tcp_binds) = watch::channel(crate::tcp::Binds::new());
+        let public_ip = edge
+            .http_addr()
+            .or(edge.https_addr())
+            .map_or(crate::tcp::Config::default().ip, |a| a.ip());
         let tcp_task = crate::tcp::spawn(
             crate::tcp::Config {
-                ip: edge
-                    .http_addr()
-                    .or(edge.https_addr())
-                    .map_or(crate::tcp::Config::default().ip, |a| a.ip()),
+                ip: public_ip,
+                ..Default::default()
+            },
+            table.clone(),
+            versions.clone(),
+            sidecar.clone(),
+            binds,
+            shutdown.clone(),
+        );
+        // Public UDP ports likewise.
+        let (binds, udp_binds) = watch::channel(crate::udp::Binds::new());
+        let udp_task = crate::udp::spawn(
+            crate::udp::Config {
+                ip: public_ip,
                 ..Default::default()
             },
             table.clone(),
             versions,
-            sidecar.clone(),
+            Arc::new(crate::udp::SidecarOpener(sidecar.clone())),
             binds,
             shutdown.clone(),
         );
@@ -176,6 +190,8 @@ impl EdgeStack {
                 write_status: true,
                 tcp_binds: Some(tcp_binds),
                 no_tls_port: routes::no_tls_port(edge.https_addr().is_some()),
+                udp_binds: Some(udp_binds),
+                no_udp: None,
             },
             table,
             version,
@@ -191,7 +207,7 @@ impl EdgeStack {
             watches: certs_task
                 .into_iter()
                 .chain(http01_task)
-                .chain([tcp_task])
+                .chain([tcp_task, udp_task])
                 .collect(),
             shutdown,
         })

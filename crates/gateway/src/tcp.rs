@@ -60,24 +60,77 @@ pub type Binds = BTreeMap<u16, Result<(), String>>;
 pub fn spawn(
     config: Config,
     table: Arc<ArcSwap<Table>>,
-    mut version: watch::Receiver<u64>,
+    version: watch::Receiver<u64>,
     sidecar: Arc<Sidecar>,
     binds: watch::Sender<Binds>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let config = Arc::new(config);
+    let config = Arc::new(config);
+    let ports = Ports {
+        ip: config.ip,
+        protocol: "TCP",
+        wanted: {
+            let table = table.clone();
+            Box::new(move || table.load().tcp.keys().copied().collect())
+        },
+        version,
+        binds,
+        shutdown,
+    };
+    tokio::spawn(ports.keep(TcpListener::bind, move |listener, port, token| {
+        tokio::spawn(accept(
+            listener,
+            port,
+            config.clone(),
+            table.clone(),
+            sidecar.clone(),
+            token,
+        ));
+    }))
+}
+
+/// The public ports of one protocol, kept bound as the table changes.
+pub(crate) struct Ports {
+    /// Where they are bound.
+    pub ip: IpAddr,
+    /// `TCP` or `UDP`, for messages.
+    pub protocol: &'static str,
+    /// The ports the table has now.
+    pub wanted: Box<dyn Fn() -> Vec<u16> + Send>,
+    /// Moves when the table changes.
+    pub version: watch::Receiver<u64>,
+    /// Told how each port fares.
+    pub binds: watch::Sender<Binds>,
+    pub shutdown: CancellationToken,
+}
+
+impl Ports {
+    /// Binds each wanted port with `bind` and hands it to `serve` with a token cancelled
+    /// when the port leaves the table; cancels ports that left; tries a port that could
+    /// not be bound again every [`REBIND`]; tells `binds` after each round. Until
+    /// `shutdown`.
+    pub(crate) async fn keep<L, B, F>(
+        mut self,
+        bind: B,
+        mut serve: impl FnMut(L, u16, CancellationToken) + Send,
+    ) where
+        B: Fn(SocketAddr) -> F + Send,
+        F: std::future::Future<Output = std::io::Result<L>> + Send,
+        L: Send,
+    {
+        let protocol = self.protocol;
+        let suffix = if protocol == "TCP" { "" } else { "/udp" };
         let mut bound: HashMap<u16, CancellationToken> = HashMap::new();
         let mut failed: HashMap<u16, String> = HashMap::new();
         let mut retry = tokio::time::interval(REBIND);
         loop {
-            let wanted: Vec<u16> = table.load().tcp.keys().copied().collect();
+            let wanted = (self.wanted)();
             bound.retain(|port, token| {
                 let keep = wanted.contains(port);
                 if !keep {
                     // Closes the listener and cuts its connections: the port is gone.
                     token.cancel();
-                    tracing::info!(port, "public TCP port closed");
+                    tracing::info!(port, protocol, "public port closed");
                 }
                 keep
             });
@@ -86,27 +139,20 @@ pub fn spawn(
                 if bound.contains_key(&port) {
                     continue;
                 }
-                let addr = SocketAddr::new(config.ip, port);
-                match TcpListener::bind(addr).await {
+                let addr = SocketAddr::new(self.ip, port);
+                match bind(addr).await {
                     Ok(listener) => {
-                        tracing::info!(%addr, "public TCP port open");
+                        tracing::info!(%addr, protocol, "public port open");
                         failed.remove(&port);
-                        let token = shutdown.child_token();
+                        let token = self.shutdown.child_token();
                         bound.insert(port, token.clone());
-                        tokio::spawn(accept(
-                            listener,
-                            port,
-                            config.clone(),
-                            table.clone(),
-                            sidecar.clone(),
-                            token,
-                        ));
+                        serve(listener, port, token);
                     }
                     Err(e) => {
-                        let why = format!("the edge cannot listen on {addr}: {e}");
+                        let why = format!("the edge cannot listen on {addr}{suffix}: {e}");
                         // Once per trouble, not every retry.
                         if failed.get(&port) != Some(&why) {
-                            tracing::warn!(%addr, error = %e, "cannot bind a public TCP port; trying again every {REBIND:?}");
+                            tracing::warn!(%addr, protocol, error = %e, "cannot bind a public port; trying again every {REBIND:?}");
                         }
                         failed.insert(port, why);
                     }
@@ -116,7 +162,7 @@ pub fn spawn(
                 .iter()
                 .map(|p| (*p, failed.get(p).map_or(Ok(()), |e| Err(e.clone()))))
                 .collect();
-            binds.send_if_modified(|b| {
+            self.binds.send_if_modified(|b| {
                 let changed = *b != now;
                 if changed {
                     *b = now;
@@ -124,12 +170,12 @@ pub fn spawn(
                 changed
             });
             tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = version.changed() => if changed.is_err() { return },
+                () = self.shutdown.cancelled() => return,
+                changed = self.version.changed() => if changed.is_err() { return },
                 _ = retry.tick() => {}
             }
         }
-    })
+    }
 }
 
 async fn accept(
@@ -196,7 +242,7 @@ async fn carry<C>(
         tracing::debug!(%peer, route = %service.route, "no ready backend; closed");
         return;
     }
-    match sidecar.open_first(&choices, Some(peer)).await {
+    match sidecar.open_first(&choices, Some(peer), false).await {
         Ok(tunnel) => splice(client, tunnel, idle, closed).await,
         Err(e) => {
             tracing::debug!(%peer, route = %service.route, error = ?e, "no backend accepted; closed");

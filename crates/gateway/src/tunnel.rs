@@ -138,7 +138,9 @@ impl Dialer {
     }
 
     /// Opens a tunnel to `target` on `node`, dialing it if needed; `client`: the public
-    /// client's address, told to the device for targets that take the PROXY protocol.
+    /// client's address, told to the device for targets that take the PROXY protocol;
+    /// `udp`: the tunnel carries datagrams to a UDP target (framed, see
+    /// [`portway_api::UDP_FRAME_LENGTH_BYTES`]).
     ///
     /// # Errors
     /// See [`OpenError`]; `Down` when the device is (now) down.
@@ -147,6 +149,7 @@ impl Dialer {
         node: EndpointId,
         target: &Target,
         client: Option<SocketAddr>,
+        udp: bool,
     ) -> Result<Tunnel, OpenError> {
         if let Some(why) = self.down(&node) {
             return Err(OpenError::Down(why));
@@ -169,6 +172,9 @@ impl Dialer {
         let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
         if let Some(client) = client {
             head.push_str(&format!("{}: {client}\r\n", headers::CLIENT_ADDRESS));
+        }
+        if udp {
+            head.push_str(&format!("{}: {}\r\n", headers::TARGET_PROTO, headers::UDP));
         }
         head.push_str("\r\n");
         if let Err(e) = send.write_all(head.as_bytes()).await {

@@ -5,6 +5,9 @@
 //! `portway tls PORT [--hostname H]...` (like `ngrok tls`): the same for a TLS server on
 //! the device, published by passthrough on the edge's TLS port under the proxy's
 //! canonical name and `H`; reports `tls://NAME:PORT` for each name.
+//!
+//! `portway udp PORT [--remote-port N]`: a UDP service at a public UDP port of the
+//! built-in edge; reports `udp://HOST:PORT`.
 
 use std::time::Duration;
 
@@ -58,6 +61,18 @@ impl Tcp {
         Self::publish(config, tunnel).await
     }
 
+    /// Starts the agent and waits until the public UDP port reaches the local one.
+    ///
+    /// # Errors
+    /// As [`Tcp::start`].
+    pub async fn start_udp(config: Config, remote: Option<u16>) -> Result<Self, Error> {
+        let tunnel = Tunnel {
+            public: Some(remote.map_or(PublicPort::Any, PublicPort::Port)),
+            ..local_tunnel(Protocol::Udp, config.port)
+        };
+        Self::publish(config, tunnel).await
+    }
+
     /// Starts the agent and waits until TLS connections naming the proxy's names reach
     /// the local TLS server, undecrypted. `hostnames`: names besides the canonical one
     /// (outside the zone, the project must have proven them).
@@ -80,6 +95,7 @@ impl Tcp {
 
     async fn publish(config: Config, tunnel: Tunnel) -> Result<Self, Error> {
         let tls = tunnel.protocol == Protocol::Tls;
+        let scheme = tunnel.protocol.as_str();
         let key = tunnel.name.clone();
         let (device, proxy) = start_device(&config, &key, tunnel).await?;
         let (agent, info, slot) = (device.agent, device.info, device.slot);
@@ -149,7 +165,7 @@ impl Tcp {
         };
         let url = match hostnames.first() {
             Some(name) if tls => format!("tls://{name}:{port}"),
-            _ => format!("tcp://{host}:{port}"),
+            _ => format!("{scheme}://{host}:{port}"),
         };
         Ok(Self {
             agent,

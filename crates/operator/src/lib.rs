@@ -39,6 +39,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
@@ -206,6 +207,8 @@ pub(crate) struct Ctx {
     tcp_routes: Index<TcpRoute>,
     /// TLSRoutes of passthrough TCPProxies, by owner uid.
     tls_routes: Index<TlsRoute>,
+    /// UDPRoutes of TCPProxies with `udp://` backends, by owner uid.
+    udp_routes: Index<UdpRoute>,
     hostnames: Arc<HostnameIndex>,
     /// Every TCPProxy's port.
     tcp_ports: Arc<PortIndex>,
@@ -410,6 +413,7 @@ impl Operator {
         let tcp_proxies = pending::<TcpProxy>();
         let tcp_routes = pending::<TcpRoute>();
         let tls_routes = pending::<TlsRoute>();
+        let udp_routes = pending::<UdpRoute>();
         let verifier = config
             .verification
             .clone()
@@ -427,6 +431,7 @@ impl Operator {
         let tcp_by_ns = Index::new(tcp_proxies.store.clone(), by_namespace);
         let tcp_routes_by_owner = Index::new(tcp_routes.store.clone(), by_owner);
         let tls_routes_by_owner = Index::new(tls_routes.store.clone(), by_owner);
+        let udp_routes_by_owner = Index::new(udp_routes.store.clone(), by_owner);
         let tcp_ports = Arc::new(PortIndex::new(config.tcp_ports.clone()));
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
@@ -574,6 +579,7 @@ impl Operator {
             policies: policies_by_owner.clone(),
             tcp_routes: tcp_routes_by_owner.clone(),
             tls_routes: tls_routes_by_owner.clone(),
+            udp_routes: udp_routes_by_owner.clone(),
             hostnames,
             tcp_ports,
             verifier,
@@ -601,10 +607,11 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
-            let (k, l, m) = (
+            let (k, l, m, n) = (
                 tcp_proxies.store.clone(),
                 tcp_routes.store.clone(),
                 tls_routes.store.clone(),
+                udp_routes.store.clone(),
             );
             async move {
                 let _ = futures::join!(
@@ -621,6 +628,7 @@ impl Operator {
                     k.wait_until_ready(),
                     l.wait_until_ready(),
                     m.wait_until_ready(),
+                    n.wait_until_ready(),
                     async move {
                         let _ = ports_known.wait_for(|known| *known).await;
                     },
@@ -658,6 +666,14 @@ impl Operator {
             Api::all(client.clone()),
             vec![
                 tls_routes_by_owner.subscriber(),
+                owner_subscriber(tcp_tx.clone()),
+            ],
+            s.clone(),
+        ));
+        tasks.push(udp_routes.spawn(
+            Api::all(client.clone()),
+            vec![
+                udp_routes_by_owner.subscriber(),
                 owner_subscriber(tcp_tx.clone()),
             ],
             s.clone(),

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
@@ -12,7 +13,7 @@ use portway_api::{condition, set_condition};
 use serde_json::{Map, Value, json};
 
 use super::Config;
-use crate::model::{Attachment, RouteKind};
+use crate::model::{Attachment, Layer4Routes, RouteKind};
 
 /// A route of a kind the edge serves, as its status is written.
 #[derive(Clone, Copy, Debug)]
@@ -20,6 +21,7 @@ pub enum RouteRef<'a> {
     Http(&'a HttpRoute),
     Tcp(&'a TcpRoute),
     Tls(&'a TlsRoute),
+    Udp(&'a UdpRoute),
 }
 
 impl<'a> From<&'a HttpRoute> for RouteRef<'a> {
@@ -40,6 +42,12 @@ impl<'a> From<&'a TlsRoute> for RouteRef<'a> {
     }
 }
 
+impl<'a> From<&'a UdpRoute> for RouteRef<'a> {
+    fn from(r: &'a UdpRoute) -> Self {
+        Self::Udp(r)
+    }
+}
+
 /// A route by kind, namespace and name.
 type RouteKey<'a> = (RouteKind, &'a str, &'a str);
 
@@ -57,6 +65,7 @@ impl<'a> RouteRef<'a> {
             Self::Http(r) => &r.metadata,
             Self::Tcp(r) => &r.metadata,
             Self::Tls(r) => &r.metadata,
+            Self::Udp(r) => &r.metadata,
         }
     }
 
@@ -65,6 +74,7 @@ impl<'a> RouteRef<'a> {
             Self::Http(_) => RouteKind::Http,
             Self::Tcp(_) => RouteKind::Tcp,
             Self::Tls(_) => RouteKind::Tls,
+            Self::Udp(_) => RouteKind::Udp,
         }
     }
 
@@ -88,6 +98,7 @@ impl<'a> RouteRef<'a> {
             Self::Http(r) => parents!(r),
             Self::Tcp(r) => parents!(r),
             Self::Tls(r) => parents!(r),
+            Self::Udp(r) => parents!(r),
         }
     }
 }
@@ -121,8 +132,7 @@ pub fn desired<'a>(
     config: &Config,
     gateways: &[&'a Gateway],
     routes: &[&'a HttpRoute],
-    tcp_routes: &[&'a TcpRoute],
-    tls_routes: &[&'a TlsRoute],
+    l4: &Layer4Routes<'a>,
     attachments: &[Attachment],
 ) -> Vec<StatusWrite<'a>> {
     let mut attached: HashMap<(&str, &str), usize> = HashMap::new();
@@ -130,9 +140,13 @@ pub fn desired<'a>(
         *attached.entry((&a.route_ns, &a.gateway)).or_default() += 1;
     }
     let binds = config.tcp_binds.as_ref().map(|b| b.borrow().clone());
-    // A TCP listener's state: `None` while its port has not been tried yet.
+    let udp_binds = config.udp_binds.as_ref().map(|b| b.borrow().clone());
+    // A TCP (UDP) listener's state: `None` while its port has not been tried yet.
     let tcp_state = |l: &gateway_api::apis::standard::gateways::GatewayListeners| {
-        let binds = binds.as_ref()?;
+        let binds = match l.protocol.as_str() {
+            "UDP" => udp_binds.as_ref()?,
+            _ => binds.as_ref()?,
+        };
         u16::try_from(l.port)
             .ok()
             .and_then(|p| binds.get(&p).cloned())
@@ -153,8 +167,9 @@ pub fn desired<'a>(
     let by_key: HashMap<RouteKey, RouteRef<'a>> = routes
         .iter()
         .map(|r| RouteRef::Http(r))
-        .chain(tcp_routes.iter().map(|r| RouteRef::Tcp(r)))
-        .chain(tls_routes.iter().map(|r| RouteRef::Tls(r)))
+        .chain(l4.tcp.iter().map(|r| RouteRef::Tcp(r)))
+        .chain(l4.tls.iter().map(|r| RouteRef::Tls(r)))
+        .chain(l4.udp.iter().map(|r| RouteRef::Udp(r)))
         .map(|r| {
             let meta = r.meta();
             let ns = meta.namespace.as_deref().unwrap_or_default();
@@ -179,7 +194,11 @@ pub fn desired<'a>(
         // reported at all before the port was tried.
         let mut refused = HashMap::new();
         let mut untried = false;
-        if key.0 == RouteKind::Tcp && binds.is_some() {
+        let (bound, protocol) = match key.0 {
+            RouteKind::Udp => (udp_binds.is_some(), "UDP"),
+            _ => (binds.is_some(), "TCP"),
+        };
+        if matches!(key.0, RouteKind::Tcp | RouteKind::Udp) && bound {
             for gw in &gateways {
                 let listeners = all_gateways
                     .iter()
@@ -189,7 +208,7 @@ pub fn desired<'a>(
                     })
                     .into_iter()
                     .flat_map(|g| g.spec.listeners.iter())
-                    .filter(|l| l.protocol == "TCP");
+                    .filter(|l| l.protocol == protocol);
                 for l in listeners {
                     match tcp_state(l) {
                         None => untried = true,
@@ -204,10 +223,14 @@ pub fn desired<'a>(
         if untried {
             continue;
         }
-        // A passthrough route needs the edge's TLS port.
-        if key.0 == RouteKind::Tls
-            && let Some(why) = &config.no_tls_port
-        {
+        // A passthrough route needs the edge's TLS port; a UDP one a data plane that
+        // carries UDP.
+        let cannot = match key.0 {
+            RouteKind::Tls => config.no_tls_port.as_ref(),
+            RouteKind::Udp => config.no_udp.as_ref(),
+            _ => None,
+        };
+        if let Some(why) = cannot {
             for gw in &gateways {
                 refused.insert(gw.clone(), why.clone());
             }
@@ -272,6 +295,7 @@ fn gateway_status<'a>(
             let kind = match l.protocol.as_str() {
                 "TCP" => "TCPRoute",
                 "TLS" => "TLSRoute",
+                "UDP" => "UDPRoute",
                 _ => "HTTPRoute",
             };
             let programmed = match tcp_state(l) {
@@ -372,6 +396,8 @@ mod tests {
             write_status: true,
             tcp_binds: None,
             no_tls_port: None,
+            udp_binds: None,
+            no_udp: None,
         }
     }
 
@@ -398,6 +424,62 @@ mod tests {
     /// A TCPRoute on a TCP listener gets our parent entry, and the listener says it takes
     /// TCPRoutes.
     #[test]
+    fn a_data_plane_without_udp_or_tls_refuses_those_routes() {
+        let gw: Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "dns", "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"gatewayClassName": "portway", "listeners": [{"name": "udp", "port": 20053, "protocol": "UDP"}]},
+        }))
+        .unwrap();
+        let route: UdpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "dns", "namespace": "p", "generation": 1, "resourceVersion": "1"},
+            "spec": {"parentRefs": [{"name": "dns"}], "rules": [{"backendRefs": [{"name": "a", "port": 53}]}]},
+        }))
+        .unwrap();
+        let attachments = [Attachment {
+            kind: RouteKind::Udp,
+            route_ns: "p".into(),
+            route: "dns".into(),
+            gateway: "dns".into(),
+        }];
+        let udp = [&route];
+        let l4 = Layer4Routes {
+            udp: &udp,
+            ..Default::default()
+        };
+        let accepted = |config: &Config| -> Vec<(String, String)> {
+            desired(config, &[&gw], &[], &l4, &attachments)
+                .iter()
+                .filter_map(|w| match w {
+                    StatusWrite::RouteParents {
+                        route: RouteRef::Udp(_),
+                        status,
+                        ..
+                    } => {
+                        let c = &status["parents"][0]["conditions"][0];
+                        Some((c["status"].to_string(), c["message"].to_string()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            accepted(&config()),
+            [("\"True\"".to_owned(), "\"\"".to_owned())]
+        );
+        let envoy = Config {
+            no_udp: Some("Envoy does not carry UDP".into()),
+            ..config()
+        };
+        assert_eq!(
+            accepted(&envoy),
+            [(
+                "\"False\"".to_owned(),
+                "\"Envoy does not carry UDP\"".to_owned()
+            )]
+        );
+    }
+
+    #[test]
     fn tcp_routes_get_parents_and_tcp_listeners_say_so() {
         let gw: Gateway = serde_json::from_value(json!({
             "metadata": {"name": "db", "namespace": "p", "generation": 1, "resourceVersion": "1"},
@@ -415,7 +497,17 @@ mod tests {
             route: "db".into(),
             gateway: "db".into(),
         }];
-        let writes = desired(&config(), &[&gw], &[], &[&route], &[], &attachments);
+        let tcp = [&route];
+        let writes = desired(
+            &config(),
+            &[&gw],
+            &[],
+            &Layer4Routes {
+                tcp: &tcp,
+                ..Default::default()
+            },
+            &attachments,
+        );
         let kinds: Vec<&Value> = writes
             .iter()
             .filter_map(|w| match w {
@@ -451,9 +543,21 @@ mod tests {
             let config = Config {
                 tcp_binds: Some(rx),
                 no_tls_port: None,
+                udp_binds: None,
+                no_udp: None,
                 ..config()
             };
-            let writes = desired(&config, &[&gw], &[], &[&route], &[], &attachments);
+            let tcp = [&route];
+            let writes = desired(
+                &config,
+                &[&gw],
+                &[],
+                &Layer4Routes {
+                    tcp: &tcp,
+                    ..Default::default()
+                },
+                &attachments,
+            );
             let route_accepted: Vec<(String, String)> = writes
                 .iter()
                 .filter_map(|w| match w {
@@ -620,7 +724,16 @@ mod tests {
 
     fn check(cases: Vec<Case>) {
         for c in cases {
-            let writes = desired(&c.config, &c.gateways, &c.routes, &[], &[], &c.attachments);
+            let writes = desired(
+                &c.config,
+                &c.gateways,
+                &c.routes,
+                &Layer4Routes {
+                    tcp: &[],
+                    ..Default::default()
+                },
+                &c.attachments,
+            );
             let got: Vec<String> = writes.iter().map(summary).collect();
             assert_eq!(got, c.want, "{}", c.what);
         }
@@ -696,7 +809,16 @@ mod tests {
         let gw = gateway("gw", "portway", &["http"]);
         let r = with_parent(route("r"), OTHER, "gw");
         let attached = || vec![attach("r", "gw")];
-        let writes = desired(&config(), &[&gw], &[&r], &[], &[], &attached());
+        let writes = desired(
+            &config(),
+            &[&gw],
+            &[&r],
+            &Layer4Routes {
+                tcp: &[],
+                ..Default::default()
+            },
+            &attached(),
+        );
         let (gw, r) = (written_gateway(&writes[0]), written_route(&writes[1]));
         let mut moved = config();
         moved.addresses = vec!["10.0.0.2".into()];

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use futures::StreamExt;
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -46,6 +47,23 @@ pub struct Config {
     /// Why TLS passthrough routes cannot be served, when the data plane has no TLS port:
     /// they are refused with it rather than reported as served.
     pub no_tls_port: Option<String>,
+    /// How the public UDP ports fare, when this process binds them (the built-in edge).
+    pub udp_binds: Option<watch::Receiver<crate::tcp::Binds>>,
+    /// Why UDP routes cannot be served, when the data plane does not carry UDP (Envoy):
+    /// they are refused with it.
+    pub no_udp: Option<String>,
+}
+
+/// Resolves when `binds` (if any) changes; never when there is none or it is gone.
+async fn binds_changed(binds: &mut Option<watch::Receiver<crate::tcp::Binds>>) {
+    match binds {
+        Some(b) => {
+            if b.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Why passthrough routes cannot be served by a data plane without a TLS port.
@@ -104,6 +122,7 @@ pub fn spawn(
     let (route_store, routes) = reflect(Api::<HttpRoute>::all(client.clone()), all());
     let (tcp_store, tcp_routes) = reflect(Api::<TcpRoute>::all(client.clone()), all());
     let (tls_store, tls_routes) = reflect(Api::<TlsRoute>::all(client.clone()), all());
+    let (udp_store, udp_routes) = reflect(Api::<UdpRoute>::all(client.clone()), all());
     let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
@@ -118,16 +137,19 @@ pub fn spawn(
                 changed_tx.send_modify(|n| *n += 1);
             }
         });
-        let (gws, routes, tcp_routes, tls_routes, slices) = (
+        let (gws, routes, tcp_routes, tls_routes, udp_routes, slices) = (
             gws.map(|e| e.map(drop)),
             routes.map(|e| e.map(drop)),
             tcp_routes.map(|e| e.map(drop)),
             tls_routes.map(|e| e.map(drop)),
+            udp_routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
         );
+        let layer4 =
+            futures::stream::select(futures::stream::select(tcp_routes, tls_routes), udp_routes);
         let mut changes = futures::stream::select(
             futures::stream::select(gws, routes),
-            futures::stream::select(futures::stream::select(tcp_routes, tls_routes), slices),
+            futures::stream::select(layer4, slices),
         )
         .ready_chunks(512)
         .boxed();
@@ -135,20 +157,12 @@ pub fn spawn(
         let mut resync = tokio::time::interval(Duration::from_secs(60));
         let mut n = 0u64;
         let mut tcp_binds = config.tcp_binds.clone();
+        let mut udp_binds = config.udp_binds.clone();
         loop {
-            let binds_changed = async {
-                match &mut tcp_binds {
-                    Some(b) => {
-                        if b.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = binds_changed => {}
+                () = binds_changed(&mut tcp_binds) => {}
+                () = binds_changed(&mut udp_binds) => {}
                 batch = changes.next() => match batch {
                     None => return,
                     Some(batch) => {
@@ -165,48 +179,43 @@ pub fn spawn(
                 && is_ready(&route_store)
                 && is_ready(&tcp_store)
                 && is_ready(&tls_store)
+                && is_ready(&udp_store)
                 && is_ready(&slice_store))
             {
                 continue;
             }
-            let (gw_state, route_state, tcp_state, tls_state, slice_state) = (
+            let (gw_state, route_state, tcp_state, tls_state, udp_state, slice_state) = (
                 gw_store.state(),
                 route_store.state(),
                 tcp_store.state(),
                 tls_store.state(),
+                udp_store.state(),
                 slice_store.state(),
             );
             let gws: Vec<&Gateway> = gw_state.iter().map(AsRef::as_ref).collect();
             let routes: Vec<&HttpRoute> = route_state.iter().map(AsRef::as_ref).collect();
             let tcp_routes: Vec<&TcpRoute> = tcp_state.iter().map(AsRef::as_ref).collect();
             let tls_routes: Vec<&TlsRoute> = tls_state.iter().map(AsRef::as_ref).collect();
+            let udp_routes: Vec<&UdpRoute> = udp_state.iter().map(AsRef::as_ref).collect();
+            let l4 = crate::model::Layer4Routes {
+                tcp: &tcp_routes,
+                tls: &tls_routes,
+                udp: &udp_routes,
+            };
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
-            let (t, attachments) = model::build(
-                &config.class,
-                &gws,
-                &routes,
-                &tcp_routes,
-                &tls_routes,
-                &slices,
-            );
+            let (t, attachments) = model::build(&config.class, &gws, &routes, &l4, &slices);
             tracing::debug!(
                 hosts = t.len(),
                 tcp_ports = t.tcp.len(),
                 tls_names = t.tls.len(),
+                udp_ports = t.udp.len(),
                 "route table rebuilt"
             );
             table.store(Arc::new(t));
             n += 1;
             version.send_replace(n);
             if config.write_status {
-                let writes = desired(
-                    &config,
-                    &gws,
-                    &routes,
-                    &tcp_routes,
-                    &tls_routes,
-                    &attachments,
-                );
+                let writes = desired(&config, &gws, &routes, &l4, &attachments);
                 apply(&client, &events, &config.controller_name, writes).await;
             }
         }
@@ -277,6 +286,7 @@ async fn apply(
                     }
                     RouteRef::Tcp(r) => write_parents(client, events, controller, r, parents).await,
                     RouteRef::Tls(r) => write_parents(client, events, controller, r, parents).await,
+                    RouteRef::Udp(r) => write_parents(client, events, controller, r, parents).await,
                 }
             }
         }

@@ -221,6 +221,11 @@ impl Stack {
                 // Envoy binds the ports; whether it could is not known here.
                 tcp_binds: None,
                 no_tls_port: crate::routes::no_tls_port(config.defaults.listen_tls.is_some()),
+                udp_binds: None,
+                no_udp: Some(
+                    "Envoy does not carry UDP through the tunnel: public UDP ports are served by the built-in edge"
+                        .into(),
+                ),
             },
             table,
             routes_tx,
@@ -314,8 +319,7 @@ mod tests {
             "portway",
             &[&gw],
             &[&route],
-            &[],
-            &[],
+            &crate::model::Layer4Routes::default(),
             &slices.iter().collect::<Vec<_>>(),
         )
         .0

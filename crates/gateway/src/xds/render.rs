@@ -993,8 +993,11 @@ mod tests {
             "portway",
             &[&pass, &term],
             &[],
-            &[],
-            &routes.iter().collect::<Vec<_>>(),
+            &crate::model::Layer4Routes {
+                tcp: &[],
+                tls: &routes.iter().collect::<Vec<_>>(),
+                ..Default::default()
+            },
             &[&slice],
         );
         assert_eq!(table.tls.keys().collect::<Vec<_>>(), ["db.example.com"]);
@@ -1051,8 +1054,11 @@ mod tests {
                 "portway",
                 &[&gw],
                 &[],
-                &[&route],
-                &[],
+                &crate::model::Layer4Routes {
+                    tcp: &[&route],
+                    tls: &[],
+                    ..Default::default()
+                },
                 &slices.iter().collect::<Vec<_>>(),
             );
             let listeners = tcp_listeners(&table, &node());
@@ -1293,7 +1299,13 @@ mod tests {
             ]},
         }))
         .unwrap();
-        let (table, _) = crate::model::build("portway", &[&gw], &[&route], &[], &[], &[]);
+        let (table, _) = crate::model::build(
+            "portway",
+            &[&gw],
+            &[&route],
+            &crate::model::Layer4Routes::default(),
+            &[],
+        );
         let rc = route_configuration(&table, &node());
         let by_rule = |rule: &str| {
             rc.virtual_hosts[0]

@@ -18,6 +18,9 @@ use gateway_api::apis::experimental::tcproutes::{
 use gateway_api::apis::experimental::tlsroutes::{
     TlsRoute, TlsRouteParentRefs, TlsRouteRules, TlsRouteRulesBackendRefs, TlsRouteSpec,
 };
+use gateway_api::apis::experimental::udproutes::{
+    UdpRoute, UdpRouteParentRefs, UdpRouteRules, UdpRouteRulesBackendRefs, UdpRouteSpec,
+};
 use gateway_api::apis::standard::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutes, GatewayListenersAllowedRoutesKinds,
     GatewayListenersTls, GatewayListenersTlsMode, GatewaySpec,
@@ -28,12 +31,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use portway_api::names::label_name;
 use portway_api::{
-    Connector, ConnectorAdvertisement, Target, TcpProxy, TcpProxyStatus, annotations, labels,
+    Connector, ConnectorAdvertisement, Protocol, Target, TcpProxy, TcpProxyStatus, annotations,
+    labels,
 };
 
 use super::ports::Verdict;
 use crate::proxy::desired::Config;
-use crate::proxy::desired::backends::{connector_ready, reachable_through};
+use crate::proxy::desired::backends::{Wanted, connector_ready, reachable_through};
 use crate::proxy::desired::conditions::{
     Problem, Stamp, backends_ready, parent_accepted, programmed,
 };
@@ -61,6 +65,9 @@ use reasons::*;
 
 /// The Gateway listener of every TCPProxy, and the TCPRoute's `sectionName`.
 pub const LISTENER: &str = "tcp";
+/// The Gateway listener of a UDP proxy (`udp://` backends), and its UDPRoute's
+/// `sectionName`.
+pub const UDP_LISTENER: &str = "udp";
 /// The Gateway listener of a passthrough proxy, and its TLSRoute's `sectionName`.
 pub const TLS_LISTENER: &str = "tls";
 /// The port a passthrough listener names: the edge serves it on its TLS address,
@@ -118,6 +125,7 @@ pub struct Desired {
     pub gateway: Option<Gateway>,
     pub route: Option<TcpRoute>,
     pub tls_route: Option<TlsRoute>,
+    pub udp_route: Option<UdpRoute>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub status: TcpProxyStatus,
@@ -167,7 +175,7 @@ fn resolve<'a>(
     let mut problems = Vec::new();
     for (i, b) in proxy.spec.backends.iter().enumerate() {
         let field = format!("spec.backends[{i}]");
-        let target = match portway_api::validation::tcp_endpoint(&b.endpoint) {
+        let (protocol, target) = match portway_api::validation::layer4_endpoint(&b.endpoint) {
             Ok(t) => t,
             Err(e) => {
                 problems.push(Problem::new(INVALID, format!("{field}.endpoint: {e}")));
@@ -176,8 +184,11 @@ fn resolve<'a>(
         };
         let (reachable, refused) = reachable_through(
             &field,
-            &b.endpoint,
-            &target,
+            Wanted {
+                endpoint: &b.endpoint,
+                target: &target,
+                protocol,
+            },
             Some(&b.connector),
             connectors,
             advertisements,
@@ -240,7 +251,12 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         port: verdict.and_then(|v| v.as_ref().ok()).map(|p| i32::from(*p)),
         hostnames: Vec::new(),
     };
+    // One protocol a proxy (validation refuses a mix): its backends'.
+    let udp = proxy.spec.backends.first().is_some_and(|b| {
+        portway_api::validation::layer4_endpoint(&b.endpoint).is_ok_and(|(p, _)| p == Protocol::Udp)
+    });
     let listen = match (verdict, &names) {
+        (Some(Ok(port)), _) if problems.is_empty() && udp => Listening::Udp(*port),
         (Some(Ok(port)), _) if problems.is_empty() => Listening::Port(*port),
         (None, Some(n)) if problems.is_empty() => Listening::Tls(n),
         // Any problem refuses the whole proxy: no children, so nothing half-works.
@@ -302,34 +318,21 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         &listen,
         &input.config.gateway_class,
     ));
-    let (route, tls_route) = match &listen {
-        Listening::Port(_) => (
-            Some(route(
-                meta(child_name(&name), &[]),
-                &child_name(&name),
-                &name,
-                &backends,
-            )),
-            None,
-        ),
+    let (mut route, mut tls_route, mut udp_route) = (None, None, None);
+    let (child, gw) = (meta(child_name(&name), &[]), child_name(&name));
+    match &listen {
+        Listening::Port(_) => route = Some(self::route(child, &gw, &name, &backends)),
+        Listening::Udp(_) => udp_route = Some(self::udp_route(child, &gw, &name, &backends)),
         Listening::Tls(n) => {
             status.hostnames.clone_from(&n.active);
-            (
-                None,
-                Some(tls_route(
-                    meta(child_name(&name), &[]),
-                    &child_name(&name),
-                    &name,
-                    &n.active,
-                    &backends,
-                )),
-            )
+            tls_route = Some(self::tls_route(child, &gw, &name, &n.active, &backends));
         }
-    };
+    }
     Desired {
         gateway,
         route,
         tls_route,
+        udp_route,
         services,
         slices,
         status,
@@ -339,6 +342,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
 /// How an accepted proxy listens.
 enum Listening<'a> {
     Port(u16),
+    Udp(u16),
     Tls(&'a Names),
 }
 
@@ -417,6 +421,7 @@ pub fn name_taken_by(proxy: &TcpProxy, objects: &[(&str, Option<&ObjectMeta>)]) 
 fn gateway(metadata: ObjectMeta, listen: &Listening<'_>, class: &str) -> Gateway {
     let (name, port, protocol, kind, tls) = match listen {
         Listening::Port(p) => (LISTENER, i32::from(*p), "TCP", "TCPRoute", None),
+        Listening::Udp(p) => (UDP_LISTENER, i32::from(*p), "UDP", "UDPRoute", None),
         Listening::Tls(_) => (
             TLS_LISTENER,
             TLS_PORT,
@@ -447,6 +452,39 @@ fn gateway(metadata: ObjectMeta, listen: &Listening<'_>, class: &str) -> Gateway
                 ..Default::default()
             }],
             ..Default::default()
+        },
+        status: None,
+    }
+}
+
+/// Attached to the proxy's UDP listener; as [`route`].
+fn udp_route(
+    metadata: ObjectMeta,
+    gateway: &str,
+    name: &str,
+    backends: &[Backend<'_>],
+) -> UdpRoute {
+    UdpRoute {
+        metadata,
+        spec: UdpRouteSpec {
+            parent_refs: Some(vec![UdpRouteParentRefs {
+                name: gateway.to_owned(),
+                section_name: Some(UDP_LISTENER.into()),
+                ..Default::default()
+            }]),
+            rules: vec![UdpRouteRules {
+                backend_refs: backends
+                    .iter()
+                    .map(|b| UdpRouteRulesBackendRefs {
+                        name: b.service_name(name),
+                        port: Some(i32::from(b.target.port)),
+                        weight: Some(1),
+                        ..Default::default()
+                    })
+                    .collect(),
+                name: None,
+            }],
+            use_default_gateways: None,
         },
         status: None,
     }
@@ -559,6 +597,7 @@ fn accepted(
     let total = backends.len();
     let (at, pending) = match listen {
         Listening::Port(port) => (format!("port {port}"), String::new()),
+        Listening::Udp(port) => (format!("UDP port {port}"), String::new()),
         Listening::Tls(n) => (
             format!("TLS passthrough for {}", n.active.join(", ")),
             n.pending.iter().map(|p| format!("; {p}")).collect(),

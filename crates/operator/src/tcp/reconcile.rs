@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use gateway_api::apis::experimental::tcproutes::{TcpRoute, TcpRouteStatus};
 use gateway_api::apis::experimental::tlsroutes::TlsRoute;
+use gateway_api::apis::experimental::udproutes::UdpRoute;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -60,6 +61,10 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
         .tls_routes
         .store()
         .get(&ObjectRef::new(&child).within(&ns));
+    let udp_route = ctx
+        .udp_routes
+        .store()
+        .get(&ObjectRef::new(&child).within(&ns));
     let gateway = ctx
         .gateways
         .store()
@@ -70,6 +75,7 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
             ("Gateway", gateway.as_ref().map(|g| &g.metadata)),
             ("TCPRoute", route.as_ref().map(|r| &r.metadata)),
             ("TLSRoute", tls_route.as_ref().map(|r| &r.metadata)),
+            ("UDPRoute", udp_route.as_ref().map(|r| &r.metadata)),
         ],
     );
     let me = Claim::of(&*proxy);
@@ -88,16 +94,29 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
                 .map(|v| v as &dyn Fn(&str) -> crate::verify::Verification),
         }),
     };
-    // A TLSRoute's status has a TCPRoute's shape: read through one type.
-    let tls_status: Option<TcpRouteStatus> = tls_route
-        .as_ref()
-        .and_then(|r| r.status.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-        .and_then(|v| serde_json::from_value(v).ok());
+    // TLSRoute's and UDPRoute's status have a TCPRoute's shape: read through one type.
+    let as_tcp = |s: Option<serde_json::Value>| -> Option<TcpRouteStatus> {
+        s.and_then(|v| serde_json::from_value(v).ok())
+    };
+    let tls_status = as_tcp(
+        tls_route
+            .as_ref()
+            .and_then(|r| r.status.as_ref())
+            .and_then(|s| serde_json::to_value(s).ok()),
+    );
+    let udp_status = as_tcp(
+        udp_route
+            .as_ref()
+            .and_then(|r| r.status.as_ref())
+            .and_then(|s| serde_json::to_value(s).ok()),
+    );
     let route_status = if passthrough {
         tls_status.as_ref()
     } else {
-        route.as_ref().and_then(|r| r.status.as_ref())
+        route
+            .as_ref()
+            .and_then(|r| r.status.as_ref())
+            .or(udp_status.as_ref())
     };
     let d = desired(&Inputs {
         proxy: &proxy,
@@ -119,9 +138,13 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     if let Some(r) = &d.tls_route {
         apply(&ctx, ctx.tls_routes.store(), r).await?;
     }
+    if let Some(r) = &d.udp_route {
+        apply(&ctx, ctx.udp_routes.store(), r).await?;
+    }
     let owner = &*proxy;
     prune::<TcpRoute, _>(&ctx, &ctx.tcp_routes, owner, &names(&d.route)).await?;
     prune::<TlsRoute, _>(&ctx, &ctx.tls_routes, owner, &names(&d.tls_route)).await?;
+    prune::<UdpRoute, _>(&ctx, &ctx.udp_routes, owner, &names(&d.udp_route)).await?;
     prune_shared(&ctx, owner, &shared).await?;
 
     let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());

@@ -77,6 +77,17 @@ pub struct TcpArgs {
 }
 
 #[derive(Parser)]
+pub struct UdpArgs {
+    /// The local UDP port your service listens on (127.0.0.1:PORT).
+    port: u16,
+    /// The public port wanted (default: one from the edge's range, kept while this runs).
+    #[arg(long)]
+    remote_port: Option<u16>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Parser)]
 pub struct TlsArgs {
     /// The local port your TLS server listens on (127.0.0.1:PORT); it terminates TLS.
     port: u16,
@@ -134,35 +145,49 @@ pub async fn run(args: Args) -> Result<()> {
 pub async fn run_tcp(args: TcpArgs) -> Result<()> {
     let ready_file = args.device.ready_file.clone();
     let config = args.device.config(args.port, None);
-    let started = tokio::time::Instant::now();
-    let t = tokio::select! {
-        t = portway_local::tcp::Tcp::start(config, args.remote_port, args.proxy_protocol) => t.map_err(one_line)?,
-        () = shutdown_signal() => return Ok(()),
-    };
-    if let Some(path) = &ready_file {
-        write_ready_file(
-            path,
-            &json!({"url": t.url, "port": t.port, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
-        )?;
-    }
-    println!(
-        "{} → 127.0.0.1:{}  (ready in {} ms; Ctrl-C to stop)",
-        t.url,
-        args.port,
-        started.elapsed().as_millis()
-    );
-    status_until_stopped(&t.agent).await;
-    t.stop().await;
-    eprintln!("tunnel removed");
-    Ok(())
+    let start = portway_local::tcp::Tcp::start(config, args.remote_port, args.proxy_protocol);
+    run_port(ready_file, start, |t| {
+        vec![format!("{} → 127.0.0.1:{}", t.url, args.port)]
+    })
+    .await
+}
+
+pub async fn run_udp(args: UdpArgs) -> Result<()> {
+    let ready_file = args.device.ready_file.clone();
+    let config = args.device.config(args.port, None);
+    let start = portway_local::tcp::Tcp::start_udp(config, args.remote_port);
+    run_port(ready_file, start, |t| {
+        vec![format!("{} → 127.0.0.1:{} (udp)", t.url, args.port)]
+    })
+    .await
 }
 
 pub async fn run_tls(args: TlsArgs) -> Result<()> {
     let ready_file = args.device.ready_file.clone();
     let config = args.device.config(args.port, None);
+    let start = portway_local::tcp::Tcp::start_tls(config, args.hostnames, args.proxy_protocol);
+    run_port(ready_file, start, |t| {
+        t.hostnames
+            .iter()
+            .map(|name| format!("tls://{name}:{} → 127.0.0.1:{}", t.port, args.port))
+            .collect()
+    })
+    .await
+}
+
+/// A layer-4 one-liner: waits until it is live (or Ctrl-C), writes the ready file, prints
+/// `lines` (the first with the time it took), then a status line until Ctrl-C, when it
+/// removes the tunnel.
+async fn run_port(
+    ready_file: Option<PathBuf>,
+    start: impl std::future::Future<
+        Output = Result<portway_local::tcp::Tcp, portway_local::http::Error>,
+    >,
+    lines: impl Fn(&portway_local::tcp::Tcp) -> Vec<String>,
+) -> Result<()> {
     let started = tokio::time::Instant::now();
     let t = tokio::select! {
-        t = portway_local::tcp::Tcp::start_tls(config, args.hostnames, args.proxy_protocol) => t.map_err(one_line)?,
+        t = start => t.map_err(one_line)?,
         () = shutdown_signal() => return Ok(()),
     };
     if let Some(path) = &ready_file {
@@ -171,16 +196,13 @@ pub async fn run_tls(args: TlsArgs) -> Result<()> {
             &json!({"url": t.url, "port": t.port, "hostnames": t.hostnames, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
         )?;
     }
-    for (i, name) in t.hostnames.iter().enumerate() {
-        let note = if i == 0 {
-            format!(
-                "  (ready in {} ms; Ctrl-C to stop)",
-                started.elapsed().as_millis()
-            )
+    for (i, line) in lines(&t).iter().enumerate() {
+        if i == 0 {
+            let ms = started.elapsed().as_millis();
+            println!("{line}  (ready in {ms} ms; Ctrl-C to stop)");
         } else {
-            String::new()
-        };
-        println!("tls://{name}:{} → 127.0.0.1:{}{note}", t.port, args.port);
+            println!("{line}");
+        }
     }
     status_until_stopped(&t.agent).await;
     t.stop().await;

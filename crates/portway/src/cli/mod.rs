@@ -52,6 +52,9 @@ pub enum Command {
     /// Publish a local TLS server by passthrough on the edge's TLS port (needs `portway
     /// up`), like `ngrok tls`: the edge routes by server name and never decrypts.
     Tls(http::TlsArgs),
+    /// Publish a local UDP service at a public UDP port of the built-in edge (needs
+    /// `portway up`).
+    Udp(http::UdpArgs),
     /// Run the built-in edge (with its sidecar in process) against a control plane.
     Edge(edge::Args),
     /// Run a standalone sidecar for an Envoy: requests carrying datum-* headers are
@@ -87,6 +90,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Http(args) => http::run(args).await,
         Command::Tcp(args) => http::run_tcp(args).await,
         Command::Tls(args) => http::run_tls(args).await,
+        Command::Udp(args) => http::run_udp(args).await,
         Command::Edge(args) => edge::run(args).await,
         Command::Sidecar(args) => sidecar::run(args).await,
         Command::Apiserver(args) => apiserver::run(args).await,

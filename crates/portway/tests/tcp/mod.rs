@@ -5,6 +5,7 @@
 //! same stack ([`tls`]).
 
 mod tls;
+mod udp;
 
 use std::net::IpAddr;
 

@@ -169,8 +169,11 @@ pub(super) fn resolve<'a>(
             });
             let (reachable, refused) = reachable_through(
                 &field,
-                &backend.endpoint,
-                &endpoint.target,
+                Wanted {
+                    endpoint: &backend.endpoint,
+                    target: &endpoint.target,
+                    protocol: Protocol::Tcp,
+                },
                 backend.connector.as_ref(),
                 connectors,
                 advertisements,
@@ -201,13 +204,17 @@ pub(super) fn resolve<'a>(
 /// The problems say why a selected connector may not be used, or why none is selected.
 pub(crate) fn reachable_through<'a>(
     field: &str,
-    endpoint: &str,
-    target: &Target,
+    wanted: Wanted<'_>,
     reference: Option<&ConnectorReference>,
     connectors: &[&'a Connector],
     advertisements: &[&ConnectorAdvertisement],
     project: &str,
 ) -> (Vec<(&'a Connector, &'a str)>, Vec<Problem>) {
+    let Wanted {
+        endpoint,
+        target,
+        protocol,
+    } = wanted;
     let matched = match select_connectors(field, reference, connectors, project) {
         Ok(m) => m,
         Err(p) => return (Vec::new(), vec![p]),
@@ -215,7 +222,7 @@ pub(crate) fn reachable_through<'a>(
     let mut reachable = Vec::new();
     let mut problems = Vec::new();
     for c in matched {
-        match check_advertised(field, endpoint, target, c, advertisements) {
+        match check_advertised(field, endpoint, target, protocol, c, advertisements) {
             Err(p) => problems.push(p),
             Ok(()) => reachable.extend(c.endpoint_id().map(|id| (c, id))),
         }
@@ -287,12 +294,22 @@ fn select_connectors<'a>(
     Ok(matched)
 }
 
+/// What a backend asks a device for: its endpoint as the spec writes it (for messages),
+/// and the target and protocol read from it.
+#[derive(Clone, Copy)]
+pub(crate) struct Wanted<'a> {
+    pub endpoint: &'a str,
+    pub target: &'a Target,
+    pub protocol: Protocol,
+}
+
 /// A device serves only what its connector allows (TCP connect enabled) and advertises.
 /// `endpoint` is the target as the spec writes it, for the message.
 fn check_advertised(
     field: &str,
     endpoint: &str,
     target: &Target,
+    protocol: Protocol,
     connector: &Connector,
     advertisements: &[&ConnectorAdvertisement],
 ) -> Result<(), Problem> {
@@ -302,10 +319,11 @@ fn check_advertised(
         .copied()
         .filter(|a| a.spec.connector_ref.name == cname && a.metadata.deletion_timestamp.is_none())
         .collect();
-    if connector.connect_tcp_enabled()
+    // UDP has no capability of its own in Datum's Connector: advertised is enough.
+    if (protocol == Protocol::Udp || connector.connect_tcp_enabled())
         && ads
             .iter()
-            .any(|a| a.spec.allows(&target.host, target.port, Protocol::Tcp))
+            .any(|a| a.spec.allows(&target.host, target.port, protocol))
     {
         return Ok(());
     }
@@ -313,9 +331,10 @@ fn check_advertised(
         .iter()
         .flat_map(|a| a.spec.layer4.iter().flat_map(|l| l.services.iter()))
         .flat_map(|s| {
-            s.ports
-                .iter()
-                .map(move |p| format!("{}:{}", s.address, p.port))
+            s.ports.iter().map(move |p| match p.protocol {
+                Protocol::Tcp => format!("{}:{}", s.address, p.port),
+                Protocol::Udp => format!("{}:{}/udp", s.address, p.port),
+            })
         })
         .collect();
     let offered = if offered.is_empty() {

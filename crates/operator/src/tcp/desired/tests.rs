@@ -663,3 +663,51 @@ fn a_passthrough_proxy_gets_a_tls_listener_and_route_for_its_names() {
     );
     assert!(d.status.hostnames.is_empty());
 }
+
+/// `udp://` backends: a UDP listener and a UDPRoute on the granted port; the target must
+/// be advertised as UDP (a TCP advertisement of the same port does not do).
+#[test]
+fn udp_backends_get_a_udp_listener_and_route() {
+    let mut case = Case::new(proxy(None, &[("udp://127.0.0.1:22", by_name("laptop"))]));
+    let d = case.run();
+    assert_eq!(
+        status_of(&d, ACCEPTED),
+        ("False".into(), NOT_ADVERTISED.into())
+    );
+    assert!(
+        cond(&d, ACCEPTED)
+            .message
+            .contains("(it advertises 127.0.0.1:22)"),
+        "{}",
+        cond(&d, ACCEPTED).message
+    );
+    for ad in &mut case.ads {
+        for l in &mut ad.spec.layer4 {
+            for svc in &mut l.services {
+                for p in &mut svc.ports {
+                    p.protocol = portway_api::Protocol::Udp;
+                }
+            }
+        }
+    }
+    let d = case.run();
+    assert_eq!(status_of(&d, ACCEPTED), ("True".into(), ACCEPTED.into()));
+    assert!(cond(&d, ACCEPTED).message.starts_with("UDP port 20022:"));
+    let listener = &d.gateway.as_ref().unwrap().spec.listeners[0];
+    assert_eq!(
+        (
+            listener.name.as_str(),
+            listener.protocol.as_str(),
+            listener.port
+        ),
+        ("udp", "UDP", 20022)
+    );
+    assert!(d.route.is_none() && d.tls_route.is_none());
+    let route = serde_json::to_value(d.udp_route.as_ref().unwrap()).unwrap();
+    assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1alpha2");
+    assert_eq!(route["kind"], "UDPRoute");
+    assert_eq!(
+        route["spec"]["parentRefs"],
+        json!([{"name": "ssh.tcp", "sectionName": "udp"}])
+    );
+}
