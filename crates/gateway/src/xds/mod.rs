@@ -211,6 +211,15 @@ impl Stack {
         } else {
             config.addresses
         };
+        let (binds_tx, binds) = watch::channel(crate::tcp::Binds::new());
+        let binds_task = tokio::spawn(follow_envoy_binds(
+            server.envoys(),
+            table.clone(),
+            routes_tx.subscribe(),
+            version_tx.clone(),
+            binds_tx,
+            shutdown.clone(),
+        ));
         let routes = crate::routes::spawn(
             client.clone(),
             crate::routes::Config {
@@ -218,8 +227,8 @@ impl Stack {
                 controller_name: portway_api::CONTROLLER_NAME.into(),
                 addresses,
                 write_status: config.write_status,
-                // Envoy binds the ports; whether it could is not known here.
-                tcp_binds: None,
+                // Envoy binds the ports and says so in its NACKs.
+                tcp_binds: Some(binds),
                 no_tls_port: crate::routes::no_tls_port(config.defaults.listen_tls.is_some()),
                 udp_binds: None,
                 no_udp: Some(
@@ -242,7 +251,7 @@ impl Stack {
             server,
             routes,
             reporter,
-            tasks: vec![follow_routes, certs_task, http01_task],
+            tasks: vec![follow_routes, certs_task, http01_task, binds_task],
             shutdown,
         })
     }
@@ -284,6 +293,72 @@ impl Stack {
     }
 }
 
+/// How often listeners Envoy could not bind are pushed again: Envoy does not retry a
+/// bind by itself (the built-in edge retries as often).
+const REBIND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Each public TCP port of the table: refused with Envoy's words when a connected Envoy
+/// rejected its listener (`portway_tcp_<port>`: Envoy names the listener, then the
+/// error, as in `cannot bind '127.0.0.2:20001': Address already in use`), else served.
+pub fn envoy_binds(envoys: &Envoys, ports: &[u16]) -> crate::tcp::Binds {
+    ports
+        .iter()
+        .map(|&port| {
+            let name = format!("portway_tcp_{port}");
+            let why = envoys.iter().find_map(|(node, e)| {
+                let message = e.rejected.get(LISTENER_TYPE)?;
+                names_listener(message, &name)
+                    .then(|| format!("Envoy {node:?} cannot serve the port: {}", message.trim()))
+            });
+            (port, why.map_or(Ok(()), Err))
+        })
+        .collect()
+}
+
+/// Whether `message` names the listener `name` (not one whose name merely starts so).
+fn names_listener(message: &str, name: &str) -> bool {
+    message
+        .match_indices(name)
+        .any(|(i, _)| !message[i + name.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// Keeps `binds` as [`envoy_binds`] says, and pushes the listeners again every
+/// [`REBIND`] while an Envoy could not bind one.
+async fn follow_envoy_binds(
+    mut envoys: watch::Receiver<Envoys>,
+    table: Arc<ArcSwap<Table>>,
+    mut routes: watch::Receiver<u64>,
+    push: Arc<watch::Sender<u64>>,
+    binds: watch::Sender<crate::tcp::Binds>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ports: Vec<u16> = table.load().tcp.keys().copied().collect();
+        let (now, unbound) = {
+            let envoys = envoys.borrow_and_update();
+            let unbound = envoys.values().any(|e| {
+                e.rejected
+                    .get(LISTENER_TYPE)
+                    .is_some_and(|m| m.contains("cannot bind"))
+            });
+            (envoy_binds(&envoys, &ports), unbound)
+        };
+        binds.send_if_modified(|b| {
+            let changed = *b != now;
+            if changed {
+                *b = now;
+            }
+            changed
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = envoys.changed() => if r.is_err() { return },
+            r = routes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(REBIND), if unbound => push.send_modify(|v| *v += 1),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +366,33 @@ mod tests {
     use envoy_types::pb::envoy::config::listener::v3::Listener;
     use prost::Message;
     use serde_json::json;
+
+    /// A port whose listener an Envoy could not bind is refused with Envoy's words; a
+    /// port whose number merely starts the same is not.
+    #[test]
+    fn ports_an_envoy_could_not_bind_are_refused() {
+        let mut envoys = Envoys::new();
+        envoys.insert(
+            "edge-1".into(),
+            Envoy {
+                streams: 1,
+                rejected: [(
+                    LISTENER_TYPE.to_owned(),
+                    "Error adding/updating listener(s) portway_tcp_20001: cannot bind '127.0.0.2:20001': Address already in use\n".to_owned(),
+                )]
+                .into(),
+            },
+        );
+        envoys.insert("edge-2".into(), Envoy::default());
+        let binds = envoy_binds(&envoys, &[2000, 20001, 20002]);
+        assert_eq!(binds[&2000], Ok(()));
+        assert_eq!(binds[&20002], Ok(()));
+        assert_eq!(
+            binds[&20001],
+            Err("Envoy \"edge-1\" cannot serve the port: Error adding/updating listener(s) portway_tcp_20001: cannot bind '127.0.0.2:20001': Address already in use".to_owned())
+        );
+        assert!(envoy_binds(&Envoys::new(), &[20001])[&20001].is_ok());
+    }
 
     pub(super) fn table() -> Table {
         let gw: gateway_api::apis::standard::gateways::Gateway = serde_json::from_value(json!({

@@ -348,6 +348,10 @@ async fn tcp_ports_on_both_data_planes() {
     drop(one_liner);
 
     // `--proxy-protocol`: the app reads a PROXY v2 header naming the real client first.
+    // Envoy's port is held by another program at first: Envoy's refusal to bind is
+    // reported (its NACK, on the Gateways), and the listener is pushed again until Envoy
+    // can bind it, once the port is free.
+    let envoy_holder = std::net::TcpListener::bind((envoy_ip, mid)).unwrap();
     let (who, _who_task) = proxy_protocol_server().await;
     let one_liner = start_one_liner(
         &stack,
@@ -360,6 +364,20 @@ async fn tcp_ports_on_both_data_planes() {
         ],
     )
     .await;
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let nack = eventually("Envoy's bind failure is reported", WAIT, || async {
+        let (status, _, message) = xds_accepted(&admin).await?;
+        ensure!(
+            status == "False" && message.contains(&format!("portway_tcp_{mid}")),
+            "{status}: {message}"
+        );
+        Ok(message)
+    })
+    .await;
+    assert!(nack.contains("cannot bind"), "{nack}");
+    drop(envoy_holder);
     for (plane, ip) in [("built-in edge", edge_ip), ("Envoy", envoy_ip)] {
         if ip == envoy_ip {
             envoy_listener(
