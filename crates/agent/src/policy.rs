@@ -73,9 +73,13 @@ impl Policy {
             Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
             None => pattern.eq_ignore_ascii_case(&host),
         };
+        // Of several tunnels to one target, one that asks for the PROXY protocol wins: an
+        // app that expects the header must never get a client's bytes first (a client
+        // could write a header of its own).
         self.targets
             .iter()
-            .find(|o| o.port == port && o.udp == udp && offered(&o.host))
+            .filter(|o| o.port == port && o.udp == udp && offered(&o.host))
+            .max_by_key(|o| o.proxy_protocol)
             .ok_or(Denied::Target)
     }
 }
@@ -129,6 +133,22 @@ mod tests {
         assert_eq!(ok("a.svc.local", 80), Ok(80));
         assert_eq!(ok("A.Svc.Local", 80), Ok(80));
         assert_eq!(ok("127.0.0.1", 3000), Ok(3000));
+        // Two tunnels to one target: the one with the PROXY protocol decides.
+        let both = Policy {
+            gateways: [gw.to_string()].into(),
+            targets: vec![
+                Offer::new("127.0.0.1", 22),
+                Offer {
+                    proxy_protocol: true,
+                    ..Offer::new("*.0.0.1", 22)
+                },
+            ],
+        };
+        assert!(
+            both.check(&gw, "127.0.0.1", 22, false)
+                .unwrap()
+                .proxy_protocol
+        );
         // A TCP service is not reached over UDP.
         assert_eq!(
             policy.check(&gw, "127.0.0.1", 3000, true),

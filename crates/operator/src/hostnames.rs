@@ -64,6 +64,8 @@ struct Inner {
     by_host: HashMap<String, BTreeSet<Held>>,
     /// Names claimed as wildcards, `*.x` stored as `.x`: few, scanned for overlaps.
     wildcards: BTreeSet<String>,
+    /// The `resourceVersion` each proxy's claims were taken from.
+    versions: HashMap<Key, Option<String>>,
 }
 
 /// A name another proxy owns, as the refused proxy's status tells it.
@@ -155,6 +157,7 @@ fn covers(suffix: &str, host: &str) -> bool {
 
 impl Inner {
     fn remove(&mut self, key: &Key) -> Vec<String> {
+        self.versions.remove(key);
         let Some(claims) = self.by_proxy.remove(key) else {
             return Vec::new();
         };
@@ -232,13 +235,30 @@ impl HostnameIndex {
     /// Records the proxy's names; returns every proxy (kind, namespace, name) whose
     /// claims may have changed: those overlapping an old or new name.
     pub fn upsert<P: Claimant>(&self, p: &P) -> BTreeSet<Key> {
+        self.set(p, false)
+    }
+
+    /// As [`HostnameIndex::upsert`], after a proxy's proofs changed, from a snapshot
+    /// that may be stale: applied only while the index holds that very version of the
+    /// proxy. A proxy deleted or changed meanwhile is left as the watch last told, so a
+    /// slow lookup never brings back a claim the watch removed.
+    pub fn refresh<P: Claimant>(&self, p: &P) -> BTreeSet<Key> {
+        self.set(p, true)
+    }
+
+    fn set<P: Claimant>(&self, p: &P, known_only: bool) -> BTreeSet<Key> {
         let claim = Claim::of(p);
         let key = key_of(&claim);
+        let version = p.meta().resource_version.clone();
         let names = claims(p, &self.zone, self.verifier.as_deref());
         let mut inner = self.inner.write();
+        if known_only && inner.versions.get(&key) != Some(&version) {
+            return BTreeSet::new();
+        }
         let mut touched = inner.remove(&key);
         touched.extend(names.iter().map(|(h, _)| h.clone()));
         inner.insert(claim, names);
+        inner.versions.insert(key, version);
         inner.claimants(&touched)
     }
 
@@ -265,10 +285,12 @@ impl HostnameIndex {
             inner.remove(k);
         }
         for p in all {
-            inner.insert(
-                Claim::of(p),
-                claims(p, &self.zone, self.verifier.as_deref()),
-            );
+            let claim = Claim::of(p);
+            let key = key_of(&claim);
+            inner.insert(claim, claims(p, &self.zone, self.verifier.as_deref()));
+            inner
+                .versions
+                .insert(key, p.meta().resource_version.clone());
         }
     }
 
@@ -389,6 +411,17 @@ mod tests {
         assert!(owner(&idx, "db.example.com", &http).is_some());
         let touched = idx.remove(&tls);
         assert!(touched.contains(&("HTTPProxy".into(), "a".into(), "db".into())));
+        assert_eq!(owner(&idx, "db.example.com", &http), None);
+        // A refresh from a snapshot of the deleted proxy (a slow proof lookup) brings
+        // nothing back; one of an older version of a live proxy neither.
+        assert!(idx.refresh(&tls).is_empty());
+        assert_eq!(owner(&idx, "db.example.com", &http), None);
+        let mut newer = tls_proxy("a", "db", 1, Some(&["other.example.com"]));
+        newer.metadata.resource_version = Some("2".into());
+        idx.upsert(&newer);
+        let mut older = tls_proxy("a", "db", 1, Some(&["db.example.com"]));
+        older.metadata.resource_version = Some("1".into());
+        assert!(idx.refresh(&older).is_empty());
         assert_eq!(owner(&idx, "db.example.com", &http), None);
     }
 

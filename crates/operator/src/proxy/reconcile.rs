@@ -226,7 +226,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
             crate::send_claimants(
                 &ctx.requeue,
                 &ctx.tcp_requeue,
-                ctx.hostnames.upsert(&*proxy),
+                ctx.hostnames.refresh(&*proxy),
             );
         }
     }

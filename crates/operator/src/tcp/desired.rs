@@ -217,7 +217,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
     // passthrough proxy's names come first likewise.
     let (verdict, names) = match &input.listen {
         Listen::Port(v) => (Some(*v), None),
-        Listen::Tls(t) => (None, Some(tls_names(proxy, t))),
+        Listen::Tls(t) => (None, Some(tls_names(proxy, t, &input.config.zone))),
     };
     let port_problem = verdict
         .and_then(|v| v.as_ref().err())
@@ -357,7 +357,8 @@ struct Names {
     problems: Vec<Problem>,
 }
 
-fn tls_names(proxy: &TcpProxy, t: &TlsNames<'_>) -> Names {
+fn tls_names(proxy: &TcpProxy, t: &TlsNames<'_>, zone: &str) -> Names {
+    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
     let mut names = Names {
         active: Vec::new(),
         pending: Vec::new(),
@@ -366,6 +367,15 @@ fn tls_names(proxy: &TcpProxy, t: &TlsNames<'_>) -> Names {
     let spec = proxy.spec.tls.iter().flat_map(|t| t.hostnames.iter());
     for (i, h) in spec.enumerate() {
         let h = h.trim_end_matches('.').to_ascii_lowercase();
+        // The zone's own name is Portway's (as for HTTPProxy): no proxy holds it, so the
+        // index could not refuse it.
+        if h == zone {
+            names.problems.push(Problem::new(
+                INVALID,
+                format!("spec.tls.hostnames[{i}]: {h} is the zone itself, which is Portway's; use a name below it"),
+            ));
+            continue;
+        }
         if let Some(owner) = (t.claimed_by)(&h) {
             names.problems.push(Problem::new(
                 HOSTNAME_IN_USE,

@@ -199,7 +199,7 @@ async fn refresh_proofs(ctx: &Ctx, proxy: &TcpProxy, canonical: Option<&str>) ->
         }
     }
     if changed {
-        crate::send_claimants(&ctx.requeue, &ctx.tcp_requeue, ctx.hostnames.upsert(proxy));
+        crate::send_claimants(&ctx.requeue, &ctx.tcp_requeue, ctx.hostnames.refresh(proxy));
     }
     next
 }

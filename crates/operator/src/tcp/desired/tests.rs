@@ -664,6 +664,37 @@ fn a_passthrough_proxy_gets_a_tls_listener_and_route_for_its_names() {
     assert!(d.status.hostnames.is_empty());
 }
 
+/// The zone's own name is Portway's: a passthrough proxy asking for it is refused.
+#[test]
+fn a_passthrough_proxy_may_not_take_the_zone_itself() {
+    let mut p = ssh(None);
+    p.spec.tls = Some(portway_api::TlsPassthrough {
+        hostnames: vec!["Portway.Localhost.".into()],
+    });
+    let case = Case::new(p);
+    let d = desired(&Inputs {
+        proxy: &case.proxy,
+        connectors: &case.connectors.iter().collect::<Vec<_>>(),
+        advertisements: &case.ads.iter().collect::<Vec<_>>(),
+        listen: Listen::Tls(TlsNames {
+            canonical: Some("u-1.portway.localhost"),
+            claimed_by: &|_| None,
+            verification: None,
+        }),
+        name_taken_by: None,
+        route_status: None,
+        config: &config(),
+        now: NOW,
+    });
+    assert!(no_children(&d) && d.tls_route.is_none());
+    assert_eq!(status_of(&d, ACCEPTED), ("False".into(), INVALID.into()));
+    assert!(
+        cond(&d, ACCEPTED).message.contains("is the zone itself"),
+        "{}",
+        cond(&d, ACCEPTED).message
+    );
+}
+
 /// `udp://` backends: a UDP listener and a UDPRoute on the granted port; the target must
 /// be advertised as UDP (a TCP advertisement of the same port does not do).
 #[test]
