@@ -7,16 +7,20 @@
 //! either way for the idle timeout, or when the port closes; the client's next datagram
 //! opens a new one.
 //!
-//! Limits: `max_flows` flows per port, past which a new client's datagrams are dropped;
-//! [`FLOW_QUEUE`] datagrams waiting per flow (while its tunnel opens, or when the tunnel is
-//! slower than the client), past which they are dropped — UDP may drop, and the port never
-//! waits on one flow. A datagram is at most 65 535 bytes.
+//! Limits: `max_flows` flows per port, and `max_flows_per_ip` of them from one client IP
+//! (so one host's source ports cannot take them all), past which a new client's datagrams
+//! are dropped. Datagrams waiting for a flow's tunnel (while it opens, or when it is slower
+//! than the client) are held to [`FLOW_QUEUE`] datagrams and [`FLOW_BYTES`] bytes per flow,
+//! and `max_queued_bytes` across the port's flows; past any of these they are dropped — UDP
+//! may drop, and the port never waits on one flow. A datagram counts as at least 64 bytes
+//! (so empty ones meet the budget too) and is at most 65 535.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -45,6 +49,12 @@ pub struct Config {
     /// Flows (client addresses) at once on one port; default 10 000. Past it a new
     /// client's datagrams are dropped.
     pub max_flows: usize,
+    /// Flows at once on one port from one client IP (any of its source ports); default 64.
+    /// Past it that IP's new client addresses get their datagrams dropped.
+    pub max_flows_per_ip: usize,
+    /// Datagram bytes waiting across one port's flows, not yet written to their tunnels;
+    /// default 64 MiB. A datagram that would pass it is dropped.
+    pub max_queued_bytes: usize,
     /// A flow that carries no datagram either way for this long ends; default 60 s.
     pub idle_timeout: Duration,
 }
@@ -54,6 +64,8 @@ impl Default for Config {
         Self {
             ip: IpAddr::from([0, 0, 0, 0]),
             max_flows: 10_000,
+            max_flows_per_ip: 64,
+            max_queued_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(60),
         }
     }
@@ -61,6 +73,9 @@ impl Default for Config {
 
 /// Datagrams waiting for one flow's tunnel.
 pub const FLOW_QUEUE: usize = 256;
+/// Datagram bytes waiting for one flow's tunnel: without it [`FLOW_QUEUE`] full-size
+/// datagrams would be 16 MiB for a single flow.
+pub const FLOW_BYTES: usize = 1 << 20;
 /// Largest datagram: the most a 2-byte length can say (and above any UDP payload).
 const MAX_DATAGRAM: usize = u16::MAX as usize;
 /// Time for a tunnel's end to be sent once its flow is over.
@@ -137,20 +152,15 @@ pub fn spawn(
         shutdown,
     };
     tokio::spawn(ports.keep(UdpSocket::bind, move |socket, port, token| {
-        let (ended, ended_rx) = mpsc::unbounded_channel();
-        let port = Port {
+        let (port, ended) = Port::new(
             port,
-            socket: Arc::new(socket),
-            config: config.clone(),
-            table: table.clone(),
-            opener: opener.clone(),
-            closed: token,
-            flows: HashMap::new(),
-            ended,
-            next_id: 0,
-            dropped: 0,
-        };
-        tokio::spawn(port.serve(ended_rx));
+            Arc::new(socket),
+            config.clone(),
+            table.clone(),
+            opener.clone(),
+            token,
+        );
+        tokio::spawn(port.serve(ended));
     }))
 }
 
@@ -164,10 +174,14 @@ struct Port {
     /// Cancelled when the port leaves the table, or on shutdown; ends every flow.
     closed: CancellationToken,
     flows: HashMap<SocketAddr, Flow>,
+    /// How many of `flows` each client IP has; IPs with none are absent.
+    flows_per_ip: HashMap<IpAddr, usize>,
+    /// Datagram bytes waiting across the port's flows.
+    queued: Arc<AtomicUsize>,
     /// Each flow says here that it ended (client, id), to be forgotten.
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
     next_id: u64,
-    /// Datagrams dropped: a full flow queue, or too many flows.
+    /// Datagrams dropped: a full flow queue, too many bytes waiting, or too many flows.
     dropped: u64,
 }
 
@@ -175,10 +189,96 @@ struct Port {
 struct Flow {
     /// Tells a late notice of an earlier flow of the same client from this one's.
     id: u64,
-    queue: mpsc::Sender<Bytes>,
+    queue: mpsc::Sender<Held>,
+    budget: Arc<Budget>,
+}
+
+/// The bytes one flow has waiting, and those of its port.
+struct Budget {
+    flow: AtomicUsize,
+    port: Arc<AtomicUsize>,
+    port_limit: usize,
+}
+
+impl Budget {
+    /// Counts `datagram` as waiting, unless that would pass the flow's or the port's limit
+    /// (said in the error).
+    fn hold(self: &Arc<Self>, datagram: Bytes) -> Result<Held, &'static str> {
+        // An empty datagram still costs its slot and bookkeeping: counted as at least
+        // that, so floods of tiny datagrams meet the budget too.
+        let len = datagram.len().max(DATAGRAM_OVERHEAD);
+        if !reserve(&self.flow, len, FLOW_BYTES) {
+            return Err("flow has too many bytes waiting");
+        }
+        if !reserve(&self.port, len, self.port_limit) {
+            self.flow.fetch_sub(len, Ordering::Relaxed);
+            return Err("port has too many bytes waiting");
+        }
+        Ok(Held {
+            datagram,
+            len,
+            budget: self.clone(),
+        })
+    }
+}
+
+/// What a queued datagram costs besides its payload (the queue slot, its guard).
+const DATAGRAM_OVERHEAD: usize = 64;
+
+/// Adds `n` to `counter` if the sum stays within `limit`.
+fn reserve(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+            c.checked_add(n).filter(|&sum| sum <= limit)
+        })
+        .is_ok()
+}
+
+/// A datagram counted against its flow's and port's budgets until this is dropped: once
+/// the tunnel has it, or with the queue of a flow that ended, or wherever else it goes, so
+/// the count cannot leak.
+struct Held {
+    /// Taken (left empty) when written; `len` still counts until the write is flushed.
+    datagram: Bytes,
+    len: usize,
+    budget: Arc<Budget>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.flow.fetch_sub(self.len, Ordering::Relaxed);
+        self.budget.port.fetch_sub(self.len, Ordering::Relaxed);
+    }
 }
 
 impl Port {
+    /// A port serving `socket`, and where its flows say they ended (for [`Port::serve`]).
+    fn new(
+        port: u16,
+        socket: Arc<UdpSocket>,
+        config: Arc<Config>,
+        table: Arc<ArcSwap<Table>>,
+        opener: Arc<dyn Opener>,
+        closed: CancellationToken,
+    ) -> (Self, mpsc::UnboundedReceiver<(SocketAddr, u64)>) {
+        let (ended, ended_rx) = mpsc::unbounded_channel();
+        let port = Self {
+            port,
+            socket,
+            config,
+            table,
+            opener,
+            closed,
+            flows: HashMap::new(),
+            flows_per_ip: HashMap::new(),
+            queued: Arc::new(AtomicUsize::new(0)),
+            ended,
+            next_id: 0,
+            dropped: 0,
+        };
+        (port, ended_rx)
+    }
+
     async fn serve(mut self, mut ended: mpsc::UnboundedReceiver<(SocketAddr, u64)>) {
         let socket = self.socket.clone();
         let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -187,11 +287,7 @@ impl Port {
             tokio::select! {
                 biased;
                 () = self.closed.cancelled() => break,
-                Some((client, id)) = ended.recv() => {
-                    if self.flows.get(&client).is_some_and(|f| f.id == id) {
-                        self.flows.remove(&client);
-                    }
-                }
+                Some((client, id)) = ended.recv() => self.flow_ended(client, id),
                 received = socket.recv_from(&mut buf) => match received {
                     Ok((n, client)) => {
                         backoff = Duration::from_millis(10);
@@ -220,23 +316,54 @@ impl Port {
         }
     }
 
+    /// Forgets the flow `id` of `client`, unless a newer flow took its place.
+    fn flow_ended(&mut self, client: SocketAddr, id: u64) {
+        if self.flows.get(&client).is_some_and(|f| f.id == id) {
+            self.forget(client);
+        }
+    }
+
+    /// Forgets `client`'s flow, freeing its place under the flow limits.
+    fn forget(&mut self, client: SocketAddr) {
+        if self.flows.remove(&client).is_none() {
+            return;
+        }
+        if let Entry::Occupied(mut n) = self.flows_per_ip.entry(client.ip()) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+
     /// Hands `datagram` to `client`'s flow, opening one if it has none.
     fn dispatch(&mut self, client: SocketAddr, datagram: Bytes) {
         let datagram = match self.flows.get(&client) {
             None => datagram,
-            Some(flow) => match flow.queue.try_send(datagram) {
-                Ok(()) => return,
-                Err(TrySendError::Full(_)) => {
-                    self.dropped += 1;
-                    tracing::debug!(port = self.port, %client, dropped = self.dropped, "flow queue full; datagram dropped");
-                    return;
+            Some(flow) => {
+                let held = match flow.budget.hold(datagram) {
+                    Ok(held) => held,
+                    Err(why) => {
+                        self.dropped += 1;
+                        tracing::debug!(port = self.port, %client, dropped = self.dropped, "{why}; datagram dropped");
+                        return;
+                    }
+                };
+                match flow.queue.try_send(held) {
+                    Ok(()) => return,
+                    Err(TrySendError::Full(_)) => {
+                        self.dropped += 1;
+                        tracing::debug!(port = self.port, %client, dropped = self.dropped, "flow queue full; datagram dropped");
+                        return;
+                    }
+                    // That flow just ended (its notice is on the way): this starts the next,
+                    // counted against the next one's budget.
+                    Err(TrySendError::Closed(mut held)) => {
+                        self.forget(client);
+                        std::mem::take(&mut held.datagram)
+                    }
                 }
-                // That flow just ended (its notice is on the way): this starts the next.
-                Err(TrySendError::Closed(datagram)) => {
-                    self.flows.remove(&client);
-                    datagram
-                }
-            },
+            }
         };
         if self.flows.len() >= self.config.max_flows {
             self.dropped += 1;
@@ -244,6 +371,16 @@ impl Port {
                 port = self.port,
                 %client,
                 "too many flows; datagram dropped"
+            );
+            return;
+        }
+        let ip = client.ip();
+        if self.flows_per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_flows_per_ip {
+            self.dropped += 1;
+            tracing::debug!(
+                port = self.port,
+                %client,
+                "too many flows from this IP; datagram dropped"
             );
             return;
         }
@@ -257,12 +394,27 @@ impl Port {
             tracing::debug!(port = self.port, %client, route = %service.route, "no ready backend; datagram dropped");
             return;
         }
+        let budget = Arc::new(Budget {
+            flow: AtomicUsize::new(0),
+            port: self.queued.clone(),
+            port_limit: self.config.max_queued_bytes,
+        });
+        // Before the flow exists: no tunnel is opened for a datagram that is dropped.
+        let held = match budget.hold(datagram) {
+            Ok(held) => held,
+            Err(why) => {
+                self.dropped += 1;
+                tracing::debug!(port = self.port, %client, dropped = self.dropped, "{why}; datagram dropped");
+                return;
+            }
+        };
         let (queue, waiting) = mpsc::channel(FLOW_QUEUE);
         // Cannot fail: the queue is new and empty.
-        let _ = queue.try_send(datagram);
+        let _ = queue.try_send(held);
         let id = self.next_id;
         self.next_id += 1;
-        self.flows.insert(client, Flow { id, queue });
+        self.flows.insert(client, Flow { id, queue, budget });
+        *self.flows_per_ip.entry(ip).or_default() += 1;
         let span =
             tracing::debug_span!("udp flow", port = self.port, %client, route = %service.route);
         let flow = run_flow(
@@ -287,7 +439,7 @@ impl Port {
 /// One flow: opens its tunnel, then carries datagrams until it ends.
 async fn run_flow(
     open: BoxFuture<'static, Result<Box<dyn Tunnel>, String>>,
-    mut waiting: mpsc::Receiver<Bytes>,
+    mut waiting: mpsc::Receiver<Held>,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
     idle: Duration,
@@ -301,7 +453,8 @@ async fn run_flow(
         Ok(tunnel) => carry(tunnel, &mut waiting, &socket, client, idle, &closed).await,
         Err(why) => tracing::debug!(%why, "no backend accepted; flow ended"),
     }
-    // What the client sends from here on starts a new flow.
+    // What the client sends from here on starts a new flow; what still waits is dropped
+    // with `waiting`, and leaves the budgets.
     waiting.close();
 }
 
@@ -309,7 +462,7 @@ async fn run_flow(
 /// `client`, until the tunnel ends or fails, nothing moves for `idle`, or the port closes.
 async fn carry(
     tunnel: Box<dyn Tunnel>,
-    waiting: &mut mpsc::Receiver<Bytes>,
+    waiting: &mut mpsc::Receiver<Held>,
     socket: &UdpSocket,
     client: SocketAddr,
     idle: Duration,
@@ -327,14 +480,23 @@ async fn carry(
     };
     {
         let up = async {
-            while let Some(datagram) = waiting.recv().await {
+            // Counted until flushed: the codec's buffer holds them until then.
+            let mut written = Vec::new();
+            while let Some(mut held) = waiting.recv().await {
                 touch();
-                to_device.feed(datagram).await?;
-                // What queued meanwhile goes out in the same write.
-                while let Ok(datagram) = waiting.try_recv() {
-                    to_device.feed(datagram).await?;
+                to_device.feed(std::mem::take(&mut held.datagram)).await?;
+                written.push(held);
+                // What queued meanwhile goes out in the same write, up to a queue's worth
+                // so that `written` stays small.
+                while written.len() < FLOW_QUEUE {
+                    let Ok(mut held) = waiting.try_recv() else {
+                        break;
+                    };
+                    to_device.feed(std::mem::take(&mut held.datagram)).await?;
+                    written.push(held);
                 }
                 SinkExt::<Bytes>::flush(&mut to_device).await?;
+                written.clear();
             }
             Ok::<_, io::Error>(())
         };
@@ -381,7 +543,7 @@ mod tests {
 
     use http::HeaderValue;
     use parking_lot::Mutex;
-    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, DuplexStream};
 
     use crate::model::{Backend, HeaderFilter, TcpService};
 
@@ -428,6 +590,80 @@ mod tests {
             });
             Box::pin(async move { Ok(Box::new(edge) as Box<dyn Tunnel>) })
         }
+    }
+
+    /// Devices that accept every tunnel and never read it; the device ends are kept here.
+    #[derive(Default)]
+    struct Stalled {
+        asked: Mutex<Vec<SocketAddr>>,
+        devices: Mutex<Vec<DuplexStream>>,
+    }
+
+    impl Opener for Stalled {
+        fn open(
+            &self,
+            _: Vec<(String, Target)>,
+            client: SocketAddr,
+        ) -> BoxFuture<'static, Result<Box<dyn Tunnel>, String>> {
+            self.asked.lock().push(client);
+            // Small, so that the flow's writer is soon stuck on it.
+            let (edge, device) = tokio::io::duplex(1024);
+            self.devices.lock().push(device);
+            Box::pin(async move { Ok(Box::new(edge) as Box<dyn Tunnel>) })
+        }
+    }
+
+    /// Devices that refuse every tunnel.
+    #[derive(Default)]
+    struct Refuse {
+        asked: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl Opener for Refuse {
+        fn open(
+            &self,
+            _: Vec<(String, Target)>,
+            client: SocketAddr,
+        ) -> BoxFuture<'static, Result<Box<dyn Tunnel>, String>> {
+            self.asked.lock().push(client);
+            Box::pin(async { Err("refused".to_owned()) })
+        }
+    }
+
+    /// Waits until `check` holds, or panics after [`DEADLINE`].
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !check() {
+            assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A port not yet serving, for tests that hand it datagrams themselves.
+    async fn port_with(
+        config: Config,
+        opener: Arc<dyn Opener>,
+    ) -> (
+        Port,
+        mpsc::UnboundedReceiver<(SocketAddr, u64)>,
+        CancellationToken,
+    ) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let number = socket.local_addr().unwrap().port();
+        let closed = CancellationToken::new();
+        let (port, ended) = Port::new(
+            number,
+            Arc::new(socket),
+            Arc::new(config),
+            Arc::new(ArcSwap::from_pointee(table_with(number))),
+            opener,
+            closed.clone(),
+        );
+        (port, ended, closed)
+    }
+
+    fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
+        SocketAddr::from((ip, port))
     }
 
     /// A port no one holds right now.
@@ -485,15 +721,19 @@ mod tests {
     }
 
     fn start(port: u16, idle: Duration, opener: Arc<Echo>) -> Edge {
-        let table = Arc::new(ArcSwap::from_pointee(table_with(port)));
-        let (version, version_rx) = watch::channel(0);
-        let (binds_tx, binds) = watch::channel(Binds::new());
-        let shutdown = CancellationToken::new();
         let config = Config {
             ip: IpAddr::from([127, 0, 0, 1]),
             idle_timeout: idle,
             ..Config::default()
         };
+        start_with(port, config, opener)
+    }
+
+    fn start_with(port: u16, config: Config, opener: Arc<dyn Opener>) -> Edge {
+        let table = Arc::new(ArcSwap::from_pointee(table_with(port)));
+        let (version, version_rx) = watch::channel(0);
+        let (binds_tx, binds) = watch::channel(Binds::new());
+        let shutdown = CancellationToken::new();
         let task = spawn(
             config,
             table.clone(),
@@ -522,7 +762,12 @@ mod tests {
     }
 
     async fn client(port: u16) -> UdpSocket {
-        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client_on([127, 0, 0, 1], port).await
+    }
+
+    /// A client with its own source port on `ip` (any of 127/8 is loopback on Linux).
+    async fn client_on(ip: [u8; 4], port: u16) -> UdpSocket {
+        let c = UdpSocket::bind(addr(ip, 0)).await.unwrap();
         c.connect(("127.0.0.1", port)).await.unwrap();
         c
     }
@@ -627,5 +872,136 @@ mod tests {
             why.starts_with(&format!("the edge cannot listen on 127.0.0.1:{port}/udp: ")),
             "{why}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_ip_gets_no_more_than_max_flows_per_ip_flows() {
+        let port = free_port();
+        let echo = Echo::new();
+        let config = Config {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            max_flows_per_ip: 2,
+            ..Config::default()
+        };
+        let mut edge = start_with(port, config, echo.clone());
+        listening(&mut edge, port).await;
+        let (a1, a2, a3) = (client(port).await, client(port).await, client(port).await);
+        round_trip(&a1, b"a1").await;
+        round_trip(&a2, b"a2").await;
+        a3.send(b"a3").await.unwrap();
+        // The port reads its socket in order: once another IP's datagram is answered, a3's
+        // has been handled.
+        let b = client_on([127, 0, 0, 2], port).await;
+        round_trip(&b, b"b").await;
+        round_trip(&a1, b"a1 again").await;
+        let mut asked: Vec<_> = echo.asked.lock().iter().map(|(_, c)| *c).collect();
+        asked.sort();
+        let mut want = vec![
+            a1.local_addr().unwrap(),
+            a2.local_addr().unwrap(),
+            b.local_addr().unwrap(),
+        ];
+        want.sort();
+        assert_eq!(asked, want, "no flow for a3");
+    }
+
+    #[tokio::test]
+    async fn a_client_ip_gets_a_flow_again_once_one_of_its_flows_ends() {
+        let refuse = Arc::new(Refuse::default());
+        let config = Config {
+            max_flows_per_ip: 1,
+            ..Config::default()
+        };
+        let (mut port, mut ended, _closed) = port_with(config, refuse.clone()).await;
+        let (a1, a2) = (addr([127, 0, 0, 1], 1001), addr([127, 0, 0, 1], 1002));
+        port.dispatch(a1, Bytes::from_static(b"one"));
+        port.dispatch(a2, Bytes::from_static(b"two"));
+        assert_eq!(*refuse.asked.lock(), [a1]);
+        assert_eq!(port.dropped, 1);
+        let (client, id) = tokio::time::timeout(DEADLINE, ended.recv())
+            .await
+            .expect("the refused flow ends in time")
+            .unwrap();
+        port.flow_ended(client, id);
+        port.dispatch(a2, Bytes::from_static(b"two again"));
+        assert_eq!(*refuse.asked.lock(), [a1, a2]);
+        assert_eq!(port.dropped, 1);
+    }
+
+    #[tokio::test]
+    async fn a_flow_holds_no_more_than_flow_bytes_until_its_tunnel_takes_them() {
+        let stalled = Arc::new(Stalled::default());
+        let (mut port, _ended, _closed) = port_with(Config::default(), stalled.clone()).await;
+        let queued = port.queued.clone();
+        let client = addr([127, 0, 0, 1], 1000);
+        let size = 60_000;
+        let fit = FLOW_BYTES / size;
+        // All offered before the flow's task first runs (the test's runtime has one thread).
+        for _ in 0..fit + 10 {
+            port.dispatch(client, Bytes::from(vec![7u8; size]));
+        }
+        assert_eq!(queued.load(Ordering::Relaxed), fit * size);
+        assert_eq!(port.dropped, 10);
+        // The tunnel has the first bytes; the rest of the write waits on the device.
+        let mut device = stalled.devices.lock().pop().unwrap();
+        let mut head = [0u8; 2];
+        tokio::time::timeout(DEADLINE, device.read_exact(&mut head))
+            .await
+            .expect("the flow writes to its tunnel in time")
+            .unwrap();
+        assert_eq!(usize::from(u16::from_be_bytes(head)), size);
+        for _ in 0..10 {
+            port.dispatch(client, Bytes::from(vec![7u8; size]));
+        }
+        assert_eq!(queued.load(Ordering::Relaxed), fit * size);
+        assert_eq!(port.dropped, 20);
+        // Once the device reads, what was written leaves the budget, and the flow has room
+        // again.
+        tokio::spawn(async move { tokio::io::copy(&mut device, &mut tokio::io::sink()).await });
+        eventually("the written datagrams leave the budget", || {
+            queued.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        for _ in 0..fit {
+            port.dispatch(client, Bytes::from(vec![7u8; size]));
+        }
+        assert_eq!(port.dropped, 20);
+        assert_eq!(stalled.asked.lock().len(), 1, "one flow throughout");
+    }
+
+    #[tokio::test]
+    async fn a_port_holds_no_more_than_max_queued_bytes_and_frees_them_when_its_flows_end() {
+        let size = 60_000;
+        let stalled = Arc::new(Stalled::default());
+        let config = Config {
+            max_queued_bytes: 5 * size,
+            ..Config::default()
+        };
+        let (mut port, _ended, closed) = port_with(config, stalled.clone()).await;
+        let queued = port.queued.clone();
+        let (a, b, c) = (
+            addr([127, 0, 0, 1], 1001),
+            addr([127, 0, 0, 1], 1002),
+            addr([127, 0, 0, 1], 1003),
+        );
+        for client in [a, a, a, b, b, b, c] {
+            port.dispatch(client, Bytes::from(vec![7u8; size]));
+        }
+        assert_eq!(queued.load(Ordering::Relaxed), 5 * size);
+        assert_eq!(port.dropped, 2, "b's third and c's first");
+        assert_eq!(
+            *stalled.asked.lock(),
+            [a, b],
+            "no tunnel for a dropped datagram"
+        );
+        // The flows end with their datagrams unwritten (devices that never read).
+        closed.cancel();
+        eventually("the ended flows' datagrams leave the budget", || {
+            queued.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        for flow in port.flows.values() {
+            assert_eq!(flow.budget.flow.load(Ordering::Relaxed), 0);
+        }
     }
 }

@@ -279,13 +279,26 @@ pub fn listeners(table: &Table, node: &NodeConfig, certificates: &[Arc<Secret>])
         filters: vec![tunnel_filter(service, format!("portway_tls_{name}"))],
         ..Default::default()
     });
+    // A name passed through is not also a certificate's: Envoy refuses a listener whose
+    // filter chains match one server name twice, and would drop the whole HTTPS
+    // listener. A certificate left with no name serves nothing here (an empty list would
+    // match every name).
+    let terminated = |info: &Info| -> Vec<String> {
+        info.hostnames
+            .iter()
+            .filter(|h| !table.tls.contains_key(h.as_str()))
+            .cloned()
+            .collect()
+    };
     let chains: Vec<FilterChain> = certificates
         .iter()
         .filter_map(|s| Info::of(s))
-        .map(|info| FilterChain {
+        .map(|info| (terminated(&info), info))
+        .filter(|(names, _)| !names.is_empty())
+        .map(|(server_names, info)| FilterChain {
             // Envoy matches `*.x` here as clients do: one label below `x`.
             filter_chain_match: Some(FilterChainMatch {
-                server_names: info.hostnames.clone(),
+                server_names,
                 ..Default::default()
             }),
             transport_socket: Some(TransportSocket {
@@ -1023,6 +1036,44 @@ mod tests {
             clusters(&table, &tls_node)
                 .iter()
                 .any(|c| c.name == SIDECAR_TCP)
+        );
+
+        // A certificate that also lists the passthrough name exactly leaves it to the
+        // passthrough chain (Envoy would refuse the listener with one name matched
+        // twice); one listing only that name adds no chain (an empty list matches all).
+        let cert = |name: &str, hosts: &str| -> Arc<Secret> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": "portway-system",
+                        "labels": {(portway_api::certificates::LABEL): "true"},
+                        "annotations": {(portway_api::certificates::HOSTNAMES): hosts}},
+                    "type": "kubernetes.io/tls"}))
+                .unwrap(),
+            )
+        };
+        let certs = [
+            cert("both", "db.example.com,*.example.com"),
+            cert("only", "db.example.com"),
+        ];
+        let all = listeners(&table, &tls_node, &certs);
+        let https = all.iter().find(|l| l.name == "portway_https").unwrap();
+        let names: Vec<&[String]> = https
+            .filter_chains
+            .iter()
+            .map(|c| {
+                c.filter_chain_match
+                    .as_ref()
+                    .unwrap()
+                    .server_names
+                    .as_slice()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                &["*.example.com".to_owned()][..],
+                &["db.example.com".to_owned()][..]
+            ]
         );
     }
 
