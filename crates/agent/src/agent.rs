@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use portway_api::{
     Connector, ConnectorAdvertisement, ConnectorClass, ConnectorSpec, HttpProxy, TUNNEL_ALPN,
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::certificate;
 use crate::objects;
 use crate::policy::{Gatekeeper, Offer, Policy};
 use crate::server::{Counters, Server};
@@ -190,6 +192,8 @@ struct Shared {
     /// Its Connector's life (connected, back after a failure, stopped), for `kubectl
     /// describe connector` and `get events -w`.
     events: portway_kube::Events,
+    /// Each tls tunnel's certificate request (with a `cert_dir`), by tunnel name.
+    requests: watch::Sender<BTreeMap<String, String>>,
 }
 
 /// A running agent.
@@ -245,6 +249,17 @@ impl Agent {
             .accept(TUNNEL_ALPN, server)
             .spawn();
         let (tunnels_tx, tunnels_rx) = watch::channel(config.tunnels.clone());
+        // A request made by an earlier run is asked again, not replaced by a new one.
+        let stored: BTreeMap<String, String> = config
+            .tunnels
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.name.clone(),
+                    certificate::stored_request(t.cert_dir.as_ref()?)?,
+                ))
+            })
+            .collect();
         let events = portway_kube::Events::new(
             client.clone(),
             "portway-agent",
@@ -260,6 +275,7 @@ impl Agent {
             registered: watch::channel(None).0,
             state: watch::channel("starting".to_owned()).0,
             shutdown: CancellationToken::new(),
+            requests: watch::channel(stored).0,
         });
         tokio::spawn(follow_tunnels(shared.clone()));
         tokio::spawn(report_refusals(shared.clone(), refusals));
@@ -428,7 +444,7 @@ impl Backoff {
 
 async fn control_loop(s: Arc<Shared>) {
     let mut backoff = Backoff::new();
-    let mut watchers: Option<(String, JoinHandle<()>)> = None;
+    let mut watchers: Option<(String, Vec<JoinHandle<()>>)> = None;
     // The same failure again and again is said once; the state line shows it meanwhile.
     let mut last_failure = None;
     loop {
@@ -459,7 +475,7 @@ async fn control_loop(s: Arc<Shared>) {
             () = tokio::time::sleep(wait) => {}
         }
     }
-    if let Some((_, w)) = watchers {
+    for w in watchers.into_iter().flat_map(|(_, w)| w) {
         w.abort();
     }
 }
@@ -485,17 +501,21 @@ fn pp() -> PatchParams {
 async fn session(
     s: &Arc<Shared>,
     backoff: &mut Backoff,
-    watchers: &mut Option<(String, JoinHandle<()>)>,
+    watchers: &mut Option<(String, Vec<JoinHandle<()>>)>,
     after: Option<&str>,
 ) -> Result<(), Error> {
     s.state.send_replace("registering".into());
     let connector = register(s).await?;
     let name = connector.metadata.name.clone().unwrap_or_default();
     if watchers.as_ref().is_none_or(|(n, _)| *n != name) {
-        if let Some((_, old)) = watchers.take() {
+        for old in watchers.take().into_iter().flat_map(|(_, w)| w) {
             old.abort();
         }
-        *watchers = Some((name.clone(), tokio::spawn(watch_policy(s.clone()))));
+        let tasks = vec![
+            tokio::spawn(watch_policy(s.clone())),
+            tokio::spawn(keep_certificates(s.clone(), name.clone())),
+        ];
+        *watchers = Some((name.clone(), tasks));
     }
     let reg = Registration {
         project: s.config.project.clone(),
@@ -503,6 +523,7 @@ async fn session(
         uid: connector.metadata.uid.clone(),
     };
     let mut tunnels = s.tunnels.clone();
+    let mut requests = s.requests.subscribe();
     let current = tunnels.borrow_and_update().clone();
     sync_tunnels(s, &connector, &current).await?;
     renew_lease(s, &connector).await?;
@@ -559,6 +580,13 @@ async fn session(
             changed = tunnels.changed() => {
                 if changed.is_ok() {
                     let current = tunnels.borrow_and_update().clone();
+                    sync_tunnels(s, &connector, &current).await?;
+                }
+            }
+            changed = requests.changed() => {
+                if changed.is_ok() {
+                    requests.borrow_and_update();
+                    let current = tunnels.borrow().clone();
                     sync_tunnels(s, &connector, &current).await?;
                 }
             }
@@ -818,7 +846,8 @@ async fn release_lease(s: &Shared, reg: &Registration) {
 
 /// Applies the tunnels' advertisements and proxies, and deletes ones no longer wanted.
 async fn sync_tunnels(s: &Shared, connector: &Connector, tunnels: &[Tunnel]) -> Result<(), Error> {
-    let wanted = objects::desired(connector, tunnels);
+    let requests = s.requests.borrow().clone();
+    let wanted = objects::desired(connector, tunnels, &requests);
     let mut keep = HashSet::new();
     apply_all(s, "ad", &wanted.advertisements, &mut keep).await?;
     apply_all(s, "proxy", &wanted.proxies, &mut keep).await?;
@@ -914,6 +943,62 @@ async fn follow_tunnels(s: Arc<Shared>) {
         tokio::select! {
             r = tunnels.changed() => if r.is_err() { return },
             () = s.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps each tls tunnel's certificate files in step with its TCPProxy (see
+/// [`certificate`]): a request for the names it serves, and the chain issued for it.
+async fn keep_certificates(s: Arc<Shared>, connector: String) {
+    let api: Api<portway_api::TcpProxy> = Api::namespaced(s.client.clone(), &s.config.project);
+    let cfg = watcher::Config::default().labels(&objects::selector(&connector));
+    let (store, mut events) = portway_kube::watch::reflect(api, cfg);
+    let mut tunnels = s.tunnels.clone();
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "proxy watch interrupted");
+                    continue;
+                }
+                Some(Ok(_)) => {}
+            },
+            r = tunnels.changed() => if r.is_err() { return },
+        }
+        if !portway_kube::watch::is_ready(&store) {
+            continue;
+        }
+        let current = tunnels.borrow().clone();
+        for t in &current {
+            let Some(dir) = t.cert_dir.as_deref() else {
+                continue;
+            };
+            let name = objects::object_name(&connector, &t.name);
+            let proxy = store.get(&ObjectRef::new(&name).within(&s.config.project));
+            let status = proxy.as_ref().and_then(|p| p.status.as_ref());
+            let served = status.map(|st| st.hostnames.clone()).unwrap_or_default();
+            let chain = status.and_then(|st| st.certificate.as_deref());
+            let request = s.requests.borrow().get(&t.name).cloned();
+            match certificate::step(dir, request.as_deref(), &served, chain) {
+                Ok(step) => {
+                    if let Some((names, until)) = step.written {
+                        let until = Timestamp::try_from(until)
+                            .map(|t| t.to_string())
+                            .unwrap_or_default();
+                        tracing::info!(tunnel = %t.name, path = %dir.join(certificate::CERT).display(), names = %names.join(", "), %until, "certificate written");
+                    }
+                    if let Some(request) = step.request {
+                        tracing::info!(tunnel = %t.name, names = %served.join(", "), "asking for a certificate");
+                        s.requests.send_modify(|r| {
+                            r.insert(t.name.clone(), request);
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(tunnel = %t.name, error = %e, "keeping the tunnel's certificate")
+                }
+            }
         }
     }
 }

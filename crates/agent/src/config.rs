@@ -27,6 +27,8 @@
 //! target = "127.0.0.1:8443"
 //! protocol = "tls"               # passed through on the edge's TLS port, undecrypted
 //! hostnames = ["mail.example.com"]   # optional; the canonical name is always served
+//! cert_dir = "mail-cert"         # key.pem made here, cert.pem issued for the names (tls);
+//!                                # relative to this file's directory
 //! ```
 
 use std::collections::BTreeMap;
@@ -94,6 +96,9 @@ struct TunnelEntry {
     /// A PROXY protocol v2 header before each connection's bytes (tcp and tls tunnels).
     #[serde(default)]
     proxy_protocol: Option<Spanned<bool>>,
+    /// Where a tls tunnel keeps its key and the certificate issued for it.
+    #[serde(default)]
+    cert_dir: Option<Spanned<String>>,
 }
 
 /// What the file says; absent values leave the flags' (or defaults') in place.
@@ -223,6 +228,10 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
                 _ => None,
             },
             proxy_protocol: t.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
+            cert_dir: t.cert_dir.as_ref().map(|d| {
+                let dir = Path::new(d.get_ref());
+                path.parent().map_or(dir.to_owned(), |base| base.join(dir))
+            }),
         };
         if let Err((f, e)) = tunnel.check() {
             let span = match f {
@@ -231,6 +240,7 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
                     .proxy_protocol
                     .as_ref()
                     .map_or(t.name.span(), Spanned::span),
+                "cert_dir" => t.cert_dir.as_ref().map_or(t.name.span(), Spanned::span),
                 "public" => t
                     .public
                     .as_ref()
@@ -309,5 +319,27 @@ mod tests {
         );
         let syntax = err("name = \n");
         assert!(syntax.starts_with("agent.toml:1:"), "{syntax}");
+        let cert = err("[[tunnel]]\nname = \"a\"\ntarget = \"x:1\"\ncert_dir = \"c\"\n");
+        assert!(
+            cert.starts_with("agent.toml:4: tunnel[0].cert_dir: only tls tunnels"),
+            "{cert}"
+        );
+    }
+
+    #[test]
+    fn a_tls_tunnels_cert_dir_is_relative_to_the_file() {
+        let c = parse(
+            "[[tunnel]]\nname = \"mail\"\ntarget = \"127.0.0.1:8443\"\nprotocol = \"tls\"\ncert_dir = \"mail-cert\"\n",
+            Path::new("/etc/portway/agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tunnels[0].cert_dir.as_deref(),
+            Some(Path::new("/etc/portway/mail-cert"))
+        );
+        let flag = Tunnel::parse_flag("mail=127.0.0.1:8443,tls,cert-dir=/var/lib/c").unwrap();
+        assert_eq!(flag.cert_dir.as_deref(), Some(Path::new("/var/lib/c")));
+        let wrong = Tunnel::parse_flag("db=127.0.0.1:5432,tcp,cert-dir=/c").unwrap_err();
+        assert!(wrong.contains("cert_dir"), "{wrong}");
     }
 }

@@ -25,6 +25,7 @@
 //! ```
 
 mod agent;
+pub mod certificate;
 pub mod config;
 pub mod join;
 pub mod objects;

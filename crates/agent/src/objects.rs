@@ -67,8 +67,13 @@ pub struct Objects {
     pub tcp_proxies: Vec<TcpProxy>,
 }
 
-/// The advertisements and proxies `tunnels` call for.
-pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
+/// The advertisements and proxies `tunnels` call for; `requests`: the certificate
+/// request a tls tunnel has made for its names, by tunnel name.
+pub fn desired(
+    connector: &Connector,
+    tunnels: &[Tunnel],
+    requests: &BTreeMap<String, String>,
+) -> Objects {
     let connector_name = connector.metadata.name.clone().unwrap_or_default();
     let mut advertisements = Vec::new();
     let mut proxies = Vec::new();
@@ -131,6 +136,7 @@ pub fn desired(connector: &Connector, tunnels: &[Tunnel]) -> Objects {
                 None,
                 Some(TlsPassthrough {
                     hostnames: t.hostnames.clone(),
+                    certificate_request: requests.get(&t.name).cloned(),
                 }),
             )),
             _ => None,
@@ -198,6 +204,7 @@ mod tests {
             hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
             public: None,
             proxy_protocol: false,
+            cert_dir: None,
         }
     }
 
@@ -216,7 +223,7 @@ mod tests {
             advertisements: ads,
             proxies,
             tcp_proxies,
-        } = desired(&connector(), &tunnels);
+        } = desired(&connector(), &tunnels, &BTreeMap::new());
         assert_eq!(tcp_proxies.len(), 1, "published tcp tunnels only");
         let t = &tcp_proxies[0];
         assert_eq!(t.metadata.name.as_deref(), Some("laptop-redis"));
@@ -268,5 +275,23 @@ mod tests {
             );
             assert_ne!(n, object_name(&connector, "api"), "unique per tunnel");
         }
+    }
+
+    #[test]
+    fn a_tls_tunnels_request_goes_into_its_proxy() {
+        let tunnels = [
+            tunnel("mail", Protocol::Tls, &["mail.example.com"]),
+            tunnel("other", Protocol::Tls, &[]),
+        ];
+        let requests = BTreeMap::from([("mail".to_owned(), "REQUEST".to_owned())]);
+        let objects = desired(&connector(), &tunnels, &requests);
+        let tls: Vec<_> = objects
+            .tcp_proxies
+            .iter()
+            .map(|p| p.spec.tls.clone().unwrap())
+            .collect();
+        assert_eq!(tls[0].certificate_request.as_deref(), Some("REQUEST"));
+        assert_eq!(tls[0].hostnames, ["mail.example.com"]);
+        assert_eq!(tls[1].certificate_request, None);
     }
 }

@@ -1,6 +1,8 @@
 //! Tunnels the agent offers: a name, a target `host:port` on the device, a protocol, and
 //! for HTTP and TLS tunnels the public hostnames to publish.
 
+use std::path::PathBuf;
+
 use portway_api::validation;
 // Re-exported: the agent's callers name it `tunnel::Target` (and `portway_agent::Target`).
 pub use portway_api::Target;
@@ -53,12 +55,16 @@ pub struct Tunnel {
     /// Each connection to the target starts with a PROXY protocol v2 header naming the
     /// public client (tcp and tls tunnels; like `ngrok --proxy-proto 2`).
     pub proxy_protocol: bool,
+    /// A tls tunnel's certificate, kept here: the key made here (`key.pem`), never sent;
+    /// the request for the tunnel's names (`request.pem`); the chain the control plane's
+    /// issuer signed (`cert.pem`), renewed in place.
+    pub cert_dir: Option<PathBuf>,
 }
 
 impl Tunnel {
     /// Parses the `--tunnel` flag: `NAME=HOST:PORT[,http|tcp|tls|udp][,HOSTNAME...]`,
-    /// where tcp and udp tunnels take `public` or `public=PORT` instead of hostnames, and
-    /// tcp and tls ones take `proxy-protocol`.
+    /// where tcp and udp tunnels take `public` or `public=PORT` instead of hostnames,
+    /// tcp and tls ones take `proxy-protocol`, and tls ones `cert-dir=DIR`.
     ///
     /// # Errors
     /// A sentence naming the part that is wrong.
@@ -76,6 +82,7 @@ impl Tunnel {
             hostnames: Vec::new(),
             public: None,
             proxy_protocol: false,
+            cert_dir: None,
         };
         for p in parts.filter(|p| !p.is_empty()) {
             match p {
@@ -85,6 +92,9 @@ impl Tunnel {
                 "udp" => t.protocol = Protocol::Udp,
                 "public" => t.public = Some(PublicPort::Any),
                 "proxy-protocol" => t.proxy_protocol = true,
+                p if p.starts_with("cert-dir=") => {
+                    t.cert_dir = Some(PathBuf::from(&p["cert-dir=".len()..]));
+                }
                 p if p.starts_with("public=") => {
                     let port = p["public=".len()..]
                         .parse::<u16>()
@@ -127,6 +137,13 @@ impl Tunnel {
             return Err((
                 "proxy_protocol",
                 "only tcp and tls tunnels take the PROXY protocol (http ones get X-Forwarded-For)"
+                    .into(),
+            ));
+        }
+        if self.protocol != Protocol::Tls && self.cert_dir.is_some() {
+            return Err((
+                "cert_dir",
+                "only tls tunnels keep a certificate of their own (the edge serves http ones with its own)"
                     .into(),
             ));
         }

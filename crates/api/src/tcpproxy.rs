@@ -89,18 +89,30 @@ pub struct TlsPassthrough {
     /// kind.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// A PKCS#10 certificate signing request (PEM) made on the device for names among
+    /// `status.hostnames`: the installation's issuer signs it (ACME answered over DNS-01
+    /// by Portway's DNS server for names in the zone, HTTP-01 by the edges outside it, or
+    /// the local CA) and the chain appears in `status.certificate`, renewed before it
+    /// expires. The private key never leaves the device (`portway tls --cert-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_request: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpProxyStatus {
-    /// `Accepted`, `Programmed`, `BackendsReady`.
+    /// `Accepted`, `Programmed`, `BackendsReady`; `CertificateReady` with
+    /// `spec.tls.certificateRequest`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The public port granted; kept across restarts while the proxy exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i32>,
-    /// A passthrough proxy's names in service, its canonical name first.
+    /// A passthrough proxy's names in service, its canonical name last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// The chain (PEM, leaf first) issued for `spec.tls.certificateRequest`: the
+    /// device's public key, for the names it asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }

@@ -1082,6 +1082,21 @@ impl Validate for TcpProxy {
                     .enumerate()
                     .map(|(i, h)| (i, h.as_str())),
             );
+            if let Some(csr) = &tls.certificate_request {
+                let field = "spec.tls.certificateRequest";
+                if csr.len() > MAX_CERTIFICATE_REQUEST {
+                    errs.push(
+                        field,
+                        FieldErrorKind::TooLong,
+                        format!(
+                            "may not be longer than {MAX_CERTIFICATE_REQUEST} bytes, got {}",
+                            csr.len()
+                        ),
+                    );
+                } else {
+                    errs.check(field, certificate_request_pem(csr));
+                }
+            }
         }
         errs.one_to("spec.backends", &spec.backends, MAX_ITEMS, "backend");
         // One protocol a proxy: the first backend's.
@@ -1383,6 +1398,32 @@ impl Validate for Lease {
 
 /// A Secret's data, all keys together, at most 1 MiB as in Kubernetes.
 pub const MAX_SECRET_BYTES: usize = 1024 * 1024;
+/// Longest `spec.tls.certificateRequest`: a request for a hundred names with an RSA-4096
+/// key is about 6 KiB of PEM.
+pub const MAX_CERTIFICATE_REQUEST: usize = 16 * 1024;
+
+/// One PEM `CERTIFICATE REQUEST` block and nothing else (its contents are checked by the
+/// operator, which parses and verifies it before anything is signed).
+fn certificate_request_pem(pem: &str) -> Result<(), String> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE REQUEST-----";
+    const END: &str = "-----END CERTIFICATE REQUEST-----";
+    let body = pem
+        .trim()
+        .strip_prefix(BEGIN)
+        .and_then(|rest| rest.strip_suffix(END))
+        .ok_or_else(|| format!("must be one PEM block from {BEGIN} to {END}"))?;
+    if body.contains("-----") {
+        return Err("must hold one certificate request, and nothing else".into());
+    }
+    if !body
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+/=\r\n".contains(&b))
+    {
+        return Err("the PEM body is not base64".into());
+    }
+    Ok(())
+}
+
 /// The type whose data must hold `tls.crt` and `tls.key`.
 pub const TLS_SECRET: &str = "kubernetes.io/tls";
 
@@ -2376,6 +2417,26 @@ mod tests {
             (
                 json!({"port": 20001, "tls": {}, "backends": [ssh()]}),
                 vec![("spec.port".to_owned(), FieldErrorKind::Forbidden)],
+            ),
+            // A certificate request is one PEM block, bounded; its contents are the
+            // operator's to check.
+            (
+                json!({"tls": {"certificateRequest": "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"},
+                       "backends": [ssh()]}),
+                vec![],
+            ),
+            (
+                json!({"tls": {"certificateRequest": "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"},
+                       "backends": [ssh()]}),
+                invalid("spec.tls.certificateRequest"),
+            ),
+            (
+                json!({"tls": {"certificateRequest": format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----", "A".repeat(20_000))},
+                       "backends": [ssh()]}),
+                vec![(
+                    "spec.tls.certificateRequest".to_owned(),
+                    FieldErrorKind::TooLong,
+                )],
             ),
             (
                 json!({"tls": {"hostnames": ["*.example.com", "db", "a.example.com", "a.example.com"]},

@@ -57,6 +57,8 @@ pub enum Error {
     PortRefused(String),
     #[error("the TLS name is refused: {0}. Choose another with --hostname")]
     NameRefused(String),
+    #[error("no certificate for the tunnel: {0}")]
+    Certificate(String),
 }
 
 const ADJECTIVES: [&str; 16] = [
@@ -229,6 +231,7 @@ pub(crate) fn local_tunnel(protocol: Protocol, port: u16) -> Tunnel {
         hostnames: Vec::new(),
         public: None,
         proxy_protocol: false,
+        cert_dir: None,
     }
 }
 

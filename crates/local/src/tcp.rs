@@ -9,6 +9,7 @@
 //! `portway udp PORT [--remote-port N]`: a UDP service at a public UDP port of the
 //! built-in edge; reports `udp://HOST:PORT`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -27,8 +28,81 @@ pub struct Tcp {
     pub port: u16,
     /// TLS passthrough: every name served, canonical one last.
     pub hostnames: Vec<String>,
+    /// TLS with a certificate directory: the chain issued for the device's key.
+    pub certificate: Option<PathBuf>,
     pub proxy: String,
     _slot: Slot,
+}
+
+/// Why a certificate request will not be granted by waiting.
+const CERTIFICATE_REFUSALS: [&str; 3] = ["InvalidRequest", "NameNotServed", "NoIssuer"];
+
+/// Waits until the proxy's certificate is issued and the agent has written it to
+/// `dir/cert.pem` for the key there; returns that path.
+async fn await_certificate(
+    api: &Api<TcpProxy>,
+    proxy: &str,
+    dir: &std::path::Path,
+) -> Result<PathBuf, Error> {
+    // ACME orders take a few round trips, and answers must show at the DNS server.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let condition = |p: Option<&TcpProxy>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| find_condition(&s.conditions, "CertificateReady"))
+            .cloned()
+    };
+    let settled = |p: Option<&TcpProxy>| {
+        condition(p).is_some_and(|c| {
+            c.status == "True" || CERTIFICATE_REFUSALS.contains(&c.reason.as_str())
+        })
+    };
+    let waited = tokio::time::timeout_at(
+        deadline,
+        kube::runtime::wait::await_condition(api.clone(), proxy, settled),
+    )
+    .await;
+    let last = match waited {
+        Ok(Ok(p)) => condition(p.as_ref()),
+        _ => api
+            .get_opt(proxy)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| condition(Some(&p))),
+    };
+    match last {
+        Some(c) if c.status == "True" => {}
+        Some(c) => return Err(Error::Certificate(format!("{}: {}", c.reason, c.message))),
+        None => {
+            return Err(Error::Certificate(
+                "the operator has not answered the request (CertificateReady is missing)".into(),
+            ));
+        }
+    }
+    // The agent writes the file once it sees the chain; moments at most.
+    let path = dir.join(portway_agent::certificate::CERT);
+    let key = std::fs::read_to_string(dir.join(portway_agent::certificate::KEY))
+        .map_err(|e| Error::Certificate(format!("{}: {e}", dir.display())))?;
+    let public_key = portway_tls::csr::public_key_of(&key)
+        .map_err(|e| Error::Certificate(format!("{}: {e}", dir.display())))?;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        let ours = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|c| portway_tls::csr::leaf(&c).ok())
+            .is_some_and(|l| l.public_key == public_key);
+        if ours {
+            return Ok(path);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Certificate(format!(
+                "issued, but {} was not written in time",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
 }
 
 /// Why a port or name will not be granted by waiting: the TCPProxy's refusal.
@@ -75,19 +149,24 @@ impl Tcp {
 
     /// Starts the agent and waits until TLS connections naming the proxy's names reach
     /// the local TLS server, undecrypted. `hostnames`: names besides the canonical one
-    /// (outside the zone, the project must have proven them).
+    /// (outside the zone, the project must have proven them). `cert_dir`: get a
+    /// certificate for those names for a key made there, and wait until it is written
+    /// (`cert.pem`, beside `key.pem`).
     ///
     /// # Errors
     /// As [`Tcp::start`]; a name another proxy holds is refused at once, and an edge
-    /// without a TLS port never programs the proxy (the error says so).
+    /// without a TLS port never programs the proxy (the error says so). With `cert_dir`,
+    /// a request refused (no issuer, say) or not issued in time, with the issuer's reason.
     pub async fn start_tls(
         config: Config,
         hostnames: Vec<String>,
         proxy_protocol: bool,
+        cert_dir: Option<PathBuf>,
     ) -> Result<Self, Error> {
         let tunnel = Tunnel {
             hostnames: hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
             proxy_protocol,
+            cert_dir,
             ..local_tunnel(Protocol::Tls, config.port)
         };
         Self::publish(config, tunnel).await
@@ -95,6 +174,7 @@ impl Tcp {
 
     async fn publish(config: Config, tunnel: Tunnel) -> Result<Self, Error> {
         let tls = tunnel.protocol == Protocol::Tls;
+        let cert_dir = tunnel.cert_dir.clone();
         let scheme = tunnel.protocol.as_str();
         let key = tunnel.name.clone();
         let (device, proxy) = start_device(&config, &key, tunnel).await?;
@@ -167,11 +247,22 @@ impl Tcp {
             Some(name) if tls => format!("tls://{name}:{port}"),
             _ => format!("{scheme}://{host}:{port}"),
         };
+        let certificate = match cert_dir {
+            Some(dir) => match await_certificate(&api, &proxy, &dir).await {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    agent.shutdown(true).await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         Ok(Self {
             agent,
             url,
             port,
             hostnames,
+            certificate,
             proxy,
             _slot: slot,
         })

@@ -137,11 +137,18 @@ fn http_client(roots_pem: &[u8]) -> Result<Http, String> {
 pub struct Acme {
     config: Config,
     client: kube::Client,
+    /// Held while the account is looked up or registered, so the zone's issuer and the
+    /// devices' never register two accounts at once.
+    account: tokio::sync::Mutex<Option<Account>>,
 }
 
 impl Acme {
     pub fn new(config: Config, client: kube::Client) -> Self {
-        Self { config, client }
+        Self {
+            config,
+            client,
+            account: tokio::sync::Mutex::new(None),
+        }
     }
 
     pub fn directory(&self) -> &str {
@@ -159,6 +166,16 @@ impl Acme {
 
     /// The stored account for this directory, or a new one (then stored).
     async fn account(&self) -> Result<Account, String> {
+        let mut cached = self.account.lock().await;
+        if let Some(account) = &*cached {
+            return Ok(account.clone());
+        }
+        let account = self.load_or_register().await?;
+        *cached = Some(account.clone());
+        Ok(account)
+    }
+
+    async fn load_or_register(&self) -> Result<Account, String> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let stored = secrets
             .get_opt(ACCOUNT_SECRET)
@@ -229,19 +246,42 @@ impl Acme {
         Ok(account)
     }
 
-    /// Orders a certificate for `hostnames`, answering every authorization with
-    /// `solver`; returns the chain and its key (PEM). Published answers are removed
+    /// Orders a certificate for `hostnames` (each answered as [`solver`] says for
+    /// `zone`); returns the chain and its new key (PEM). Published answers are removed
     /// whatever the outcome.
     pub async fn issue(
         &self,
         hostnames: &[String],
-        solver: Solver,
+        zone: &str,
     ) -> Result<(String, String), String> {
+        let (chain, key) = self.run_order(hostnames, zone, None).await?;
+        Ok((chain, key.unwrap_or_default()))
+    }
+
+    /// Orders a certificate for a device's own request (its key stays on the device);
+    /// returns the chain (PEM).
+    pub async fn sign(
+        &self,
+        request: &portway_tls::csr::Request,
+        zone: &str,
+    ) -> Result<String, String> {
+        let (chain, _) = self
+            .run_order(&request.names, zone, Some(&request.der))
+            .await?;
+        Ok(chain)
+    }
+
+    async fn run_order(
+        &self,
+        hostnames: &[String],
+        zone: &str,
+        csr: Option<&[u8]>,
+    ) -> Result<(String, Option<String>), String> {
         let account = self.account().await?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let mut published = Vec::new();
         let result = self
-            .order(&account, &secrets, hostnames, solver, &mut published)
+            .order(&account, &secrets, hostnames, zone, csr, &mut published)
             .await;
         for name in published {
             if let Err(e) = secrets.delete(&name, &DeleteParams::default()).await {
@@ -256,9 +296,10 @@ impl Acme {
         account: &Account,
         secrets: &Api<Secret>,
         hostnames: &[String],
-        solver: Solver,
+        zone: &str,
+        csr: Option<&[u8]>,
         published: &mut Vec<String>,
-    ) -> Result<(String, String), String> {
+    ) -> Result<(String, Option<String>), String> {
         let ids: Vec<Identifier> = hostnames
             .iter()
             .map(|h| Identifier::Dns(h.clone()))
@@ -277,17 +318,29 @@ impl Acme {
                 AuthorizationStatus::Valid => continue,
                 other => return Err(format!("an authorization is {other:?}")),
             }
+            let (domain, wildcard) = match authz.identifier() {
+                instant_acme::AuthorizedIdentifier {
+                    identifier: Identifier::Dns(domain),
+                    wildcard,
+                    ..
+                } => (domain.clone(), wildcard),
+                _ => return Err("the ACME server asked about a non-DNS identifier".into()),
+            };
+            // Each name as it can be answered: one order may mix names in the zone and
+            // proven names outside it (a device's passthrough names).
+            let asked = if wildcard {
+                format!("*.{domain}")
+            } else {
+                domain.clone()
+            };
+            let solver = solver(zone, &asked)?;
             let kind = match solver {
                 Solver::Dns01 => ChallengeType::Dns01,
                 Solver::Http01 => ChallengeType::Http01,
             };
-            let mut challenge = authz
-                .challenge(kind.clone())
-                .ok_or_else(|| format!("the ACME server offers no {kind:?} challenge"))?;
-            let Identifier::Dns(domain) = &challenge.identifier().identifier else {
-                return Err("the ACME server asked about a non-DNS identifier".into());
-            };
-            let domain = domain.clone();
+            let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+                format!("the ACME server offers no {kind:?} challenge for {domain}")
+            })?;
             let answer = match solver {
                 Solver::Dns01 => {
                     let record = format!("_acme-challenge.{domain}");
@@ -329,10 +382,23 @@ impl Acme {
                 answers.join(", ")
             ));
         }
-        let key = order
-            .finalize()
-            .await
-            .map_err(|e| format!("finalizing the order: {}", chain(&e)))?;
+        let key = match csr {
+            Some(der) => {
+                order.finalize_csr(der).await.map_err(|e| {
+                    format!(
+                        "finalizing the order with the device's request: {}",
+                        chain(&e)
+                    )
+                })?;
+                None
+            }
+            None => Some(
+                order
+                    .finalize()
+                    .await
+                    .map_err(|e| format!("finalizing the order: {}", chain(&e)))?,
+            ),
+        };
         let chain = order
             .poll_certificate(&policy)
             .await

@@ -84,8 +84,7 @@ impl Issuer {
             }
             // The CA decides the validity; the leaf says what it chose.
             Self::Acme(acme) => {
-                let solver = crate::acme::solver(zone, &hostnames[0])?;
-                let (chain, key) = acme.issue(hostnames, solver).await?;
+                let (chain, key) = acme.issue(hostnames, zone).await?;
                 let not_after = leaf_not_after(&chain)?;
                 Ok((chain, key, not_after))
             }

@@ -374,6 +374,7 @@ mod tests {
             portway_api::TcpProxySpec {
                 tls: hosts.map(|h| portway_api::TlsPassthrough {
                     hostnames: h.iter().map(|h| h.to_string()).collect(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

@@ -214,6 +214,8 @@ pub(crate) struct Ctx {
     tcp_ports: Arc<PortIndex>,
     /// What the issuer keeps, when there is one.
     certificates: Option<Arc<certs::Certificates>>,
+    /// Devices' requests for their passthrough names, and what was issued.
+    device_certificates: Arc<tcp::certificate::DeviceCertificates>,
     verifier: Option<Arc<verify::Verifier>>,
     /// Reconciles a proxy again (another proxy's verdict changed its claims).
     requeue: Tx<HttpProxy>,
@@ -586,6 +588,7 @@ impl Operator {
             requeue: proxy_tx.clone(),
             tcp_requeue: tcp_tx.clone(),
             certs_wake: certs_wake.clone(),
+            device_certificates: Arc::default(),
             certificates: config
                 .certificates
                 .as_ref()
@@ -639,6 +642,7 @@ impl Operator {
         let conn_store = connectors.store.clone();
         let ad_store = ads.store.clone();
         let tcp_store = tcp_proxies.store.clone();
+        let (tcp_store_for_certs, tcp_tx_for_certs) = (tcp_store.clone(), tcp_tx.clone());
         let s = &shutdown;
         tasks.push(proxies.spawn(Api::all(client.clone()), proxy_subs, s.clone()));
         tasks.push(connectors.spawn(Api::all(client.clone()), conn_subs, s.clone()));
@@ -724,7 +728,25 @@ impl Operator {
                 },
                 wake: certs_wake.clone(),
             };
+            let devices = tcp::certificate::Run {
+                certificates: ctx.device_certificates.clone(),
+                issuer: run.config.issuer.clone(),
+                zone: config.proxy.zone.clone(),
+                validity: run.config.validity,
+                retry: tcp::certificate::Retry {
+                    first: run.config.retry,
+                    max: run.config.max_retry,
+                    renew_before: run.config.renew_before,
+                },
+                proxies: tcp_store_for_certs,
+                requeue: tcp_tx_for_certs,
+                events: ctx.events.clone(),
+            };
             tasks.push(tokio::spawn(certs::run(run, shutdown.clone())));
+            tasks.push(tokio::spawn(tcp::certificate::run(
+                devices,
+                shutdown.clone(),
+            )));
         }
         tasks.push(policies.spawn(
             Api::all(client.clone()),

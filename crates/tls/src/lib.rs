@@ -1,9 +1,11 @@
 //! PEM certificate chains and private keys, read the same way by every TLS listener of
 //! ours (the API server, the relay, the edge), so that a file holding no certificate or no
 //! key is refused at start with its path, never served as a broken handshake later; and
-//! [`write_private`], the one way secrets (keys, tokens, credentials) reach the disk.
+//! [`write_private`], the one way secrets (keys, tokens, credentials) reach the disk;
+//! [`csr`], a device's certificate requests for its own key.
 
 pub mod ca;
+pub mod csr;
 
 use std::path::{Path, PathBuf};
 

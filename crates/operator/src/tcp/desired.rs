@@ -250,6 +250,7 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         conditions: Vec::new(),
         port: verdict.and_then(|v| v.as_ref().ok()).map(|p| i32::from(*p)),
         hostnames: Vec::new(),
+        certificate: None,
     };
     // One protocol a proxy (validation refuses a mix): its backends'.
     let udp = proxy.spec.backends.first().is_some_and(|b| {

@@ -2,6 +2,7 @@
 //! TCP listener on it, a TCPRoute, and a Service and EndpointSlices per backend connector
 //! (validated against ConnectorAdvertisements, as HTTPProxy backends are).
 
+pub mod certificate;
 pub mod desired;
 pub mod ports;
 pub mod reconcile;

@@ -11,9 +11,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use portway_api::{Connector, ConnectorAdvertisement, TcpProxy, TcpProxyStatus};
+use portway_api::{Connector, ConnectorAdvertisement, TcpProxy, TcpProxyStatus, condition_at};
 use serde_json::{Value, json};
 
+use super::certificate;
 use super::desired::{Inputs, Listen, TlsNames, child_name, desired, name_taken_by};
 use crate::hostnames::Claim;
 use crate::proxy::desired::merged_conditions;
@@ -147,18 +148,51 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
     prune::<UdpRoute, _>(&ctx, &ctx.udp_routes, owner, &names(&d.udp_route)).await?;
     prune_shared(&ctx, owner, &shared).await?;
 
+    // The device's own certificate, for the names just decided (never the status a
+    // device could write).
+    let request = proxy
+        .spec
+        .tls
+        .as_ref()
+        .and_then(|t| t.certificate_request.as_deref());
+    let issuer = ctx.config.certificates.as_ref();
+    let verdict = certificate::check(request, &d.status.hostnames, issuer.is_some());
+    let cert = ctx.device_certificates.observe(
+        (&ns, &name),
+        verdict,
+        proxy.status.as_ref().and_then(|s| s.certificate.as_deref()),
+        &issuer.map(|c| c.issuer.name()).unwrap_or_default(),
+        issuer.map_or(Duration::ZERO, |c| c.renew_before),
+    );
+    let mut conditions = d.status.conditions.clone();
+    if let Some((status, reason, message)) = &cert.condition {
+        conditions.push(condition_at(
+            certificate::CERTIFICATE_READY,
+            *status,
+            reason,
+            message.clone(),
+            proxy.metadata.generation,
+            Timestamp::now(),
+        ));
+    }
+
     let old = proxy.status.as_ref().map(|s| s.conditions.as_slice());
     let exists = write_status(
         &ctx,
         owner,
         old.unwrap_or_default(),
-        &d.status.conditions,
+        &conditions,
         |p: &TcpProxy| {
             let current = p.status.clone().unwrap_or_default();
+            let mut merged = merged_conditions(&current.conditions, &conditions);
+            if cert.condition.is_none() {
+                merged.retain(|c| c.type_ != certificate::CERTIFICATE_READY);
+            }
             let status = TcpProxyStatus {
-                conditions: merged_conditions(&current.conditions, &d.status.conditions),
+                conditions: merged,
                 port: d.status.port,
                 hostnames: d.status.hostnames.clone(),
+                certificate: cert.chain.clone(),
             };
             (status != current).then(|| status_patch(&status))
         },
@@ -204,12 +238,15 @@ async fn refresh_proofs(ctx: &Ctx, proxy: &TcpProxy, canonical: Option<&str>) ->
     next
 }
 
-/// The merge patch of a status: a port the proxy lost is removed, which a merge patch
-/// does only when told so with `null`.
+/// The merge patch of a status: a port the proxy lost (or a certificate) is removed,
+/// which a merge patch does only when told so with `null`.
 fn status_patch(status: &TcpProxyStatus) -> Value {
     let mut v = json!(status);
     if status.port.is_none() {
         v["port"] = Value::Null;
+    }
+    if status.certificate.is_none() {
+        v["certificate"] = Value::Null;
     }
     v
 }
@@ -224,11 +261,17 @@ mod tests {
             port: None,
             ..Default::default()
         };
-        assert_eq!(status_patch(&lost), json!({"port": null}));
+        assert_eq!(
+            status_patch(&lost),
+            json!({"port": null, "certificate": null})
+        );
         let kept = TcpProxyStatus {
             port: Some(20000),
             ..Default::default()
         };
-        assert_eq!(status_patch(&kept), json!({"port": 20000}));
+        assert_eq!(
+            status_patch(&kept),
+            json!({"port": 20000, "certificate": null})
+        );
     }
 }

@@ -99,6 +99,11 @@ pub struct TlsArgs {
     /// the public client; the TLS server must expect it.
     #[arg(long)]
     proxy_protocol: bool,
+    /// Get a certificate for the tunnel's names: a key is made in DIR (and never leaves
+    /// it), the control plane's issuer signs a request for it (ACME DNS-01 in the zone),
+    /// and the chain is written to DIR/cert.pem, renewed in place. Waits until it is.
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -111,7 +116,8 @@ fn one_line(e: portway_local::http::Error) -> anyhow::Error {
         | Error::HostnameNotVerified { .. }
         | Error::Unreachable { .. }
         | Error::PortRefused(_)
-        | Error::NameRefused(_) => anyhow::anyhow!(e.to_string()),
+        | Error::NameRefused(_)
+        | Error::Certificate(_) => anyhow::anyhow!(e.to_string()),
         e => anyhow::Error::new(e).context("publishing the port"),
     }
 }
@@ -165,12 +171,24 @@ pub async fn run_udp(args: UdpArgs) -> Result<()> {
 pub async fn run_tls(args: TlsArgs) -> Result<()> {
     let ready_file = args.device.ready_file.clone();
     let config = args.device.config(args.port, None);
-    let start = portway_local::tcp::Tcp::start_tls(config, args.hostnames, args.proxy_protocol);
+    let start = portway_local::tcp::Tcp::start_tls(
+        config,
+        args.hostnames,
+        args.proxy_protocol,
+        args.cert_dir,
+    );
     run_port(ready_file, start, |t| {
-        t.hostnames
-            .iter()
+        let names = t.hostnames.iter();
+        let mut lines: Vec<String> = names
             .map(|name| format!("tls://{name}:{} → 127.0.0.1:{}", t.port, args.port))
-            .collect()
+            .collect();
+        if let Some(cert) = &t.certificate {
+            lines.push(format!(
+                "certificate for these names: {} (key beside it; renewed in place)",
+                cert.display()
+            ));
+        }
+        lines
     })
     .await
 }
@@ -193,7 +211,7 @@ async fn run_port(
     if let Some(path) = &ready_file {
         write_ready_file(
             path,
-            &json!({"url": t.url, "port": t.port, "hostnames": t.hostnames, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
+            &json!({"url": t.url, "port": t.port, "hostnames": t.hostnames, "certificate": t.certificate, "proxy": t.proxy, "node_id": t.agent.node_id().to_string()}),
         )?;
     }
     for (i, line) in lines(&t).iter().enumerate() {

@@ -538,6 +538,113 @@ async fn attacks_on_isolation_are_refused() {
             c.message
         );
     }
+    // ...nor by having a certificate signed for them: a device's request is checked
+    // against the names its own proxy serves, as the operator decided them (a status the
+    // device writes itself does not count).
+    let tcp_b = Api::<portway_api::TcpProxy>::namespaced(device_b.clone(), "team-b");
+    let device_key = portway_tls::csr::new_key().unwrap();
+    let wants = |names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        portway_tls::csr::make(&device_key, &names).unwrap()
+    };
+    let cert_proxy = |request: &str| -> portway_api::TcpProxy {
+        serde_json::from_value(json!({
+            "metadata": {"name": "steal-cert"},
+            "spec": {"tls": {"certificateRequest": request}, "backends": [{
+                "endpoint": format!("tcp://127.0.0.1:{}", w.origin_b.addr.port()),
+                "connector": {"name": "device-b"}}]}}))
+        .unwrap()
+    };
+    let certificate_ready = |want: &'static str| {
+        let api = tcp_b.clone();
+        async move {
+            eventually(
+                &format!("steal-cert CertificateReady={want}"),
+                WAIT,
+                || async {
+                    let p = api.get("steal-cert").await?;
+                    let status = p.status.unwrap_or_default();
+                    let c = portway_api::find_condition(&status.conditions, "CertificateReady")
+                        .cloned()
+                        .context("no CertificateReady yet")?;
+                    ensure!(c.status == want, "{c:?}");
+                    Ok((c, status))
+                },
+            )
+            .await
+        }
+    };
+    tcp_b
+        .create(
+            &PostParams::default(),
+            &cert_proxy(&wants(&[&canonical, "a.localhost"])),
+        )
+        .await
+        .unwrap();
+    let (c, status) = certificate_ready("False").await;
+    assert_eq!(c.reason, "NameNotServed", "{c:?}");
+    assert!(
+        status.certificate.is_none(),
+        "signed for another project's names"
+    );
+    let own = status.hostnames.clone();
+    assert_eq!(own.len(), 1, "{own:?}");
+    // The device writes its proxy's status to claim the names: still refused.
+    let forged =
+        json!({"status": {"hostnames": [canonical.clone(), "a.localhost", own[0].clone()]}});
+    let _ = tcp_b
+        .patch_status(
+            "steal-cert",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&forged),
+        )
+        .await;
+    let ask = |request: String| {
+        let api = tcp_b.clone();
+        async move {
+            let patch = json!({"spec": {"tls": {"certificateRequest": request}}});
+            let pp = kube::api::PatchParams::default();
+            api.patch("steal-cert", &pp, &kube::api::Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    ask(wants(&[&canonical, &own[0]])).await;
+    eventually("the forged request is refused", WAIT, || async {
+        let p = tcp_b.get("steal-cert").await?;
+        let spec_asks_canonical = p
+            .spec
+            .tls
+            .as_ref()
+            .and_then(|t| t.certificate_request.as_deref())
+            .and_then(|r| portway_tls::csr::parse(r).ok())
+            .is_some_and(|r| r.names.contains(&canonical));
+        let status = p.status.unwrap_or_default();
+        let c =
+            portway_api::find_condition(&status.conditions, "CertificateReady").context("none")?;
+        // Decided for this very request (its generation), not left over from the first.
+        ensure!(c.observed_generation == p.metadata.generation, "{c:?}");
+        ensure!(
+            spec_asks_canonical && c.reason == "NameNotServed" && c.message.contains(&canonical),
+            "{c:?}"
+        );
+        ensure!(status.certificate.is_none(), "signed");
+        Ok(())
+    })
+    .await;
+    // Its own name alone: signed (so the refusals above are the rule, not a broken issuer).
+    ask(wants(&[&own[0]])).await;
+    let (c, status) = certificate_ready("True").await;
+    let leaf = portway_tls::csr::leaf(status.certificate.as_deref().unwrap()).unwrap();
+    assert_eq!(leaf.names, own, "{c:?}");
+    assert_eq!(
+        leaf.public_key,
+        portway_tls::csr::public_key_of(&device_key).unwrap()
+    );
+    tcp_b
+        .delete("steal-cert", &Default::default())
+        .await
+        .unwrap();
     w.serves(&canonical, &w.stack.origin).await;
     w.serves("a.localhost", &w.stack.origin).await;
     w.serves("app.a.localhost", &w.stack.origin).await;

@@ -229,3 +229,151 @@ pub(super) async fn passthrough_on_both_planes(stack: &Stack, front: &mut EnvoyF
     }
     drop((one_liner, device));
 }
+
+/// The device's own certificate (`portway tls --cert-dir`), from ACME (Pebble) over
+/// DNS-01 answered by the stack's own DNS server: the key is made on the device and never
+/// leaves it (the API holds only the request and the chain), the chain verifies against
+/// Pebble's root for the proxy's names, and a TLS server on the device serving it is
+/// reached through the edge verified end to end. A request naming a name the proxy does
+/// not serve is refused, naming the field.
+#[tokio::test]
+async fn a_device_gets_its_own_certificate_over_dns01() {
+    use portway_testkit::pebble::{Pebble, free_port};
+    let dir = tempfile::tempdir().unwrap();
+    let dns = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let pebble = Pebble::start(dir.path(), dns, None).await.unwrap();
+    let (roots, dns) = (
+        pebble.directory_roots.display().to_string(),
+        dns.to_string(),
+    );
+    let extra = [
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-directory-roots",
+        &roots,
+        "--dns",
+        &dns,
+    ];
+    let stack = Stack::start_full(None, &extra, &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let device_port = listener.local_addr().unwrap().port().to_string();
+    let cert_dir = stack.dir.path().join("device-cert");
+    let started = Instant::now();
+    let one_liner = start_one_liner(
+        &stack,
+        &[
+            "tls",
+            &device_port,
+            "--cert-dir",
+            cert_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    eprintln!(
+        "portway tls --cert-dir (ACME DNS-01, Pebble): live with its certificate in {:?}",
+        started.elapsed()
+    );
+    let cert_path = cert_dir.join("cert.pem");
+    assert_eq!(
+        one_liner.ready_str("certificate"),
+        cert_path.display().to_string()
+    );
+    let names: Vec<String> =
+        serde_json::from_value(one_liner.ready()["hostnames"].clone()).unwrap();
+    let [name] = names.as_slice() else {
+        panic!("{names:?}")
+    };
+
+    // The chain is for the device's key and the proxy's name; the API has no key.
+    let chain = std::fs::read_to_string(&cert_path).unwrap();
+    let key = std::fs::read_to_string(cert_dir.join("key.pem")).unwrap();
+    let leaf = portway_tls::csr::leaf(&chain).unwrap();
+    assert_eq!(
+        leaf.public_key,
+        portway_tls::csr::public_key_of(&key).unwrap()
+    );
+    assert_eq!(leaf.names, names);
+    let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
+        .await
+        .unwrap();
+    let tcp: Api<TcpProxy> = Api::namespaced(admin.clone(), "default");
+    let proxy_name = one_liner.ready_str("proxy");
+    let stored = serde_json::to_string(&tcp.get(&proxy_name).await.unwrap()).unwrap();
+    assert!(stored.contains("BEGIN CERTIFICATE REQUEST"), "{stored}");
+    assert!(
+        !stored.contains("PRIVATE KEY"),
+        "a key reached the API: {stored}"
+    );
+    let (reason, message, _) = proxy_condition(&tcp, &proxy_name, "CertificateReady", "True").await;
+    assert_eq!(reason, "Issued", "{message}");
+    assert!(message.contains(&pebble.directory), "{message}");
+
+    // A TLS server on the device with that certificate, verified through the edge
+    // against Pebble's root alone.
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let private = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, private)
+    .unwrap();
+    serve_echo(listener, config);
+    let edge_tls: SocketAddr = stack.up.ready_str("https").parse().unwrap();
+    const BULK: u64 = 1 << 20;
+    let echoed = eventually(
+        "the device's certificate verifies through the edge",
+        WAIT,
+        || echo_tls(edge_tls, name, &pebble.issuing_root, BULK),
+    )
+    .await;
+    assert_eq!(echoed, pattern_hash(BULK));
+    let out = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &edge_tls.to_string(),
+            "-servername",
+            name,
+        ])
+        .args([
+            "-verify_return_error",
+            "-CAfile",
+            pebble.issuing_root.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Verify return code: 0 (ok)"), "{said}");
+
+    // A request for a name the proxy does not serve gets nothing signed.
+    let thief_key = portway_tls::csr::new_key().unwrap();
+    let request = portway_tls::csr::make(
+        &thief_key,
+        &[name.clone(), "elsewhere.portway.localhost".to_owned()],
+    )
+    .unwrap();
+    let patch = json!({"spec": {"tls": {"certificateRequest": request}}});
+    let pp = kube::api::PatchParams::default();
+    tcp.patch(&proxy_name, &pp, &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let (reason, message, _) =
+        proxy_condition(&tcp, &proxy_name, "CertificateReady", "False").await;
+    assert_eq!(reason, "NameNotServed", "{message}");
+    assert!(
+        message.contains("spec.tls.certificateRequest")
+            && message.contains("elsewhere.portway.localhost"),
+        "{message}"
+    );
+    let status = tcp.get(&proxy_name).await.unwrap().status.unwrap();
+    assert_eq!(status.certificate, None, "no chain for a refused request");
+    drop((one_liner, stack, pebble));
+}

@@ -591,6 +591,7 @@ fn a_passthrough_proxy_gets_a_tls_listener_and_route_for_its_names() {
     let mut p = ssh(None);
     p.spec.tls = Some(portway_api::TlsPassthrough {
         hostnames: vec!["db.example.com".into(), "new.example.org".into()],
+        ..Default::default()
     });
     let case = Case::new(p);
     let run = |claimed: &dyn Fn(&str) -> Option<String>| {
@@ -670,6 +671,7 @@ fn a_passthrough_proxy_may_not_take_the_zone_itself() {
     let mut p = ssh(None);
     p.spec.tls = Some(portway_api::TlsPassthrough {
         hostnames: vec!["Portway.Localhost.".into()],
+        ..Default::default()
     });
     let case = Case::new(p);
     let d = desired(&Inputs {
