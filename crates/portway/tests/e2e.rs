@@ -1322,7 +1322,46 @@ async fn certificates_are_renewed_before_they_expire() {
             .any(|e| e.reason.as_deref() == Some("Renewed")),
         "no Renewed event; renewed to {renewed}"
     );
-    drop(http);
+
+    // A device's own certificate (`portway tls --cert-dir`) is renewed too: the agent
+    // replaces cert.pem with a later one for the same key.
+    let cert_dir = stack.dir.path().join("device-cert");
+    let tls = Process::start(
+        "tls",
+        bin(),
+        [
+            "tls",
+            &port,
+            "--cert-dir",
+            cert_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    let cert = std::path::PathBuf::from(tls.ready_str("certificate"));
+    let key = std::fs::read_to_string(cert_dir.join("key.pem")).unwrap();
+    let expiry = || {
+        let leaf = portway_tls::csr::leaf(&std::fs::read_to_string(&cert)?)?;
+        ensure!(
+            leaf.public_key == portway_tls::csr::public_key_of(&key)?,
+            "another key"
+        );
+        Ok::<_, anyhow::Error>(leaf.not_after)
+    };
+    let first = expiry().unwrap();
+    eventually(
+        "the device's certificate is renewed in place",
+        Duration::from_secs(30),
+        || async {
+            let now = expiry()?;
+            ensure!(now > first, "still {now:?}");
+            Ok(())
+        },
+    )
+    .await;
+    drop((tls, http));
 }
 
 /// The `HostnamesVerified` condition of `host` on a proxy.

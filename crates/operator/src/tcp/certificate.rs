@@ -327,6 +327,8 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
         let (due, next) = run
             .certificates
             .due(tokio::time::Instant::now(), SystemTime::now());
+        // What was issued now is next due at its renewal: look again before waiting.
+        let issued_any = !due.is_empty();
         for (key, request) in due {
             let names = request.names.join(", ");
             tracing::info!(proxy = %format!("{}/{}", key.0, key.1), %names, "issuing a device's certificate");
@@ -357,6 +359,9 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
             }
             run.certificates.issued(&key, &request, result, &run.retry);
             let _ = run.requeue.send(ObjectRef::new(&key.1).within(&key.0));
+        }
+        if issued_any && !shutdown.is_cancelled() {
+            continue;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
