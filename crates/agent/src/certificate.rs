@@ -54,7 +54,12 @@ fn key(dir: &Path) -> Result<String, CertError> {
     match std::fs::read_to_string(&path) {
         Ok(pem) => Ok(pem),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir))?;
             let pem = csr::new_key().map_err(CertError::Request)?;
             portway_tls::write_private(&path, pem.as_bytes()).map_err(io(&path))?;
             tracing::info!(path = %path.display(), "made a key for the tunnel's certificate");
@@ -109,9 +114,14 @@ pub fn step(
         portway_tls::write_private(&path, pem.as_bytes()).map_err(io(&path))?;
         out.request = Some(pem);
     }
+    // Only a chain for what this agent asks now: its key, these names, still valid.
+    let asking = out.request.as_deref().or(current);
+    let asked = asking.and_then(|pem| csr::parse(pem).ok());
     if let Some(chain) = chain
         && let Ok(leaf) = csr::leaf(chain)
-        && leaf.public_key == public_key
+        && let Some(asked) = &asked
+        && leaf.answers(asked)
+        && leaf.not_after > SystemTime::now()
     {
         let path = dir.join(CERT);
         let stored = std::fs::read_to_string(&path).unwrap_or_default();

@@ -273,6 +273,8 @@ pub struct Access<'a> {
     pub res: Res,
     /// The namespace of the request; for Namespace objects, the namespace's own name.
     pub ns: Option<&'a str>,
+    /// The `status` subresource.
+    pub status: bool,
 }
 
 fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
@@ -286,6 +288,10 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
             (false, "Namespace") => a.verb.is_read(),
             (false, _) => true,
         },
+        // A proxy's or advertisement's status is the operator's word (what it granted, a
+        // certificate it had signed): people and devices read it, never write it. A
+        // connector's status is the device's own report.
+        Role::Agent if a.status && !a.verb.is_read() && kind != "Connector" => false,
         Role::Agent => match (a.res.namespaced, kind) {
             (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "TCPProxy" | "Lease") => {
                 in_own_ns
@@ -334,8 +340,9 @@ pub fn authorize(user: &User, a: &Access<'_>) -> Result<(), ApiError> {
         (Some(ns), true) => format!("in the namespace \"{ns}\""),
         _ => "at the cluster scope".to_owned(),
     };
+    let sub = if a.status { "/status" } else { "" };
     Err(ApiError::forbidden(format!(
-        "{} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+        "{}{sub} is forbidden: User \"{}\" cannot {} resource \"{}{sub}\" in API group \"{}\" {scope}",
         res.key(),
         user.name,
         a.verb.as_str(),
@@ -451,7 +458,32 @@ mod tests {
             device: None,
         };
         let own = Namespaces::Only(vec!["p1".into()]);
-        let ok = |u: &User, verb, res, ns| authorize(u, &Access { verb, res, ns }).is_ok();
+        let ok = |u: &User, verb, res, ns| {
+            let status = false;
+            authorize(
+                u,
+                &Access {
+                    verb,
+                    res,
+                    ns,
+                    status,
+                },
+            )
+            .is_ok()
+        };
+        let status_ok = |u: &User, verb, res, ns| {
+            let status = true;
+            authorize(
+                u,
+                &Access {
+                    verb,
+                    res,
+                    ns,
+                    status,
+                },
+            )
+            .is_ok()
+        };
 
         let agent = user(Role::Agent, own.clone());
         assert!(ok(&agent, Verb::Create, conn, Some("p1")));
@@ -471,6 +503,11 @@ mod tests {
         assert!(!ok(&agent, Verb::Update, class, None));
         assert!(ok(&agent, Verb::Get, ns, Some("p1")));
         assert!(!ok(&agent, Verb::Delete, ns, Some("p1")));
+        // Status: a device reports its connector's; a proxy's is the operator's.
+        assert!(status_ok(&agent, Verb::Patch, conn, Some("p1")));
+        assert!(!status_ok(&agent, Verb::Patch, tcp_proxy, Some("p1")));
+        assert!(!status_ok(&agent, Verb::Update, tcp_proxy, Some("p1")));
+        assert!(status_ok(&agent, Verb::Get, tcp_proxy, Some("p1")));
 
         let viewer = user(Role::Viewer, own);
         assert!(ok(&viewer, Verb::List, route, Some("p1")));
@@ -488,6 +525,7 @@ mod tests {
                 verb: Verb::Delete,
                 res: conn,
                 ns: Some("p1"),
+                status: false,
             },
         )
         .unwrap_err();

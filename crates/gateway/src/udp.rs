@@ -8,6 +8,7 @@
 //! opens a new one.
 //!
 //! Limits: `max_flows` flows per port, and `max_flows_per_ip` of them from one client IP
+//! (IPv6: one /64)
 //! (so one host's source ports cannot take them all), past which a new client's datagrams
 //! are dropped. Datagrams waiting for a flow's tunnel (while it opens, or when it is slower
 //! than the client) are held to [`FLOW_QUEUE`] datagrams and [`FLOW_BYTES`] bytes per flow,
@@ -222,6 +223,22 @@ impl Budget {
     }
 }
 
+/// The client "host" a flow counts against: an IPv4 address, or an IPv6 /64 (one host
+/// commonly holds a whole /64, so counting its addresses one by one would not bound it).
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        IpAddr::V6(v6) => IpAddr::V4(
+            v6.to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        ),
+        v4 => v4,
+    }
+}
+
 /// What a queued datagram costs besides its payload (the queue slot, its guard).
 const DATAGRAM_OVERHEAD: usize = 64;
 
@@ -328,7 +345,7 @@ impl Port {
         if self.flows.remove(&client).is_none() {
             return;
         }
-        if let Entry::Occupied(mut n) = self.flows_per_ip.entry(client.ip()) {
+        if let Entry::Occupied(mut n) = self.flows_per_ip.entry(host_of(client.ip())) {
             *n.get_mut() -= 1;
             if *n.get() == 0 {
                 n.remove();
@@ -374,7 +391,7 @@ impl Port {
             );
             return;
         }
-        let ip = client.ip();
+        let ip = host_of(client.ip());
         if self.flows_per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_flows_per_ip {
             self.dropped += 1;
             tracing::debug!(
@@ -540,6 +557,17 @@ async fn carry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_host_is_its_64_and_a_mapped_ipv4_is_itself() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(host_of(a), host_of(b));
+        assert_ne!(host_of(a), host_of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(host_of(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
 
     use http::HeaderValue;
     use parking_lot::Mutex;

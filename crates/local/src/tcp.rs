@@ -34,8 +34,10 @@ pub struct Tcp {
     _slot: Slot,
 }
 
-/// Why a certificate request will not be granted by waiting.
-const CERTIFICATE_REFUSALS: [&str; 3] = ["InvalidRequest", "NameNotServed", "NoIssuer"];
+/// Why a certificate request will not be granted by waiting. (`NameNotServed` is not
+/// final: a request stored by an earlier run names that run's proxy, and the agent
+/// replaces it once it sees this proxy's names.)
+const CERTIFICATE_REFUSALS: [&str; 3] = ["InvalidRequest", "NameNotProven", "NoIssuer"];
 
 /// Waits until the proxy's certificate is issued and the agent has written it to
 /// `dir/cert.pem` for the key there; returns that path.
@@ -46,9 +48,13 @@ async fn await_certificate(
 ) -> Result<PathBuf, Error> {
     // ACME orders take a few round trips, and answers must show at the DNS server.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    // Only a verdict on the proxy as it is now (its latest request) counts.
     let condition = |p: Option<&TcpProxy>| {
-        p.and_then(|p| p.status.as_ref())
+        let p = p?;
+        p.status
+            .as_ref()
             .and_then(|s| find_condition(&s.conditions, "CertificateReady"))
+            .filter(|c| c.observed_generation == p.metadata.generation)
             .cloned()
     };
     let settled = |p: Option<&TcpProxy>| {

@@ -155,6 +155,9 @@ impl LocalCa {
         let not_after = now + validity;
         params.not_before = (now - Duration::from_secs(3600)).into();
         params.not_after = not_after.into();
+        // A TLS server's certificate, and nothing else (not a client's, not a signer's).
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         csr.params = params;
         let cert = csr.signed_by(&issuer)?;
         Ok(Issued {

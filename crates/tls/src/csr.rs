@@ -54,8 +54,17 @@ pub fn parse(pem: &str) -> Result<Request, CsrError> {
             ParsedExtension::SubjectAlternativeName(san) => {
                 for name in &san.general_names {
                     match name {
+                        // As written, or refused: the request goes to the CA as it is,
+                        // so a name read differently here would be checked as another.
+                        GeneralName::DNSName(n)
+                            if !n.ends_with('.') && *n == n.to_ascii_lowercase() =>
+                        {
+                            names.insert((*n).to_owned());
+                        }
                         GeneralName::DNSName(n) => {
-                            names.insert(n.trim_end_matches('.').to_ascii_lowercase());
+                            return Err(CsrError::Names(format!(
+                                "its name {n:?} must be lowercase, without a trailing dot"
+                            )));
                         }
                         other => {
                             return Err(CsrError::Names(format!(
@@ -80,7 +89,7 @@ pub fn parse(pem: &str) -> Result<Request, CsrError> {
     }
     for cn in info.subject.iter_common_name() {
         let cn = cn.as_str().map_err(|e| CsrError::Parse(e.to_string()))?;
-        if !names.contains(&cn.trim_end_matches('.').to_ascii_lowercase()) {
+        if !names.contains(cn) {
             return Err(CsrError::Names(format!(
                 "its common name {cn} is not among its DNS names"
             )));
@@ -180,9 +189,11 @@ mod tests {
     #[test]
     fn a_request_made_here_parses_back_with_its_key_and_names() {
         let key = new_key().unwrap();
-        let pem = make(&key, &names(&["B.example.com", "a.example.com"])).unwrap();
+        let pem = make(&key, &names(&["b.example.com", "a.example.com"])).unwrap();
         let req = parse(&pem).unwrap();
         assert_eq!(req.names, names(&["a.example.com", "b.example.com"]));
+        let upper = make(&key, &names(&["B.example.com"])).unwrap();
+        assert!(matches!(parse(&upper), Err(CsrError::Names(m)) if m.contains("lowercase")));
         assert_eq!(req.public_key, public_key_of(&key).unwrap());
     }
 

@@ -242,6 +242,7 @@ async fn resource(
             verb,
             res: t.res,
             ns: auth_ns,
+            status: t.status,
         },
     )?;
     let accept = header_str(req.headers(), header::ACCEPT).to_owned();

@@ -169,6 +169,7 @@ fn resource_access(user: &User, r: &ResourceAttributes) -> (bool, String) {
                 verb,
                 res,
                 ns: scope,
+                status: subresource == "status",
             };
             let allowing = allowing_roles(user, &access);
             if allowing.is_empty() {

@@ -10,8 +10,8 @@
 //! request's state between reconciles, and [`run`] issues and renews in the background,
 //! so a slow ACME order never holds a reconcile.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry as Slot;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +31,14 @@ pub const ISSUE_FAILED: &str = "IssueFailed";
 pub const INVALID_REQUEST: &str = "InvalidRequest";
 pub const NAME_NOT_SERVED: &str = "NameNotServed";
 pub const NO_ISSUER: &str = "NoIssuer";
+pub const NAME_NOT_PROVEN: &str = "NameNotProven";
+
+/// A proxy gets a certificate for a new request (a new key, other names) at most this
+/// often; renewals are not counted.
+pub const NEW_REQUEST_EVERY: Duration = Duration::from_secs(600);
+/// Certificates issued for devices in any hour, across the installation: ACME CAs limit
+/// how many they issue per domain and account, and the zone's own renewals need some.
+pub const PER_HOUR: usize = 30;
 
 const FIELD: &str = "spec.tls.certificateRequest";
 
@@ -46,8 +54,16 @@ pub enum Verdict {
 }
 
 /// Checks `request` (PEM, as written) against `served`: the names this proxy is serving,
-/// as the operator decided them (never the status a device could write).
-pub fn check(request: Option<&str>, served: &[String], issuer: bool) -> Verdict {
+/// as the operator decided them (never a status someone else wrote). `proven` says
+/// whether a name may be in a certificate: under the zone, or proven by the project —
+/// serving a name (which an installation without proofs allows) is not enough to have a
+/// CA vouch for it.
+pub fn check(
+    request: Option<&str>,
+    served: &[String],
+    proven: &dyn Fn(&str) -> bool,
+    issuer: bool,
+) -> Verdict {
     let Some(pem) = request else {
         return Verdict::None;
     };
@@ -75,6 +91,21 @@ pub fn check(request: Option<&str>, served: &[String], issuer: bool) -> Verdict 
             ),
         );
     }
+    let unproven: Vec<&str> = request
+        .names
+        .iter()
+        .filter(|n| !proven(n))
+        .map(String::as_str)
+        .collect();
+    if !unproven.is_empty() {
+        return Verdict::Refused(
+            NAME_NOT_PROVEN,
+            format!(
+                "{FIELD} names {}, outside the zone and not proven by this project (see HostnamesVerified): a certificate vouches for a custom name only once it is proven",
+                unproven.join(", ")
+            ),
+        );
+    }
     if !issuer {
         return Verdict::Refused(
             NO_ISSUER,
@@ -87,7 +118,7 @@ pub fn check(request: Option<&str>, served: &[String], issuer: bool) -> Verdict 
 }
 
 /// When a certificate valid from `not_before` to `not_after` should be renewed: with
-/// `renew_before` left, but never later than two thirds into its life (so a short-lived
+/// `renew_before` left, but never before a third of its life has passed (so a short-lived
 /// certificate, or a window as long as the validity, does not make every pass a renewal).
 pub fn renew_at(
     not_before: SystemTime,
@@ -116,14 +147,49 @@ struct Entry {
     state: State,
     /// Next attempt after a failure, and the delay that led to it.
     retry: Option<(tokio::time::Instant, Duration)>,
+    /// Why it waits although due (a limit), for the condition.
+    waiting: Option<String>,
+}
+
+impl Entry {
+    fn new(request: Request) -> Self {
+        Self {
+            request,
+            chain: None,
+            not_after: SystemTime::UNIX_EPOCH,
+            renew_at: SystemTime::UNIX_EPOCH,
+            state: State::Pending,
+            retry: None,
+            waiting: None,
+        }
+    }
+}
+
+/// The same request, for issuing: the same key for the same names (a request made again
+/// differs in its signature bytes only).
+fn same(a: &Request, b: &Request) -> bool {
+    a.public_key == b.public_key && a.names == b.names
 }
 
 type Key = (String, String);
+
+/// How many certificates were issued lately, for [`NEW_REQUEST_EVERY`] and [`PER_HOUR`].
+#[derive(Debug, Default)]
+struct Limits {
+    recent: VecDeque<tokio::time::Instant>,
+    /// When each proxy last got a certificate for a new request; kept after its entry
+    /// goes, so deleting and recreating a request does not reset it.
+    last_new: HashMap<Key, tokio::time::Instant>,
+}
 
 /// Every passthrough proxy's request, by namespace and name.
 #[derive(Debug, Default)]
 pub struct DeviceCertificates {
     entries: Mutex<BTreeMap<Key, Entry>>,
+    limits: Mutex<Limits>,
+    /// Chains no longer wanted (their names lost, or a new key asked for): revoked, so a
+    /// key that leaves a name behind does not keep a certificate for it.
+    unwanted: Mutex<Vec<String>>,
     wake: tokio::sync::Notify,
 }
 
@@ -150,14 +216,14 @@ impl DeviceCertificates {
         let mut entries = self.entries.lock();
         let request = match verdict {
             Verdict::None => {
-                entries.remove(&key);
+                self.drop_entry(entries.remove(&key));
                 return Outcome {
                     condition: None,
                     chain: None,
                 };
             }
             Verdict::Refused(reason, message) => {
-                entries.remove(&key);
+                self.drop_entry(entries.remove(&key));
                 return Outcome {
                     condition: Some((false, reason, message)),
                     chain: None,
@@ -166,31 +232,26 @@ impl DeviceCertificates {
             Verdict::Wanted(r) => r,
         };
         let entry = match entries.entry(key) {
-            Slot::Occupied(e) if e.get().request == request => e.into_mut(),
+            Slot::Occupied(e) if same(&e.get().request, &request) => e.into_mut(),
             slot => {
+                // Status is the operator's alone (the API server refuses anyone else's
+                // write), so a chain there that answers the request was issued here.
                 let kept = current.and_then(|c| Some((c, csr::leaf(c).ok()?)));
                 let entry = match kept {
                     Some((chain, leaf)) if leaf.answers(&request) => Entry {
-                        request,
                         chain: Some(chain.to_owned()),
                         not_after: leaf.not_after,
                         renew_at: renew_at(leaf.not_before, leaf.not_after, renew_before),
                         state: State::Ready,
-                        retry: None,
+                        ..Entry::new(request)
                     },
-                    _ => Entry {
-                        request,
-                        chain: None,
-                        not_after: SystemTime::UNIX_EPOCH,
-                        renew_at: SystemTime::UNIX_EPOCH,
-                        state: State::Pending,
-                        retry: None,
-                    },
+                    _ => Entry::new(request),
                 };
                 self.wake.notify_one();
                 match slot {
                     Slot::Occupied(mut e) => {
-                        e.insert(entry);
+                        let old = e.insert(entry);
+                        self.drop_entry(Some(old));
                         e.into_mut()
                     }
                     Slot::Vacant(e) => e.insert(entry),
@@ -224,7 +285,10 @@ impl DeviceCertificates {
             (_, false) => (
                 false,
                 PENDING,
-                format!("the certificate for {names} is being issued by {issuer}"),
+                match &entry.waiting {
+                    Some(why) => format!("the certificate for {names} waits: {why}"),
+                    None => format!("the certificate for {names} is being issued by {issuer}"),
+                },
             ),
         };
         Outcome {
@@ -233,11 +297,32 @@ impl DeviceCertificates {
         }
     }
 
-    /// The requests due now (new, retried, or to renew), and how long until the next one.
+    /// A chain no longer wanted goes to be revoked.
+    fn drop_entry(&self, entry: Option<Entry>) {
+        if let Some(chain) = entry.and_then(|e| e.chain) {
+            self.unwanted.lock().push(chain);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The requests due now (new, retried, or to renew, within the limits), and how long
+    /// until the next one.
     fn due(&self, now: tokio::time::Instant, wall: SystemTime) -> (Vec<(Key, Request)>, Duration) {
+        const HOUR: Duration = Duration::from_secs(3600);
         let mut next = Duration::from_secs(60);
         let mut due = Vec::new();
-        for (key, e) in self.entries.lock().iter() {
+        let mut limits = self.limits.lock();
+        while limits
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
+            limits.recent.pop_front();
+        }
+        limits
+            .last_new
+            .retain(|_, t| now.duration_since(*t) < NEW_REQUEST_EVERY);
+        for (key, e) in self.entries.lock().iter_mut() {
             if let Some((at, _)) = e.retry
                 && at > now
             {
@@ -245,9 +330,35 @@ impl DeviceCertificates {
                 continue;
             }
             let renew = e.renew_at.duration_since(wall);
-            match (&e.state, renew) {
-                (State::Ready, Ok(left)) => next = next.min(left),
-                _ => due.push((key.clone(), e.request.clone())),
+            if let (State::Ready, Ok(left)) = (&e.state, renew) {
+                next = next.min(left);
+                continue;
+            }
+            let renewal = e.chain.is_some();
+            let last = limits.last_new.get(key).copied();
+            e.waiting = match last {
+                Some(t) if !renewal => {
+                    let wait = NEW_REQUEST_EVERY - now.duration_since(t);
+                    next = next.min(wait);
+                    Some(format!(
+                        "a proxy gets a certificate for a new request at most every {} minutes ({} s to go)",
+                        NEW_REQUEST_EVERY.as_secs() / 60,
+                        wait.as_secs()
+                    ))
+                }
+                _ if limits.recent.len() + due.len() >= PER_HOUR => {
+                    let oldest = limits.recent.front().copied().unwrap_or(now);
+                    let wait = HOUR.saturating_sub(now.duration_since(oldest));
+                    next = next.min(wait.max(Duration::from_secs(1)));
+                    Some(format!(
+                        "at most {PER_HOUR} device certificates are issued an hour, and that many were ({} s to go)",
+                        wait.as_secs()
+                    ))
+                }
+                _ => None,
+            };
+            if e.waiting.is_none() {
+                due.push((key.clone(), e.request.clone()));
             }
         }
         (due, next)
@@ -256,22 +367,38 @@ impl DeviceCertificates {
     /// Records an issuance for `request` (unless the proxy has asked for another since).
     fn issued(&self, key: &Key, request: &Request, result: Result<String, String>, config: &Retry) {
         let mut entries = self.entries.lock();
-        let Some(e) = entries.get_mut(key).filter(|e| e.request == *request) else {
+        let Some(e) = entries.get_mut(key).filter(|e| same(&e.request, request)) else {
             return;
         };
+        let now = SystemTime::now();
         let leaf = result.and_then(|chain| {
             let leaf = csr::leaf(&chain).map_err(|e| format!("the issuer sent {e}"))?;
-            if leaf.answers(request) {
-                Ok((chain, leaf))
-            } else {
+            if !leaf.answers(request) {
                 Err("the issuer sent a certificate for another key or other names".to_owned())
+            } else if leaf.not_after <= now + Duration::from_secs(2) {
+                Err("the issuer sent a certificate that has already expired".to_owned())
+            } else {
+                Ok((chain, leaf))
             }
         });
         match leaf {
             Ok((chain, leaf)) => {
+                let mut limits = self.limits.lock();
+                limits.recent.push_back(tokio::time::Instant::now());
+                if e.chain.is_none() {
+                    limits
+                        .last_new
+                        .insert(key.clone(), tokio::time::Instant::now());
+                }
+                // Counted from now, not from a backdated start (the local CA's allows for
+                // clock skew), and never sooner than a minute or half its life away: a
+                // window longer than the certificate must not make the loop sign again
+                // at once.
+                let lifetime = leaf.not_after.duration_since(now).unwrap_or_default();
+                let soonest = now + Duration::from_secs(60).min(lifetime / 2);
+                e.renew_at = renew_at(now, leaf.not_after, config.renew_before).max(soonest);
                 e.chain = Some(chain);
                 e.not_after = leaf.not_after;
-                e.renew_at = renew_at(leaf.not_before, leaf.not_after, config.renew_before);
                 e.state = State::Ready;
                 e.retry = None;
             }
@@ -293,9 +420,13 @@ impl DeviceCertificates {
             .cloned()
             .collect();
         for k in &gone {
-            entries.remove(k);
+            self.drop_entry(entries.remove(k));
         }
         gone
+    }
+
+    fn take_unwanted(&self) -> Vec<String> {
+        std::mem::take(&mut *self.unwanted.lock())
     }
 }
 
@@ -324,6 +455,9 @@ pub(crate) struct Run {
 pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
     loop {
         run.certificates.forget_missing(&run.proxies);
+        for chain in run.certificates.take_unwanted() {
+            revoke(&run, &chain).await;
+        }
         let (due, next) = run
             .certificates
             .due(tokio::time::Instant::now(), SystemTime::now());
@@ -368,6 +502,18 @@ pub(crate) async fn run(run: Run, shutdown: CancellationToken) {
             () = run.certificates.wake.notified() => {}
             () = tokio::time::sleep(next) => {}
         }
+    }
+}
+
+/// Revokes a chain no longer wanted, where the issuer can: an ACME CA publishes it. The
+/// local CA keeps no revocation list; its certificates end at their expiry.
+async fn revoke(run: &Run, chain: &str) {
+    let Issuer::Acme(acme) = &run.issuer else {
+        return;
+    };
+    match acme.revoke(chain.as_bytes()).await {
+        Ok(()) => tracing::info!("revoked a device's certificate no longer wanted"),
+        Err(e) => tracing::warn!(error = %e, "revoking a device's certificate"),
     }
 }
 

@@ -156,7 +156,16 @@ pub(crate) async fn reconcile(proxy: Arc<TcpProxy>, ctx: Arc<Ctx>) -> Result<Act
         .as_ref()
         .and_then(|t| t.certificate_request.as_deref());
     let issuer = ctx.config.certificates.as_ref();
-    let verdict = certificate::check(request, &d.status.hostnames, issuer.is_some());
+    let proven = |h: &str| {
+        crate::verify::exempt(h, &ctx.config.proxy.zone).is_some()
+            || ctx.verifier.as_deref().is_some_and(|v| {
+                matches!(
+                    v.state(&ns, h, canonical.as_deref()),
+                    crate::verify::Verification::Verified(_)
+                )
+            })
+    };
+    let verdict = certificate::check(request, &d.status.hostnames, &proven, issuer.is_some());
     let cert = ctx.device_certificates.observe(
         (&ns, &name),
         verdict,
@@ -248,6 +257,10 @@ fn status_patch(status: &TcpProxyStatus) -> Value {
     if status.certificate.is_none() {
         v["certificate"] = Value::Null;
     }
+    // Names lost are removed too (the agent asks for certificates for what is listed).
+    if status.hostnames.is_empty() {
+        v["hostnames"] = Value::Null;
+    }
     v
 }
 
@@ -263,7 +276,7 @@ mod tests {
         };
         assert_eq!(
             status_patch(&lost),
-            json!({"port": null, "certificate": null})
+            json!({"port": null, "certificate": null, "hostnames": null})
         );
         let kept = TcpProxyStatus {
             port: Some(20000),
@@ -271,7 +284,7 @@ mod tests {
         };
         assert_eq!(
             status_patch(&kept),
-            json!({"port": 20000, "certificate": null})
+            json!({"port": 20000, "certificate": null, "hostnames": null})
         );
     }
 }

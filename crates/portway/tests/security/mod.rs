@@ -589,16 +589,25 @@ async fn attacks_on_isolation_are_refused() {
     );
     let own = status.hostnames.clone();
     assert_eq!(own.len(), 1, "{own:?}");
-    // The device writes its proxy's status to claim the names: still refused.
+    // The device tries to write its proxy's status to claim the names: refused, and the
+    // request for them still is.
     let forged =
         json!({"status": {"hostnames": [canonical.clone(), "a.localhost", own[0].clone()]}});
-    let _ = tcp_b
-        .patch_status(
-            "steal-cert",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&forged),
-        )
-        .await;
+    // A proxy's status is the operator's word: the device may not write it (nor plant a
+    // chain there), and a person of the project may not either.
+    let bob_tcp = Api::<portway_api::TcpProxy>::namespaced(bob.clone(), "team-b");
+    for (who, api) in [("device-b", &tcp_b), ("bob", &bob_tcp)] {
+        let (code, msg) = refusal(
+            api.patch_status(
+                "steal-cert",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&forged),
+            )
+            .await,
+        );
+        assert_eq!(code, 403, "{who} wrote a proxy's status: {msg}");
+        assert!(msg.contains("tcpproxies/status"), "{msg}");
+    }
     let ask = |request: String| {
         let api = tcp_b.clone();
         async move {
