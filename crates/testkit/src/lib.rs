@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+pub mod etcd;
 pub mod forward;
 pub mod origin;
 pub mod pebble;
