@@ -77,6 +77,9 @@ pub struct Config {
     pub limits: portway_serve::Limits,
     /// How long an Event lives after it was last seen (default one hour).
     pub event_ttl: std::time::Duration,
+    /// Keep objects in this etcd cluster, shared with other replicas, instead of
+    /// `DATA/portway.db`.
+    pub etcd: Option<store::etcd::Config>,
 }
 
 impl Config {
@@ -94,6 +97,7 @@ impl Config {
                 ..Default::default()
             },
             event_ttl: events::DEFAULT_TTL,
+            etcd: None,
         }
     }
 }
@@ -172,7 +176,10 @@ impl Server {
             path: dir.clone(),
             source,
         })?;
-        let store = Store::open(&dir.join("portway.db"), config.history)?;
+        let store = match &config.etcd {
+            Some(etcd) => Store::open_etcd(etcd, config.history).await?,
+            None => Store::open(&dir.join("portway.db"), config.history)?,
+        };
         let devices = Arc::new(devices::Devices::open(&dir.join("portway.db"))?);
 
         let tokens_path = config
@@ -349,7 +356,7 @@ pub async fn ensure_namespace(store: &Store, name: &str) -> Result<(), error::Ap
     };
     let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
     store
-        .write(move |txn| match write::create(txn, &ctx, body) {
+        .write(move |txn| match write::create(txn, &ctx, body.clone()) {
             Err(e) if e.reason == "AlreadyExists" => Ok(()),
             other => other.map(drop),
         })

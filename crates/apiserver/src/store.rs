@@ -22,6 +22,8 @@ use tokio::sync::watch;
 use crate::error::ApiError;
 use crate::registry::{Res, registry};
 
+pub mod etcd;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening {path}")]
@@ -38,6 +40,8 @@ pub enum StoreError {
     },
     #[error("write task failed")]
     Join,
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
 
 /// Namespace (empty for cluster-scoped kinds) and name.
@@ -110,8 +114,16 @@ struct State {
     floor: u64,
 }
 
+/// Where writes are made durable.
+enum Durable {
+    /// One file on this machine; the store is the only writer.
+    Sqlite(Mutex<Connection>),
+    /// An etcd cluster shared by every replica; see [`etcd`].
+    Etcd(Arc<etcd::Etcd>),
+}
+
 struct Inner {
-    db: Mutex<Connection>,
+    db: Durable,
     state: RwLock<State>,
     changed: watch::Sender<u64>,
     history: u64,
@@ -130,8 +142,10 @@ const MAX_GROUP: usize = 1024;
 
 /// One queued write: runs against the group's view and says whether it succeeded (its
 /// changes then join the group); what it returns delivers its outcome once the group
-/// is durable, or its failure.
-type Job = Box<dyn FnOnce(&mut Txn<'_>) -> (bool, Deliver) + Send>;
+/// is durable, or its failure. It may run more than once: on etcd, a group another
+/// replica got ahead of runs again on the newer state, and only the last run's outcome
+/// is delivered.
+type Job = Box<dyn FnMut(&mut Txn<'_>) -> (bool, Deliver) + Send>;
 type Deliver = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
 /// Cheap to clone; all clones share one database and one memory image.
@@ -357,7 +371,7 @@ impl Store {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                db: Mutex::new(db),
+                db: Durable::Sqlite(Mutex::new(db)),
                 state: RwLock::new(state),
                 changed,
                 history: history.max(1),
@@ -366,26 +380,50 @@ impl Store {
         })
     }
 
+    /// Opens the store on an etcd cluster (see [`etcd`]), keeping `history` revisions of
+    /// events, and follows the other replicas' writes from then on.
+    ///
+    /// # Errors
+    /// When no member answers, or what is stored is not ours.
+    pub async fn open_etcd(config: &etcd::Config, history: u64) -> Result<Self, StoreError> {
+        let etcd = Arc::new(etcd::Etcd::connect(config).await?);
+        let loaded = etcd.load().await?;
+        let (changed, _) = watch::channel(loaded.state.rv);
+        let inner = Arc::new(Inner {
+            db: Durable::Etcd(etcd.clone()),
+            state: RwLock::new(loaded.state),
+            changed,
+            history: history.max(1),
+            queue: Mutex::default(),
+        });
+        tokio::spawn(etcd.follow(Arc::downgrade(&inner), loaded.at));
+        Ok(Self { inner })
+    }
+
     /// Runs `f` as one serialised transaction and commits its changes durably.
     ///
     /// # Errors
     /// Whatever `f` returns, or a storage failure.
-    pub async fn write<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub async fn write<T, F>(&self, mut f: F) -> Result<T, ApiError>
     where
-        F: FnOnce(&mut Txn<'_>) -> Result<T, ApiError> + Send + 'static,
+        F: FnMut(&mut Txn<'_>) -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = Arc::new(Mutex::new(Some(tx)));
         let job: Job = Box::new(move |txn| {
             let result = f(txn);
             let ok = result.is_ok();
+            let tx = tx.clone();
             let deliver: Deliver = Box::new(move |durable| {
                 // A group that did not persist fails every write in it, refused ones too:
                 // a refusal may rest on an earlier write of the group that is now gone.
-                let _ = tx.send(match durable {
-                    Err(e) => Err(ApiError::internal(format!("storage failure: {e}"))),
-                    Ok(()) => result,
-                });
+                if let Some(tx) = tx.lock().take() {
+                    let _ = tx.send(match durable {
+                        Err(e) => Err(ApiError::internal(format!("storage failure: {e}"))),
+                        Ok(()) => result,
+                    });
+                }
             });
             (ok, deliver)
         });
@@ -396,7 +434,14 @@ impl Store {
         };
         if start {
             let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.commit_queued());
+            match &self.inner.db {
+                Durable::Sqlite(_) => {
+                    tokio::task::spawn_blocking(move || inner.commit_queued());
+                }
+                Durable::Etcd(_) => {
+                    tokio::spawn(async move { inner.commit_queued_etcd().await });
+                }
+            }
         }
         // A dropped sender means the write panicked.
         rx.await.map_err(|_| ApiError::from(StoreError::Join))?
@@ -440,53 +485,74 @@ impl Store {
 }
 
 impl Inner {
+    /// The next group of queued writes, or `None` (and no committer) when there is none.
+    fn next_group(&self, max: usize) -> Option<Vec<Job>> {
+        let mut q = self.queue.lock();
+        if q.jobs.is_empty() {
+            q.committing = false;
+            return None;
+        }
+        let n = q.jobs.len().min(max);
+        Some(q.jobs.drain(..n).collect())
+    }
+
     /// Commits groups until the queue is empty; one committer runs at a time.
     fn commit_queued(&self) {
         let guard = Committer(self);
-        let mut db = self.db.lock();
-        loop {
-            let jobs = {
-                let mut q = self.queue.lock();
-                if q.jobs.is_empty() {
-                    q.committing = false;
-                    std::mem::forget(guard);
-                    return;
-                }
-                let n = q.jobs.len().min(MAX_GROUP);
-                q.jobs.drain(..n).collect::<Vec<_>>()
-            };
+        let Durable::Sqlite(db) = &self.db else {
+            return;
+        };
+        let mut db = db.lock();
+        while let Some(jobs) = self.next_group(MAX_GROUP) {
             self.commit_group(&mut db, jobs);
         }
+        std::mem::forget(guard);
     }
 
-    fn commit_group(&self, db: &mut Connection, jobs: Vec<Job>) {
+    /// Runs `jobs` in order against the current state, each seeing the ones before it:
+    /// the changes of those that succeeded, the revision after them, and every outcome
+    /// to deliver once the group is durable (or not).
+    fn run_group(&self, jobs: &mut [Job]) -> Group {
         let mut overlay = Overlay::new();
         let mut changes = Vec::new();
         let mut delivers = Vec::with_capacity(jobs.len());
-        let rv = {
-            let state = self.state.read();
-            let mut rv = state.rv;
-            for job in jobs {
-                let mut txn = Txn {
-                    state: &state,
-                    below: &overlay,
-                    overlay: Overlay::new(),
-                    changes: Vec::new(),
-                    rv,
-                };
-                // A panicking write drops its sender (its caller sees a failed write)
-                // and leaves no changes; the others in the group go on.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn)));
-                let Ok((ok, deliver)) = ran else { continue };
-                if ok {
-                    rv = txn.rv;
-                    changes.append(&mut txn.changes);
-                    overlay.extend(txn.overlay);
-                }
-                delivers.push(deliver);
+        let state = self.state.read();
+        let base = state.rv;
+        let mut rv = base;
+        for job in jobs {
+            let mut txn = Txn {
+                state: &state,
+                below: &overlay,
+                overlay: Overlay::new(),
+                changes: Vec::new(),
+                rv,
+            };
+            // A panicking write drops its sender (its caller sees a failed write)
+            // and leaves no changes; the others in the group go on.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn)));
+            let Ok((ok, deliver)) = ran else { continue };
+            if ok {
+                rv = txn.rv;
+                changes.append(&mut txn.changes);
+                overlay.extend(txn.overlay);
             }
-            rv
-        };
+            delivers.push(deliver);
+        }
+        Group {
+            base,
+            rv,
+            changes,
+            delivers,
+        }
+    }
+
+    fn commit_group(&self, db: &mut Connection, mut jobs: Vec<Job>) {
+        let Group {
+            rv,
+            changes,
+            delivers,
+            ..
+        } = self.run_group(&mut jobs);
         let durable = if changes.is_empty() {
             Ok(())
         } else {
@@ -504,10 +570,84 @@ impl Inner {
         }
     }
 
-    /// Makes committed changes visible to readers and watchers.
+    /// Commits groups through etcd until the queue is empty. A group that another replica
+    /// got ahead of runs again once this replica has caught up.
+    async fn commit_queued_etcd(self: Arc<Self>) {
+        let guard = Committer(&self);
+        let Durable::Etcd(etcd) = &self.db else {
+            return;
+        };
+        // etcd caps the operations of one transaction (`--max-txn-ops`, 128 by default):
+        // two per change and two more, so small groups.
+        while let Some(mut jobs) = self.next_group(16) {
+            self.commit_group_etcd(etcd, &mut jobs).await;
+        }
+        std::mem::forget(guard);
+    }
+
+    async fn commit_group_etcd(&self, etcd: &etcd::Etcd, jobs: &mut [Job]) {
+        const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+        loop {
+            let Group {
+                base,
+                rv,
+                changes,
+                delivers,
+            } = self.run_group(jobs);
+            if changes.is_empty() {
+                for deliver in delivers {
+                    deliver(Ok(()));
+                }
+                return;
+            }
+            let floor = rv.saturating_sub(self.history);
+            let outcome = match etcd.commit(base, &changes, rv, floor).await {
+                Ok(Ok(())) => {
+                    self.apply(changes, rv, floor);
+                    Ok(())
+                }
+                Ok(Err(current)) => {
+                    // Another replica wrote first: run again once its writes are here
+                    // (this run's outcomes are dropped undelivered).
+                    let mut seen = self.changed.subscribe();
+                    let caught_up =
+                        tokio::time::timeout(CATCH_UP, seen.wait_for(|rv| *rv >= current)).await;
+                    if matches!(caught_up, Ok(Ok(_))) {
+                        continue;
+                    }
+                    Err(StoreError::Etcd(format!(
+                        "revision {current} was written elsewhere and did not reach this replica within {CATCH_UP:?}"
+                    )))
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &outcome {
+                tracing::error!(error = %e, "storage failure");
+            }
+            for deliver in delivers {
+                deliver(outcome.as_ref().map(|_| ()));
+            }
+            return;
+        }
+    }
+
+    /// Replaces the whole state (an etcd replica that fell behind and reloaded): watches
+    /// older than it get `410 Gone` and list again.
+    fn replace(&self, state: State) {
+        let rv = state.rv;
+        *self.state.write() = state;
+        self.changed.send_replace(rv);
+    }
+
+    /// Makes committed changes visible to readers and watchers. Changes already applied
+    /// (an etcd replica hears its own writes back) are skipped.
     fn apply(&self, changes: Vec<Event>, rv: u64, floor: u64) {
         let mut state = self.state.write();
-        for change in changes {
+        if rv <= state.rv {
+            return;
+        }
+        let known = state.rv;
+        for change in changes.into_iter().filter(|c| c.rv > known) {
             let map = &mut state.objects[change.res.id];
             if change.type_ == EventType::Deleted {
                 map.remove(&change.key);
@@ -524,6 +664,16 @@ impl Inner {
         drop(state);
         self.changed.send_replace(rv);
     }
+}
+
+/// A group of writes, run.
+struct Group {
+    /// The revision it ran on.
+    base: u64,
+    /// The revision after it.
+    rv: u64,
+    changes: Vec<Event>,
+    delivers: Vec<Deliver>,
 }
 
 /// Held by the committer while it runs: if it unwinds (a panic outside a job, or its task
@@ -598,7 +748,10 @@ mod tests {
         let store = Store::open(&path, 3).unwrap();
         for i in 0..5 {
             let obj = ns_obj(&format!("n{i}"));
-            store.write(move |txn| Ok(txn.put(ns, obj))).await.unwrap();
+            store
+                .write(move |txn| Ok(txn.put(ns, obj.clone())))
+                .await
+                .unwrap();
         }
         store
             .write(move |txn| Ok(txn.remove(ns, "", "n0")))
@@ -694,8 +847,10 @@ mod tests {
         let store = Store::open(&dir.path().join("db"), 100).unwrap();
         {
             let mut q = store.inner.queue.lock();
-            let deliver: Deliver = Box::new(|_| panic!("a delivery that panics"));
-            q.jobs.push(Box::new(move |_| (true, deliver)));
+            q.jobs.push(Box::new(move |_| {
+                let deliver: Deliver = Box::new(|_| panic!("a delivery that panics"));
+                (true, deliver)
+            }));
             q.committing = true;
         }
         let inner = store.inner.clone();
@@ -704,7 +859,7 @@ mod tests {
         let obj = ns_obj("after");
         let written = tokio::time::timeout(
             std::time::Duration::from_secs(30),
-            store.write(move |txn| Ok(txn.put(ns, obj))),
+            store.write(move |txn| Ok(txn.put(ns, obj.clone()))),
         )
         .await;
         assert!(

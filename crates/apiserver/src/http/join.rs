@@ -134,7 +134,7 @@ async fn ensure_connector(app: &Arc<App>, ns: &str, r: &JoinRequest) -> Result<S
     });
     let created = app
         .store
-        .write(move |txn| write::create(txn, &ctx, body))
+        .write(move |txn| write::create(txn, &ctx, body.clone()))
         .await?;
     Ok(uid_of(&created))
 }

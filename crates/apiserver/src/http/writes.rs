@@ -69,7 +69,7 @@ pub(super) async fn create(w: Write<'_>, req: Request) -> Result<Response> {
     let body = read_object(app, req, t.res.proto, ctx.validation).await?;
     let created = app
         .store
-        .write(move |txn| write::create(txn, &ctx, body))
+        .write(move |txn| write::create(txn, &ctx, body.clone()))
         .await?;
     Ok(json_response(StatusCode::CREATED, &created))
 }
@@ -86,7 +86,7 @@ pub(super) async fn update(w: Write<'_>, req: Request) -> Result<Response> {
             let old = txn
                 .get(ctx.res, &ctx.ns, &name)
                 .ok_or_else(|| ApiError::not_found(ctx.res, &name))?;
-            let new = write::admit(&ctx, Some(&old), body, scope(ctx.res, status), None)?;
+            let new = write::admit(&ctx, Some(&old), body.clone(), scope(ctx.res, status), None)?;
             write::commit(txn, &ctx, Some(&old), new)
         })
         .await?;
@@ -132,7 +132,7 @@ pub(super) async fn patch(w: Write<'_>, req: Request) -> Result<Response> {
                 if patch_type != PatchType::Apply || status {
                     return Err(ApiError::not_found(res, &name));
                 }
-                let mut body = body;
+                let mut body = body.clone();
                 write::check_type(res, &mut body)?;
                 check_name(&body, &name)?;
                 let mut entries = Vec::new();
@@ -164,7 +164,7 @@ pub(super) async fn patch(w: Write<'_>, req: Request) -> Result<Response> {
                     (doc, None)
                 }
                 PatchType::Apply => {
-                    let mut body = body;
+                    let mut body = body.clone();
                     write::check_type(res, &mut body)?;
                     check_name(&body, &name)?;
                     let mut entries = Managed::parse_all(&old);

@@ -1,4 +1,4 @@
-//! `portway apiserver`: the Kubernetes-compatible API server on SQLite.
+//! `portway apiserver`: the Kubernetes-compatible API server, on SQLite or on etcd.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,22 @@ pub struct Args {
     /// Seconds an Event is kept after it was last seen.
     #[arg(long, default_value_t = 3600)]
     event_ttl: u64,
+    /// Keep objects in etcd (comma-separated client URLs) instead of DATA/portway.db; any
+    /// number of API servers may share one cluster.
+    #[arg(long, value_delimiter = ',', value_name = "URL,URL,…")]
+    etcd_servers: Vec<String>,
+    /// Every key lives under this prefix, so installations can share a cluster.
+    #[arg(long, default_value = "/portway")]
+    etcd_prefix: String,
+    /// CA that signed the etcd members' certificates (PEM); turns TLS on.
+    #[arg(long)]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd (PEM), when the members ask for one.
+    #[arg(long, requires_all = ["etcd_keyfile", "etcd_cafile"])]
+    etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd (PEM).
+    #[arg(long, requires = "etcd_certfile")]
+    etcd_keyfile: Option<PathBuf>,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -60,6 +76,19 @@ pub async fn run(args: Args) -> Result<()> {
     config.tls_sans = args.tls_san;
     config.history = args.history;
     config.event_ttl = std::time::Duration::from_secs(args.event_ttl);
+    if !args.etcd_servers.is_empty() {
+        config.etcd = Some(portway_apiserver::store::etcd::Config {
+            endpoints: args.etcd_servers,
+            prefix: args.etcd_prefix,
+            tls: args
+                .etcd_cafile
+                .map(|ca| portway_apiserver::store::etcd::Tls {
+                    ca,
+                    cert: args.etcd_certfile,
+                    key: args.etcd_keyfile,
+                }),
+        });
+    }
     let server = portway_apiserver::Server::bind(config)
         .await
         .context("starting the API server")?;

@@ -1,0 +1,278 @@
+//! Past one machine: two `portway apiserver` replicas on a 3-member etcd cluster, behind a
+//! TCP load balancer (nginx's `stream` module, as the README documents). Under a steady
+//! write load through both, one etcd member and one API replica are killed with `kill -9`:
+//! no acknowledged write is lost (counted), a watch that resumes through the balancer sees
+//! every change once and in order (checked by resourceVersion), and kubectl keeps working
+//! through the other replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::WatchParams;
+use kube::core::WatchEvent;
+use parking_lot::Mutex;
+use portway_testkit::etcd::Cluster;
+use portway_testkit::pebble::free_port;
+
+use super::*;
+
+const TOKEN: &str = "admin-etcd-0123456789abcdef";
+
+/// What a watch saw: resourceVersion, name, event type.
+type Seen = Arc<Mutex<Vec<(u64, String, &'static str)>>>;
+
+/// A kubeconfig for `server` (https), trusting `ca_pem`, with the admin token.
+fn kubeconfig(path: &Path, server: SocketAddr, ca_pem: &str) {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: admin\n    namespace: load\ncurrent-context: x\n"
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+/// nginx as a TCP load balancer over `upstreams`, on a port of its own: a replica that
+/// refuses connections is skipped for the next.
+fn balancer(dir: &Path, upstreams: &[SocketAddr]) -> (Process, SocketAddr) {
+    let port = free_port().unwrap();
+    let servers: String = upstreams
+        .iter()
+        .map(|u| format!("    server {u} max_fails=1 fail_timeout=5s;\n"))
+        .collect();
+    let conf = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream api {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass api;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let p = Process::spawn(
+        "nginx",
+        Path::new("/usr/sbin/nginx"),
+        ["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+    )
+    .unwrap();
+    (p, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn lease(name: &str) -> Lease {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"holderIdentity": name}}))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Cluster::start(&dir.path().join("etcd"), 3).await.unwrap();
+    let endpoints = etcd.endpoints().join(",");
+
+    // One serving certificate and one tokens file for both replicas, as a deployment
+    // would share them.
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let files = dir.path().join("shared");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("tls.crt"), &cert_pem).unwrap();
+    std::fs::write(files.join("tls.key"), &key_pem).unwrap();
+    std::fs::write(files.join("tokens.csv"), format!("{TOKEN},admin,admin,*\n")).unwrap();
+    let replica = |i: usize| {
+        let data = dir.path().join(format!("api{i}"));
+        let files = files.clone();
+        let endpoints = endpoints.clone();
+        async move {
+            let args = [
+                "apiserver".to_owned(),
+                "--data".into(),
+                data.display().to_string(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--tls-cert".into(),
+                files.join("tls.crt").display().to_string(),
+                "--tls-key".into(),
+                files.join("tls.key").display().to_string(),
+                "--tokens".into(),
+                files.join("tokens.csv").display().to_string(),
+                "--etcd-servers".into(),
+                endpoints,
+            ];
+            Process::start(&format!("api{i}"), bin(), args)
+                .await
+                .unwrap()
+        }
+    };
+    let mut a = replica(0).await;
+    let b = replica(1).await;
+    let addr = |p: &Process| -> SocketAddr { p.ready_str("listen").parse().unwrap() };
+    let (addr_a, addr_b) = (addr(&a), addr(&b));
+    let lb_dir = dir.path().join("lb");
+    std::fs::create_dir(&lb_dir).unwrap();
+    let (_nginx, lb) = balancer(&lb_dir, &[addr_a, addr_b]);
+    let (kc_lb, kc_b) = (
+        dir.path().join("lb.kubeconfig"),
+        dir.path().join("b.kubeconfig"),
+    );
+    kubeconfig(&kc_lb, lb, &cert_pem);
+    kubeconfig(&kc_b, addr_b, &cert_pem);
+    let kubectl = portway_testkit::Kubectl::new(portway_testkit::kubectls()[0].clone(), &kc_lb);
+    eventually(
+        "kubectl reaches the replicas through the balancer",
+        WAIT,
+        || async {
+            let (ok, out, err) = kubectl.run(&["create", "namespace", "load"], None);
+            ensure!(ok || err.contains("AlreadyExists"), "{out}{err}");
+            Ok(())
+        },
+    )
+    .await;
+
+    let via_lb = kube_client(&kc_lb).await.unwrap();
+    let via_b = kube_client(&kc_b).await.unwrap();
+    let (leases_lb, leases_b): (Api<Lease>, Api<Lease>) = (
+        Api::namespaced(via_lb.clone(), "load"),
+        Api::namespaced(via_b.clone(), "load"),
+    );
+
+    // A watch through the balancer, resumed from the last resourceVersion it saw whenever
+    // its replica goes away.
+    let start_rv = leases_lb
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let watcher = {
+        let (api, seen) = (leases_lb.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut rv = start_rv;
+            loop {
+                let Ok(stream) = api.watch(&WatchParams::default().timeout(30), &rv).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let mut stream = std::pin::pin!(stream);
+                while let Some(Ok(event)) = stream.next().await {
+                    let (kind, l) = match event {
+                        WatchEvent::Added(l) => ("ADDED", l),
+                        WatchEvent::Modified(l) => ("MODIFIED", l),
+                        WatchEvent::Deleted(l) => ("DELETED", l),
+                        WatchEvent::Bookmark(b) => {
+                            rv = b.metadata.resource_version;
+                            continue;
+                        }
+                        WatchEvent::Error(e) => panic!("the watch was refused: {e:?}"),
+                    };
+                    rv = l.metadata.resource_version.clone().unwrap();
+                    let name = l.metadata.name.clone().unwrap();
+                    seen.lock().push((rv.parse().unwrap(), name, kind));
+                }
+            }
+        })
+    };
+
+    // Writers: one through the balancer, one straight to the replica that stays. A write
+    // that fails may still have been committed: asked again, AlreadyExists says so.
+    let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = |api: Api<Lease>, prefix: &'static str| {
+        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut i, mut failures) = (0, 0);
+            while !stop.is_cancelled() {
+                let name = format!("{prefix}-{i}");
+                match api.create(&PostParams::default(), &lease(&name)).await {
+                    Ok(_) => {
+                        acknowledged.lock().insert(name);
+                        i += 1;
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        acknowledged.lock().insert(name);
+                        i += 1;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            failures
+        })
+    };
+    let writers = [
+        writer(leases_lb.clone(), "lb"),
+        writer(leases_b.clone(), "b"),
+    ];
+    let count = || acknowledged.lock().len();
+    eventually("writes are acknowledged", WAIT, || async {
+        ensure!(count() >= 100, "{}", count());
+        Ok(())
+    })
+    .await;
+
+    // Lose an etcd member and an API replica, the balancer's first, mid-load.
+    let before = count();
+    let killed = Instant::now();
+    etcd.kill9(0);
+    a.kill9();
+    eventually("writes go on after the losses", WAIT, || async {
+        ensure!(count() >= before + 100, "{} since", count() - before);
+        Ok(())
+    })
+    .await;
+    eprintln!(
+        "etcd member and API replica killed: 100 more writes acknowledged within {:?}",
+        killed.elapsed()
+    );
+    let listed = kubectl.ok(&["get", "leases", "-n", "load", "-o", "name"], None);
+    assert!(listed.lines().count() >= before, "{listed}");
+    stop.cancel();
+    let mut failed = 0;
+    for w in writers {
+        failed += w.await.unwrap();
+    }
+
+    // Nothing acknowledged is lost, on the replica that stayed.
+    let stored: BTreeSet<String> = leases_b
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|l| l.metadata.name.unwrap())
+        .collect();
+    let acknowledged = acknowledged.lock().clone();
+    let lost: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    eprintln!(
+        "{} writes acknowledged ({failed} failed and retried), {} stored, none lost",
+        acknowledged.len(),
+        stored.len()
+    );
+
+    // The watch saw each object added once, in resourceVersion order, across replicas.
+    eventually("the watch sees every stored object", WAIT, || async {
+        let seen = seen.lock();
+        let added: BTreeSet<&String> = seen.iter().map(|(_, n, _)| n).collect();
+        let missing = stored.iter().filter(|n| !added.contains(n)).count();
+        ensure!(missing == 0, "{missing} not seen yet");
+        Ok(())
+    })
+    .await;
+    watcher.abort();
+    let seen = seen.lock();
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "resourceVersions went back or repeated"
+    );
+    let mut per_name: BTreeMap<&String, usize> = BTreeMap::new();
+    for (_, n, kind) in seen.iter() {
+        assert_eq!(*kind, "ADDED", "{n}");
+        *per_name.entry(n).or_default() += 1;
+    }
+    assert!(
+        per_name.values().all(|n| *n == 1),
+        "an object was announced twice"
+    );
+}
