@@ -37,6 +37,9 @@ pub struct Config {
     pub zone: String,
     /// TTL of the TXT records (default 5 s, so changes spread quickly).
     pub ttl: u32,
+    /// With several DNS servers (`--leader-elect`): true while this one leads and writes
+    /// connectors' `IrohDNSPublished`; all of them answer queries.
+    pub leading: Option<watch::Receiver<bool>>,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5353)),
             zone: zone.into(),
             ttl: 5,
+            leading: None,
         }
     }
 }
@@ -299,6 +303,7 @@ impl Server {
             origin.clone(),
             origin_name,
             config.ttl,
+            config.leading.clone(),
             shutdown.clone(),
         ));
         tracing::info!(%addr, zone = %origin, "dns listening (udp and tcp)");
@@ -338,6 +343,7 @@ async fn run_controller(
     origin: String,
     origin_name: Name,
     ttl: u32,
+    mut leading: Option<watch::Receiver<bool>>,
     shutdown: CancellationToken,
 ) {
     let api: Api<Connector> = Api::all(client.clone());
@@ -359,6 +365,7 @@ async fn run_controller(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
+            () = portway_kube::leader::changed(&mut leading) => {}
             batch = changes.next() => {
                 let Some(batch) = batch else { return };
                 for e in batch {
@@ -415,6 +422,9 @@ async fn run_controller(
                 )
             })
             .collect();
+        if !portway_kube::leader::leads(leading.as_ref()) {
+            continue;
+        }
         for d in &decisions {
             if let Some(c) = by_key.get(&(d.namespace.as_str(), d.name.as_str())) {
                 write_condition(&client, &events, c, d).await;

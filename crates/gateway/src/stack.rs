@@ -192,6 +192,7 @@ impl EdgeStack {
                 no_tls_port: routes::no_tls_port(edge.https_addr().is_some()),
                 udp_binds: Some(udp_binds),
                 no_udp: None,
+                leading: None,
             },
             table,
             version,

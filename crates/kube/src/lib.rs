@@ -1,6 +1,7 @@
 //! What every Portway controller needs from a Kubernetes API, written once: a client from
 //! a kubeconfig ([`client`]), a watch feeding a cache without `managedFields`
-//! ([`watch`]), when a Lease runs out ([`lease`]), events for `kubectl describe`
+//! ([`watch`]), when a Lease runs out ([`lease`]), leader election among replicas
+//! ([`leader`]), events for `kubectl describe`
 //! ([`events`]), and a status writer that merges
 //! conditions, guards on `resourceVersion` and retries on 409 ([`status`]), so two
 //! controllers owning different conditions of one object never erase each other's.
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod events;
+pub mod leader;
 pub mod lease;
 pub mod status;
 pub mod watch;

@@ -580,7 +580,12 @@ async fn keep(
 }
 
 /// Creates the system namespace the certificates live in, if it is missing.
-pub(crate) async fn ensure_namespace(client: &kube::Client) -> Result<(), kube::Error> {
+/// Creates `portway-system` if it is missing (the issuer's Secrets and the leader
+/// lease live there).
+///
+/// # Errors
+/// When the API refuses.
+pub async fn ensure_namespace(client: &kube::Client) -> Result<(), kube::Error> {
     let api: Api<Namespace> = Api::all(client.clone());
     if api.get_opt(SYSTEM_NAMESPACE).await?.is_some() {
         return Ok(());

@@ -398,6 +398,7 @@ mod tests {
             no_tls_port: None,
             udp_binds: None,
             no_udp: None,
+            leading: None,
         }
     }
 

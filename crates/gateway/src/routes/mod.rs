@@ -52,6 +52,9 @@ pub struct Config {
     /// Why UDP routes cannot be served, when the data plane does not carry UDP (Envoy):
     /// they are refused with it.
     pub no_udp: Option<String>,
+    /// With several replicas writing status (`--leader-elect`): true while this one
+    /// leads; the others serve routes but leave status to it.
+    pub leading: Option<watch::Receiver<bool>>,
 }
 
 /// Resolves when `binds` (if any) changes; never when there is none or it is gone.
@@ -158,9 +161,11 @@ pub fn spawn(
         let mut n = 0u64;
         let mut tcp_binds = config.tcp_binds.clone();
         let mut udp_binds = config.udp_binds.clone();
+        let mut leading = config.leading.clone();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = portway_kube::leader::changed(&mut leading) => {}
                 () = binds_changed(&mut tcp_binds) => {}
                 () = binds_changed(&mut udp_binds) => {}
                 batch = changes.next() => match batch {
@@ -214,7 +219,7 @@ pub fn spawn(
             table.store(Arc::new(t));
             n += 1;
             version.send_replace(n);
-            if config.write_status {
+            if config.write_status && portway_kube::leader::leads(leading.as_ref()) {
                 let writes = desired(&config, &gws, &routes, &l4, &attachments);
                 apply(&client, &events, &config.controller_name, writes).await;
             }

@@ -119,6 +119,9 @@ pub struct StackConfig {
     /// Whether to write Gateway and HTTPRoute status (off when the built-in edge does).
     /// [`CONDITION`] is written either way.
     pub write_status: bool,
+    /// With several xDS servers (`--leader-elect`): true while this one leads and writes
+    /// route status; all of them serve Envoys.
+    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +238,7 @@ impl Stack {
                     "Envoy does not carry UDP through the tunnel: public UDP ports are served by the built-in edge"
                         .into(),
                 ),
+                leading: config.leading.clone(),
             },
             table,
             routes_tx,

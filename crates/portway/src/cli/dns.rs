@@ -23,6 +23,10 @@ pub struct Args {
     /// TTL of the TXT records, in seconds.
     #[arg(long, default_value_t = 5)]
     ttl: u32,
+    /// With --leader-elect, of several DNS servers only the one holding the Lease
+    /// `portway-system/portway-dns` writes connectors' `IrohDNSPublished`; all answer.
+    #[command(flatten)]
+    leader: super::LeaderFlags,
     /// Write the bound address here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -33,6 +37,8 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = portway_discovery::dns::Config::new(args.zone);
     config.listen = args.listen;
     config.ttl = args.ttl;
+    let stop = tokio_util::sync::CancellationToken::new();
+    config.leading = args.leader.follow("portway-dns", &client, stop.clone());
     let server = portway_discovery::dns::Server::bind(config, client)
         .await
         .context("starting the DNS server")?;
@@ -41,6 +47,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     eprintln!("DNS at {} (udp+tcp)", server.local_addr());
     shutdown_signal().await;
+    stop.cancel();
     server.shutdown();
     server.join().await;
     Ok(())

@@ -152,6 +152,55 @@ pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String
 }
 
 /// Writes `value` to `path` atomically, so readers never see half a file.
+/// `--leader-elect` for parts that run as several replicas.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LeaderFlags {
+    /// Run as one of several replicas: only the one holding the Lease
+    /// `portway-system/<part>` writes status; all of them serve.
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Seconds a leader that stopped renewing keeps the lease.
+    #[arg(long, default_value_t = 15)]
+    pub leader_elect_lease_seconds: u64,
+}
+
+impl LeaderFlags {
+    /// The election for `lease` (named after the part), when asked for.
+    pub fn config(&self, lease: &str) -> Option<portway_kube::leader::Config> {
+        if !self.leader_elect {
+            return None;
+        }
+        let identity = format!("{}-{}", portway_agent::default_name(), std::process::id());
+        let mut config = portway_kube::leader::Config::new(
+            portway_api::certificates::SYSTEM_NAMESPACE,
+            lease,
+            identity,
+        );
+        config.lease_duration = std::time::Duration::from_secs(self.leader_elect_lease_seconds);
+        // Renewed several times a lease, so one slow renewal does not cost leadership.
+        config.retry_period = (config.lease_duration / 5).clamp(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(2),
+        );
+        Some(config)
+    }
+
+    /// Leadership as a flag (see [`portway_kube::leader::follow`]), when asked for.
+    pub fn follow(
+        &self,
+        lease: &str,
+        client: &kube::Client,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::watch::Receiver<bool>> {
+        let config = self.config(lease)?;
+        Some(portway_kube::leader::follow(
+            client.clone(),
+            config,
+            shutdown,
+        ))
+    }
+}
+
 pub fn write_ready_file(path: &Path, value: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)

@@ -54,7 +54,13 @@ pub struct Args {
     /// the lowest free one, and one asking for a port outside is refused.
     #[arg(long, value_name = "FIRST-LAST", default_value = "20000-20999", value_parser = super::parse_port_range)]
     tcp_ports: std::ops::RangeInclusive<u16>,
-    /// Write {"operator": "ready"} here once the caches are synced and controllers run.
+    /// With --leader-elect, only the replica holding the Lease
+    /// `portway-system/portway-operator` works; the others wait and take over within a
+    /// lease duration of the leader's loss.
+    #[command(flatten)]
+    leader: super::LeaderFlags,
+    /// Write {"operator": "ready"} here once the caches are synced and controllers run
+    /// (with --leader-elect: {"operator": "standby", "identity": …} at once).
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
@@ -90,10 +96,37 @@ pub async fn run(args: Args) -> Result<()> {
         certs.validity = validity.unwrap_or(certs.validity);
         certs.renew_before = renew_before.unwrap_or(certs.renew_before);
     }
-    let operator = portway_operator::Operator::start(config, client)
+    let mut signal = std::pin::pin!(shutdown_signal());
+    let election = if let Some(lease) = args.leader.config("portway-operator") {
+        let identity = lease.identity.clone();
+        portway_operator::certs::ensure_namespace(&client)
+            .await
+            .context("creating portway-system for the leader lease")?;
+        if let Some(path) = &args.ready_file {
+            write_ready_file(path, &json!({"operator": "standby", "identity": identity}))?;
+        }
+        eprintln!("waiting to lead (Lease portway-system/portway-operator) as {identity}");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let leading = tokio::select! {
+            l = portway_kube::leader::acquire(client.clone(), lease.clone(), stop.clone()) => l,
+            () = &mut signal => return Ok(()),
+        };
+        leading.map(|l| (l, lease))
+    } else {
+        None
+    };
+    let lost = election.as_ref().map(|(l, _)| l.lost());
+    let lost_leadership = async {
+        match &lost {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut lost_leadership = std::pin::pin!(lost_leadership);
+    let operator = portway_operator::Operator::start(config, client.clone())
         .await
         .context("starting the operator")?;
-    let mut signal = std::pin::pin!(shutdown_signal());
+    let mut stepped_down = false;
     tokio::select! {
         synced = operator.ready() => {
             synced.context("waiting for the operator's caches")?;
@@ -101,11 +134,22 @@ pub async fn run(args: Args) -> Result<()> {
                 write_ready_file(path, &json!({"operator": "ready"}))?;
             }
             eprintln!("operator running");
-            signal.await;
+            tokio::select! {
+                () = &mut signal => {}
+                () = &mut lost_leadership => stepped_down = true,
+            }
         }
         () = &mut signal => {}
+        () = &mut lost_leadership => stepped_down = true,
     }
     operator.shutdown();
     operator.join().await;
+    if let Some((leadership, lease)) = election {
+        leadership.release(client, &lease).await;
+    }
+    if stepped_down {
+        // Another replica leads now; a supervisor starts this one again as a standby.
+        anyhow::bail!("lost the leader lease; stopped so that only the leader works");
+    }
     Ok(())
 }

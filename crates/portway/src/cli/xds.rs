@@ -36,6 +36,10 @@ pub struct Args {
     /// Addresses to publish in Gateway status.
     #[arg(long)]
     address: Vec<String>,
+    /// With --leader-elect, of several xDS servers only the one holding the Lease
+    /// `portway-system/portway-xds` writes route status; all of them serve Envoys.
+    #[command(flatten)]
+    leader: super::LeaderFlags,
     /// Write the bound address here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -44,7 +48,9 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     use portway_gateway::xds;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
     let config = xds::StackConfig {
+        leading: args.leader.follow("portway-xds", &client, stop.clone()),
         listen: args.listen,
         defaults: xds::NodeConfig {
             sidecar: args.sidecar,
@@ -61,6 +67,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     eprintln!("xDS on {} (ADS, state of the world)", stack.local_addr());
     shutdown_signal().await;
+    stop.cancel();
     stack.shutdown();
     stack.join().await;
     Ok(())

@@ -276,3 +276,173 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
         "an object was announced twice"
     );
 }
+
+/// Two `portway operator --leader-elect` replicas: one leads (holds the Lease) and
+/// reconciles; after `kill -9` of the leader the other takes over within the lease
+/// duration and reconciles what was created meanwhile. Two DNS servers and two xDS
+/// servers both serve, and the status writer's Lease moves to the survivor likewise.
+#[tokio::test]
+async fn standbys_take_over_when_the_leader_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Process::start(
+        "apiserver",
+        bin(),
+        [
+            "apiserver",
+            "--data",
+            dir.path().join("api").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+    .unwrap();
+    let kc = PathBuf::from(api.ready_str("kubeconfig"));
+    let operator = |name: &'static str| {
+        let kc = kc.clone();
+        async move {
+            let args = [
+                "operator",
+                "--kubeconfig",
+                kc.to_str().unwrap(),
+                "--sidecar",
+                "127.0.0.1:1",
+                "--leader-elect",
+                "--leader-elect-lease-seconds",
+                "3",
+            ];
+            Process::start(name, bin(), args).await.unwrap()
+        }
+    };
+    let mut operators = [operator("operator-1").await, operator("operator-2").await];
+    let client = kube_client(&kc).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "portway-system");
+    let holder = || async {
+        let l = leases.get("portway-operator").await?;
+        l.spec
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty())
+            .context("no holder")
+    };
+    let first = eventually("an operator leads", WAIT, holder).await;
+    let leader = operators
+        .iter()
+        .position(|p| first.ends_with(&format!("-{}", p.pid())))
+        .unwrap_or_else(|| panic!("{first} is neither operator"));
+
+    let proxies: Api<HttpProxy> = Api::namespaced(client.clone(), "default");
+    let proxy = |name: &str| -> HttpProxy {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"hostnames": [format!("{name}.example.com")], "rules": [{"backends": [
+                {"endpoint": "https://origin.example.com"}]}]}}))
+        .unwrap()
+    };
+    let reconciled = |name: &'static str| {
+        let proxies = proxies.clone();
+        async move {
+            eventually(&format!("{name} is reconciled"), WAIT, || async {
+                let p = proxies.get(name).await?;
+                let c = p.status.unwrap_or_default().conditions;
+                ensure!(
+                    c.iter()
+                        .any(|c| c.type_ == "Accepted"
+                            && c.observed_generation == p.metadata.generation),
+                    "{c:?}"
+                );
+                Ok(())
+            })
+            .await
+        }
+    };
+    proxies
+        .create(&PostParams::default(), &proxy("before"))
+        .await
+        .unwrap();
+    reconciled("before").await;
+
+    operators[leader].kill9();
+    let killed = Instant::now();
+    proxies
+        .create(&PostParams::default(), &proxy("after"))
+        .await
+        .unwrap();
+    reconciled("after").await;
+    let took = killed.elapsed();
+    let second = holder().await.unwrap();
+    assert_ne!(first, second, "the killed operator still holds the lease");
+    let other = &operators[1 - leader];
+    assert!(second.ends_with(&format!("-{}", other.pid())), "{second}");
+    eprintln!(
+        "operator failover (lease 3 s): a proxy created at the kill was reconciled by the standby after {took:?}"
+    );
+
+    // DNS and xDS servers are active-active: both serve; one writes status, and the
+    // other takes that over when it is killed.
+    let part = |name: &'static str, args: Vec<String>| {
+        let kc = kc.clone();
+        async move {
+            let mut all = vec![
+                args[0].clone(),
+                "--kubeconfig".into(),
+                kc.display().to_string(),
+            ];
+            all.extend(args[1..].iter().cloned());
+            all.extend(["--leader-elect", "--leader-elect-lease-seconds", "3"].map(String::from));
+            Process::start(name, bin(), all).await.unwrap()
+        }
+    };
+    let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let dns = [
+        part("dns-1", args(&["dns", "--listen", "127.0.0.1:0"])).await,
+        part("dns-2", args(&["dns", "--listen", "127.0.0.1:0"])).await,
+    ];
+    for s in &dns {
+        let at: SocketAddr = s.ready_str("dns").parse().unwrap();
+        let soa = portway_testkit::dig(at, "portway.localhost", "SOA", false).unwrap();
+        assert!(!soa.answers.is_empty(), "{at} does not answer");
+    }
+    let xds = |name| {
+        part(
+            name,
+            args(&[
+                "xds",
+                "--listen",
+                "127.0.0.1:0",
+                "--envoy-listen",
+                "127.0.0.1:0",
+            ]),
+        )
+    };
+    let xds = [xds("xds-1").await, xds("xds-2").await];
+    for (lease, mut replicas) in [("portway-dns", dns), ("portway-xds", xds)] {
+        let holder = || async {
+            let l = leases.get(lease).await?;
+            l.spec
+                .and_then(|s| s.holder_identity)
+                .filter(|h| !h.is_empty())
+                .context("no holder")
+        };
+        let first = eventually(&format!("{lease}: one leads"), WAIT, holder).await;
+        let leader = replicas
+            .iter()
+            .position(|p| first.ends_with(&format!("-{}", p.pid())))
+            .unwrap_or_else(|| panic!("{first} is neither replica"));
+        replicas[leader].kill9();
+        let killed = Instant::now();
+        let second = eventually(&format!("{lease}: the other leads"), WAIT, || async {
+            let h = holder().await?;
+            ensure!(h != first, "still {h}");
+            Ok(h)
+        })
+        .await;
+        assert!(
+            second.ends_with(&format!("-{}", replicas[1 - leader].pid())),
+            "{second}"
+        );
+        eprintln!(
+            "{lease} status writer failover (lease 3 s): {:?}",
+            killed.elapsed()
+        );
+    }
+}
