@@ -14,21 +14,26 @@
 //! - Deleting the Connector revokes the credential at once: every request re-checks the
 //!   bound uid.
 //!
-//! Only SHA-256 hashes of secrets are stored (table `devices` and `join_tokens` in the
-//! API server's SQLite file).
+//! All of it lives in the store, as Secrets in `portway-system` (as Kubernetes keeps its
+//! bootstrap tokens in `kube-system`), so every API server replica on one etcd knows every
+//! join token, challenge and credential: `join-token-<id>`, `join-nonce-<nonce>` and
+//! `device-<hash>`, of types `portway.dev/join-token`, `portway.dev/join-nonce` and
+//! `portway.dev/device-credential`. Only SHA-256 hashes of secrets are stored. What an
+//! earlier version kept in `portway.db`'s `join_tokens` and `devices` tables is moved
+//! there on start.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, params};
-use serde_json::Value;
+use base64::Engine as _;
+use rusqlite::{Connection, OpenFlags};
+use serde_json::{Value, json};
 
 use crate::auth::{Namespaces, Role, User};
 use crate::error::ApiError;
-use crate::registry::Res;
+use crate::registry::{Res, registry};
+use crate::store::{Store, Txn};
 
 /// Ed25519 signatures are made over this prefix and the fields, newline-separated.
 pub const JOIN_CONTEXT: &str = "portway-join-v1";
@@ -36,6 +41,13 @@ pub const JOIN_CONTEXT: &str = "portway-join-v1";
 const NONCE_TTL: Duration = Duration::from_secs(60);
 /// Longest a join token may live.
 pub const MAX_JOIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Joins in progress at once, past which challenges are refused (429).
+const MAX_NONCES: usize = 10_000;
+
+const SYSTEM: &str = portway_api::certificates::SYSTEM_NAMESPACE;
+const JOIN_TOKEN: &str = "portway.dev/join-token";
+const JOIN_NONCE: &str = "portway.dev/join-nonce";
+const CREDENTIAL: &str = "portway.dev/device-credential";
 
 /// What a device credential is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,32 +61,8 @@ pub struct Binding {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
-    #[error("opening the device table in {path}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
-}
-
-struct JoinToken {
-    secret_hash: String,
-    ns: String,
-    expires: i64,
-    uses_left: i64,
-}
-
-#[derive(Default)]
-struct State {
-    by_token: HashMap<String, Binding>,
-    /// (ns, connector) → token hash.
-    by_connector: HashMap<(String, String), String>,
-    nonces: HashMap<String, (String, Instant)>,
-}
-
-/// The device credentials and join tokens.
-pub struct Devices {
-    db: Mutex<Connection>,
-    state: Mutex<State>,
+    #[error("moving device credentials from {path} into the store: {message}")]
+    Migrate { path: String, message: String },
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -111,85 +99,260 @@ pub fn join_message(nonce: &str, ns: &str, connector: &str, node_id: &str) -> St
     format!("{JOIN_CONTEXT}\n{nonce}\n{ns}\n{connector}\n{node_id}")
 }
 
-fn db_err(e: rusqlite::Error) -> ApiError {
-    ApiError::internal(format!("device table: {e}"))
-}
-
 fn unauthorized(message: &str) -> ApiError {
     ApiError::new(http::StatusCode::UNAUTHORIZED, "Unauthorized", message)
 }
 
-impl Devices {
-    /// # Errors
-    /// When the SQLite file cannot be opened or the tables created.
-    pub fn open(path: &Path) -> Result<Self, DevicesError> {
-        let err = |source| DevicesError::Open {
-            path: path.display().to_string(),
-            source,
-        };
-        let db = Connection::open(path).map_err(err)?;
-        db.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;
-CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL,
-  namespace TEXT NOT NULL, expires INTEGER NOT NULL, uses_left INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEXT NOT NULL,
-  connector TEXT NOT NULL, connector_uid TEXT NOT NULL, node_id TEXT NOT NULL,
-  created INTEGER NOT NULL, UNIQUE(namespace, connector));",
+fn secrets() -> Res {
+    registry()
+        .by_key("secrets")
+        .unwrap_or_else(|| registry().namespaces())
+}
+
+/// A Secret of ours in `portway-system`: `fields` base64-encoded into `data`.
+fn secret(name: &str, type_: &str, fields: &[(&str, &str)]) -> Value {
+    let data: serde_json::Map<String, Value> = fields
+        .iter()
+        .map(|(k, v)| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(v.as_bytes());
+            ((*k).to_owned(), Value::String(b64))
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": type_,
+        "metadata": {"name": name, "namespace": SYSTEM,
+            "labels": {portway_api::labels::MANAGED_BY: "portway-apiserver"}},
+        "data": data,
+    })
+}
+
+/// A field of a Secret of ours.
+fn field(s: &Value, key: &str) -> Option<String> {
+    let b64 = s["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn is(s: &Value, type_: &str) -> bool {
+    s["type"].as_str() == Some(type_)
+}
+
+/// A credential's Secret is named after its hash: found in one lookup per request.
+fn credential_name(hash: &str) -> String {
+    format!("device-{}", &hash[..40])
+}
+
+fn binding(s: &Value) -> Option<(String, Binding)> {
+    Some((
+        field(s, "token-sha256")?,
+        Binding {
+            ns: field(s, "namespace")?,
+            connector: field(s, "connector")?,
+            connector_uid: field(s, "connector-uid")?,
+            node_id: field(s, "node-id")?,
+        },
+    ))
+}
+
+/// A join token, checked: its id and project.
+struct JoinToken {
+    id: String,
+    ns: String,
+}
+
+/// The join token `token` names, if it is known, unexpired and not used up.
+fn join_token(
+    txn_or_store: &dyn Fn(&str) -> Option<Arc<Value>>,
+    token: &str,
+) -> Result<JoinToken, ApiError> {
+    let bad = || {
+        unauthorized(
+            "the join token is unknown, expired or used up; create a new one with `portway token create`",
         )
-        .map_err(err)?;
-        let mut state = State::default();
-        {
+    };
+    let mut parts = token.trim().splitn(3, '.');
+    let (Some("pwj"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let s = txn_or_store(&format!("join-token-{id}"))
+        .filter(|s| is(s, JOIN_TOKEN))
+        .ok_or_else(bad)?;
+    let stored = field(&s, "secret-sha256").unwrap_or_default();
+    // Digests are compared, so timing says nothing of the secret; still, no early exit.
+    let given = sha256_hex(secret);
+    let matches = given.len() == stored.len()
+        && given
+            .bytes()
+            .zip(stored.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    let number = |k| {
+        field(&s, k)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    if !matches || number("expires") <= unix_now() || number("uses-left") <= 0 {
+        return Err(bad());
+    }
+    Ok(JoinToken {
+        id: id.to_owned(),
+        ns: field(&s, "namespace").unwrap_or_default(),
+    })
+}
+
+/// The device credentials and join tokens, kept in the store.
+pub struct Devices {
+    store: Store,
+}
+
+impl Devices {
+    /// On `store`; what an earlier version kept in the SQLite file `legacy` (its
+    /// `join_tokens` and `devices` tables) is moved into it first.
+    ///
+    /// # Errors
+    /// When the old tables cannot be read or the store written.
+    pub async fn open(store: Store, legacy: Option<&Path>) -> Result<Self, DevicesError> {
+        let devices = Self { store };
+        if let Some(path) = legacy.filter(|p| p.exists()) {
+            devices.migrate(path).await?;
+        }
+        Ok(devices)
+    }
+
+    async fn migrate(&self, path: &Path) -> Result<(), DevicesError> {
+        let err = |message: String| DevicesError::Migrate {
+            path: path.display().to_string(),
+            message,
+        };
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(|e| err(e.to_string()))?;
+        let has = |table: &str| {
+            db.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+                > 0
+        };
+        let mut objects = Vec::new();
+        if has("join_tokens") {
             let mut stmt = db
-                .prepare("SELECT token_sha256, namespace, connector, connector_uid, node_id FROM devices")
-                .map_err(err)?;
+                .prepare("SELECT id, secret_sha256, namespace, expires, uses_left FROM join_tokens")
+                .map_err(|e| err(e.to_string()))?;
             let rows = stmt
                 .query_map([], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
-                        Binding {
-                            ns: r.get(1)?,
-                            connector: r.get(2)?,
-                            connector_uid: r.get(3)?,
-                            node_id: r.get(4)?,
-                        },
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 })
-                .map_err(err)?;
+                .map_err(|e| err(e.to_string()))?;
             for row in rows {
-                let (hash, b) = row.map_err(err)?;
-                state
-                    .by_connector
-                    .insert((b.ns.clone(), b.connector.clone()), hash.clone());
-                state.by_token.insert(hash, b);
+                let (id, hash, ns, expires, uses) = row.map_err(|e| err(e.to_string()))?;
+                objects.push(secret(
+                    &format!("join-token-{id}"),
+                    JOIN_TOKEN,
+                    &[
+                        ("secret-sha256", &hash),
+                        ("namespace", &ns),
+                        ("expires", &expires.to_string()),
+                        ("uses-left", &uses.to_string()),
+                    ],
+                ));
             }
         }
-        Ok(Self {
-            db: Mutex::new(db),
-            state: Mutex::new(state),
-        })
+        if has("devices") {
+            let mut stmt = db
+                .prepare("SELECT token_sha256, namespace, connector, connector_uid, node_id, created FROM devices")
+                .map_err(|e| err(e.to_string()))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                })
+                .map_err(|e| err(e.to_string()))?;
+            for row in rows {
+                let (hash, ns, connector, uid, node, created) =
+                    row.map_err(|e| err(e.to_string()))?;
+                objects.push(secret(
+                    &credential_name(&hash),
+                    CREDENTIAL,
+                    &[
+                        ("token-sha256", &hash),
+                        ("namespace", &ns),
+                        ("connector", &connector),
+                        ("connector-uid", &uid),
+                        ("node-id", &node),
+                        ("created", &created.to_string()),
+                    ],
+                ));
+            }
+        }
+        if objects.is_empty() {
+            return Ok(());
+        }
+        let n = objects.len();
+        let res = secrets();
+        self.store
+            .write(move |txn| {
+                for o in &objects {
+                    let name = o["metadata"]["name"].as_str().unwrap_or_default();
+                    if txn.get(res, SYSTEM, name).is_none() {
+                        txn.put(res, o.clone());
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| err(e.message))?;
+        // Moved: the old rows go, so a later start does not bring back what was revoked.
+        db.execute_batch("DELETE FROM join_tokens; DELETE FROM devices;")
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(moved = n, path = %path.display(), "device credentials and join tokens moved into the store");
+        Ok(())
+    }
+
+    fn lookup(&self) -> impl Fn(&str) -> Option<Arc<Value>> + '_ {
+        |name| self.store.get(secrets(), SYSTEM, name)
     }
 
     /// Creates a join token for `ns`.
     ///
     /// # Errors
     /// 500 when it cannot be stored.
-    pub fn create_join_token(
+    pub async fn create_join_token(
         &self,
         ns: &str,
         ttl: Duration,
         uses: u32,
     ) -> Result<(String, i64), ApiError> {
         let id = random_hex(4);
-        let secret = random_hex(16);
+        let token_secret = random_hex(16);
         let expires = unix_now() + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        self.db
-            .lock()
-            .execute(
-                "INSERT INTO join_tokens (id, secret_sha256, namespace, expires, uses_left) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, sha256_hex(&secret), ns, expires, i64::from(uses)],
-            )
-            .map_err(db_err)?;
-        Ok((format!("pwj.{id}.{secret}"), expires))
+        let object = secret(
+            &format!("join-token-{id}"),
+            JOIN_TOKEN,
+            &[
+                ("secret-sha256", &sha256_hex(&token_secret)),
+                ("namespace", ns),
+                ("expires", &expires.to_string()),
+                ("uses-left", &uses.to_string()),
+            ],
+        );
+        self.store
+            .write(move |txn| Ok(txn.put(secrets(), object.clone())))
+            .await?;
+        Ok((format!("pwj.{id}.{token_secret}"), expires))
     }
 
     /// Whether `token` looks like a join token (as opposed to a credential).
@@ -197,81 +360,76 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
         token.starts_with("pwj.")
     }
 
-    fn join_token(&self, token: &str) -> Result<(String, JoinToken), ApiError> {
-        let bad = || {
-            unauthorized(
-                "the join token is unknown, expired or used up; create a new one with `portway token create`",
-            )
-        };
-        let mut parts = token.trim().splitn(3, '.');
-        let (Some("pwj"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        let t = self
-            .db
-            .lock()
-            .query_row(
-                "SELECT secret_sha256, namespace, expires, uses_left FROM join_tokens WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok(JoinToken {
-                        secret_hash: r.get(0)?,
-                        ns: r.get(1)?,
-                        expires: r.get(2)?,
-                        uses_left: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(db_err)?
-            .ok_or_else(bad)?;
-        // Digests are compared, so timing says nothing of the secret; still, no early exit.
-        let given = sha256_hex(secret);
-        let matches = given.len() == t.secret_hash.len()
-            && given
-                .bytes()
-                .zip(t.secret_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !matches || t.expires <= unix_now() || t.uses_left <= 0 {
-            return Err(bad());
-        }
-        Ok((id.to_owned(), t))
-    }
-
     /// A nonce for the holder of a valid join token to sign, and the token's project.
     ///
     /// # Errors
-    /// 401 for an unknown, expired or used-up token.
-    pub fn challenge(&self, token: &str) -> Result<(String, String), ApiError> {
-        let (id, t) = self.join_token(token)?;
+    /// 401 for an unknown, expired or used-up token; 429 with too many joins at once.
+    pub async fn challenge(&self, token: &str) -> Result<(String, String), ApiError> {
+        let t = join_token(&self.lookup(), token)?;
         let nonce = random_hex(16);
-        let mut st = self.state.lock();
-        st.nonces.retain(|_, (_, at)| at.elapsed() < NONCE_TTL);
-        if st.nonces.len() > 10_000 {
-            return Err(ApiError::new(
-                http::StatusCode::TOO_MANY_REQUESTS,
-                "TooManyRequests",
-                "too many joins in progress; try again shortly",
-            ));
-        }
-        st.nonces.insert(nonce.clone(), (id, Instant::now()));
+        let expires = unix_now() + i64::try_from(NONCE_TTL.as_secs()).unwrap_or(60);
+        let object = secret(
+            &format!("join-nonce-{nonce}"),
+            JOIN_NONCE,
+            &[("join-token", &t.id), ("expires", &expires.to_string())],
+        );
+        self.store
+            .write(move |txn| {
+                // Expired challenges go as new ones come.
+                let now = unix_now();
+                let mut open = 0;
+                for s in txn.list(secrets(), Some(SYSTEM)) {
+                    if !is(&s, JOIN_NONCE) {
+                        continue;
+                    }
+                    let expires = field(&s, "expires").and_then(|e| e.parse::<i64>().ok());
+                    if expires.is_none_or(|e| e <= now) {
+                        let name = s["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        txn.remove(secrets(), SYSTEM, &name);
+                    } else {
+                        open += 1;
+                    }
+                }
+                if open >= MAX_NONCES {
+                    return Err(ApiError::new(
+                        http::StatusCode::TOO_MANY_REQUESTS,
+                        "TooManyRequests",
+                        "too many joins in progress; try again shortly",
+                    ));
+                }
+                txn.put(secrets(), object.clone());
+                Ok(())
+            })
+            .await?;
         Ok((nonce, t.ns))
     }
 
-    /// Checks a join: the token, the nonce it was given, and the signature by the key whose
-    /// public half is `node_id`. Returns the project; the caller then binds the connector
-    /// with [`Devices::bind`].
+    /// Checks a join: the token, the nonce it was given (spent, whatever the outcome), and
+    /// the signature by the key whose public half is `node_id`. Returns the project; the
+    /// caller then binds the connector with [`Devices::bind`].
     ///
     /// # Errors
     /// 401 for a bad token, nonce or signature; 400 for a malformed NodeID or signature.
-    pub fn verify_join(&self, req: &JoinRequest) -> Result<String, ApiError> {
-        let (id, t) = self.join_token(&req.join_token)?;
-        let nonce_ok = matches!(
-            self.state.lock().nonces.remove(&req.nonce),
-            Some((nid, at)) if nid == id && at.elapsed() < NONCE_TTL
-        );
+    pub async fn verify_join(&self, req: &JoinRequest) -> Result<String, ApiError> {
+        let t = join_token(&self.lookup(), &req.join_token)?;
+        let name = format!("join-nonce-{}", req.nonce);
+        let id = t.id.clone();
+        let nonce_ok = self
+            .store
+            .write(move |txn| {
+                let spent = txn.remove(secrets(), SYSTEM, &name);
+                Ok(spent.is_some_and(|s| {
+                    is(&s, JOIN_NONCE)
+                        && field(&s, "join-token").as_deref() == Some(id.as_str())
+                        && field(&s, "expires")
+                            .and_then(|e| e.parse::<i64>().ok())
+                            .is_some_and(|e| e > unix_now())
+                }))
+            })
+            .await?;
         if !nonce_ok {
             return Err(unauthorized(
                 "the challenge nonce is unknown or expired; ask for a new one",
@@ -294,59 +452,71 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
         Ok(t.ns)
     }
 
-    /// Binds a new credential to the connector and spends one use of the join token.
-    /// A connector already bound to a credential of the same NodeID is re-bound (a device
-    /// that lost its credential file); of another NodeID, refused.
+    /// Binds a new credential to the connector and spends one use of the join token, in
+    /// one transaction. A connector already bound to a credential of the same NodeID is
+    /// re-bound (a device that lost its credential file); of another NodeID, refused.
     ///
     /// # Errors
     /// 409 when the connector belongs to another device.
-    pub fn bind(&self, join_token: &str, b: Binding) -> Result<String, ApiError> {
-        let (id, _) = self.join_token(join_token)?;
-        let key = (b.ns.clone(), b.connector.clone());
-        let mut st = self.state.lock();
-        // A binding to an older Connector of that name (deleted since) is stale.
-        if let Some(old) = st.by_connector.get(&key).and_then(|h| st.by_token.get(h))
-            && old.connector_uid == b.connector_uid
-            && old.node_id != b.node_id
-        {
-            return Err(ApiError::new(
-                http::StatusCode::CONFLICT,
-                "AlreadyExists",
-                format!(
-                    "connector {} in project {} belongs to another device; delete the Connector to free the name, or join with another name",
-                    b.connector, b.ns
-                ),
-            ));
-        }
-        let secret = format!("pwd.{}", random_hex(32));
-        let hash = sha256_hex(&secret);
-        let mut db = self.db.lock();
-        let tx = db.transaction().map_err(db_err)?;
-        let used = tx
-            .execute(
-                "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left > 0",
-                params![id],
-            )
-            .map_err(db_err)?;
-        if used == 0 {
-            return Err(unauthorized("the join token is used up"));
-        }
-        tx.execute(
-            "DELETE FROM devices WHERE namespace = ?1 AND connector = ?2",
-            params![b.ns, b.connector],
-        )
-        .map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO devices (token_sha256, namespace, connector, connector_uid, node_id, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hash, b.ns, b.connector, b.connector_uid, b.node_id, unix_now()],
-        )
-        .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        if let Some(old) = st.by_connector.insert(key, hash.clone()) {
-            st.by_token.remove(&old);
-        }
-        st.by_token.insert(hash, b);
-        Ok(secret)
+    pub async fn bind(&self, join_token_text: &str, b: Binding) -> Result<String, ApiError> {
+        let credential = format!("pwd.{}", random_hex(32));
+        let hash = sha256_hex(&credential);
+        let token = join_token_text.to_owned();
+        self.store
+            .write(move |txn| {
+                let lookup = |name: &str| txn.get(secrets(), SYSTEM, name);
+                let t = join_token(&lookup, &token)?;
+                let bound = bindings(txn)
+                    .into_iter()
+                    .filter(|(_, _, o)| o.ns == b.ns && o.connector == b.connector)
+                    .collect::<Vec<_>>();
+                // A binding to an older Connector of that name (deleted since) is stale.
+                if bound
+                    .iter()
+                    .any(|(_, _, o)| o.connector_uid == b.connector_uid && o.node_id != b.node_id)
+                {
+                    return Err(ApiError::new(
+                        http::StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        format!(
+                            "connector {} in project {} belongs to another device; delete the Connector to free the name, or join with another name",
+                            b.connector, b.ns
+                        ),
+                    ));
+                }
+                let stored = txn
+                    .get(secrets(), SYSTEM, &format!("join-token-{}", t.id))
+                    .ok_or_else(|| unauthorized("the join token is used up"))?;
+                let left = field(&stored, "uses-left")
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0);
+                let mut spent = (*stored).clone();
+                spent["data"]["uses-left"] = Value::String(
+                    base64::engine::general_purpose::STANDARD.encode((left - 1).to_string()),
+                );
+                txn.put(secrets(), spent);
+                for (name, _, _) in &bound {
+                    txn.remove(secrets(), SYSTEM, name);
+                }
+                txn.put(
+                    secrets(),
+                    secret(
+                        &credential_name(&hash),
+                        CREDENTIAL,
+                        &[
+                            ("token-sha256", &hash),
+                            ("namespace", &b.ns),
+                            ("connector", &b.connector),
+                            ("connector-uid", &b.connector_uid),
+                            ("node-id", &b.node_id),
+                            ("created", &unix_now().to_string()),
+                        ],
+                    ),
+                );
+                Ok(())
+            })
+            .await?;
+        Ok(credential)
     }
 
     /// The device a `pwd.` credential names, if its Connector still exists with the
@@ -360,9 +530,14 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
             return None;
         }
         let hash = sha256_hex(token);
-        let b = self.state.lock().by_token.get(&hash).cloned()?;
+        let name = credential_name(&hash);
+        let s = self.store.get(secrets(), SYSTEM, &name)?;
+        let (stored, b) = binding(&s).filter(|_| is(&s, CREDENTIAL))?;
+        if stored != hash {
+            return None;
+        }
         if connector_uid(&b.ns, &b.connector).as_deref() != Some(b.connector_uid.as_str()) {
-            self.forget(&hash);
+            self.forget(name, &b);
             return None;
         }
         Some(Arc::new(User {
@@ -376,30 +551,38 @@ CREATE TABLE IF NOT EXISTS devices (token_sha256 TEXT PRIMARY KEY, namespace TEX
     /// Forgets one credential (its Connector is gone). Only that one: a device that has
     /// joined again since holds a new credential for the same name, which a late request
     /// with the old one must not revoke.
-    fn forget(&self, hash: &str) {
-        let mut st = self.state.lock();
-        let Some(b) = st.by_token.remove(hash) else {
-            return;
-        };
-        let key = (b.ns.clone(), b.connector.clone());
-        if st.by_connector.get(&key).is_some_and(|h| h == hash) {
-            st.by_connector.remove(&key);
-        }
-        let _ = self
-            .db
-            .lock()
-            .execute("DELETE FROM devices WHERE token_sha256 = ?1", params![hash]);
+    fn forget(&self, name: String, b: &Binding) {
         tracing::info!(project = %b.ns, connector = %b.connector, "device credential revoked: its connector is gone");
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let removed = store
+                .write(move |txn| Ok(txn.remove(secrets(), SYSTEM, &name)))
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(error = %e.message, "removing a revoked device credential");
+            }
+        });
     }
+}
 
-    /// The NodeID of the device bound to a connector, if any.
-    pub fn bound(&self, ns: &str, connector: &str) -> Option<String> {
-        let st = self.state.lock();
-        let hash = st
-            .by_connector
-            .get(&(ns.to_owned(), connector.to_owned()))?;
-        st.by_token.get(hash).map(|b| b.node_id.clone())
-    }
+/// Every credential's Secret name, hash and binding, as `txn` sees them.
+fn bindings(txn: &Txn<'_>) -> Vec<(String, String, Binding)> {
+    txn.list(secrets(), Some(SYSTEM))
+        .into_iter()
+        .filter(|s| is(s, CREDENTIAL))
+        .filter_map(|s| {
+            let (hash, b) = binding(&s)?;
+            Some((s["metadata"]["name"].as_str()?.to_owned(), hash, b))
+        })
+        .collect()
+}
+
+/// The NodeID of the device bound to a connector, if any, as `txn` sees it.
+pub fn bound(txn: &Txn<'_>, ns: &str, connector: &str) -> Option<String> {
+    bindings(txn)
+        .into_iter()
+        .find(|(_, _, b)| b.ns == ns && b.connector == connector)
+        .map(|(_, _, b)| b.node_id)
 }
 
 /// `POST /portway/v1/join`.
@@ -447,7 +630,7 @@ fn owners(res: Res, obj: &Value) -> Option<Vec<String>> {
 /// # Errors
 /// 403 naming the rule.
 pub fn check_write(
-    devices: &Devices,
+    txn: &Txn<'_>,
     user: &User,
     res: Res,
     ns: &str,
@@ -539,7 +722,7 @@ pub fn check_write(
     // People with the agent role keep managing connectors that no device owns.
     for obj in objects {
         for c in owners(res, obj).into_iter().flatten() {
-            if devices.bound(ns, &c).is_some() {
+            if bound(txn, ns, &c).is_some() {
                 return forbid(format!(
                     "may not write objects of connector {c}: it belongs to a joined device, which alone writes them"
                 ));
@@ -552,8 +735,6 @@ pub fn check_write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::registry;
-    use serde_json::json;
 
     fn sign(key: &ring::signature::Ed25519KeyPair, msg: &str) -> String {
         hex(key.sign(msg.as_bytes()).as_ref())
@@ -565,49 +746,58 @@ mod tests {
         (k, id)
     }
 
+    async fn devices(dir: &Path) -> (Store, Devices) {
+        let store = Store::open(&dir.join("db"), 100).unwrap();
+        let d = Devices::open(store.clone(), None).await.unwrap();
+        (store, d)
+    }
+
+    fn binding(connector: &str, uid: &str, id: &str) -> Binding {
+        Binding {
+            ns: "p1".into(),
+            connector: connector.into(),
+            connector_uid: uid.into(),
+            node_id: id.into(),
+        }
+    }
+
     /// A device that joined again (its connector was collected and made anew) keeps its
     /// new credential when a late request still carries the old one.
-    #[test]
-    fn a_stale_credential_revokes_only_itself() {
+    #[tokio::test]
+    async fn a_stale_credential_revokes_only_itself() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Devices::open(&dir.path().join("db")).unwrap();
+        let (store, d) = devices(dir.path()).await;
         let (token, _) = d
             .create_join_token("p1", Duration::from_secs(60), 2)
+            .await
             .unwrap();
         let (_, id) = keypair(1);
-        let bind = |uid: &str| {
-            d.bind(
-                &token,
-                Binding {
-                    ns: "p1".into(),
-                    connector: "laptop".into(),
-                    connector_uid: uid.into(),
-                    node_id: id.clone(),
-                },
-            )
-            .unwrap()
-        };
-        let old = bind("u1");
-        let new = bind("u2");
+        let old = d.bind(&token, binding("laptop", "u1", &id)).await.unwrap();
+        let new = d.bind(&token, binding("laptop", "u2", &id)).await.unwrap();
         let now = |_: &str, _: &str| Some("u2".to_owned());
         assert!(d.authenticate(&old, now).is_none());
         assert!(
             d.authenticate(&new, now).is_some(),
             "the new credential survives"
         );
-        assert!(d.bound("p1", "laptop").is_some());
+        let bound = store
+            .write(|txn| Ok(bound(txn, "p1", "laptop")))
+            .await
+            .unwrap();
+        assert_eq!(bound, Some(id));
     }
 
-    #[test]
-    fn join_needs_a_live_token_a_fresh_nonce_and_the_key() {
+    #[tokio::test]
+    async fn join_needs_a_live_token_a_fresh_nonce_and_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Devices::open(&dir.path().join("db")).unwrap();
+        let (store, d) = devices(dir.path()).await;
         let (token, _) = d
             .create_join_token("p1", Duration::from_secs(60), 1)
+            .await
             .unwrap();
         let (key, id) = keypair(1);
         let (_, other_id) = keypair(2);
-        let (nonce, _) = d.challenge(&token).unwrap();
+        let (nonce, _) = d.challenge(&token).await.unwrap();
         let mut req = JoinRequest {
             join_token: token.clone(),
             connector: "laptop".into(),
@@ -617,23 +807,21 @@ mod tests {
             signature: sign(&key, &join_message(&nonce, "p1", "laptop", &other_id)),
         };
         // Signed by another key than the NodeID claimed.
-        assert_eq!(d.verify_join(&req).unwrap_err().code, 401);
+        assert_eq!(d.verify_join(&req).await.unwrap_err().code, 401);
         // The nonce was spent by that attempt.
         req.node_id = id.clone();
         req.signature = sign(&key, &join_message(&nonce, "p1", "laptop", &id));
-        assert_eq!(d.verify_join(&req).unwrap_err().code, 401);
-        let (nonce, _) = d.challenge(&token).unwrap();
+        assert_eq!(d.verify_join(&req).await.unwrap_err().code, 401);
+        let (nonce, _) = d.challenge(&token).await.unwrap();
         req.nonce = nonce.clone();
         req.signature = sign(&key, &join_message(&nonce, "p1", "laptop", &id));
-        assert_eq!(d.verify_join(&req).unwrap(), "p1");
-        let b = Binding {
-            ns: "p1".into(),
-            connector: "laptop".into(),
-            connector_uid: "u1".into(),
-            node_id: id.clone(),
-        };
-        let cred = d.bind(&token, b.clone()).unwrap();
-        assert!(d.challenge(&token).is_err(), "a one-use token is spent");
+        assert_eq!(d.verify_join(&req).await.unwrap(), "p1");
+        let b = binding("laptop", "u1", &id);
+        let cred = d.bind(&token, b.clone()).await.unwrap();
+        assert!(
+            d.challenge(&token).await.is_err(),
+            "a one-use token is spent"
+        );
         let user = d.authenticate(&cred, |_, _| Some("u1".into())).unwrap();
         assert_eq!(user.name, "system:connector:p1:laptop");
         assert_eq!(user.device.as_ref(), Some(&b));
@@ -641,21 +829,82 @@ mod tests {
             d.authenticate("pwd.nope", |_, _| Some("u1".into()))
                 .is_none()
         );
-        // Persisted: a restarted server knows the credential.
-        let d = Devices::open(&dir.path().join("db")).unwrap();
-        assert!(d.authenticate(&cred, |_, _| Some("u1".into())).is_some());
+        // In the store: another replica (or a restart) knows the credential, and the
+        // store holds its hash only.
+        let other = Devices::open(store.clone(), None).await.unwrap();
+        assert!(
+            other
+                .authenticate(&cred, |_, _| Some("u1".into()))
+                .is_some()
+        );
+        let stored = store
+            .list(secrets(), Some(SYSTEM))
+            .1
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<String>();
+        assert!(
+            !stored.contains(&cred[4..]),
+            "a secret was stored in the clear"
+        );
         // The connector was deleted (or recreated: another uid): revoked for good.
         assert!(d.authenticate(&cred, |_, _| Some("u2".into())).is_none());
+        let mut changed = store.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            changed.wait_for(|_| {
+                store
+                    .get(secrets(), SYSTEM, &credential_name(&sha256_hex(&cred)))
+                    .is_none()
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert!(d.authenticate(&cred, |_, _| Some("u1".into())).is_none());
-        assert_eq!(d.bound("p1", "laptop"), None);
-        let (expired, _) = d.create_join_token("p1", Duration::ZERO, 1).unwrap();
-        assert!(d.challenge(&expired).is_err());
+        let (expired, _) = d.create_join_token("p1", Duration::ZERO, 1).await.unwrap();
+        assert!(d.challenge(&expired).await.is_err());
     }
 
-    #[test]
-    fn devices_write_only_their_own_objects() {
+    /// Credentials and join tokens an earlier version kept in its own SQLite tables are
+    /// moved into the store, once.
+    #[tokio::test]
+    async fn old_tables_move_into_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Devices::open(&dir.path().join("db")).unwrap();
+        let legacy = dir.path().join("old.db");
+        let cred = "pwd.0123456789abcdef";
+        {
+            let db = Connection::open(&legacy).unwrap();
+            db.execute_batch(&format!(
+                "CREATE TABLE join_tokens (id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL,
+  namespace TEXT NOT NULL, expires INTEGER NOT NULL, uses_left INTEGER NOT NULL);
+CREATE TABLE devices (token_sha256 TEXT PRIMARY KEY, namespace TEXT NOT NULL,
+  connector TEXT NOT NULL, connector_uid TEXT NOT NULL, node_id TEXT NOT NULL,
+  created INTEGER NOT NULL, UNIQUE(namespace, connector));
+INSERT INTO join_tokens VALUES ('abcd', '{}', 'p1', {}, 3);
+INSERT INTO devices VALUES ('{}', 'p1', 'laptop', 'u1', '{}', 0);",
+                sha256_hex("s3cret"),
+                unix_now() + 600,
+                sha256_hex(cred),
+                "aa".repeat(32),
+            ))
+            .unwrap();
+        }
+        let store = Store::open(&dir.path().join("db"), 100).unwrap();
+        let d = Devices::open(store.clone(), Some(&legacy)).await.unwrap();
+        assert!(d.authenticate(cred, |_, _| Some("u1".into())).is_some());
+        assert!(d.challenge("pwj.abcd.s3cret").await.is_ok());
+        let left: i64 = Connection::open(&legacy)
+            .unwrap()
+            .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "moved, not copied");
+    }
+
+    #[tokio::test]
+    async fn devices_write_only_their_own_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, d) = devices(dir.path()).await;
         let reg = registry();
         let conn = reg.by_key("connectors.networking.datumapis.com").unwrap();
         let ad = reg
@@ -664,26 +913,22 @@ mod tests {
         let proxy = reg.by_key("httpproxies.networking.datumapis.com").unwrap();
         let (token, _) = d
             .create_join_token("p1", Duration::from_secs(60), 2)
+            .await
             .unwrap();
-        let bind = |c: &str, id: &str| {
-            d.bind(
-                &token,
-                Binding {
-                    ns: "p1".into(),
-                    connector: c.into(),
-                    connector_uid: format!("uid-{c}"),
-                    node_id: id.into(),
-                },
-            )
-            .unwrap()
-        };
-        let cred = bind("a", &"aa".repeat(32));
-        bind("b", &"bb".repeat(32));
+        let cred = d
+            .bind(&token, binding("a", "uid-a", &"aa".repeat(32)))
+            .await
+            .unwrap();
+        d.bind(&token, binding("b", "uid-b", &"bb".repeat(32)))
+            .await
+            .unwrap();
         let a = d
             .authenticate(&cred, |_, c| Some(format!("uid-{c}")))
             .unwrap();
+        // Every check runs in a transaction, as writes do; a failed assertion fails it.
+        store.write(move |txn| {
         let ok = |u: &User, res, old: Option<&Value>, new: Option<&Value>| {
-            check_write(&d, u, res, "p1", old, new).is_ok()
+            check_write(txn, u, res, "p1", old, new).is_ok()
         };
         let connector = |name: &str, id: &str| json!({"metadata": {"name": name}, "status": {"connectionDetails": {"publicKey": {"id": id}}}});
         assert!(ok(&a, conn, None, Some(&connector("a", &"aa".repeat(32)))));
@@ -787,5 +1032,9 @@ mod tests {
             Some(&px(json!({"connector": {"name": "b"}})))
         ));
         assert!(ok(&person, tcp, None, Some(&tp(&[named("b")]))));
+        Ok(())
+        })
+        .await
+        .expect("an assertion failed in the transaction");
     }
 }

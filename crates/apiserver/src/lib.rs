@@ -180,7 +180,8 @@ impl Server {
             Some(etcd) => Store::open_etcd(etcd, config.history).await?,
             None => Store::open(&dir.join("portway.db"), config.history)?,
         };
-        let devices = Arc::new(devices::Devices::open(&dir.join("portway.db"))?);
+        let devices =
+            Arc::new(devices::Devices::open(store.clone(), Some(&dir.join("portway.db"))).await?);
 
         let tokens_path = config
             .tokens_file

@@ -52,11 +52,13 @@ pub struct WriteCtx {
 }
 
 /// Checks one write given the stored and the resulting object (`None` when deleting).
-pub type Guard = Arc<dyn Fn(Res, &str, Option<&Value>, Option<&Value>) -> Result<()> + Send + Sync>;
+/// It reads through the write's own transaction (who a connector is bound to).
+pub type Guard =
+    Arc<dyn Fn(&Txn<'_>, Res, &str, Option<&Value>, Option<&Value>) -> Result<()> + Send + Sync>;
 
-fn guard(ctx: &WriteCtx, old: Option<&Value>, new: Option<&Value>) -> Result<()> {
+fn guard(txn: &Txn<'_>, ctx: &WriteCtx, old: Option<&Value>, new: Option<&Value>) -> Result<()> {
     match &ctx.guard {
-        Some(g) => g(ctx.res, &ctx.ns, old, new),
+        Some(g) => g(txn, ctx.res, &ctx.ns, old, new),
         None => Ok(()),
     }
 }
@@ -472,7 +474,7 @@ pub fn commit(
     {
         return Ok(Arc::new(old.clone()));
     }
-    guard(ctx, old, Some(&new))?;
+    guard(txn, ctx, old, Some(&new))?;
     if ctx.dry_run {
         return Ok(Arc::new(new));
     }
@@ -588,7 +590,7 @@ pub fn delete(
     let old = txn
         .get(res, &ctx.ns, name)
         .ok_or_else(|| ApiError::not_found(res, name))?;
-    guard(ctx, Some(&old), None)?;
+    guard(txn, ctx, Some(&old), None)?;
     if ctx.dry_run {
         return Ok(old);
     }

@@ -37,7 +37,7 @@ pub(super) async fn join(app: &Arc<App>, req: Request) -> Result<Response> {
         "/portway/v1/join/challenge" => {
             let v = parse("join challenge")?;
             let token = v["joinToken"].as_str().unwrap_or_default();
-            let (nonce, ns) = app.devices.challenge(token)?;
+            let (nonce, ns) = app.devices.challenge(token).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &json!({"nonce": nonce, "namespace": ns}),
@@ -46,19 +46,22 @@ pub(super) async fn join(app: &Arc<App>, req: Request) -> Result<Response> {
         "/portway/v1/join" => {
             let r: JoinRequest = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
-            let ns = app.devices.verify_join(&r)?;
+            let ns = app.devices.verify_join(&r).await?;
             portway_api::validation::dns1123_subdomain(&r.connector)
                 .map_err(|e| ApiError::bad_request(format!("connector: {e}")))?;
             let uid = ensure_connector(app, &ns, &r).await?;
-            let token = app.devices.bind(
-                &r.join_token,
-                devices::Binding {
-                    ns: ns.clone(),
-                    connector: r.connector.clone(),
-                    connector_uid: uid,
-                    node_id: r.node_id.to_ascii_lowercase(),
-                },
-            )?;
+            let token = app
+                .devices
+                .bind(
+                    &r.join_token,
+                    devices::Binding {
+                        ns: ns.clone(),
+                        connector: r.connector.clone(),
+                        connector_uid: uid,
+                        node_id: r.node_id.to_ascii_lowercase(),
+                    },
+                )
+                .await?;
             tracing::info!(project = %ns, connector = %r.connector, node_id = %r.node_id, "device joined");
             Ok(json_response(
                 StatusCode::CREATED,
@@ -89,7 +92,7 @@ pub(super) async fn join(app: &Arc<App>, req: Request) -> Result<Response> {
                 .ok()
                 .filter(|u| (1..=1000).contains(u))
                 .ok_or_else(|| ApiError::bad_request("uses: from 1 to 1000"))?;
-            let (token, expires) = app.devices.create_join_token(ns, ttl, uses)?;
+            let (token, expires) = app.devices.create_join_token(ns, ttl, uses).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"token": token, "namespace": ns, "expires": expires, "uses": uses}),

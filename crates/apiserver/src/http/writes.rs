@@ -47,10 +47,14 @@ impl<'a> Write<'a> {
             dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
             now: write::now(),
             guard: Some({
-                let (devices, user) = (app.devices.clone(), user.clone());
+                let user = user.clone();
                 Arc::new(
-                    move |res, ns: &str, old: Option<&Value>, new: Option<&Value>| {
-                        devices::check_write(&devices, &user, res, ns, old, new)
+                    move |txn: &crate::store::Txn<'_>,
+                          res,
+                          ns: &str,
+                          old: Option<&Value>,
+                          new: Option<&Value>| {
+                        devices::check_write(txn, &user, res, ns, old, new)
                     },
                 )
             }),

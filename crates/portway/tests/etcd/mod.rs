@@ -3,7 +3,7 @@
 //! write load through both, one etcd member and one API replica are killed with `kill -9`:
 //! no acknowledged write is lost (counted), a watch that resumes through the balancer sees
 //! every change once and in order (checked by resourceVersion), and kubectl keeps working
-//! through the other replica.
+//! through the other replica. A device joins across replicas.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -128,6 +128,56 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
 
     let via_lb = kube_client(&kc_lb).await.unwrap();
     let via_b = kube_client(&kc_b).await.unwrap();
+
+    // A device joins across replicas: the challenge from one, the join at the other, and
+    // its credential works at both (join tokens, challenges and credentials are in etcd).
+    let kc_a = dir.path().join("a.kubeconfig");
+    kubeconfig(&kc_a, addr_a, &cert_pem);
+    let via_a = kube_client(&kc_a).await.unwrap();
+    let (join_token, _) = portway_agent::join::create_join_token(&via_lb, "load", 600, 1)
+        .await
+        .unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        http::Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string().into_bytes())
+            .unwrap()
+    };
+    let challenge: serde_json::Value = via_a
+        .request(post(
+            "/portway/v1/join/challenge",
+            json!({"joinToken": join_token}),
+        ))
+        .await
+        .unwrap();
+    let nonce = challenge["nonce"].as_str().unwrap();
+    let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+    let node_id = hex(ring::signature::KeyPair::public_key(&key).as_ref());
+    let message = portway_agent::join::join_message(nonce, "load", "dev-1", &node_id);
+    let signature = hex(key.sign(message.as_bytes()).as_ref());
+    let joined: serde_json::Value = via_b
+        .request(post(
+            "/portway/v1/join",
+            json!({"joinToken": join_token, "connector": "dev-1", "nodeId": node_id,
+                   "nonce": nonce, "signature": signature}),
+        ))
+        .await
+        .unwrap();
+    let credential = joined["token"].as_str().unwrap();
+    for (replica, kc) in [("A", &kc_a), ("B", &kc_b)] {
+        let device_kc = dir.path().join(format!("device-{replica}.kubeconfig"));
+        let text = std::fs::read_to_string(kc)
+            .unwrap()
+            .replace(TOKEN, credential);
+        std::fs::write(&device_kc, text).unwrap();
+        let device = kube_client(&device_kc).await.unwrap();
+        let connectors: Api<Connector> = Api::namespaced(device, "load");
+        let got = connectors.get("dev-1").await;
+        assert!(
+            got.is_ok(),
+            "the credential does not work at replica {replica}: {got:?}"
+        );
+    }
     let (leases_lb, leases_b): (Api<Lease>, Api<Lease>) = (
         Api::namespaced(via_lb.clone(), "load"),
         Api::namespaced(via_b.clone(), "load"),
