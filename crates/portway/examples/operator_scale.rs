@@ -3,8 +3,11 @@
 //!
 //! ```sh
 //! cargo build --release -p portway --bins --examples
-//! target/release/examples/operator_scale --proxies 10000 --projects 1000
+//! target/release/examples/operator_scale --proxies 10000 --projects 1000 [--etcd 3]
 //! ```
+//!
+//! With `--etcd N` the API server keeps its objects in an etcd cluster of N members
+//! started here (Debian's etcd 3.4) instead of SQLite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -66,18 +69,38 @@ async fn main() {
     let bin = portway_testkit::bench::release_bin();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (apiserver, ready) = portway_testkit::start_quiet(
-        &bin,
-        &[
-            "apiserver",
-            "--data",
-            d.join("api").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
+    let members = arg("--etcd", 0);
+    let etcd = if members > 0 {
+        Some(
+            portway_testkit::etcd::Cluster::start(&d.join("etcd"), members)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    let endpoints = etcd.as_ref().map(|e| e.endpoints().join(","));
+    let mut api_args = vec![
         "apiserver",
-    )
-    .await;
+        "--data",
+        d.join("api").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    if let Some(e) = &endpoints {
+        api_args.extend(["--etcd-servers".to_owned(), e.clone()]);
+    }
+    let api_args: Vec<&str> = api_args.iter().map(String::as_str).collect();
+    let (apiserver, ready) = portway_testkit::start_quiet(&bin, &api_args, "apiserver").await;
+    println!(
+        "store: {}",
+        endpoints.map_or("SQLite".to_owned(), |_| format!(
+            "etcd, {members} member(s)"
+        ))
+    );
     let kubeconfig = ready["kubeconfig"].as_str().unwrap().to_owned();
     let (operator, _) = portway_testkit::start_quiet(
         &bin,
