@@ -65,6 +65,34 @@ fn etcd_error(what: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ 
     move |e| StoreError::Etcd(format!("{what}: {e}"))
 }
 
+/// A request that never left: the member it was sent to refused the connection (it is
+/// down). The client spreads requests over the members, so the next try goes elsewhere;
+/// one that was sent and failed is not retried (a write might have been applied).
+fn unsent(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::Unavailable && s.message().contains("connect"))
+}
+
+/// `request`, tried again while the members it reaches are down (up to a few seconds).
+async fn retrying<T, F, Fut>(mut request: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(5);
+    let mut tries = 0;
+    loop {
+        match request().await {
+            Err(e) if unsent(&e) && tries < 12 => {
+                tries += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// What was read at one etcd revision.
 pub(super) struct Loaded {
     pub state: State,
@@ -120,7 +148,7 @@ impl Etcd {
 
     /// Every key under `prefix`, read at etcd revision `at`, page by page.
     async fn range(&self, prefix: &str, at: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut kv = self.kv();
+        let kv = self.kv();
         let end = prefix_end(prefix);
         let mut from = prefix.to_owned();
         let mut out = Vec::new();
@@ -129,10 +157,12 @@ impl Etcd {
                 .with_range(end.clone())
                 .with_revision(at)
                 .with_limit(PAGE);
-            let mut page = kv
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(etcd_error("reading"))?;
+            let mut page = retrying(|| {
+                let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+                async move { kv.get(from, Some(options)).await }
+            })
+            .await
+            .map_err(etcd_error("reading"))?;
             let more = page.more();
             let kvs = page.take_kvs();
             let Some(last) = kvs.last() else { break };
@@ -151,11 +181,14 @@ impl Etcd {
 
     /// The whole store as of now: objects, revision and the events kept.
     pub(super) async fn load(&self) -> Result<Loaded, StoreError> {
-        let mut kv = self.kv();
-        let head = kv
-            .get(self.key("revision"), None)
-            .await
-            .map_err(etcd_error("reading the revision"))?;
+        let kv = self.kv();
+        let revision_key = self.key("revision");
+        let head = retrying(|| {
+            let (mut kv, key) = (kv.clone(), revision_key.clone());
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(etcd_error("reading the revision"))?;
         let at = head.header().map_or(0, |h| h.revision());
         let rv = head
             .kvs()
@@ -255,7 +288,13 @@ impl Etcd {
             .when([guard])
             .and_then(ops)
             .or_else([TxnOp::get(revision, None)]);
-        let response = self.kv().txn(txn).await.map_err(etcd_error("committing"))?;
+        let kv = self.kv();
+        let response = retrying(|| {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(etcd_error("committing"))?;
         if response.succeeded() {
             return Ok(Ok(()));
         }
