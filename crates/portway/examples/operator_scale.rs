@@ -143,9 +143,11 @@ async fn main() {
                 conns
                     .patch_status("dev", &PatchParams::default(), &Patch::Merge(json!({"status": {"connectionDetails": {"type": "PublicKey", "publicKey": {"id": id, "homeRelay": "http://127.0.0.1:3340/"}}, "leaseRef": {"name": "dev"}}})))
                     .await?;
+                // Applied, not created: the operator makes a heartbeat Lease for an
+                // accepted connector that names none yet, and may have just done so.
                 let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
                 leases
-                    .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "dev"}, "spec": {"holderIdentity": "dev", "leaseDurationSeconds": 36000, "renewTime": MicroTime(Timestamp::now())}})).unwrap())
+                    .patch("dev", &PatchParams::apply("bench").force(), &Patch::Apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "dev"}, "spec": {"holderIdentity": "dev", "leaseDurationSeconds": 36000, "renewTime": MicroTime(Timestamp::now())}})))
                     .await?;
                 let ads: Api<ConnectorAdvertisement> = Api::namespaced(client.clone(), &ns);
                 ads.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "dev"}, "spec": {"connectorRef": {"name": "dev"}, "layer4": [{"name": "web", "services": [{"address": "127.0.0.1", "ports": [{"port": 3000}]}]}]}})).unwrap())

@@ -65,15 +65,14 @@ fn etcd_error(what: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ 
     move |e| StoreError::Etcd(format!("{what}: {e}"))
 }
 
-/// A request that never left: the member it was sent to refused the connection (it is
-/// down). The client spreads requests over the members, so the next try goes elsewhere;
-/// one that was sent and failed is not retried (a write might have been applied).
+/// A member that could not answer: down (the connection refused), or the connection
+/// lost. The client spreads requests over the members, so the next try goes elsewhere.
+/// A write that was sent may still have been applied: [`Etcd::commit`] finds out.
 fn unsent(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s)
-        if s.code() == tonic::Code::Unavailable && s.message().contains("connect"))
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
 }
 
-/// `request`, tried again while the members it reaches are down (up to a few seconds).
+/// `request`, tried again while the members it reaches cannot answer (a few seconds).
 async fn retrying<T, F, Fut>(mut request: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
@@ -256,16 +255,26 @@ impl Etcd {
         floor: u64,
     ) -> Result<Result<(), u64>, StoreError> {
         let revision = self.key("revision");
+        // Names this attempt, so a retry after a lost answer can tell its own commit from
+        // another replica's (see below).
+        let commit = format!("{:016x}", rand::random::<u64>());
         let guard = if base == 0 {
             Compare::version(revision.clone(), CompareOp::Equal, 0)
         } else {
             Compare::value(revision.clone(), CompareOp::Equal, base.to_string())
         };
         let mut ops = Vec::with_capacity(changes.len() * 2 + 2);
-        for c in changes {
+        // etcd refuses a transaction that names a key twice: of several changes to one
+        // object in a group, its last state is written (each change keeps its event).
+        let mut last = std::collections::HashMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            last.insert((c.res.id, &c.key), i);
+        }
+        for (i, c) in changes.iter().enumerate() {
             let resource = c.res.key();
             let key = self.object_key(&resource, &c.key);
-            if c.type_ == EventType::Deleted {
+            if last.get(&(c.res.id, &c.key)) != Some(&i) {
+            } else if c.type_ == EventType::Deleted {
                 ops.push(TxnOp::delete(key, None));
             } else {
                 ops.push(TxnOp::put(key, c.object.to_string(), None));
@@ -273,6 +282,7 @@ impl Etcd {
             let event = json!({
                 "type": c.type_.as_str(), "resource": resource,
                 "namespace": c.key.ns, "name": c.key.name, "object": &*c.object,
+                "commit": commit,
             });
             ops.push(TxnOp::put(self.event_key(c.rv), event.to_string(), None));
         }
@@ -296,6 +306,22 @@ impl Etcd {
         .await
         .map_err(etcd_error("committing"))?;
         if response.succeeded() {
+            return Ok(Ok(()));
+        }
+        // Refused: another replica wrote first, or this very transaction did, on an
+        // earlier try whose answer was lost. Its last event says which.
+        let last = self.event_key(rv);
+        let ours = retrying(|| {
+            let (mut kv, key) = (kv.clone(), last.clone());
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(etcd_error("reading back a commit"))?
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
+        .is_some_and(|v| v["commit"] == commit.as_str());
+        if ours {
             return Ok(Ok(()));
         }
         let current = response
@@ -537,6 +563,38 @@ mod tests {
         // Another prefix is another store.
         let other = Store::open_etcd(&config(&cluster, "/t2"), 3).await.unwrap();
         assert_eq!(other.revision(), 0);
+    }
+
+    /// One write changing an object twice (created, then changed) commits: etcd refuses a
+    /// transaction naming a key twice, so only the last state is written, and both
+    /// changes keep their events.
+    #[tokio::test]
+    async fn a_write_may_change_one_object_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let ns = registry().by_key("namespaces").unwrap();
+        let store = Store::open_etcd(&config(&cluster, "/twice"), 100)
+            .await
+            .unwrap();
+        store
+            .write(move |txn| {
+                txn.put(ns, ns_obj("a"));
+                let mut changed = ns_obj("a");
+                changed["metadata"]["labels"] = json!({"x": "y"});
+                Ok(txn.put(ns, changed))
+            })
+            .await
+            .unwrap();
+        let again = Store::open_etcd(&config(&cluster, "/twice"), 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            again.get(ns, "", "a").unwrap()["metadata"]["labels"]["x"],
+            "y"
+        );
+        assert_eq!(again.events_after(0).unwrap().len(), 2);
     }
 
     /// Two replicas writing at once through one etcd: every acknowledged write is kept,
