@@ -137,6 +137,9 @@ struct Queue {
     committing: bool,
 }
 
+/// How often etcd's own history is compacted (as kube-apiserver does, every 5 minutes).
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Writes run in one group at most, so one slow group does not hold up the next ones.
 const MAX_GROUP: usize = 1024;
 
@@ -396,7 +399,8 @@ impl Store {
             history: history.max(1),
             queue: Mutex::default(),
         });
-        tokio::spawn(etcd.follow(Arc::downgrade(&inner), loaded.at));
+        tokio::spawn(etcd.clone().follow(Arc::downgrade(&inner), loaded.at));
+        tokio::spawn(etcd.compact_every(COMPACT_EVERY, Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
@@ -635,7 +639,13 @@ impl Inner {
     /// older than it get `410 Gone` and list again.
     fn replace(&self, state: State) {
         let rv = state.rv;
-        *self.state.write() = state;
+        let mut current = self.state.write();
+        // Read before a local commit landed: this replica is already further.
+        if rv < current.rv {
+            return;
+        }
+        *current = state;
+        drop(current);
         self.changed.send_replace(rv);
     }
 

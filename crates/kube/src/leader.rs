@@ -226,8 +226,9 @@ pub fn follow(
 pub async fn changed(leading: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     match leading {
         Some(l) => {
+            // Gone (shut down): the last word stands (`false` after a release), rather
+            // than every replica writing as if there were no election.
             if l.changed().await.is_err() {
-                *leading = None;
                 std::future::pending::<()>().await;
             }
         }
@@ -249,25 +250,31 @@ async fn renew(api: Api<Lease>, config: Config, lost: CancellationToken, stop: C
             () = stop.cancelled() => return,
             () = tokio::time::sleep(config.retry_period) => {}
         }
-        let renewed = match api.get_opt(&config.name).await {
-            Ok(Some(l)) if holder(&l) == Some(config.identity.as_str()) => api
-                .replace(
-                    &config.name,
-                    &PostParams::default(),
-                    &held(Some(&l), &config),
-                )
-                .await
-                .map(|_| true),
-            Ok(other) => {
-                tracing::warn!(holder = ?other.as_ref().and_then(holder), "another replica holds the leader lease");
+        // A request that hangs must not keep this replica leading past its deadline:
+        // a standby takes over a lease duration after the last renewal.
+        let left = config.renew_deadline().saturating_sub(last_ok.elapsed());
+        let attempt = tokio::time::timeout(left, async {
+            match api.get_opt(&config.name).await {
+                Ok(Some(l)) if holder(&l) == Some(config.identity.as_str()) => api
+                    .replace(&config.name, &PostParams::default(), &held(Some(&l), &config))
+                    .await
+                    .map(|_| true),
+                Ok(other) => {
+                    tracing::warn!(holder = ?other.as_ref().and_then(holder), "another replica holds the leader lease");
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        match attempt {
+            Ok(Ok(true)) => last_ok = Instant::now(),
+            Ok(Ok(false)) => {
                 lost.cancel();
                 return;
             }
-            Err(e) => Err(e),
-        };
-        match renewed {
-            Ok(_) => last_ok = Instant::now(),
-            Err(e) => tracing::warn!(error = %e, "renewing the leader lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader lease"),
+            Err(_) => tracing::warn!("renewing the leader lease took too long"),
         }
         if last_ok.elapsed() >= config.renew_deadline() {
             tracing::warn!("could not renew the leader lease in time; stepping down");

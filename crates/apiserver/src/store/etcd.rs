@@ -286,11 +286,15 @@ impl Etcd {
             });
             ops.push(TxnOp::put(self.event_key(c.rv), event.to_string(), None));
         }
-        if floor > 0 {
+        // History kept trims up to `floor`, never into this transaction's own events (a
+        // group larger than the history would name them twice).
+        let first = changes.first().map_or(rv, |c| c.rv);
+        let trim = floor.min(first.saturating_sub(1));
+        if trim > 0 {
             let from = self.event_key(0);
             ops.push(TxnOp::delete(
                 from,
-                Some(DeleteOptions::new().with_range(self.event_key(floor + 1))),
+                Some(DeleteOptions::new().with_range(self.event_key(trim + 1))),
             ));
         }
         ops.push(TxnOp::put(revision.clone(), rv.to_string(), None));
@@ -336,6 +340,35 @@ impl Etcd {
             })
             .unwrap_or(0);
         Ok(Err(current))
+    }
+
+    /// Compacts etcd's history (every revision of every key is kept until compacted, and a
+    /// full database stops all writes) to what was current one period ago, so watches
+    /// that follow are never cut. Every replica does it; compacting twice is harmless.
+    pub(super) async fn compact_every(self: Arc<Self>, period: Duration, inner: Weak<Inner>) {
+        let mut previous: Option<i64> = None;
+        loop {
+            tokio::time::sleep(period).await;
+            if inner.upgrade().is_none() {
+                return;
+            }
+            let mut kv = self.kv();
+            let now = match kv.get(self.key("revision"), None).await {
+                Ok(r) => r.header().map(|h| h.revision()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading etcd's revision to compact");
+                    None
+                }
+            };
+            if let Some(at) = previous {
+                match kv.compact(at, None).await {
+                    Ok(_) => tracing::debug!(revision = at, "etcd history compacted"),
+                    // Another replica got there first.
+                    Err(e) => tracing::debug!(error = %e, "compacting etcd"),
+                }
+            }
+            previous = now;
+        }
     }
 
     /// Follows every replica's changes into `inner` until it is gone: the events written
@@ -595,6 +628,36 @@ mod tests {
             "y"
         );
         assert_eq!(again.events_after(0).unwrap().len(), 2);
+    }
+
+    /// A write with more changes than the history kept commits: the trimming of old events
+    /// never reaches its own.
+    #[tokio::test]
+    async fn a_write_larger_than_the_history_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let ns = registry().by_key("namespaces").unwrap();
+        let store = Store::open_etcd(&config(&cluster, "/big"), 3)
+            .await
+            .unwrap();
+        for round in 0..2 {
+            store
+                .write(move |txn| {
+                    for i in 0..5 {
+                        txn.put(ns, ns_obj(&format!("r{round}-{i}")));
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.revision(), 10);
+        let again = Store::open_etcd(&config(&cluster, "/big"), 3)
+            .await
+            .unwrap();
+        assert_eq!(again.list(ns, None).1.len(), 10);
     }
 
     /// Two replicas writing at once through one etcd: every acknowledged write is kept,

@@ -170,7 +170,14 @@ impl LeaderFlags {
         if !self.leader_elect {
             return None;
         }
-        let identity = format!("{}-{}", portway_agent::default_name(), std::process::id());
+        // Host names and process ids repeat across containers: a random part keeps two
+        // replicas from taking one identity (and both leading).
+        let identity = format!(
+            "{}-{}-{:04x}",
+            portway_agent::default_name(),
+            std::process::id(),
+            rand::random::<u16>()
+        );
         let mut config = portway_kube::leader::Config::new(
             portway_api::certificates::SYSTEM_NAMESPACE,
             lease,
