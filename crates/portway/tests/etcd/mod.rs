@@ -33,7 +33,8 @@ fn kubeconfig(path: &Path, server: SocketAddr, ca_pem: &str) {
 }
 
 /// nginx as a TCP load balancer over `upstreams`, on a port of its own: a replica that
-/// refuses connections is skipped for the next.
+/// refuses connections is skipped for the next. One process (no master), so the test's
+/// `kill -9` at the end leaves no worker behind.
 fn balancer(dir: &Path, upstreams: &[SocketAddr]) -> (Process, SocketAddr) {
     let port = free_port().unwrap();
     let servers: String = upstreams
@@ -41,7 +42,7 @@ fn balancer(dir: &Path, upstreams: &[SocketAddr]) -> (Process, SocketAddr) {
         .map(|u| format!("    server {u} max_fails=1 fail_timeout=5s;\n"))
         .collect();
     let conf = format!(
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream api {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass api;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream api {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass api;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");
