@@ -46,15 +46,14 @@ wait_for() {
   echo "timed out waiting for $1; see the logs in $DIR" >&2; exit 1
 }
 
-# 1. etcd, three members. One Portway write may touch many objects: --max-txn-ops.
+# 1. etcd, three members, with etcd's default limits (the API servers fit their writes).
 cluster=m0=http://127.0.0.1:12380,m1=http://127.0.0.1:22380,m2=http://127.0.0.1:32380
 for i in 0 1 2; do
   port=$((i * 10000 + 12379))
   run "etcd-$i" "$ETCD" --name "m$i" --data-dir "$DIR/etcd-$i" \
     --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
     --listen-peer-urls "http://127.0.0.1:$((port + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
-    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token portway-ha \
-    --max-txn-ops 4096
+    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token portway-ha
 done
 ETCD_SERVERS=http://127.0.0.1:12379,http://127.0.0.1:22379,http://127.0.0.1:32379
 

@@ -211,7 +211,34 @@ impl IntoResponse for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::error!(error = %e, "storage failure");
-        Self::internal(format!("storage failure: {e}"))
+        Self::from(&e)
+    }
+}
+
+impl From<&crate::store::StoreError> for ApiError {
+    fn from(e: &crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            // What kube-apiserver answers when etcd refuses a request as too large.
+            StoreError::TooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                e.to_string(),
+            ),
+            // As kube-apiserver on an etcd timeout: the client reads and decides.
+            StoreError::Unknown(_) => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "Timeout", e.to_string())
+            }
+            StoreError::Busy(_) => Self {
+                code: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "ServiceUnavailable",
+                message: e.to_string(),
+                details: Some(json!({"retryAfterSeconds": 1})),
+            },
+            _ => {
+                tracing::error!(error = %e, "storage failure");
+                Self::internal(format!("storage failure: {e}"))
+            }
+        }
     }
 }

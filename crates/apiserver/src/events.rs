@@ -234,31 +234,44 @@ pub async fn expire(store: &Store, ttl: Duration, now: Timestamp) -> Result<usiz
         return Ok(0);
     };
     let cutoff = now - ttl;
-    store
-        .write(move |txn| {
-            let mut removed = 0;
-            for key in [EVENTS, CORE] {
-                let Some(res) = registry().by_key(key) else {
-                    continue;
-                };
-                for ev in txn.list(res, None) {
-                    if last_seen(&ev).is_some_and(|t| t < cutoff) {
-                        let ns = ev
-                            .pointer("/metadata/namespace")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_owned();
-                        let name = name_of(&ev).to_owned();
-                        if txn.remove(res, &ns, &name).is_some() {
-                            removed += 1;
-                        }
-                        unmirror(txn, res, &ns, &name);
-                    }
+    let mut total = 0;
+    // As many as fit in one write, then again (one commit on etcd holds so much).
+    loop {
+        let (removed, more) = store.write(move |txn| expire_some(txn, cutoff)).await?;
+        total += removed;
+        if !more {
+            return Ok(total);
+        }
+    }
+}
+
+/// Removes Events last seen before `cutoff`, as many as fit in this write; says how many
+/// and whether some are left.
+fn expire_some(txn: &mut Txn<'_>, cutoff: Timestamp) -> Result<(usize, bool), ApiError> {
+    let mut removed = 0;
+    for key in [EVENTS, CORE] {
+        let Some(res) = registry().by_key(key) else {
+            continue;
+        };
+        for ev in txn.list(res, None) {
+            if last_seen(&ev).is_some_and(|t| t < cutoff) {
+                if !txn.fits(&ev) {
+                    return Ok((removed, true));
                 }
+                let ns = ev
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let name = name_of(&ev).to_owned();
+                if txn.remove(res, &ns, &name).is_some() {
+                    removed += 1;
+                }
+                unmirror(txn, res, &ns, &name);
             }
-            Ok(removed)
-        })
-        .await
+        }
+    }
+    Ok((removed, false))
 }
 
 /// Expires events until `stop`, checking a few times per `ttl` (at most once a minute).

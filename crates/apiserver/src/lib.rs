@@ -277,6 +277,7 @@ impl Server {
             config.event_ttl,
             shutdown.clone(),
         ));
+        tokio::spawn(write::collect_until(store.clone(), shutdown.clone()));
         let service = move |_: &portway_serve::Peer| TowerToHyperService::new(router.clone());
         let task = tokio::spawn(portway_serve::serve(
             listener,

@@ -42,6 +42,73 @@ pub enum StoreError {
     Join,
     #[error("etcd: {0}")]
     Etcd(String),
+    /// One write larger than a single commit may be (etcd's `--max-txn-ops` and
+    /// `--max-request-bytes`).
+    #[error(
+        "this write changes {changes} objects (about {bytes} bytes, {ops} etcd operations); one etcd transaction holds at most {max_ops} operations and {max_bytes} bytes (etcd's --max-txn-ops and --max-request-bytes, told to the API server with --etcd-max-txn-ops and --etcd-max-request-bytes)"
+    )]
+    TooLarge {
+        changes: usize,
+        ops: usize,
+        bytes: usize,
+        max_ops: usize,
+        max_bytes: usize,
+    },
+    /// etcd took the write but its answer never came: it may or may not have been applied.
+    #[error(
+        "the outcome of this write is unknown ({0}); it may have been applied: read before retrying"
+    )]
+    Unknown(String),
+    /// Other replicas won every race for the store's revision.
+    #[error("the store is busy: other API servers wrote first {0} times in a row")]
+    Busy(usize),
+}
+
+/// What one commit may hold: etcd caps a transaction's operations (`--max-txn-ops`) and
+/// its size (`--max-request-bytes`). SQLite has no such cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub ops: usize,
+    pub bytes: usize,
+}
+
+impl Budget {
+    /// etcd's defaults.
+    pub const ETCD: Self = Self {
+        ops: 128,
+        bytes: 1536 * 1024,
+    };
+
+    /// What a commit of these changes costs, as [`etcd::Etcd::commit`] writes them: each
+    /// change writes its object (or deletes it) and its event, which carries the object
+    /// again; every commit writes the revision, trims history and names itself.
+    fn cost(changes: usize, object_bytes: usize) -> Self {
+        Self {
+            ops: changes * 2 + 3,
+            bytes: object_bytes * 2 + changes * 512 + 4096,
+        }
+    }
+
+    fn holds(&self, other: &Self) -> bool {
+        other.ops <= self.ops && other.bytes <= self.bytes
+    }
+}
+
+/// The length of `v` as JSON, without building the string.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
 }
 
 /// Namespace (empty for cluster-scoped kinds) and name.
@@ -128,6 +195,10 @@ struct Inner {
     changed: watch::Sender<u64>,
     history: u64,
     queue: Mutex<Queue>,
+    /// What one commit may hold, when capped.
+    budget: Option<Budget>,
+    /// Woken by a write that left work for later.
+    leftover: tokio::sync::Notify,
 }
 
 /// Writes waiting for the committer, and whether one runs.
@@ -167,9 +238,57 @@ pub struct Txn<'a> {
     overlay: Overlay,
     changes: Vec<Event>,
     rv: u64,
+    /// The commit's budget, when capped; the changes of the group's earlier writes; and
+    /// the bytes of objects they and this write changed so far.
+    room: Option<Budget>,
+    below_changes: usize,
+    bytes: usize,
+    /// Work this write left for a later one (see [`Txn::leave_for_later`]).
+    later: bool,
 }
 
 impl Txn<'_> {
+    /// Whether one more change to an object like `object` fits in this write's commit
+    /// (always, on SQLite; the first change of a write always does: a write that does not
+    /// fit behind others runs again first in the next commit). Writes that sweep many
+    /// objects (a namespace's teardown, a collection deleted, expiry) stop when it says
+    /// no, and leave the rest to a later write.
+    pub fn fits(&self, object: &Value) -> bool {
+        let Some(room) = self.room else {
+            return true;
+        };
+        if self.changes.is_empty() {
+            return true;
+        }
+        // Room for it, and for a change it may bring along (an Event's mirror).
+        let bytes = self.bytes + json_len(object) * 2;
+        room.holds(&Budget::cost(
+            self.below_changes + self.changes.len() + 2,
+            bytes,
+        ))
+    }
+
+    /// Says that this write stopped short (what it swept did not fit) and left the rest
+    /// for the collector; [`Store::leftovers`] wakes once it commits.
+    pub fn leave_for_later(&mut self) {
+        self.later = true;
+    }
+
+    pub fn left_for_later(&self) -> bool {
+        self.later
+    }
+
+    /// What the group's commit costs with this write in it.
+    fn cost(&self) -> Budget {
+        Budget::cost(self.below_changes + self.changes.len(), self.bytes)
+    }
+
+    fn count(&mut self, object: &Value) {
+        if self.room.is_some() {
+            self.bytes += json_len(object);
+        }
+    }
+
     pub fn get(&self, res: Res, ns: &str, name: &str) -> Option<Arc<Value>> {
         let key = (res.id, ObjKey::new(ns, name));
         match self.overlay.get(&key).or_else(|| self.below.get(&key)) {
@@ -201,6 +320,7 @@ impl Txn<'_> {
         object["metadata"]["resourceVersion"] = Value::String(self.rv.to_string());
         let key = ObjKey::of(&object);
         let old = self.get(res, &key.ns, &key.name);
+        self.count(&object);
         let object = Arc::new(object);
         let type_ = if old.is_some() {
             EventType::Modified
@@ -226,6 +346,7 @@ impl Txn<'_> {
         self.rv += 1;
         let mut last = (*old).clone();
         last["metadata"]["resourceVersion"] = Value::String(self.rv.to_string());
+        self.count(&last);
         let last = Arc::new(last);
         let key = ObjKey::new(ns, name);
         self.overlay.insert((res.id, key.clone()), None);
@@ -379,6 +500,8 @@ impl Store {
                 changed,
                 history: history.max(1),
                 queue: Mutex::default(),
+                budget: None,
+                leftover: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -398,6 +521,8 @@ impl Store {
             changed,
             history: history.max(1),
             queue: Mutex::default(),
+            budget: Some(config.budget),
+            leftover: tokio::sync::Notify::new(),
         });
         tokio::spawn(etcd.clone().follow(Arc::downgrade(&inner), loaded.at));
         tokio::spawn(etcd.compact_every(COMPACT_EVERY, Arc::downgrade(&inner)));
@@ -424,7 +549,7 @@ impl Store {
                 // a refusal may rest on an earlier write of the group that is now gone.
                 if let Some(tx) = tx.lock().take() {
                     let _ = tx.send(match durable {
-                        Err(e) => Err(ApiError::internal(format!("storage failure: {e}"))),
+                        Err(e) => Err(ApiError::from(e)),
                         Ok(()) => result,
                     });
                 }
@@ -482,6 +607,12 @@ impl Store {
         Ok(state.log.iter().skip(skip).cloned().collect())
     }
 
+    /// Resolves once a write has left work for later (see [`Txn::leave_for_later`]);
+    /// possibly early, as the write may still fail.
+    pub async fn leftovers(&self) {
+        self.inner.leftover.notified().await;
+    }
+
     /// Resolves whenever the revision moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changed.subscribe()
@@ -515,7 +646,10 @@ impl Inner {
 
     /// Runs `jobs` in order against the current state, each seeing the ones before it:
     /// the changes of those that succeeded, the revision after them, and every outcome
-    /// to deliver once the group is durable (or not).
+    /// to deliver once the group is durable (or not). When the commit's budget is capped,
+    /// the group stops before the first write that would not fit (`ran` says how many
+    /// ran; the rest wait for the next group), and a write that does not fit even alone
+    /// fails at once.
     fn run_group(&self, jobs: &mut [Job]) -> Group {
         let mut overlay = Overlay::new();
         let mut changes = Vec::new();
@@ -523,20 +657,52 @@ impl Inner {
         let state = self.state.read();
         let base = state.rv;
         let mut rv = base;
-        for job in jobs {
+        let mut bytes = 0;
+        let mut ran = 0;
+        for job in jobs.iter_mut() {
             let mut txn = Txn {
                 state: &state,
                 below: &overlay,
                 overlay: Overlay::new(),
                 changes: Vec::new(),
                 rv,
+                room: self.budget,
+                below_changes: changes.len(),
+                bytes,
+                later: false,
             };
             // A panicking write drops its sender (its caller sees a failed write)
             // and leaves no changes; the others in the group go on.
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn)));
-            let Ok((ok, deliver)) = ran else { continue };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut txn)));
+            let Ok((ok, deliver)) = outcome else {
+                ran += 1;
+                continue;
+            };
+            if ok && let Some(budget) = self.budget {
+                let cost = txn.cost();
+                if !budget.holds(&cost) {
+                    if !changes.is_empty() {
+                        // Runs again, first in the next group.
+                        break;
+                    }
+                    deliver(Err(&StoreError::TooLarge {
+                        changes: txn.changes.len(),
+                        ops: cost.ops,
+                        bytes: cost.bytes,
+                        max_ops: budget.ops,
+                        max_bytes: budget.bytes,
+                    }));
+                    ran += 1;
+                    continue;
+                }
+            }
+            ran += 1;
             if ok {
+                if txn.later {
+                    self.leftover.notify_one();
+                }
                 rv = txn.rv;
+                bytes = txn.bytes;
                 changes.append(&mut txn.changes);
                 overlay.extend(txn.overlay);
             }
@@ -547,10 +713,12 @@ impl Inner {
             rv,
             changes,
             delivers,
+            ran,
         }
     }
 
     fn commit_group(&self, db: &mut Connection, mut jobs: Vec<Job>) {
+        // No budget on SQLite: every job runs.
         let Group {
             rv,
             changes,
@@ -575,34 +743,43 @@ impl Inner {
     }
 
     /// Commits groups through etcd until the queue is empty. A group that another replica
-    /// got ahead of runs again once this replica has caught up.
+    /// got ahead of runs again once this replica has caught up; writes that did not fit
+    /// in a group's transaction go back to the head of the queue.
     async fn commit_queued_etcd(self: Arc<Self>) {
         let guard = Committer(&self);
         let Durable::Etcd(etcd) = &self.db else {
             return;
         };
-        // etcd caps the operations of one transaction (`--max-txn-ops`, 128 by default):
-        // two per change and two more, so small groups.
-        while let Some(mut jobs) = self.next_group(16) {
-            self.commit_group_etcd(etcd, &mut jobs).await;
+        while let Some(mut jobs) = self.next_group(MAX_GROUP) {
+            let ran = self.commit_group_etcd(etcd, &mut jobs).await;
+            if ran < jobs.len() {
+                let rest = jobs.split_off(ran);
+                self.queue.lock().jobs.splice(0..0, rest);
+            }
         }
         std::mem::forget(guard);
     }
 
-    async fn commit_group_etcd(&self, etcd: &etcd::Etcd, jobs: &mut [Job]) {
+    /// Commits one group; says how many of `jobs` it took.
+    async fn commit_group_etcd(&self, etcd: &etcd::Etcd, jobs: &mut [Job]) -> usize {
         const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+        // Races lost in a row before the group's writes fail (a replica that never wins
+        // would otherwise hold its callers forever).
+        const MAX_RACES: usize = 100;
+        let mut races = 0;
         loop {
             let Group {
                 base,
                 rv,
                 changes,
                 delivers,
+                ran,
             } = self.run_group(jobs);
             if changes.is_empty() {
                 for deliver in delivers {
                     deliver(Ok(()));
                 }
-                return;
+                return ran;
             }
             let floor = rv.saturating_sub(self.history);
             let outcome = match etcd.commit(base, &changes, rv, floor).await {
@@ -610,19 +787,31 @@ impl Inner {
                     self.apply(changes, rv, floor);
                     Ok(())
                 }
-                Ok(Err(current)) => {
+                Ok(Err(current)) if races + 1 < MAX_RACES => {
                     // Another replica wrote first: run again once its writes are here
-                    // (this run's outcomes are dropped undelivered).
+                    // (this run's outcomes are dropped undelivered). A watch that missed
+                    // them is told to reload once.
+                    races += 1;
                     let mut seen = self.changed.subscribe();
-                    let caught_up =
-                        tokio::time::timeout(CATCH_UP, seen.wait_for(|rv| *rv >= current)).await;
-                    if matches!(caught_up, Ok(Ok(_))) {
+                    let mut caught_up = false;
+                    for reload in [false, true] {
+                        if reload {
+                            etcd.reload();
+                        }
+                        let wait = seen.wait_for(|rv| *rv >= current);
+                        if matches!(tokio::time::timeout(CATCH_UP, wait).await, Ok(Ok(_))) {
+                            caught_up = true;
+                            break;
+                        }
+                    }
+                    if caught_up {
                         continue;
                     }
                     Err(StoreError::Etcd(format!(
-                        "revision {current} was written elsewhere and did not reach this replica within {CATCH_UP:?}"
+                        "revision {current} was written elsewhere and did not reach this replica, even reloaded"
                     )))
                 }
+                Ok(Err(_)) => Err(StoreError::Busy(races + 1)),
                 Err(e) => Err(e),
             };
             if let Err(e) = &outcome {
@@ -631,7 +820,7 @@ impl Inner {
             for deliver in delivers {
                 deliver(outcome.as_ref().map(|_| ()));
             }
-            return;
+            return ran;
         }
     }
 
@@ -646,6 +835,21 @@ impl Inner {
         }
         *current = state;
         drop(current);
+        self.changed.send_replace(rv);
+    }
+
+    /// Moves to revision `rv` without its change (of a kind this replica does not serve):
+    /// the history before it goes, so watches older than it list again (410) rather than
+    /// miss a change.
+    fn skip_to(&self, rv: u64) {
+        let mut state = self.state.write();
+        if rv <= state.rv {
+            return;
+        }
+        state.rv = rv;
+        state.log.clear();
+        state.floor = rv;
+        drop(state);
         self.changed.send_replace(rv);
     }
 
@@ -684,6 +888,8 @@ struct Group {
     rv: u64,
     changes: Vec<Event>,
     delivers: Vec<Deliver>,
+    /// How many of the jobs ran; the others did not fit and wait for the next group.
+    ran: usize,
 }
 
 /// Held by the committer while it runs: if it unwinds (a panic outside a job, or its task

@@ -621,17 +621,116 @@ fn mark_or_remove(
             marked["status"]["phase"] = json!("Terminating");
         }
         let marked = txn.put(res, marked);
-        if res.kind == "Namespace" {
-            for (r, child) in namespace_contents(txn, &name) {
-                mark_or_remove(txn, r, &child, Propagation::Background)?;
-            }
-            if namespace_empty(txn, &name) {
-                return remove(txn, res, "", &name, policy);
-            }
+        if res.kind == "Namespace" && tear_down(txn, &name)? {
+            return remove(txn, res, "", &name, policy);
         }
         return Ok(Some(marked));
     }
     remove(txn, res, &ns, &name, policy)
+}
+
+/// Deletes what namespace `ns` holds, as much as fits in this write (the rest is left to
+/// [`collect`]); says whether it is empty.
+fn tear_down(txn: &mut Txn<'_>, ns: &str) -> Result<bool> {
+    for (r, child) in namespace_contents(txn, ns) {
+        if is_deleting(&child) {
+            continue;
+        }
+        if !txn.fits(&child) {
+            txn.leave_for_later();
+            break;
+        }
+        mark_or_remove(txn, r, &child, Propagation::Background)?;
+    }
+    Ok(namespace_empty(txn, ns))
+}
+
+/// Finishes what deletions left for later, as much as fits in one write: the contents
+/// of terminating namespaces, and objects whose owners are all gone (Kubernetes'
+/// namespace controller and garbage collector). Says whether work remains.
+///
+/// # Errors
+/// None expected: deletions here carry no preconditions.
+pub fn collect(txn: &mut Txn<'_>) -> Result<bool> {
+    let namespaces = registry().namespaces();
+    for ns in txn.list(namespaces, None) {
+        if !is_deleting(&ns) || !finalizers(&ns).is_empty() {
+            continue;
+        }
+        let name = name_of(&ns).to_owned();
+        if tear_down(txn, &name)? {
+            remove(txn, namespaces, "", &name, Propagation::Background)?;
+        }
+        if txn.left_for_later() {
+            return Ok(true);
+        }
+    }
+    for res in registry().all() {
+        for obj in txn.list(res, None) {
+            if is_deleting(&obj) || !orphaned(txn, &obj) {
+                continue;
+            }
+            if !txn.fits(&obj) {
+                return Ok(true);
+            }
+            mark_or_remove(txn, res, &obj, Propagation::Background)?;
+        }
+    }
+    Ok(txn.left_for_later())
+}
+
+/// Runs [`collect`] whenever a write leaves work for later, and every half minute when a
+/// snapshot shows work (another replica that stopped midway), until `stop`.
+pub async fn collect_until(store: crate::store::Store, stop: tokio_util::sync::CancellationToken) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = store.leftovers() => {}
+            () = tokio::time::sleep(EVERY) => {
+                if !needs_collecting(&store) {
+                    continue;
+                }
+            }
+        }
+        // Each write makes progress (its first deletion always fits); the cap only bounds
+        // a pass.
+        for _ in 0..10_000 {
+            match store.write(collect).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "collecting what deletions left");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`collect`] has anything to do, read from a snapshot (cheaper than a write).
+pub fn needs_collecting(store: &crate::store::Store) -> bool {
+    let get = |r: Res, ns: &str, name: &str| store.get(r, ns, name);
+    let (_, namespaces) = store.list(registry().namespaces(), None);
+    let teardown = namespaces.iter().any(|ns| {
+        is_deleting(ns)
+            && finalizers(ns).is_empty()
+            && registry().all().filter(|r| r.namespaced).any(|r| {
+                store
+                    .list(r, Some(name_of(ns)))
+                    .1
+                    .iter()
+                    .any(|o| !is_deleting(o))
+            })
+    });
+    teardown
+        || registry().all().any(|r| {
+            store
+                .list(r, None)
+                .1
+                .iter()
+                .any(|o| !is_deleting(o) && orphaned_in(&get, o))
+        })
 }
 
 fn namespace_contents(txn: &Txn<'_>, ns: &str) -> Vec<(Res, Arc<Value>)> {
@@ -675,6 +774,13 @@ fn remove(
         .filter(|(_, o)| owner_uids(o).any(|u| u == uid))
         .collect();
     for (r, dep) in dependents {
+        if !txn.fits(&dep) {
+            // Dependents whose owner is gone are collected later.
+            if policy != Propagation::Orphan {
+                txn.leave_for_later();
+                break;
+            }
+        }
         if policy == Propagation::Orphan {
             let mut orphan = (*dep).clone();
             if let Some(refs) = orphan["metadata"]["ownerReferences"].as_array_mut() {
@@ -710,10 +816,17 @@ fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
         .filter_map(|o| o["uid"].as_str())
 }
 
+/// Reads an object: through a write's transaction, or from a snapshot.
+type Getter<'a> = &'a dyn Fn(Res, &str, &str) -> Option<Arc<Value>>;
+
 /// Whether `obj` has owners, every one of a kind served here, and none of them exists.
 /// (An owner of a kind this server does not know cannot be checked, so it keeps `obj`, as
 /// Kubernetes' garbage collector does.)
 fn orphaned(txn: &Txn<'_>, obj: &Value) -> bool {
+    orphaned_in(&|r: Res, ns: &str, name: &str| txn.get(r, ns, name), obj)
+}
+
+fn orphaned_in(get: Getter<'_>, obj: &Value) -> bool {
     let refs = obj["metadata"]["ownerReferences"].as_array();
     let known = |o: &Value| {
         o["apiVersion"]
@@ -721,12 +834,16 @@ fn orphaned(txn: &Txn<'_>, obj: &Value) -> bool {
             .zip(o["kind"].as_str())
             .is_some_and(|(v, k)| registry().by_kind(v, k).is_some())
     };
-    refs.is_some_and(|r| !r.is_empty() && r.iter().all(known)) && !has_live_owner(txn, obj)
+    refs.is_some_and(|r| !r.is_empty() && r.iter().all(known)) && !has_live_owner_in(get, obj)
 }
 
 /// Whether any owner of `obj` still exists (Kubernetes only collects dependents whose
 /// owners are all gone).
 fn has_live_owner(txn: &Txn<'_>, obj: &Value) -> bool {
+    has_live_owner_in(&|r: Res, ns: &str, name: &str| txn.get(r, ns, name), obj)
+}
+
+fn has_live_owner_in(get: Getter<'_>, obj: &Value) -> bool {
     let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
     obj["metadata"]["ownerReferences"]
         .as_array()
@@ -743,8 +860,7 @@ fn has_live_owner(txn: &Txn<'_>, obj: &Value) -> bool {
             };
             registry().by_kind(api_version, kind).is_some_and(|r| {
                 let owner_ns = if r.namespaced { ns } else { "" };
-                txn.get(r, owner_ns, name)
-                    .is_some_and(|owner| owner["metadata"]["uid"] == uid)
+                get(r, owner_ns, name).is_some_and(|owner| owner["metadata"]["uid"] == uid)
             })
         })
 }

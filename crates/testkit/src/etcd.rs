@@ -99,6 +99,40 @@ impl Cluster {
         self.members.iter().map(|m| endpoint(m.client)).collect()
     }
 
+    /// The member that leads the cluster now (its raft leader), asked of each member
+    /// through etcd's JSON gateway.
+    ///
+    /// # Errors
+    /// When no member answers with the leader among the members.
+    pub async fn leader(&self) -> Result<usize> {
+        let client =
+            Client::builder(TokioExecutor::new()).build_http::<http_body_util::Full<Bytes>>();
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for m in &self.members {
+            let req = hyper::Request::post(format!("{}/v3/maintenance/status", endpoint(m.client)))
+                .body(http_body_util::Full::new(Bytes::from_static(b"{}")))?;
+            let answer = async {
+                let resp = client.request(req).await?;
+                let body = resp.into_body().collect().await?.to_bytes();
+                anyhow::Ok(serde_json::from_slice::<serde_json::Value>(&body)?)
+            };
+            let v = match tokio::time::timeout(Duration::from_secs(2), answer).await {
+                Ok(Ok(v)) => v,
+                _ => {
+                    ids.push(None);
+                    continue;
+                }
+            };
+            ids.push(v["header"]["member_id"].as_str().map(str::to_owned));
+            leader = leader.or(v["leader"].as_str().map(str::to_owned));
+        }
+        let leader = leader.context("no member said who leads")?;
+        ids.iter()
+            .position(|id| id.as_deref() == Some(leader.as_str()))
+            .with_context(|| format!("the leader {leader} is not among the members {ids:?}"))
+    }
+
     /// `kill -9` member `i` (its data stays).
     ///
     /// # Panics
@@ -164,10 +198,6 @@ impl Cluster {
                 "50",
                 "--election-timeout",
                 "500",
-                // As Portway's docs ask: one write may touch many objects (a namespace's
-                // teardown), each two operations.
-                "--max-txn-ops",
-                "4096",
                 // Structured logs to the log file; warnings say why a member is unhappy.
                 "--logger",
                 "zap",

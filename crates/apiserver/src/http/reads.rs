@@ -45,17 +45,17 @@ pub(super) async fn list(app: &App, t: &Target, accept: &str, q: &Query) -> Resu
             .parse()
             .map_err(|_| ApiError::bad_request(format!("limit must be a number, got {l:?}")))?,
     };
-    let (rv, objects) = app.store.list(t.res, t.ns.as_deref());
-    // Later pages report the first page's revision, so a watch started from the list
-    // replays anything that changed while the pages were read.
+    let (rv, mut objects) = app.store.list(t.res, t.ns.as_deref());
+    // Later pages are read at the first page's revision (and report it, so a watch
+    // started from the list replays anything that changed while the pages were read).
     let (list_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
             let (first_rv, key) = decode_continue(c)?;
-            if app.store.events_after(first_rv).is_err() {
-                return Err(ApiError::gone(
+            objects = as_of(&app.store, t, objects, first_rv).ok_or_else(|| {
+                ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
-                ));
-            }
+                )
+            })?;
             (first_rv, Some(key))
         }
         None => (rv, None),
@@ -89,6 +89,46 @@ pub(super) async fn list(app: &App, t: &Target, accept: &str, q: &Query) -> Resu
         StatusCode::OK,
         &list_object(t.res, &items, &list_rv, cont.as_deref()),
     ))
+}
+
+/// The objects of `t`'s kind and namespace as they were at revision `rv`, from `now`
+/// (the current ones, in key order) and the changes since: `None` when the history no
+/// longer reaches `rv`, or does not say what a changed object was before.
+fn as_of(
+    store: &crate::store::Store,
+    t: &Target,
+    now: Vec<std::sync::Arc<Value>>,
+    rv: u64,
+) -> Option<Vec<std::sync::Arc<Value>>> {
+    use std::collections::BTreeMap;
+    let events = store.events_after(rv).ok()?;
+    let mut then: BTreeMap<ObjKey, Option<std::sync::Arc<Value>>> = BTreeMap::new();
+    for e in events
+        .iter()
+        .filter(|e| e.res.id == t.res.id && t.ns.as_deref().is_none_or(|ns| e.key.ns == ns))
+    {
+        if then.contains_key(&e.key) {
+            continue;
+        }
+        // Its first change since `rv` says what it was then.
+        let was = match e.type_ {
+            crate::store::EventType::Added => None,
+            _ => Some(e.old.clone()?),
+        };
+        then.insert(e.key.clone(), was);
+    }
+    if then.is_empty() {
+        return Some(now);
+    }
+    let mut objects: BTreeMap<ObjKey, std::sync::Arc<Value>> =
+        now.into_iter().map(|o| (ObjKey::of(&o), o)).collect();
+    for (key, was) in then {
+        match was {
+            Some(o) => objects.insert(key, o),
+            None => objects.remove(&key),
+        };
+    }
+    Some(objects.into_values().collect())
 }
 
 pub(super) fn list_object(res: Res, items: &[&Value], rv: &str, cont: Option<&str>) -> Value {

@@ -19,6 +19,7 @@ use crate::devices;
 use crate::error::{ApiError, Result};
 use crate::patch::{self, PatchType};
 use crate::registry::Res;
+use crate::store::ObjKey;
 use crate::write::{self, FieldValidation, Propagation, WriteCtx};
 
 /// A write request, once its URL is parsed and its user authorised.
@@ -242,26 +243,40 @@ pub(super) async fn delete_collection(w: Write<'_>, req: Request) -> Result<Resp
     let policy = Propagation::parse(opts["propagationPolicy"].as_str())?;
     let ns = t.ns.clone();
     let res = t.res;
-    let deleted = app
-        .store
-        .write(move |txn| {
-            let mut out = Vec::new();
-            for obj in txn.list(res, ns.as_deref()) {
-                if label.matches(&obj) && field.matches(&obj) {
-                    let obj_ns = obj["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
+    // As kube-apiserver, one object after another rather than all at once: as many as
+    // fit in one write (one commit on etcd holds so much), then again.
+    let mut deleted: Vec<Arc<Value>> = Vec::new();
+    let mut done = std::collections::HashSet::new();
+    loop {
+        let (label, field, ctx, ns) = (label.clone(), field.clone(), ctx.clone(), ns.clone());
+        let skip = done.clone();
+        let (batch, more) = app
+            .store
+            .write(move |txn| {
+                let mut out = Vec::new();
+                for obj in txn.list(res, ns.as_deref()) {
+                    let key = ObjKey::of(&obj);
+                    if skip.contains(&key) || !label.matches(&obj) || !field.matches(&obj) {
+                        continue;
+                    }
+                    if !txn.fits(&obj) {
+                        return Ok((out, true));
+                    }
                     let ctx = WriteCtx {
-                        ns: obj_ns,
+                        ns: key.ns.clone(),
                         ..ctx.clone()
                     };
-                    out.push(write::delete(txn, &ctx, write::name_of(&obj), policy)?);
+                    out.push(write::delete(txn, &ctx, &key.name, policy)?);
                 }
-            }
-            Ok(out)
-        })
-        .await?;
+                Ok((out, false))
+            })
+            .await?;
+        done.extend(batch.iter().map(|o| ObjKey::of(o)));
+        deleted.extend(batch);
+        if !more {
+            break;
+        }
+    }
     let items: Vec<&Value> = deleted.iter().map(|v| v.as_ref()).collect();
     Ok(json_response(
         StatusCode::OK,

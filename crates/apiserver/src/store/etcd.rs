@@ -6,7 +6,9 @@
 //! - `revision`: the store's own revision, the `resourceVersion` of its latest change;
 //! - `objects/<resource>/<namespace>/<name>`: each object, as JSON;
 //! - `events/<revision, 20 digits>`: each change (type, resource, key, object), kept for
-//!   `history` revisions, from which every replica's watchers resume.
+//!   `history` revisions, from which every replica's watchers resume;
+//! - `commits/<replica>`: the id of the replica's last commit, so a replica whose answer
+//!   from etcd was lost can tell whether its write was applied.
 //!
 //! Why a revision of our own rather than etcd's `mod_revision`, as kube-apiserver does:
 //! one of our writes may change several objects at once (a cascade, a namespace's
@@ -31,6 +33,7 @@ use serde_json::{Value, json};
 
 use super::{Event, EventType, Inner, ObjKey, State, StoreError};
 use crate::registry::registry;
+use tokio::sync::Notify;
 
 /// Where the etcd cluster is, and how to reach it.
 #[derive(Clone, Debug)]
@@ -42,6 +45,10 @@ pub struct Config {
     /// PEM files: the CA that signed the members' certificates, and this client's own
     /// certificate and key, when the cluster asks for them.
     pub tls: Option<Tls>,
+    /// What the cluster takes in one transaction (its `--max-txn-ops` and
+    /// `--max-request-bytes`); writes are grouped to fit, and a single write that cannot
+    /// fit is refused with 413.
+    pub budget: super::Budget,
 }
 
 #[derive(Clone, Debug)]
@@ -59,6 +66,10 @@ const PAGE: i64 = 500;
 pub(super) struct Etcd {
     client: Client,
     prefix: String,
+    /// Names this replica's `commits/` key.
+    replica: String,
+    /// Tells the watch to reload the store (a committer that waited too long for it).
+    reload: Notify,
 }
 
 fn etcd_error(what: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ {
@@ -70,6 +81,17 @@ fn etcd_error(what: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ 
 /// A write that was sent may still have been applied: [`Etcd::commit`] finds out.
 fn unsent(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
+}
+
+/// An answer that says the request was refused, not applied (too large, too many
+/// operations, not allowed).
+fn refused(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
+        s.code(),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied
+            | Code::Unauthenticated | Code::OutOfRange
+    ))
 }
 
 /// `request`, tried again while the members it reaches cannot answer (a few seconds).
@@ -124,7 +146,14 @@ impl Etcd {
         Ok(Self {
             client,
             prefix: config.prefix.trim_end_matches('/').to_owned(),
+            replica: format!("{:016x}", rand::random::<u64>()),
+            reload: Notify::new(),
         })
+    }
+
+    /// Asks the watch to read the whole store again.
+    pub(super) fn reload(&self) {
+        self.reload.notify_one();
     }
 
     fn kv(&self) -> KvClient {
@@ -218,8 +247,14 @@ impl Etcd {
         let mut log = VecDeque::new();
         let mut last: HashMap<(usize, ObjKey), Arc<Value>> = HashMap::new();
         for (key, value) in self.range(&self.key("events/"), at).await? {
-            let Some(event) = decode_event(&key, &value, &mut last)? else {
-                continue;
+            let event = match decode_event(&key, &value, &mut last)? {
+                Decoded::Event(event) => event,
+                // History restarts after a change of a kind not served here.
+                Decoded::Unknown(_) => {
+                    log.clear();
+                    continue;
+                }
+                Decoded::Other => continue,
             };
             // Events are contiguous; anything else restarts the history after it.
             if log
@@ -258,6 +293,7 @@ impl Etcd {
         // Names this attempt, so a retry after a lost answer can tell its own commit from
         // another replica's (see below).
         let commit = format!("{:016x}", rand::random::<u64>());
+        let commits = self.key(&format!("commits/{}", self.replica));
         let guard = if base == 0 {
             Compare::version(revision.clone(), CompareOp::Equal, 0)
         } else {
@@ -282,7 +318,6 @@ impl Etcd {
             let event = json!({
                 "type": c.type_.as_str(), "resource": resource,
                 "namespace": c.key.ns, "name": c.key.name, "object": &*c.object,
-                "commit": commit,
             });
             ops.push(TxnOp::put(self.event_key(c.rv), event.to_string(), None));
         }
@@ -298,35 +333,56 @@ impl Etcd {
             ));
         }
         ops.push(TxnOp::put(revision.clone(), rv.to_string(), None));
+        ops.push(TxnOp::put(commits.clone(), commit.clone(), None));
         let txn = Txn::new()
             .when([guard])
             .and_then(ops)
             .or_else([TxnOp::get(revision, None)]);
         let kv = self.kv();
-        let response = retrying(|| {
+        // Whether this attempt was applied, read back from `commits/<replica>`: the
+        // committer is one per replica, so only this attempt may have written that id.
+        let ours = || async {
+            retrying(|| {
+                let (mut kv, key) = (kv.clone(), commits.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await
+            .map(|r| {
+                r.kvs()
+                    .first()
+                    .is_some_and(|kv| kv.value() == commit.as_bytes())
+            })
+        };
+        let response = match retrying(|| {
             let (mut kv, txn) = (kv.clone(), txn.clone());
             async move { kv.txn(txn).await }
         })
         .await
-        .map_err(etcd_error("committing"))?;
+        {
+            Ok(r) => r,
+            Err(e) if refused(&e) => return Err(etcd_error("committing")(e)),
+            // Sent, maybe applied, the answer lost: only the read-back can say.
+            Err(e) => {
+                return match ours().await {
+                    Ok(true) => Ok(Ok(())),
+                    Ok(false) => Err(StoreError::Unknown(format!("committing: {e}"))),
+                    Err(again) => Err(StoreError::Unknown(format!(
+                        "committing: {e}; reading it back: {again}"
+                    ))),
+                };
+            }
+        };
         if response.succeeded() {
             return Ok(Ok(()));
         }
         // Refused: another replica wrote first, or this very transaction did, on an
-        // earlier try whose answer was lost. Its last event says which.
-        let last = self.event_key(rv);
-        let ours = retrying(|| {
-            let (mut kv, key) = (kv.clone(), last.clone());
-            async move { kv.get(key, None).await }
-        })
-        .await
-        .map_err(etcd_error("reading back a commit"))?
-        .kvs()
-        .first()
-        .and_then(|kv| serde_json::from_slice::<Value>(kv.value()).ok())
-        .is_some_and(|v| v["commit"] == commit.as_str());
-        if ours {
-            return Ok(Ok(()));
+        // earlier try whose answer was lost.
+        match ours().await {
+            Ok(true) => return Ok(Ok(())),
+            Ok(false) => {}
+            Err(e) => {
+                return Err(StoreError::Unknown(format!("reading back a commit: {e}")));
+            }
         }
         let current = response
             .op_responses()
@@ -366,14 +422,45 @@ impl Etcd {
                     // Another replica got there first.
                     Err(e) => tracing::debug!(error = %e, "compacting etcd"),
                 }
+                self.forget_commits_before(at).await;
             }
             previous = now;
         }
     }
 
+    /// Removes the `commits/` keys of replicas that have not written since etcd revision
+    /// `at` (gone, most likely): a replica reads its own key back only seconds after
+    /// writing it, and writes it again with its next commit.
+    async fn forget_commits_before(&self, at: i64) {
+        let mut kv = self.kv();
+        let prefix = self.key("commits/");
+        let options = GetOptions::new().with_range(prefix_end(&prefix));
+        let Ok(mut keys) = kv.get(prefix, Some(options)).await else {
+            return;
+        };
+        for old in keys
+            .take_kvs()
+            .into_iter()
+            .filter(|k| k.mod_revision() < at)
+        {
+            let key = old.key().to_vec();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    old.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(key, None)]);
+            if let Err(e) = kv.txn(txn).await {
+                tracing::debug!(error = %e, "forgetting an old replica's last commit");
+            }
+        }
+    }
+
     /// Follows every replica's changes into `inner` until it is gone: the events written
-    /// after etcd revision `at`, in order. A watch that breaks resumes where it was; one
-    /// that fell behind etcd's compaction reloads the whole store.
+    /// after etcd revision `at`, in order. A watch that breaks resumes after the last
+    /// event applied; one that fell behind etcd's compaction, or saw a gap, or was told
+    /// to by a committer, reloads the whole store.
     pub(super) async fn follow(self: Arc<Self>, inner: Weak<Inner>, mut at: i64) {
         let prefix = self.key("events/");
         let mut delay = Duration::from_millis(100);
@@ -396,7 +483,16 @@ impl Etcd {
                 }
             };
             loop {
-                let message = match stream.message().await {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    () = self.reload.notified() => {
+                        let Some(inner) = inner.upgrade() else { return };
+                        tracing::warn!("a write waited too long for this replica's watch; reloading the store");
+                        self.reload_into(&inner, &mut at).await;
+                        break;
+                    }
+                };
+                let message = match message {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -412,30 +508,27 @@ impl Etcd {
                         reason = message.cancel_reason(),
                         "etcd watch fell behind; reloading the store"
                     );
-                    match self.load().await {
-                        Ok(loaded) => {
-                            at = loaded.at;
-                            inner.replace(loaded.state);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reloading from etcd");
-                            tokio::time::sleep(delay).await;
-                        }
-                    }
+                    self.reload_into(&inner, &mut at).await;
                     break;
                 }
+                // `at` moves only with the events applied: a catch-up arrives in several
+                // messages, each stamped with etcd's current revision, and a watch that
+                // breaks between them must resume from the last event, not from there.
+                let mut seen = at;
                 let mut changes = Vec::new();
+                let (mut unknown, mut unknown_first) = (None, None);
                 {
                     let state = inner.state.read();
                     let mut last = HashMap::new();
                     for e in message.events() {
                         let Some(kv) = e.kv() else { continue };
+                        seen = seen.max(kv.mod_revision());
                         if e.event_type() != etcd_client::EventType::Put {
                             continue;
                         }
                         let key = String::from_utf8_lossy(kv.key());
                         match decode_event(&key, kv.value(), &mut last) {
-                            Ok(Some(mut event)) => {
+                            Ok(Decoded::Event(mut event)) => {
                                 // The state before this change, as this replica knows it.
                                 if event.old.is_none() {
                                     event.old =
@@ -443,32 +536,54 @@ impl Etcd {
                                 }
                                 changes.push(event);
                             }
-                            Ok(None) => {}
+                            Ok(Decoded::Unknown(rv)) => {
+                                unknown = unknown.max(Some(rv));
+                                unknown_first = unknown_first.or(Some(rv));
+                            }
+                            Ok(Decoded::Other) => {}
                             Err(e) => tracing::warn!(error = %e, "skipping an event"),
                         }
-                        at = at.max(kv.mod_revision());
                     }
+                }
+                let first = match (changes.first().map(|c| c.rv), unknown_first) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if first.is_some_and(|rv| rv > inner.state.read().rv + 1) {
+                    // Changes this replica never saw: start again from etcd.
+                    self.reload_into(&inner, &mut at).await;
+                    break;
+                }
+                if let Some(rv) = unknown {
+                    // A kind this replica does not serve (a newer replica wrote it): its
+                    // revision is skipped, with the history before it, since a watch
+                    // resuming across it would miss a change.
+                    let (before, after): (Vec<Event>, Vec<Event>) =
+                        changes.into_iter().partition(|c| c.rv < rv);
+                    if let Some(last) = before.last().map(|c| c.rv) {
+                        inner.apply(before, last, last.saturating_sub(inner.history));
+                    }
+                    inner.skip_to(rv);
+                    changes = after;
                 }
                 if let Some(rv) = changes.last().map(|c| c.rv) {
-                    let floor = rv.saturating_sub(inner.history);
-                    let gap = changes
-                        .first()
-                        .is_some_and(|c| c.rv > inner.state.read().rv + 1);
-                    if gap {
-                        // Changes this replica never saw: start again from etcd.
-                        if let Ok(loaded) = self.load().await {
-                            at = loaded.at;
-                            inner.replace(loaded.state);
-                        }
-                        break;
-                    }
-                    inner.apply(changes, rv, floor);
+                    inner.apply(changes, rv, rv.saturating_sub(inner.history));
                 }
-                if let Some(h) = message.header() {
-                    at = at.max(h.revision());
-                }
+                at = seen;
             }
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Reads the whole store again into `inner`; the watch resumes after it. On failure,
+    /// `at` stays, so the next watch finds the same trouble and tries again.
+    async fn reload_into(&self, inner: &Inner, at: &mut i64) {
+        match self.load().await {
+            Ok(loaded) => {
+                *at = loaded.at;
+                inner.replace(loaded.state);
+            }
+            Err(e) => tracing::warn!(error = %e, "reloading from etcd"),
         }
     }
 }
@@ -482,22 +597,31 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
+/// What a key under `events/` holds.
+enum Decoded {
+    Event(Event),
+    /// A change to a kind this replica does not serve, at this revision.
+    Unknown(u64),
+    /// Not an event.
+    Other,
+}
+
 /// An event as stored under `events/`; `last` holds the latest state of each object seen
 /// so far, to fill in what a change replaced.
 fn decode_event(
     key: &str,
     value: &[u8],
     last: &mut HashMap<(usize, ObjKey), Arc<Value>>,
-) -> Result<Option<Event>, StoreError> {
+) -> Result<Decoded, StoreError> {
     let Some(rv) = key.rsplit('/').next().and_then(|n| n.parse::<u64>().ok()) else {
-        return Ok(None);
+        return Ok(Decoded::Other);
     };
     let v: Value = serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
         key: key.to_owned(),
         source,
     })?;
     let Some(res) = v["resource"].as_str().and_then(|r| registry().by_key(r)) else {
-        return Ok(None);
+        return Ok(Decoded::Unknown(rv));
     };
     let obj_key = ObjKey::new(
         v["namespace"].as_str().unwrap_or_default(),
@@ -510,7 +634,7 @@ fn decode_event(
     } else {
         last.insert((res.id, obj_key.clone()), object.clone())
     };
-    Ok(Some(Event {
+    Ok(Decoded::Event(Event {
         rv,
         type_,
         res,
@@ -535,6 +659,7 @@ mod tests {
             endpoints: cluster.endpoints(),
             prefix: prefix.to_owned(),
             tls: None,
+            budget: crate::store::Budget::ETCD,
         }
     }
 
@@ -658,6 +783,107 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.list(ns, None).1.len(), 10);
+    }
+
+    /// A write larger than one etcd transaction fails alone with 413, naming the limits;
+    /// writes queued with it commit, in groups that fit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_too_large_for_one_transaction_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let ns = registry().by_key("namespaces").unwrap();
+        let mut small = config(&cluster, "/small");
+        // Room for 8 changes per transaction.
+        small.budget = crate::store::Budget {
+            ops: 20,
+            bytes: 1 << 20,
+        };
+        let store = Store::open_etcd(&small, 1000).await.unwrap();
+        let big = store.clone();
+        let too_big = tokio::spawn(async move {
+            big.write(move |txn| {
+                for i in 0..9 {
+                    txn.put(ns, ns_obj(&format!("big{i}")));
+                }
+                Ok(())
+            })
+            .await
+        });
+        let writes = (0..40).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |txn| Ok(txn.put(ns, ns_obj(&format!("n{i}")))))
+                    .await
+            })
+        });
+        let results = futures::future::join_all(writes).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(Ok(_)))));
+        let refused = too_big.await.unwrap().unwrap_err();
+        assert_eq!(refused.code.as_u16(), 413, "{refused}");
+        assert!(refused.message.contains("--etcd-max-txn-ops"), "{refused}");
+        assert_eq!(store.revision(), 40);
+        let again = Store::open_etcd(&small, 1000).await.unwrap();
+        assert_eq!(again.list(ns, None).1.len(), 40);
+    }
+
+    /// Deleting a namespace holding more than one transaction takes: the first write
+    /// deletes what fits and marks the namespace; the collector finishes, write by write.
+    #[tokio::test]
+    async fn a_namespace_larger_than_one_transaction_is_torn_down_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let namespaces = registry().by_key("namespaces").unwrap();
+        let secrets = registry().by_key("secrets").unwrap();
+        let mut small = config(&cluster, "/teardown");
+        small.budget = crate::store::Budget {
+            ops: 20,
+            bytes: 1 << 20,
+        };
+        let store = Store::open_etcd(&small, 1000).await.unwrap();
+        store
+            .write(move |txn| Ok(txn.put(namespaces, ns_obj("big"))))
+            .await
+            .unwrap();
+        for i in 0..30 {
+            let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": format!("c{i}"), "namespace": "big"}});
+            store
+                .write(move |txn| Ok(txn.put(secrets, secret.clone())))
+                .await
+                .unwrap();
+        }
+        let ctx = crate::write::WriteCtx {
+            res: namespaces,
+            ns: String::new(),
+            manager: "test".into(),
+            validation: crate::write::FieldValidation::Strict,
+            dry_run: false,
+            now: crate::write::now(),
+            guard: None,
+        };
+        store
+            .write(move |txn| {
+                crate::write::delete(txn, &ctx, "big", crate::write::Propagation::Background)
+            })
+            .await
+            .unwrap();
+        let left = store.list(secrets, Some("big")).1.len();
+        assert!(left > 0 && left < 30, "{left} left after the first write");
+        assert!(store.get(namespaces, "", "big").is_some());
+        assert!(crate::write::needs_collecting(&store));
+        let mut writes = 0;
+        while store.write(crate::write::collect).await.unwrap() {
+            writes += 1;
+            assert!(writes < 10, "the collector makes no progress");
+        }
+        assert!(store.list(secrets, Some("big")).1.is_empty());
+        assert!(store.get(namespaces, "", "big").is_none());
+        assert!(!crate::write::needs_collecting(&store));
     }
 
     /// Two replicas writing at once through one etcd: every acknowledged write is kept,

@@ -59,6 +59,13 @@ pub struct Args {
     /// Client key for etcd (PEM).
     #[arg(long, requires = "etcd_certfile")]
     etcd_keyfile: Option<PathBuf>,
+    /// Operations etcd accepts in one transaction: its own `--max-txn-ops`. Writes are
+    /// grouped to fit, and a single write that cannot is refused with 413.
+    #[arg(long, default_value_t = portway_apiserver::store::Budget::ETCD.ops, value_name = "N")]
+    etcd_max_txn_ops: usize,
+    /// Bytes etcd accepts in one request: its own `--max-request-bytes`.
+    #[arg(long, default_value_t = portway_apiserver::store::Budget::ETCD.bytes, value_name = "BYTES")]
+    etcd_max_request_bytes: usize,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -87,6 +94,10 @@ pub async fn run(args: Args) -> Result<()> {
                     cert: args.etcd_certfile,
                     key: args.etcd_keyfile,
                 }),
+            budget: portway_apiserver::store::Budget {
+                ops: args.etcd_max_txn_ops,
+                bytes: args.etcd_max_request_bytes,
+            },
         });
     }
     let server = portway_apiserver::Server::bind(config)
