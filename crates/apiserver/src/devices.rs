@@ -16,15 +16,17 @@
 //!
 //! All of it lives in the store, as Secrets in `portway-system` (as Kubernetes keeps its
 //! bootstrap tokens in `kube-system`), so every API server replica on one etcd knows every
-//! join token, challenge and credential: `join-token-<id>`, `join-nonce-<nonce>` and
-//! `device-<hash>`, of types `portway.dev/join-token`, `portway.dev/join-nonce` and
-//! `portway.dev/device-credential`. Only SHA-256 hashes of secrets are stored. What an
-//! earlier version kept in `portway.db`'s `join_tokens` and `devices` tables is moved
-//! there on start.
+//! join token, challenge and credential: `join-token-<id>` (of type
+//! `portway.dev/join-token`, whose `nonces` field holds its open challenges) and
+//! `device-<hash>` (`portway.dev/device-credential`). Only SHA-256 hashes of secrets are
+//! stored. What an earlier version kept in `portway.db`'s `join_tokens` and `devices`
+//! tables is moved there on start, and the `join-nonce-<nonce>` Secrets (type
+//! `portway.dev/join-nonce`) it made per challenge are swept once expired.
 
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use rusqlite::{Connection, OpenFlags};
@@ -41,8 +43,18 @@ pub const JOIN_CONTEXT: &str = "portway-join-v1";
 const NONCE_TTL: Duration = Duration::from_secs(60);
 /// Longest a join token may live.
 pub const MAX_JOIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Joins in progress at once, past which challenges are refused (429).
+/// Open challenges of one join token, past which its challenges are refused (429): the
+/// holder of one token cannot crowd out the others'. They live in the token's Secret, so
+/// this also bounds its size (about 60 bytes a challenge).
+const MAX_NONCES_PER_TOKEN: usize = 128;
+/// Open challenges this replica has handed out, over all tokens, past which it refuses
+/// more (429): a memory bound, however many tokens there are.
 const MAX_NONCES: usize = 10_000;
+/// Expired `join-nonce-*` Secrets (of an earlier version) removed per write: one etcd
+/// transaction holds a bounded number of operations.
+const SWEEP_PER_WRITE: usize = 32;
+/// The join token Secret's field holding its open challenges: nonce → expiry (unix s).
+const NONCES: &str = "nonces";
 
 const SYSTEM: &str = portway_api::certificates::SYSTEM_NAMESPACE;
 const JOIN_TOKEN: &str = "portway.dev/join-token";
@@ -137,6 +149,34 @@ fn is(s: &Value, type_: &str) -> bool {
     s["type"].as_str() == Some(type_)
 }
 
+/// `s` with one field of its `data` set.
+fn with_field(s: &Value, key: &str, value: &str) -> Value {
+    let mut s = s.clone();
+    s["data"][key] = Value::String(base64::engine::general_purpose::STANDARD.encode(value));
+    s
+}
+
+/// A join token Secret's open challenges (and any expired ones not yet dropped).
+fn nonces(token: &Value) -> BTreeMap<String, i64> {
+    field(token, NONCES)
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default()
+}
+
+/// `token` holding `open` as its challenges.
+fn with_nonces(token: &Value, open: &BTreeMap<String, i64>) -> Value {
+    let json = serde_json::to_string(open).unwrap_or_default();
+    with_field(token, NONCES, &json)
+}
+
+fn too_many(message: &str) -> ApiError {
+    ApiError::new(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        message,
+    )
+}
+
 /// A credential's Secret is named after its hash: found in one lookup per request.
 fn credential_name(hash: &str) -> String {
     format!("device-{}", &hash[..40])
@@ -203,6 +243,13 @@ fn join_token(
 /// The device credentials and join tokens, kept in the store.
 pub struct Devices {
     store: Store,
+    /// When each open challenge this replica handed out expires, oldest first.
+    issued: parking_lot::Mutex<VecDeque<Instant>>,
+    /// Past this many open ones, this replica refuses challenges ([`MAX_NONCES`]).
+    max_issued: usize,
+    /// Credentials whose removal is under way: several requests noticing the same stale
+    /// one start one removal.
+    removing: Arc<parking_lot::Mutex<HashSet<String>>>,
 }
 
 impl Devices {
@@ -212,11 +259,91 @@ impl Devices {
     /// # Errors
     /// When the old tables cannot be read or the store written.
     pub async fn open(store: Store, legacy: Option<&Path>) -> Result<Self, DevicesError> {
-        let devices = Self { store };
+        let devices = Self {
+            store,
+            issued: parking_lot::Mutex::default(),
+            max_issued: MAX_NONCES,
+            removing: Arc::default(),
+        };
         if let Some(path) = legacy.filter(|p| p.exists()) {
             devices.migrate(path).await?;
         }
+        // An earlier version kept a Secret per challenge; what it left behind goes.
+        loop {
+            match devices.sweep_nonce_secrets().await {
+                Ok(n) if n == SWEEP_PER_WRITE => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "sweeping expired join-nonce Secrets");
+                    break;
+                }
+            }
+        }
         Ok(devices)
+    }
+
+    /// Removes up to [`SWEEP_PER_WRITE`] expired `join-nonce-*` Secrets (an earlier
+    /// version's challenges) in one write; returns how many.
+    async fn sweep_nonce_secrets(&self) -> Result<usize, ApiError> {
+        let now = unix_now();
+        let expired = move |s: &Value| {
+            is(s, JOIN_NONCE)
+                && field(s, "expires")
+                    .and_then(|e| e.parse::<i64>().ok())
+                    .is_none_or(|e| e <= now)
+        };
+        let names: Vec<String> = self
+            .store
+            .list(secrets(), Some(SYSTEM))
+            .1
+            .iter()
+            .filter(|s| expired(s))
+            .filter_map(|s| s["metadata"]["name"].as_str().map(str::to_owned))
+            .take(SWEEP_PER_WRITE)
+            .collect();
+        if names.is_empty() {
+            return Ok(0);
+        }
+        self.store
+            .write(move |txn| {
+                let mut removed = 0;
+                for name in &names {
+                    // Looked at again: it may have gone (or changed) since the list.
+                    if txn
+                        .get(secrets(), SYSTEM, name)
+                        .is_some_and(|s| expired(&s))
+                    {
+                        txn.remove(secrets(), SYSTEM, name);
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            })
+            .await
+    }
+
+    /// Takes one of this replica's [`MAX_NONCES`] open challenges, until the returned
+    /// expiry.
+    fn reserve_nonce(&self) -> Result<Instant, ApiError> {
+        let mut issued = self.issued.lock();
+        let now = Instant::now();
+        while issued.front().is_some_and(|t| *t <= now) {
+            issued.pop_front();
+        }
+        if issued.len() >= self.max_issued {
+            return Err(too_many("too many joins in progress; try again shortly"));
+        }
+        let until = now + NONCE_TTL;
+        issued.push_back(until);
+        Ok(until)
+    }
+
+    /// Gives back a challenge taken with [`Devices::reserve_nonce`] that was not handed out.
+    fn unreserve_nonce(&self, until: Instant) {
+        let mut issued = self.issued.lock();
+        if let Some(i) = issued.iter().rposition(|t| *t == until) {
+            issued.remove(i);
+        }
     }
 
     async fn migrate(&self, path: &Path) -> Result<(), DevicesError> {
@@ -303,18 +430,23 @@ impl Devices {
         }
         let n = objects.len();
         let res = secrets();
-        self.store
-            .write(move |txn| {
-                for o in &objects {
-                    let name = o["metadata"]["name"].as_str().unwrap_or_default();
-                    if txn.get(res, SYSTEM, name).is_none() {
-                        txn.put(res, o.clone());
+        // A part at a time (one etcd transaction holds so much); moving again what was
+        // moved changes nothing, so a start interrupted midway just runs again.
+        for part in objects.chunks(SWEEP_PER_WRITE) {
+            let part = part.to_vec();
+            self.store
+                .write(move |txn| {
+                    for o in &part {
+                        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+                        if txn.get(res, SYSTEM, name).is_none() {
+                            txn.put(res, o.clone());
+                        }
                     }
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| err(e.message))?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| err(e.message))?;
+        }
         // Moved: the old rows go, so a later start does not bring back what was revoked.
         db.execute_batch("DELETE FROM join_tokens; DELETE FROM devices;")
             .map_err(|e| err(e.to_string()))?;
@@ -363,47 +495,41 @@ impl Devices {
     /// A nonce for the holder of a valid join token to sign, and the token's project.
     ///
     /// # Errors
-    /// 401 for an unknown, expired or used-up token; 429 with too many joins at once.
+    /// 401 for an unknown, expired or used-up token; 429 with too many joins in progress
+    /// with this token ([`MAX_NONCES_PER_TOKEN`]) or on this replica ([`MAX_NONCES`]).
     pub async fn challenge(&self, token: &str) -> Result<(String, String), ApiError> {
         let t = join_token(&self.lookup(), token)?;
         let nonce = random_hex(16);
         let expires = unix_now() + i64::try_from(NONCE_TTL.as_secs()).unwrap_or(60);
-        let object = secret(
-            &format!("join-nonce-{nonce}"),
-            JOIN_NONCE,
-            &[("join-token", &t.id), ("expires", &expires.to_string())],
-        );
-        self.store
+        let name = format!("join-token-{}", t.id);
+        let until = self.reserve_nonce()?;
+        let added = nonce.clone();
+        let written = self
+            .store
             .write(move |txn| {
-                // Expired challenges go as new ones come.
+                // The token's Secret alone: one challenge is one change of it.
+                let stored = txn
+                    .get(secrets(), SYSTEM, &name)
+                    .filter(|s| is(s, JOIN_TOKEN))
+                    .ok_or_else(|| unauthorized("the join token is gone"))?;
                 let now = unix_now();
-                let mut open = 0;
-                for s in txn.list(secrets(), Some(SYSTEM)) {
-                    if !is(&s, JOIN_NONCE) {
-                        continue;
-                    }
-                    let expires = field(&s, "expires").and_then(|e| e.parse::<i64>().ok());
-                    if expires.is_none_or(|e| e <= now) {
-                        let name = s["metadata"]["name"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned();
-                        txn.remove(secrets(), SYSTEM, &name);
-                    } else {
-                        open += 1;
-                    }
-                }
-                if open >= MAX_NONCES {
-                    return Err(ApiError::new(
-                        http::StatusCode::TOO_MANY_REQUESTS,
-                        "TooManyRequests",
-                        "too many joins in progress; try again shortly",
+                let mut open = nonces(&stored);
+                // Its expired challenges go as new ones come.
+                open.retain(|_, e| *e > now);
+                if open.len() >= MAX_NONCES_PER_TOKEN {
+                    return Err(too_many(
+                        "too many joins in progress with this join token; try again shortly",
                     ));
                 }
-                txn.put(secrets(), object.clone());
+                open.insert(added.clone(), expires);
+                txn.put(secrets(), with_nonces(&stored, &open));
                 Ok(())
             })
-            .await?;
+            .await;
+        if let Err(e) = written {
+            self.unreserve_nonce(until);
+            return Err(e);
+        }
         Ok((nonce, t.ns))
     }
 
@@ -415,19 +541,26 @@ impl Devices {
     /// 401 for a bad token, nonce or signature; 400 for a malformed NodeID or signature.
     pub async fn verify_join(&self, req: &JoinRequest) -> Result<String, ApiError> {
         let t = join_token(&self.lookup(), &req.join_token)?;
-        let name = format!("join-nonce-{}", req.nonce);
-        let id = t.id.clone();
+        let name = format!("join-token-{}", t.id);
+        let nonce = req.nonce.clone();
         let nonce_ok = self
             .store
             .write(move |txn| {
-                let spent = txn.remove(secrets(), SYSTEM, &name);
-                Ok(spent.is_some_and(|s| {
-                    is(&s, JOIN_NONCE)
-                        && field(&s, "join-token").as_deref() == Some(id.as_str())
-                        && field(&s, "expires")
-                            .and_then(|e| e.parse::<i64>().ok())
-                            .is_some_and(|e| e > unix_now())
-                }))
+                let Some(stored) = txn
+                    .get(secrets(), SYSTEM, &name)
+                    .filter(|s| is(s, JOIN_TOKEN))
+                else {
+                    return Ok(false);
+                };
+                let mut open = nonces(&stored);
+                // An unknown nonce changes nothing; a known one is spent.
+                let Some(expires) = open.remove(&nonce) else {
+                    return Ok(false);
+                };
+                let now = unix_now();
+                open.retain(|_, e| *e > now);
+                txn.put(secrets(), with_nonces(&stored, &open));
+                Ok(expires > now)
             })
             .await?;
         if !nonce_ok {
@@ -490,11 +623,10 @@ impl Devices {
                 let left = field(&stored, "uses-left")
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0);
-                let mut spent = (*stored).clone();
-                spent["data"]["uses-left"] = Value::String(
-                    base64::engine::general_purpose::STANDARD.encode((left - 1).to_string()),
+                txn.put(
+                    secrets(),
+                    with_field(&stored, "uses-left", &(left - 1).to_string()),
                 );
-                txn.put(secrets(), spent);
                 for (name, _, _) in &bound {
                     txn.remove(secrets(), SYSTEM, name);
                 }
@@ -537,7 +669,7 @@ impl Devices {
             return None;
         }
         if connector_uid(&b.ns, &b.connector).as_deref() != Some(b.connector_uid.as_str()) {
-            self.forget(name, &b);
+            self.forget(&name, &b);
             return None;
         }
         Some(Arc::new(User {
@@ -550,18 +682,28 @@ impl Devices {
 
     /// Forgets one credential (its Connector is gone). Only that one: a device that has
     /// joined again since holds a new credential for the same name, which a late request
-    /// with the old one must not revoke.
-    fn forget(&self, name: String, b: &Binding) {
+    /// with the old one must not revoke. Returns whether this call started the removal
+    /// (not when one is under way already).
+    fn forget(&self, name: &str, b: &Binding) -> bool {
+        if !self.removing.lock().insert(name.to_owned()) {
+            return false;
+        }
         tracing::info!(project = %b.ns, connector = %b.connector, "device credential revoked: its connector is gone");
         let store = self.store.clone();
+        let removing = self.removing.clone();
+        let name = name.to_owned();
         tokio::spawn(async move {
+            let target = name.clone();
             let removed = store
-                .write(move |txn| Ok(txn.remove(secrets(), SYSTEM, &name)))
+                .write(move |txn| Ok(txn.remove(secrets(), SYSTEM, &target)))
                 .await;
             if let Err(e) = removed {
                 tracing::warn!(error = %e.message, "removing a revoked device credential");
             }
+            // Gone from the store (or failed, to be tried by the next request).
+            removing.lock().remove(&name);
         });
+        true
     }
 }
 
@@ -759,6 +901,180 @@ mod tests {
             connector_uid: uid.into(),
             node_id: id.into(),
         }
+    }
+
+    /// Every change to the store since revision `rv`: (type, name).
+    fn changes_since(store: &Store, rv: u64) -> Vec<(crate::store::EventType, String)> {
+        store
+            .events_after(rv)
+            .unwrap()
+            .iter()
+            .map(|e| (e.type_, e.key.name.clone()))
+            .collect()
+    }
+
+    fn token_id(token: &str) -> &str {
+        token.split('.').nth(1).unwrap()
+    }
+
+    /// An earlier version's challenge Secret, expired or not.
+    async fn put_old_nonce(store: &Store, n: usize, expires: i64) {
+        let object = secret(
+            &format!("join-nonce-{n:04}"),
+            JOIN_NONCE,
+            &[("join-token", "abcd"), ("expires", &expires.to_string())],
+        );
+        store
+            .write(move |txn| Ok(txn.put(secrets(), object.clone())))
+            .await
+            .unwrap();
+    }
+
+    /// A challenge and its answer each change their token's Secret and nothing else: no
+    /// Secret made and deleted per join for every Secret watcher to see, and nothing else
+    /// in `portway-system` looked at or swept.
+    #[tokio::test]
+    async fn a_challenge_and_its_answer_change_only_their_tokens_secret() {
+        use crate::store::EventType::Modified;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, d) = devices(dir.path()).await;
+        let (token, _) = d
+            .create_join_token("p1", Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        let token_secret = format!("join-token-{}", token_id(&token));
+        put_old_nonce(&store, 1, 0).await;
+        let rv = store.revision();
+        let (nonce, _) = d.challenge(&token).await.unwrap();
+        assert_eq!(
+            changes_since(&store, rv),
+            vec![(Modified, token_secret.clone())]
+        );
+        let (key, id) = keypair(1);
+        let mut req = JoinRequest {
+            join_token: token.clone(),
+            connector: "laptop".into(),
+            connector_class_name: None,
+            node_id: id.clone(),
+            nonce: "0".repeat(32),
+            signature: sign(&key, &join_message(&nonce, "p1", "laptop", &id)),
+        };
+        let rv = store.revision();
+        assert_eq!(d.verify_join(&req).await.unwrap_err().code, 401);
+        assert_eq!(changes_since(&store, rv), vec![], "an unknown nonce");
+        req.nonce = nonce;
+        assert_eq!(d.verify_join(&req).await.unwrap(), "p1");
+        assert_eq!(changes_since(&store, rv), vec![(Modified, token_secret)]);
+        assert!(
+            store.get(secrets(), SYSTEM, "join-nonce-0001").is_some(),
+            "another's Secret is not the challenge's business"
+        );
+    }
+
+    /// The holder of one join token cannot use up the challenges of the others; this
+    /// replica still bounds them all.
+    #[tokio::test]
+    async fn one_token_at_its_limit_leaves_the_others_their_challenges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut d) = devices(dir.path()).await;
+        let new_token = || d.create_join_token("p1", Duration::from_secs(60), 1);
+        let (a, _) = new_token().await.unwrap();
+        let (b, _) = new_token().await.unwrap();
+        for _ in 0..MAX_NONCES_PER_TOKEN {
+            d.challenge(&a).await.unwrap();
+        }
+        for _ in 0..3 {
+            assert_eq!(d.challenge(&a).await.unwrap_err().code, 429);
+        }
+        d.challenge(&b).await.expect("another token's challenge");
+        // The refused ones took none of this replica's room.
+        assert_eq!(d.issued.lock().len(), MAX_NONCES_PER_TOKEN + 1);
+        d.max_issued = MAX_NONCES_PER_TOKEN + 2;
+        d.challenge(&b).await.unwrap();
+        assert_eq!(d.challenge(&b).await.unwrap_err().code, 429);
+        // Expired challenges make room again.
+        let name = format!("join-token-{}", token_id(&a));
+        store
+            .write(move |txn| {
+                let s = txn.get(secrets(), SYSTEM, &name).unwrap();
+                let mut open = nonces(&s);
+                open.values_mut().for_each(|e| *e = 0);
+                Ok(txn.put(secrets(), with_nonces(&s, &open)))
+            })
+            .await
+            .unwrap();
+        d.max_issued = MAX_NONCES;
+        d.challenge(&a).await.expect("room once the others expired");
+        let s = store
+            .get(secrets(), SYSTEM, &format!("join-token-{}", token_id(&a)))
+            .unwrap();
+        assert_eq!(nonces(&s).len(), 1, "expired challenges are dropped");
+    }
+
+    /// An earlier version's challenge Secrets go once expired, a bounded number per write.
+    #[tokio::test]
+    async fn old_challenge_secrets_are_swept_a_few_per_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, d) = devices(dir.path()).await;
+        for n in 0..SWEEP_PER_WRITE + 8 {
+            put_old_nonce(&store, n, 0).await;
+        }
+        put_old_nonce(&store, 9999, unix_now() + 60).await;
+        assert_eq!(d.sweep_nonce_secrets().await.unwrap(), SWEEP_PER_WRITE);
+        assert_eq!(d.sweep_nonce_secrets().await.unwrap(), 8);
+        assert_eq!(d.sweep_nonce_secrets().await.unwrap(), 0);
+        assert!(
+            store.get(secrets(), SYSTEM, "join-nonce-9999").is_some(),
+            "an open challenge stays"
+        );
+        // On start, every expired one goes, in as many writes as it takes.
+        for n in 0..SWEEP_PER_WRITE * 2 + 1 {
+            put_old_nonce(&store, n, 0).await;
+        }
+        let rv = store.revision();
+        Devices::open(store.clone(), None).await.unwrap();
+        let after = store.revision();
+        let old = store
+            .list(secrets(), Some(SYSTEM))
+            .1
+            .iter()
+            .filter(|s| is(s, JOIN_NONCE))
+            .count();
+        assert_eq!(old, 1);
+        assert_eq!(after - rv, u64::try_from(SWEEP_PER_WRITE * 2 + 1).unwrap());
+    }
+
+    /// Requests that notice the same stale credential at once start one removal.
+    #[tokio::test]
+    async fn a_stale_credential_is_removed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, d) = devices(dir.path()).await;
+        let (token, _) = d
+            .create_join_token("p1", Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        let (_, id) = keypair(1);
+        let b = binding("laptop", "u1", &id);
+        let cred = d.bind(&token, b.clone()).await.unwrap();
+        let name = credential_name(&sha256_hex(&cred));
+        assert!(d.forget(&name, &b));
+        assert!(!d.forget(&name, &b), "one removal is under way already");
+        assert!(d.authenticate(&cred, |_, _| Some("u2".into())).is_none());
+        let mut changed = store.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            changed.wait_for(|_| store.get(secrets(), SYSTEM, &name).is_none()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !d.removing.lock().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("done, the credential is no longer being removed");
     }
 
     /// A device that joined again (its connector was collected and made anew) keeps its
