@@ -6,7 +6,8 @@
 //! (its holder or renew time), never from the renew time written by another machine's
 //! clock: clocks that disagree must not hand the Lease to two replicas at once. Every
 //! take-over is an update guarded on the Lease's `resourceVersion`, so two waiting
-//! replicas cannot both win.
+//! replicas cannot both win; so is a release, so a replica that lost the Lease cannot
+//! clear the new holder's.
 
 use std::time::{Duration, Instant};
 
@@ -71,17 +72,43 @@ impl Leadership {
             return;
         }
         let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-        if let Ok(Some(l)) = api.get_opt(&config.name).await
-            && holder(&l) == Some(config.identity.as_str())
-        {
-            let patch = serde_json::json!({"spec": {"holderIdentity": null}});
-            if let Err(e) = api
-                .patch(&config.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                tracing::warn!(error = %e, "releasing the leader lease");
-            }
+        let released = match api.get_opt(&config.name).await {
+            Ok(Some(l)) => clear(&api, config, &l).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "releasing the leader lease");
         }
+    }
+}
+
+/// Clears the Lease's holder if it is `config.identity` in `read`, guarded on `read`'s
+/// resourceVersion: a replica that lost the Lease since must not clear the new holder's.
+///
+/// # Errors
+/// When the API cannot be reached; a conflict (another holds it now) is no error.
+async fn clear(api: &Api<Lease>, config: &Config, read: &Lease) -> Result<(), kube::Error> {
+    let Some(rv) = read.metadata.resource_version.as_deref() else {
+        return Ok(());
+    };
+    if holder(read) != Some(config.identity.as_str()) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": rv},
+        "spec": {"holderIdentity": null},
+    });
+    match api
+        .patch(&config.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            tracing::debug!("the leader lease changed hands before it was released");
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -287,6 +314,41 @@ async fn renew(api: Api<Lease>, config: Config, lost: CancellationToken, stop: C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replica that lost the Lease (it read it as its own, then another took it over)
+    /// leaves the new holder's Lease alone when it releases.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_release_leaves_the_new_holder_its_lease() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut server_config = portway_apiserver::Config::new(dir.path().to_owned());
+        server_config.listen = "127.0.0.1:0".parse().unwrap();
+        let server = portway_apiserver::Server::bind(server_config)
+            .await
+            .unwrap();
+        let client = crate::client(server.kubeconfig()).await.unwrap();
+        let api: Api<Lease> = Api::namespaced(client, "default");
+        let a = Config::new("default", "op", "a".into());
+        let b = Config::new("default", "op", "b".into());
+        let read = api
+            .create(&PostParams::default(), &held(None, &a))
+            .await
+            .unwrap();
+        api.replace("op", &PostParams::default(), &held(Some(&read), &b))
+            .await
+            .unwrap();
+        clear(&api, &a, &read)
+            .await
+            .expect("a conflict means another holds it: no error");
+        let now = api.get("op").await.unwrap();
+        assert_eq!(holder(&now), Some("b"));
+        // Not ours as read: left alone, no request needed.
+        clear(&api, &a, &now).await.unwrap();
+        assert_eq!(holder(&api.get("op").await.unwrap()), Some("b"));
+        // Ours as read and unchanged since: released.
+        clear(&api, &b, &now).await.unwrap();
+        assert_eq!(holder(&api.get("op").await.unwrap()), None);
+    }
 
     #[test]
     fn taking_over_counts_a_transition_and_renewing_does_not() {

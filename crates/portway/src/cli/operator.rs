@@ -143,7 +143,18 @@ pub async fn run(args: Args) -> Result<()> {
         () = &mut lost_leadership => stepped_down = true,
     }
     operator.shutdown();
-    operator.join().await;
+    match join_bound(stepped_down, election.as_ref().map(|(_, lease)| lease)) {
+        None => operator.join().await,
+        Some(within) => {
+            if !joined_within(operator.join(), within).await {
+                // Dropped with the runtime as the process exits, just below.
+                tracing::warn!(
+                    waited = ?within,
+                    "reconciles still running after losing the leader lease; aborting them"
+                );
+            }
+        }
+    }
     if let Some((leadership, lease)) = election {
         leadership.release(client, &lease).await;
     }
@@ -152,4 +163,47 @@ pub async fn run(args: Args) -> Result<()> {
         anyhow::bail!("lost the leader lease; stopped so that only the leader works");
     }
     Ok(())
+}
+
+/// How long to wait for the operator's running reconciles once it stops. Having lost the
+/// Lease, a quarter of its duration: a standby takes over a lease duration after the last
+/// renewal, about a third of it after this replica stepped down (its renew deadline is
+/// two thirds), and what still runs then would write beside the new leader. Stopped by a
+/// signal, the Lease is still renewed until released: no bound.
+fn join_bound(
+    stepped_down: bool,
+    lease: Option<&portway_kube::leader::Config>,
+) -> Option<std::time::Duration> {
+    lease.filter(|_| stepped_down).map(|l| l.lease_duration / 4)
+}
+
+/// Whether `join` finished within `within` (else it is dropped).
+async fn joined_within(
+    join: impl std::future::Future<Output = ()>,
+    within: std::time::Duration,
+) -> bool {
+    tokio::time::timeout(within, join).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Reconciles that outlast a quarter of the lease after losing it are given up on,
+    /// before a standby may take over; a signal (the Lease still held) waits for them.
+    #[tokio::test]
+    async fn losing_the_lease_bounds_the_wait_for_reconciles() {
+        let mut lease = portway_kube::leader::Config::new("ns", "op", "a".into());
+        lease.lease_duration = Duration::from_millis(200);
+        let within = join_bound(true, Some(&lease)).expect("bounded once lost");
+        assert!(within < lease.lease_duration / 3);
+        assert_eq!(join_bound(false, Some(&lease)), None);
+        assert_eq!(join_bound(true, None), None);
+        let started = std::time::Instant::now();
+        assert!(!joined_within(std::future::pending(), within).await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(joined_within(async {}, within).await);
+    }
 }
