@@ -33,7 +33,7 @@ pub use render::{
     CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE, ROUTES, SECRET_TYPE, UNREADY, clusters, listeners,
     resources, route_configuration, secrets, sidecar_cluster,
 };
-pub use report::{CONDITION, condition, spawn_reporter};
+pub use report::{CONDITION, REPORT_LABEL, condition, merge, spawn_reporter};
 
 /// What one Envoy needs besides the shared routes: where its sidecar and listener are
 /// (from the bootstrap's node metadata, else the server's defaults).
@@ -249,6 +249,7 @@ impl Stack {
             config.class,
             server.envoys(),
             routes.gateways(),
+            config.leading.clone(),
             shutdown.clone(),
         );
         Ok(Self {
