@@ -28,6 +28,7 @@ const WAIT: Duration = Duration::from_secs(45);
 const BOUND: Duration = Duration::from_secs(5);
 
 mod datum;
+mod edge_tier;
 mod etcd;
 mod security;
 mod tcp;

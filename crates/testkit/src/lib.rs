@@ -514,3 +514,35 @@ pub fn kubeconfig_with_token(admin: &Path, token: &str, namespace: &str, out: &P
     std::fs::write(out, replaced.join("\n") + "\n")?;
     Ok(())
 }
+
+/// nginx as a TCP load balancer over `upstreams` on a free loopback port (the stream
+/// module, Debian's `libnginx-mod-stream`): an upstream that refuses a connection is
+/// skipped for the next (`proxy_next_upstream`, on by default) and left out for 5 s.
+/// One process (no master), so `kill -9` when dropped leaves no worker behind. Its log
+/// is `dir/nginx.log`.
+///
+/// # Panics
+/// When no port is free or nginx cannot be started.
+pub fn tcp_balancer(
+    dir: &Path,
+    upstreams: &[std::net::SocketAddr],
+) -> (Process, std::net::SocketAddr) {
+    let port = pebble::free_port().unwrap();
+    let servers: String = upstreams
+        .iter()
+        .map(|u| format!("    server {u} max_fails=1 fail_timeout=5s;\n"))
+        .collect();
+    let conf = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream backends {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass backends;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let p = Process::spawn(
+        "nginx",
+        Path::new("/usr/sbin/nginx"),
+        ["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+    )
+    .unwrap();
+    (p, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}

@@ -13,14 +13,13 @@ use kube::api::WatchParams;
 use kube::core::WatchEvent;
 use parking_lot::Mutex;
 use portway_testkit::etcd::Cluster;
-use portway_testkit::pebble::free_port;
 
 use super::*;
 
 const TOKEN: &str = "admin-etcd-0123456789abcdef";
 
 /// What a watch saw: resourceVersion, name, event type.
-type Seen = Arc<Mutex<Vec<(u64, String, &'static str)>>>;
+type Seen = Arc<Mutex<Vec<(u64, String, &'static str, Instant)>>>;
 
 /// A kubeconfig for `server` (https), trusting `ca_pem`, with the admin token.
 fn kubeconfig(path: &Path, server: SocketAddr, ca_pem: &str) {
@@ -30,30 +29,6 @@ fn kubeconfig(path: &Path, server: SocketAddr, ca_pem: &str) {
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{server}\n    certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: admin\n    namespace: load\ncurrent-context: x\n"
     );
     std::fs::write(path, text).unwrap();
-}
-
-/// nginx as a TCP load balancer over `upstreams`, on a port of its own: a replica that
-/// refuses connections is skipped for the next. One process (no master), so the test's
-/// `kill -9` at the end leaves no worker behind.
-fn balancer(dir: &Path, upstreams: &[SocketAddr]) -> (Process, SocketAddr) {
-    let port = free_port().unwrap();
-    let servers: String = upstreams
-        .iter()
-        .map(|u| format!("    server {u} max_fails=1 fail_timeout=5s;\n"))
-        .collect();
-    let conf = format!(
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream api {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass api;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
-        dir = dir.display()
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    let p = Process::spawn(
-        "nginx",
-        Path::new("/usr/sbin/nginx"),
-        ["-c", path.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-    )
-    .unwrap();
-    (p, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn lease(name: &str) -> Lease {
@@ -108,7 +83,7 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
     let (addr_a, addr_b) = (addr(&a), addr(&b));
     let lb_dir = dir.path().join("lb");
     std::fs::create_dir(&lb_dir).unwrap();
-    let (_nginx, lb) = balancer(&lb_dir, &[addr_a, addr_b]);
+    let (_nginx, lb) = portway_testkit::tcp_balancer(&lb_dir, &[addr_a, addr_b]);
     let (kc_lb, kc_b) = (
         dir.path().join("lb.kubeconfig"),
         dir.path().join("b.kubeconfig"),
@@ -217,7 +192,8 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
                     };
                     rv = l.metadata.resource_version.clone().unwrap();
                     let name = l.metadata.name.clone().unwrap();
-                    seen.lock().push((rv.parse().unwrap(), name, kind));
+                    seen.lock()
+                        .push((rv.parse().unwrap(), name, kind, Instant::now()));
                 }
             }
         })
@@ -226,9 +202,11 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
     // Writers: one through the balancer, one straight to the replica that stays. A write
     // that fails may still have been committed: asked again, AlreadyExists says so.
     let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    // When each writer's writes were acknowledged, for the failover figures.
+    let acked_at: Arc<Mutex<Vec<(&'static str, Instant)>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let writer = |api: Api<Lease>, prefix: &'static str| {
-        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+        let (acknowledged, acked_at, stop) = (acknowledged.clone(), acked_at.clone(), stop.clone());
         tokio::spawn(async move {
             let (mut i, mut failures) = (0, 0);
             while !stop.is_cancelled() {
@@ -236,10 +214,12 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
                 match api.create(&PostParams::default(), &lease(&name)).await {
                     Ok(_) => {
                         acknowledged.lock().insert(name);
+                        acked_at.lock().push((prefix, Instant::now()));
                         i += 1;
                     }
                     Err(kube::Error::Api(e)) if e.code == 409 => {
                         acknowledged.lock().insert(name);
+                        acked_at.lock().push((prefix, Instant::now()));
                         i += 1;
                     }
                     Err(_) => {
@@ -262,10 +242,12 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
     })
     .await;
 
-    // Lose an etcd member and an API replica, the balancer's first, mid-load.
+    // Lose etcd's leader (the worst member to lose: the others elect a new one first)
+    // and an API replica, the balancer's first, mid-load.
+    let leader = etcd.leader().await.unwrap();
     let before = count();
     let killed = Instant::now();
-    etcd.kill9(0);
+    etcd.kill9(leader);
     a.kill9();
     eventually("writes go on after the losses", WAIT, || async {
         ensure!(count() >= before + 100, "{} since", count() - before);
@@ -276,6 +258,29 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
         "etcd member and API replica killed: 100 more writes acknowledged within {:?}",
         killed.elapsed()
     );
+    // Failover as each client saw it: the longest pause between two acknowledged writes
+    // across the kills. Through the balancer it spans the API replica's and the etcd
+    // member's loss; straight to the replica that stays, the etcd member's alone.
+    for (prefix, what) in [
+        ("lb", "API replica + etcd leader (through the balancer)"),
+        ("b", "etcd leader (straight to the other replica)"),
+    ] {
+        let times: Vec<Instant> = acked_at
+            .lock()
+            .iter()
+            .filter(|(p, _)| *p == prefix)
+            .map(|(_, t)| *t)
+            .collect();
+        let first_after = times.iter().find(|t| **t > killed).map(|t| *t - killed);
+        let pause = times
+            .windows(2)
+            .filter(|w| w[1] > killed)
+            .map(|w| w[1] - w[0])
+            .max();
+        eprintln!(
+            "failover, {what}: first write acknowledged {first_after:?} after the kills; longest pause between writes {pause:?}"
+        );
+    }
     let listed = kubectl.ok(&["get", "leases", "-n", "load", "-o", "name"], None);
     assert!(listed.lines().count() >= before, "{listed}");
     stop.cancel();
@@ -305,7 +310,7 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
     // The watch saw each object added once, in resourceVersion order, across replicas.
     eventually("the watch sees every stored object", WAIT, || async {
         let seen = seen.lock();
-        let added: BTreeSet<&String> = seen.iter().map(|(_, n, _)| n).collect();
+        let added: BTreeSet<&String> = seen.iter().map(|(_, n, _, _)| n).collect();
         let missing = stored.iter().filter(|n| !added.contains(n)).count();
         ensure!(missing == 0, "{missing} not seen yet");
         Ok(())
@@ -313,12 +318,20 @@ async fn api_replicas_on_etcd_lose_no_write_when_a_member_and_a_replica_die() {
     .await;
     watcher.abort();
     let seen = seen.lock();
+    let watch_pause = seen
+        .windows(2)
+        .filter(|w| w[1].3 > killed)
+        .map(|w| w[1].3 - w[0].3)
+        .max();
+    eprintln!(
+        "failover, a watch through the balancer: longest pause between events {watch_pause:?}"
+    );
     assert!(
         seen.windows(2).all(|w| w[0].0 < w[1].0),
         "resourceVersions went back or repeated"
     );
     let mut per_name: BTreeMap<&String, usize> = BTreeMap::new();
-    for (_, n, kind) in seen.iter() {
+    for (_, n, kind, _) in seen.iter() {
         assert_eq!(*kind, "ADDED", "{n}");
         *per_name.entry(n).or_default() += 1;
     }

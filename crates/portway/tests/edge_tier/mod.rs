@@ -1,0 +1,211 @@
+//! The edge tier past one machine: two `portway edge` processes (each its own gateway in
+//! the ConnectorClass) behind a TCP load balancer (nginx's `stream` module, as the README
+//! documents), one API server, operator, DNS server, relay and a device publishing an HTTP
+//! target. Both edges serve the route and dial the device themselves; after `kill -9` of
+//! one, every request through the balancer is still answered.
+
+use super::*;
+
+const HOST: &str = "web.localhost";
+
+/// A client that opens a new connection for every request, so the balancer picks an edge
+/// for each (a kept-alive connection would stay on one).
+fn fresh_client(front: SocketAddr) -> Client<HttpConnector<FixedResolver>, Body> {
+    let mut connector = HttpConnector::new_with_resolver(FixedResolver(front));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
+/// `GET http://web.localhost/hello` through `client`, within 5 s.
+async fn hello(client: &Client<HttpConnector<FixedResolver>, Body>) -> anyhow::Result<String> {
+    let req = Request::get(format!("http://{HOST}/hello")).body(empty())?;
+    let resp = tokio::time::timeout(BOUND, client.request(req)).await??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    ensure!(status == StatusCode::OK, "{status}: {body}");
+    Ok(body)
+}
+
+/// From an edge's `/metrics`: the `200`s it answered for [`HOST`], and the tunnels it
+/// opened to a device itself.
+async fn served(metrics: SocketAddr) -> anyhow::Result<(u64, u64)> {
+    let req = Request::get(format!("http://{metrics}/metrics")).body(empty())?;
+    let resp = client(metrics, false).request(req).await?;
+    let text = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    let value = |series: &str| -> anyhow::Result<u64> {
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(Ok(0), str::parse)?)
+    };
+    Ok((
+        value(&format!(
+            "portway_gateway_requests_total{{host=\"{HOST}\",code=\"200\"}}"
+        ))?,
+        value("portway_gateway_dial_seconds_count")?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let api = Process::start(
+        "apiserver",
+        bin(),
+        [
+            "apiserver",
+            "--data",
+            &path("api"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+    .unwrap();
+    let kc = api.ready_str("kubeconfig");
+
+    // The control plane's other parts, started together. The operator creates the
+    // ConnectorClass the edges register in, so they start once it is ready.
+    let (relay, dns, operator) = tokio::join!(
+        Process::start(
+            "relay",
+            bin(),
+            ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+        ),
+        Process::start(
+            "dns",
+            bin(),
+            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+        ),
+        Process::start(
+            "operator",
+            bin(),
+            ["operator", "--sidecar", "127.0.0.1:1", "--kubeconfig", &kc],
+        ),
+    );
+    let (relay, dns, _operator) = (relay.unwrap(), dns.unwrap(), operator.unwrap());
+    let (relay_url, dns_addr) = (relay.ready_str("relay"), dns.ready_str("dns"));
+    let edge = |i: usize| {
+        let args = [
+            "edge".to_owned(),
+            "--kubeconfig".into(),
+            kc.clone(),
+            "--relay".into(),
+            relay_url.clone(),
+            "--dns".into(),
+            dns_addr.clone(),
+            "--http".into(),
+            "127.0.0.1:0".into(),
+            "--metrics".into(),
+            "127.0.0.1:0".into(),
+            // Each edge is its own gateway (name and key) in the ConnectorClass.
+            "--name".into(),
+            format!("edge-{i}"),
+            "--state-dir".into(),
+            path(&format!("edge-{i}")),
+            "--trusted-proxy".into(),
+            "127.0.0.1/32".into(),
+        ];
+        async move { Process::start(&format!("edge-{i}"), bin(), args).await }
+    };
+    let (a, b) = tokio::join!(edge(1), edge(2));
+    let mut edges = [a.unwrap(), b.unwrap()];
+    let addr = |p: &Process, key: &str| -> SocketAddr { p.ready_str(key).parse().unwrap() };
+    let metrics = [addr(&edges[0], "metrics"), addr(&edges[1], "metrics")];
+
+    // A device publishing a local web server at web.localhost (a `.localhost` name needs
+    // no proof of control).
+    let origin = Origin::spawn().await.unwrap();
+    let tunnel = format!("web=127.0.0.1:{},http,{HOST}", origin.addr.port());
+    let _device = Process::start(
+        "agent",
+        bin(),
+        [
+            "agent",
+            "--kubeconfig",
+            &kc,
+            "--project",
+            "default",
+            "--name",
+            "laptop",
+            "--state-dir",
+            &path("device"),
+            "--relay",
+            &relay_url,
+            "--tunnel",
+            &tunnel,
+        ],
+    )
+    .await
+    .unwrap();
+
+    let lb_dir = dir.path().join("lb");
+    std::fs::create_dir(&lb_dir).unwrap();
+    let (_nginx, lb) =
+        portway_testkit::tcp_balancer(&lb_dir, &[addr(&edges[0], "http"), addr(&edges[1], "http")]);
+    let client = fresh_client(lb);
+    let want = format!("hello from {}", origin.addr.port());
+
+    // (1) Through the balancer, the target answers, and from both edges: each has routed
+    // requests and dialled the device itself.
+    let started = Instant::now();
+    eventually("both edges answer through the balancer", WAIT, || async {
+        for _ in 0..4 {
+            let body = hello(&client).await?;
+            ensure!(body == want, "{body}");
+        }
+        let (x, y) = (served(metrics[0]).await?, served(metrics[1]).await?);
+        ensure!(
+            x.0 > 0 && y.0 > 0 && x.1 > 0 && y.1 > 0,
+            "(200s, dials) per edge: {x:?} and {y:?}"
+        );
+        Ok(())
+    })
+    .await;
+    eprintln!(
+        "both edges served {HOST} {:?} after the balancer started",
+        started.elapsed()
+    );
+
+    // (2) Lose one edge: the balancer's connection to it is refused and goes to the other.
+    let (survivor_before, _) = served(metrics[1]).await.unwrap();
+    edges[0].kill9();
+    let killed = Instant::now();
+    let (mut failed, mut first_ok) = (Vec::new(), None);
+    for i in 0..50 {
+        match hello(&client).await {
+            Ok(body) if body == want => {
+                first_ok.get_or_insert_with(|| killed.elapsed());
+            }
+            Ok(body) => failed.push(format!("request {i}: {body}")),
+            Err(e) => failed.push(format!("request {i}: {e:#}")),
+        }
+    }
+    let took = killed.elapsed();
+    // The balancer did try the dead edge (so the retry was exercised, not dodged by luck).
+    let dead = addr(&edges[0], "http").to_string();
+    let refused = std::fs::read_to_string(lb_dir.join("nginx.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Connection refused") && l.contains(&dead))
+        .count();
+    let first_ms = first_ok.map_or_else(|| "never".into(), |d| d.as_millis().to_string());
+    eprintln!(
+        "edge failover: first 200 after {first_ms} ms, {} failed (50 requests in {took:?}; \
+         the balancer found the dead edge refusing {refused} time(s) and went on)",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "after the kill: {failed:#?}");
+    assert!(refused > 0, "the balancer never tried the killed edge");
+    let (survivor_after, _) = served(metrics[1]).await.unwrap();
+    assert!(
+        survivor_after >= survivor_before + 50,
+        "the surviving edge served {} of the 50",
+        survivor_after - survivor_before
+    );
+}
