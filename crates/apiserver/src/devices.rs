@@ -23,10 +23,10 @@
 //! tables is moved there on start, and the `join-nonce-<nonce>` Secrets (type
 //! `portway.dev/join-nonce`) it made per challenge are swept once expired.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use rusqlite::{Connection, OpenFlags};
@@ -43,13 +43,12 @@ pub const JOIN_CONTEXT: &str = "portway-join-v1";
 const NONCE_TTL: Duration = Duration::from_secs(60);
 /// Longest a join token may live.
 pub const MAX_JOIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Open challenges of one join token, past which its challenges are refused (429): the
-/// holder of one token cannot crowd out the others'. They live in the token's Secret, so
-/// this also bounds its size (about 60 bytes a challenge).
+/// Challenges of one join token in the last [`NONCE_TTL`], answered or not, past which
+/// its challenges are refused (429): a rate limit per token (answering one does not make
+/// room, so a holder cycling challenge and answer gets no more), which leaves the other
+/// tokens theirs. They live in the token's Secret, so this also bounds its size (about 60
+/// bytes a challenge); tokens are made by people, so all of them are bounded too.
 const MAX_NONCES_PER_TOKEN: usize = 128;
-/// Open challenges this replica has handed out, over all tokens, past which it refuses
-/// more (429): a memory bound, however many tokens there are.
-const MAX_NONCES: usize = 10_000;
 /// Expired `join-nonce-*` Secrets (of an earlier version) removed per write: one etcd
 /// transaction holds a bounded number of operations.
 const SWEEP_PER_WRITE: usize = 32;
@@ -156,7 +155,9 @@ fn with_field(s: &Value, key: &str, value: &str) -> Value {
     s
 }
 
-/// A join token Secret's open challenges (and any expired ones not yet dropped).
+/// A join token Secret's challenges: nonce → expiry (unix s), negated once answered (a
+/// spent challenge still counts against [`MAX_NONCES_PER_TOKEN`] until it would have
+/// expired); expired ones may linger until the next change.
 fn nonces(token: &Value) -> BTreeMap<String, i64> {
     field(token, NONCES)
         .and_then(|j| serde_json::from_str(&j).ok())
@@ -243,10 +244,6 @@ fn join_token(
 /// The device credentials and join tokens, kept in the store.
 pub struct Devices {
     store: Store,
-    /// When each open challenge this replica handed out expires, oldest first.
-    issued: parking_lot::Mutex<VecDeque<Instant>>,
-    /// Past this many open ones, this replica refuses challenges ([`MAX_NONCES`]).
-    max_issued: usize,
     /// Credentials whose removal is under way: several requests noticing the same stale
     /// one start one removal.
     removing: Arc<parking_lot::Mutex<HashSet<String>>>,
@@ -261,8 +258,6 @@ impl Devices {
     pub async fn open(store: Store, legacy: Option<&Path>) -> Result<Self, DevicesError> {
         let devices = Self {
             store,
-            issued: parking_lot::Mutex::default(),
-            max_issued: MAX_NONCES,
             removing: Arc::default(),
         };
         if let Some(path) = legacy.filter(|p| p.exists()) {
@@ -320,30 +315,6 @@ impl Devices {
                 Ok(removed)
             })
             .await
-    }
-
-    /// Takes one of this replica's [`MAX_NONCES`] open challenges, until the returned
-    /// expiry.
-    fn reserve_nonce(&self) -> Result<Instant, ApiError> {
-        let mut issued = self.issued.lock();
-        let now = Instant::now();
-        while issued.front().is_some_and(|t| *t <= now) {
-            issued.pop_front();
-        }
-        if issued.len() >= self.max_issued {
-            return Err(too_many("too many joins in progress; try again shortly"));
-        }
-        let until = now + NONCE_TTL;
-        issued.push_back(until);
-        Ok(until)
-    }
-
-    /// Gives back a challenge taken with [`Devices::reserve_nonce`] that was not handed out.
-    fn unreserve_nonce(&self, until: Instant) {
-        let mut issued = self.issued.lock();
-        if let Some(i) = issued.iter().rposition(|t| *t == until) {
-            issued.remove(i);
-        }
     }
 
     async fn migrate(&self, path: &Path) -> Result<(), DevicesError> {
@@ -496,16 +467,14 @@ impl Devices {
     ///
     /// # Errors
     /// 401 for an unknown, expired or used-up token; 429 with too many joins in progress
-    /// with this token ([`MAX_NONCES_PER_TOKEN`]) or on this replica ([`MAX_NONCES`]).
+    /// with this token in the last minute ([`MAX_NONCES_PER_TOKEN`]).
     pub async fn challenge(&self, token: &str) -> Result<(String, String), ApiError> {
         let t = join_token(&self.lookup(), token)?;
         let nonce = random_hex(16);
         let expires = unix_now() + i64::try_from(NONCE_TTL.as_secs()).unwrap_or(60);
         let name = format!("join-token-{}", t.id);
-        let until = self.reserve_nonce()?;
         let added = nonce.clone();
-        let written = self
-            .store
+        self.store
             .write(move |txn| {
                 // The token's Secret alone: one challenge is one change of it.
                 let stored = txn
@@ -514,8 +483,9 @@ impl Devices {
                     .ok_or_else(|| unauthorized("the join token is gone"))?;
                 let now = unix_now();
                 let mut open = nonces(&stored);
-                // Its expired challenges go as new ones come.
-                open.retain(|_, e| *e > now);
+                // Its expired challenges go as new ones come; answered ones count until
+                // they would have expired.
+                open.retain(|_, e| e.abs() > now);
                 if open.len() >= MAX_NONCES_PER_TOKEN {
                     return Err(too_many(
                         "too many joins in progress with this join token; try again shortly",
@@ -525,11 +495,7 @@ impl Devices {
                 txn.put(secrets(), with_nonces(&stored, &open));
                 Ok(())
             })
-            .await;
-        if let Err(e) = written {
-            self.unreserve_nonce(until);
-            return Err(e);
-        }
+            .await?;
         Ok((nonce, t.ns))
     }
 
@@ -553,14 +519,16 @@ impl Devices {
                     return Ok(false);
                 };
                 let mut open = nonces(&stored);
-                // An unknown nonce changes nothing; a known one is spent.
-                let Some(expires) = open.remove(&nonce) else {
+                let now = unix_now();
+                // An unknown, spent or expired nonce changes nothing; an open one is
+                // spent (kept, negated, until it would have expired).
+                let Some(expires) = open.get_mut(&nonce).filter(|e| **e > now) else {
                     return Ok(false);
                 };
-                let now = unix_now();
-                open.retain(|_, e| *e > now);
+                *expires = -*expires;
+                open.retain(|_, e| e.abs() > now);
                 txn.put(secrets(), with_nonces(&stored, &open));
-                Ok(expires > now)
+                Ok(true)
             })
             .await?;
         if !nonce_ok {
@@ -971,39 +939,53 @@ mod tests {
         );
     }
 
-    /// The holder of one join token cannot use up the challenges of the others; this
-    /// replica still bounds them all.
+    /// The holder of one join token cannot use up the challenges of the others, nor get
+    /// more by answering them (even with a bad signature): answered ones count until they
+    /// would have expired.
     #[tokio::test]
     async fn one_token_at_its_limit_leaves_the_others_their_challenges() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, mut d) = devices(dir.path()).await;
+        let (store, d) = devices(dir.path()).await;
         let new_token = || d.create_join_token("p1", Duration::from_secs(60), 1);
         let (a, _) = new_token().await.unwrap();
         let (b, _) = new_token().await.unwrap();
+        let (_, id) = keypair(1);
         for _ in 0..MAX_NONCES_PER_TOKEN {
-            d.challenge(&a).await.unwrap();
+            let (nonce, _) = d.challenge(&a).await.unwrap();
+            // Answered with a bad signature: spent, and still counted.
+            let req = JoinRequest {
+                join_token: a.clone(),
+                connector: "x".into(),
+                connector_class_name: None,
+                node_id: id.clone(),
+                nonce: nonce.clone(),
+                signature: "00".repeat(64),
+            };
+            assert_eq!(d.verify_join(&req).await.unwrap_err().code, 401);
+            // Spent: the same nonce again is unknown.
+            assert!(
+                d.verify_join(&req)
+                    .await
+                    .unwrap_err()
+                    .message
+                    .contains("unknown")
+            );
         }
         for _ in 0..3 {
             assert_eq!(d.challenge(&a).await.unwrap_err().code, 429);
         }
         d.challenge(&b).await.expect("another token's challenge");
-        // The refused ones took none of this replica's room.
-        assert_eq!(d.issued.lock().len(), MAX_NONCES_PER_TOKEN + 1);
-        d.max_issued = MAX_NONCES_PER_TOKEN + 2;
-        d.challenge(&b).await.unwrap();
-        assert_eq!(d.challenge(&b).await.unwrap_err().code, 429);
         // Expired challenges make room again.
         let name = format!("join-token-{}", token_id(&a));
         store
             .write(move |txn| {
                 let s = txn.get(secrets(), SYSTEM, &name).unwrap();
                 let mut open = nonces(&s);
-                open.values_mut().for_each(|e| *e = 0);
+                open.values_mut().for_each(|e| *e = e.signum());
                 Ok(txn.put(secrets(), with_nonces(&s, &open)))
             })
             .await
             .unwrap();
-        d.max_issued = MAX_NONCES;
         d.challenge(&a).await.expect("room once the others expired");
         let s = store
             .get(secrets(), SYSTEM, &format!("join-token-{}", token_id(&a)))

@@ -200,12 +200,23 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.to_status()).unwrap_or_default();
-        (
+        let mut response = (
             self.code,
             [(http::header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        // As kube-apiserver: client-go retries 429 and 5xx after the header's delay.
+        if let Some(after) = self
+            .details
+            .as_ref()
+            .and_then(|d| d["retryAfterSeconds"].as_u64())
+        {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, after.into());
+        }
+        response
     }
 }
 

@@ -81,11 +81,12 @@ impl Budget {
 
     /// What a commit of these changes costs, as [`etcd::Etcd::commit`] writes them: each
     /// change writes its object (or deletes it) and its event, which carries the object
-    /// again; every commit writes the revision, trims history and names itself.
-    fn cost(changes: usize, object_bytes: usize) -> Self {
+    /// again; every commit writes the revision, trims history and names itself. `bytes`
+    /// is what the changes' objects and keys take once ([`Txn::count`]).
+    fn cost(changes: usize, bytes: usize) -> Self {
         Self {
             ops: changes * 2 + 3,
-            bytes: object_bytes * 2 + changes * 512 + 4096,
+            bytes: bytes * 2 + changes * PER_CHANGE + 16 * 1024,
         }
     }
 
@@ -93,6 +94,10 @@ impl Budget {
         other.ops <= self.ops && other.bytes <= self.bytes
     }
 }
+
+/// What each change adds beside its object and key: the etcd keys' prefixes, the event's
+/// wrapper, gRPC framing.
+const PER_CHANGE: usize = 512;
 
 /// The length of `v` as JSON, without building the string.
 fn json_len(v: &Value) -> usize {
@@ -260,10 +265,11 @@ impl Txn<'_> {
         if self.changes.is_empty() {
             return true;
         }
-        // Room for it, and for a change it may bring along (an Event's mirror).
-        let bytes = self.bytes + json_len(object) * 2;
+        // Room for it, and for what its removal may bring along: an Event's twin in the
+        // other Events API, and the namespace it empties (small).
+        let bytes = self.bytes + (json_len(object) + 1024) * 2 + 8 * 1024;
         room.holds(&Budget::cost(
-            self.below_changes + self.changes.len() + 2,
+            self.below_changes + self.changes.len() + 3,
             bytes,
         ))
     }
@@ -283,9 +289,10 @@ impl Txn<'_> {
         Budget::cost(self.below_changes + self.changes.len(), self.bytes)
     }
 
-    fn count(&mut self, object: &Value) {
+    fn count(&mut self, res: Res, key: &ObjKey, object: &Value) {
         if self.room.is_some() {
-            self.bytes += json_len(object);
+            // The object, and its key (written twice: the object's and the event's).
+            self.bytes += json_len(object) + res.key().len() + key.ns.len() + key.name.len();
         }
     }
 
@@ -320,7 +327,7 @@ impl Txn<'_> {
         object["metadata"]["resourceVersion"] = Value::String(self.rv.to_string());
         let key = ObjKey::of(&object);
         let old = self.get(res, &key.ns, &key.name);
-        self.count(&object);
+        self.count(res, &key, &object);
         let object = Arc::new(object);
         let type_ = if old.is_some() {
             EventType::Modified
@@ -346,9 +353,9 @@ impl Txn<'_> {
         self.rv += 1;
         let mut last = (*old).clone();
         last["metadata"]["resourceVersion"] = Value::String(self.rv.to_string());
-        self.count(&last);
-        let last = Arc::new(last);
         let key = ObjKey::new(ns, name);
+        self.count(res, &key, &last);
+        let last = Arc::new(last);
         self.overlay.insert((res.id, key.clone()), None);
         self.changes.push(Event {
             rv: self.rv,
@@ -760,9 +767,25 @@ impl Inner {
         std::mem::forget(guard);
     }
 
+    /// Waits until this replica has seen revision `current` (written by another), telling
+    /// the watch to reload if it takes long; says whether it got there.
+    async fn catch_up(&self, etcd: &etcd::Etcd, current: u64) -> bool {
+        const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+        let mut seen = self.changed.subscribe();
+        for reload in [false, true] {
+            if reload {
+                etcd.reload();
+            }
+            let wait = seen.wait_for(|rv| *rv >= current);
+            if matches!(tokio::time::timeout(CATCH_UP, wait).await, Ok(Ok(_))) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Commits one group; says how many of `jobs` it took.
     async fn commit_group_etcd(&self, etcd: &etcd::Etcd, jobs: &mut [Job]) -> usize {
-        const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
         // Races lost in a row before the group's writes fail (a replica that never wins
         // would otherwise hold its callers forever).
         const MAX_RACES: usize = 100;
@@ -776,6 +799,18 @@ impl Inner {
                 ran,
             } = self.run_group(jobs);
             if changes.is_empty() {
+                // Nothing to commit, but a refusal here (a name not found, a nonce
+                // unknown) rests on this replica's view, which another replica's write may
+                // have overtaken: when etcd is further on, catch up and run again.
+                if races + 1 < MAX_RACES
+                    && let Ok(current) = etcd.revision().await
+                    && current > base
+                {
+                    races += 1;
+                    if self.catch_up(etcd, current).await {
+                        continue;
+                    }
+                }
                 for deliver in delivers {
                     deliver(Ok(()));
                 }
@@ -792,19 +827,7 @@ impl Inner {
                     // (this run's outcomes are dropped undelivered). A watch that missed
                     // them is told to reload once.
                     races += 1;
-                    let mut seen = self.changed.subscribe();
-                    let mut caught_up = false;
-                    for reload in [false, true] {
-                        if reload {
-                            etcd.reload();
-                        }
-                        let wait = seen.wait_for(|rv| *rv >= current);
-                        if matches!(tokio::time::timeout(CATCH_UP, wait).await, Ok(Ok(_))) {
-                            caught_up = true;
-                            break;
-                        }
-                    }
-                    if caught_up {
+                    if self.catch_up(etcd, current).await {
                         continue;
                     }
                     Err(StoreError::Etcd(format!(

@@ -497,6 +497,12 @@ pub fn commit(
         return remove(txn, ctx.res, &ctx.ns, &name, Propagation::Background)
             .map(|v| v.unwrap_or_else(|| Arc::new(Value::Null)));
     }
+    if is_deleting(&new) && finalizers(&new) == [ORPHAN] {
+        // Only the garbage collector's own finalizer is left: its turn.
+        let stored = txn.put(ctx.res, new);
+        finish_orphaning(txn, ctx.res, &stored)?;
+        return Ok(stored);
+    }
     if !events::is_event(ctx.res) {
         let stored = txn.put(ctx.res, new);
         // As Kubernetes' garbage collector: an object whose owners are all gone goes too.
@@ -597,6 +603,65 @@ pub fn delete(
     mark_or_remove(txn, res, &old, policy).map(|v| v.unwrap_or(old))
 }
 
+/// Kubernetes' finalizer for an object deleted with `propagationPolicy=Orphan` whose
+/// dependents still name it: they lose that owner reference before it goes.
+const ORPHAN: &str = "orphan";
+
+/// The objects that name `uid` among their owners.
+fn dependents_of(txn: &Txn<'_>, res: Res, ns: &str, uid: &str) -> Vec<(Res, Arc<Value>)> {
+    let scope = if res.namespaced { Some(ns) } else { None };
+    registry()
+        .all()
+        .filter(|r| r.namespaced || !res.namespaced)
+        .flat_map(|r| txn.list(r, scope).into_iter().map(move |o| (r, o)))
+        .filter(|(_, o)| owner_uids(o).any(|u| u == uid))
+        .collect()
+}
+
+/// Takes `obj`'s owner reference off its dependents, as many as fit in this write; says
+/// whether none is left.
+fn orphan_dependents(txn: &mut Txn<'_>, res: Res, obj: &Value) -> bool {
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+    let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+    for (r, dep) in dependents_of(txn, res, ns, uid) {
+        if !txn.fits(&dep) {
+            txn.leave_for_later();
+            return false;
+        }
+        let mut orphan = (*dep).clone();
+        if let Some(refs) = orphan["metadata"]["ownerReferences"].as_array_mut() {
+            refs.retain(|o| o["uid"] != uid);
+        }
+        txn.put(r, orphan);
+    }
+    true
+}
+
+/// For a deleting object holding the [`ORPHAN`] finalizer: orphans its dependents (what
+/// fits), then drops the finalizer, and removes the object if no other is left.
+fn finish_orphaning(txn: &mut Txn<'_>, res: Res, obj: &Value) -> Result<()> {
+    if !orphan_dependents(txn, res, obj) {
+        return Ok(());
+    }
+    let mut done = obj.clone();
+    if let Some(f) = done["metadata"]["finalizers"].as_array_mut() {
+        f.retain(|f| f != ORPHAN);
+    }
+    let (ns, name) = (
+        obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        name_of(obj).to_owned(),
+    );
+    let rest = finalizers(&done);
+    txn.put(res, done);
+    if rest.is_empty() {
+        remove(txn, res, &ns, &name, Propagation::Orphan)?;
+    }
+    Ok(())
+}
+
 fn mark_or_remove(
     txn: &mut Txn<'_>,
     res: Res,
@@ -617,6 +682,15 @@ fn mark_or_remove(
         let mut marked = obj.clone();
         marked["metadata"]["deletionTimestamp"] = json!(now());
         marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        // Orphaning outlives the other finalizers, as in Kubernetes.
+        if policy == Propagation::Orphan && !finalizers(obj).iter().any(|f| f == ORPHAN) {
+            let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+            if !dependents_of(txn, res, &ns, uid).is_empty()
+                && let Some(f) = marked["metadata"]["finalizers"].as_array_mut()
+            {
+                f.push(json!(ORPHAN));
+            }
+        }
         if res.kind == "Namespace" {
             marked["status"]["phase"] = json!("Terminating");
         }
@@ -625,6 +699,15 @@ fn mark_or_remove(
             return remove(txn, res, "", &name, policy);
         }
         return Ok(Some(marked));
+    }
+    if policy == Propagation::Orphan && !orphan_dependents(txn, res, obj) {
+        // More dependents than one write holds: the object waits, with the orphan
+        // finalizer, for the collector to orphan the rest.
+        let mut marked = obj.clone();
+        marked["metadata"]["deletionTimestamp"] = json!(now());
+        marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        marked["metadata"]["finalizers"] = json!([ORPHAN]);
+        return Ok(Some(txn.put(res, marked)));
     }
     remove(txn, res, &ns, &name, policy)
 }
@@ -667,6 +750,13 @@ pub fn collect(txn: &mut Txn<'_>) -> Result<bool> {
     }
     for res in registry().all() {
         for obj in txn.list(res, None) {
+            if is_deleting(&obj) && finalizers(&obj) == [ORPHAN] {
+                finish_orphaning(txn, res, &obj)?;
+                if txn.left_for_later() {
+                    return Ok(true);
+                }
+                continue;
+            }
             if is_deleting(&obj) || !orphaned(txn, &obj) {
                 continue;
             }
@@ -725,11 +815,13 @@ pub fn needs_collecting(store: &crate::store::Store) -> bool {
     });
     teardown
         || registry().all().any(|r| {
-            store
-                .list(r, None)
-                .1
-                .iter()
-                .any(|o| !is_deleting(o) && orphaned_in(&get, o))
+            store.list(r, None).1.iter().any(|o| {
+                if is_deleting(o) {
+                    finalizers(o) == [ORPHAN]
+                } else {
+                    orphaned_in(&get, o)
+                }
+            })
         })
 }
 
@@ -766,20 +858,11 @@ fn remove(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let scope = if res.namespaced { Some(ns) } else { None };
-    let dependents: Vec<(Res, Arc<Value>)> = registry()
-        .all()
-        .filter(|r| r.namespaced || !res.namespaced)
-        .flat_map(|r| txn.list(r, scope).into_iter().map(move |o| (r, o)))
-        .filter(|(_, o)| owner_uids(o).any(|u| u == uid))
-        .collect();
-    for (r, dep) in dependents {
-        if !txn.fits(&dep) {
+    for (r, dep) in dependents_of(txn, res, ns, &uid) {
+        if !txn.fits(&dep) && policy != Propagation::Orphan {
             // Dependents whose owner is gone are collected later.
-            if policy != Propagation::Orphan {
-                txn.leave_for_later();
-                break;
-            }
+            txn.leave_for_later();
+            break;
         }
         if policy == Propagation::Orphan {
             let mut orphan = (*dep).clone();

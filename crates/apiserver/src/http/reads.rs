@@ -45,12 +45,19 @@ pub(super) async fn list(app: &App, t: &Target, accept: &str, q: &Query) -> Resu
             .parse()
             .map_err(|_| ApiError::bad_request(format!("limit must be a number, got {l:?}")))?,
     };
+    let token = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => Some(decode_continue(c)?),
+        None => None,
+    };
+    if let Some((first_rv, _)) = &token {
+        // The first page may have come from another replica, further on.
+        watch::wait_for_revision(&app.store, *first_rv).await?;
+    }
     let (rv, mut objects) = app.store.list(t.res, t.ns.as_deref());
     // Later pages are read at the first page's revision (and report it, so a watch
     // started from the list replays anything that changed while the pages were read).
-    let (list_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
-        Some(c) => {
-            let (first_rv, key) = decode_continue(c)?;
+    let (list_rv, after) = match token {
+        Some((first_rv, key)) => {
             objects = as_of(&app.store, t, objects, first_rv).ok_or_else(|| {
                 ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",

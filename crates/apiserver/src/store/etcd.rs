@@ -70,6 +70,9 @@ pub(super) struct Etcd {
     replica: String,
     /// Tells the watch to reload the store (a committer that waited too long for it).
     reload: Notify,
+    /// Held by a test to make this replica's watch lag.
+    #[cfg(test)]
+    lag: Arc<tokio::sync::RwLock<()>>,
 }
 
 fn etcd_error(what: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ {
@@ -90,7 +93,7 @@ fn refused(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(
         s.code(),
         Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied
-            | Code::Unauthenticated | Code::OutOfRange
+            | Code::Unauthenticated | Code::OutOfRange | Code::ResourceExhausted
     ))
 }
 
@@ -148,7 +151,25 @@ impl Etcd {
             prefix: config.prefix.trim_end_matches('/').to_owned(),
             replica: format!("{:016x}", rand::random::<u64>()),
             reload: Notify::new(),
+            #[cfg(test)]
+            lag: Arc::default(),
         })
+    }
+
+    /// The store's revision in etcd now (a linearizable read).
+    pub(super) async fn revision(&self) -> Result<u64, StoreError> {
+        let kv = self.kv();
+        let key = self.key("revision");
+        let r = retrying(|| {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(etcd_error("reading the revision"))?;
+        Ok(r.kvs()
+            .first()
+            .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
+            .unwrap_or(0))
     }
 
     /// Asks the watch to read the whole store again.
@@ -500,6 +521,8 @@ impl Etcd {
                         break;
                     }
                 };
+                #[cfg(test)]
+                let _lag = self.lag.read().await;
                 let Some(inner) = inner.upgrade() else { return };
                 delay = Duration::from_millis(100);
                 if message.compact_revision() > 0 || message.canceled() {
@@ -884,6 +907,116 @@ mod tests {
         assert!(store.list(secrets, Some("big")).1.is_empty());
         assert!(store.get(namespaces, "", "big").is_none());
         assert!(!crate::write::needs_collecting(&store));
+    }
+
+    /// An owner deleted with `Orphan` whose dependents do not fit in one transaction
+    /// waits with the `orphan` finalizer while the collector takes its reference off
+    /// them, then goes; no dependent is deleted.
+    #[tokio::test]
+    async fn orphaning_more_dependents_than_one_transaction_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let secrets = registry().by_key("secrets").unwrap();
+        let mut small = config(&cluster, "/orphan");
+        small.budget = crate::store::Budget {
+            ops: 20,
+            bytes: 1 << 20,
+        };
+        let store = Store::open_etcd(&small, 1000).await.unwrap();
+        let secret = |name: &str, owner: Option<&str>| {
+            let mut s = json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")}});
+            if let Some(o) = owner {
+                s["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Secret",
+                    "name": o, "uid": format!("uid-{o}")}]);
+            }
+            s
+        };
+        let owner = secret("owner", None);
+        store
+            .write(move |txn| Ok(txn.put(secrets, owner.clone())))
+            .await
+            .unwrap();
+        for i in 0..20 {
+            let dep = secret(&format!("dep{i}"), Some("owner"));
+            store
+                .write(move |txn| Ok(txn.put(secrets, dep.clone())))
+                .await
+                .unwrap();
+        }
+        let ctx = crate::write::WriteCtx {
+            res: secrets,
+            ns: "default".into(),
+            manager: "test".into(),
+            validation: crate::write::FieldValidation::Strict,
+            dry_run: false,
+            now: crate::write::now(),
+            guard: None,
+        };
+        let marked = store
+            .write(move |txn| {
+                crate::write::delete(txn, &ctx, "owner", crate::write::Propagation::Orphan)
+            })
+            .await
+            .unwrap();
+        assert_eq!(marked["metadata"]["finalizers"], json!(["orphan"]));
+        assert!(crate::write::needs_collecting(&store));
+        let mut writes = 0;
+        while store.write(crate::write::collect).await.unwrap() {
+            writes += 1;
+            assert!(writes < 10, "the collector makes no progress");
+        }
+        assert!(store.get(secrets, "default", "owner").is_none());
+        let deps = store.list(secrets, Some("default")).1;
+        assert_eq!(deps.len(), 20, "a dependent was deleted");
+        assert!(
+            deps.iter().all(|d| d["metadata"]["ownerReferences"]
+                .as_array()
+                .is_none_or(Vec::is_empty)),
+            "a dependent still names its deleted owner"
+        );
+    }
+
+    /// A write at one replica that needs another replica's write just acknowledged is not
+    /// refused on a stale view: a refusing (or no-op) write first checks etcd.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_never_rests_on_a_stale_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = portway_testkit::etcd::Cluster::start(dir.path(), 1)
+            .await
+            .unwrap();
+        let ns = registry().by_key("namespaces").unwrap();
+        let a = Store::open_etcd(&config(&cluster, "/stale"), 1000)
+            .await
+            .unwrap();
+        let b = Store::open_etcd(&config(&cluster, "/stale"), 1000)
+            .await
+            .unwrap();
+        let super::super::Durable::Etcd(b_etcd) = &b.inner.db else {
+            unreachable!()
+        };
+        for i in 0..3 {
+            let name = format!("n{i}");
+            let made = ns_obj(&name);
+            // B's watch lags behind A's write for a moment.
+            let lag = b_etcd.lag.clone().write_owned().await;
+            a.write(move |txn| Ok(txn.put(ns, made.clone())))
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(lag);
+            });
+            b.write(move |txn| {
+                txn.get(ns, "", &name)
+                    .map(drop)
+                    .ok_or_else(|| ApiError::not_found(ns, &name))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("replica B refused on a stale view: {e}"));
+        }
     }
 
     /// Two replicas writing at once through one etcd: every acknowledged write is kept,

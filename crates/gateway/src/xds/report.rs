@@ -95,12 +95,25 @@ fn stale<'a>(
         .collect()
 }
 
-/// Labels the Leases in which xDS servers publish their Envoys.
+/// Labels the Leases in which xDS servers publish their Envoys; the value is the
+/// GatewayClass they serve, so servers of another class are not counted.
 pub const REPORT_LABEL: &str = "portway.dev/xds-envoys";
 /// The annotation holding them: node id → `{"streams": n, "rejected": {type: message}}`.
 const REPORT_ANNOTATION: &str = "portway.dev/envoys";
-/// A report unchanged for this long (by the reader's own clock) is from a server gone.
-const REPORT_TTL: Duration = Duration::from_secs(90);
+/// A report unchanged for this long (by the reader's own clock) is from a server gone:
+/// four renewals missed.
+const REPORT_TTL: Duration = Duration::from_secs(120);
+/// Reports older than this (by the time their writer put in them) are removed by the
+/// condition's writer: their servers died without removing them.
+const REPORT_FORGOTTEN: Duration = Duration::from_secs(3600);
+
+/// How long ago, by the wall clock, `lease` was renewed (by its writer's clock: only to
+/// judge reports seen for the first time, and to forget old ones).
+fn age(lease: &Lease) -> Option<Duration> {
+    let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(renewed);
+    Duration::try_from(age).ok()
+}
 
 /// `own` Envoys and those of every other server's report, merged by node id (an Envoy
 /// connected to two servers counts its streams and NACKs from both).
@@ -175,7 +188,13 @@ impl Liveness {
             let rv = lease.resource_version().unwrap_or_default();
             let since = match self.0.get(&name) {
                 Some((old, at)) if *old == rv => *at,
-                _ => now,
+                Some(_) => now,
+                // Seen for the first time (this server just started or took over): as
+                // old as its renewal says, so a dead server's last word does not count.
+                None => match age(lease) {
+                    Some(age) if age >= REPORT_TTL => now.checked_sub(REPORT_TTL).unwrap_or(now),
+                    _ => now,
+                },
             };
             if name != own && now.duration_since(since) < REPORT_TTL {
                 live.push(lease.as_ref());
@@ -188,7 +207,7 @@ impl Liveness {
 }
 
 /// Publishes this server's Envoys in its report Lease (created on first use).
-async fn publish(api: &Api<Lease>, name: &str, envoys: &Envoys) -> kube::Result<()> {
+async fn publish(api: &Api<Lease>, name: &str, class: &str, envoys: &Envoys) -> kube::Result<()> {
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
         k8s_openapi::jiff::Timestamp::now(),
     );
@@ -196,7 +215,7 @@ async fn publish(api: &Api<Lease>, name: &str, envoys: &Envoys) -> kube::Result<
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {
             "name": name,
-            "labels": {REPORT_LABEL: "true"},
+            "labels": {REPORT_LABEL: class},
             "annotations": {REPORT_ANNOTATION: to_json(envoys).to_string()},
         },
         "spec": {
@@ -233,7 +252,7 @@ pub fn spawn_reporter(
     let own = format!("portway-xds-envoys-{:08x}", rand::random::<u32>());
     let (reports, events) = portway_kube::watch::reflect(
         leases.clone(),
-        kube::runtime::watcher::Config::default().labels(&format!("{REPORT_LABEL}=true")),
+        kube::runtime::watcher::Config::default().labels(&format!("{REPORT_LABEL}={class}")),
     );
     let (reported_tx, mut reported) = watch::channel(());
     tokio::spawn(portway_kube::watch::drive(
@@ -259,8 +278,10 @@ pub fn spawn_reporter(
             }
             changed.mark_unchanged();
             let current = envoys.borrow_and_update().clone();
-            if published.as_ref() != Some(&current) || renewed.elapsed() >= RESYNC {
-                match publish(&leases, &own, &current).await {
+            // Renewed at every resync tick (a second early, so a tick never just misses).
+            let due = renewed.elapsed() + Duration::from_secs(1) >= RESYNC;
+            if published.as_ref() != Some(&current) || due {
+                match publish(&leases, &own, &class, &current).await {
                     Ok(()) => {
                         published = Some(current.clone());
                         renewed = Instant::now();
@@ -277,6 +298,14 @@ pub fn spawn_reporter(
                 continue;
             }
             let others: Vec<Envoys> = live.into_iter().map(from_report).collect();
+            for gone in state
+                .iter()
+                .filter(|l| age(l).is_some_and(|a| a > REPORT_FORGOTTEN))
+            {
+                let _ = leases
+                    .delete(&gone.name_any(), &DeleteParams::default())
+                    .await;
+            }
             let all = merge(&current, &others);
             let cached = gateways.store().state();
             for (g, ours) in stale(&class, &all, cached.iter().map(AsRef::as_ref)) {
@@ -396,6 +425,21 @@ mod tests {
         assert!(liveness.live("mine", &leases, much_later).is_empty());
         let c = condition(&merge(&own, &[]), Some(1));
         assert_eq!(c.status, "True");
+        // A report first seen long after its last renewal (its server died before this
+        // one took over) does not count.
+        let mut fresh = Liveness::default();
+        let mut dead = (*report("dead", "7", &theirs)).clone();
+        dead.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(600),
+            )),
+            ..Default::default()
+        });
+        assert!(
+            fresh
+                .live("mine", &[std::sync::Arc::new(dead)], start)
+                .is_empty()
+        );
         // One Envoy connected to two servers: streams add up, NACKs from either count.
         let both = merge(&theirs, std::slice::from_ref(&theirs));
         assert_eq!(both["e2"].streams, 2);
