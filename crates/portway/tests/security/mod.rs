@@ -909,3 +909,174 @@ async fn attacks_on_isolation_are_refused() {
     );
     assert_eq!(code, 401);
 }
+
+/// An installation that checks no proofs of control (`portway operator` without
+/// `--hostname-resolver`) serves a custom name a project claims, but its issuer vouches
+/// for none: a device's certificate request naming it is refused (`NameNotProven`),
+/// nothing is signed, and a request for the proxy's own zone name alone is signed (so the
+/// refusal is the rule, not a broken issuer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_served_without_proof_gets_no_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let api = Process::start(
+        "apiserver",
+        bin(),
+        [
+            "apiserver",
+            "--data",
+            &path("api"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+    .unwrap();
+    let kc = api.ready_str("kubeconfig");
+    // The API server's own CA (it signs its serving certificate) issues here too.
+    let ca = path("api/pki");
+    let (relay, dns, operator) = tokio::join!(
+        Process::start(
+            "relay",
+            bin(),
+            ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+        ),
+        Process::start(
+            "dns",
+            bin(),
+            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+        ),
+        // No --hostname-resolver: names outside the zone are served unproven.
+        Process::start(
+            "operator",
+            bin(),
+            [
+                "operator",
+                "--sidecar",
+                "127.0.0.1:1",
+                "--kubeconfig",
+                &kc,
+                "--local-ca",
+                &ca,
+            ],
+        ),
+    );
+    let (relay, dns, _operator) = (relay.unwrap(), dns.unwrap(), operator.unwrap());
+    let (relay_url, dns_addr) = (relay.ready_str("relay"), dns.ready_str("dns"));
+    let _edge = Process::start(
+        "edge",
+        bin(),
+        [
+            "edge",
+            "--kubeconfig",
+            &kc,
+            "--relay",
+            &relay_url,
+            "--dns",
+            &dns_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--state-dir",
+            &path("edge"),
+        ],
+    )
+    .await
+    .unwrap();
+    // A device asking for a certificate for its passthrough names, one of them custom.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tunnel = format!(
+        "mail=127.0.0.1:{},tls,mail.unproven.test,cert-dir={}",
+        target.local_addr().unwrap().port(),
+        path("device-cert")
+    );
+    let _device = Process::start(
+        "agent",
+        bin(),
+        [
+            "agent",
+            "--kubeconfig",
+            &kc,
+            "--project",
+            "default",
+            "--name",
+            "laptop",
+            "--state-dir",
+            &path("device"),
+            "--relay",
+            &relay_url,
+            "--tunnel",
+            &tunnel,
+        ],
+    )
+    .await
+    .unwrap();
+    let admin = kube_client(Path::new(&kc)).await.unwrap();
+    let tcp: Api<portway_api::TcpProxy> = Api::namespaced(admin, "default");
+    let (proxy, c) = eventually("the request is decided", WAIT, || async {
+        let list = tcp.list(&Default::default()).await?;
+        let p = list.items.into_iter().next().context("no TCPProxy yet")?;
+        let status = p.status.clone().unwrap_or_default();
+        let c = portway_api::find_condition(&status.conditions, "CertificateReady")
+            .cloned()
+            .context("no CertificateReady yet")?;
+        ensure!(c.status == "False", "{c:?}");
+        Ok((p, c))
+    })
+    .await;
+    let status = proxy.status.clone().unwrap_or_default();
+    assert!(
+        status.hostnames.iter().any(|h| h == "mail.unproven.test"),
+        "the custom name is served (no proofs checked here): {:?}",
+        status.hostnames
+    );
+    assert_eq!(c.reason, "NameNotProven", "{c:?}");
+    assert!(
+        c.message.contains("mail.unproven.test")
+            && c.message.contains("spec.tls.certificateRequest"),
+        "{}",
+        c.message
+    );
+    assert!(status.certificate.is_none(), "signed an unproven name");
+    assert!(!Path::new(&path("device-cert")).join("cert.pem").exists());
+    // A proxy's own name in the zone alone is signed by the same issuer. (The device's
+    // agent keeps its own request in its proxy's spec, so this goes in a second proxy for
+    // the same connector and target, asking once its name is known.)
+    let name = format!("{}-own", proxy.metadata.name.clone().unwrap());
+    let mut own = proxy.clone();
+    own.metadata = kube::api::ObjectMeta {
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    own.status = None;
+    if let Some(tls) = own.spec.tls.as_mut() {
+        tls.hostnames.clear();
+        tls.certificate_request = None;
+    }
+    tcp.create(&PostParams::default(), &own).await.unwrap();
+    let names = eventually("the second proxy's name", WAIT, || async {
+        let p = tcp.get(&name).await?;
+        let names = p.status.unwrap_or_default().hostnames;
+        ensure!(!names.is_empty(), "no hostnames yet");
+        Ok(names)
+    })
+    .await;
+    let key = portway_tls::csr::new_key().unwrap();
+    let request = portway_tls::csr::make(&key, &names).unwrap();
+    let patch = json!({"spec": {"tls": {"certificateRequest": request}}});
+    tcp.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("its own zone name is signed", WAIT, || async {
+        let p = tcp.get(&name).await?;
+        let status = p.status.unwrap_or_default();
+        let c = portway_api::find_condition(&status.conditions, "CertificateReady")
+            .context("no CertificateReady yet")?;
+        ensure!(c.status == "True", "{c:?}");
+        let leaf = portway_tls::csr::leaf(status.certificate.as_deref().context("no chain")?)?;
+        ensure!(leaf.names == names, "{:?}", leaf.names);
+        Ok(())
+    })
+    .await;
+}
