@@ -347,6 +347,24 @@ pub fn record_update(entries: &mut Vec<Managed>, old: Option<&Value>, new: &Valu
 }
 
 /// Drops owned fields that no longer exist in `obj`, and entries left empty.
+/// Whether the applied configuration still sets `path` (of this manager's previous
+/// apply): itself, something below it, or an atomic value above it. An empty map above
+/// it (`spec: {}`) does not: it only says the map exists, and what the manager set in it
+/// before goes, as in Kubernetes.
+fn still_applied(set: &FieldSet, applied: &Value, path: &[String]) -> bool {
+    let mut node = set;
+    for (depth, k) in path.iter().enumerate() {
+        if node.leaf && node.children.is_empty() {
+            return !is_empty_map(value_at(applied, &path[..depth]));
+        }
+        match node.children.get(k) {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    true
+}
+
 pub fn prune(entries: &mut Vec<Managed>, obj: &Value) {
     let all_main = FieldSet::of_object(
         obj,
@@ -400,7 +418,7 @@ pub fn apply(
         let shared = entries
             .iter()
             .any(|e| !e.is(w.manager, "Apply", sub) && e.fields.intersects(&p));
-        if !applied_set.intersects(&p) && !shared {
+        if !still_applied(&applied_set, applied, &p) && !shared {
             remove_at(&mut merged, &p);
         }
     }
@@ -535,6 +553,45 @@ mod tests {
         assert_eq!(ssa.fields.to_fields_v1(), json!({"f:spec": {"f:a": {}}}));
         let editor = entries.iter().find(|e| e.manager == "editor").unwrap();
         assert_eq!(editor.fields.to_fields_v1(), json!({"f:spec": {"f:b": {}}}));
+    }
+
+    /// Applying an empty map where the manager set fields before removes them (it only
+    /// says the map exists), while an atomic value there keeps its place.
+    #[test]
+    fn an_empty_map_applied_drops_what_the_manager_set_in_it() {
+        let mut entries = Vec::new();
+        let ssa = writer("ssa");
+        let live = apply(
+            &json!({}),
+            &json!({"spec": {"a": 1, "b": {"c": 2}}}),
+            &mut entries,
+            &ssa,
+            false,
+            &Value::clone,
+        )
+        .unwrap();
+        let merged = apply(
+            &live,
+            &json!({"spec": {}}),
+            &mut entries,
+            &ssa,
+            false,
+            &Value::clone,
+        )
+        .unwrap();
+        assert!(merged.pointer("/spec/a").is_none(), "{merged}");
+        assert!(merged.pointer("/spec/b/c").is_none(), "{merged}");
+        // A list in place of a map it set before is an atomic value: kept as applied.
+        let merged = apply(
+            &merged,
+            &json!({"spec": {"a": [1]}}),
+            &mut entries,
+            &ssa,
+            false,
+            &Value::clone,
+        )
+        .unwrap();
+        assert_eq!(merged["spec"]["a"], json!([1]));
     }
 
     #[test]
