@@ -79,8 +79,8 @@ for i in 1 2; do
 done
 wait_for "$DIR/api-1.json"; wait_for "$DIR/api-2.json"
 
-# 3. nginx: the API servers on :6443, the edges on :8080; a replica that refuses
-#    connections is skipped.
+# 3. nginx: the API servers on :6443, the edges on :8080 (telling them each client's
+#    address with the PROXY protocol); a replica that refuses connections is skipped.
 cat >"$DIR/nginx.conf" <<EOF
 load_module $STREAM;
 daemon off;
@@ -91,7 +91,8 @@ stream {
   upstream api { server 127.0.0.1:16443 max_fails=1 fail_timeout=5s; server 127.0.0.1:26443 max_fails=1 fail_timeout=5s; }
   upstream edges { server 127.0.0.1:18080 max_fails=1 fail_timeout=5s; server 127.0.0.1:28080 max_fails=1 fail_timeout=5s; }
   server { listen 127.0.0.1:6443; proxy_pass api; proxy_connect_timeout 1s; }
-  server { listen 127.0.0.1:8080; proxy_pass edges; proxy_connect_timeout 1s; }
+  # Each connection to an edge starts with a PROXY header naming the client.
+  server { listen 127.0.0.1:8080; proxy_pass edges; proxy_connect_timeout 1s; proxy_protocol on; }
 }
 EOF
 run nginx "$NGINX" -c "$DIR/nginx.conf" -p "$DIR"
@@ -132,7 +133,7 @@ wait_for "$DIR/relay-ready.json"; wait_for "$DIR/dns-1-ready.json"
 for i in 1 2; do
   run "edge-$i" "$BIN" edge --kubeconfig "$KC" --name "edge-$i" --state-dir "$DIR/edge-$i" \
     --relay http://127.0.0.1:3340/ --dns "127.0.0.1:${i}5353" --http "127.0.0.1:${i}8080" \
-    --trusted-proxy 127.0.0.1/32 --ready-file "$DIR/edge-$i-ready.json"
+    --proxy-protocol-from 127.0.0.1/32 --ready-file "$DIR/edge-$i-ready.json"
 done
 wait_for "$DIR/edge-1-ready.json"; wait_for "$DIR/edge-2-ready.json"
 

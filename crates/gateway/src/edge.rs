@@ -38,6 +38,11 @@ pub struct Config {
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` headers are kept (a load
     /// balancer in front); default none: every client's are replaced by ours.
     pub trusted_proxies: Vec<IpNet>,
+    /// TCP load balancers in front that send the PROXY protocol (v1 or v2) on the HTTP and
+    /// HTTPS listeners: a connection from them names its client first, which the edge then
+    /// takes as the client (`X-Forwarded-For`, the access log, passthrough devices).
+    /// Default none.
+    pub proxy_protocol_from: Vec<IpNet>,
     /// Log every request on the `portway::access` target ([`crate::access`]); default off.
     pub access_log: bool,
 }
@@ -49,6 +54,7 @@ impl Default for Config {
             https: None,
             cert_dir: None,
             trusted_proxies: Vec::new(),
+            proxy_protocol_from: Vec::new(),
             access_log: false,
         }
     }
@@ -81,6 +87,7 @@ struct State {
     sidecar: Arc<Sidecar>,
     metrics: Metrics,
     trusted_proxies: Vec<IpNet>,
+    proxy_protocol_from: Vec<IpNet>,
     access_log: bool,
     /// The HTTPS port and the certificates: plain HTTP to a name an issued certificate
     /// covers is redirected there.
@@ -134,6 +141,7 @@ impl Edge {
             sidecar,
             metrics,
             trusted_proxies: config.trusted_proxies.clone(),
+            proxy_protocol_from: config.proxy_protocol_from.clone(),
             access_log: config.access_log,
             redirect: https_port.map(|p| (p, certs.clone())),
             http01,
@@ -202,6 +210,7 @@ async fn serve(
 ) {
     let limits = portway_serve::Limits {
         max_connections: MAX_CONNECTIONS,
+        proxy_protocol_from: state.proxy_protocol_from.clone(),
         ..Default::default()
     };
     let service = move |peer: &portway_serve::Peer| {

@@ -42,6 +42,7 @@
 //! ```
 
 mod passthrough;
+pub mod proxy_protocol;
 pub mod supervise;
 
 pub use passthrough::{Passthrough, Prefixed};
@@ -91,6 +92,11 @@ pub struct Limits {
     /// On shutdown, how long requests in flight may take to finish before their
     /// connections are dropped. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Connections from these addresses (TCP load balancers in front) start with a PROXY
+    /// protocol header, v1 or v2, read within `header_read_timeout`: [`Peer::remote`] is
+    /// then the client it names. From them a connection without one is closed. Default
+    /// none.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -101,6 +107,7 @@ impl Default for Limits {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -387,6 +394,27 @@ async fn connection<M, S, B>(
     B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
+    let mut peer = peer;
+    if shared
+        .limits
+        .proxy_protocol_from
+        .iter()
+        .any(|n| n.contains(&peer.remote.ip()))
+    {
+        let header = proxy_protocol::read(&mut stream);
+        match tokio::time::timeout(shared.limits.header_read_timeout, header).await {
+            Ok(Ok(Some(client))) => {
+                tracing::debug!(%client, "client named by the balancer");
+                peer.remote = client;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "closing a connection from a balancer");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
     let Some(tls) = tls else {
         if let Err(e) = drive(stream, slot, &peer, &shared).await {
             tracing::debug!(error = %e, "connection ended with an error");

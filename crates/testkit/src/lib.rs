@@ -527,13 +527,38 @@ pub fn tcp_balancer(
     dir: &Path,
     upstreams: &[std::net::SocketAddr],
 ) -> (Process, std::net::SocketAddr) {
+    balancer(dir, upstreams, false)
+}
+
+/// [`tcp_balancer`] that opens each connection to an upstream with a PROXY protocol v1
+/// header naming the client (nginx's `proxy_protocol on`).
+///
+/// # Panics
+/// As [`tcp_balancer`].
+pub fn tcp_balancer_proxy_protocol(
+    dir: &Path,
+    upstreams: &[std::net::SocketAddr],
+) -> (Process, std::net::SocketAddr) {
+    balancer(dir, upstreams, true)
+}
+
+fn balancer(
+    dir: &Path,
+    upstreams: &[std::net::SocketAddr],
+    proxy_protocol: bool,
+) -> (Process, std::net::SocketAddr) {
     let port = pebble::free_port().unwrap();
+    let proxy_protocol = if proxy_protocol {
+        "    proxy_protocol on;\n"
+    } else {
+        ""
+    };
     let servers: String = upstreams
         .iter()
         .map(|u| format!("    server {u} max_fails=1 fail_timeout=5s;\n"))
         .collect();
     let conf = format!(
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream backends {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass backends;\n    proxy_connect_timeout 1s;\n  }}\n}}\n",
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx.log warn;\nevents {{}}\nstream {{\n  upstream backends {{\n{servers}  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass backends;\n    proxy_connect_timeout 1s;\n{proxy_protocol}  }}\n}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");

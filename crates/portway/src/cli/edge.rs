@@ -28,6 +28,12 @@ pub struct Args {
     /// e.g. a load balancer in front (repeatable). Everyone else's are replaced.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = portway_gateway::edge::parse_cidr)]
     trusted_proxies: Vec<portway_gateway::edge::IpNet>,
+    /// TCP load balancers in this CIDR (or address) send the PROXY protocol, v1 or v2
+    /// (nginx `proxy_protocol on;`, HAProxy `send-proxy`), on the HTTP and HTTPS
+    /// listeners: the client it names is the client (repeatable). A connection from them
+    /// without one is closed.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR", value_parser = portway_gateway::edge::parse_cidr)]
+    proxy_protocol_from: Vec<portway_gateway::edge::IpNet>,
     /// Address published in Gateway status (default: the listen address).
     #[arg(long)]
     address: Vec<String>,
@@ -53,6 +59,7 @@ pub async fn run(args: Args) -> Result<()> {
             https: args.https,
             cert_dir: args.cert_dir,
             trusted_proxies: args.trusted_proxies,
+            proxy_protocol_from: args.proxy_protocol_from,
             access_log: args.access_log,
         },
         class: args.sidecar.class.clone(),

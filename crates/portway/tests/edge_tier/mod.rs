@@ -7,12 +7,16 @@
 use super::*;
 
 const HOST: &str = "web.localhost";
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
 /// A client that opens a new connection for every request, so the balancer picks an edge
 /// for each (a kept-alive connection would stay on one).
 fn fresh_client(front: SocketAddr) -> Client<HttpConnector<FixedResolver>, Body> {
     let mut connector = HttpConnector::new_with_resolver(FixedResolver(front));
     connector.set_nodelay(true);
+    // From an address of its own, so the edges can be seen to know it (the balancer
+    // connects to them from 127.0.0.1).
+    connector.set_local_address(Some(CLIENT));
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build(connector)
@@ -110,6 +114,9 @@ async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
             path(&format!("edge-{i}")),
             "--trusted-proxy".into(),
             "127.0.0.1/32".into(),
+            // The balancer names each connection's client first.
+            "--proxy-protocol-from".into(),
+            "127.0.0.1/32".into(),
         ];
         async move { Process::start(&format!("edge-{i}"), bin(), args).await }
     };
@@ -146,8 +153,10 @@ async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
 
     let lb_dir = dir.path().join("lb");
     std::fs::create_dir(&lb_dir).unwrap();
-    let (_nginx, lb) =
-        portway_testkit::tcp_balancer(&lb_dir, &[addr(&edges[0], "http"), addr(&edges[1], "http")]);
+    let (_nginx, lb) = portway_testkit::tcp_balancer_proxy_protocol(
+        &lb_dir,
+        &[addr(&edges[0], "http"), addr(&edges[1], "http")],
+    );
     let client = fresh_client(lb);
     let want = format!("hello from {}", origin.addr.port());
 
@@ -171,6 +180,23 @@ async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
         "both edges served {HOST} {:?} after the balancer started",
         started.elapsed()
     );
+    // The app sees the client's own address, not the balancer's: the edges read it from
+    // the PROXY protocol header.
+    for _ in 0..4 {
+        let req = Request::get(format!("http://{HOST}/headers"))
+            .body(empty())
+            .unwrap();
+        let resp = tokio::time::timeout(BOUND, client.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let headers = String::from_utf8_lossy(&body);
+        assert!(
+            headers.contains(&format!("x-forwarded-for: {CLIENT}\n")),
+            "{headers}"
+        );
+    }
 
     // (2) Lose one edge: the balancer's connection to it is refused and goes to the other.
     let (survivor_before, _) = served(metrics[1]).await.unwrap();
