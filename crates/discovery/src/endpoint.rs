@@ -132,7 +132,67 @@ pub async fn bind(config: &Config) -> Result<Endpoint, BindError> {
         }
         (false, None) => {}
     }
-    Ok(builder.bind().await?)
+    let endpoint = builder.bind().await?;
+    if config.relays.len() > 1 || config.n0 {
+        tokio::spawn(replace_lost_home_relay(endpoint.clone()));
+    }
+    Ok(endpoint)
+}
+
+/// How long the home relay may stay unreachable before another is looked for.
+const HOME_RELAY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// iroh keeps reconnecting to a home relay that went away and picks another only at its
+/// next full network report, tens of seconds later (measured: 44 s), while a device
+/// reachable only through relays is unreachable. When the home relay stays disconnected
+/// for [`HOME_RELAY_GRACE`], this makes iroh probe every relay at once, which moves home
+/// to one that answers (and the device's address record with it). Ends when the endpoint
+/// closes.
+async fn replace_lost_home_relay(endpoint: Endpoint) {
+    use iroh::Watcher;
+    let mut status = endpoint.home_relay_status();
+    let closed = endpoint.closed();
+    tokio::pin!(closed);
+    loop {
+        let lost = {
+            let now = status.get();
+            !now.is_empty()
+                && now
+                    .iter()
+                    .all(|s| !s.is_connected() && s.last_error().is_some())
+        };
+        let wait = if lost {
+            HOME_RELAY_GRACE
+        } else {
+            std::time::Duration::MAX
+        };
+        tokio::select! {
+            () = &mut closed => return,
+            changed = status.updated() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(wait) => {
+                let lost: Vec<iroh::RelayUrl> =
+                    status.get().iter().map(|s| s.url().clone()).collect();
+                tracing::info!(relays = ?lost, "home relay unreachable; looking for another");
+                // A change of the relay map is what makes iroh probe every relay afresh
+                // (`network_change` only looks at the interfaces): the lost relay goes
+                // back in as it was.
+                for url in lost {
+                    if let Some(config) = endpoint.remove_relay(&url).await {
+                        endpoint.insert_relay(url, config).await;
+                    }
+                }
+                // Give the report time to finish before asking again.
+                tokio::select! {
+                    () = &mut closed => return,
+                    () = tokio::time::sleep(HOME_RELAY_GRACE * 2) => {}
+                }
+            }
+        }
+    }
 }
 
 /// What a Connector's status says about an endpoint: hex id, home relay, direct

@@ -235,3 +235,146 @@ async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
         survivor_after - survivor_before
     );
 }
+
+/// Two relays, and a device reachable only through them (`--relay-only`): when its home
+/// relay dies (`kill -9`), it moves home to the other and the edge reaches it there within
+/// seconds (iroh by itself waits for its next full network report: 44 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moves_to_another_relay_when_its_home_relay_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let api = Process::start(
+        "apiserver",
+        bin(),
+        [
+            "apiserver",
+            "--data",
+            &path("api"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+    .unwrap();
+    let kc = api.ready_str("kubeconfig");
+    let relay = |name: &'static str| {
+        let kc = kc.clone();
+        async move {
+            Process::start(
+                name,
+                bin(),
+                ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (r1, r2, dns, operator) = tokio::join!(
+        relay("relay-1"),
+        relay("relay-2"),
+        Process::start(
+            "dns",
+            bin(),
+            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc]
+        ),
+        Process::start(
+            "operator",
+            bin(),
+            ["operator", "--sidecar", "127.0.0.1:1", "--kubeconfig", &kc],
+        ),
+    );
+    let (dns, _operator) = (dns.unwrap(), operator.unwrap());
+    let mut relays = [r1, r2];
+    let urls = [relays[0].ready_str("relay"), relays[1].ready_str("relay")];
+    let dns_addr = dns.ready_str("dns");
+    let edge = Process::start(
+        "edge",
+        bin(),
+        [
+            "edge",
+            "--kubeconfig",
+            &kc,
+            "--relay",
+            &urls[0],
+            "--relay",
+            &urls[1],
+            "--dns",
+            &dns_addr,
+            "--http",
+            "127.0.0.1:0",
+            "--state-dir",
+            &path("edge"),
+        ],
+    )
+    .await
+    .unwrap();
+    let front: SocketAddr = edge.ready_str("http").parse().unwrap();
+    let origin = Origin::spawn().await.unwrap();
+    let tunnel = format!("web=127.0.0.1:{},http,{HOST}", origin.addr.port());
+    let _device = Process::start(
+        "agent",
+        bin(),
+        [
+            "agent",
+            "--kubeconfig",
+            &kc,
+            "--project",
+            "default",
+            "--name",
+            "laptop",
+            "--state-dir",
+            &path("device"),
+            "--relay",
+            &urls[0],
+            "--relay",
+            &urls[1],
+            "--relay-only",
+            "--tunnel",
+            &tunnel,
+        ],
+    )
+    .await
+    .unwrap();
+    let client = client(front, false);
+    let want = format!("hello from {}", origin.addr.port());
+    let hello = || async {
+        let req = Request::get(format!("http://{HOST}/hello")).body(empty())?;
+        let resp = tokio::time::timeout(BOUND, client.request(req)).await??;
+        let body = resp.into_body().collect().await?.to_bytes();
+        ensure!(
+            body == want.as_bytes(),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        Ok(())
+    };
+    eventually("the device answers through a relay", WAIT, hello).await;
+    let admin = kube_client(Path::new(&kc)).await.unwrap();
+    let connectors: Api<Connector> = Api::namespaced(admin, "default");
+    let home = || async {
+        connectors
+            .get("laptop")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+            .and_then(|s| s.connection_details)
+            .and_then(|d| d.public_key)
+            .and_then(|k| k.home_relay)
+    };
+    let before = home().await.expect("the device reports its home relay");
+    let lost = urls.iter().position(|u| *u == before).expect("one of ours");
+    relays[lost].kill9();
+    let killed = Instant::now();
+    // Well under the 44 s iroh takes by itself.
+    eventually(
+        "the device answers again, through the other relay",
+        Duration::from_secs(20),
+        hello,
+    )
+    .await;
+    eprintln!(
+        "relay failover: the device answered again {:?} after its home relay was killed",
+        killed.elapsed()
+    );
+    assert_eq!(home().await.as_deref(), Some(urls[1 - lost].as_str()));
+}
