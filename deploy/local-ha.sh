@@ -3,7 +3,8 @@
 #
 #   3 etcd members ─ 2 API servers (portway apiserver --etcd-servers) ─ nginx :6443
 #   2 operators, 2 DNS servers (--leader-elect: one writes, the other stands by)
-#   1 relay, 2 built-in edges (each its own gateway identity) ─ nginx :8080
+#   2 relays (every endpoint is given both), 2 built-in edges (each its own gateway
+#   identity) ─ nginx :8080
 #
 # Usage: deploy/local-ha.sh [DIR]   (needs etcd, nginx with its stream module, openssl;
 #        Debian: apt-get install etcd-server nginx libnginx-mod-stream openssl)
@@ -118,21 +119,25 @@ EOF
 chmod 600 "$DIR/kubeconfig"
 KC=$DIR/kubeconfig
 
-# 4. The relay, two DNS servers and two operators (leader-elected).
+# 4. Two relays (a device moves home to the other when its own dies), two DNS servers and
+#    two operators (leader-elected).
 rm -f "$DIR"/*-ready.json
-run relay "$BIN" relay --listen 127.0.0.1:3340 --kubeconfig "$KC" --ready-file "$DIR/relay-ready.json"
+for i in 1 2; do
+  run "relay-$i" "$BIN" relay --listen "127.0.0.1:${i}3340" --kubeconfig "$KC" --ready-file "$DIR/relay-$i-ready.json"
+done
+RELAYS="--relay http://127.0.0.1:13340/ --relay http://127.0.0.1:23340/"
 for i in 1 2; do
   run "dns-$i" "$BIN" dns --kubeconfig "$KC" --listen "127.0.0.1:${i}5353" --leader-elect \
     --ready-file "$DIR/dns-$i-ready.json"
   run "operator-$i" "$BIN" operator --kubeconfig "$KC" --sidecar 127.0.0.1:4001 --leader-elect \
     --ready-file "$DIR/operator-$i-ready.json"
 done
-wait_for "$DIR/relay-ready.json"; wait_for "$DIR/dns-1-ready.json"
+wait_for "$DIR/relay-1-ready.json"; wait_for "$DIR/relay-2-ready.json"; wait_for "$DIR/dns-1-ready.json"
 
 # 5. Two built-in edges, each its own gateway (identity) in the ConnectorClass.
 for i in 1 2; do
   run "edge-$i" "$BIN" edge --kubeconfig "$KC" --name "edge-$i" --state-dir "$DIR/edge-$i" \
-    --relay http://127.0.0.1:3340/ --dns "127.0.0.1:${i}5353" --http "127.0.0.1:${i}8080" \
+    $RELAYS --dns "127.0.0.1:${i}5353" --http "127.0.0.1:${i}8080" \
     --proxy-protocol-from 127.0.0.1/32 --ready-file "$DIR/edge-$i-ready.json"
 done
 wait_for "$DIR/edge-1-ready.json"; wait_for "$DIR/edge-2-ready.json"
@@ -144,7 +149,7 @@ Portway is up in $DIR:
   leaders:                             kubectl --kubeconfig $KC get leases -n portway-system
 Publish a local port (a device joining with a one-use token):
   T=\$($BIN token create --project default --kubeconfig $KC)
-  $BIN agent --kubeconfig $KC --join-token \$T --project default --relay http://127.0.0.1:3340/ \\
+  $BIN agent --kubeconfig $KC --join-token \$T --project default $RELAYS \\
     --state-dir $DIR/device --tunnel web=127.0.0.1:3000,http,web.portway.localhost
   curl -H 'Host: web.portway.localhost' http://127.0.0.1:8080/
 Try losing parts: kill -9 one etcd member, one API server, the leading operator, one edge.
