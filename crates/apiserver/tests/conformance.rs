@@ -8,16 +8,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
+use anyhow::{bail, ensure};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{
@@ -27,8 +22,7 @@ use kube::api::{
 use kube::core::Status;
 use kube::{Resource, ResourceExt};
 use portway_apiserver::{Config, Server, store};
-use portway_testkit::pebble::free_port;
-use portway_testkit::{Process, eventually, kube_client};
+use portway_testkit::{eventually, kube_client};
 use serde_json::{Value, json};
 
 /// Deadline for anything the server should do promptly (a watch event, a cascade).
@@ -47,7 +41,7 @@ enum Backend {
 struct Env {
     client: kube::Client,
     _server: Server,
-    _etcd: Option<Etcd>,
+    _etcd: Option<portway_testkit::etcd::Cluster>,
     _dir: tempfile::TempDir,
 }
 
@@ -57,16 +51,21 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let etcd = match backend {
             Backend::Sqlite => None,
-            Backend::Etcd => Some(Etcd::start(&dir.path().join("etcd")).await),
+            // One member, with etcd's default limits (128 operations a transaction).
+            Backend::Etcd => Some(
+                portway_testkit::etcd::Cluster::start(&dir.path().join("etcd"), 1)
+                    .await
+                    .unwrap(),
+            ),
         };
         let mut config = Config::new(dir.path().join("data"));
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.history = history;
         config.etcd = etcd.as_ref().map(|e| store::etcd::Config {
-            endpoints: vec![e.endpoint.clone()],
+            endpoints: e.endpoints(),
             prefix: "/conformance".into(),
             tls: None,
-            // Matches the member below: etcd's defaults.
+            // Matches the member: etcd's defaults.
             budget: store::Budget::ETCD,
         });
         let server = Server::bind(config).await.unwrap();
@@ -86,84 +85,6 @@ impl Env {
     fn namespaces(&self) -> Api<Namespace> {
         Api::all(self.client.clone())
     }
-}
-
-/// One etcd member as etcd ships: `--max-txn-ops` at its default of 128 (testkit's
-/// `Cluster` raises it to 4096, which would hide a write too large for a stock etcd).
-struct Etcd {
-    endpoint: String,
-    _process: Process,
-}
-
-impl Etcd {
-    async fn start(data: &Path) -> Self {
-        let client = free_port().unwrap();
-        let peer = loop {
-            let p = free_port().unwrap();
-            if p != client {
-                break p;
-            }
-        };
-        let (endpoint, peer_url) = (
-            format!("http://127.0.0.1:{client}"),
-            format!("http://127.0.0.1:{peer}"),
-        );
-        let process = Process::spawn(
-            "etcd",
-            Path::new("/usr/bin/etcd"),
-            [
-                "--name",
-                "m0",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("m0={peer_url}"),
-                // A single member elects itself in one election timeout: keep it short.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                "--max-txn-ops",
-                "128",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-                "--log-level",
-                "warn",
-            ],
-        )
-        .unwrap();
-        let health = format!("{endpoint}/health");
-        eventually("etcd answers healthy", Duration::from_secs(30), || {
-            healthy(&health)
-        })
-        .await;
-        Self {
-            endpoint,
-            _process: process,
-        }
-    }
-}
-
-/// `GET /health` says `true` once the member has a leader and serves reads.
-async fn healthy(url: &str) -> anyhow::Result<()> {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let resp = tokio::time::timeout(Duration::from_secs(2), client.get(url.parse()?))
-        .await
-        .context("no answer within 2 s")??;
-    let body = resp.into_body().collect().await?.to_bytes();
-    let v: Value = serde_json::from_slice(&body)?;
-    ensure!(v["health"] == "true", "{v}");
-    Ok(())
 }
 
 /// Each case once per store: `sqlite::<case>` and `etcd::<case>`.
