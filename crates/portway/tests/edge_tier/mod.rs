@@ -54,46 +54,77 @@ async fn served(metrics: SocketAddr) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
+/// A control plane of separate processes (what `portway up` runs in one): an API server
+/// on SQLite (data in `dir/api`), `relays` relays, a DNS server and an operator given
+/// `operator_args` too. All start together once the API server is up; the operator
+/// creates the ConnectorClass edges register in, so edges start after this.
+pub(super) struct ControlPlane {
+    pub kc: String,
+    pub relays: Vec<Process>,
+    pub relay_urls: Vec<String>,
+    pub dns: String,
+    _api: Process,
+    _dns: Process,
+    _operator: Process,
+}
+
+impl ControlPlane {
+    pub async fn start(dir: &Path, relays: usize, operator_args: &[&str]) -> Self {
+        let data = dir.join("api").display().to_string();
+        let api = Process::start(
+            "apiserver",
+            bin(),
+            ["apiserver", "--data", &data, "--listen", "127.0.0.1:0"],
+        )
+        .await
+        .unwrap();
+        let kc = api.ready_str("kubeconfig");
+        let relay = |i: usize| {
+            let kc = kc.clone();
+            async move {
+                Process::start(
+                    &format!("relay-{i}"),
+                    bin(),
+                    ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let mut operator = vec!["operator", "--sidecar", "127.0.0.1:1", "--kubeconfig", &kc];
+        operator.extend_from_slice(operator_args);
+        let (relays, dns, operator) = tokio::join!(
+            futures::future::join_all((1..=relays).map(relay)),
+            Process::start(
+                "dns",
+                bin(),
+                ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
+            ),
+            Process::start("operator", bin(), operator),
+        );
+        let (dns, operator) = (dns.unwrap(), operator.unwrap());
+        Self {
+            relay_urls: relays.iter().map(|r| r.ready_str("relay")).collect(),
+            dns: dns.ready_str("dns"),
+            relays,
+            kc,
+            _api: api,
+            _dns: dns,
+            _operator: operator,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let api = Process::start(
-        "apiserver",
-        bin(),
-        [
-            "apiserver",
-            "--data",
-            &path("api"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    )
-    .await
-    .unwrap();
-    let kc = api.ready_str("kubeconfig");
-
-    // The control plane's other parts, started together. The operator creates the
-    // ConnectorClass the edges register in, so they start once it is ready.
-    let (relay, dns, operator) = tokio::join!(
-        Process::start(
-            "relay",
-            bin(),
-            ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
-        ),
-        Process::start(
-            "dns",
-            bin(),
-            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
-        ),
-        Process::start(
-            "operator",
-            bin(),
-            ["operator", "--sidecar", "127.0.0.1:1", "--kubeconfig", &kc],
-        ),
+    let plane = ControlPlane::start(dir.path(), 1, &[]).await;
+    let (kc, relay_url, dns_addr) = (
+        plane.kc.clone(),
+        plane.relay_urls[0].clone(),
+        plane.dns.clone(),
     );
-    let (relay, dns, _operator) = (relay.unwrap(), dns.unwrap(), operator.unwrap());
-    let (relay_url, dns_addr) = (relay.ready_str("relay"), dns.ready_str("dns"));
     let edge = |i: usize| {
         let args = [
             "edge".to_owned(),
@@ -243,50 +274,12 @@ async fn edges_behind_a_balancer_serve_one_route_and_survive_losing_one() {
 async fn a_device_moves_to_another_relay_when_its_home_relay_dies() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let api = Process::start(
-        "apiserver",
-        bin(),
-        [
-            "apiserver",
-            "--data",
-            &path("api"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    )
-    .await
-    .unwrap();
-    let kc = api.ready_str("kubeconfig");
-    let relay = |name: &'static str| {
-        let kc = kc.clone();
-        async move {
-            Process::start(
-                name,
-                bin(),
-                ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
-            )
-            .await
-            .unwrap()
-        }
-    };
-    let (r1, r2, dns, operator) = tokio::join!(
-        relay("relay-1"),
-        relay("relay-2"),
-        Process::start(
-            "dns",
-            bin(),
-            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc]
-        ),
-        Process::start(
-            "operator",
-            bin(),
-            ["operator", "--sidecar", "127.0.0.1:1", "--kubeconfig", &kc],
-        ),
+    let mut plane = ControlPlane::start(dir.path(), 2, &[]).await;
+    let (kc, urls, dns_addr) = (
+        plane.kc.clone(),
+        plane.relay_urls.clone(),
+        plane.dns.clone(),
     );
-    let (dns, _operator) = (dns.unwrap(), operator.unwrap());
-    let mut relays = [r1, r2];
-    let urls = [relays[0].ready_str("relay"), relays[1].ready_str("relay")];
-    let dns_addr = dns.ready_str("dns");
     let edge = Process::start(
         "edge",
         bin(),
@@ -363,7 +356,7 @@ async fn a_device_moves_to_another_relay_when_its_home_relay_dies() {
     };
     let before = home().await.expect("the device reports its home relay");
     let lost = urls.iter().position(|u| *u == before).expect("one of ours");
-    relays[lost].kill9();
+    plane.relays[lost].kill9();
     let killed = Instant::now();
     // Well under the 44 s iroh takes by itself.
     eventually(

@@ -919,50 +919,15 @@ async fn attacks_on_isolation_are_refused() {
 async fn a_name_served_without_proof_gets_no_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let api = Process::start(
-        "apiserver",
-        bin(),
-        [
-            "apiserver",
-            "--data",
-            &path("api"),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    )
-    .await
-    .unwrap();
-    let kc = api.ready_str("kubeconfig");
-    // The API server's own CA (it signs its serving certificate) issues here too.
+    // No --hostname-resolver: names outside the zone are served unproven. The API
+    // server's own CA (it signs its serving certificate) issues.
     let ca = path("api/pki");
-    let (relay, dns, operator) = tokio::join!(
-        Process::start(
-            "relay",
-            bin(),
-            ["relay", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
-        ),
-        Process::start(
-            "dns",
-            bin(),
-            ["dns", "--listen", "127.0.0.1:0", "--kubeconfig", &kc],
-        ),
-        // No --hostname-resolver: names outside the zone are served unproven.
-        Process::start(
-            "operator",
-            bin(),
-            [
-                "operator",
-                "--sidecar",
-                "127.0.0.1:1",
-                "--kubeconfig",
-                &kc,
-                "--local-ca",
-                &ca,
-            ],
-        ),
+    let plane = super::edge_tier::ControlPlane::start(dir.path(), 1, &["--local-ca", &ca]).await;
+    let (kc, relay_url, dns_addr) = (
+        plane.kc.clone(),
+        plane.relay_urls[0].clone(),
+        plane.dns.clone(),
     );
-    let (relay, dns, _operator) = (relay.unwrap(), dns.unwrap(), operator.unwrap());
-    let (relay_url, dns_addr) = (relay.ready_str("relay"), dns.ready_str("dns"));
     let _edge = Process::start(
         "edge",
         bin(),
