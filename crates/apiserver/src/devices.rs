@@ -543,6 +543,17 @@ impl Devices {
                     "nodeId: must be 64 hex digits (the device's iroh public key)",
                 )
             })?;
+        // A key of small order (all zeros, say) verifies signatures nobody made: it would
+        // bind a credential to a NodeID no device holds.
+        let usable = <[u8; 32]>::try_from(key.as_slice())
+            .ok()
+            .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok())
+            .is_some_and(|k| !k.is_weak());
+        if !usable {
+            return Err(ApiError::bad_request(
+                "nodeId: not a usable Ed25519 public key (a point of small order, or none at all)",
+            ));
+        }
         let sig = unhex(&req.signature)
             .filter(|s| s.len() == 64)
             .ok_or_else(|| ApiError::bad_request("signature: must be 128 hex digits (Ed25519)"))?;

@@ -1045,3 +1045,98 @@ async fn a_name_served_without_proof_gets_no_certificate() {
     })
     .await;
 }
+
+/// The holder of one join token cannot keep other devices from joining: asking for
+/// challenges (and answering them with a bad signature, which spends them) runs out that
+/// token's own allowance (128 a minute, 429) and nobody else's. And a NodeID of small
+/// order, whose forged signature would verify, is refused.
+#[tokio::test]
+async fn one_join_tokens_holder_cannot_crowd_out_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("api");
+    let api = Process::start(
+        "apiserver",
+        bin(),
+        [
+            "apiserver",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await
+    .unwrap();
+    let kc = api.ready_str("kubeconfig");
+    let url = api.ready_str("apiserver");
+    let token = || async {
+        let (ok, token, err) = portway(&[
+            "token",
+            "create",
+            "--project",
+            "default",
+            "--kubeconfig",
+            &kc,
+        ])
+        .await;
+        assert!(ok, "{err}");
+        token.trim().to_owned()
+    };
+    let (mine, theirs) = (token().await, token().await);
+    let ca = data.join("pki/ca.crt");
+    let post = |path: &'static str, body: serde_json::Value| {
+        let (url, ca) = (url.clone(), ca.clone());
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "-w", "\n%{http_code}", "-X", "POST", "--cacert"])
+                .arg(&ca)
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(body.to_string())
+                .arg(format!("{url}{path}"))
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+            (code.to_owned(), body.to_owned())
+        }
+    };
+    let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+    let node = hex(ring::signature::KeyPair::public_key(&key).as_ref());
+    // A key of small order (all zeros) verifies a forged all-zero signature: refused, so
+    // no credential is bound to a NodeID nobody holds.
+    let (code, body) = post("/portway/v1/join/challenge", json!({"joinToken": theirs})).await;
+    assert_eq!(code, "200", "{body}");
+    let nonce = serde_json::from_str::<serde_json::Value>(&body).unwrap()["nonce"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, body) = post(
+        "/portway/v1/join",
+        json!({"joinToken": theirs, "connector": "x", "nodeId": "00".repeat(32),
+               "nonce": nonce, "signature": "00".repeat(64)}),
+    )
+    .await;
+    assert_eq!(code, "400", "joined with a forged signature: {body}");
+    assert!(body.contains("nodeId"), "{body}");
+    for i in 0..128 {
+        let (code, body) = post("/portway/v1/join/challenge", json!({"joinToken": mine})).await;
+        assert_eq!(code, "200", "challenge {i}: {body}");
+        let nonce = serde_json::from_str::<serde_json::Value>(&body).unwrap()["nonce"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // Answered with a bad signature: refused, the nonce spent, and still counted.
+        let (code, body) = post(
+            "/portway/v1/join",
+            json!({"joinToken": mine, "connector": "x", "nodeId": node, "nonce": nonce,
+                   "signature": "00".repeat(64)}),
+        )
+        .await;
+        assert_eq!(code, "401", "{body}");
+    }
+    let (code, body) = post("/portway/v1/join/challenge", json!({"joinToken": mine})).await;
+    assert_eq!(code, "429", "the token's allowance is spent: {body}");
+    let (code, body) = post("/portway/v1/join/challenge", json!({"joinToken": theirs})).await;
+    assert_eq!(code, "200", "another token's holder is kept out: {body}");
+}
