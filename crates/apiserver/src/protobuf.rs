@@ -43,6 +43,8 @@ enum Ty {
     Message(&'static Message),
     /// `map<string, string>`.
     StringMap,
+    /// `map<string, bytes>`: the values base64 in JSON, as Go writes `[]byte`.
+    BytesMap,
     /// `meta.v1.Time`: RFC 3339 in seconds; the zero time is JSON `null`, so left out.
     Time,
     /// `meta.v1.MicroTime`: RFC 3339 in microseconds, likewise.
@@ -210,6 +212,18 @@ static NAMESPACE_CONDITION: Message = Message {
         time(4, "lastTransitionTime"),
         string(5, "reason"),
         string(6, "message"),
+    ],
+};
+
+/// What `kubectl create secret` sends.
+pub static SECRET: Message = Message {
+    name: "Secret",
+    fields: &[
+        message(1, "metadata", &OBJECT_META),
+        keep(boolean(5, "immutable")),
+        field(2, "data", Ty::BytesMap),
+        map(4, "stringData"),
+        string(3, "type"),
     ],
 };
 
@@ -589,14 +603,20 @@ fn read_message(
                 r.skip(wire)?;
                 continue;
             }
-            Ty::StringMap => {
+            Ty::StringMap | Ty::BytesMap => {
                 let (k, v) = map_entry(r.bytes()?, &at)?;
+                let v = if f.ty == Ty::BytesMap {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD.encode(v)
+                } else {
+                    utf8(v, &at)?.to_owned()
+                };
                 if let Some(m) = out
                     .entry(f.name)
                     .or_insert_with(|| Value::Object(Map::new()))
                     .as_object_mut()
                 {
-                    m.insert(k, Value::String(v));
+                    m.insert(utf8(k, &at)?.to_owned(), Value::String(v));
                 }
                 continue;
             }
@@ -652,17 +672,18 @@ fn read_message(
     Ok(out)
 }
 
-fn map_entry(buf: &[u8], at: &str) -> Result<(String, String), String> {
-    let (mut k, mut v) = ("", "");
+/// A map entry's key and value, as bytes (the caller knows which are text).
+fn map_entry<'a>(buf: &'a [u8], _at: &str) -> Result<(&'a [u8], &'a [u8]), String> {
+    let (mut k, mut v): (&[u8], &[u8]) = (&[], &[]);
     let mut r = Reader(buf);
     while let Some((n, w)) = r.key()? {
         match (n, w) {
-            (1, LEN) => k = utf8(r.bytes()?, at)?,
-            (2, LEN) => v = utf8(r.bytes()?, at)?,
+            (1, LEN) => k = r.bytes()?,
+            (2, LEN) => v = r.bytes()?,
             _ => r.skip(w)?,
         }
     }
-    Ok((k.to_owned(), v.to_owned()))
+    Ok((k, v))
 }
 
 /// `Time` and `MicroTime`: seconds and nanoseconds since the epoch.
@@ -766,6 +787,33 @@ mod tests {
         assert_eq!(
             whoami,
             json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {}})
+        );
+    }
+
+    /// `kubectl create secret generic` sends protobuf: its data values are bytes (here
+    /// not UTF-8), which JSON carries as base64.
+    #[test]
+    fn a_secrets_data_is_base64_and_its_string_data_text() {
+        let data = enc(&[(1, P::B(b"key")), (2, P::B(&[0, 0xff, b'a']))]);
+        let strings = enc(&[(1, P::B(b"note")), (2, P::B(b"hi"))]);
+        let meta = enc(&[(1, P::B(b"s"))]);
+        let body = envelope(
+            "v1",
+            "Secret",
+            &enc(&[
+                (1, P::B(&meta)),
+                (2, P::B(&data)),
+                (4, P::B(&strings)),
+                (3, P::B(b"portway.dev/htpasswd")),
+            ]),
+        );
+        assert_eq!(
+            decode(&body, &SECRET, true).unwrap(),
+            json!({
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                "data": {"key": "AP9h"}, "stringData": {"note": "hi"},
+                "type": "portway.dev/htpasswd",
+            })
         );
     }
 

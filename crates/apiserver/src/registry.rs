@@ -361,7 +361,7 @@ impl Registry {
                     column("Data", crate::table::COUNT, ".data"),
                 ],
                 strategic: Some(&[]),
-                proto: None,
+                proto: Some(&protobuf::SECRET),
                 field_selectors: &["type"],
             }),
             builtin::<Lease>(Builtin {
