@@ -4,7 +4,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::{
-    BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass, HttpProxy, TcpProxy,
+    AccessPolicy, BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass,
+    HttpProxy, TcpProxy,
 };
 
 /// Every CRD Portway declares, in a stable order.
@@ -16,6 +17,7 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
         HttpProxy::crd(),
         TcpProxy::crd(),
         BackendTrafficPolicy::crd(),
+        AccessPolicy::crd(),
     ]
 }
 

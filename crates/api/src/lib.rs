@@ -14,6 +14,7 @@
 // kube's `printcolumn(...)` repeats keys such as `type_` once per column.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod access;
 mod advertisement;
 pub mod certificates;
 mod condition;
@@ -30,6 +31,9 @@ mod target;
 mod tcpproxy;
 pub mod validation;
 
+pub use access::{
+    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, IpRules, SecretRef,
+};
 pub use advertisement::*;
 pub use condition::*;
 pub use connector::*;

@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, O
 use url::Url;
 
 use crate::{
-    BackendTrafficPolicy, ConnectionType, Connector, ConnectorAdvertisement, ConnectorClass,
-    ConnectorReference, HttpProxy, Protocol, Target, TcpProxy,
+    AccessPolicy, BackendTrafficPolicy, ConnectionType, Connector, ConnectorAdvertisement,
+    ConnectorClass, ConnectorReference, HttpProxy, Protocol, Target, TcpProxy,
 };
 
 /// Most lists in Portway's own kinds hold at most this many items.
@@ -1048,6 +1048,120 @@ impl Validate for HttpProxy {
     }
 }
 
+impl Validate for AccessPolicy {
+    fn validate(&self) -> Vec<FieldError> {
+        use crate::access;
+        let mut errs = Errors::default();
+        let spec = &self.spec;
+        errs.one_to("spec.targetRefs", &spec.target_refs, MAX_ITEMS, "target");
+        for (i, t) in spec.target_refs.iter().enumerate() {
+            let f = format!("spec.targetRefs[{i}]");
+            if t.group != access::GROUP || t.kind != access::TARGET_KIND {
+                errs.push(
+                    format!("{f}.kind"),
+                    FieldErrorKind::NotSupported,
+                    format!(
+                        "an AccessPolicy guards HTTPProxies: group {:?}, kind {:?}; got group {:?}, kind {:?}",
+                        access::GROUP,
+                        access::TARGET_KIND,
+                        t.group,
+                        t.kind
+                    ),
+                );
+            }
+            errs.check(format!("{f}.name"), dns1123_label(&t.name));
+            if t.section_name.is_some() {
+                errs.push(
+                    format!("{f}.sectionName"),
+                    FieldErrorKind::Forbidden,
+                    "a policy guards a whole proxy; sectionName is not supported",
+                );
+            }
+        }
+        errs.unique(
+            "spec.targetRefs",
+            spec.target_refs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i, t.name.as_str())),
+        );
+        if let Some(ip) = &spec.ip {
+            for (field, list) in [("spec.ip.allow", &ip.allow), ("spec.ip.deny", &ip.deny)] {
+                errs.max_items(field, list, 64);
+                for (i, c) in list.iter().enumerate() {
+                    errs.check(format!("{field}[{i}]"), access::cidr(c).map(drop));
+                }
+            }
+            if ip.allow.is_empty() && ip.deny.is_empty() {
+                errs.push(
+                    "spec.ip",
+                    FieldErrorKind::Required,
+                    "name at least one address in allow or deny",
+                );
+            }
+        }
+        errs.max_items("spec.methods", &spec.methods, MAX_ITEMS);
+        for (i, m) in spec.methods.iter().enumerate() {
+            errs.check(format!("spec.methods[{i}]"), access::method(m));
+        }
+        errs.unique(
+            "spec.methods",
+            spec.methods
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (i, m.as_str())),
+        );
+        if let Some(n) = spec.max_request_bytes
+            && !(1..=access::MAX_REQUEST_BYTES).contains(&n)
+        {
+            errs.push(
+                "spec.maxRequestBytes",
+                FieldErrorKind::Invalid,
+                format!(
+                    "must be 1 to {} (64 MiB), got {n}",
+                    access::MAX_REQUEST_BYTES
+                ),
+            );
+        }
+        if let Some(b) = &spec.basic_auth {
+            errs.check(
+                "spec.basicAuth.secretRef.name",
+                dns1123_subdomain(&b.secret_ref.name),
+            );
+            if let Some(realm) = &b.realm
+                && (realm.is_empty()
+                    || realm.len() > 64
+                    || realm
+                        .chars()
+                        .any(|c| c.is_control() || c == '"' || c == '\\'))
+            {
+                errs.push(
+                    "spec.basicAuth.realm",
+                    FieldErrorKind::Invalid,
+                    "must be 1 to 64 printable characters without '\"' or '\\'",
+                );
+            }
+        }
+        if spec.ip.is_none()
+            && spec.basic_auth.is_none()
+            && spec.methods.is_empty()
+            && spec.max_request_bytes.is_none()
+        {
+            errs.push(
+                "spec",
+                FieldErrorKind::Required,
+                "a policy needs at least one rule: ip, basicAuth, methods or maxRequestBytes",
+            );
+        }
+        if let Some(st) = &self.status {
+            for (i, a) in st.ancestors.iter().enumerate() {
+                errs.conditions(&format!("status.ancestors[{i}].conditions"), &a.conditions);
+            }
+        }
+        errs.0
+    }
+}
+
 impl Validate for TcpProxy {
     /// As HTTPProxy: the proxy's name names its generated Services, which are labels.
     const NAME_RULE: NameRule = NameRule::Label;
@@ -1475,6 +1589,34 @@ impl Validate for Secret {
                         FieldErrorKind::Required,
                         format!("required for a Secret of type {TLS_SECRET}"),
                     );
+                }
+            }
+        }
+        // Users of an AccessPolicy's basicAuth: hashed, never plaintext, refused here
+        // rather than found out at the edge.
+        if self.type_.as_deref() == Some(crate::access::HTPASSWD_TYPE) {
+            let key = crate::access::HTPASSWD_KEY;
+            let text = strings.and_then(|d| d.get(key).cloned()).or_else(|| {
+                data.and_then(|d| d.get(key))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            });
+            match text {
+                None => errs.push(
+                    format!("data[{key}]"),
+                    FieldErrorKind::Required,
+                    format!(
+                        "required for a Secret of type {}: user:hash lines",
+                        crate::access::HTPASSWD_TYPE
+                    ),
+                ),
+                Some(text) => {
+                    if let Err(lines) = crate::access::htpasswd(&text) {
+                        errs.push(
+                            format!("data[{key}]"),
+                            FieldErrorKind::Invalid,
+                            lines.join("; "),
+                        );
+                    }
                 }
             }
         }

@@ -15,8 +15,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::CustomResourceExt;
 use portway_api::validation::validate_meta;
 use portway_api::{
-    BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass, FieldError,
-    FieldErrorKind, HttpProxy, TcpProxy, Validate,
+    AccessPolicy, BackendTrafficPolicy, Connector, ConnectorAdvertisement, ConnectorClass,
+    FieldError, FieldErrorKind, HttpProxy, TcpProxy, Validate,
 };
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -561,6 +561,7 @@ impl Registry {
             custom::<HttpProxy>(&[]),
             custom::<TcpProxy>(&[]),
             custom::<BackendTrafficPolicy>(&[]),
+            custom::<AccessPolicy>(&[]),
         ];
         let mut types = types;
         for (i, t) in types.iter_mut().enumerate() {

@@ -47,6 +47,7 @@ where
         path,
         status: resp.status().as_u16(),
         via: resp.extensions().get::<Via>().cloned(),
+        denied: resp.extensions().get::<DeniedBy>().copied(),
         started,
     };
     resp.map(|body| Counted::new(body, move |sent, complete| entry.emit(sent, complete)).boxed())
@@ -60,7 +61,16 @@ struct Entry {
     path: String,
     status: u16,
     via: Option<Via>,
+    denied: Option<DeniedBy>,
     started: Instant,
+}
+
+/// Set on a response an AccessPolicy gave instead of the app: its rule and reason, logged
+/// as `denied=rule/reason`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeniedBy {
+    pub rule: &'static str,
+    pub reason: &'static str,
 }
 
 impl Entry {
@@ -78,6 +88,9 @@ impl Entry {
             duration_ms,
             device = device.as_deref().unwrap_or("-"),
             via = self.via.as_ref().map_or("-", Via::path),
+            denied = %self
+                .denied
+                .map_or_else(|| "-".to_owned(), |d| format!("{}/{}", d.rule, d.reason)),
             complete,
         );
     }

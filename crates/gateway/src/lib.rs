@@ -47,6 +47,7 @@ pub mod http01;
 pub mod metrics;
 pub mod model;
 pub mod origin;
+pub mod policy;
 pub mod pool;
 pub mod routes;
 pub mod sidecar;

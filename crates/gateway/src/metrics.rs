@@ -7,6 +7,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// A request an AccessPolicy refused: at which host, by which rule, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub host: String,
+    pub rule: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The routed hostname, or `unknown` (so random Host headers cannot grow the series).
@@ -23,6 +31,7 @@ pub struct NodeLabels {
 #[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
+    pub denials: Family<DenialLabels, Counter>,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub active_connections: Gauge,
@@ -35,6 +44,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Self {
             requests: Family::default(),
+            denials: Family::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             active_connections: Gauge::default(),
@@ -62,6 +72,11 @@ impl Metrics {
             "requests",
             "Public requests by routed host and status code",
             self.requests.clone(),
+        );
+        r.register(
+            "denials",
+            "Requests an AccessPolicy refused, by host, rule and reason",
+            self.denials.clone(),
         );
         r.register(
             "request_bytes",
@@ -99,6 +114,16 @@ impl Metrics {
             .clone();
         gauge.inc();
         TunnelGuard { gauge }
+    }
+
+    pub fn denied(&self, host: &str, rule: &str, reason: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                host: host.to_owned(),
+                rule: rule.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn request(&self, host: &str, code: u16) {

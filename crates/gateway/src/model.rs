@@ -16,11 +16,13 @@ use gateway_api::apis::standard::httproutes::{
     HttpRouteRulesMatchesQueryParamsType,
 };
 use http::header::{HeaderName, HeaderValue};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use portway_api::filters::Level;
-use portway_api::{Target, headers};
+use portway_api::{AccessPolicy, Target, headers};
 
 use crate::filters::{Cors, Redirect, Rewrite};
+use crate::policy::Policy;
 
 /// How a path is matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -322,6 +324,8 @@ pub struct Route {
     /// The host and path the device sees instead of the public ones.
     pub rewrite: Option<Rewrite>,
     pub cors: Option<Arc<Cors>>,
+    /// The AccessPolicy the rule's `ExtensionRef` names, compiled.
+    pub access: Option<Arc<Policy>>,
     /// A filter neither data plane implements (or cannot apply to this match): answered
     /// with 500 and this reason, never skipped, since skipping it would serve what the
     /// route's author did not ask for.
@@ -472,6 +476,9 @@ pub struct Table {
     pub tls: BTreeMap<String, Arc<TcpService>>,
     /// Public UDP ports (built-in edge only).
     pub udp: BTreeMap<u16, Arc<TcpService>>,
+    /// AccessPolicies in force, by `namespace/name`: what Envoy's external authorization
+    /// asks the xDS server about.
+    pub policies: HashMap<String, Arc<Policy>>,
 }
 
 /// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
@@ -580,6 +587,7 @@ pub fn build(
     class: &str,
     gateways: &[&Gateway],
     routes: &[&HttpRoute],
+    access: &Access<'_>,
     l4: &Layer4Routes<'_>,
     slices: &[&EndpointSlice],
 ) -> (Table, Vec<Attachment>) {
@@ -618,6 +626,33 @@ pub fn build(
             .entry(key(s.metadata.namespace.as_ref(), Some(svc)))
             .or_default() |= any;
     }
+    // Each policy compiled once, however many rules name it.
+    let secrets: HashMap<(&str, &str), &Secret> = access
+        .secrets
+        .iter()
+        .map(|s| {
+            (
+                (
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                ),
+                *s,
+            )
+        })
+        .collect();
+    let policies: HashMap<String, Result<Arc<Policy>, String>> = access
+        .policies
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let secret =
+                |ns: &str, name: &str| secrets.get(&(ns, name)).map(|s| Arc::new((*s).clone()));
+            (
+                key(p.metadata.namespace.as_ref(), p.metadata.name.as_ref()),
+                Policy::compile(p, secret).map(Arc::new),
+            )
+        })
+        .collect();
     let mut by_host: BTreeMap<String, Vec<Route>> = BTreeMap::new();
     // Per name: redirect to HTTPS allowed (every route must allow it), and HSTS.
     let mut settings: HashMap<String, (bool, Option<HeaderValue>)> = HashMap::new();
@@ -688,14 +723,46 @@ pub fn build(
         for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
             let rule_filters = rule.filters.as_deref().unwrap_or_default();
             let (filter, response) = HeaderFilter::from_rule(rule_filters);
-            let mut unsupported: Vec<String> = portway_api::filters::unsupported(
-                &format!("spec.rules[{i}].filters"),
-                Level::Rule,
-                rule_filters,
-            )
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+            let field = format!("spec.rules[{i}].filters");
+            // An AccessPolicy named by ExtensionRef is ours to enforce; any other
+            // extension is refused below. A policy that cannot be found or compiled
+            // refuses the rule (500) rather than leave it unguarded.
+            let ours: Vec<(usize, &str)> = rule_filters
+                .iter()
+                .enumerate()
+                .filter_map(|(j, f)| f.extension_ref.as_ref().map(|e| (j, e)))
+                .filter(|(_, e)| {
+                    e.group == portway_api::access::GROUP && e.kind == portway_api::access::KIND
+                })
+                .map(|(j, e)| (j, e.name.as_str()))
+                .collect();
+            let mut unsupported: Vec<String> =
+                portway_api::filters::unsupported(&field, Level::Rule, rule_filters)
+                    .iter()
+                    .filter(|e| {
+                        !ours
+                            .iter()
+                            .any(|(j, _)| e.field == format!("{field}[{j}].extensionRef"))
+                    })
+                    .map(ToString::to_string)
+                    .collect();
+            let mut guard = None;
+            match ours.as_slice() {
+                [] => {}
+                [(j, policy)] => match policies.get(&format!("{ns}/{policy}")) {
+                    Some(Ok(p)) => guard = Some(p.clone()),
+                    Some(Err(why)) => unsupported.push(format!(
+                        "{field}[{j}]: AccessPolicy {policy:?} is invalid: {why}"
+                    )),
+                    None => unsupported.push(format!(
+                        "{field}[{j}]: AccessPolicy {policy:?} does not exist"
+                    )),
+                },
+                _ => unsupported.push(format!(
+                    "{field}: a rule takes one AccessPolicy, this one names {}",
+                    ours.len()
+                )),
+            }
             for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
                 unsupported.extend(
                     portway_api::filters::unsupported(
@@ -787,6 +854,7 @@ pub fn build(
                         .push(Route {
                             route: format!("{ns}/{name}"),
                             rule: i,
+                            access: guard.clone(),
                             path: path.clone(),
                             method: m.method.as_ref().map(|m| method_name(m).to_owned()),
                             headers: m
@@ -815,7 +883,13 @@ pub fn build(
             }
         }
     }
-    let mut table = Table::default();
+    let mut table = Table {
+        policies: policies
+            .into_iter()
+            .filter_map(|(k, p)| p.ok().map(|p| (k, p)))
+            .collect(),
+        ..Table::default()
+    };
     for (hostname, mut routes) in by_host {
         routes.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
         let (https_redirect, hsts) = settings.remove(&hostname).unwrap_or((true, None));
@@ -1010,6 +1084,14 @@ fn tls_services(
         }
     }
     (services, attachments)
+}
+
+/// What AccessPolicies need: the policies, and the Secrets of type
+/// `portway.dev/htpasswd` their basic auth names.
+#[derive(Clone, Copy, Default)]
+pub struct Access<'a> {
+    pub policies: &'a [&'a AccessPolicy],
+    pub secrets: &'a [&'a Secret],
 }
 
 /// The layer-4 routes of a table.
@@ -1220,6 +1302,7 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &[],
+            &crate::model::Access::default(),
             &crate::model::Layer4Routes {
                 tcp: &routes.iter().collect::<Vec<_>>(),
                 tls: &[],
@@ -1287,6 +1370,7 @@ mod tests {
             "portway",
             &gws.iter().collect::<Vec<_>>(),
             &routes.iter().collect::<Vec<_>>(),
+            &crate::model::Access::default(),
             &crate::model::Layer4Routes::default(),
             &slices.iter().collect::<Vec<_>>(),
         );
@@ -1373,6 +1457,7 @@ mod tests {
             redirect: None,
             rewrite: None,
             cors: None,
+            access: None,
             unsupported: None,
             backends: vec![b("a", true), b("down", false), b("c", true)],
             cursor: AtomicUsize::new(0),

@@ -76,7 +76,18 @@ where
         subscribers: Vec<Subscriber<K>>,
         shutdown: CancellationToken,
     ) -> JoinHandle<()> {
-        let events = reflect_into(self.writer, api, watcher::Config::default());
+        self.spawn_with(api, watcher::Config::default(), subscribers, shutdown)
+    }
+
+    /// As [`Pending::spawn`], watching only what `config` selects (a field selector, say).
+    pub fn spawn_with(
+        self,
+        api: Api<K>,
+        config: watcher::Config,
+        subscribers: Vec<Subscriber<K>>,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
+        let events = reflect_into(self.writer, api, config);
         tokio::spawn(drive(events, subscribers, shutdown))
     }
 }

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod acme;
 pub mod certs;
 pub mod connector;
@@ -44,7 +45,7 @@ use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, PostParams};
 use kube::runtime::Controller;
@@ -53,8 +54,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use portway_api::{
-    BackendTrafficPolicy, CONTROLLER_NAME, Connector, ConnectorAdvertisement, ConnectorClass,
-    HttpProxy, TcpProxy, managers,
+    AccessPolicy, BackendTrafficPolicy, CONTROLLER_NAME, Connector, ConnectorAdvertisement,
+    ConnectorClass, HttpProxy, TcpProxy, managers,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -203,6 +204,11 @@ pub(crate) struct Ctx {
     services: Index<Service>,
     slices: Index<EndpointSlice>,
     policies: Index<BackendTrafficPolicy>,
+    /// HTTPProxies and AccessPolicies, by namespace (a policy names proxies of its own).
+    proxies: Index<HttpProxy>,
+    access: Index<AccessPolicy>,
+    /// Secrets of type `portway.dev/htpasswd` (basic auth users), and only those.
+    htpasswd: Store<Secret>,
     /// TCPRoutes, by owner uid (the Gateways, Services and slices above serve both kinds).
     tcp_routes: Index<TcpRoute>,
     /// TLSRoutes of passthrough TCPProxies, by owner uid.
@@ -416,6 +422,8 @@ impl Operator {
         let tcp_routes = pending::<TcpRoute>();
         let tls_routes = pending::<TlsRoute>();
         let udp_routes = pending::<UdpRoute>();
+        let access = pending::<AccessPolicy>();
+        let htpasswd = pending::<Secret>();
         let verifier = config
             .verification
             .clone()
@@ -435,37 +443,68 @@ impl Operator {
         let tls_routes_by_owner = Index::new(tls_routes.store.clone(), by_owner);
         let udp_routes_by_owner = Index::new(udp_routes.store.clone(), by_owner);
         let tcp_ports = Arc::new(PortIndex::new(config.tcp_ports.clone()));
+        let access_by_ns = Index::new(access.store.clone(), by_namespace);
 
         let (proxy_tx, proxy_rx) = mpsc::unbounded_channel::<ObjectRef<HttpProxy>>();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel::<ObjectRef<Connector>>();
         let (ad_tx, ad_rx) = mpsc::unbounded_channel::<ObjectRef<ConnectorAdvertisement>>();
         let (tcp_tx, tcp_rx) = mpsc::unbounded_channel::<ObjectRef<TcpProxy>>();
+        let (access_tx, access_rx) = mpsc::unbounded_channel::<ObjectRef<AccessPolicy>>();
         // Set once the port index holds every granted port: no TCPProxy is given a port
         // before (restart-safe, as `status.port` is what survives a restart).
         let (ports_known_tx, mut ports_known) = watch::channel(false);
 
         let mut tasks = Vec::new();
-        let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![proxies_by_ns.subscriber(), {
-            let (tx, by_ns, index) = (proxy_tx.clone(), proxies_by_ns.clone(), hostnames.clone());
-            let ttx = tcp_tx.clone();
-            let wake = certs_wake.clone();
-            Box::new(move |e| match e {
-                watcher::Event::Apply(p) => {
-                    let _ = tx.send(object_ref(p));
-                    send_claimants(&tx, &ttx, index.upsert(p));
+        let access_subs: Vec<Subscriber<AccessPolicy>> = vec![access_by_ns.subscriber(), {
+            let (ptx, pstore) = (proxy_tx.clone(), proxies_by_ns.clone());
+            let (atx, astore) = (access_tx.clone(), access_by_ns.clone());
+            // Which policy guards a proxy depends on every policy of its namespace.
+            Box::new(move |e| {
+                if let Some(p) = touched(e) {
+                    let ns = p.namespace();
+                    send_matching(&ptx, &pstore, ns.as_deref(), |_| true);
+                    send_matching(&atx, &astore, ns.as_deref(), |_| true);
+                } else if relisted(e) {
+                    send_matching(&ptx, &pstore, None, |_| true);
+                    send_matching(&atx, &astore, None, |_| true);
                 }
-                watcher::Event::Delete(p) => {
-                    wake.notify_one();
-                    send_claimants(&tx, &ttx, index.remove(p));
-                }
-                watcher::Event::InitDone => {
-                    let all = by_ns.store().state();
-                    index.rebuild(all.iter().map(AsRef::as_ref));
-                    send_matching(&tx, &by_ns, None, |_| true);
-                }
-                _ => {}
             })
         }];
+        let proxy_subs: Vec<Subscriber<HttpProxy>> = vec![
+            proxies_by_ns.subscriber(),
+            {
+                let (atx, astore) = (access_tx.clone(), access_by_ns.clone());
+                Box::new(move |e| {
+                    if let Some(p) = touched(e) {
+                        send_matching(&atx, &astore, p.namespace().as_deref(), |_| true);
+                    } else if relisted(e) {
+                        send_matching(&atx, &astore, None, |_| true);
+                    }
+                })
+            },
+            {
+                let (tx, by_ns, index) =
+                    (proxy_tx.clone(), proxies_by_ns.clone(), hostnames.clone());
+                let ttx = tcp_tx.clone();
+                let wake = certs_wake.clone();
+                Box::new(move |e| match e {
+                    watcher::Event::Apply(p) => {
+                        let _ = tx.send(object_ref(p));
+                        send_claimants(&tx, &ttx, index.upsert(p));
+                    }
+                    watcher::Event::Delete(p) => {
+                        wake.notify_one();
+                        send_claimants(&tx, &ttx, index.remove(p));
+                    }
+                    watcher::Event::InitDone => {
+                        let all = by_ns.store().state();
+                        index.rebuild(all.iter().map(AsRef::as_ref));
+                        send_matching(&tx, &by_ns, None, |_| true);
+                    }
+                    _ => {}
+                })
+            },
+        ];
         let tcp_subs: Vec<Subscriber<TcpProxy>> = vec![tcp_by_ns.subscriber(), {
             let (tx, by_ns, ports) = (tcp_tx.clone(), tcp_by_ns.clone(), tcp_ports.clone());
             let (ptx, index) = (proxy_tx.clone(), hostnames.clone());
@@ -579,6 +618,9 @@ impl Operator {
             services: services_by_owner.clone(),
             slices: slices_by_owner.clone(),
             policies: policies_by_owner.clone(),
+            proxies: proxies_by_ns.clone(),
+            access: access_by_ns.clone(),
+            htpasswd: htpasswd.store.clone(),
             tcp_routes: tcp_routes_by_owner.clone(),
             tls_routes: tls_routes_by_owner.clone(),
             udp_routes: udp_routes_by_owner.clone(),
@@ -610,11 +652,13 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
-            let (k, l, m, n) = (
+            let (k, l, m, n, o, p) = (
                 tcp_proxies.store.clone(),
                 tcp_routes.store.clone(),
                 tls_routes.store.clone(),
                 udp_routes.store.clone(),
+                access.store.clone(),
+                htpasswd.store.clone(),
             );
             async move {
                 let _ = futures::join!(
@@ -632,6 +676,8 @@ impl Operator {
                     l.wait_until_ready(),
                     m.wait_until_ready(),
                     n.wait_until_ready(),
+                    o.wait_until_ready(),
+                    p.wait_until_ready(),
                     async move {
                         let _ = ports_known.wait_for(|known| *known).await;
                     },
@@ -642,6 +688,7 @@ impl Operator {
         let conn_store = connectors.store.clone();
         let ad_store = ads.store.clone();
         let tcp_store = tcp_proxies.store.clone();
+        let access_store = access.store.clone();
         let (tcp_store_for_certs, tcp_tx_for_certs) = (tcp_store.clone(), tcp_tx.clone());
         let s = &shutdown;
         tasks.push(proxies.spawn(Api::all(client.clone()), proxy_subs, s.clone()));
@@ -650,6 +697,27 @@ impl Operator {
         tasks.push(leases.spawn(Api::all(client.clone()), lease_subs, s.clone()));
         tasks.push(classes.spawn(Api::all(client.clone()), class_subs, s.clone()));
         tasks.push(tcp_proxies.spawn(Api::all(client.clone()), tcp_subs, s.clone()));
+        tasks.push(access.spawn(Api::all(client.clone()), access_subs, s.clone()));
+        let htpasswd_subs: Vec<Subscriber<Secret>> = vec![{
+            let (atx, astore) = (access_tx.clone(), access_by_ns.clone());
+            // A policy's ResolvedRefs follows its Secret.
+            Box::new(move |e| {
+                if let Some(secret) = touched(e) {
+                    send_matching(&atx, &astore, secret.namespace().as_deref(), |_| true);
+                } else if relisted(e) {
+                    send_matching(&atx, &astore, None, |_| true);
+                }
+            })
+        }];
+        tasks.push(
+            htpasswd.spawn_with(
+                Api::all(client.clone()),
+                watcher::Config::default()
+                    .fields(&format!("type={}", portway_api::access::HTPASSWD_TYPE)),
+                htpasswd_subs,
+                s.clone(),
+            ),
+        );
         tasks.push(routes.spawn(
             Api::all(client.clone()),
             vec![
@@ -792,6 +860,16 @@ impl Operator {
                 ctx.clone(),
             )
             .for_each(|_| futures::future::ready(()));
+        let access_controller = Controller::for_stream(futures::stream::pending(), access_store)
+            .with_config(cfg.clone())
+            .reconcile_on(UnboundedReceiverStream::new(access_rx))
+            .graceful_shutdown_on(stop())
+            .run(
+                counted("accesspolicy", access::reconcile),
+                error_policy("accesspolicy"),
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
         let ad_controller = Controller::for_stream(futures::stream::pending(), ad_store)
             .with_config(cfg)
             .reconcile_on(UnboundedReceiverStream::new(ad_rx))
@@ -815,7 +893,8 @@ impl Operator {
                 proxy_controller,
                 tcp_controller,
                 connector_controller,
-                ad_controller
+                ad_controller,
+                access_controller
             );
         }));
         Ok(Self {

@@ -27,6 +27,7 @@ const WAIT: Duration = Duration::from_secs(45);
 /// The longest any public request may wait when a device is gone.
 const BOUND: Duration = Duration::from_secs(5);
 
+mod access;
 mod datum;
 mod edge_tier;
 mod etcd;
@@ -526,10 +527,9 @@ async fn send(
     ))
 }
 
-/// Every filter the HTTPProxy schema admits, through `front` (the built-in edge or an
-/// Envoy): redirects, rewrites, response headers and CORS act as Gateway API says; a
-/// filter no data plane implements refuses its proxy, naming the field.
-async fn filters(stack: &Stack, front: SocketAddr) {
+/// The admin's HTTPProxies in `default`, and the connector and origin endpoint that
+/// `app.localhost` (made by `portway http`) uses, for proxies of a test's own.
+async fn app_backend(stack: &Stack) -> (Api<HttpProxy>, portway_api::ConnectorReference, String) {
     let admin = kube_client(Path::new(&stack.up.ready_str("kubeconfig")))
         .await
         .unwrap();
@@ -544,6 +544,14 @@ async fn filters(stack: &Stack, front: SocketAddr) {
         .unwrap();
     let connector = first.spec.rules[0].backends[0].connector.clone().unwrap();
     let endpoint = format!("http://127.0.0.1:{}", stack.origin.addr.port());
+    (proxies, connector, endpoint)
+}
+
+/// Every filter the HTTPProxy schema admits, through `front` (the built-in edge or an
+/// Envoy): redirects, rewrites, response headers and CORS act as Gateway API says; a
+/// filter no data plane implements refuses its proxy, naming the field.
+async fn filters(stack: &Stack, front: SocketAddr) {
+    let (proxies, connector, endpoint) = app_backend(stack).await;
     let backend = json!({"endpoint": endpoint, "connector": connector});
     let proxy = serde_json::from_value(json!({
         "metadata": {"name": "filters"},
@@ -825,6 +833,12 @@ async fn public_traffic_end_to_end() {
     );
     battery(&stack, stack.edge, "app.localhost", false, None).await;
     filters(&stack, stack.edge).await;
+    access::battery(
+        &stack,
+        stack.edge,
+        access::Denials::Edge(stack.up.ready_str("metrics")),
+    )
+    .await;
 
     // HTTPS with the hostname's certificate, h2 by ALPN, as curl sees it.
     let https: SocketAddr = stack.up.ready_str("https").parse().unwrap();
@@ -2513,6 +2527,12 @@ async fn envoy_data_plane_end_to_end() {
     );
 
     filters(&stack, front.addr).await;
+    access::battery(
+        &stack,
+        front.addr,
+        access::Denials::Envoy(front.admin_file.clone()),
+    )
+    .await;
 
     // HTTPS: the zone's wildcard, issued once by the operator, reaches Envoy over SDS and
     // serves the proxy's canonical name (SNI), verified by curl against the local CA.

@@ -15,12 +15,13 @@ use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use gateway_api::apis::experimental::udproutes::UdpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use portway_api::managers;
+use portway_api::{AccessPolicy, managers};
 use portway_kube::watch::{is_ready, reflect, relisted, touched};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -127,6 +128,12 @@ pub fn spawn(
     let (tls_store, tls_routes) = reflect(Api::<TlsRoute>::all(client.clone()), all());
     let (udp_store, udp_routes) = reflect(Api::<UdpRoute>::all(client.clone()), all());
     let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
+    let (access_store, access) = reflect(Api::<AccessPolicy>::all(client.clone()), all());
+    // Only the Secrets basic auth reads: no other Secret is cached here.
+    let (secret_store, secrets) = reflect(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default().fields(&format!("type={}", portway_api::access::HTPASSWD_TYPE)),
+    );
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
         store: gw_store.clone(),
@@ -140,18 +147,23 @@ pub fn spawn(
                 changed_tx.send_modify(|n| *n += 1);
             }
         });
-        let (gws, routes, tcp_routes, tls_routes, udp_routes, slices) = (
+        let (gws, routes, tcp_routes, tls_routes, udp_routes, slices, access, secrets) = (
             gws.map(|e| e.map(drop)),
             routes.map(|e| e.map(drop)),
             tcp_routes.map(|e| e.map(drop)),
             tls_routes.map(|e| e.map(drop)),
             udp_routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
+            access.map(|e| e.map(drop)),
+            secrets.map(|e| e.map(drop)),
         );
         let layer4 =
             futures::stream::select(futures::stream::select(tcp_routes, tls_routes), udp_routes);
         let mut changes = futures::stream::select(
-            futures::stream::select(gws, routes),
+            futures::stream::select(
+                futures::stream::select(gws, routes),
+                futures::stream::select(access, secrets),
+            ),
             futures::stream::select(layer4, slices),
         )
         .ready_chunks(512)
@@ -185,7 +197,9 @@ pub fn spawn(
                 && is_ready(&tcp_store)
                 && is_ready(&tls_store)
                 && is_ready(&udp_store)
-                && is_ready(&slice_store))
+                && is_ready(&slice_store)
+                && is_ready(&access_store)
+                && is_ready(&secret_store))
             {
                 continue;
             }
@@ -208,7 +222,16 @@ pub fn spawn(
                 udp: &udp_routes,
             };
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
-            let (t, attachments) = model::build(&config.class, &gws, &routes, &l4, &slices);
+            let access_state = access_store.state();
+            let policies: Vec<&AccessPolicy> = access_state.iter().map(AsRef::as_ref).collect();
+            let secret_state = secret_store.state();
+            let secrets: Vec<&Secret> = secret_state.iter().map(AsRef::as_ref).collect();
+            let access = model::Access {
+                policies: &policies,
+                secrets: &secrets,
+            };
+            let (t, attachments) =
+                model::build(&config.class, &gws, &routes, &access, &l4, &slices);
             tracing::debug!(
                 hosts = t.len(),
                 tcp_ports = t.tcp.len(),

@@ -13,7 +13,9 @@
 //! - `report`: the [`CONDITION`] on Gateways ([`spawn_reporter`]).
 //! - `bootstrap`: the Envoy bootstrap ([`bootstrap()`]).
 
+mod access;
 mod ads;
+mod authz;
 mod bootstrap;
 mod render;
 mod report;
@@ -77,11 +79,13 @@ impl Server {
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
+        let authz = authz::service(table.clone());
         let (service, envoys) = ads::service(table, secrets, version, defaults);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(authz)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await;
             if let Err(e) = result {
@@ -426,6 +430,7 @@ mod tests {
             "portway",
             &[&gw],
             &[&route],
+            &crate::model::Access::default(),
             &crate::model::Layer4Routes::default(),
             &slices.iter().collect::<Vec<_>>(),
         )

@@ -70,7 +70,7 @@ const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Envoy answers 503 by itself.
 pub const UNREADY: &str = "portway_unready";
 
-fn any<M: Message>(type_url: &str, m: &M) -> Any {
+pub(super) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.to_owned(),
         value: m.encode_to_vec(),
@@ -200,9 +200,11 @@ fn connection_manager(routes: &str) -> Filter {
             route_config_name: routes.into(),
             config_source: Some(ads()),
         })),
-        // CORS runs first: it answers preflights before routing, and is off on every
-        // route without a policy of its own.
+        // An AccessPolicy's address rule runs first, then CORS (it answers preflights
+        // before routing), then the policy's size limit; each is off on every route
+        // without a config of its own.
         http_filters: vec![
+            super::access::rbac_filter(),
             HttpFilter {
                 name: CORS_FILTER.into(),
                 config_type: Some(http_filter::ConfigType::TypedConfig(any(
@@ -211,6 +213,8 @@ fn connection_manager(routes: &str) -> Filter {
                 ))),
                 ..Default::default()
             },
+            super::access::authz_filter(),
+            super::access::buffer_filter(),
             HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(http_filter::ConfigType::TypedConfig(any(
@@ -713,7 +717,7 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
             routes: h
                 .routes
                 .iter()
-                .map(|r| {
+                .flat_map(|r| {
                     let path = match &r.path {
                         PathMatch::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
                         PathMatch::Prefix(p) if p == "/" => {
@@ -832,21 +836,56 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                             ..Default::default()
                         })
                     };
-                    Route {
+                    let cors: Vec<(String, Any)> = r
+                        .cors
+                        .as_deref()
+                        .map(|c| (CORS_FILTER.to_owned(), cors_policy(c)))
+                        .into_iter()
+                        .collect();
+                    let access = r
+                        .access
+                        .as_deref()
+                        .map(super::access::route_configs)
+                        .unwrap_or_default();
+                    let route_match = RouteMatch {
+                        path_specifier: Some(path),
+                        headers,
+                        query_parameters,
+                        ..Default::default()
+                    };
+                    // Methods the policy does not allow: a route of their own ahead of
+                    // the rule's, with the address rule, CORS and authentication (so
+                    // only a signed-in caller learns what is allowed), answering 405.
+                    let refusal = r
+                        .access
+                        .as_deref()
+                        .filter(|_| r.unsupported.is_none())
+                        .and_then(super::access::method_refusal)
+                        .map(|(method, response, allow)| {
+                            let mut m = route_match.clone();
+                            m.headers.push(method);
+                            Route {
+                                name: format!("{}/{}/method", r.route, r.rule),
+                                r#match: Some(m),
+                                action: Some(route::Action::DirectResponse(response)),
+                                typed_per_filter_config: cors
+                                    .iter()
+                                    .chain(
+                                        access
+                                            .iter()
+                                            .filter(|(f, _)| f != super::access::BUFFER_FILTER),
+                                    )
+                                    .cloned()
+                                    .collect(),
+                                response_headers_to_add: vec![allow],
+                                ..Default::default()
+                            }
+                        });
+                    let main = Route {
                         name: format!("{}/{}", r.route, r.rule),
-                        r#match: Some(RouteMatch {
-                            path_specifier: Some(path),
-                            headers,
-                            query_parameters,
-                            ..Default::default()
-                        }),
+                        r#match: Some(route_match),
                         action: Some(action),
-                        typed_per_filter_config: r
-                            .cors
-                            .as_deref()
-                            .map(|c| (CORS_FILTER.to_owned(), cors_policy(c)))
-                            .into_iter()
-                            .collect(),
+                        typed_per_filter_config: cors.into_iter().chain(access).collect(),
                         response_headers_to_add,
                         response_headers_to_remove,
                         request_headers_to_add,
@@ -857,7 +896,8 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                             .chain((!weighted).then(|| headers::FALLBACK.to_owned()))
                             .collect(),
                         ..Default::default()
-                    }
+                    };
+                    refusal.into_iter().chain([main])
                 })
                 .collect(),
             ..Default::default()
@@ -1006,6 +1046,7 @@ mod tests {
             "portway",
             &[&pass, &term],
             &[],
+            &crate::model::Access::default(),
             &crate::model::Layer4Routes {
                 tcp: &[],
                 tls: &routes.iter().collect::<Vec<_>>(),
@@ -1105,6 +1146,7 @@ mod tests {
                 "portway",
                 &[&gw],
                 &[],
+                &crate::model::Access::default(),
                 &crate::model::Layer4Routes {
                     tcp: &[&route],
                     tls: &[],
@@ -1354,6 +1396,7 @@ mod tests {
             "portway",
             &[&gw],
             &[&route],
+            &crate::model::Access::default(),
             &crate::model::Layer4Routes::default(),
             &[],
         );
@@ -1442,12 +1485,114 @@ mod tests {
             }
             other => panic!("{other:?}"),
         };
-        assert_eq!(names, [CORS_FILTER, "envoy.filters.http.router"]);
+        assert_eq!(
+            names,
+            [
+                super::super::access::RBAC_FILTER,
+                CORS_FILTER,
+                super::super::access::AUTHZ_FILTER,
+                super::super::access::BUFFER_FILTER,
+                "envoy.filters.http.router"
+            ]
+        );
 
         let Some(route::Action::DirectResponse(d)) = &by_rule("2").action else {
             panic!("{:?}", by_rule("2").action)
         };
         assert_eq!(d.status, 500);
+    }
+
+    /// An AccessPolicy on a rule: the address rule as RBACPerRoute, the size limit as an
+    /// enabled BufferPerRoute, other methods as a 405 route ahead of the rule's; a rule
+    /// naming a policy that does not exist answers 500; a rule without one is untouched.
+    #[test]
+    fn access_policies_become_per_route_filters_and_a_405_route() {
+        use super::super::access::{BUFFER_FILTER, RBAC_FILTER};
+        use envoy_types::pb::envoy::config::route::v3::FilterConfig;
+        use envoy_types::pb::envoy::extensions::filters::http::buffer::v3::{
+            BufferPerRoute, buffer_per_route,
+        };
+        use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::RbacPerRoute;
+        use serde_json::json;
+        let gw: gateway_api::apis::standard::gateways::Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "gw", "namespace": "p"}, "spec": {"gatewayClassName": "portway", "listeners": []}})).unwrap();
+        let guard = |name: &str| {
+            json!({"type": "ExtensionRef", "extensionRef": {
+            "group": "networking.datumapis.com", "kind": "AccessPolicy", "name": name}})
+        };
+        let route: gateway_api::apis::standard::httproutes::HttpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "r", "namespace": "p"},
+            "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["app.example.com"], "rules": [
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/a"}}], "filters": [guard("guard")], "backendRefs": [{"name": "svc"}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/b"}}], "filters": [guard("gone")], "backendRefs": [{"name": "svc"}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/c"}}], "backendRefs": [{"name": "svc"}]},
+            ]},
+        }))
+        .unwrap();
+        let policy: portway_api::AccessPolicy = serde_json::from_value(json!({
+            "metadata": {"name": "guard", "namespace": "p"},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "r"}],
+                     "ip": {"allow": ["10.0.0.0/8"], "deny": ["10.1.0.0/16"]},
+                     "methods": ["GET", "POST"], "maxRequestBytes": 1000},
+        }))
+        .unwrap();
+        let (table, _) = crate::model::build(
+            "portway",
+            &[&gw],
+            &[&route],
+            &crate::model::Access {
+                policies: &[&policy],
+                secrets: &[],
+            },
+            &crate::model::Layer4Routes::default(),
+            &[],
+        );
+        let rc = route_configuration(&table, &node());
+        let routes = &rc.virtual_hosts[0].routes;
+        let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["p/r/0/method", "p/r/0", "p/r/1", "p/r/2"]);
+
+        let refusal = &routes[0];
+        let Some(route::Action::DirectResponse(d)) = &refusal.action else {
+            panic!("{:?}", refusal.action)
+        };
+        assert_eq!(d.status, 405);
+        let method = refusal.r#match.as_ref().unwrap().headers.last().unwrap();
+        assert_eq!(method.name, ":method");
+        assert!(method.invert_match);
+        assert_eq!(
+            refusal.response_headers_to_add[0]
+                .header
+                .as_ref()
+                .unwrap()
+                .value,
+            "GET, POST"
+        );
+        assert!(refusal.typed_per_filter_config.contains_key(RBAC_FILTER));
+        assert!(!refusal.typed_per_filter_config.contains_key(BUFFER_FILTER));
+
+        let guarded = &routes[1].typed_per_filter_config;
+        let rbac = RbacPerRoute::decode(guarded[RBAC_FILTER].value.as_slice()).unwrap();
+        let rules = rbac.rbac.unwrap().rules.unwrap();
+        assert_eq!(rules.policies.len(), 1);
+        let text = format!("{:?}", rules.policies["ip"]);
+        assert!(
+            text.contains("10.0.0.0") && text.contains("NotId") && text.contains("10.1.0.0"),
+            "{text}"
+        );
+        let wrapper = FilterConfig::decode(guarded[BUFFER_FILTER].value.as_slice()).unwrap();
+        assert!(!wrapper.disabled);
+        let per_route = BufferPerRoute::decode(wrapper.config.unwrap().value.as_slice()).unwrap();
+        let Some(buffer_per_route::Override::Buffer(b)) = per_route.r#override else {
+            panic!("{per_route:?}")
+        };
+        assert_eq!(b.max_request_bytes.unwrap().value, 1000);
+
+        let Some(route::Action::DirectResponse(d)) = &routes[2].action else {
+            panic!("{:?}", routes[2].action)
+        };
+        assert_eq!(d.status, 500, "a missing policy fails closed");
+        assert!(routes[3].typed_per_filter_config.is_empty());
     }
 
     #[test]

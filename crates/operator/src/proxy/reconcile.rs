@@ -257,6 +257,9 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
             }
         }
     });
+    let policies = ctx.access.get(&ns);
+    let policy_refs: Vec<&portway_api::AccessPolicy> = policies.iter().map(AsRef::as_ref).collect();
+    let guard = crate::access::guarding(&name, &policy_refs).map(ResourceExt::name_any);
     let d = desired(&Inputs {
         proxy: &proxy,
         connectors: &connector_refs,
@@ -267,6 +270,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
         config: &ctx.config.proxy,
         certificate: certificate.as_ref().map(|c| c as &dyn Fn(&str) -> _),
         verification: verification.as_ref().map(|v| v as &dyn Fn(&str) -> _),
+        access: guard.as_deref(),
         now,
     });
 

@@ -89,6 +89,8 @@ pub struct Inputs<'a> {
     pub certificate: Option<CertificateReady<'a>>,
     /// Whether a hostname is proven to be the project's, when proof is asked for.
     pub verification: Option<&'a dyn Fn(&str) -> crate::verify::Verification>,
+    /// The AccessPolicy guarding the proxy, if any: named on every rule of its route.
+    pub access: Option<&'a str>,
     /// Stamped on conditions as their transition time.
     pub now: Timestamp,
 }
@@ -216,7 +218,12 @@ pub fn desired(input: &Inputs<'_>) -> Desired {
         )),
         services: render::services(proxy, &backends.resolved),
         slices: render::slices(proxy, &backends.resolved, &input.config.sidecars),
-        route: Some(render::route(proxy, hosts.active, &backends.resolved)),
+        route: Some(render::route(
+            proxy,
+            hosts.active,
+            &backends.resolved,
+            input.access,
+        )),
         policy: Some(render::policy(proxy)),
         status,
     }

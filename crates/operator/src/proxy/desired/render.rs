@@ -107,12 +107,13 @@ pub(super) fn gateway(proxy: &HttpProxy, hostnames: &[String], class: &str) -> G
     }
 }
 
-/// The proxy's rules with their backends as Services; a rule left without any has no
-/// `backendRefs` (the gateway answers 503 for it).
+/// The proxy's rules with their backends as Services; a rule left without any has an
+/// empty `backendRefs` (the gateway answers 503 for it).
 pub(super) fn route(
     proxy: &HttpProxy,
     hostnames: Vec<String>,
     backends: &[Backend<'_>],
+    access: Option<&str>,
 ) -> HttpRoute {
     let name = proxy_name(proxy);
     let mut rules: Vec<HttpRouteRules> = proxy
@@ -120,11 +121,20 @@ pub(super) fn route(
         .rules
         .iter()
         .map(|r| {
-            let filters = rule_filters(r);
+            // The policy first: a request it refuses meets no other filter.
+            let filters: Vec<_> = access
+                .map(crate::access::filter)
+                .into_iter()
+                .chain(rule_filters(r))
+                .collect();
             HttpRouteRules {
                 name: r.name.clone(),
                 matches: Some(r.matches.clone()),
-                filters: (!filters.is_empty()).then_some(filters),
+                // Empty lists are written, not left out: `apply` skips a write when the
+                // stored route already holds everything asked for, so a list left out
+                // would keep what it last held (a removed AccessPolicy or CORS filter
+                // would stay in force).
+                filters: Some(filters),
                 backend_refs: Some(Vec::new()),
                 ..Default::default()
             }
@@ -133,11 +143,6 @@ pub(super) fn route(
     for b in backends {
         if let Some(list) = rules[b.rule].backend_refs.as_mut() {
             list.push(backend_ref(proxy, b));
-        }
-    }
-    for r in &mut rules {
-        if r.backend_refs.as_ref().is_some_and(Vec::is_empty) {
-            r.backend_refs = None;
         }
     }
     // The data planes read HTTPS behaviour from the route, as they read everything else.

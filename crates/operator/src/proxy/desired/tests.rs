@@ -141,6 +141,14 @@ impl Case<'_> {
     }
 
     fn run_with(&self, certificate: Option<super::CertificateReady<'_>>) -> Desired {
+        self.run_full(certificate, None)
+    }
+
+    fn run_full(
+        &self,
+        certificate: Option<super::CertificateReady<'_>>,
+        access: Option<&str>,
+    ) -> Desired {
         let connectors: Vec<&Connector> = self.connectors.iter().collect();
         let ads: Vec<&ConnectorAdvertisement> = self.ads.iter().collect();
         let claimed = |h: &str| {
@@ -159,6 +167,7 @@ impl Case<'_> {
             config: &config(),
             certificate,
             verification: None,
+            access,
             now: NOW,
         })
     }
@@ -288,6 +297,63 @@ fn advertised_backend_is_programmed_with_headers_and_sidecar_endpoints() {
         assert_eq!(owner.owner_references.as_ref().unwrap()[0].uid, "u-1");
         assert_eq!(owner.namespace.as_deref(), Some("p1"));
     }
+}
+
+#[test]
+fn the_guarding_access_policy_is_named_first_on_every_rule() {
+    let mut p = proxy(
+        &["app.example.com"],
+        "http://127.0.0.1:3000",
+        by_name("laptop"),
+    );
+    let mut second = p.spec.rules[0].clone();
+    second.filters = vec![
+        serde_json::from_value(
+            serde_json::json!({"type": "CORS", "cors": {"allowOrigins": ["*"]}}),
+        )
+        .unwrap(),
+    ];
+    p.spec.rules.push(second);
+    let case = Case {
+        proxy: p,
+        connectors: vec![connector("laptop", Some(0xab), true, &[])],
+        ads: vec![advertise("laptop", "127.0.0.1", 3000)],
+        claimed: &[],
+        route_status: None,
+    };
+    let kinds = |d: &Desired| -> Vec<Vec<String>> {
+        d.route
+            .as_ref()
+            .unwrap()
+            .spec
+            .rules
+            .iter()
+            .flatten()
+            .map(|r| {
+                r.filters
+                    .iter()
+                    .flatten()
+                    .map(|f| match &f.extension_ref {
+                        Some(e) => format!("{}/{}/{}", e.group, e.kind, e.name),
+                        None => format!("{:?}", f.r#type),
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(kinds(&case.run()), [vec![], vec!["Cors".to_owned()]]);
+    // An unguarded rule says so (an empty list), so a policy that goes is removed.
+    assert_eq!(
+        case.run().route.unwrap().spec.rules.unwrap()[0].filters,
+        Some(vec![])
+    );
+    let guarded = case.run_full(None, Some("office-only"));
+    let ext = "networking.datumapis.com/AccessPolicy/office-only".to_owned();
+    assert_eq!(
+        kinds(&guarded),
+        [vec![ext.clone()], vec![ext, "Cors".to_owned()]]
+    );
+    assert_eq!(cond(&guarded, ACCEPTED).status, "True");
 }
 
 #[test]
@@ -722,6 +788,7 @@ fn an_origin_is_reached_directly_with_its_name_and_host() {
         config: &allowing,
         certificate: None,
         verification: None,
+        access: None,
         now: NOW,
     });
     assert_eq!(
@@ -795,10 +862,10 @@ fn wildcard_advertisements_and_unreported_ids() {
         ("False", PENDING)
     );
     assert!(d.services.is_empty());
-    assert!(
-        d.route.unwrap().spec.rules.unwrap()[0]
-            .backend_refs
-            .is_none()
+    // Written empty, so a backend that goes is removed from the stored route.
+    assert_eq!(
+        d.route.unwrap().spec.rules.unwrap()[0].backend_refs,
+        Some(vec![])
     );
     assert_eq!(
         parse_endpoint("https://api.internal:8443").unwrap(),
@@ -994,6 +1061,7 @@ fn a_hostname_not_yet_proven_is_not_routed_and_says_what_to_publish() {
         config: &config(),
         certificate: None,
         verification: Some(&verdict),
+        access: None,
         now: NOW,
     });
     let routed = d.route.as_ref().unwrap().spec.hostnames.clone().unwrap();

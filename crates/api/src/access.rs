@@ -1,0 +1,321 @@
+//! `AccessPolicy`: who may call an HTTPProxy's public URL, enforced by the data plane in
+//! front of the tunnel (the built-in edge and Envoy alike).
+//!
+//! A policy attaches to proxies by `targetRefs`, as Envoy Gateway's SecurityPolicy does,
+//! rather than living inline in HTTPProxy: the proxy belongs to whoever publishes the app
+//! (often the device's agent, which rewrites it), the policy to whoever decides who may
+//! call it; one policy can guard several proxies; and the operator carries it to the
+//! generated HTTPRoute as an `ExtensionRef` filter, which is how Gateway API data planes
+//! expect route-level extensions.
+
+use std::net::IpAddr;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{PolicyAncestorStatus, PolicyTargetReference};
+
+/// The kind an AccessPolicy targets, and the group of both.
+pub const TARGET_KIND: &str = "HTTPProxy";
+pub const GROUP: &str = "networking.datumapis.com";
+pub const KIND: &str = "AccessPolicy";
+
+/// The largest `maxRequestBytes`: a limited body is held whole before it is sent on (so a
+/// request over the limit gets 413 and never half-reaches the app), as Envoy's buffer
+/// filter does, and this bounds that memory.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
+
+/// The Secret type that holds `basicAuth` users, and its key: `user:hash` lines.
+pub const HTPASSWD_TYPE: &str = "portway.dev/htpasswd";
+pub const HTPASSWD_KEY: &str = "htpasswd";
+
+/// Rules for the requests to the targeted proxies, checked in this order, the first that
+/// fails answering: `ip` (403), `basicAuth` (401), `methods` (405), `maxRequestBytes`
+/// (413).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.datumapis.com",
+    version = "v1alpha",
+    kind = "AccessPolicy",
+    namespaced,
+    status = "AccessPolicyStatus",
+    shortname = "ap",
+    derive = "Default",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Targets",
+        type_ = "string",
+        json_path = ".spec.targetRefs[*].name"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.ancestors[*].conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicySpec {
+    /// The HTTPProxies (same namespace) this policy guards: `{group:
+    /// networking.datumapis.com, kind: HTTPProxy, name}`. A proxy takes one policy: when
+    /// several name it, the oldest applies and the others are refused as `Conflicted`.
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// Client addresses, as the edge sees them (the PROXY protocol's, or a trusted
+    /// proxy's `X-Forwarded-For`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpRules>,
+    /// HTTP Basic authentication against hashed passwords in a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+    /// The only methods answered (e.g. `[GET, HEAD]`); others get 405 with `Allow`.
+    /// Empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// The largest request body, in bytes, at most 64 MiB; larger gets 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u64>,
+}
+
+/// Users and their password hashes come from a Secret of this namespace, of type
+/// `portway.dev/htpasswd`, key `htpasswd`: `user:hash` lines, the hash bcrypt (`$2y$`,
+/// `$2b$`, `$2a$`) or Argon2 (`$argon2id$`, `$argon2i$`), as `htpasswd -B` or `argon2`
+/// print them. Never a plaintext password: the API server refuses one.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuth {
+    pub secret_ref: SecretRef,
+    /// Shown by browsers in the login prompt; default the hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    pub name: String,
+}
+
+/// Address rules: a client in `deny` is refused; with `allow` set, so is every client not
+/// in it. Entries are CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IpRules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyStatus {
+    /// Per target: `Accepted` (attached, or why not), and per data plane whether it
+    /// enforces the policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ancestors: Vec<PolicyAncestorStatus>,
+}
+
+/// A CIDR or single address, as an address and prefix length (host bits kept: the data
+/// planes mask them).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| {
+        format!("{s:?} is not an IP address or CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)")
+    })?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max && !l.starts_with('+') => n,
+            _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
+        },
+    };
+    Ok((ip, len))
+}
+
+/// An HTTP method token as the policy names it: upper case letters only (`GET`,
+/// `PROPFIND`), so a typo in case cannot silently match nothing.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn method(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{s:?} must be an HTTP method in upper case letters, e.g. GET"
+        ));
+    }
+    Ok(())
+}
+
+/// Which scheme a stored password hash is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashKind {
+    Bcrypt,
+    Argon2,
+}
+
+/// The scheme of `hash`, checked for shape only (the data planes verify against it).
+///
+/// # Errors
+/// A sentence saying what is wrong, naming the accepted schemes; a plaintext password or
+/// a weak scheme (`{SHA}`, MD5 `$apr1$`, crypt) is refused.
+pub fn password_hash(hash: &str) -> Result<HashKind, String> {
+    const SCHEMES: &str =
+        "bcrypt ($2y$, $2b$, $2a$; `htpasswd -B`) or Argon2 ($argon2id$, $argon2i$)";
+    let b64 = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/' || b == b'+')
+    };
+    if let Some(rest) = ["$2y$", "$2b$", "$2a$"]
+        .iter()
+        .find_map(|p| hash.strip_prefix(p))
+    {
+        // $2y$10$ + 22 characters of salt + 31 of hash.
+        let ok = rest.len() == 56
+            && rest[..2].bytes().all(|b| b.is_ascii_digit())
+            && (4..=31).contains(&rest[..2].parse::<u32>().unwrap_or(0))
+            && rest.as_bytes()[2] == b'$'
+            && b64(&rest[3..]);
+        return if ok {
+            Ok(HashKind::Bcrypt)
+        } else {
+            Err("a bcrypt hash is $2y$ (or $2b$, $2a$), a cost 04-31, $, and 53 characters".into())
+        };
+    }
+    if hash.starts_with("$argon2id$") || hash.starts_with("$argon2i$") {
+        // $argon2id$v=19$m=…,t=…,p=…$salt$hash
+        let parts: Vec<&str> = hash.split('$').collect();
+        let ok = parts.len() == 6
+            && parts[2].starts_with("v=")
+            && parts[3].split(',').count() == 3
+            && b64(parts[4])
+            && b64(parts[5]);
+        return if ok {
+            Ok(HashKind::Argon2)
+        } else {
+            Err("an Argon2 hash is $argon2id$v=19$m=…,t=…,p=…$salt$hash".into())
+        };
+    }
+    Err(format!(
+        "not a password hash this accepts (a plaintext password or a weak scheme such as {{SHA}} or $apr1$ is refused); use {SCHEMES}"
+    ))
+}
+
+/// The users of an htpasswd text: `user:hash` per line; blank lines and `#` comments are
+/// skipped.
+///
+/// # Errors
+/// Each bad line, as `line N: why` (the hash itself is never repeated).
+pub fn htpasswd(text: &str) -> Result<Vec<(&str, &str, HashKind)>, Vec<String>> {
+    let mut users = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let n = i + 1;
+        let Some((user, hash)) = line.split_once(':') else {
+            errors.push(format!("line {n}: expected user:hash"));
+            continue;
+        };
+        if user.is_empty() || user.len() > 256 || user.chars().any(char::is_control) {
+            errors.push(format!(
+                "line {n}: the user name must be 1 to 256 printable characters"
+            ));
+            continue;
+        }
+        if !seen.insert(user) {
+            errors.push(format!("line {n}: user {user:?} appears twice"));
+            continue;
+        }
+        match password_hash(hash) {
+            Ok(kind) => users.push((user, hash, kind)),
+            Err(why) => errors.push(format!("line {n} (user {user:?}): {why}")),
+        }
+    }
+    if users.is_empty() && errors.is_empty() {
+        errors.push("no users: add user:hash lines".into());
+    }
+    if errors.is_empty() {
+        Ok(users)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_addresses_parse_and_bad_ones_say_why() {
+        assert_eq!(cidr("10.0.0.0/8").unwrap().1, 8);
+        assert_eq!(cidr("127.0.0.1").unwrap().1, 32);
+        assert_eq!(cidr("2001:db8::/32").unwrap().1, 32);
+        assert_eq!(cidr("::1").unwrap().1, 128);
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "10.0.0.0/-1",
+            "10.0.0.0/+8",
+            "x",
+        ] {
+            assert!(cidr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_bcrypt_and_argon2_hashes_are_taken() {
+        let bcrypt = "$2y$05$abcdefghijklmnopqrstuuLBHxAyqSvrL8Q0zCD0Q26c1Y9VTn3NG";
+        let argon = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+        assert_eq!(password_hash(bcrypt), Ok(HashKind::Bcrypt));
+        assert_eq!(password_hash(argon), Ok(HashKind::Argon2));
+        for bad in [
+            "hunter2",
+            "{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
+            "$apr1$x$y",
+            "$2y$99$x",
+            "",
+        ] {
+            let e = password_hash(bad).unwrap_err();
+            assert!(!e.contains("hunter2"), "never echoes the secret: {e}");
+        }
+        let text =
+            format!("# team\nann:{bcrypt}\n\nbob:{argon}\r\nbob:{argon}\neve:plain\nnocolon\n");
+        let errors = htpasswd(&text).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with("line 5: user \"bob\" appears twice"),
+            "{errors:?}"
+        );
+        assert!(errors[1].starts_with("line 6 (user \"eve\")"), "{errors:?}");
+        assert!(errors[2].starts_with("line 7:"), "{errors:?}");
+        let two = format!("ann:{bcrypt}\nbob:{argon}\n");
+        assert_eq!(htpasswd(&two).unwrap().len(), 2);
+        assert!(htpasswd("# nobody\n").is_err());
+    }
+
+    #[test]
+    fn methods_are_upper_case_tokens() {
+        assert!(method("GET").is_ok());
+        assert!(method("get").is_err());
+        assert!(method("GE T").is_err());
+        assert!(method("").is_err());
+    }
+}

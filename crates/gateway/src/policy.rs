@@ -1,0 +1,527 @@
+//! AccessPolicies as both data planes apply them: compiled once per route table from the
+//! objects, checked by the built-in edge per request ([`Policy::check`]) and rendered as
+//! Envoy filters by the xDS server from the same fields.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Secret;
+use portway_api::AccessPolicy;
+use portway_api::access::HashKind;
+use portway_api::validation::Validate;
+use sha2::{Digest, Sha256};
+
+/// One AccessPolicy, ready to apply.
+#[derive(Debug, PartialEq)]
+pub struct Policy {
+    /// `namespace/name`, for logs and Envoy stat prefixes.
+    pub name: String,
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    /// Empty: any method.
+    pub methods: Vec<Method>,
+    pub max_request_bytes: Option<u64>,
+    pub basic: Option<Basic>,
+}
+
+/// Basic authentication: the users and hashes from the policy's Secret.
+pub struct Basic {
+    challenge: HeaderValue,
+    users: HashMap<String, (String, HashKind)>,
+}
+
+impl std::fmt::Debug for Basic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Basic")
+            .field("users", &self.users.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Basic {
+    fn eq(&self, other: &Self) -> bool {
+        self.challenge == other.challenge && self.users == other.users
+    }
+}
+
+/// Credentials remembered as verified, process-wide, so a slow hash is checked once and
+/// not per request, nor again after every route table rebuild: each entry is a SHA-256 of
+/// user, password and the stored hash, so a changed password (a new stored hash) misses,
+/// and a removed user is refused before this is asked. Past the cap it starts again.
+static VERIFIED: LazyLock<parking_lot::Mutex<HashSet<[u8; 32]>>> =
+    LazyLock::new(parking_lot::Mutex::default);
+const VERIFIED_CAP: usize = 16384;
+
+/// Slow hash checks at once, process-wide: each costs tens of milliseconds of a core, so
+/// a flood of wrong passwords queues here instead of taking every core from the traffic.
+static CHECKS: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    tokio::sync::Semaphore::new(
+        std::thread::available_parallelism()
+            .map(std::num::NonZero::get)
+            .unwrap_or(2)
+            .max(2)
+            / 2,
+    )
+});
+
+/// Compared against when the user is unknown, so a wrong user costs what a wrong
+/// password does and the answer time does not tell which users exist.
+static DUMMY_BCRYPT: LazyLock<String> = LazyLock::new(|| {
+    bcrypt::hash(rand::random::<u64>().to_string(), bcrypt::DEFAULT_COST).unwrap_or_default()
+});
+
+impl Basic {
+    fn compile(
+        b: &portway_api::BasicAuth,
+        secret: Option<&Secret>,
+        ns: &str,
+    ) -> Result<Self, String> {
+        let name = &b.secret_ref.name;
+        let secret = secret.ok_or_else(|| {
+            format!(
+                "basicAuth: no Secret {ns}/{name} of type {}",
+                portway_api::access::HTPASSWD_TYPE
+            )
+        })?;
+        let key = portway_api::access::HTPASSWD_KEY;
+        let text = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .ok_or_else(|| format!("basicAuth: Secret {ns}/{name} has no key {key}"))?;
+        let users = portway_api::access::htpasswd(&text)
+            .map_err(|e| format!("basicAuth: Secret {ns}/{name}: {}", e.join("; ")))?
+            .into_iter()
+            .map(|(u, h, k)| (u.to_owned(), (h.to_owned(), k)))
+            .collect();
+        let realm = b.realm.clone().unwrap_or_else(|| "portway".into());
+        let challenge =
+            HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+                .map_err(|_| "basicAuth.realm: not a header value".to_owned())?;
+        Ok(Self { challenge, users })
+    }
+
+    /// Checks the request's `Authorization: Basic` credentials; the user on success.
+    ///
+    /// # Errors
+    /// [`Denied`] with 401 and a `WWW-Authenticate` challenge.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<String, Denied> {
+        let denied = |reason: &'static str, message: &str| Denied {
+            rule: rules::BASIC_AUTH,
+            reason,
+            status: StatusCode::UNAUTHORIZED,
+            message: message.to_owned(),
+            header: Some(Box::new((header::WWW_AUTHENTICATE, self.challenge.clone()))),
+        };
+        let Some((user, password)) = basic_credentials(headers) else {
+            return Err(denied(
+                "missing",
+                "sign in: this URL asks for a user name and password",
+            ));
+        };
+        let (hash, kind) = match self.users.get(&user) {
+            Some((h, k)) => (h.clone(), *k),
+            None => (DUMMY_BCRYPT.clone(), HashKind::Bcrypt),
+        };
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(user.as_bytes())
+            .chain_update([0])
+            .chain_update(password.as_bytes())
+            .chain_update([0])
+            .chain_update(hash.as_bytes())
+            .finalize()
+            .into();
+        let known = self.users.contains_key(&user);
+        if known && VERIFIED.lock().contains(&key) {
+            return Ok(user);
+        }
+        let ok = {
+            let _permit = CHECKS.acquire().await;
+            tokio::task::spawn_blocking(move || verify(&password, &hash, kind))
+                .await
+                .unwrap_or(false)
+        };
+        if !(ok && known) {
+            return Err(denied(
+                "bad-credentials",
+                "the user name or password is wrong",
+            ));
+        }
+        let mut verified = VERIFIED.lock();
+        if verified.len() >= VERIFIED_CAP {
+            verified.clear();
+        }
+        verified.insert(key);
+        Ok(user)
+    }
+}
+
+/// The user and password of an `Authorization: Basic` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+fn verify(password: &str, hash: &str, kind: HashKind) -> bool {
+    match kind {
+        HashKind::Bcrypt => bcrypt::verify(password, hash).unwrap_or(false),
+        HashKind::Argon2 => {
+            use argon2::PasswordVerifier as _;
+            argon2::PasswordHash::new(hash).is_ok_and(|h| {
+                argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+        }
+    }
+}
+
+/// Why a request was refused: the rule and reason (the labels of the denial counter and
+/// the access log's `denied=`), the status, and what the client is told.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub rule: &'static str,
+    pub reason: &'static str,
+    pub status: StatusCode,
+    pub message: String,
+    /// A header the answer carries: `Allow` for a 405, `WWW-Authenticate` for a 401.
+    pub header: Option<Box<(header::HeaderName, HeaderValue)>>,
+}
+
+pub mod rules {
+    pub const IP: &str = "ip";
+    pub const METHOD: &str = "method";
+    pub const SIZE: &str = "size";
+    pub const BASIC_AUTH: &str = "basic-auth";
+}
+
+impl Policy {
+    /// Compiles a stored policy.
+    ///
+    /// # Errors
+    /// When it does not validate (stored before a rule existed, or written around the API
+    /// server): a sentence naming the fields. Its routes then answer 500 rather than serve
+    /// unguarded.
+    pub fn compile(
+        p: &AccessPolicy,
+        secret: impl Fn(&str, &str) -> Option<Arc<Secret>>,
+    ) -> Result<Self, String> {
+        let errors = p.validate();
+        if !errors.is_empty() {
+            let e: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return Err(e.join("; "));
+        }
+        let nets = |list: &[String]| -> Vec<IpNet> {
+            list.iter()
+                .filter_map(|c| portway_api::access::cidr(c).ok())
+                .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
+                .map(|n| n.trunc())
+                .collect()
+        };
+        let ip = p.spec.ip.clone().unwrap_or_default();
+        let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+        let basic = p
+            .spec
+            .basic_auth
+            .as_ref()
+            .map(|b| Basic::compile(b, secret(ns, &b.secret_ref.name).as_deref(), ns))
+            .transpose()?;
+        Ok(Self {
+            name: format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default()),
+            basic,
+            allow: nets(&ip.allow),
+            deny: nets(&ip.deny),
+            methods: p
+                .spec
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            max_request_bytes: p.spec.max_request_bytes,
+        })
+    }
+
+    /// The address rule alone (checked before CORS answers a preflight).
+    ///
+    /// # Errors
+    /// [`Denied`] with 403 when `client` is denied or not allowed.
+    pub fn check_ip(&self, client: IpAddr) -> Result<(), Denied> {
+        let client = client.to_canonical();
+        let denied = |reason, why: &str| Denied {
+            rule: rules::IP,
+            reason,
+            status: StatusCode::FORBIDDEN,
+            message: format!("{client} {why}"),
+            header: None,
+        };
+        if self.deny.iter().any(|n| n.contains(&client)) {
+            return Err(denied("denied", "is denied by the access policy"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(&client)) {
+            return Err(denied("not-allowed", "is not allowed by the access policy"));
+        }
+        Ok(())
+    }
+
+    /// The rules on the request head after the address: method, then declared size.
+    ///
+    /// # Errors
+    /// [`Denied`] with 405 (and `Allow`) or 413.
+    pub fn check_head(&self, method: &Method, headers: &HeaderMap) -> Result<(), Denied> {
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            let allow = self
+                .methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Denied {
+                rule: rules::METHOD,
+                reason: "not-allowed",
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                message: format!("{method} is not allowed here; allowed: {allow}"),
+                header: HeaderValue::from_str(&allow)
+                    .ok()
+                    .map(|v| Box::new((header::ALLOW, v))),
+            });
+        }
+        if let Some(max) = self.max_request_bytes {
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err(too_large(max));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a body over `max` bytes.
+pub fn too_large(max: u64) -> Denied {
+    Denied {
+        rule: rules::SIZE,
+        reason: "too-large",
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is larger than {max} bytes"),
+        header: None,
+    }
+}
+
+/// The client's address for address rules: the peer (or the client the PROXY protocol
+/// named), or — when the peer is a trusted proxy — the nearest address in its
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
+    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    if !trusts(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map_while(|s| s.trim().parse::<IpAddr>().ok())
+        .collect();
+    hops.iter()
+        .rev()
+        .find(|ip| !trusts(ip))
+        .or(hops.first())
+        .map_or(peer, |ip| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(spec: serde_json::Value) -> Result<Policy, String> {
+        let mut spec = spec;
+        spec["targetRefs"] =
+            json!([{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}]);
+        let p: AccessPolicy = serde_json::from_value(json!({
+            "apiVersion": "networking.datumapis.com/v1alpha", "kind": "AccessPolicy",
+            "metadata": {"name": "guard", "namespace": "p"},
+            "spec": spec,
+        }))
+        .unwrap();
+        Policy::compile(&p, |_, _| None)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_denied_first_then_must_be_allowed() {
+        let p = policy(
+            json!({"ip": {"allow": ["10.0.0.0/8", "2001:db8::/32", "127.0.0.1"],
+                                      "deny": ["10.1.0.0/16"]}}),
+        )
+        .unwrap();
+        let table = [
+            ("10.2.3.4", None),
+            ("::ffff:10.2.3.4", None),
+            ("2001:db8::1", None),
+            ("127.0.0.1", None),
+            ("10.1.2.3", Some("denied")),
+            ("127.0.0.2", Some("not-allowed")),
+            ("2001:db9::1", Some("not-allowed")),
+        ];
+        for (client, want) in table {
+            let got = p.check_ip(ip(client)).err().map(|d| d.reason);
+            assert_eq!(got, want, "{client}");
+        }
+        let deny_only = policy(json!({"ip": {"deny": ["192.168.1.5/24"]}})).unwrap();
+        assert!(
+            deny_only.check_ip(ip("192.168.1.200")).is_err(),
+            "host bits are masked"
+        );
+        assert!(deny_only.check_ip(ip("192.168.2.1")).is_ok());
+    }
+
+    #[test]
+    fn methods_then_declared_size() {
+        let p = policy(json!({"methods": ["GET", "POST"], "maxRequestBytes": 10})).unwrap();
+        let mut h = HeaderMap::new();
+        assert!(p.check_head(&Method::GET, &h).is_ok());
+        let d = p.check_head(&Method::DELETE, &h).unwrap_err();
+        assert_eq!(d.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            *d.header.unwrap(),
+            (header::ALLOW, HeaderValue::from_static("GET, POST"))
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        assert!(p.check_head(&Method::POST, &h).is_ok());
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("11"));
+        assert_eq!(
+            p.check_head(&Method::POST, &h).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    fn basic_header(user: &str, password: &str) -> HeaderMap {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {token}")).unwrap(),
+        );
+        h
+    }
+
+    #[tokio::test]
+    async fn basic_auth_checks_bcrypt_and_argon2_users_from_the_secret() {
+        use argon2::PasswordHasher as _;
+        let bcrypt = bcrypt::hash("s3cret", 4).unwrap();
+        let salt = argon2::password_hash::SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap();
+        let argon = argon2::Argon2::default()
+            .hash_password(b"other", &salt)
+            .unwrap()
+            .to_string();
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "users", "namespace": "p"}, "type": "portway.dev/htpasswd",
+            "data": {"htpasswd": base64::Engine::encode(&base64::engine::general_purpose::STANDARD,
+                format!("ann:{bcrypt}\nbob:{argon}\n"))},
+        }))
+        .unwrap();
+        let secret = Arc::new(secret);
+        let p: AccessPolicy = serde_json::from_value(json!({
+            "metadata": {"name": "guard", "namespace": "p"},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}],
+                     "basicAuth": {"secretRef": {"name": "users"}, "realm": "team"}},
+        }))
+        .unwrap();
+        let missing = Policy::compile(&p, |_, _| None).unwrap_err();
+        assert!(missing.contains("no Secret p/users"), "{missing}");
+        let policy = Policy::compile(&p, |ns, name| {
+            (ns == "p" && name == "users").then(|| secret.clone())
+        })
+        .unwrap();
+        let basic = policy.basic.as_ref().unwrap();
+        assert_eq!(
+            basic.check(&basic_header("ann", "s3cret")).await.unwrap(),
+            "ann"
+        );
+        // Again, from what was verified.
+        assert_eq!(
+            basic.check(&basic_header("ann", "s3cret")).await.unwrap(),
+            "ann"
+        );
+        assert_eq!(
+            basic.check(&basic_header("bob", "other")).await.unwrap(),
+            "bob"
+        );
+        for (user, password, reason) in [
+            ("ann", "wrong", "bad-credentials"),
+            ("bob", "s3cret", "bad-credentials"),
+            ("eve", "s3cret", "bad-credentials"),
+        ] {
+            let d = basic
+                .check(&basic_header(user, password))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (d.status, d.reason),
+                (StatusCode::UNAUTHORIZED, reason),
+                "{user}"
+            );
+        }
+        let d = basic.check(&HeaderMap::new()).await.unwrap_err();
+        assert_eq!(d.reason, "missing");
+        let (name, value) = *d.header.unwrap();
+        assert_eq!(
+            (name, value.to_str().unwrap()),
+            (
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"team\", charset=\"UTF-8\""
+            )
+        );
+        let mut bearer = HeaderMap::new();
+        bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert_eq!(basic.check(&bearer).await.unwrap_err().reason, "missing");
+    }
+
+    #[test]
+    fn a_policy_that_does_not_validate_is_not_compiled() {
+        let e = policy(json!({"methods": ["get"]})).unwrap_err();
+        assert!(e.contains("spec.methods[0]"), "{e}");
+    }
+
+    #[test]
+    fn the_client_behind_trusted_proxies_is_the_nearest_untrusted_hop() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.7"),
+        );
+        // A client's own X-Forwarded-For counts for nothing.
+        assert_eq!(client_ip(&h, ip("5.5.5.5"), &trusted), ip("5.5.5.5"));
+        // Through trusted balancers, the address the first of them saw.
+        assert_eq!(client_ip(&h, ip("10.0.0.1"), &trusted), ip("1.2.3.4"));
+        // A trusted peer that names no client is the client.
+        assert_eq!(
+            client_ip(&HeaderMap::new(), ip("10.0.0.1"), &trusted),
+            ip("10.0.0.1")
+        );
+    }
+}

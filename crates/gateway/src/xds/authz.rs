@@ -1,0 +1,153 @@
+//! Envoy's external authorization, answered by the xDS server for the AccessPolicy rules
+//! Envoy's own filters cannot express: basic auth against bcrypt and Argon2 hashes
+//! (Envoy's `basic_auth` takes only `{SHA}`). Envoy asks over the same gRPC connection
+//! it takes its configuration from; the route names its policy in the check's context,
+//! and the answer comes from the same code the built-in edge runs.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
+};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
+use envoy_types::pb::google::rpc::Status;
+use http::HeaderMap;
+
+use crate::model::Table;
+use crate::policy::Denied;
+
+/// The context key a route's check carries its policy's `namespace/name` under.
+pub const POLICY_KEY: &str = "portway.dev/access-policy";
+
+/// gRPC status codes of an answer.
+const OK: i32 = 0;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
+
+pub struct Authz {
+    table: Arc<ArcSwap<Table>>,
+}
+
+pub fn service(table: Arc<ArcSwap<Table>>) -> AuthorizationServer<Authz> {
+    AuthorizationServer::new(Authz { table })
+}
+
+#[tonic::async_trait]
+impl Authorization for Authz {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        let Some(name) = attributes.context_extensions.get(POLICY_KEY) else {
+            return Ok(tonic::Response::new(refused(
+                "this route names no access policy",
+            )));
+        };
+        // A policy that is gone or did not compile refuses: never served unguarded.
+        let Some(policy) = self.table.load().policies.get(name).cloned() else {
+            return Ok(tonic::Response::new(refused(&format!(
+                "the access policy {name} is not in force"
+            ))));
+        };
+        let mut headers = HeaderMap::new();
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+        for (k, v) in &http.headers {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                headers.append(k, v);
+            }
+        }
+        let mut remove = Vec::new();
+        if let Some(basic) = &policy.basic {
+            if let Err(d) = basic.check(&headers).await {
+                return Ok(tonic::Response::new(denied(&http.host, d)));
+            }
+            remove.push(http::header::AUTHORIZATION.as_str().to_owned());
+        }
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(Status {
+                code: OK,
+                ..Default::default()
+            }),
+            http_response: Some(check_response::HttpResponse::OkResponse(OkHttpResponse {
+                headers_to_remove: remove,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }))
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// The answer Envoy gives the client for a rule that failed, as the edge would.
+fn denied(host: &str, d: Denied) -> CheckResponse {
+    let mut headers = vec![header("content-type", "text/plain; charset=utf-8")];
+    if let Some((name, value)) = d.header.as_deref()
+        && let Ok(value) = value.to_str()
+    {
+        headers.push(header(name.as_str(), value));
+    }
+    let host = crate::edge::host_name(host);
+    CheckResponse {
+        status: Some(Status {
+            code: if d.status == http::StatusCode::UNAUTHORIZED {
+                UNAUTHENTICATED
+            } else {
+                PERMISSION_DENIED
+            },
+            message: d.message.clone(),
+            ..Default::default()
+        }),
+        http_response: Some(check_response::HttpResponse::DeniedResponse(
+            DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(d.status.as_u16()),
+                }),
+                headers,
+                body: format!("{host}: {}", d.message),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn refused(why: &str) -> CheckResponse {
+    CheckResponse {
+        status: Some(Status {
+            code: PERMISSION_DENIED,
+            message: why.to_owned(),
+            ..Default::default()
+        }),
+        http_response: Some(check_response::HttpResponse::DeniedResponse(
+            DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: StatusCode::InternalServerError as i32,
+                }),
+                body: why.to_owned(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,368 @@
+//! AccessPolicies: which one guards each HTTPProxy (the proxy's HTTPRoute then names it
+//! in an `ExtensionRef` filter on every rule, which the data planes enforce), and each
+//! policy's status per target. The decisions are pure; `reconcile` reads and writes.
+
+use std::sync::Arc;
+
+use gateway_api::apis::standard::httproutes::{
+    HttpRouteRulesFilters, HttpRouteRulesFiltersExtensionRef, HttpRouteRulesFiltersType,
+};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use portway_api::access::{GROUP, KIND, TARGET_KIND};
+use portway_api::{
+    AccessPolicy, AccessPolicyStatus, HttpProxy, PolicyAncestorStatus, PolicyTargetReference,
+    Validate, condition_at,
+};
+use serde_json::json;
+
+use crate::{Ctx, Error};
+
+pub mod reasons {
+    pub const ACCEPTED: &str = "Accepted";
+    pub const INVALID: &str = "Invalid";
+    pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
+    pub const CONFLICTED: &str = "Conflicted";
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    pub const RESOLVED: &str = "ResolvedRefs";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const INVALID_SECRET: &str = "InvalidSecret";
+}
+
+/// Whether the Secret basic auth names holds users: `ResolvedRefs` (status, reason,
+/// message), or `None` for a policy without basic auth. A policy whose Secret is missing
+/// or wrong stays attached, and its routes answer 500: never open.
+pub fn resolved_refs(
+    policy: &AccessPolicy,
+    secret: Option<&Secret>,
+) -> Option<(bool, &'static str, String)> {
+    let b = policy.spec.basic_auth.as_ref()?;
+    let (ns, name) = (policy.namespace().unwrap_or_default(), &b.secret_ref.name);
+    let closed = "; its proxies answer 500 until it is fixed";
+    let Some(secret) = secret else {
+        return Some((
+            false,
+            reasons::SECRET_NOT_FOUND,
+            format!(
+                "basicAuth: no Secret {ns}/{name} of type {}{closed}",
+                portway_api::access::HTPASSWD_TYPE
+            ),
+        ));
+    };
+    let errors = secret.validate();
+    let users = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(portway_api::access::HTPASSWD_KEY))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .map(|t| portway_api::access::htpasswd(&t).map(|u| u.len()));
+    Some(match (errors.is_empty(), users) {
+        (true, Some(Ok(n))) => (
+            true,
+            reasons::RESOLVED,
+            format!("Secret {ns}/{name} holds {n} user(s)"),
+        ),
+        _ => (
+            false,
+            reasons::INVALID_SECRET,
+            format!(
+                "basicAuth: Secret {ns}/{name}: {}{closed}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+    })
+}
+
+/// The policy that guards the proxy `proxy` among `policies` (its namespace's): the
+/// oldest valid one naming it, so a newer policy can never loosen or replace one in force.
+pub fn guarding<'a>(proxy: &str, policies: &[&'a AccessPolicy]) -> Option<&'a AccessPolicy> {
+    policies
+        .iter()
+        .copied()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.spec
+                .target_refs
+                .iter()
+                .any(|t| t.name == proxy && t.kind == TARGET_KIND && t.group == GROUP)
+        })
+        .filter(|p| p.validate().is_empty())
+        .min_by(|a, b| {
+            let at = |p: &AccessPolicy| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            at(a)
+                .cmp(&at(b))
+                .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+        })
+}
+
+/// The filter the proxy's route carries on every rule to name its policy.
+pub fn filter(policy: &str) -> HttpRouteRulesFilters {
+    HttpRouteRulesFilters {
+        r#type: HttpRouteRulesFiltersType::ExtensionRef,
+        extension_ref: Some(HttpRouteRulesFiltersExtensionRef {
+            group: GROUP.into(),
+            kind: KIND.into(),
+            name: policy.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The policy's status: per target, `Accepted` when it guards that proxy, or why not.
+pub fn status(
+    policy: &AccessPolicy,
+    proxies: &[&HttpProxy],
+    policies: &[&AccessPolicy],
+    secret: Option<&Secret>,
+    controller: &str,
+    now: Timestamp,
+) -> AccessPolicyStatus {
+    let refs = resolved_refs(policy, secret);
+    let generation = policy.metadata.generation;
+    let name = policy.name_any();
+    let invalid: Vec<String> = policy.validate().iter().map(ToString::to_string).collect();
+    let ancestors = policy
+        .spec
+        .target_refs
+        .iter()
+        .map(|t| {
+            let (ok, reason, message) = if !invalid.is_empty() {
+                (false, reasons::INVALID, invalid.join("; "))
+            } else if !proxies.iter().any(|p| p.name_any() == t.name) {
+                (
+                    false,
+                    reasons::TARGET_NOT_FOUND,
+                    format!("no HTTPProxy {:?} in this namespace", t.name),
+                )
+            } else {
+                match guarding(&t.name, policies) {
+                    Some(p) if p.name_any() == name => (
+                        true,
+                        reasons::ACCEPTED,
+                        format!("guards HTTPProxy {:?}", t.name),
+                    ),
+                    Some(p) => (
+                        false,
+                        reasons::CONFLICTED,
+                        format!(
+                            "HTTPProxy {:?} is guarded by the older AccessPolicy {:?}; a proxy takes one policy",
+                            t.name,
+                            p.name_any()
+                        ),
+                    ),
+                    // Not reached: this policy is valid and names the proxy.
+                    None => (false, reasons::CONFLICTED, "not attached".to_owned()),
+                }
+            };
+            PolicyAncestorStatus {
+                ancestor_ref: PolicyTargetReference {
+                    group: GROUP.into(),
+                    kind: TARGET_KIND.into(),
+                    name: t.name.clone(),
+                    section_name: None,
+                },
+                controller_name: controller.to_owned(),
+                conditions: std::iter::once(condition_at(
+                    "Accepted", ok, reason, message, generation, now,
+                ))
+                .chain(refs.clone().map(|(ok, reason, message)| {
+                    condition_at(
+                        reasons::RESOLVED_REFS,
+                        ok,
+                        reason,
+                        message,
+                        generation,
+                        now,
+                    )
+                }))
+                .collect(),
+            }
+        })
+        .collect();
+    AccessPolicyStatus { ancestors }
+}
+
+/// Writes the policy's status as decided (transition times kept where unchanged), with an
+/// Event per target whose conditions changed.
+pub(crate) async fn reconcile(policy: Arc<AccessPolicy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if policy.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = policy.namespace().unwrap_or_default();
+    let proxies = ctx.proxies.get(&ns);
+    let policies = ctx.access.get(&ns);
+    let proxy_refs: Vec<&HttpProxy> = proxies.iter().map(AsRef::as_ref).collect();
+    let policy_refs: Vec<&AccessPolicy> = policies.iter().map(AsRef::as_ref).collect();
+    let secret = policy.spec.basic_auth.as_ref().and_then(|b| {
+        ctx.htpasswd
+            .get(&ObjectRef::new(&b.secret_ref.name).within(&ns))
+    });
+    let mut decided = status(
+        &policy,
+        &proxy_refs,
+        &policy_refs,
+        secret.as_deref(),
+        &ctx.config.proxy.controller_name,
+        Timestamp::now(),
+    );
+    let current = policy.status.clone().unwrap_or_default();
+    for a in &mut decided.ancestors {
+        let old = current
+            .ancestors
+            .iter()
+            .find(|o| o.ancestor_ref == a.ancestor_ref)
+            .map(|o| o.conditions.as_slice())
+            .unwrap_or_default();
+        a.conditions = crate::proxy::desired::merged_conditions(old, &a.conditions);
+    }
+    let before = current.clone();
+    let after = decided.clone();
+    crate::proxy::reconcile::write_status(&ctx, &*policy, &[], &[], move |_| {
+        (decided != current).then(|| json!(decided))
+    })
+    .await?;
+    for a in &after.ancestors {
+        let old = before
+            .ancestors
+            .iter()
+            .find(|o| o.ancestor_ref == a.ancestor_ref)
+            .map(|o| o.conditions.as_slice())
+            .unwrap_or_default();
+        ctx.events
+            .conditions_changed(
+                &kube::Resource::object_ref(&*policy, &()),
+                old,
+                &a.conditions,
+            )
+            .await;
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn policy(name: &str, age: i64, targets: &[&str]) -> AccessPolicy {
+        let mut p: AccessPolicy = serde_json::from_value(json!({
+            "apiVersion": "networking.datumapis.com/v1alpha", "kind": "AccessPolicy",
+            "metadata": {"name": name, "namespace": "p", "generation": 1},
+            "spec": {"targetRefs": targets.iter().map(|t| json!({"group": GROUP, "kind": TARGET_KIND, "name": t})).collect::<Vec<_>>(),
+                     "methods": ["GET"]},
+        }))
+        .unwrap();
+        p.metadata.creation_timestamp =
+            Some(Time(Timestamp::from_second(1_700_000_000 + age).unwrap()));
+        p
+    }
+
+    fn proxy(name: &str) -> HttpProxy {
+        serde_json::from_value(json!({
+            "apiVersion": "networking.datumapis.com/v1alpha", "kind": "HTTPProxy",
+            "metadata": {"name": name, "namespace": "p"},
+            "spec": {"rules": []},
+        }))
+        .unwrap()
+    }
+
+    fn accepted(s: &AccessPolicyStatus) -> Vec<(String, String, String)> {
+        s.ancestors
+            .iter()
+            .map(|a| {
+                let c = &a.conditions[0];
+                (
+                    a.ancestor_ref.name.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_oldest_valid_policy_guards_a_proxy_and_others_are_conflicted() {
+        let old = policy("old", 0, &["app"]);
+        let new = policy("new", 10, &["app", "api"]);
+        let mut broken = policy("broken", -10, &["app"]);
+        broken.spec.methods = vec!["get".into()];
+        let all = [&old, &new, &broken];
+        assert_eq!(guarding("app", &all).unwrap().name_any(), "old");
+        assert_eq!(guarding("api", &all).unwrap().name_any(), "new");
+        assert!(guarding("web", &all).is_none());
+
+        let (app, api) = (proxy("app"), proxy("api"));
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let s = |p: &AccessPolicy| accepted(&status(p, &[&app, &api], &all, None, "c", now));
+        let row = |n: &str, st: &str, r: &str| (n.to_owned(), st.to_owned(), r.to_owned());
+        assert_eq!(s(&old), [row("app", "True", reasons::ACCEPTED)]);
+        assert_eq!(
+            s(&new),
+            [
+                row("app", "False", reasons::CONFLICTED),
+                row("api", "True", reasons::ACCEPTED)
+            ]
+        );
+        assert_eq!(s(&broken), [row("app", "False", reasons::INVALID)]);
+        let lonely = policy("lonely", 0, &["gone"]);
+        assert_eq!(
+            accepted(&status(&lonely, &[&app], &[&lonely], None, "c", now)),
+            [row("gone", "False", reasons::TARGET_NOT_FOUND)]
+        );
+    }
+
+    #[test]
+    fn basic_auth_says_whether_its_secret_holds_users() {
+        let mut p = policy("p", 0, &["app"]);
+        p.spec.basic_auth = Some(portway_api::BasicAuth {
+            secret_ref: portway_api::SecretRef {
+                name: "users".into(),
+            },
+            realm: None,
+        });
+        let secret = |text: &str| -> Secret {
+            serde_json::from_value(json!({
+                "metadata": {"name": "users", "namespace": "p"}, "type": "portway.dev/htpasswd",
+                "stringData": {"htpasswd": text},
+            }))
+            .unwrap()
+        };
+        let bcrypt = "$2y$05$abcdefghijklmnopqrstuuLBHxAyqSvrL8Q0zCD0Q26c1Y9VTn3NG";
+        let good = secret(&format!("ann:{bcrypt}\n"));
+        let mut good = good;
+        good.data = Some(
+            [(
+                "htpasswd".to_owned(),
+                k8s_openapi::ByteString(format!("ann:{bcrypt}\n").into_bytes()),
+            )]
+            .into(),
+        );
+        good.string_data = None;
+        assert_eq!(resolved_refs(&p, Some(&good)).unwrap().1, reasons::RESOLVED);
+        assert_eq!(
+            resolved_refs(&p, None).unwrap().1,
+            reasons::SECRET_NOT_FOUND
+        );
+        let plain = secret("ann:hunter2\n");
+        let (ok, reason, message) = resolved_refs(&p, Some(&plain)).unwrap();
+        assert_eq!((ok, reason), (false, reasons::INVALID_SECRET));
+        assert!(!message.contains("hunter2"), "{message}");
+        // Refused Secret or not, the policy still guards its proxy (fails closed).
+        assert_eq!(guarding("app", &[&p]).unwrap().name_any(), "p");
+        assert!(resolved_refs(&policy("q", 0, &["app"]), None).is_none());
+    }
+
+    #[test]
+    fn a_deleted_policy_guards_nothing() {
+        let mut p = policy("p", 0, &["app"]);
+        p.metadata.deletion_timestamp = p.metadata.creation_timestamp.clone();
+        assert!(guarding("app", &[&p]).is_none());
+    }
+}

@@ -1,0 +1,372 @@
+//! AccessPolicy, rule by rule, through either data plane: each rule allows what it should
+//! and refuses what it should, a client cannot talk its way past the address rule, a
+//! second policy on the same proxy is refused as `Conflicted` until the first goes, and a
+//! policy that does not validate never reaches the store. Part of the e2e binary.
+
+use super::*;
+
+use kube::api::DeleteParams;
+use portway_api::AccessPolicy;
+
+/// Where a data plane counts denials: the built-in edge's `/metrics`, or Envoy's admin
+/// `/stats` (its RBAC filter's counter).
+pub(crate) enum Denials {
+    Edge(String),
+    Envoy(PathBuf),
+}
+
+impl Denials {
+    /// The address rule's denials so far.
+    async fn ip(&self) -> u64 {
+        let (url, needle) = match self {
+            Self::Edge(addr) => (
+                format!("http://{addr}/metrics"),
+                "portway_gateway_denials_total{host=\"guarded.localhost\",rule=\"ip\",reason=\"denied\"}",
+            ),
+            Self::Envoy(admin_file) => {
+                let admin = std::fs::read_to_string(admin_file).unwrap();
+                (
+                    format!("http://{}/stats?filter=rbac", admin.trim()),
+                    "http.portway.rbac.denied:",
+                )
+            }
+        };
+        let out = tokio::process::Command::new("curl")
+            .args(["-sSf", &url])
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix(needle))
+            .map_or(0, |n| n.trim().parse().unwrap_or(0));
+        if n == 0 {
+            eprintln!("no {needle} at {url} yet:\n{text}");
+        }
+        n
+    }
+}
+
+/// `curl` from `source` (a loopback address of its own) to `front`: status, headers and
+/// body as one text.
+async fn curl_from(source: &str, front: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20", "--interface", source])
+        .args(["-H", "host: guarded.localhost"])
+        .args(extra)
+        .arg(format!("http://{front}{path}"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+async fn accepted(policies: &Api<AccessPolicy>, name: &str) -> anyhow::Result<(String, String)> {
+    condition(policies, name, "Accepted").await
+}
+
+/// A condition of the policy's first target: status and reason.
+async fn condition(
+    policies: &Api<AccessPolicy>,
+    name: &str,
+    type_: &str,
+) -> anyhow::Result<(String, String)> {
+    let p = policies.get(name).await?;
+    let c = p
+        .status
+        .iter()
+        .flat_map(|s| &s.ancestors)
+        .flat_map(|a| &a.conditions)
+        .find(|c| c.type_ == type_)
+        .with_context(|| format!("no {type_} yet"))?;
+    Ok((c.status.clone(), c.reason.clone()))
+}
+
+/// An AccessPolicy named `name` guarding the proxy `guarded` with `rules`.
+fn guarding(name: &str, rules: serde_json::Value) -> AccessPolicy {
+    let mut spec = rules;
+    spec["targetRefs"] =
+        json!([{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "guarded"}]);
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+/// `kubectl` as the admin: success, and what it printed (stdout then stderr).
+async fn kubectl(stack: &Stack, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("kubectl")
+        .args(["--kubeconfig", &stack.up.ready_str("kubeconfig")])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) {
+    let (proxies, connector, endpoint) = app_backend(stack).await;
+    let policies: Api<AccessPolicy> = Api::namespaced(proxies.clone().into_client(), "default");
+    let proxy = serde_json::from_value(json!({
+        "metadata": {"name": "guarded"},
+        "spec": {"hostnames": ["guarded.localhost"], "rules": [
+            {"backends": [{"endpoint": endpoint, "connector": connector}]}]},
+    }))
+    .unwrap();
+    proxies
+        .create(&PostParams::default(), &proxy)
+        .await
+        .unwrap();
+    eventually("the guarded proxy is served", WAIT, || async {
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+        ensure!(status == 200, "{text}");
+        Ok(())
+    })
+    .await;
+
+    // A policy that does not validate is refused at admission, each field named.
+    let bad: AccessPolicy = guarding(
+        "bad",
+        json!({"ip": {"allow": ["10.0.0.0/33"]}, "methods": ["get"], "maxRequestBytes": 0}),
+    );
+    let err = policies
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap_err();
+    let err = err.to_string();
+    for field in [
+        "spec.ip.allow[0]",
+        "spec.methods[0]",
+        "spec.maxRequestBytes",
+    ] {
+        assert!(err.contains(field), "{err}");
+    }
+
+    let guard: AccessPolicy = guarding(
+        "guard",
+        json!({"ip": {"allow": ["127.0.0.0/8", "::1"], "deny": ["127.0.0.2"]},
+                 "methods": ["GET", "POST"], "maxRequestBytes": 16}),
+    );
+    policies
+        .create(&PostParams::default(), &guard)
+        .await
+        .unwrap();
+    eventually("the policy is accepted", WAIT, || async {
+        let (status, reason) = accepted(&policies, "guard").await?;
+        ensure!(status == "True", "{reason}");
+        Ok(())
+    })
+    .await;
+
+    // The address rule: a denied address gets 403 and the app never sees it, whatever
+    // X-Forwarded-For it claims; an allowed one passes.
+    let before = denials.ip().await;
+    eventually("the denied address is refused", WAIT, || async {
+        let (status, text) = curl_from("127.0.0.2", front, "/echo", &[]).await;
+        ensure!(status == 403, "{text}");
+        Ok(())
+    })
+    .await;
+    let (status, text) = curl_from(
+        "127.0.0.2",
+        front,
+        "/echo",
+        &[
+            "-H",
+            "x-forwarded-for: 127.0.0.1",
+            "-H",
+            "x-real-ip: 127.0.0.1",
+        ],
+    )
+    .await;
+    assert_eq!(status, 403, "a claimed address must not count: {text}");
+    assert!(!text.contains("GET /echo"), "the app was reached: {text}");
+    let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+    assert_eq!(status, 200, "{text}");
+    eventually("the denials are counted", WAIT, || async {
+        let after = denials.ip().await;
+        ensure!(after >= before + 2, "{before} → {after}");
+        Ok(())
+    })
+    .await;
+
+    // Methods: another gets 405 naming the allowed ones, before any of it reaches the app.
+    let (status, text) = curl_from("127.0.0.1", front, "/echo", &["-X", "DELETE"]).await;
+    assert_eq!(status, 405, "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("allow: get, post"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("DELETE /echo"),
+        "the app was reached: {text}"
+    );
+
+    // Size: 16 bytes pass; 17 are refused with 413, declared or streamed in chunks.
+    let (status, text) =
+        curl_from("127.0.0.1", front, "/echo", &["--data", "0123456789abcdef"]).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/echo",
+        &["--data", "0123456789abcdefg"],
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    let chunked = [
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+        "0123456789abcdefg",
+    ];
+    let (status, text) = curl_from("127.0.0.1", front, "/echo", &chunked).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(!text.contains("POST /echo"), "the app was reached: {text}");
+
+    // A second policy on the same proxy is refused as Conflicted and changes nothing...
+    let late: AccessPolicy = guarding("late", json!({"methods": ["GET"]}));
+    policies
+        .create(&PostParams::default(), &late)
+        .await
+        .unwrap();
+    eventually("the second policy is refused", WAIT, || async {
+        let (status, reason) = accepted(&policies, "late").await?;
+        ensure!(
+            status == "False" && reason == "Conflicted",
+            "{status} {reason}"
+        );
+        Ok(())
+    })
+    .await;
+    let (status, text) = curl_from("127.0.0.1", front, "/echo", &["--data", "x"]).await;
+    assert_eq!(status, 200, "{text}");
+    // ... until the first goes: then it guards the proxy (only GET now; any address).
+    policies
+        .delete("guard", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the second policy takes over", WAIT, || async {
+        let (status, reason) = accepted(&policies, "late").await?;
+        ensure!(status == "True", "{status} {reason}");
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &["--data", "x"]).await;
+        ensure!(status == 405, "{text}");
+        let (status, text) = curl_from("127.0.0.2", front, "/echo", &[]).await;
+        ensure!(status == 200, "{text}");
+        Ok(())
+    })
+    .await;
+    // And with no policy left, the proxy is open again.
+    policies
+        .delete("late", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the proxy is open again", WAIT, || async {
+        let (status, text) = curl_from("127.0.0.2", front, "/echo", &["--data", "x"]).await;
+        ensure!(status == 200, "{text}");
+        Ok(())
+    })
+    .await;
+
+    basic_auth(stack, front, &policies).await;
+}
+
+/// Basic auth: users from a Secret of bcrypt hashes (a plaintext one is refused by the API
+/// server), 401 with a challenge until the right password, which the app never sees; a
+/// Secret that goes takes the proxy down (500), never open.
+async fn basic_auth(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
+    let (ok, out) = kubectl(
+        stack,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "users",
+            "--type=portway.dev/htpasswd",
+            "--from-literal=htpasswd=ann:hunter2",
+        ],
+    )
+    .await;
+    assert!(!ok && out.contains("data[htpasswd]"), "{out}");
+    assert!(
+        !out.contains("hunter2"),
+        "the refusal repeats the password: {out}"
+    );
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let (ok, out) = kubectl(
+        stack,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "users",
+            "--type=portway.dev/htpasswd",
+            &format!("--from-literal=htpasswd=ann:{hash}"),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let login: AccessPolicy = guarding(
+        "login",
+        json!({"basicAuth": {"secretRef": {"name": "users"}, "realm": "guarded"}}),
+    );
+    policies
+        .create(&PostParams::default(), &login)
+        .await
+        .unwrap();
+    eventually("the login policy resolves its Secret", WAIT, || async {
+        let (status, reason) = condition(policies, "login", "ResolvedRefs").await?;
+        ensure!(status == "True", "{status} {reason}");
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+        ensure!(status == 401, "{text}");
+        Ok(())
+    })
+    .await;
+    let (_, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("www-authenticate: basic realm=\"guarded\""),
+        "{text}"
+    );
+    for creds in ["ann:wrong", "eve:s3cret"] {
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &["-u", creds]).await;
+        assert_eq!(status, 401, "{creds}: {text}");
+        assert!(!text.contains("GET /echo"), "the app was reached: {text}");
+    }
+    let (status, text) = curl_from("127.0.0.1", front, "/headers", &["-u", "ann:s3cret"]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("authorization:"),
+        "the app saw the credentials: {text}"
+    );
+
+    // The Secret goes: the proxy answers 500, even to the right password, and says why.
+    let (ok, out) = kubectl(stack, &["delete", "secret", "users"]).await;
+    assert!(ok, "{out}");
+    eventually("a policy without its Secret fails closed", WAIT, || async {
+        let (status, reason) = condition(policies, "login", "ResolvedRefs").await?;
+        ensure!(
+            status == "False" && reason == "SecretNotFound",
+            "{status} {reason}"
+        );
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &["-u", "ann:s3cret"]).await;
+        ensure!(status == 500, "{text}");
+        Ok(())
+    })
+    .await;
+    policies
+        .delete("login", &DeleteParams::default())
+        .await
+        .unwrap();
+}
