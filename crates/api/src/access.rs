@@ -30,9 +30,12 @@ pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 pub const HTPASSWD_TYPE: &str = "portway.dev/htpasswd";
 pub const HTPASSWD_KEY: &str = "htpasswd";
 
+/// The most requests a `rateLimit` rate may name per period.
+pub const MAX_RATE_REQUESTS: u32 = 1_000_000;
+
 /// Rules for the requests to the targeted proxies, checked in this order, the first that
-/// fails answering: `ip` (403), `basicAuth` (401), `methods` (405), `maxRequestBytes`
-/// (413).
+/// fails answering: `ip` (403), `rateLimit` (429), `basicAuth` (401), `methods` (405),
+/// `maxRequestBytes` (413).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "networking.datumapis.com",
@@ -69,6 +72,9 @@ pub struct AccessPolicySpec {
     /// proxy's `X-Forwarded-For`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpRules>,
+    /// Token buckets: per client address, and per tunnel (all clients together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
     /// HTTP Basic authentication against hashed passwords in a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
@@ -79,6 +85,77 @@ pub struct AccessPolicySpec {
     /// The largest request body, in bytes, at most 64 MiB; larger gets 413.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_bytes: Option<u64>,
+}
+
+/// Requests over a rate get 429 with `Retry-After`. A bucket holds `requests` tokens
+/// (the burst) and refills at `requests` per `per`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// For each client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_client: Option<Rate>,
+    /// For the proxy as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_tunnel: Option<Rate>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rate {
+    pub requests: u32,
+    pub per: Period,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Period {
+    #[default]
+    Second,
+    Minute,
+    Hour,
+}
+
+impl Period {
+    pub fn seconds(self) -> u64 {
+        match self {
+            Self::Second => 1,
+            Self::Minute => 60,
+            Self::Hour => 3600,
+        }
+    }
+}
+
+/// A rate as the one-liner takes it: `100/s`, `100/m`, `100/h` (or `/second`,
+/// `/minute`, `/hour`).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || format!("{s:?} is not a rate: give requests/period, e.g. 100/m (s, m or h)");
+    let (n, per) = s.split_once('/').ok_or_else(bad)?;
+    let requests: u32 = n.trim().parse().map_err(|_| bad())?;
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Period::Second,
+        "m" | "min" | "minute" => Period::Minute,
+        "h" | "hour" => Period::Hour,
+        _ => return Err(bad()),
+    };
+    let rate = Rate { requests, per };
+    rate_value(&rate)?;
+    Ok(rate)
+}
+
+/// # Errors
+/// When the count is 0 or over [`MAX_RATE_REQUESTS`].
+pub fn rate_value(r: &Rate) -> Result<(), String> {
+    if (1..=MAX_RATE_REQUESTS).contains(&r.requests) {
+        Ok(())
+    } else {
+        Err(format!(
+            "requests must be 1 to {MAX_RATE_REQUESTS}, got {}",
+            r.requests
+        ))
+    }
 }
 
 /// Users and their password hashes come from a Secret of this namespace, of type
@@ -309,6 +386,21 @@ mod tests {
         let two = format!("ann:{bcrypt}\nbob:{argon}\n");
         assert_eq!(htpasswd(&two).unwrap().len(), 2);
         assert!(htpasswd("# nobody\n").is_err());
+    }
+
+    #[test]
+    fn rates_parse_from_the_one_liners_form() {
+        assert_eq!(
+            parse_rate("100/m"),
+            Ok(Rate {
+                requests: 100,
+                per: Period::Minute
+            })
+        );
+        assert_eq!(parse_rate("5/second").unwrap().per, Period::Second);
+        for bad in ["100", "x/m", "0/m", "10/d", "2000000/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -32,7 +32,8 @@ mod tcpproxy;
 pub mod validation;
 
 pub use access::{
-    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, IpRules, SecretRef,
+    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, IpRules, Period, Rate,
+    RateLimit, SecretRef,
 };
 pub use advertisement::*;
 pub use condition::*;

@@ -1142,7 +1142,25 @@ impl Validate for AccessPolicy {
                 );
             }
         }
+        if let Some(r) = &spec.rate_limit {
+            for (field, rate) in [
+                ("spec.rateLimit.perClient", r.per_client),
+                ("spec.rateLimit.perTunnel", r.per_tunnel),
+            ] {
+                if let Some(rate) = rate {
+                    errs.check(format!("{field}.requests"), access::rate_value(&rate));
+                }
+            }
+            if r.per_client.is_none() && r.per_tunnel.is_none() {
+                errs.push(
+                    "spec.rateLimit",
+                    FieldErrorKind::Required,
+                    "name perClient, perTunnel or both",
+                );
+            }
+        }
         if spec.ip.is_none()
+            && spec.rate_limit.is_none()
             && spec.basic_auth.is_none()
             && spec.methods.is_empty()
             && spec.max_request_bytes.is_none()
@@ -1150,7 +1168,7 @@ impl Validate for AccessPolicy {
             errs.push(
                 "spec",
                 FieldErrorKind::Required,
-                "a policy needs at least one rule: ip, basicAuth, methods or maxRequestBytes",
+                "a policy needs at least one rule: ip, rateLimit, basicAuth, methods or maxRequestBytes",
             );
         }
         if let Some(st) = &self.status {

@@ -378,11 +378,11 @@ async fn handle(
     // The route's AccessPolicy, in its documented order: the client's address before
     // anything else (a CORS preflight included), then the method and the declared size.
     let policy = route.access.as_deref();
-    if let Some(p) = policy {
-        let client = crate::policy::client_ip(req.headers(), remote.ip(), &state.trusted_proxies);
-        if let Err(d) = p.check_ip(client) {
-            return done(denied(&state.metrics, &hostname, d));
-        }
+    let client = crate::policy::client_ip(req.headers(), remote.ip(), &state.trusted_proxies);
+    if let Some(p) = policy
+        && let Err(d) = p.check_ip(client)
+    {
+        return done(denied(&state.metrics, &hostname, d));
     }
 
     // CORS, as Envoy's filter: an allowed origin's preflight is answered here; every
@@ -414,6 +414,10 @@ async fn handle(
 
     let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     if let Some(p) = policy {
+        // How often, before anything costly (a password hash) is done for the caller.
+        if let Some(Err(d)) = p.rate.as_ref().map(|r| r.check(client)) {
+            return done(denied(&state.metrics, &hostname, d));
+        }
         // Who is calling: the credentials are the edge's business, so the app never sees
         // the password.
         if let Some(basic) = &p.basic {

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
@@ -26,6 +27,148 @@ pub struct Policy {
     pub methods: Vec<Method>,
     pub max_request_bytes: Option<u64>,
     pub basic: Option<Basic>,
+    pub rate: Option<Arc<Limits>>,
+}
+
+/// A policy's token buckets. They outlive the compiled policy: the route table is rebuilt
+/// on every change anywhere, and a bucket that started full again at each rebuild would
+/// limit nothing. Kept per policy (and its rates) in [`LIMITS`].
+#[derive(Debug)]
+pub struct Limits {
+    rates: portway_api::RateLimit,
+    per_client: Option<Bucket<HashMap<IpAddr, Level>>>,
+    per_tunnel: Option<Bucket<Level>>,
+}
+
+impl PartialEq for Limits {
+    fn eq(&self, other: &Self) -> bool {
+        self.rates == other.rates
+    }
+}
+
+/// Tokens left and when they were counted.
+#[derive(Clone, Copy, Debug)]
+struct Level {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct Bucket<S> {
+    /// Tokens per second, and the most a bucket holds.
+    rate: f64,
+    burst: f64,
+    state: parking_lot::Mutex<S>,
+}
+
+/// Clients tracked per policy; past it, clients whose buckets are full again are
+/// forgotten (they would start full anyway), then, if that is not enough, all.
+const CLIENTS_CAP: usize = 65_536;
+
+/// Every policy's buckets, by policy `namespace/name/uid`: what a new compile of the same
+/// policy with the same rates takes up again.
+static LIMITS: LazyLock<parking_lot::Mutex<HashMap<String, std::sync::Weak<Limits>>>> =
+    LazyLock::new(parking_lot::Mutex::default);
+
+impl Level {
+    /// Takes one token from a bucket refilled since `at`; the wait for one when empty.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+
+    fn full(burst: f64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            at: now,
+        }
+    }
+}
+
+impl<S> Bucket<S> {
+    fn new(rate: &portway_api::Rate, state: S) -> Self {
+        let burst = f64::from(rate.requests);
+        Self {
+            rate: burst / rate.per.seconds() as f64,
+            burst,
+            state: parking_lot::Mutex::new(state),
+        }
+    }
+}
+
+impl Limits {
+    /// The buckets of `key` for `rates`: the ones in use if the rates are the same.
+    fn get(key: &str, rates: &portway_api::RateLimit) -> Arc<Self> {
+        let mut all = LIMITS.lock();
+        if let Some(l) = all.get(key).and_then(std::sync::Weak::upgrade)
+            && l.rates == *rates
+        {
+            return l;
+        }
+        all.retain(|_, w| w.strong_count() > 0);
+        let now = Instant::now();
+        let l = Arc::new(Self {
+            rates: rates.clone(),
+            per_client: rates.per_client.map(|r| Bucket::new(&r, HashMap::new())),
+            per_tunnel: rates
+                .per_tunnel
+                .map(|r| Bucket::new(&r, Level::full(f64::from(r.requests), now))),
+        });
+        all.insert(key.to_owned(), Arc::downgrade(&l));
+        l
+    }
+
+    /// Takes a token for `client`, then one from the tunnel's bucket.
+    ///
+    /// # Errors
+    /// [`Denied`] with 429 and `Retry-After` (whole seconds, at least 1).
+    pub fn check(&self, client: IpAddr) -> Result<(), Denied> {
+        let now = Instant::now();
+        let denied = |reason: &'static str, wait: Duration| {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            Denied {
+                rule: rules::RATE,
+                reason,
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!("too many requests; try again in {} s", secs.max(1)),
+                header: Some(Box::new((
+                    header::RETRY_AFTER,
+                    HeaderValue::from(secs.max(1)),
+                ))),
+            }
+        };
+        if let Some(b) = &self.per_client {
+            let client = client.to_canonical();
+            let mut clients = b.state.lock();
+            if clients.len() >= CLIENTS_CAP && !clients.contains_key(&client) {
+                let (rate, burst) = (b.rate, b.burst);
+                clients.retain(|_, l| {
+                    l.tokens + now.duration_since(l.at).as_secs_f64() * rate < burst
+                });
+                if clients.len() >= CLIENTS_CAP {
+                    clients.clear();
+                }
+            }
+            clients
+                .entry(client)
+                .or_insert_with(|| Level::full(b.burst, now))
+                .take(b.rate, b.burst, now)
+                .map_err(|wait| denied("per-client", wait))?;
+        }
+        if let Some(b) = &self.per_tunnel {
+            b.state
+                .lock()
+                .take(b.rate, b.burst, now)
+                .map_err(|wait| denied("per-tunnel", wait))?;
+        }
+        Ok(())
+    }
 }
 
 /// Basic authentication: the users and hashes from the policy's Secret.
@@ -208,6 +351,7 @@ pub mod rules {
     pub const METHOD: &str = "method";
     pub const SIZE: &str = "size";
     pub const BASIC_AUTH: &str = "basic-auth";
+    pub const RATE: &str = "rate";
 }
 
 impl Policy {
@@ -241,9 +385,15 @@ impl Policy {
             .as_ref()
             .map(|b| Basic::compile(b, secret(ns, &b.secret_ref.name).as_deref(), ns))
             .transpose()?;
+        let name = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
+        let rate = p.spec.rate_limit.as_ref().map(|r| {
+            let uid = p.metadata.uid.as_deref().unwrap_or_default();
+            Limits::get(&format!("{name}/{uid}"), r)
+        });
         Ok(Self {
-            name: format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default()),
+            name,
             basic,
+            rate,
             allow: nets(&ip.allow),
             deny: nets(&ip.deny),
             methods: p
@@ -498,6 +648,48 @@ mod tests {
         let mut bearer = HeaderMap::new();
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert_eq!(basic.check(&bearer).await.unwrap_err().reason, "missing");
+    }
+
+    #[test]
+    fn token_buckets_refill_and_are_kept_across_compiles() {
+        let now = Instant::now();
+        let mut l = Level::full(2.0, now);
+        assert!(l.take(1.0, 2.0, now).is_ok());
+        assert!(l.take(1.0, 2.0, now).is_ok());
+        let wait = l.take(1.0, 2.0, now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1));
+        assert!(l.take(1.0, 2.0, now + Duration::from_millis(1000)).is_ok());
+
+        let spec = json!({"rateLimit": {"perClient": {"requests": 2, "per": "Minute"},
+                                         "perTunnel": {"requests": 3, "per": "Hour"}}});
+        let p = policy(spec.clone()).unwrap();
+        let limits = p.rate.as_ref().unwrap();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert!(limits.check(a).is_ok());
+        assert!(limits.check(a).is_ok());
+        let d = limits.check(a).unwrap_err();
+        assert_eq!(
+            (d.status, d.reason),
+            (StatusCode::TOO_MANY_REQUESTS, "per-client")
+        );
+        assert_eq!(
+            d.header.unwrap().1,
+            "30",
+            "one token of 2/minute comes in 30 s"
+        );
+        // Another client has its own bucket, but the tunnel's is shared: 3 in all.
+        assert!(limits.check(b).is_ok());
+        // A new compile of the same policy (a route table rebuild) keeps the buckets.
+        let again = policy(spec).unwrap();
+        assert!(Arc::ptr_eq(limits, again.rate.as_ref().unwrap()));
+        assert_eq!(
+            again.rate.as_ref().unwrap().check(b).unwrap_err().reason,
+            "per-tunnel"
+        );
+        // New rates start new buckets.
+        let changed =
+            policy(json!({"rateLimit": {"perTunnel": {"requests": 1, "per": "Hour"}}})).unwrap();
+        assert!(changed.rate.as_ref().unwrap().check(b).is_ok());
     }
 
     #[test]

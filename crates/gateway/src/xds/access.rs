@@ -1,8 +1,8 @@
 //! AccessPolicies as Envoy filters: one filter per rule in the connection manager's chain,
 //! off (or without rules) unless a route's own config turns it on, so a route without a
 //! policy pays nothing. The same fields the built-in edge checks in `crate::policy`, in
-//! the same order: `rbac` (addresses) before `cors`; then `ext_authz` (basic auth, asked
-//! of the xDS server: see `authz`); then the method, as a route ahead of the rule's own
+//! the same order: `rbac` (addresses) before `cors`; then `ext_authz` (rate limits and
+//! basic auth, asked of the xDS server: see `authz`); then the method, as a route ahead of the rule's own
 //! that answers 405; then `buffer` (size, 413).
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -178,7 +178,7 @@ pub fn route_configs(p: &Policy) -> Vec<(String, Any)> {
             ),
         ));
     }
-    if p.basic.is_some() {
+    if p.basic.is_some() || p.rate.is_some() {
         let per_route = ExtAuthzPerRoute {
             r#override: Some(ext_authz_per_route::Override::CheckSettings(
                 CheckSettings {

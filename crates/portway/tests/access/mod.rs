@@ -279,7 +279,61 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
     })
     .await;
 
+    rate_limit(front, &policies).await;
     basic_auth(stack, front, &policies).await;
+}
+
+/// Rate limits: a client over its own rate gets 429 with `Retry-After`; another client
+/// has its own bucket until the tunnel's, shared by all, runs out.
+async fn rate_limit(front: SocketAddr, policies: &Api<AccessPolicy>) {
+    let slow = guarding(
+        "slow",
+        json!({"rateLimit": {"perClient": {"requests": 3, "per": "Minute"},
+                             "perTunnel": {"requests": 5, "per": "Minute"}}}),
+    );
+    policies
+        .create(&PostParams::default(), &slow)
+        .await
+        .unwrap();
+    // Every request once the policy is in force takes a token from both buckets, so the
+    // first 429 comes after exactly 3 from this client, leaving the tunnel 2.
+    let text = eventually("the rate limit is in force", WAIT, || async {
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+        ensure!(status == 429, "{text}");
+        Ok(text)
+    })
+    .await;
+    // 3 a minute: the next token in at most 20 s.
+    let retry: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {text}"));
+    assert!((15..=20).contains(&retry), "{text}");
+    assert!(!text.contains("GET /echo"), "the app was reached: {text}");
+    for _ in 0..2 {
+        let (status, text) = curl_from("127.0.0.2", front, "/echo", &[]).await;
+        assert_eq!(status, 200, "another client has its own bucket: {text}");
+    }
+    for client in ["127.0.0.2", "127.0.0.3"] {
+        let (status, text) = curl_from(client, front, "/echo", &[]).await;
+        assert_eq!(status, 429, "the tunnel's 5 a minute are spent: {text}");
+        assert!(text.to_ascii_lowercase().contains("retry-after:"), "{text}");
+    }
+    policies
+        .delete("slow", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the rate limit is lifted", WAIT, || async {
+        let (status, text) = curl_from("127.0.0.3", front, "/echo", &[]).await;
+        ensure!(status == 200, "{text}");
+        Ok(())
+    })
+    .await;
 }
 
 /// Basic auth: users from a Secret of bcrypt hashes (a plaintext one is refused by the API

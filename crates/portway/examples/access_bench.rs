@@ -1,0 +1,193 @@
+//! What each AccessPolicy rule costs on the built-in edge: requests/s through a tunnel
+//! with the rule, beside the same without any policy, in one run, as ratios.
+//!
+//! Needs nginx, wrk and curl (`apt-get install -y nginx wrk curl`) and release binaries:
+//!
+//! ```sh
+//! cargo build --release -p portway --bins --examples
+//! target/release/examples/access_bench
+//! ```
+//!
+//! Path: wrk (64 connections, 2 threads, 10 s) → `portway up` edge → iroh → `portway
+//! http` agent → nginx serving a 13-byte file. Each policy is applied, then waited for
+//! by a request it must refuse (from another loopback address, with a wrong method, or
+//! without credentials), so every figure is with the policy in force.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+use portway_api::{AccessPolicy, HttpProxy};
+use serde_json::json;
+
+/// The response head of one curl request to the tunnel, from `source`, with `extra`
+/// arguments, lower-cased.
+fn head(edge: SocketAddr, source: &str, extra: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--interface", source])
+        .args(["-H", "host: bench.localhost"])
+        .args(extra)
+        .arg(format!("http://{edge}/small.txt"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// req/s with `Host: bench.localhost` and `headers`, 64 connections for 10 s.
+fn rps(edge: SocketAddr, headers: &[&str]) -> f64 {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "2",
+        "-c",
+        "64",
+        "-d",
+        "10s",
+        "-H",
+        "Host: bench.localhost",
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://{edge}/small.txt"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("Non-2xx"), "wrk saw refusals:\n{text}");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bin = portway_testkit::bench::release_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_nginx, nginx_port) = portway_testkit::bench::nginx(d);
+    let data = d.join("data");
+    let args = portway_testkit::up_args(&data, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
+    let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
+    let (_http, _) = portway_testkit::bench::http_tunnel(&bin, &data, nginx_port).await;
+    let client = portway_testkit::kube_client(Path::new(info["kubeconfig"].as_str().unwrap()))
+        .await
+        .unwrap();
+    let proxies: Api<HttpProxy> = Api::namespaced(client.clone(), "default");
+    let proxy = proxies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.hostnames.iter().any(|h| h == "bench.localhost"))
+        .unwrap()
+        .metadata
+        .name
+        .unwrap();
+    let policies: Api<AccessPolicy> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, "default");
+    let hash = bcrypt::hash("s3cret", bcrypt::DEFAULT_COST).unwrap();
+    let users: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "users"}, "type": "portway.dev/htpasswd",
+        "stringData": {"htpasswd": format!("ann:{hash}\n")},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &users)
+        .await
+        .unwrap();
+    let login: &[&str] = &["Authorization: Basic YW5uOnMzY3JldA=="];
+
+    // Warm the path.
+    let _ = rps(edge, &[]);
+    let none = rps(edge, &[]);
+    eprintln!("no policy: {none:.0} req/s");
+    let ip = json!({"allow": ["127.0.0.0/8"], "deny": ["127.0.0.9"]});
+    // Each case: the rules, a probe the policy refuses (source address, curl arguments,
+    // and what in the answer shows the refusal), and wrk's headers.
+    let denied = ("127.0.0.9", &[][..], "http/1.1 403");
+    let method = ("127.0.0.1", &["-X", "DELETE"][..], "allow: get, head");
+    let anonymous = ("127.0.0.1", &[][..], "http/1.1 401");
+    type Probe<'a> = (&'a str, &'a [&'a str], &'a str);
+    let cases: Vec<(&str, serde_json::Value, Probe<'_>, &[&str])> = vec![
+        ("ip (allow + deny)", json!({"ip": ip}), denied, &[]),
+        (
+            "ip + rateLimit (per client and per tunnel, never reached)",
+            json!({"ip": ip, "rateLimit": {"perClient": {"requests": 1_000_000, "per": "Second"},
+                                           "perTunnel": {"requests": 1_000_000, "per": "Second"}}}),
+            denied,
+            &[],
+        ),
+        ("methods", json!({"methods": ["GET", "HEAD"]}), method, &[]),
+        (
+            "methods + maxRequestBytes",
+            json!({"methods": ["GET", "HEAD"], "maxRequestBytes": 1024}),
+            method,
+            &[],
+        ),
+        (
+            "basicAuth (bcrypt cost 12, verified once)",
+            json!({"basicAuth": {"secretRef": {"name": "users"}}}),
+            anonymous,
+            login,
+        ),
+        (
+            "all of them",
+            json!({"ip": ip, "rateLimit": {"perClient": {"requests": 1_000_000, "per": "Second"}},
+                   "basicAuth": {"secretRef": {"name": "users"}}, "methods": ["GET", "HEAD"],
+                   "maxRequestBytes": 1024}),
+            denied,
+            login,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, rules, probe, headers) in cases {
+        let mut spec = rules;
+        spec["targetRefs"] =
+            json!([{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": proxy}]);
+        let policy: AccessPolicy =
+            serde_json::from_value(json!({"metadata": {"name": "bench"}, "spec": spec})).unwrap();
+        policies
+            .create(&PostParams::default(), &policy)
+            .await
+            .unwrap();
+        let (source, extra, refused) = probe;
+        wait_until(name, || head(edge, source, extra).contains(refused));
+        let _ = rps(edge, headers);
+        let with = rps(edge, headers);
+        eprintln!("{name}: {with:.0} req/s");
+        rows.push((name, with));
+        policies
+            .delete("bench", &DeleteParams::default())
+            .await
+            .unwrap();
+        wait_until("the policy is lifted", || {
+            !head(edge, source, extra).contains(refused)
+        });
+    }
+    let after = rps(edge, &[]);
+    println!("| policy on the tunnel | req/s (64 connections) | ratio to none |");
+    println!("|---|---|---|");
+    println!("| none (before) | {none:.0} | 1.00 × |");
+    for (name, with) in rows {
+        println!("| {name} | {with:.0} | {:.2} × |", with / none);
+    }
+    println!("| none (after) | {after:.0} | {:.2} × |", after / none);
+}
