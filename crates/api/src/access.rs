@@ -250,45 +250,89 @@ pub enum HashKind {
 pub fn password_hash(hash: &str) -> Result<HashKind, String> {
     const SCHEMES: &str =
         "bcrypt ($2y$, $2b$, $2a$; `htpasswd -B`) or Argon2 ($argon2id$, $argon2i$)";
+    // bcrypt's own alphabet, and Argon2's (standard base64 without padding).
+    let bcrypt64 = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
     let b64 = |s: &str| {
         !s.is_empty()
             && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/' || b == b'+')
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
     };
     if let Some(rest) = ["$2y$", "$2b$", "$2a$"]
         .iter()
         .find_map(|p| hash.strip_prefix(p))
     {
-        // $2y$10$ + 22 characters of salt + 31 of hash.
+        // $2y$10$ + 22 characters of salt + 31 of hash. A cost past 14 (over a second
+        // a check) would let one Secret hold the edge's hashing for minutes.
+        let cost = rest
+            .get(..2)
+            .and_then(|c| c.parse::<u32>().ok())
+            .unwrap_or(0);
         let ok = rest.len() == 56
+            && rest.is_char_boundary(2)
             && rest[..2].bytes().all(|b| b.is_ascii_digit())
-            && (4..=31).contains(&rest[..2].parse::<u32>().unwrap_or(0))
+            && (4..=MAX_BCRYPT_COST).contains(&cost)
             && rest.as_bytes()[2] == b'$'
-            && b64(&rest[3..]);
+            && bcrypt64(&rest[3..]);
         return if ok {
             Ok(HashKind::Bcrypt)
         } else {
-            Err("a bcrypt hash is $2y$ (or $2b$, $2a$), a cost 04-31, $, and 53 characters".into())
+            Err(format!(
+                "a bcrypt hash is $2y$ (or $2b$, $2a$), a cost 04-{MAX_BCRYPT_COST}, $, and 53 characters"
+            ))
         };
     }
     if hash.starts_with("$argon2id$") || hash.starts_with("$argon2i$") {
-        // $argon2id$v=19$m=…,t=…,p=…$salt$hash
+        // $argon2id$v=19$m=…,t=…,p=…$salt$hash, with bounded costs: memory is allocated
+        // per check, and m=4294967295 would abort the process that checks it.
         let parts: Vec<&str> = hash.split('$').collect();
+        let params = |p: &str| -> Option<(u32, u32, u32)> {
+            let mut m = None;
+            let mut t = None;
+            let mut par = None;
+            for kv in p.split(',') {
+                let (k, v) = kv.split_once('=')?;
+                let v: u32 = v.parse().ok()?;
+                match k {
+                    "m" => m = Some(v),
+                    "t" => t = Some(v),
+                    "p" => par = Some(v),
+                    _ => return None,
+                }
+            }
+            Some((m?, t?, par?))
+        };
+        let bounded = parts
+            .get(3)
+            .and_then(|p| params(p))
+            .is_some_and(|(m, t, p)| {
+                (8..=MAX_ARGON2_KIB).contains(&m) && (1..=10).contains(&t) && (1..=8).contains(&p)
+            });
         let ok = parts.len() == 6
             && parts[2].starts_with("v=")
-            && parts[3].split(',').count() == 3
+            && bounded
             && b64(parts[4])
             && b64(parts[5]);
         return if ok {
             Ok(HashKind::Argon2)
         } else {
-            Err("an Argon2 hash is $argon2id$v=19$m=…,t=…,p=…$salt$hash".into())
+            Err(format!(
+                "an Argon2 hash is $argon2id$v=19$m=…,t=…,p=…$salt$hash, with m (KiB) at most {MAX_ARGON2_KIB}, t 1-10 and p 1-8"
+            ))
         };
     }
     Err(format!(
         "not a password hash this accepts (a plaintext password or a weak scheme such as {{SHA}} or $apr1$ is refused); use {SCHEMES}"
     ))
 }
+
+/// The highest bcrypt cost taken (cost 14 is about a second a check here).
+pub const MAX_BCRYPT_COST: u32 = 14;
+/// The most memory an Argon2 hash may ask per check, in KiB (64 MiB).
+pub const MAX_ARGON2_KIB: u32 = 65_536;
 
 /// The users of an htpasswd text: `user:hash` per line; blank lines and `#` comments are
 /// skipped.

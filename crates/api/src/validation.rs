@@ -1131,14 +1131,14 @@ impl Validate for AccessPolicy {
             if let Some(realm) = &b.realm
                 && (realm.is_empty()
                     || realm.len() > 64
-                    || realm
-                        .chars()
-                        .any(|c| c.is_control() || c == '"' || c == '\\'))
+                    || !realm
+                        .bytes()
+                        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\'))
             {
                 errs.push(
                     "spec.basicAuth.realm",
                     FieldErrorKind::Invalid,
-                    "must be 1 to 64 printable characters without '\"' or '\\'",
+                    "must be 1 to 64 printable ASCII characters without '\"' or '\\'",
                 );
             }
         }

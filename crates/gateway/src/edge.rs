@@ -415,7 +415,9 @@ async fn handle(
     let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
     if let Some(p) = policy {
         // How often, before anything costly (a password hash) is done for the caller.
-        if let Some(Err(d)) = p.rate.as_ref().map(|r| r.check(client)) {
+        // A client that cannot be told is counted as the proxy that sent it.
+        let who = client.unwrap_or_else(|| remote.ip().to_canonical());
+        if let Some(Err(d)) = p.rate.as_ref().map(|r| r.check(who)) {
             return done(denied(&state.metrics, &hostname, d));
         }
         // Who is calling: the credentials are the edge's business, so the app never sees

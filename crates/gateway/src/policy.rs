@@ -175,6 +175,10 @@ impl Limits {
 pub struct Basic {
     challenge: HeaderValue,
     users: HashMap<String, (String, HashKind)>,
+    /// The first user's hash: an unknown user's password is checked against it, so a
+    /// wrong user costs what a wrong password does and answer times do not tell which
+    /// users exist.
+    decoy: (String, HashKind),
 }
 
 impl std::fmt::Debug for Basic {
@@ -211,11 +215,30 @@ static CHECKS: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
     )
 });
 
-/// Compared against when the user is unknown, so a wrong user costs what a wrong
-/// password does and the answer time does not tell which users exist.
-static DUMMY_BCRYPT: LazyLock<String> = LazyLock::new(|| {
-    bcrypt::hash(rand::random::<u64>().to_string(), bcrypt::DEFAULT_COST).unwrap_or_default()
-});
+/// Sign-ins waiting for a hash check, process-wide; past [`MAX_WAITING`] more are
+/// refused at once (429) rather than queued without end behind a flood of guesses.
+static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_WAITING: usize = 64;
+
+/// Counts a waiting sign-in while it lives.
+struct Waiting;
+
+impl Waiting {
+    fn enter() -> Option<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if WAITING.fetch_add(1, SeqCst) >= MAX_WAITING {
+            WAITING.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 impl Basic {
     fn compile(
@@ -237,8 +260,13 @@ impl Basic {
             .and_then(|d| d.get(key))
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             .ok_or_else(|| format!("basicAuth: Secret {ns}/{name} has no key {key}"))?;
-        let users = portway_api::access::htpasswd(&text)
-            .map_err(|e| format!("basicAuth: Secret {ns}/{name}: {}", e.join("; ")))?
+        let lines = portway_api::access::htpasswd(&text)
+            .map_err(|e| format!("basicAuth: Secret {ns}/{name}: {}", e.join("; ")))?;
+        let decoy = lines
+            .first()
+            .map(|(_, h, k)| ((*h).to_owned(), *k))
+            .ok_or_else(|| format!("basicAuth: Secret {ns}/{name} holds no users"))?;
+        let users = lines
             .into_iter()
             .map(|(u, h, k)| (u.to_owned(), (h.to_owned(), k)))
             .collect();
@@ -246,7 +274,11 @@ impl Basic {
         let challenge =
             HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
                 .map_err(|_| "basicAuth.realm: not a header value".to_owned())?;
-        Ok(Self { challenge, users })
+        Ok(Self {
+            challenge,
+            users,
+            decoy,
+        })
     }
 
     /// Checks the request's `Authorization: Basic` credentials; the user on success.
@@ -269,7 +301,7 @@ impl Basic {
         };
         let (hash, kind) = match self.users.get(&user) {
             Some((h, k)) => (h.clone(), *k),
-            None => (DUMMY_BCRYPT.clone(), HashKind::Bcrypt),
+            None => self.decoy.clone(),
         };
         let key: [u8; 32] = Sha256::new()
             .chain_update(user.as_bytes())
@@ -284,6 +316,15 @@ impl Basic {
             return Ok(user);
         }
         let ok = {
+            let Some(_waiting) = Waiting::enter() else {
+                return Err(Denied {
+                    rule: rules::BASIC_AUTH,
+                    reason: "busy",
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: "too many sign-ins at once; try again in a second".into(),
+                    header: Some(Box::new((header::RETRY_AFTER, HeaderValue::from(1)))),
+                });
+            };
             let _permit = CHECKS.acquire().await;
             // Many connections often bring the same new credential at once: the first
             // to get here checks it, the others find it verified instead of hashing again
@@ -379,6 +420,12 @@ impl Policy {
         let nets = |list: &[String]| -> Vec<IpNet> {
             list.iter()
                 .filter_map(|c| portway_api::access::cidr(c).ok())
+                // An IPv4-mapped range means its IPv4 one: clients are compared in
+                // their canonical form.
+                .map(|(ip, len)| match (ip, ip.to_canonical()) {
+                    (IpAddr::V6(_), v4 @ IpAddr::V4(_)) if len >= 96 => (v4, len - 96),
+                    other => (other.0, len),
+                })
                 .filter_map(|(ip, len)| IpNet::new(ip, len).ok())
                 .map(|n| n.trunc())
                 .collect()
@@ -415,9 +462,21 @@ impl Policy {
     /// The address rule alone (checked before CORS answers a preflight).
     ///
     /// # Errors
-    /// [`Denied`] with 403 when `client` is denied or not allowed.
-    pub fn check_ip(&self, client: IpAddr) -> Result<(), Denied> {
-        let client = client.to_canonical();
+    /// [`Denied`] with 403 when `client` is denied or not allowed, or cannot be told
+    /// (`None`) while there are address rules.
+    pub fn check_ip(&self, client: Option<IpAddr>) -> Result<(), Denied> {
+        if self.allow.is_empty() && self.deny.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = client.map(|c| c.to_canonical()) else {
+            return Err(Denied {
+                rule: rules::IP,
+                reason: "unknown-client",
+                status: StatusCode::FORBIDDEN,
+                message: "the client's address cannot be told: X-Forwarded-For from the trusted proxy does not parse".into(),
+                header: None,
+            });
+        };
         let denied = |reason, why: &str| Denied {
             rule: rules::IP,
             reason,
@@ -482,25 +541,38 @@ pub fn too_large(max: u64) -> Denied {
 
 /// The client's address for address rules: the peer (or the client the PROXY protocol
 /// named), or — when the peer is a trusted proxy — the nearest address in its
-/// `X-Forwarded-For` that is not itself a trusted proxy.
-pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+/// `X-Forwarded-For` that is not itself a trusted proxy, read from the right (the left is
+/// the client's to write). `None` when an entry on the way does not parse: the client
+/// cannot be told, and address rules then refuse (a client's `X-Forwarded-For: x` must
+/// not make it the balancer).
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> Option<IpAddr> {
     let peer = peer.to_canonical();
-    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !trusts(&peer) {
-        return peer;
+        return Some(peer);
     }
-    let hops: Vec<IpAddr> = headers
+    let entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.to_str().unwrap_or("?"))
         .flat_map(|v| v.split(','))
-        .map_while(|s| s.trim().parse::<IpAddr>().ok())
+        .map(str::trim)
         .collect();
-    hops.iter()
-        .rev()
-        .find(|ip| !trusts(ip))
-        .or(hops.first())
-        .map_or(peer, |ip| ip.to_canonical())
+    let mut nearest = peer;
+    for entry in entries.iter().rev() {
+        let ip = entry
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()?
+            .to_canonical();
+        if !trusts(&ip) {
+            return Some(ip);
+        }
+        nearest = ip;
+    }
+    // Every hop is a trusted proxy (or none is named): the farthest is the client.
+    Some(nearest)
 }
 
 #[cfg(test)]
@@ -542,15 +614,21 @@ mod tests {
             ("2001:db9::1", Some("not-allowed")),
         ];
         for (client, want) in table {
-            let got = p.check_ip(ip(client)).err().map(|d| d.reason);
+            let got = p.check_ip(Some(ip(client))).err().map(|d| d.reason);
             assert_eq!(got, want, "{client}");
         }
+        let mapped = policy(json!({"ip": {"allow": ["::ffff:10.0.0.0/104"]}})).unwrap();
+        assert!(
+            mapped.check_ip(Some(ip("10.1.2.3"))).is_ok(),
+            "an IPv4-mapped range is IPv4"
+        );
+        assert!(mapped.check_ip(Some(ip("11.1.2.3"))).is_err());
         let deny_only = policy(json!({"ip": {"deny": ["192.168.1.5/24"]}})).unwrap();
         assert!(
-            deny_only.check_ip(ip("192.168.1.200")).is_err(),
+            deny_only.check_ip(Some(ip("192.168.1.200"))).is_err(),
             "host bits are masked"
         );
-        assert!(deny_only.check_ip(ip("192.168.2.1")).is_ok());
+        assert!(deny_only.check_ip(Some(ip("192.168.2.1"))).is_ok());
     }
 
     #[test]
@@ -707,19 +785,36 @@ mod tests {
     #[test]
     fn the_client_behind_trusted_proxies_is_the_nearest_untrusted_hop() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.7"),
-        );
+        let xff = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_static(v));
+            h
+        };
+        let h = xff("6.6.6.6, 1.2.3.4, 10.0.0.7");
         // A client's own X-Forwarded-For counts for nothing.
-        assert_eq!(client_ip(&h, ip("5.5.5.5"), &trusted), ip("5.5.5.5"));
+        assert_eq!(client_ip(&h, ip("5.5.5.5"), &trusted), Some(ip("5.5.5.5")));
         // Through trusted balancers, the address the first of them saw.
-        assert_eq!(client_ip(&h, ip("10.0.0.1"), &trusted), ip("1.2.3.4"));
+        assert_eq!(client_ip(&h, ip("10.0.0.1"), &trusted), Some(ip("1.2.3.4")));
         // A trusted peer that names no client is the client.
         assert_eq!(
             client_ip(&HeaderMap::new(), ip("10.0.0.1"), &trusted),
-            ip("10.0.0.1")
+            Some(ip("10.0.0.1"))
         );
+        // A client that writes junk on the left cannot become the balancer; junk on the
+        // way to the nearest untrusted hop makes the client unknown.
+        assert_eq!(
+            client_ip(&xff("x, 6.6.6.6"), ip("10.0.0.1"), &trusted),
+            Some(ip("6.6.6.6"))
+        );
+        assert_eq!(
+            client_ip(&xff("6.6.6.6, x"), ip("10.0.0.1"), &trusted),
+            None
+        );
+        assert_eq!(
+            client_ip(&xff("[2001:db8::1]"), ip("10.0.0.1"), &trusted),
+            Some(ip("2001:db8::1"))
+        );
+        let p = policy(json!({"ip": {"deny": ["1.2.3.4"]}})).unwrap();
+        assert_eq!(p.check_ip(None).unwrap_err().reason, "unknown-client");
     }
 }

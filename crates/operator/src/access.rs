@@ -81,7 +81,10 @@ pub fn resolved_refs(
 }
 
 /// The policy that guards the proxy `proxy` among `policies` (its namespace's): the
-/// oldest valid one naming it, so a newer policy can never loosen or replace one in force.
+/// oldest one naming it, so a newer policy can never loosen or replace one in force. An
+/// invalid one (stored before a rule existed, or around the API server) still guards: the
+/// data planes cannot compile it and answer 500, which is closed, where skipping it would
+/// open the proxy or hand it to a newer, looser policy.
 pub fn guarding<'a>(proxy: &str, policies: &[&'a AccessPolicy]) -> Option<&'a AccessPolicy> {
     policies
         .iter()
@@ -93,7 +96,6 @@ pub fn guarding<'a>(proxy: &str, policies: &[&'a AccessPolicy]) -> Option<&'a Ac
                 .iter()
                 .any(|t| t.name == proxy && t.kind == TARGET_KIND && t.group == GROUP)
         })
-        .filter(|p| p.validate().is_empty())
         .min_by(|a, b| {
             let at = |p: &AccessPolicy| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
             at(a)
@@ -134,7 +136,14 @@ pub fn status(
         .iter()
         .map(|t| {
             let (ok, reason, message) = if !invalid.is_empty() {
-                (false, reasons::INVALID, invalid.join("; "))
+                (
+                    false,
+                    reasons::INVALID,
+                    format!(
+                        "{}; the proxies it names answer 500 until it is fixed or deleted",
+                        invalid.join("; ")
+                    ),
+                )
             } else if !proxies.iter().any(|p| p.name_any() == t.name) {
                 (
                     false,
@@ -288,13 +297,15 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_valid_policy_guards_a_proxy_and_others_are_conflicted() {
+    fn the_oldest_policy_guards_a_proxy_even_if_invalid_and_others_are_conflicted() {
         let old = policy("old", 0, &["app"]);
         let new = policy("new", 10, &["app", "api"]);
         let mut broken = policy("broken", -10, &["app"]);
         broken.spec.methods = vec!["get".into()];
         let all = [&old, &new, &broken];
-        assert_eq!(guarding("app", &all).unwrap().name_any(), "old");
+        // Invalid but oldest: it keeps the proxy (closed: 500), no newer one takes over.
+        assert_eq!(guarding("app", &all).unwrap().name_any(), "broken");
+        assert_eq!(guarding("app", &[&old, &new]).unwrap().name_any(), "old");
         assert_eq!(guarding("api", &all).unwrap().name_any(), "new");
         assert!(guarding("web", &all).is_none());
 
@@ -302,7 +313,7 @@ mod tests {
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let s = |p: &AccessPolicy| accepted(&status(p, &[&app, &api], &all, None, "c", now));
         let row = |n: &str, st: &str, r: &str| (n.to_owned(), st.to_owned(), r.to_owned());
-        assert_eq!(s(&old), [row("app", "True", reasons::ACCEPTED)]);
+        assert_eq!(s(&old), [row("app", "False", reasons::CONFLICTED)]);
         assert_eq!(
             s(&new),
             [

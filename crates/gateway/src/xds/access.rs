@@ -27,6 +27,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpFilter, http_filter,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use ipnet::IpNet;
 
@@ -68,6 +69,11 @@ pub fn authz_filter() -> HttpFilter {
     let config = ExtAuthz {
         transport_api_version: ApiVersion::V3 as i32,
         failure_mode_allow: false,
+        // Closed, and saying so: a 500 as the edge gives, not a 403 that looks like a
+        // refusal.
+        status_on_error: Some(HttpStatus {
+            code: StatusCode::InternalServerError as i32,
+        }),
         services: Some(ext_authz::Services::GrpcService(GrpcService {
             target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
                 grpc_service::EnvoyGrpc {
