@@ -125,26 +125,8 @@ impl Period {
     }
 }
 
-/// A rate as the one-liner takes it: `100/s`, `100/m`, `100/h` (or `/second`,
-/// `/minute`, `/hour`).
+/// A rate's count, checked.
 ///
-/// # Errors
-/// A sentence saying what is wrong.
-pub fn parse_rate(s: &str) -> Result<Rate, String> {
-    let bad = || format!("{s:?} is not a rate: give requests/period, e.g. 100/m (s, m or h)");
-    let (n, per) = s.split_once('/').ok_or_else(bad)?;
-    let requests: u32 = n.trim().parse().map_err(|_| bad())?;
-    let per = match per.trim() {
-        "s" | "sec" | "second" => Period::Second,
-        "m" | "min" | "minute" => Period::Minute,
-        "h" | "hour" => Period::Hour,
-        _ => return Err(bad()),
-    };
-    let rate = Rate { requests, per };
-    rate_value(&rate)?;
-    Ok(rate)
-}
-
 /// # Errors
 /// When the count is 0 or over [`MAX_RATE_REQUESTS`].
 pub fn rate_value(r: &Rate) -> Result<(), String> {
@@ -334,6 +316,21 @@ pub const MAX_BCRYPT_COST: u32 = 14;
 /// The most memory an Argon2 hash may ask per check, in KiB (64 MiB).
 pub const MAX_ARGON2_KIB: u32 = 65_536;
 
+/// The `htpasswd` text of a Secret, from `stringData` (as written) or `data` (as stored).
+pub fn htpasswd_text(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(HTPASSWD_KEY).cloned())
+        .or_else(|| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(HTPASSWD_KEY))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        })
+}
+
 /// The users of an htpasswd text: `user:hash` per line; blank lines and `#` comments are
 /// skipped.
 ///
@@ -430,21 +427,6 @@ mod tests {
         let two = format!("ann:{bcrypt}\nbob:{argon}\n");
         assert_eq!(htpasswd(&two).unwrap().len(), 2);
         assert!(htpasswd("# nobody\n").is_err());
-    }
-
-    #[test]
-    fn rates_parse_from_the_one_liners_form() {
-        assert_eq!(
-            parse_rate("100/m"),
-            Ok(Rate {
-                requests: 100,
-                per: Period::Minute
-            })
-        );
-        assert_eq!(parse_rate("5/second").unwrap().per, Period::Second);
-        for bad in ["100", "x/m", "0/m", "10/d", "2000000/s"] {
-            assert!(parse_rate(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -1614,11 +1614,7 @@ impl Validate for Secret {
         // rather than found out at the edge.
         if self.type_.as_deref() == Some(crate::access::HTPASSWD_TYPE) {
             let key = crate::access::HTPASSWD_KEY;
-            let text = strings.and_then(|d| d.get(key).cloned()).or_else(|| {
-                data.and_then(|d| d.get(key))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            });
-            match text {
+            match crate::access::htpasswd_text(self) {
                 None => errs.push(
                     format!("data[{key}]"),
                     FieldErrorKind::Required,

@@ -378,7 +378,11 @@ async fn handle(
     // The route's AccessPolicy, in its documented order: the client's address before
     // anything else (a CORS preflight included), then the method and the declared size.
     let policy = route.access.as_deref();
-    let client = crate::policy::client_ip(req.headers(), remote.ip(), &state.trusted_proxies);
+    // Only a route with a policy reads X-Forwarded-For for it.
+    let client = match policy {
+        Some(_) => crate::policy::client_ip(req.headers(), remote.ip(), &state.trusted_proxies),
+        None => None,
+    };
     if let Some(p) = policy
         && let Err(d) = p.check_ip(client)
     {
@@ -412,7 +416,19 @@ async fn handle(
         done(resp)
     };
 
-    let mut req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+    // Boxed once, counting what the client sends (a body held for the size rule is
+    // counted as it arrives).
+    let metrics = state.metrics.clone();
+    let mut req = req.map(|body| {
+        body.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                metrics.bytes_in.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .map_err(|e| Box::new(e) as BoxError)
+        .boxed()
+    });
     if let Some(p) = policy {
         // How often, before anything costly (a password hash) is done for the caller.
         // A client that cannot be told is counted as the proxy that sent it.
@@ -530,15 +546,6 @@ async fn handle(
             h
         })
         .collect();
-    let metrics = state.metrics.clone();
-    let body = body
-        .map_frame(move |f| {
-            if let Some(d) = f.data_ref() {
-                metrics.bytes_in.inc_by(d.len() as u64);
-            }
-            f
-        })
-        .boxed();
     match state
         .sidecar
         .forward_first(parts, body, heads, on_upgrade, replayable)

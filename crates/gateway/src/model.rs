@@ -645,8 +645,7 @@ pub fn build(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .map(|p| {
-            let secret =
-                |ns: &str, name: &str| secrets.get(&(ns, name)).map(|s| Arc::new((*s).clone()));
+            let secret = |ns: &str, name: &str| secrets.get(&(ns, name)).copied();
             (
                 key(p.metadata.namespace.as_ref(), p.metadata.name.as_ref()),
                 Policy::compile(p, secret).map(Arc::new),

@@ -17,7 +17,7 @@ use portway_api::validation::Validate;
 use sha2::{Digest, Sha256};
 
 /// One AccessPolicy, ready to apply.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Policy {
     /// `namespace/name`, for logs and Envoy stat prefixes.
     pub name: String,
@@ -38,12 +38,6 @@ pub struct Limits {
     rates: portway_api::RateLimit,
     per_client: Option<Bucket<HashMap<IpAddr, Level>>>,
     per_tunnel: Option<Bucket<Level>>,
-}
-
-impl PartialEq for Limits {
-    fn eq(&self, other: &Self) -> bool {
-        self.rates == other.rates
-    }
 }
 
 /// Tokens left and when they were counted.
@@ -189,12 +183,6 @@ impl std::fmt::Debug for Basic {
     }
 }
 
-impl PartialEq for Basic {
-    fn eq(&self, other: &Self) -> bool {
-        self.challenge == other.challenge && self.users == other.users
-    }
-}
-
 /// Credentials remembered as verified, process-wide, so a slow hash is checked once and
 /// not per request, nor again after every route table rebuild: each entry is a SHA-256 of
 /// user, password and the stored hash, so a changed password (a new stored hash) misses,
@@ -253,13 +241,12 @@ impl Basic {
                 portway_api::access::HTPASSWD_TYPE
             )
         })?;
-        let key = portway_api::access::HTPASSWD_KEY;
-        let text = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .ok_or_else(|| format!("basicAuth: Secret {ns}/{name} has no key {key}"))?;
+        let text = portway_api::access::htpasswd_text(secret).ok_or_else(|| {
+            format!(
+                "basicAuth: Secret {ns}/{name} has no key {}",
+                portway_api::access::HTPASSWD_KEY
+            )
+        })?;
         let lines = portway_api::access::htpasswd(&text)
             .map_err(|e| format!("basicAuth: Secret {ns}/{name}: {}", e.join("; ")))?;
         let decoy = lines
@@ -408,9 +395,9 @@ impl Policy {
     /// When it does not validate (stored before a rule existed, or written around the API
     /// server): a sentence naming the fields. Its routes then answer 500 rather than serve
     /// unguarded.
-    pub fn compile(
+    pub fn compile<'a>(
         p: &AccessPolicy,
-        secret: impl Fn(&str, &str) -> Option<Arc<Secret>>,
+        secret: impl Fn(&str, &str) -> Option<&'a Secret>,
     ) -> Result<Self, String> {
         let errors = p.validate();
         if !errors.is_empty() {
@@ -436,7 +423,7 @@ impl Policy {
             .spec
             .basic_auth
             .as_ref()
-            .map(|b| Basic::compile(b, secret(ns, &b.secret_ref.name).as_deref(), ns))
+            .map(|b| Basic::compile(b, secret(ns, &b.secret_ref.name), ns))
             .transpose()?;
         let name = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
         let rate = p.spec.rate_limit.as_ref().map(|r| {
@@ -677,7 +664,6 @@ mod tests {
                 format!("ann:{bcrypt}\nbob:{argon}\n"))},
         }))
         .unwrap();
-        let secret = Arc::new(secret);
         let p: AccessPolicy = serde_json::from_value(json!({
             "metadata": {"name": "guard", "namespace": "p"},
             "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}],
@@ -687,7 +673,7 @@ mod tests {
         let missing = Policy::compile(&p, |_, _| None).unwrap_err();
         assert!(missing.contains("no Secret p/users"), "{missing}");
         let policy = Policy::compile(&p, |ns, name| {
-            (ns == "p" && name == "users").then(|| secret.clone())
+            (ns == "p" && name == "users").then_some(&secret)
         })
         .unwrap();
         let basic = policy.basic.as_ref().unwrap();

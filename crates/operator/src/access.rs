@@ -26,8 +26,8 @@ pub mod reasons {
     pub const INVALID: &str = "Invalid";
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
     pub const CONFLICTED: &str = "Conflicted";
+    /// The condition type, and its reason when True.
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
-    pub const RESOLVED: &str = "ResolvedRefs";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const INVALID_SECRET: &str = "InvalidSecret";
 }
@@ -53,16 +53,12 @@ pub fn resolved_refs(
         ));
     };
     let errors = secret.validate();
-    let users = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(portway_api::access::HTPASSWD_KEY))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    let users = portway_api::access::htpasswd_text(secret)
         .map(|t| portway_api::access::htpasswd(&t).map(|u| u.len()));
     Some(match (errors.is_empty(), users) {
         (true, Some(Ok(n))) => (
             true,
-            reasons::RESOLVED,
+            reasons::RESOLVED_REFS,
             format!("Secret {ns}/{name} holds {n} user(s)"),
         ),
         _ => (
@@ -347,16 +343,10 @@ mod tests {
         };
         let bcrypt = "$2y$05$abcdefghijklmnopqrstuuLBHxAyqSvrL8Q0zCD0Q26c1Y9VTn3NG";
         let good = secret(&format!("ann:{bcrypt}\n"));
-        let mut good = good;
-        good.data = Some(
-            [(
-                "htpasswd".to_owned(),
-                k8s_openapi::ByteString(format!("ann:{bcrypt}\n").into_bytes()),
-            )]
-            .into(),
+        assert_eq!(
+            resolved_refs(&p, Some(&good)).unwrap().1,
+            reasons::RESOLVED_REFS
         );
-        good.string_data = None;
-        assert_eq!(resolved_refs(&p, Some(&good)).unwrap().1, reasons::RESOLVED);
         assert_eq!(
             resolved_refs(&p, None).unwrap().1,
             reasons::SECRET_NOT_FOUND

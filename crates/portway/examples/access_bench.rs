@@ -95,15 +95,10 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let bin = portway_testkit::bench::release_bin();
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    let (_nginx, nginx_port) = portway_testkit::bench::nginx(d);
-    let data = d.join("data");
-    let args = portway_testkit::up_args(&data, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (_up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
-    let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
-    let (_http, _) = portway_testkit::bench::http_tunnel(&bin, &data, nginx_port).await;
-    let client = portway_testkit::kube_client(Path::new(info["kubeconfig"].as_str().unwrap()))
+    let stack = portway_testkit::bench::TunnelStack::start(&bin, tmp.path()).await;
+    let edge = stack.edge;
+    let kubeconfig = stack.info["kubeconfig"].as_str().unwrap();
+    let client = portway_testkit::kube_client(Path::new(kubeconfig))
         .await
         .unwrap();
     let proxies: Api<HttpProxy> = Api::namespaced(client.clone(), "default");

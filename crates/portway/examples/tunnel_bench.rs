@@ -58,14 +58,16 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let bin = portway_testkit::bench::release_bin();
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
-    let (_nginx, nginx_port) = portway_testkit::bench::nginx(d);
-    let data = d.join("data");
-    let args = portway_testkit::up_args(&data, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (up, info) = portway_testkit::start_quiet(&bin, &args, "up").await;
-    let edge: SocketAddr = info["http"].as_str().unwrap().parse().unwrap();
-    let (http, _) = portway_testkit::bench::http_tunnel(&bin, &data, nginx_port).await;
+    let stack = portway_testkit::bench::TunnelStack::start(&bin, tmp.path()).await;
+    let portway_testkit::bench::TunnelStack {
+        nginx: _nginx,
+        nginx_port,
+        data,
+        up,
+        info,
+        edge,
+        http,
+    } = stack;
 
     let direct = format!("http://127.0.0.1:{nginx_port}");
     let tunnel = format!("http://{edge}");

@@ -173,6 +173,46 @@ pub async fn http_tunnel(
     crate::start_quiet(bin, &args, "http").await
 }
 
+/// The data-path benchmarks' setup: nginx (see [`nginx`]) in `dir`, `portway up` with
+/// its data in `dir/data`, and `portway http` publishing nginx at `bench.localhost`.
+pub struct TunnelStack {
+    pub nginx: crate::Process,
+    pub nginx_port: u16,
+    pub data: std::path::PathBuf,
+    pub up: crate::Process,
+    /// `portway up`'s ready file.
+    pub info: serde_json::Value,
+    /// The edge's HTTP listener.
+    pub edge: std::net::SocketAddr,
+    pub http: crate::Process,
+}
+
+impl TunnelStack {
+    /// # Panics
+    /// When a part does not start.
+    pub async fn start(bin: &std::path::Path, dir: &std::path::Path) -> Self {
+        let (nginx, nginx_port) = nginx(dir);
+        let data = dir.join("data");
+        let args = crate::up_args(&data, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (up, info) = crate::start_quiet(bin, &args, "up").await;
+        let edge = info["http"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("the edge's address in up's ready file");
+        let (http, _) = http_tunnel(bin, &data, nginx_port).await;
+        Self {
+            nginx,
+            nginx_port,
+            data,
+            up,
+            info,
+            edge,
+            http,
+        }
+    }
+}
+
 /// nginx with sendfile and one worker on a free loopback port, serving `big.bin` (256 MiB
 /// of [`crate::origin::pattern`]) and `small.txt` from `dir`; stops when dropped.
 ///
