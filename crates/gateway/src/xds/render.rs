@@ -193,6 +193,38 @@ pub fn clusters(table: &Table, node: &NodeConfig) -> Vec<Cluster> {
 /// The HTTP connection manager both listeners run: HTTP/1.1 and h2 (codec AUTO: h2c on
 /// the plain listener, h2 by ALPN on the TLS one), WebSocket upgrades, routes by RDS.
 fn connection_manager(routes: &str) -> Filter {
+    // An AccessPolicy's address rule runs first, then CORS (it answers preflights
+    // before routing), then its rate limits and basic auth (external authorization),
+    // then its size limit; each is off on every route without a config of its own.
+    let http_filters = vec![
+        super::access::rbac_filter(),
+        HttpFilter {
+            name: CORS_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+                &Cors::default(),
+            ))),
+            ..Default::default()
+        },
+        super::access::authz_filter(),
+        super::access::buffer_filter(),
+        HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                &Router::default(),
+            ))),
+            ..Default::default()
+        },
+    ];
+    // An upgraded stream's bytes are no request body for the size rule to hold (Envoy's
+    // buffer filter would wait for an end that never comes): upgrades run the same chain
+    // without it.
+    let upgrade_filters: Vec<HttpFilter> = http_filters
+        .iter()
+        .filter(|f| f.name != super::access::BUFFER_FILTER)
+        .cloned()
+        .collect();
     let hcm = HttpConnectionManager {
         stat_prefix: "portway".into(),
         codec_type: CodecType::Auto as i32,
@@ -200,32 +232,10 @@ fn connection_manager(routes: &str) -> Filter {
             route_config_name: routes.into(),
             config_source: Some(ads()),
         })),
-        // An AccessPolicy's address rule runs first, then CORS (it answers preflights
-        // before routing), then the policy's size limit; each is off on every route
-        // without a config of its own.
-        http_filters: vec![
-            super::access::rbac_filter(),
-            HttpFilter {
-                name: CORS_FILTER.into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
-                    &Cors::default(),
-                ))),
-                ..Default::default()
-            },
-            super::access::authz_filter(),
-            super::access::buffer_filter(),
-            HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    &Router::default(),
-                ))),
-                ..Default::default()
-            },
-        ],
+        http_filters,
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
+            filters: upgrade_filters,
             ..Default::default()
         }],
         use_remote_address: Some(BoolValue { value: true }),
@@ -1471,20 +1481,24 @@ mod tests {
             ("GET,PUT", "60")
         );
         assert!(by_rule("0").typed_per_filter_config.is_empty());
-        let names: Vec<_> = match &listeners(&Table::default(), &node(), &[])[0].filter_chains[0]
-            .filters[0]
+        let hcm = match &listeners(&Table::default(), &node(), &[])[0].filter_chains[0].filters[0]
             .config_type
         {
             Some(filter::ConfigType::TypedConfig(a)) => {
-                HttpConnectionManager::decode(a.value.as_slice())
-                    .unwrap()
-                    .http_filters
-                    .into_iter()
-                    .map(|f| f.name)
-                    .collect()
+                HttpConnectionManager::decode(a.value.as_slice()).unwrap()
             }
             other => panic!("{other:?}"),
         };
+        let names: Vec<_> = hcm.http_filters.iter().map(|f| f.name.clone()).collect();
+        // A WebSocket's stream is no body to hold: its chain has no buffer filter.
+        let upgrade: Vec<_> = hcm.upgrade_configs[0]
+            .filters
+            .iter()
+            .map(|f| f.name.clone())
+            .collect();
+        let mut expected = names.clone();
+        expected.retain(|n| n != super::super::access::BUFFER_FILTER);
+        assert_eq!(upgrade, expected);
         assert_eq!(
             names,
             [

@@ -234,6 +234,20 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
     let (status, text) = curl_from("127.0.0.1", front, "/echo", &chunked).await;
     assert_eq!(status, 413, "{text}");
     assert!(!text.contains("POST /echo"), "the app was reached: {text}");
+    // An upgrade has no request body to hold: a WebSocket works under the size limit,
+    // its messages of any size.
+    let stream = connect(front, "guarded.localhost", None).await;
+    let handshake = tokio_tungstenite::client_async("ws://guarded.localhost/ws", stream);
+    let (mut ws, resp) = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .expect("the WebSocket handshake within 10 s")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let message = tokio_tungstenite::tungstenite::Message::binary(vec![7u8; 4096]);
+    ws.send(message.clone()).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert_eq!(echo.unwrap().unwrap().unwrap(), message);
+    ws.close(None).await.unwrap();
 
     // A second policy on the same proxy is refused as Conflicted and changes nothing...
     let late: AccessPolicy = guarding("late", json!({"methods": ["GET"]}));

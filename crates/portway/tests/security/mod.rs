@@ -250,6 +250,8 @@ async fn attacks_on_isolation_are_refused() {
     let device_c = w.device("device-c").await;
     let device_b = w.device("device-b").await;
 
+    access_policies_stay_in_their_project(&w, &bob, &device_b).await;
+
     // 1. Cross-project routing through header filters: B's proxy, B's connector, but a
     //    backend filter naming A's device and port.
     let steal = proxy(
@@ -908,6 +910,79 @@ async fn attacks_on_isolation_are_refused() {
             .await,
     );
     assert_eq!(code, 401);
+}
+
+/// AccessPolicies: a project's policy cannot reach another project's proxy, even one
+/// named exactly (targets are names in the policy's own namespace); people and devices
+/// with the agent role may write neither policies nor the Secrets basic auth reads, so a
+/// device can neither loosen a policy on its proxy nor lock out another's.
+async fn access_policies_stay_in_their_project(
+    w: &World,
+    bob: &kube::Client,
+    device_b: &kube::Client,
+) {
+    let proxies = Api::<HttpProxy>::namespaced(w.admin.clone(), "team-a")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let a_proxy = proxies
+        .items
+        .iter()
+        .find(|p| p.spec.hostnames.iter().any(|h| h == "a.localhost"))
+        .and_then(|p| p.metadata.name.clone())
+        .unwrap();
+    let policy: portway_api::AccessPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "lock-out"},
+        "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": a_proxy}],
+                 "ip": {"deny": ["0.0.0.0/0", "::/0"]}},
+    }))
+    .unwrap();
+    // An admin's policy in team-b names team-a's proxy: it finds no target and team-a's
+    // tunnel stays open.
+    let team_b = Api::<portway_api::AccessPolicy>::namespaced(w.admin.clone(), "team-b");
+    team_b
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    eventually("the cross-project policy finds no target", WAIT, || async {
+        let p = team_b.get("lock-out").await?;
+        let c = p
+            .status
+            .iter()
+            .flat_map(|s| &s.ancestors)
+            .flat_map(|a| &a.conditions)
+            .find(|c| c.type_ == "Accepted")
+            .context("no Accepted yet")?;
+        ensure!(c.status == "False" && c.reason == "TargetNotFound", "{c:?}");
+        Ok(())
+    })
+    .await;
+    w.serves("a.localhost", &w.stack.origin).await;
+    team_b
+        .delete("lock-out", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    // The agent role writes no policies and no Secrets: not a person's, not a device's.
+    let users: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "users"}, "type": "portway.dev/htpasswd",
+        "stringData": {"htpasswd": "eve:$2y$05$abcdefghijklmnopqrstuuLBHxAyqSvrL8Q0zCD0Q26c1Y9VTn3NG"},
+    }))
+    .unwrap();
+    for client in [bob, device_b] {
+        let (code, message) = refusal(
+            Api::<portway_api::AccessPolicy>::namespaced(client.clone(), "team-b")
+                .create(&PostParams::default(), &policy)
+                .await,
+        );
+        assert_eq!(code, 403, "{message}");
+        let (code, message) = refusal(
+            Api::<Secret>::namespaced(client.clone(), "team-b")
+                .create(&PostParams::default(), &users)
+                .await,
+        );
+        assert_eq!(code, 403, "{message}");
+    }
 }
 
 /// An installation that checks no proofs of control (`portway operator` without
