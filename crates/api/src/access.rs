@@ -34,8 +34,8 @@ pub const HTPASSWD_KEY: &str = "htpasswd";
 pub const MAX_RATE_REQUESTS: u32 = 1_000_000;
 
 /// Rules for the requests to the targeted proxies, checked in this order, the first that
-/// fails answering: `ip` (403), `rateLimit` (429), `basicAuth` (401), `methods` (405),
-/// `maxRequestBytes` (413).
+/// fails answering: `ip` (403), `rateLimit` (429), `basicAuth` or `jwt` (401; 403 for a
+/// valid token without the required claims), `methods` (405), `maxRequestBytes` (413).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "networking.datumapis.com",
@@ -78,6 +78,10 @@ pub struct AccessPolicySpec {
     /// HTTP Basic authentication against hashed passwords in a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+    /// Bearer JWTs (`Authorization: Bearer …`) signed by an issuer's keys. Not with
+    /// `basicAuth`: both read the one `Authorization` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtAuth>,
     /// The only methods answered (e.g. `[GET, HEAD]`); others get 405 with `Allow`.
     /// Empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -151,6 +155,132 @@ pub struct BasicAuth {
     /// Shown by browsers in the login prompt; default the hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realm: Option<String>,
+}
+
+/// Bearer tokens: a JWT signed with RS256, ES256 or EdDSA by a key of the issuer's JWKS,
+/// whose `iss` is `issuer`, whose `aud` names one of `audiences` (when given), that has
+/// not expired (`exp` is required; a minute of clock skew is allowed) and holds the
+/// required claims. The token is not passed on; chosen claims are, as headers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtAuth {
+    /// The `iss` a token must carry, exactly.
+    pub issuer: String,
+    /// A token's `aud` must name one of these. Empty: any audience.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Where the issuer's public keys are.
+    pub jwks: JwksSource,
+    /// Claims a token must hold: a string claim equal to one of `values`, or a list claim
+    /// holding one of them (e.g. `groups`). A valid token without them gets 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<RequiredClaim>,
+    /// Claims sent to the app as request headers. A header of this list that the client
+    /// sent is always removed, so the app sees only what a token said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claim_to_headers: Vec<ClaimToHeader>,
+}
+
+/// A JWKS (`{"keys": [...]}`): in a Secret of type `portway.dev/jwks`, key `jwks`; or at
+/// an `https://` URL (`http://` only on a loopback address), fetched by the data plane,
+/// cached for five minutes and fetched again (at most every 30 s) when a token names a
+/// key it does not hold. Exactly one of the two.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwksSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequiredClaim {
+    /// A top-level claim, e.g. `groups` or `email_verified`.
+    pub name: String,
+    /// Accepted values; a number or boolean claim compares as its JSON text (`true`).
+    pub values: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    /// A top-level claim; a list is sent comma-separated, a number or boolean as JSON.
+    pub claim: String,
+    pub header: String,
+}
+
+/// The Secret type that holds a `jwt` JWKS, and its key.
+pub const JWKS_TYPE: &str = "portway.dev/jwks";
+pub const JWKS_KEY: &str = "jwks";
+
+/// Headers the data planes set themselves and a policy may not name for claims: the
+/// request's framing and routing, its credentials, and Portway's identity.
+pub fn claim_header(name: &str) -> Result<(), String> {
+    crate::filters::header_name(name)?;
+    let lower = name.to_ascii_lowercase();
+    const OWN: [&str; 9] = [
+        "host",
+        "authorization",
+        "cookie",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        IDENTITY_HEADER,
+    ];
+    if OWN.contains(&lower.as_str()) || crate::headers::is_reserved(&lower) {
+        return Err(format!(
+            "header {name:?} is set by Portway or the client's connection; name another"
+        ));
+    }
+    Ok(())
+}
+
+/// The header that carries the caller's identity to the app after `basicAuth` or `jwt`:
+/// a JWT the data plane signs (EdDSA), for the app to check against the JWKS published
+/// at [`IDENTITY_JWKS_PATH`] on every public hostname. Any copy a client sends is removed.
+pub const IDENTITY_HEADER: &str = "portway-identity";
+/// Where each public hostname publishes the keys [`IDENTITY_HEADER`] is signed with.
+pub const IDENTITY_JWKS_PATH: &str = "/.well-known/portway/jwks.json";
+/// The identity's issuer (`iss`), and how long it is valid.
+pub const IDENTITY_ISSUER: &str = "portway";
+pub const IDENTITY_TTL_SECS: u64 = 300;
+/// The Secret (in `portway-system`) holding the data planes' signing key, created by
+/// the operator: one key shared by every edge and the xDS server.
+pub const IDENTITY_SECRET: &str = "portway-identity";
+pub const IDENTITY_SECRET_TYPE: &str = "portway.dev/identity-key";
+pub const IDENTITY_SECRET_KEY: &str = "ed25519.pk8";
+
+/// A JWKS URL: `https://`, or `http://` on a loopback address only (a provider on the
+/// same machine, as OAuth allows for native apps): keys fetched in clear from anywhere
+/// else could be swapped on the way.
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn fetch_url(s: &str) -> Result<(), String> {
+    let url = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if s.len() > 2048 {
+        return Err("a URL is at most 2048 characters".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: no user, password or #fragment"));
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(format!("{s:?} names no host")),
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(format!(
+            "{s:?} must be https:// (http:// only on a loopback address)"
+        )),
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -318,17 +448,70 @@ pub const MAX_ARGON2_KIB: u32 = 65_536;
 
 /// The `htpasswd` text of a Secret, from `stringData` (as written) or `data` (as stored).
 pub fn htpasswd_text(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
+    secret_text(secret, HTPASSWD_KEY)
+}
+
+/// The `jwks` text of a Secret, as [`htpasswd_text`].
+pub fn jwks_text(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
+    secret_text(secret, JWKS_KEY)
+}
+
+fn secret_text(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> Option<String> {
     secret
         .string_data
         .as_ref()
-        .and_then(|d| d.get(HTPASSWD_KEY).cloned())
+        .and_then(|d| d.get(key).cloned())
         .or_else(|| {
             secret
                 .data
                 .as_ref()
-                .and_then(|d| d.get(HTPASSWD_KEY))
+                .and_then(|d| d.get(key))
                 .map(|b| String::from_utf8_lossy(&b.0).into_owned())
         })
+}
+
+/// The most keys, and bytes, a JWKS may hold.
+pub const MAX_JWKS_KEYS: usize = 32;
+pub const MAX_JWKS_BYTES: usize = 64 << 10;
+
+/// The shape of a JWKS: `{"keys": [...]}` of RSA (`n`, `e`), EC P-256 (`x`, `y`) or OKP
+/// Ed25519 (`x`) public keys, the count of keys. The data planes decode the values.
+///
+/// # Errors
+/// A sentence naming the first bad key and why.
+pub fn jwks(text: &str) -> Result<usize, String> {
+    if text.len() > MAX_JWKS_BYTES {
+        return Err(format!("a JWKS is at most {MAX_JWKS_BYTES} bytes"));
+    }
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = v
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("a JWKS is {\"keys\": [...]}")?;
+    if keys.is_empty() || keys.len() > MAX_JWKS_KEYS {
+        return Err(format!("a JWKS holds 1 to {MAX_JWKS_KEYS} keys"));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let field = |f: &str| k.get(f).and_then(|v| v.as_str());
+        let has = |fs: &[&str]| fs.iter().all(|f| field(f).is_some_and(|v| !v.is_empty()));
+        let ok = match field("kty") {
+            Some("RSA") => has(&["n", "e"]),
+            Some("EC") => field("crv") == Some("P-256") && has(&["x", "y"]),
+            Some("OKP") => field("crv") == Some("Ed25519") && has(&["x"]),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "keys[{i}]: a public key of kty RSA (n, e), EC with crv P-256 (x, y) or OKP with crv Ed25519 (x)"
+            ));
+        }
+        if k.get("d").is_some() {
+            return Err(format!(
+                "keys[{i}] holds a private key (d): publish only the public part"
+            ));
+        }
+    }
+    Ok(keys.len())
 }
 
 /// The users of an htpasswd text: `user:hash` per line; blank lines and `#` comments are

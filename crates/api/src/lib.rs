@@ -32,8 +32,8 @@ mod tcpproxy;
 pub mod validation;
 
 pub use access::{
-    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, IpRules, Period, Rate,
-    RateLimit, SecretRef,
+    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, ClaimToHeader, IpRules,
+    JwksSource, JwtAuth, Period, Rate, RateLimit, RequiredClaim, SecretRef,
 };
 pub use advertisement::*;
 pub use condition::*;

@@ -1048,6 +1048,62 @@ impl Validate for HttpProxy {
     }
 }
 
+/// An AccessPolicy's `jwt` rule.
+fn jwt(errs: &mut Errors, j: &crate::access::JwtAuth) {
+    let text = |errs: &mut Errors, field: String, v: &str| {
+        if v.is_empty() || v.len() > 2048 || v.chars().any(char::is_control) {
+            errs.push(
+                field,
+                FieldErrorKind::Invalid,
+                "must be 1 to 2048 characters, none of them control characters",
+            );
+        }
+    };
+    text(errs, "spec.jwt.issuer".into(), &j.issuer);
+    errs.max_items("spec.jwt.audiences", &j.audiences, MAX_ITEMS);
+    for (i, a) in j.audiences.iter().enumerate() {
+        text(errs, format!("spec.jwt.audiences[{i}]"), a);
+    }
+    match (&j.jwks.secret_ref, &j.jwks.uri) {
+        (Some(r), None) => {
+            errs.check("spec.jwt.jwks.secretRef.name", dns1123_subdomain(&r.name));
+        }
+        (None, Some(uri)) => errs.check("spec.jwt.jwks.uri", crate::access::fetch_url(uri)),
+        _ => errs.push(
+            "spec.jwt.jwks",
+            FieldErrorKind::Required,
+            "name exactly one of secretRef (a Secret of type portway.dev/jwks) and uri",
+        ),
+    }
+    errs.max_items("spec.jwt.requiredClaims", &j.required_claims, MAX_ITEMS);
+    for (i, c) in j.required_claims.iter().enumerate() {
+        let f = format!("spec.jwt.requiredClaims[{i}]");
+        text(errs, format!("{f}.name"), &c.name);
+        errs.one_to(&format!("{f}.values"), &c.values, MAX_ITEMS, "value");
+        for (k, v) in c.values.iter().enumerate() {
+            text(errs, format!("{f}.values[{k}]"), v);
+        }
+    }
+    errs.max_items("spec.jwt.claimToHeaders", &j.claim_to_headers, MAX_ITEMS);
+    for (i, c) in j.claim_to_headers.iter().enumerate() {
+        let f = format!("spec.jwt.claimToHeaders[{i}]");
+        text(errs, format!("{f}.claim"), &c.claim);
+        errs.check(
+            format!("{f}.header"),
+            crate::access::claim_header(&c.header),
+        );
+    }
+    let lower: Vec<String> = j
+        .claim_to_headers
+        .iter()
+        .map(|c| c.header.to_ascii_lowercase())
+        .collect();
+    errs.unique(
+        "spec.jwt.claimToHeaders",
+        lower.iter().enumerate().map(|(i, h)| (i, h.as_str())),
+    );
+}
+
 impl Validate for AccessPolicy {
     fn validate(&self) -> Vec<FieldError> {
         use crate::access;
@@ -1142,6 +1198,16 @@ impl Validate for AccessPolicy {
                 );
             }
         }
+        if let Some(j) = &spec.jwt {
+            jwt(&mut errs, j);
+            if spec.basic_auth.is_some() {
+                errs.push(
+                    "spec.jwt",
+                    FieldErrorKind::Forbidden,
+                    "basicAuth and jwt both read the Authorization header: choose one",
+                );
+            }
+        }
         if let Some(r) = &spec.rate_limit {
             for (field, rate) in [
                 ("spec.rateLimit.perClient", r.per_client),
@@ -1162,13 +1228,14 @@ impl Validate for AccessPolicy {
         if spec.ip.is_none()
             && spec.rate_limit.is_none()
             && spec.basic_auth.is_none()
+            && spec.jwt.is_none()
             && spec.methods.is_empty()
             && spec.max_request_bytes.is_none()
         {
             errs.push(
                 "spec",
                 FieldErrorKind::Required,
-                "a policy needs at least one rule: ip, rateLimit, basicAuth, methods or maxRequestBytes",
+                "a policy needs at least one rule: ip, rateLimit, basicAuth, jwt, methods or maxRequestBytes",
             );
         }
         if let Some(st) = &self.status {
@@ -1634,6 +1701,22 @@ impl Validate for Secret {
                 }
             }
         }
+        if self.type_.as_deref() == Some(crate::access::JWKS_TYPE) {
+            let key = crate::access::JWKS_KEY;
+            match crate::access::jwks_text(self) {
+                None => errs.push(
+                    format!("data[{key}]"),
+                    FieldErrorKind::Required,
+                    format!(
+                        "required for a Secret of type {}: a JWKS",
+                        crate::access::JWKS_TYPE
+                    ),
+                ),
+                Some(text) => {
+                    errs.check(format!("data[{key}]"), crate::access::jwks(&text).map(drop));
+                }
+            }
+        }
         errs.0
     }
 }
@@ -1844,6 +1927,44 @@ impl Validate for TlsRoute {
 mod tests {
     use super::*;
     use crate::*;
+
+    #[test]
+    fn a_jwt_rule_names_each_bad_field() {
+        let p: AccessPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}],
+                "basicAuth": {"secretRef": {"name": "users"}},
+                "jwt": {"issuer": "", "jwks": {"secretRef": {"name": "k"}, "uri": "https://id/jwks"},
+                    "requiredClaims": [{"name": "groups", "values": []}],
+                    "claimToHeaders": [{"claim": "sub", "header": "datum-node-id"},
+                        {"claim": "sub", "header": "Portway-Identity"},
+                        {"claim": "a", "header": "x-a"}, {"claim": "b", "header": "X-A"}]}},
+        }))
+        .unwrap();
+        let fields: Vec<String> = p.validate().into_iter().map(|e| e.field).collect();
+        for f in [
+            "spec.jwt",
+            "spec.jwt.issuer",
+            "spec.jwt.jwks",
+            "spec.jwt.requiredClaims[0].values",
+            "spec.jwt.claimToHeaders[0].header",
+            "spec.jwt.claimToHeaders[1].header",
+            "spec.jwt.claimToHeaders[3]",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+        }
+        for (url, ok) in [
+            ("https://id.example/jwks", true),
+            ("http://127.0.0.1:9/jwks", true),
+            ("http://localhost/jwks", true),
+            ("http://[::1]/jwks", true),
+            ("http://id.example/jwks", false),
+            ("file:///etc/passwd", false),
+            ("https://user:pw@id.example/", false),
+        ] {
+            assert_eq!(crate::access::fetch_url(url).is_ok(), ok, "{url}");
+        }
+    }
 
     #[test]
     fn labels_and_subdomains() {

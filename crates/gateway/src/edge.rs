@@ -288,6 +288,8 @@ async fn handle(
     let upgrade = {
         let headers = req.headers_mut();
         strip_internal(headers);
+        // Only a policy's sign-in sets the caller's identity.
+        headers.remove(portway_api::access::IDENTITY_HEADER);
         let upgrade = strip_hop_by_hop(headers);
         if let Some(protocol) = &upgrade {
             set_upgrade(headers, protocol.clone());
@@ -348,6 +350,24 @@ async fn handle(
         if let Ok(v) = HeaderValue::from_str(&to) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
+        return done(resp);
+    }
+
+    // The keys the identity header is signed with, for apps to check it.
+    if req.uri().path() == portway_api::access::IDENTITY_JWKS_PATH
+        && matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+    {
+        let Some(signer) = &table.identity else {
+            return done(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the identity signing key is not loaded yet",
+            ));
+        };
+        let mut resp = text(StatusCode::OK, signer.jwks().to_owned());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/jwk-set+json"),
+        );
         return done(resp);
     }
 
@@ -430,19 +450,17 @@ async fn handle(
         .boxed()
     });
     if let Some(p) = policy {
-        // How often, before anything costly (a password hash) is done for the caller.
         // A client that cannot be told is counted as the proxy that sent it.
         let who = client.unwrap_or_else(|| remote.ip().to_canonical());
-        if let Some(Err(d)) = p.rate.as_ref().map(|r| r.check(who)) {
-            return done(denied(&state.metrics, &hostname, d));
-        }
-        // Who is calling: the credentials are the edge's business, so the app never sees
-        // the password.
-        if let Some(basic) = &p.basic {
-            if let Err(d) = basic.check(req.headers()).await {
-                return done(denied(&state.metrics, &hostname, d));
+        if p.authenticates() {
+            let identity = crate::policy::Identity {
+                signer: table.identity.as_deref(),
+                host: &hostname,
+            };
+            match p.authenticate(req.headers(), who, identity).await {
+                Ok(grant) => grant.apply(req.headers_mut()),
+                Err(d) => return done(denied(&state.metrics, &hostname, d)),
             }
-            req.headers_mut().remove(header::AUTHORIZATION);
         }
         if let Err(d) = p.check_head(req.method(), req.headers()) {
             return done(denied(&state.metrics, &hostname, d));
@@ -583,9 +601,8 @@ async fn hold(mut body: Body, max: usize) -> Result<Option<bytes::Bytes>, BoxErr
 fn denied(metrics: &Metrics, hostname: &str, d: crate::policy::Denied) -> Response<Body> {
     metrics.denied(hostname, d.rule, d.reason);
     let mut resp = text(d.status, format!("{hostname}: {}", d.message));
-    if let Some(h) = d.header {
-        let (name, value) = *h;
-        resp.headers_mut().insert(name, value);
+    for (name, value) in d.headers {
+        resp.headers_mut().append(name, value);
     }
     resp.extensions_mut().insert(crate::access::DeniedBy {
         rule: d.rule,

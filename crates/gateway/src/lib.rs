@@ -42,8 +42,10 @@
 pub mod access;
 pub mod certs;
 pub mod edge;
+pub mod fetch;
 pub mod filters;
 pub mod http01;
+pub mod jwt;
 pub mod metrics;
 pub mod model;
 pub mod origin;

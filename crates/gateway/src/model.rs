@@ -479,6 +479,8 @@ pub struct Table {
     /// AccessPolicies in force, by `namespace/name`: what Envoy's external authorization
     /// asks the xDS server about.
     pub policies: HashMap<String, Arc<Policy>>,
+    /// The key the caller's identity is signed with, once the operator has made it.
+    pub identity: Option<Arc<crate::jwt::Signer>>,
 }
 
 /// Lower-cases and strips a port (`Host: a.example.com:8080`) and a trailing dot.
@@ -887,6 +889,16 @@ pub fn build(
             .into_iter()
             .filter_map(|(k, p)| p.ok().map(|p| (k, p)))
             .collect(),
+        identity: access.identity.and_then(|s| {
+            let der = s
+                .data
+                .as_ref()?
+                .get(portway_api::access::IDENTITY_SECRET_KEY)?;
+            crate::jwt::Signer::from_pkcs8(&der.0)
+                .inspect_err(|e| tracing::error!("the identity signing key: {e}"))
+                .ok()
+                .map(Arc::new)
+        }),
         ..Table::default()
     };
     for (hostname, mut routes) in by_host {
@@ -1085,12 +1097,13 @@ fn tls_services(
     (services, attachments)
 }
 
-/// What AccessPolicies need: the policies, and the Secrets of type
-/// `portway.dev/htpasswd` their basic auth names.
+/// What AccessPolicies need: the policies, the Secrets their rules name (of types
+/// `portway.dev/htpasswd` and `portway.dev/jwks`), and the identity signing key's.
 #[derive(Clone, Copy, Default)]
 pub struct Access<'a> {
     pub policies: &'a [&'a AccessPolicy],
     pub secrets: &'a [&'a Secret],
+    pub identity: Option<&'a Secret>,
 }
 
 /// The layer-4 routes of a table.

@@ -27,7 +27,242 @@ pub struct Policy {
     pub methods: Vec<Method>,
     pub max_request_bytes: Option<u64>,
     pub basic: Option<Basic>,
+    pub jwt: Option<Jwt>,
     pub rate: Option<Arc<Limits>>,
+}
+
+/// What a request that passed the policy's rate limits and sign-in carries on: headers
+/// to remove (the credentials, client copies of claim headers) and to set (claims).
+#[derive(Debug, Default)]
+pub struct Grant {
+    pub remove: Vec<header::HeaderName>,
+    pub set: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Grant {
+    /// Applies the grant to a request's headers.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        for name in self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in self.set {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// What signs the caller's identity for the app: the data plane's key (none until the
+/// operator has made it) and the public hostname the request came to (the `aud`).
+#[derive(Clone, Copy, Debug)]
+pub struct Identity<'a> {
+    pub signer: Option<&'a crate::jwt::Signer>,
+    pub host: &'a str,
+}
+
+impl Identity<'_> {
+    /// The signed identity header for `claims` (`sub`, `auth`, ...).
+    ///
+    /// # Errors
+    /// 503 while there is no key: a signed-in request never goes on without it, since
+    /// the app may rely on it.
+    fn sign(self, mut claims: serde_json::Value) -> Result<HeaderValue, Denied> {
+        let Some(signer) = self.signer else {
+            return Err(Denied {
+                rule: rules::IDENTITY,
+                reason: "no-key",
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "the identity signing key (Secret {}/{}) is not loaded yet; is the operator running?",
+                    portway_api::certificates::SYSTEM_NAMESPACE,
+                    portway_api::access::IDENTITY_SECRET
+                ),
+                headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
+            });
+        };
+        let now = crate::jwt::now();
+        claims["iss"] = portway_api::access::IDENTITY_ISSUER.into();
+        claims["aud"] = crate::model::normalize_host(self.host).into();
+        claims["iat"] = now.into();
+        claims["exp"] = (now + portway_api::access::IDENTITY_TTL_SECS).into();
+        HeaderValue::from_str(&signer.sign(&claims)).map_err(|_| Denied {
+            rule: rules::IDENTITY,
+            reason: "unsignable",
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the identity could not be written as a header".into(),
+            headers: Vec::new(),
+        })
+    }
+}
+
+/// Bearer JWTs: the issuer's keys (from a Secret, or fetched), the claims required, and
+/// the claims sent on as headers.
+#[derive(Debug)]
+pub struct Jwt {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: JwtKeys,
+    required: Vec<(String, Vec<String>)>,
+    to_headers: Vec<(String, header::HeaderName)>,
+    challenge: HeaderValue,
+}
+
+#[derive(Debug)]
+enum JwtKeys {
+    Static(crate::jwt::Keys),
+    Remote(Arc<crate::jwt::RemoteKeys>),
+}
+
+impl Jwt {
+    fn compile(
+        j: &portway_api::JwtAuth,
+        secret: Option<&Secret>,
+        ns: &str,
+    ) -> Result<Self, String> {
+        let keys = match (&j.jwks.secret_ref, &j.jwks.uri) {
+            (Some(r), _) => {
+                let name = &r.name;
+                let secret = secret
+                    .filter(|s| s.type_.as_deref() == Some(portway_api::access::JWKS_TYPE))
+                    .ok_or_else(|| {
+                        format!(
+                            "jwt: no Secret {ns}/{name} of type {}",
+                            portway_api::access::JWKS_TYPE
+                        )
+                    })?;
+                let text = portway_api::access::jwks_text(secret).ok_or_else(|| {
+                    format!(
+                        "jwt: Secret {ns}/{name} has no key {}",
+                        portway_api::access::JWKS_KEY
+                    )
+                })?;
+                JwtKeys::Static(
+                    crate::jwt::Keys::parse(&text)
+                        .map_err(|e| format!("jwt: Secret {ns}/{name}: {e}"))?,
+                )
+            }
+            (None, Some(uri)) => JwtKeys::Remote(crate::jwt::RemoteKeys::get(uri)),
+            (None, None) => return Err("jwt.jwks: name a secretRef or a uri".into()),
+        };
+        let to_headers = j
+            .claim_to_headers
+            .iter()
+            .map(|c| {
+                header::HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes())
+                    .map(|h| (c.claim.clone(), h))
+                    .map_err(|_| format!("jwt.claimToHeaders: {:?} is not a header name", c.header))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            keys,
+            required: j
+                .required_claims
+                .iter()
+                .map(|c| (c.name.clone(), c.values.clone()))
+                .collect(),
+            to_headers,
+            challenge: HeaderValue::from_static("Bearer realm=\"portway\""),
+        })
+    }
+
+    /// Checks the request's `Authorization: Bearer` token; its claims on success.
+    ///
+    /// # Errors
+    /// [`Denied`]: 401 with a `WWW-Authenticate: Bearer` challenge (RFC 6750) for a missing
+    /// or invalid token, 403 for a valid one without the required claims, 503 when the
+    /// issuer's keys cannot be fetched.
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, Denied> {
+        let unauthorized = |reason: &'static str, message: String, error: Option<&str>| {
+            let challenge = match error {
+                None => self.challenge.clone(),
+                Some(e) => {
+                    HeaderValue::from_str(&format!("Bearer realm=\"portway\", error=\"{e}\""))
+                        .unwrap_or_else(|_| self.challenge.clone())
+                }
+            };
+            Denied {
+                rule: rules::JWT,
+                reason,
+                status: if error == Some("insufficient_scope") {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::UNAUTHORIZED
+                },
+                message,
+                headers: vec![(header::WWW_AUTHENTICATE, challenge)],
+            }
+        };
+        let Some(token) = bearer(headers) else {
+            return Err(unauthorized(
+                "missing",
+                "this URL asks for a bearer token (Authorization: Bearer …)".into(),
+                None,
+            ));
+        };
+        let bad = |e: crate::jwt::Invalid| unauthorized(e.reason, e.message, Some("invalid_token"));
+        let token = crate::jwt::Token::parse(token).map_err(bad)?;
+        let fetched;
+        let keys = match &self.keys {
+            JwtKeys::Static(k) => k,
+            JwtKeys::Remote(r) => {
+                fetched = r.keys(token.kid.as_deref()).await.map_err(|why| Denied {
+                    rule: rules::JWT,
+                    reason: "keys-unavailable",
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    message: format!("the issuer's keys cannot be had: {why}"),
+                    headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
+                })?;
+                &*fetched
+            }
+        };
+        token.verify(keys).map_err(bad)?;
+        token
+            .check_claims(&self.issuer, &self.audiences, crate::jwt::now())
+            .map_err(bad)?;
+        for (name, values) in &self.required {
+            if !token
+                .claims
+                .get(name)
+                .is_some_and(|v| crate::jwt::claim_matches(v, values))
+            {
+                return Err(unauthorized(
+                    "missing-claim",
+                    format!("the token's {name} claim is not one allowed here"),
+                    Some("insufficient_scope"),
+                ));
+            }
+        }
+        Ok(token.claims)
+    }
+
+    /// The headers a request with `claims` carries on: each claim header set from the
+    /// token, or removed when the token has no such claim (a client's own copy never
+    /// passes).
+    fn grant(&self, claims: &serde_json::Map<String, serde_json::Value>, grant: &mut Grant) {
+        for (claim, name) in &self.to_headers {
+            match claims
+                .get(claim)
+                .and_then(|v| HeaderValue::from_str(&crate::jwt::claim_text(v)).ok())
+            {
+                Some(v) => grant.set.push((name.clone(), v)),
+                None => grant.remove.push(name.clone()),
+            }
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// A policy's token buckets. They outlive the compiled policy: the route table is rebuilt
@@ -131,10 +366,7 @@ impl Limits {
                 reason,
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: format!("too many requests; try again in {} s", secs.max(1)),
-                header: Some(Box::new((
-                    header::RETRY_AFTER,
-                    HeaderValue::from(secs.max(1)),
-                ))),
+                headers: vec![(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))],
             }
         };
         if let Some(b) = &self.per_client {
@@ -235,12 +467,14 @@ impl Basic {
         ns: &str,
     ) -> Result<Self, String> {
         let name = &b.secret_ref.name;
-        let secret = secret.ok_or_else(|| {
-            format!(
-                "basicAuth: no Secret {ns}/{name} of type {}",
-                portway_api::access::HTPASSWD_TYPE
-            )
-        })?;
+        let secret = secret
+            .filter(|s| s.type_.as_deref() == Some(portway_api::access::HTPASSWD_TYPE))
+            .ok_or_else(|| {
+                format!(
+                    "basicAuth: no Secret {ns}/{name} of type {}",
+                    portway_api::access::HTPASSWD_TYPE
+                )
+            })?;
         let text = portway_api::access::htpasswd_text(secret).ok_or_else(|| {
             format!(
                 "basicAuth: Secret {ns}/{name} has no key {}",
@@ -278,7 +512,7 @@ impl Basic {
             reason,
             status: StatusCode::UNAUTHORIZED,
             message: message.to_owned(),
-            header: Some(Box::new((header::WWW_AUTHENTICATE, self.challenge.clone()))),
+            headers: vec![(header::WWW_AUTHENTICATE, self.challenge.clone())],
         };
         let Some((user, password)) = basic_credentials(headers) else {
             return Err(denied(
@@ -309,7 +543,7 @@ impl Basic {
                     reason: "busy",
                     status: StatusCode::TOO_MANY_REQUESTS,
                     message: "too many sign-ins at once; try again in a second".into(),
-                    header: Some(Box::new((header::RETRY_AFTER, HeaderValue::from(1)))),
+                    headers: vec![(header::RETRY_AFTER, HeaderValue::from(1))],
                 });
             };
             let _permit = CHECKS.acquire().await;
@@ -376,8 +610,8 @@ pub struct Denied {
     pub reason: &'static str,
     pub status: StatusCode,
     pub message: String,
-    /// A header the answer carries: `Allow` for a 405, `WWW-Authenticate` for a 401.
-    pub header: Option<Box<(header::HeaderName, HeaderValue)>>,
+    /// Headers the answer carries: `Allow` for a 405, `WWW-Authenticate` for a 401.
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 pub mod rules {
@@ -386,6 +620,8 @@ pub mod rules {
     pub const SIZE: &str = "size";
     pub const BASIC_AUTH: &str = "basic-auth";
     pub const RATE: &str = "rate";
+    pub const JWT: &str = "jwt";
+    pub const IDENTITY: &str = "identity";
 }
 
 impl Policy {
@@ -425,6 +661,15 @@ impl Policy {
             .as_ref()
             .map(|b| Basic::compile(b, secret(ns, &b.secret_ref.name), ns))
             .transpose()?;
+        let jwt = p
+            .spec
+            .jwt
+            .as_ref()
+            .map(|j| {
+                let secret = j.jwks.secret_ref.as_ref().and_then(|r| secret(ns, &r.name));
+                Jwt::compile(j, secret, ns)
+            })
+            .transpose()?;
         let name = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
         let rate = p.spec.rate_limit.as_ref().map(|r| {
             let uid = p.metadata.uid.as_deref().unwrap_or_default();
@@ -433,6 +678,7 @@ impl Policy {
         Ok(Self {
             name,
             basic,
+            jwt,
             rate,
             allow: nets(&ip.allow),
             deny: nets(&ip.deny),
@@ -461,7 +707,7 @@ impl Policy {
                 reason: "unknown-client",
                 status: StatusCode::FORBIDDEN,
                 message: "the client's address cannot be told: X-Forwarded-For from the trusted proxy does not parse".into(),
-                header: None,
+                headers: Vec::new(),
             });
         };
         let denied = |reason, why: &str| Denied {
@@ -469,7 +715,7 @@ impl Policy {
             reason,
             status: StatusCode::FORBIDDEN,
             message: format!("{client} {why}"),
-            header: None,
+            headers: Vec::new(),
         };
         if self.deny.iter().any(|n| n.contains(&client)) {
             return Err(denied("denied", "is denied by the access policy"));
@@ -478,6 +724,55 @@ impl Policy {
             return Err(denied("not-allowed", "is not allowed by the access policy"));
         }
         Ok(())
+    }
+
+    /// The rules after the address and CORS, up to who is calling: rate limits (before
+    /// anything costly, such as a password hash, is done for the caller), then basic auth
+    /// or a bearer JWT. `client` is the address the rate per client counts.
+    ///
+    /// # Errors
+    /// The first rule that fails.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        client: IpAddr,
+        identity: Identity<'_>,
+    ) -> Result<Grant, Denied> {
+        if let Some(limits) = &self.rate {
+            limits.check(client)?;
+        }
+        let mut grant = Grant::default();
+        // The credentials are the edge's business: the app never sees a password or a
+        // token, only the identity the edge vouches for.
+        let mut who = None;
+        if let Some(basic) = &self.basic {
+            let user = basic.check(headers).await?;
+            grant.remove.push(header::AUTHORIZATION);
+            who = Some(serde_json::json!({"sub": user, "auth": "basic"}));
+        }
+        if let Some(jwt) = &self.jwt {
+            let claims = jwt.check(headers).await?;
+            grant.remove.push(header::AUTHORIZATION);
+            jwt.grant(&claims, &mut grant);
+            let mut id = serde_json::json!({"auth": "jwt", "upstream_iss": jwt.issuer});
+            for k in ["sub", "email", "name", "groups"] {
+                if let Some(v) = claims.get(k) {
+                    id[k] = v.clone();
+                }
+            }
+            who = Some(id);
+        }
+        let name = header::HeaderName::from_static(portway_api::access::IDENTITY_HEADER);
+        match who {
+            Some(claims) => grant.set.push((name, identity.sign(claims)?)),
+            None => grant.remove.push(name),
+        }
+        Ok(grant)
+    }
+
+    /// Whether [`Policy::authenticate`] has anything to do.
+    pub fn authenticates(&self) -> bool {
+        self.rate.is_some() || self.basic.is_some() || self.jwt.is_some()
     }
 
     /// The rules on the request head after the address: method, then declared size.
@@ -497,9 +792,11 @@ impl Policy {
                 reason: "not-allowed",
                 status: StatusCode::METHOD_NOT_ALLOWED,
                 message: format!("{method} is not allowed here; allowed: {allow}"),
-                header: HeaderValue::from_str(&allow)
+                headers: HeaderValue::from_str(&allow)
                     .ok()
-                    .map(|v| Box::new((header::ALLOW, v))),
+                    .map(|v| (header::ALLOW, v))
+                    .into_iter()
+                    .collect(),
             });
         }
         if let Some(max) = self.max_request_bytes {
@@ -522,7 +819,7 @@ pub fn too_large(max: u64) -> Denied {
         reason: "too-large",
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("the request body is larger than {max} bytes"),
-        header: None,
+        headers: Vec::new(),
     }
 }
 
@@ -580,6 +877,92 @@ mod tests {
         Policy::compile(&p, |_, _| None)
     }
 
+    #[tokio::test]
+    async fn jwt_claims_become_headers_and_the_app_gets_a_signed_identity() {
+        use crate::jwt::{Keys, Signer, Token, now};
+        let issuer = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+        let edge = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+        let secret = |type_: &str| -> Secret {
+            serde_json::from_value(json!({
+                "metadata": {"name": "keys", "namespace": "p"}, "type": type_,
+                "stringData": {"jwks": issuer.jwks()}}))
+            .unwrap()
+        };
+        let (keys, wrong) = (secret("portway.dev/jwks"), secret("portway.dev/htpasswd"));
+        let p: AccessPolicy = serde_json::from_value(json!({
+            "metadata": {"name": "guard", "namespace": "p"},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}],
+                "jwt": {"issuer": "https://id", "jwks": {"secretRef": {"name": "keys"}},
+                    "requiredClaims": [{"name": "groups", "values": ["dev"]}],
+                    "claimToHeaders": [{"claim": "email", "header": "X-Email"}, {"claim": "team", "header": "x-team"}]}},
+        }))
+        .unwrap();
+        let e = Policy::compile(&p, |_, _| Some(&wrong)).unwrap_err();
+        assert!(e.contains("of type portway.dev/jwks"), "{e}");
+        let policy = Policy::compile(&p, |_, n| (n == "keys").then_some(&keys)).unwrap();
+        let mut h = HeaderMap::new();
+        let claims = json!({"iss": "https://id", "exp": now() + 60, "sub": "ann",
+            "email": "ann@example.com", "groups": ["dev"]});
+        let bearer = format!("Bearer {}", issuer.sign(&claims));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&bearer).unwrap(),
+        );
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let identity = Identity {
+            signer: Some(&edge),
+            host: "App.Example.com:8443",
+        };
+        let grant = policy.authenticate(&h, client, identity).await.unwrap();
+        assert!(grant.remove.contains(&header::AUTHORIZATION));
+        assert!(
+            grant.remove.iter().any(|n| n == "x-team"),
+            "a claim the token lacks is removed"
+        );
+        let set: HashMap<&str, &HeaderValue> =
+            grant.set.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        assert_eq!(set["x-email"], "ann@example.com");
+        let t = Token::parse(set["portway-identity"].to_str().unwrap()).unwrap();
+        t.verify(&Keys::parse(edge.jwks()).unwrap()).unwrap();
+        t.check_claims("portway", &["app.example.com".into()], now())
+            .unwrap();
+        assert_eq!(
+            (t.claims["sub"].as_str(), t.claims["auth"].as_str()),
+            (Some("ann"), Some("jwt"))
+        );
+        // Signed in but no key to vouch with: refused, never sent on without.
+        let unsigned = Identity {
+            signer: None,
+            host: "app.example.com",
+        };
+        let d = policy.authenticate(&h, client, unsigned).await.unwrap_err();
+        assert_eq!(
+            (d.status, d.reason),
+            (StatusCode::SERVICE_UNAVAILABLE, "no-key")
+        );
+        // A token without the required group: 403 with insufficient_scope.
+        let outsider = format!(
+            "Bearer {}",
+            issuer.sign(&json!({"iss": "https://id", "exp": now() + 60, "groups": "ops"}))
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&outsider).unwrap(),
+        );
+        let d = policy.authenticate(&h, client, identity).await.unwrap_err();
+        assert_eq!(
+            (d.status, d.reason),
+            (StatusCode::FORBIDDEN, "missing-claim")
+        );
+        assert!(
+            d.headers[0]
+                .1
+                .to_str()
+                .unwrap()
+                .contains("insufficient_scope")
+        );
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -626,7 +1009,7 @@ mod tests {
         let d = p.check_head(&Method::DELETE, &h).unwrap_err();
         assert_eq!(d.status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
-            *d.header.unwrap(),
+            d.headers[0],
             (header::ALLOW, HeaderValue::from_static("GET, POST"))
         );
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
@@ -707,7 +1090,7 @@ mod tests {
         }
         let d = basic.check(&HeaderMap::new()).await.unwrap_err();
         assert_eq!(d.reason, "missing");
-        let (name, value) = *d.header.unwrap();
+        let (name, value) = d.headers[0].clone();
         assert_eq!(
             (name, value.to_str().unwrap()),
             (
@@ -742,11 +1125,7 @@ mod tests {
             (d.status, d.reason),
             (StatusCode::TOO_MANY_REQUESTS, "per-client")
         );
-        assert_eq!(
-            d.header.unwrap().1,
-            "30",
-            "one token of 2/minute comes in 30 s"
-        );
+        assert_eq!(d.headers[0].1, "30", "one token of 2/minute comes in 30 s");
         // Another client has its own bucket, but the tunnel's is shared: 3 in all.
         assert!(limits.check(b).is_ok());
         // A new compile of the same policy (a route table rebuild) keeps the buckets.

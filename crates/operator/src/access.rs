@@ -32,45 +32,64 @@ pub mod reasons {
     pub const INVALID_SECRET: &str = "InvalidSecret";
 }
 
-/// Whether the Secret basic auth names holds users: `ResolvedRefs` (status, reason,
-/// message), or `None` for a policy without basic auth. A policy whose Secret is missing
-/// or wrong stays attached, and its routes answer 500: never open.
+/// The Secret a policy reads, if any: its rule, the Secret's name and type.
+pub fn secret_ref(policy: &AccessPolicy) -> Option<(&'static str, &str, &'static str)> {
+    use portway_api::access::{HTPASSWD_TYPE, JWKS_TYPE};
+    if let Some(b) = &policy.spec.basic_auth {
+        return Some(("basicAuth", &b.secret_ref.name, HTPASSWD_TYPE));
+    }
+    let r = policy.spec.jwt.as_ref()?.jwks.secret_ref.as_ref()?;
+    Some(("jwt", &r.name, JWKS_TYPE))
+}
+
+/// Whether the Secret the policy names (basic auth users, or JWT keys) is usable:
+/// `ResolvedRefs` (status, reason, message), or `None` for a policy that names none. A
+/// policy whose Secret is missing or wrong stays attached, and its routes answer 500:
+/// never open.
 pub fn resolved_refs(
     policy: &AccessPolicy,
     secret: Option<&Secret>,
 ) -> Option<(bool, &'static str, String)> {
-    let b = policy.spec.basic_auth.as_ref()?;
-    let (ns, name) = (policy.namespace().unwrap_or_default(), &b.secret_ref.name);
+    let (rule, name, kind) = secret_ref(policy)?;
+    let ns = policy.namespace().unwrap_or_default();
     let closed = "; its proxies answer 500 until it is fixed";
-    let Some(secret) = secret else {
+    let Some(secret) = secret.filter(|s| s.type_.as_deref() == Some(kind)) else {
         return Some((
             false,
             reasons::SECRET_NOT_FOUND,
-            format!(
-                "basicAuth: no Secret {ns}/{name} of type {}{closed}",
-                portway_api::access::HTPASSWD_TYPE
-            ),
+            format!("{rule}: no Secret {ns}/{name} of type {kind}{closed}"),
         ));
     };
     let errors = secret.validate();
-    let users = portway_api::access::htpasswd_text(secret)
-        .map(|t| portway_api::access::htpasswd(&t).map(|u| u.len()));
-    Some(match (errors.is_empty(), users) {
-        (true, Some(Ok(n))) => (
+    let holds = if rule == "basicAuth" {
+        portway_api::access::htpasswd_text(secret)
+            .and_then(|t| portway_api::access::htpasswd(&t).ok().map(|u| u.len()))
+            .map(|n| format!("{n} user(s)"))
+    } else {
+        portway_api::access::jwks_text(secret)
+            .and_then(|t| portway_api::access::jwks(&t).ok())
+            .map(|n| format!("{n} key(s)"))
+    };
+    Some(match (errors.is_empty(), holds) {
+        (true, Some(n)) => (
             true,
             reasons::RESOLVED_REFS,
-            format!("Secret {ns}/{name} holds {n} user(s)"),
+            format!("Secret {ns}/{name} holds {n}"),
         ),
-        _ => (
+        (_, holds) => (
             false,
             reasons::INVALID_SECRET,
             format!(
-                "basicAuth: Secret {ns}/{name}: {}{closed}",
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                "{rule}: Secret {ns}/{name}: {}{closed}",
+                if errors.is_empty() && holds.is_none() {
+                    "holds nothing usable".to_owned()
+                } else {
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
             ),
         ),
     })
@@ -205,9 +224,13 @@ pub(crate) async fn reconcile(policy: Arc<AccessPolicy>, ctx: Arc<Ctx>) -> Resul
     let policies = ctx.access.get(&ns);
     let proxy_refs: Vec<&HttpProxy> = proxies.iter().map(AsRef::as_ref).collect();
     let policy_refs: Vec<&AccessPolicy> = policies.iter().map(AsRef::as_ref).collect();
-    let secret = policy.spec.basic_auth.as_ref().and_then(|b| {
-        ctx.htpasswd
-            .get(&ObjectRef::new(&b.secret_ref.name).within(&ns))
+    let secret = secret_ref(&policy).and_then(|(_, name, kind)| {
+        let store = if kind == portway_api::access::HTPASSWD_TYPE {
+            &ctx.htpasswd
+        } else {
+            &ctx.jwks
+        };
+        store.get(&ObjectRef::new(name).within(&ns))
     });
     let mut decided = status(
         &policy,

@@ -28,6 +28,7 @@ pub mod certs;
 pub mod connector;
 pub mod dns;
 mod hostnames;
+pub mod identity;
 pub mod proxy;
 pub mod tcp;
 pub mod verify;
@@ -207,8 +208,10 @@ pub(crate) struct Ctx {
     /// HTTPProxies and AccessPolicies, by namespace (a policy names proxies of its own).
     proxies: Index<HttpProxy>,
     access: Index<AccessPolicy>,
-    /// Secrets of type `portway.dev/htpasswd` (basic auth users), and only those.
+    /// Secrets of type `portway.dev/htpasswd` (basic auth users) and `portway.dev/jwks`
+    /// (JWT keys), and only those.
     htpasswd: Store<Secret>,
+    jwks: Store<Secret>,
     /// TCPRoutes, by owner uid (the Gateways, Services and slices above serve both kinds).
     tcp_routes: Index<TcpRoute>,
     /// TLSRoutes of passthrough TCPProxies, by owner uid.
@@ -424,6 +427,7 @@ impl Operator {
         let udp_routes = pending::<UdpRoute>();
         let access = pending::<AccessPolicy>();
         let htpasswd = pending::<Secret>();
+        let jwks = pending::<Secret>();
         let verifier = config
             .verification
             .clone()
@@ -621,6 +625,7 @@ impl Operator {
             proxies: proxies_by_ns.clone(),
             access: access_by_ns.clone(),
             htpasswd: htpasswd.store.clone(),
+            jwks: jwks.store.clone(),
             tcp_routes: tcp_routes_by_owner.clone(),
             tls_routes: tls_routes_by_owner.clone(),
             udp_routes: udp_routes_by_owner.clone(),
@@ -652,13 +657,14 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
-            let (k, l, m, n, o, p) = (
+            let (k, l, m, n, o, p, q) = (
                 tcp_proxies.store.clone(),
                 tcp_routes.store.clone(),
                 tls_routes.store.clone(),
                 udp_routes.store.clone(),
                 access.store.clone(),
                 htpasswd.store.clone(),
+                jwks.store.clone(),
             );
             async move {
                 let _ = futures::join!(
@@ -678,6 +684,7 @@ impl Operator {
                     n.wait_until_ready(),
                     o.wait_until_ready(),
                     p.wait_until_ready(),
+                    q.wait_until_ready(),
                     async move {
                         let _ = ports_known.wait_for(|known| *known).await;
                     },
@@ -698,26 +705,28 @@ impl Operator {
         tasks.push(classes.spawn(Api::all(client.clone()), class_subs, s.clone()));
         tasks.push(tcp_proxies.spawn(Api::all(client.clone()), tcp_subs, s.clone()));
         tasks.push(access.spawn(Api::all(client.clone()), access_subs, s.clone()));
-        let htpasswd_subs: Vec<Subscriber<Secret>> = vec![{
+        // A policy's ResolvedRefs follows its Secrets.
+        let secret_subs = || -> Vec<Subscriber<Secret>> {
             let (atx, astore) = (access_tx.clone(), access_by_ns.clone());
-            // A policy's ResolvedRefs follows its Secret.
-            Box::new(move |e| {
+            vec![Box::new(move |e| {
                 if let Some(secret) = touched(e) {
                     send_matching(&atx, &astore, secret.namespace().as_deref(), |_| true);
                 } else if relisted(e) {
                     send_matching(&atx, &astore, None, |_| true);
                 }
-            })
-        }];
-        tasks.push(
-            htpasswd.spawn_with(
+            })]
+        };
+        for (store, kind) in [
+            (htpasswd, portway_api::access::HTPASSWD_TYPE),
+            (jwks, portway_api::access::JWKS_TYPE),
+        ] {
+            tasks.push(store.spawn_with(
                 Api::all(client.clone()),
-                watcher::Config::default()
-                    .fields(&format!("type={}", portway_api::access::HTPASSWD_TYPE)),
-                htpasswd_subs,
+                watcher::Config::default().fields(&format!("type={kind}")),
+                secret_subs(),
                 s.clone(),
-            ),
-        );
+            ));
+        }
         tasks.push(routes.spawn(
             Api::all(client.clone()),
             vec![
@@ -880,6 +889,10 @@ impl Operator {
                 ctx,
             )
             .for_each(|_| futures::future::ready(()));
+        tasks.push(tokio::spawn(identity::ensure_key(
+            client.clone(),
+            shutdown.clone(),
+        )));
         let shutdown_wait = shutdown.clone();
         let (synced_tx, synced) = watch::channel(false);
         tasks.push(tokio::spawn(async move {

@@ -129,10 +129,21 @@ pub fn spawn(
     let (udp_store, udp_routes) = reflect(Api::<UdpRoute>::all(client.clone()), all());
     let (slice_store, slices) = reflect(Api::<EndpointSlice>::all(client.clone()), all());
     let (access_store, access) = reflect(Api::<AccessPolicy>::all(client.clone()), all());
-    // Only the Secrets basic auth reads: no other Secret is cached here.
+    // Only the Secrets basic auth and JWT read: no other Secret is cached here.
     let (secret_store, secrets) = reflect(
         Api::<Secret>::all(client.clone()),
         watcher::Config::default().fields(&format!("type={}", portway_api::access::HTPASSWD_TYPE)),
+    );
+    let (identity_store, identity) = reflect(
+        Api::<Secret>::namespaced(client.clone(), portway_api::certificates::SYSTEM_NAMESPACE),
+        watcher::Config::default().fields(&format!(
+            "type={}",
+            portway_api::access::IDENTITY_SECRET_TYPE
+        )),
+    );
+    let (jwks_store, jwks) = reflect(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default().fields(&format!("type={}", portway_api::access::JWKS_TYPE)),
     );
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
@@ -155,7 +166,10 @@ pub fn spawn(
             udp_routes.map(|e| e.map(drop)),
             slices.map(|e| e.map(drop)),
             access.map(|e| e.map(drop)),
-            secrets.map(|e| e.map(drop)),
+            futures::stream::select(
+                futures::stream::select(secrets.map(|e| e.map(drop)), jwks.map(|e| e.map(drop))),
+                identity.map(|e| e.map(drop)),
+            ),
         );
         let layer4 =
             futures::stream::select(futures::stream::select(tcp_routes, tls_routes), udp_routes);
@@ -199,7 +213,9 @@ pub fn spawn(
                 && is_ready(&udp_store)
                 && is_ready(&slice_store)
                 && is_ready(&access_store)
-                && is_ready(&secret_store))
+                && is_ready(&secret_store)
+                && is_ready(&jwks_store)
+                && is_ready(&identity_store))
             {
                 continue;
             }
@@ -224,11 +240,19 @@ pub fn spawn(
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
             let access_state = access_store.state();
             let policies: Vec<&AccessPolicy> = access_state.iter().map(AsRef::as_ref).collect();
-            let secret_state = secret_store.state();
-            let secrets: Vec<&Secret> = secret_state.iter().map(AsRef::as_ref).collect();
+            let (secret_state, jwks_state) = (secret_store.state(), jwks_store.state());
+            let secrets: Vec<&Secret> = secret_state
+                .iter()
+                .chain(&jwks_state)
+                .map(AsRef::as_ref)
+                .collect();
+            let identity_state = identity_store.state();
             let access = model::Access {
                 policies: &policies,
                 secrets: &secrets,
+                identity: identity_state.iter().map(AsRef::as_ref).find(|s| {
+                    s.metadata.name.as_deref() == Some(portway_api::access::IDENTITY_SECRET)
+                }),
             };
             let (t, attachments) =
                 model::build(&config.class, &gws, &routes, &access, &l4, &slices);

@@ -184,7 +184,7 @@ pub fn route_configs(p: &Policy) -> Vec<(String, Any)> {
             ),
         ));
     }
-    if p.basic.is_some() || p.rate.is_some() {
+    if p.authenticates() {
         let per_route = ExtAuthzPerRoute {
             r#override: Some(ext_authz_per_route::Override::CheckSettings(
                 CheckSettings {

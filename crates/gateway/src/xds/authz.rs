@@ -1,6 +1,9 @@
 //! Envoy's external authorization, answered by the xDS server for the AccessPolicy rules
 //! Envoy's own filters cannot express alike: basic auth against bcrypt and Argon2 hashes
-//! (Envoy's `basic_auth` takes only `{SHA}`), and rate limits (`local_ratelimit` keeps a
+//! (Envoy's `basic_auth` takes only `{SHA}`); bearer JWTs (`jwt_authn` could verify
+//! them, but not match a claim in a list for `requiredClaims` without a second RBAC
+//! stage, and the identity the app is sent must be signed after sign-in, which no Envoy
+//! filter does); and rate limits (`local_ratelimit` keeps a
 //! bucket per Envoy, so N Envoys would allow N times the rate, and has no bucket per
 //! client without dynamic descriptors; here the xDS server's buckets are shared by every
 //! Envoy it feeds, and `Retry-After` is exact). Envoy asks over the same gRPC connection
@@ -77,26 +80,40 @@ impl Authorization for Authz {
             .source
             .and_then(|p| p.address)
             .and_then(|a| match a.address {
-                Some(address::Address::SocketAddress(s)) => s.address.parse().ok(),
+                Some(address::Address::SocketAddress(s)) => {
+                    s.address.parse::<std::net::IpAddr>().ok()
+                }
                 _ => None,
             });
-        if let Some(limits) = &policy.rate {
-            let Some(client) = client else {
-                return Ok(tonic::Response::new(refused(
-                    "Envoy named no client address to rate-limit",
-                )));
-            };
-            if let Err(d) = limits.check(client) {
-                return Ok(tonic::Response::new(denied(&http.host, d)));
-            }
-        }
-        let mut remove = Vec::new();
-        if let Some(basic) = &policy.basic {
-            if let Err(d) = basic.check(&headers).await {
-                return Ok(tonic::Response::new(denied(&http.host, d)));
-            }
-            remove.push(http::header::AUTHORIZATION.as_str().to_owned());
-        }
+        let Some(client) = client else {
+            return Ok(tonic::Response::new(refused(
+                "Envoy named no client address",
+            )));
+        };
+        let table = self.table.load();
+        let identity = crate::policy::Identity {
+            signer: table.identity.as_deref(),
+            host: &http.host,
+        };
+        let grant = match policy
+            .authenticate(&headers, client.to_canonical(), identity)
+            .await
+        {
+            Ok(g) => g,
+            Err(d) => return Ok(tonic::Response::new(denied(&http.host, d))),
+        };
+        // A header both removed and set is set: Envoy applies removals last.
+        let remove = grant
+            .remove
+            .iter()
+            .filter(|n| !grant.set.iter().any(|(s, _)| s == *n))
+            .map(|n| n.as_str().to_owned())
+            .collect();
+        let set = grant
+            .set
+            .iter()
+            .filter_map(|(n, v)| Some(header(n.as_str(), v.to_str().ok()?)))
+            .collect();
         Ok(tonic::Response::new(CheckResponse {
             status: Some(Status {
                 code: OK,
@@ -104,6 +121,7 @@ impl Authorization for Authz {
             }),
             http_response: Some(check_response::HttpResponse::OkResponse(OkHttpResponse {
                 headers_to_remove: remove,
+                headers: set,
                 ..Default::default()
             })),
             ..Default::default()
@@ -126,10 +144,10 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 /// The answer Envoy gives the client for a rule that failed, as the edge would.
 fn denied(host: &str, d: Denied) -> CheckResponse {
     let mut headers = vec![header("content-type", "text/plain; charset=utf-8")];
-    if let Some((name, value)) = d.header.as_deref()
-        && let Ok(value) = value.to_str()
-    {
-        headers.push(header(name.as_str(), value));
+    for (name, value) in &d.headers {
+        if let Ok(value) = value.to_str() {
+            headers.push(header(name.as_str(), value));
+        }
     }
     let host = crate::edge::host_name(host);
     CheckResponse {

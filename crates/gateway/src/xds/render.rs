@@ -719,7 +719,7 @@ fn exact(v: &str) -> StringMatcher {
 pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfiguration {
     let mut hosts: Vec<_> = table.hosts().collect();
     hosts.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-    let virtual_hosts = hosts
+    let virtual_hosts: Vec<VirtualHost> = hosts
         .into_iter()
         .map(|h| VirtualHost {
             name: h.hostname.clone(),
@@ -901,8 +901,17 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                         request_headers_to_add,
                         // A client's `datum-fallback` never reaches the sidecar: removed
                         // here, or overwritten by each weighted cluster.
+                        // A client's identity header never passes; a route whose policy
+                        // signs callers in has it set (or removed) by ext_authz instead, which
+                        // this removal, applied later by the router, would undo.
                         request_headers_to_remove: removals(&r.filter)
                             .into_iter()
+                            .chain(
+                                (!r.access
+                                    .as_deref()
+                                    .is_some_and(crate::policy::Policy::authenticates))
+                                .then(|| portway_api::access::IDENTITY_HEADER.to_owned()),
+                            )
                             .chain((!weighted).then(|| headers::FALLBACK.to_owned()))
                             .collect(),
                         ..Default::default()
@@ -911,6 +920,15 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
                 })
                 .collect(),
             ..Default::default()
+        })
+        .collect();
+    // Each public hostname publishes the keys the caller's identity is signed with.
+    let jwks = identity_jwks(table);
+    let virtual_hosts = virtual_hosts
+        .into_iter()
+        .map(|mut vh| {
+            vh.routes.insert(0, jwks.clone());
+            vh
         })
         .collect();
     RouteConfiguration {
@@ -922,6 +940,63 @@ pub fn route_configuration(table: &Table, node: &NodeConfig) -> RouteConfigurati
         // values Envoy adds per weighted cluster, which are applied before it.)
         most_specific_header_mutations_wins: true,
         ignore_port_in_host_matching: true,
+        ..Default::default()
+    }
+}
+
+const IDENTITY_JWKS_ROUTE: &str = "portway/identity-jwks";
+
+/// The route answering [`portway_api::access::IDENTITY_JWKS_PATH`] (GET and HEAD) with
+/// the identity signing key's JWKS, or 503 until there is one.
+fn identity_jwks(table: &Table) -> Route {
+    let (status, body, content_type) = match &table.identity {
+        Some(s) => (200, s.jwks().to_owned(), "application/jwk-set+json"),
+        None => (
+            503,
+            "the identity signing key is not loaded yet".to_owned(),
+            "text/plain; charset=utf-8",
+        ),
+    };
+    Route {
+        name: IDENTITY_JWKS_ROUTE.into(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Path(
+                portway_api::access::IDENTITY_JWKS_PATH.into(),
+            )),
+            headers: vec![HeaderMatcher {
+                name: ":method".into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::SafeRegex(
+                            RegexMatcher {
+                                regex: "GET|HEAD".into(),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status,
+            body: Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(body)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        response_headers_to_add: vec![HeaderValueOption {
+            header: Some(HeaderValue {
+                key: "content-type".into(),
+                value: content_type.into(),
+                ..Default::default()
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
@@ -1239,10 +1314,12 @@ mod tests {
             .iter()
             .find(|v| v.name == "app.example.com")
             .unwrap();
+        // After the identity JWKS route every virtual host starts with.
+        let routes = &app.routes[1..];
         assert_eq!(app.domains, ["app.example.com"]);
+        assert_eq!(app.routes[0].name, IDENTITY_JWKS_ROUTE);
         // Precedence: exact /down, then the /api/ prefix with method + header, then /.
-        let paths: Vec<_> = app
-            .routes
+        let paths: Vec<_> = routes
             .iter()
             .map(|r| r.r#match.as_ref().unwrap().path_specifier.clone().unwrap())
             .collect();
@@ -1259,11 +1336,11 @@ mod tests {
             _ => panic!("not a route action"),
         };
         assert_eq!(
-            action(&app.routes[0]).cluster_specifier,
+            action(&routes[0]).cluster_specifier,
             Some(route_action::ClusterSpecifier::Cluster(UNREADY.into())),
             "all backends unready → 503"
         );
-        let api = &app.routes[1];
+        let api = &routes[1];
         assert_eq!(
             api.r#match
                 .as_ref()
@@ -1298,7 +1375,7 @@ mod tests {
             node_header.append_action,
             HeaderAppendAction::OverwriteIfExistsOrAdd as i32
         );
-        let root = action(&app.routes[2]);
+        let root = action(&routes[2]);
         assert_eq!(
             root.timeout,
             Some(PbDuration {
@@ -1334,6 +1411,8 @@ mod tests {
             .iter()
             .find(|v| v.name == "app.example.com")
             .unwrap();
+        // After the identity JWKS route every virtual host starts with.
+        let routes = &app.routes[1..];
         let value = |opts: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
             opts.iter()
                 .map(|h| h.header.as_ref().unwrap())
@@ -1345,19 +1424,19 @@ mod tests {
                 .contains(&"datum-fallback".to_owned())
         };
         assert!(
-            removes(&app.routes[0]) && removes(&app.routes[1]),
+            removes(&routes[0]) && removes(&routes[1]),
             "a client's fallback never reaches the sidecar"
         );
         assert!(
-            !removes(&app.routes[2]),
+            !removes(&routes[2]),
             "Envoy applies a route's removals after its weighted clusters' headers"
         );
         assert_eq!(
-            value(&app.routes[1].request_headers_to_add),
+            value(&routes[1].request_headers_to_add),
             None,
             "one backend: nothing to fall back to"
         );
-        let Some(route::Action::Route(root)) = &app.routes[2].action else {
+        let Some(route::Action::Route(root)) = &routes[2].action else {
             panic!("not a route action")
         };
         let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &root.cluster_specifier
@@ -1557,14 +1636,21 @@ mod tests {
             &crate::model::Access {
                 policies: &[&policy],
                 secrets: &[],
+                identity: None,
             },
             &crate::model::Layer4Routes::default(),
             &[],
         );
         let rc = route_configuration(&table, &node());
-        let routes = &rc.virtual_hosts[0].routes;
+        let routes = &rc.virtual_hosts[0].routes[1..];
         let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["p/r/0/method", "p/r/0", "p/r/1", "p/r/2"]);
+        // A client's identity header is removed where no sign-in sets it (this policy
+        // has none).
+        assert!(routes[1..].iter().all(|r| {
+            r.request_headers_to_remove
+                .contains(&portway_api::access::IDENTITY_HEADER.to_owned())
+        }));
 
         let refusal = &routes[0];
         let Some(route::Action::DirectResponse(d)) = &refusal.action else {

@@ -97,6 +97,17 @@ fn guarding(name: &str, rules: serde_json::Value) -> AccessPolicy {
     serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
 }
 
+/// `kubectl create secret generic NAME --type=TYPE --from-literal=KEY=VALUE` (`literal` is
+/// the whole `--from-literal=...` argument) as the admin: success, and what it printed.
+async fn create_secret(stack: &Stack, name: &str, type_: &str, literal: &str) -> (bool, String) {
+    let type_ = format!("--type={type_}");
+    kubectl(
+        stack,
+        &["create", "secret", "generic", name, &type_, literal],
+    )
+    .await
+}
+
 /// `kubectl` as the admin: success, and what it printed (stdout then stderr).
 async fn kubectl(stack: &Stack, args: &[&str]) -> (bool, String) {
     let out = tokio::process::Command::new("kubectl")
@@ -134,6 +145,19 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
         Ok(())
     })
     .await;
+    // Only a policy's sign-in tells the app who called: a client's own claim never passes.
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/headers",
+        &["-H", "portway-identity: forged"],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        !text.contains("forged"),
+        "a client's identity header passed: {text}"
+    );
 
     // A policy that does not validate is refused at admission, each field named.
     let bad: AccessPolicy = guarding(
@@ -295,6 +319,229 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
 
     rate_limit(front, &policies).await;
     basic_auth(stack, front, &policies).await;
+    jwt(stack, front, &policies).await;
+}
+
+/// The identity header the app saw in `/headers` output, verified against the JWKS the
+/// hostname publishes, for this hostname, and not expired: its claims.
+async fn identity(front: SocketAddr, seen: &str) -> serde_json::Map<String, serde_json::Value> {
+    let token = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("portway-identity: "))
+        .unwrap_or_else(|| panic!("the app was sent no identity: {seen}"));
+    assert!(
+        !token.contains("forged"),
+        "a client's identity header passed: {seen}"
+    );
+    let (status, jwks) = curl_from("127.0.0.1", front, "/.well-known/portway/jwks.json", &[]).await;
+    assert_eq!(status, 200, "{jwks}");
+    let body = jwks.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let keys = portway_gateway::jwt::Keys::parse(body).unwrap();
+    let t = portway_gateway::jwt::Token::parse(token).unwrap();
+    t.verify(&keys).unwrap();
+    t.check_claims(
+        "portway",
+        &["guarded.localhost".into()],
+        portway_gateway::jwt::now(),
+    )
+    .unwrap();
+    t.claims
+}
+
+/// A JWT bearer token of `claims` signed by `key`.
+fn token(key: &portway_gateway::jwt::Signer, claims: serde_json::Value) -> String {
+    key.sign(&claims)
+}
+
+/// Bearer JWTs: keys from a Secret (a JWKS holding a private key is refused), then from
+/// an issuer's URL; a missing, expired, foreign or wrongly-scoped token is refused and
+/// never reaches the app; a good one passes with its claims as headers, and a client's
+/// own copy of a claim header never passes.
+async fn jwt(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
+    use portway_gateway::jwt::{Signer, now};
+    let issuer = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+    let stranger = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+    let mut leaked: serde_json::Value = serde_json::from_str(issuer.jwks()).unwrap();
+    leaked["keys"][0]["d"] = json!("AAAA");
+    let (ok, out) = create_secret(
+        stack,
+        "issuer-keys",
+        "portway.dev/jwks",
+        &format!("--from-literal=jwks={leaked}"),
+    )
+    .await;
+    assert!(
+        !ok && out.contains("data[jwks]") && out.contains("private key"),
+        "{out}"
+    );
+    let (ok, out) = create_secret(
+        stack,
+        "issuer-keys",
+        "portway.dev/jwks",
+        &format!("--from-literal=jwks={}", issuer.jwks()),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let rules = |jwks: serde_json::Value| {
+        json!({"jwt": {"issuer": "https://id.example", "audiences": ["guarded"], "jwks": jwks,
+            "requiredClaims": [{"name": "groups", "values": ["dev"]}],
+            "claimToHeaders": [{"claim": "email", "header": "x-user-email"}]}})
+    };
+    let bearer = guarding(
+        "bearer",
+        rules(json!({"secretRef": {"name": "issuer-keys"}})),
+    );
+    policies
+        .create(&PostParams::default(), &bearer)
+        .await
+        .unwrap();
+    let good = json!({"iss": "https://id.example", "aud": "guarded", "exp": now() + 300,
+        "sub": "ann", "email": "ann@example.com", "groups": ["ops", "dev"]});
+    let auth = |t: String| format!("authorization: Bearer {t}");
+    eventually("the bearer policy is in force", WAIT, || async {
+        let (status, reason) = condition(policies, "bearer", "ResolvedRefs").await?;
+        ensure!(status == "True", "{status} {reason}");
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+        ensure!(status == 401, "{text}");
+        Ok(())
+    })
+    .await;
+    let (_, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{text}"
+    );
+    let mut expired = good.clone();
+    expired["exp"] = json!(now() - 600);
+    let mut other_issuer = good.clone();
+    other_issuer["iss"] = json!("https://evil.example");
+    let mut other_audience = good.clone();
+    other_audience["aud"] = json!("another-app");
+    for (why, t, want) in [
+        ("expired", token(&issuer, expired), 401),
+        ("another issuer", token(&issuer, other_issuer), 401),
+        ("another audience", token(&issuer, other_audience), 401),
+        ("a stranger's key", token(&stranger, good.clone()), 401),
+        ("not a JWT", "x.y.z".to_owned(), 401),
+    ] {
+        let (status, text) = curl_from("127.0.0.1", front, "/echo", &["-H", &auth(t)]).await;
+        assert_eq!(status, want, "{why}: {text}");
+        assert!(
+            !text.contains("GET /echo"),
+            "{why}: the app was reached: {text}"
+        );
+    }
+    let mut outsider = good.clone();
+    outsider["groups"] = json!(["ops"]);
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/echo",
+        &["-H", &auth(token(&issuer, outsider))],
+    )
+    .await;
+    assert_eq!(status, 403, "a token without the required group: {text}");
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/headers",
+        &[
+            "-H",
+            &auth(token(&issuer, good.clone())),
+            "-H",
+            "x-user-email: forged@example.com",
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("x-user-email: ann@example.com"), "{text}");
+    assert!(!text.contains("forged@example.com"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("authorization:"),
+        "{text}"
+    );
+    let id = identity(front, &text).await;
+    assert_eq!(
+        (id["sub"].as_str(), id["auth"].as_str()),
+        (Some("ann"), Some("jwt")),
+        "{id:?}"
+    );
+    // A token without the claim: the client's own x-user-email is removed, not passed.
+    let mut quiet = good.clone();
+    quiet.as_object_mut().unwrap().remove("email");
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/headers",
+        &[
+            "-H",
+            &auth(token(&issuer, quiet)),
+            "-H",
+            "x-user-email: forged@example.com",
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("forged@example.com"), "{text}");
+
+    // Keys from the issuer's URL: the data plane fetches them (a real HTTP server here).
+    let jwks_url = serve_jwks(stranger.jwks().to_owned()).await;
+    let mut p = policies.get("bearer").await.unwrap();
+    p.spec.jwt.as_mut().unwrap().jwks = serde_json::from_value(json!({"uri": jwks_url})).unwrap();
+    policies
+        .replace("bearer", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    eventually("keys are fetched from the issuer's URL", WAIT, || async {
+        let (status, text) = curl_from(
+            "127.0.0.1",
+            front,
+            "/echo",
+            &["-H", &auth(token(&stranger, good.clone()))],
+        )
+        .await;
+        ensure!(status == 200, "{text}");
+        Ok(())
+    })
+    .await;
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/echo",
+        &["-H", &auth(token(&issuer, good.clone()))],
+    )
+    .await;
+    assert_eq!(status, 401, "a key the URL does not hold: {text}");
+    policies
+        .delete("bearer", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (ok, out) = kubectl(stack, &["delete", "secret", "issuer-keys"]).await;
+    assert!(ok, "{out}");
+}
+
+/// A plain HTTP server on loopback answering every request with the JWKS in `jwks`: an
+/// issuer's key endpoint. Its URL.
+async fn serve_jwks(jwks: String) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = jwks.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks.json")
 }
 
 /// Rate limits: a client over its own rate gets 429 with `Retry-After`; another client
@@ -354,16 +601,11 @@ async fn rate_limit(front: SocketAddr, policies: &Api<AccessPolicy>) {
 /// server), 401 with a challenge until the right password, which the app never sees; a
 /// Secret that goes takes the proxy down (500), never open.
 async fn basic_auth(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
-    let (ok, out) = kubectl(
+    let (ok, out) = create_secret(
         stack,
-        &[
-            "create",
-            "secret",
-            "generic",
-            "users",
-            "--type=portway.dev/htpasswd",
-            "--from-literal=htpasswd=ann:hunter2",
-        ],
+        "users",
+        "portway.dev/htpasswd",
+        "--from-literal=htpasswd=ann:hunter2",
     )
     .await;
     assert!(!ok && out.contains("data[htpasswd]"), "{out}");
@@ -372,16 +614,11 @@ async fn basic_auth(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolic
         "the refusal repeats the password: {out}"
     );
     let hash = bcrypt::hash("s3cret", 4).unwrap();
-    let (ok, out) = kubectl(
+    let (ok, out) = create_secret(
         stack,
-        &[
-            "create",
-            "secret",
-            "generic",
-            "users",
-            "--type=portway.dev/htpasswd",
-            &format!("--from-literal=htpasswd=ann:{hash}"),
-        ],
+        "users",
+        "portway.dev/htpasswd",
+        &format!("--from-literal=htpasswd=ann:{hash}"),
     )
     .await;
     assert!(ok, "{out}");
@@ -412,11 +649,24 @@ async fn basic_auth(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolic
         assert_eq!(status, 401, "{creds}: {text}");
         assert!(!text.contains("GET /echo"), "the app was reached: {text}");
     }
-    let (status, text) = curl_from("127.0.0.1", front, "/headers", &["-u", "ann:s3cret"]).await;
+    let (status, text) = curl_from(
+        "127.0.0.1",
+        front,
+        "/headers",
+        &["-u", "ann:s3cret", "-H", "portway-identity: forged"],
+    )
+    .await;
     assert_eq!(status, 200, "{text}");
     assert!(
         !text.to_ascii_lowercase().contains("authorization:"),
         "the app saw the credentials: {text}"
+    );
+    // The app is told who signed in, signed with the key the hostname publishes.
+    let id = identity(front, &text).await;
+    assert_eq!(
+        (id["sub"].as_str(), id["auth"].as_str()),
+        (Some("ann"), Some("basic")),
+        "{id:?}"
     );
 
     // The Secret goes: the proxy answers 500, even to the right password, and says why.

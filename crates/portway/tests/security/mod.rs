@@ -982,6 +982,25 @@ async fn access_policies_stay_in_their_project(
                 .await,
         );
         assert_eq!(code, 403, "{message}");
+        let keys: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "keys"}, "type": "portway.dev/jwks",
+            "stringData": {"jwks": r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#},
+        }))
+        .unwrap();
+        let (code, message) = refusal(
+            Api::<Secret>::namespaced(client.clone(), "team-b")
+                .create(&PostParams::default(), &keys)
+                .await,
+        );
+        assert_eq!(code, 403, "{message}");
+        // Nor may it read the key the data planes sign callers' identities with: who holds
+        // it can pass as anyone to every app.
+        let (code, message) = refusal(
+            Api::<Secret>::namespaced(client.clone(), "portway-system")
+                .get("portway-identity")
+                .await,
+        );
+        assert_eq!(code, 403, "{message}");
     }
 }
 
