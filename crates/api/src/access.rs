@@ -82,6 +82,9 @@ pub struct AccessPolicySpec {
     /// `basicAuth`: both read the one `Authorization` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtAuth>,
+    /// Browser sign-in with an OpenID Connect provider. Not with `basicAuth` or `jwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<Oidc>,
     /// The only methods answered (e.g. `[GET, HEAD]`); others get 405 with `Allow`.
     /// Empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,6 +213,50 @@ pub struct ClaimToHeader {
     pub claim: String,
     pub header: String,
 }
+
+/// Browser sign-in: OpenID Connect's authorization-code flow with PKCE (S256), `state`
+/// bound to the browser by a cookie, and `nonce`; the provider's ID token is checked as
+/// `jwt` checks bearer tokens (its keys from the provider's `jwks_uri`). The session is a
+/// cookie the data plane encrypts and authenticates (AES-256-GCM), bound to the hostname
+/// and this policy. The provider must list
+/// `<scheme>://<hostname>/.portway/oidc/callback` as a redirect URI of the client.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Oidc {
+    /// The provider (`iss`); its configuration is read from
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// A Secret of type `portway.dev/oidc-client`, key `clientSecret`.
+    pub client_secret_ref: SecretRef,
+    /// Default `[openid, email, profile]`; must include `openid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Who may in, by the provider's claims: an `email` listed here, or at one of
+    /// `allowedDomains` (the provider must not say `email_verified: false`), or in one of
+    /// `allowedGroups`. All three empty: anyone the provider signs in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_emails: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_groups: Vec<String>,
+    /// The claim holding the groups; default `groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_claim: Option<String>,
+    /// How long a session lasts, 60 to 2 592 000 (30 days); default 28 800 (8 hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_seconds: Option<u32>,
+}
+
+/// The Secret type that holds an `oidc` client's secret, and its key.
+pub const OIDC_CLIENT_TYPE: &str = "portway.dev/oidc-client";
+pub const OIDC_CLIENT_KEY: &str = "clientSecret";
+/// The path the provider sends the browser back to, on every guarded hostname, and the
+/// one that ends a session.
+pub const OIDC_CALLBACK_PATH: &str = "/.portway/oidc/callback";
+pub const OIDC_LOGOUT_PATH: &str = "/.portway/oidc/logout";
 
 /// The Secret type that holds a `jwt` JWKS, and its key.
 pub const JWKS_TYPE: &str = "portway.dev/jwks";
@@ -449,6 +496,11 @@ pub const MAX_ARGON2_KIB: u32 = 65_536;
 /// The `htpasswd` text of a Secret, from `stringData` (as written) or `data` (as stored).
 pub fn htpasswd_text(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
     secret_text(secret, HTPASSWD_KEY)
+}
+
+/// The `clientSecret` of a Secret, as [`htpasswd_text`].
+pub fn oidc_client_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Option<String> {
+    secret_text(secret, OIDC_CLIENT_KEY)
 }
 
 /// The `jwks` text of a Secret, as [`htpasswd_text`].

@@ -33,7 +33,7 @@ pub mod validation;
 
 pub use access::{
     AccessPolicy, AccessPolicySpec, AccessPolicyStatus, BasicAuth, ClaimToHeader, IpRules,
-    JwksSource, JwtAuth, Period, Rate, RateLimit, RequiredClaim, SecretRef,
+    JwksSource, JwtAuth, Oidc, Period, Rate, RateLimit, RequiredClaim, SecretRef,
 };
 pub use advertisement::*;
 pub use condition::*;

@@ -1048,6 +1048,93 @@ impl Validate for HttpProxy {
     }
 }
 
+/// An AccessPolicy's `oidc` rule.
+fn oidc(errs: &mut Errors, o: &crate::access::Oidc) {
+    errs.check("spec.oidc.issuer", crate::access::fetch_url(&o.issuer));
+    if o.client_id.is_empty()
+        || o.client_id.len() > 256
+        || !o.client_id.bytes().all(|b| (b'!'..=b'~').contains(&b))
+    {
+        errs.push(
+            "spec.oidc.clientID",
+            FieldErrorKind::Invalid,
+            "must be 1 to 256 visible ASCII characters",
+        );
+    }
+    errs.check(
+        "spec.oidc.clientSecretRef.name",
+        dns1123_subdomain(&o.client_secret_ref.name),
+    );
+    errs.max_items("spec.oidc.scopes", &o.scopes, MAX_ITEMS);
+    for (i, sc) in o.scopes.iter().enumerate() {
+        if sc.is_empty()
+            || !sc
+                .bytes()
+                .all(|b| (b'!'..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            errs.push(
+                format!("spec.oidc.scopes[{i}]"),
+                FieldErrorKind::Invalid,
+                "a scope is visible ASCII without '\"' or '\\'",
+            );
+        }
+    }
+    if !o.scopes.is_empty() && !o.scopes.iter().any(|s| s == "openid") {
+        errs.push(
+            "spec.oidc.scopes",
+            FieldErrorKind::Required,
+            "OpenID Connect needs the openid scope",
+        );
+    }
+    for (field, list) in [
+        ("spec.oidc.allowedEmails", &o.allowed_emails),
+        ("spec.oidc.allowedDomains", &o.allowed_domains),
+        ("spec.oidc.allowedGroups", &o.allowed_groups),
+    ] {
+        errs.max_items(field, list, 64);
+        for (i, v) in list.iter().enumerate() {
+            let bad = v.is_empty() || v.len() > 256 || v.chars().any(char::is_control);
+            let why = match field {
+                "spec.oidc.allowedEmails" if !v.contains('@') => {
+                    Some("an email address (user@domain)")
+                }
+                "spec.oidc.allowedDomains"
+                    if dns1123_subdomain(&v.to_ascii_lowercase()).is_err() =>
+                {
+                    Some("a domain name, e.g. example.com")
+                }
+                _ if bad => Some("1 to 256 characters, no control characters"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                errs.push(
+                    format!("{field}[{i}]"),
+                    FieldErrorKind::Invalid,
+                    format!("must be {why}"),
+                );
+            }
+        }
+    }
+    if let Some(c) = &o.groups_claim
+        && (c.is_empty() || c.len() > 256)
+    {
+        errs.push(
+            "spec.oidc.groupsClaim",
+            FieldErrorKind::Invalid,
+            "must be 1 to 256 characters",
+        );
+    }
+    if let Some(n) = o.session_seconds
+        && !(60..=2_592_000).contains(&n)
+    {
+        errs.push(
+            "spec.oidc.sessionSeconds",
+            FieldErrorKind::Invalid,
+            format!("must be 60 to 2592000 (30 days), got {n}"),
+        );
+    }
+}
+
 /// An AccessPolicy's `jwt` rule.
 fn jwt(errs: &mut Errors, j: &crate::access::JwtAuth) {
     let text = |errs: &mut Errors, field: String, v: &str| {
@@ -1208,6 +1295,16 @@ impl Validate for AccessPolicy {
                 );
             }
         }
+        if let Some(o) = &spec.oidc {
+            oidc(&mut errs, o);
+            if spec.basic_auth.is_some() || spec.jwt.is_some() {
+                errs.push(
+                    "spec.oidc",
+                    FieldErrorKind::Forbidden,
+                    "a policy signs callers in one way: oidc, basicAuth or jwt",
+                );
+            }
+        }
         if let Some(r) = &spec.rate_limit {
             for (field, rate) in [
                 ("spec.rateLimit.perClient", r.per_client),
@@ -1229,13 +1326,14 @@ impl Validate for AccessPolicy {
             && spec.rate_limit.is_none()
             && spec.basic_auth.is_none()
             && spec.jwt.is_none()
+            && spec.oidc.is_none()
             && spec.methods.is_empty()
             && spec.max_request_bytes.is_none()
         {
             errs.push(
                 "spec",
                 FieldErrorKind::Required,
-                "a policy needs at least one rule: ip, rateLimit, basicAuth, jwt, methods or maxRequestBytes",
+                "a policy needs at least one rule: ip, rateLimit, basicAuth, jwt, oidc, methods or maxRequestBytes",
             );
         }
         if let Some(st) = &self.status {
@@ -1701,6 +1799,18 @@ impl Validate for Secret {
                 }
             }
         }
+        if self.type_.as_deref() == Some(crate::access::OIDC_CLIENT_TYPE)
+            && crate::access::oidc_client_secret(self).is_none_or(|s| s.is_empty())
+        {
+            errs.push(
+                format!("data[{}]", crate::access::OIDC_CLIENT_KEY),
+                FieldErrorKind::Required,
+                format!(
+                    "required for a Secret of type {}: the client's secret",
+                    crate::access::OIDC_CLIENT_TYPE
+                ),
+            );
+        }
         if self.type_.as_deref() == Some(crate::access::JWKS_TYPE) {
             let key = crate::access::JWKS_KEY;
             match crate::access::jwks_text(self) {
@@ -1950,6 +2060,28 @@ mod tests {
             "spec.jwt.claimToHeaders[0].header",
             "spec.jwt.claimToHeaders[1].header",
             "spec.jwt.claimToHeaders[3]",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+        }
+        let o: AccessPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n"},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "app"}],
+                "jwt": {"issuer": "https://id", "jwks": {"uri": "https://id/jwks"}},
+                "oidc": {"issuer": "http://id.example", "clientID": "", "clientSecretRef": {"name": "Bad"},
+                    "scopes": ["email"], "allowedEmails": ["nobody"], "allowedDomains": ["not a domain"],
+                    "sessionSeconds": 5}},
+        }))
+        .unwrap();
+        let fields: Vec<String> = o.validate().into_iter().map(|e| e.field).collect();
+        for f in [
+            "spec.oidc",
+            "spec.oidc.issuer",
+            "spec.oidc.clientID",
+            "spec.oidc.clientSecretRef.name",
+            "spec.oidc.scopes",
+            "spec.oidc.allowedEmails[0]",
+            "spec.oidc.allowedDomains[0]",
+            "spec.oidc.sessionSeconds",
         ] {
             assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
         }

@@ -453,9 +453,17 @@ async fn handle(
         // A client that cannot be told is counted as the proxy that sent it.
         let who = client.unwrap_or_else(|| remote.ip().to_canonical());
         if p.authenticates() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str)
+                .to_owned();
             let identity = crate::policy::Identity {
                 signer: table.identity.as_deref(),
-                host: &hostname,
+                host: &host_raw,
+                method: &req.method().clone(),
+                path: &path,
+                scheme,
             };
             match p.authenticate(req.headers(), who, identity).await {
                 Ok(grant) => grant.apply(req.headers_mut()),

@@ -44,10 +44,19 @@ static CLIENT: LazyLock<Result<Https, String>> = LazyLock::new(|| {
 /// A sentence: the URL refused, the call failed or timed out, a status other than 200,
 /// or an answer over [`MAX_BYTES`]. Never the answer's body.
 pub async fn get(url: &str) -> Result<Vec<u8>, String> {
-    let req = http::Request::get(url)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Full::default())
-        .map_err(|e| e.to_string())?;
+    get_as(url, None).await
+}
+
+/// [`get`] with an `Authorization` header (a provider's userinfo endpoint).
+///
+/// # Errors
+/// As [`get`].
+pub async fn get_as(url: &str, authorization: Option<&str>) -> Result<Vec<u8>, String> {
+    let mut req = http::Request::get(url).header(http::header::ACCEPT, "application/json");
+    if let Some(a) = authorization {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    let req = req.body(Full::default()).map_err(|e| e.to_string())?;
     send(url, req).await
 }
 
@@ -56,16 +65,24 @@ pub async fn get(url: &str) -> Result<Vec<u8>, String> {
 ///
 /// # Errors
 /// As [`get`], except for the status.
-pub async fn post_form(url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), String> {
+pub async fn post_form(
+    url: &str,
+    form: &[(&str, &str)],
+    authorization: Option<&str>,
+) -> Result<(u16, Vec<u8>), String> {
     let body = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form)
         .finish();
-    let req = http::Request::post(url)
+    let mut req = http::Request::post(url)
         .header(http::header::ACCEPT, "application/json")
         .header(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
-        )
+        );
+    if let Some(a) = authorization {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     call(url, req).await

@@ -426,6 +426,9 @@ pub struct Signer {
     kid: String,
     pair: signature::Ed25519KeyPair,
     jwks: String,
+    /// Seals browser sessions and login state (OIDC): derived from the same key, so
+    /// every edge and the xDS server open each other's cookies.
+    seal: ring::aead::LessSafeKey,
 }
 
 impl std::fmt::Debug for Signer {
@@ -462,7 +465,56 @@ impl Signer {
             "kid": kid, "x": B64.encode(public),
         }]})
         .to_string();
-        Ok(Self { kid, pair, jwks })
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, der),
+            b"portway session sealing v1",
+        );
+        let seal = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, derived.as_ref())
+            .map(ring::aead::LessSafeKey::new)
+            .map_err(|_| "deriving the session key failed".to_owned())?;
+        Ok(Self {
+            kid,
+            pair,
+            jwks,
+            seal,
+        })
+    }
+
+    /// `plain` encrypted and authenticated (AES-256-GCM, a random nonce), bound to
+    /// `context` (e.g. a cookie's name), as base64url.
+    pub fn seal(&self, context: &str, plain: &[u8]) -> String {
+        use ring::rand::SecureRandom as _;
+        let mut nonce = [0u8; 12];
+        // The system's randomness does not fail on the platforms Portway runs on; a
+        // zero nonce would still be sealed, never reused on purpose.
+        let _ = ring::rand::SystemRandom::new().fill(&mut nonce);
+        let mut data = plain.to_vec();
+        let sealed = self.seal.seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(context.as_bytes()),
+            &mut data,
+        );
+        if sealed.is_err() {
+            return String::new();
+        }
+        B64.encode([&nonce[..], &data].concat())
+    }
+
+    /// What [`Signer::seal`] sealed with `context`; `None` when it was not sealed by this
+    /// key for this context, or was changed.
+    pub fn open(&self, context: &str, sealed: &str) -> Option<Vec<u8>> {
+        let raw = B64.decode(sealed).ok()?;
+        if raw.len() < 12 + 16 {
+            return None;
+        }
+        let (nonce, data) = raw.split_at(12);
+        let mut data = data.to_vec();
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let plain = self
+            .seal
+            .open_in_place(nonce, ring::aead::Aad::from(context.as_bytes()), &mut data)
+            .ok()?;
+        Some(plain.to_vec())
     }
 
     /// A compact JWS of `claims`.
@@ -670,6 +722,18 @@ mod tests {
         let t = Token::parse(&token).unwrap();
         assert_eq!(t.verify(&keys), Ok(()));
         assert_eq!(t.claims["sub"], "ann");
+        // Sealed data opens only with the same key and context, and unchanged.
+        let sealed = signer.seal("cookie-a", b"ann");
+        assert_eq!(
+            signer.open("cookie-a", &sealed).as_deref(),
+            Some(&b"ann"[..])
+        );
+        assert_eq!(signer.open("cookie-b", &sealed), None);
+        let other = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+        assert_eq!(other.open("cookie-a", &sealed), None);
+        let mut bytes = B64.decode(&sealed).unwrap();
+        bytes[14] ^= 1;
+        assert_eq!(signer.open("cookie-a", &B64.encode(bytes)), None);
         // A private key is never published, and a JWKS holding one is refused.
         assert!(!signer.jwks().contains("\"d\""));
         let mut leaked: Value = serde_json::from_str(signer.jwks()).unwrap();

@@ -48,6 +48,7 @@ pub mod http01;
 pub mod jwt;
 pub mod metrics;
 pub mod model;
+pub mod oidc;
 pub mod origin;
 pub mod policy;
 pub mod pool;

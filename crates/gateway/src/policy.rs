@@ -28,6 +28,7 @@ pub struct Policy {
     pub max_request_bytes: Option<u64>,
     pub basic: Option<Basic>,
     pub jwt: Option<Jwt>,
+    pub oidc: Option<crate::oidc::Oidc>,
     pub rate: Option<Arc<Limits>>,
 }
 
@@ -51,12 +52,33 @@ impl Grant {
     }
 }
 
-/// What signs the caller's identity for the app: the data plane's key (none until the
-/// operator has made it) and the public hostname the request came to (the `aud`).
+/// The request as sign-in sees it, and what signs the caller's identity for the app: the
+/// data plane's key (none until the operator has made it).
 #[derive(Clone, Copy, Debug)]
 pub struct Identity<'a> {
     pub signer: Option<&'a crate::jwt::Signer>,
+    /// The public hostname as sent (the identity's `aud`, without the port).
     pub host: &'a str,
+    pub method: &'a Method,
+    /// Path and query.
+    pub path: &'a str,
+    /// `http` or `https`.
+    pub scheme: &'a str,
+}
+
+/// The answer while the data plane's key is not loaded.
+fn no_key() -> Denied {
+    Denied {
+        rule: rules::IDENTITY,
+        reason: "no-key",
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!(
+            "the identity signing key (Secret {}/{}) is not loaded yet; is the operator running?",
+            portway_api::certificates::SYSTEM_NAMESPACE,
+            portway_api::access::IDENTITY_SECRET
+        ),
+        headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
+    }
 }
 
 impl Identity<'_> {
@@ -67,17 +89,7 @@ impl Identity<'_> {
     /// the app may rely on it.
     fn sign(self, mut claims: serde_json::Value) -> Result<HeaderValue, Denied> {
         let Some(signer) = self.signer else {
-            return Err(Denied {
-                rule: rules::IDENTITY,
-                reason: "no-key",
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!(
-                    "the identity signing key (Secret {}/{}) is not loaded yet; is the operator running?",
-                    portway_api::certificates::SYSTEM_NAMESPACE,
-                    portway_api::access::IDENTITY_SECRET
-                ),
-                headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
-            });
+            return Err(no_key());
         };
         let now = crate::jwt::now();
         claims["iss"] = portway_api::access::IDENTITY_ISSUER.into();
@@ -622,6 +634,7 @@ pub mod rules {
     pub const RATE: &str = "rate";
     pub const JWT: &str = "jwt";
     pub const IDENTITY: &str = "identity";
+    pub const OIDC: &str = "oidc";
 }
 
 impl Policy {
@@ -671,6 +684,20 @@ impl Policy {
             })
             .transpose()?;
         let name = format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default());
+        let oidc = p
+            .spec
+            .oidc
+            .as_ref()
+            .map(|o| {
+                let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                crate::oidc::Oidc::compile(
+                    o,
+                    secret(ns, &o.client_secret_ref.name),
+                    ns,
+                    &format!("{name}/{uid}"),
+                )
+            })
+            .transpose()?;
         let rate = p.spec.rate_limit.as_ref().map(|r| {
             let uid = p.metadata.uid.as_deref().unwrap_or_default();
             Limits::get(&format!("{name}/{uid}"), r)
@@ -679,6 +706,7 @@ impl Policy {
             name,
             basic,
             jwt,
+            oidc,
             rate,
             allow: nets(&ip.allow),
             deny: nets(&ip.deny),
@@ -762,6 +790,25 @@ impl Policy {
             }
             who = Some(id);
         }
+        if let Some(oidc) = &self.oidc {
+            let signer = identity.signer.ok_or_else(no_key)?;
+            let req = crate::oidc::Request {
+                method: identity.method,
+                path: identity.path,
+                scheme: identity.scheme,
+                host: identity.host,
+                headers,
+            };
+            let session = oidc.check(req, signer).await?;
+            match session.cookie {
+                Some(c) => grant.set.push((header::COOKIE, c)),
+                None => grant.remove.push(header::COOKIE),
+            }
+            let mut id = session.claims;
+            id.insert("auth".into(), "oidc".into());
+            id.insert("upstream_iss".into(), oidc.issuer().into());
+            who = Some(serde_json::Value::Object(id));
+        }
         let name = header::HeaderName::from_static(portway_api::access::IDENTITY_HEADER);
         match who {
             Some(claims) => grant.set.push((name, identity.sign(claims)?)),
@@ -772,7 +819,7 @@ impl Policy {
 
     /// Whether [`Policy::authenticate`] has anything to do.
     pub fn authenticates(&self) -> bool {
-        self.rate.is_some() || self.basic.is_some() || self.jwt.is_some()
+        self.rate.is_some() || self.basic.is_some() || self.jwt.is_some() || self.oidc.is_some()
     }
 
     /// The rules on the request head after the address: method, then declared size.
@@ -912,6 +959,9 @@ mod tests {
         let identity = Identity {
             signer: Some(&edge),
             host: "App.Example.com:8443",
+            method: &Method::GET,
+            path: "/",
+            scheme: "https",
         };
         let grant = policy.authenticate(&h, client, identity).await.unwrap();
         assert!(grant.remove.contains(&header::AUTHORIZATION));
@@ -933,7 +983,7 @@ mod tests {
         // Signed in but no key to vouch with: refused, never sent on without.
         let unsigned = Identity {
             signer: None,
-            host: "app.example.com",
+            ..identity
         };
         let d = policy.authenticate(&h, client, unsigned).await.unwrap_err();
         assert_eq!(

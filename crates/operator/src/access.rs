@@ -34,9 +34,12 @@ pub mod reasons {
 
 /// The Secret a policy reads, if any: its rule, the Secret's name and type.
 pub fn secret_ref(policy: &AccessPolicy) -> Option<(&'static str, &str, &'static str)> {
-    use portway_api::access::{HTPASSWD_TYPE, JWKS_TYPE};
+    use portway_api::access::{HTPASSWD_TYPE, JWKS_TYPE, OIDC_CLIENT_TYPE};
     if let Some(b) = &policy.spec.basic_auth {
         return Some(("basicAuth", &b.secret_ref.name, HTPASSWD_TYPE));
+    }
+    if let Some(o) = &policy.spec.oidc {
+        return Some(("oidc", &o.client_secret_ref.name, OIDC_CLIENT_TYPE));
     }
     let r = policy.spec.jwt.as_ref()?.jwks.secret_ref.as_ref()?;
     Some(("jwt", &r.name, JWKS_TYPE))
@@ -65,6 +68,10 @@ pub fn resolved_refs(
         portway_api::access::htpasswd_text(secret)
             .and_then(|t| portway_api::access::htpasswd(&t).ok().map(|u| u.len()))
             .map(|n| format!("{n} user(s)"))
+    } else if rule == "oidc" {
+        portway_api::access::oidc_client_secret(secret)
+            .filter(|s| !s.is_empty())
+            .map(|_| "the client's secret".to_owned())
     } else {
         portway_api::access::jwks_text(secret)
             .and_then(|t| portway_api::access::jwks(&t).ok())
@@ -225,10 +232,10 @@ pub(crate) async fn reconcile(policy: Arc<AccessPolicy>, ctx: Arc<Ctx>) -> Resul
     let proxy_refs: Vec<&HttpProxy> = proxies.iter().map(AsRef::as_ref).collect();
     let policy_refs: Vec<&AccessPolicy> = policies.iter().map(AsRef::as_ref).collect();
     let secret = secret_ref(&policy).and_then(|(_, name, kind)| {
-        let store = if kind == portway_api::access::HTPASSWD_TYPE {
-            &ctx.htpasswd
-        } else {
-            &ctx.jwks
+        let store = match kind {
+            portway_api::access::HTPASSWD_TYPE => &ctx.htpasswd,
+            portway_api::access::OIDC_CLIENT_TYPE => &ctx.oidc_clients,
+            _ => &ctx.jwks,
         };
         store.get(&ObjectRef::new(name).within(&ns))
     });

@@ -212,6 +212,7 @@ pub(crate) struct Ctx {
     /// (JWT keys), and only those.
     htpasswd: Store<Secret>,
     jwks: Store<Secret>,
+    oidc_clients: Store<Secret>,
     /// TCPRoutes, by owner uid (the Gateways, Services and slices above serve both kinds).
     tcp_routes: Index<TcpRoute>,
     /// TLSRoutes of passthrough TCPProxies, by owner uid.
@@ -428,6 +429,7 @@ impl Operator {
         let access = pending::<AccessPolicy>();
         let htpasswd = pending::<Secret>();
         let jwks = pending::<Secret>();
+        let oidc_clients = pending::<Secret>();
         let verifier = config
             .verification
             .clone()
@@ -626,6 +628,7 @@ impl Operator {
             access: access_by_ns.clone(),
             htpasswd: htpasswd.store.clone(),
             jwks: jwks.store.clone(),
+            oidc_clients: oidc_clients.store.clone(),
             tcp_routes: tcp_routes_by_owner.clone(),
             tls_routes: tls_routes_by_owner.clone(),
             udp_routes: udp_routes_by_owner.clone(),
@@ -657,7 +660,7 @@ impl Operator {
                 slices.store.clone(),
                 policies.store.clone(),
             );
-            let (k, l, m, n, o, p, q) = (
+            let (k, l, m, n, o, p, q, r) = (
                 tcp_proxies.store.clone(),
                 tcp_routes.store.clone(),
                 tls_routes.store.clone(),
@@ -665,6 +668,7 @@ impl Operator {
                 access.store.clone(),
                 htpasswd.store.clone(),
                 jwks.store.clone(),
+                oidc_clients.store.clone(),
             );
             async move {
                 let _ = futures::join!(
@@ -685,6 +689,7 @@ impl Operator {
                     o.wait_until_ready(),
                     p.wait_until_ready(),
                     q.wait_until_ready(),
+                    r.wait_until_ready(),
                     async move {
                         let _ = ports_known.wait_for(|known| *known).await;
                     },
@@ -719,6 +724,7 @@ impl Operator {
         for (store, kind) in [
             (htpasswd, portway_api::access::HTPASSWD_TYPE),
             (jwks, portway_api::access::JWKS_TYPE),
+            (oidc_clients, portway_api::access::OIDC_CLIENT_TYPE),
         ] {
             tasks.push(store.spawn_with(
                 Api::all(client.clone()),

@@ -145,6 +145,11 @@ pub fn spawn(
         Api::<Secret>::all(client.clone()),
         watcher::Config::default().fields(&format!("type={}", portway_api::access::JWKS_TYPE)),
     );
+    let (oidc_store, oidc) = reflect(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default()
+            .fields(&format!("type={}", portway_api::access::OIDC_CLIENT_TYPE)),
+    );
     let (changed_tx, changed) = watch::channel(0u64);
     let gateways = Gateways {
         store: gw_store.clone(),
@@ -168,7 +173,7 @@ pub fn spawn(
             access.map(|e| e.map(drop)),
             futures::stream::select(
                 futures::stream::select(secrets.map(|e| e.map(drop)), jwks.map(|e| e.map(drop))),
-                identity.map(|e| e.map(drop)),
+                futures::stream::select(identity.map(|e| e.map(drop)), oidc.map(|e| e.map(drop))),
             ),
         );
         let layer4 =
@@ -215,6 +220,7 @@ pub fn spawn(
                 && is_ready(&access_store)
                 && is_ready(&secret_store)
                 && is_ready(&jwks_store)
+                && is_ready(&oidc_store)
                 && is_ready(&identity_store))
             {
                 continue;
@@ -240,10 +246,12 @@ pub fn spawn(
             let slices: Vec<&EndpointSlice> = slice_state.iter().map(AsRef::as_ref).collect();
             let access_state = access_store.state();
             let policies: Vec<&AccessPolicy> = access_state.iter().map(AsRef::as_ref).collect();
-            let (secret_state, jwks_state) = (secret_store.state(), jwks_store.state());
+            let (secret_state, jwks_state, oidc_state) =
+                (secret_store.state(), jwks_store.state(), oidc_store.state());
             let secrets: Vec<&Secret> = secret_state
                 .iter()
                 .chain(&jwks_state)
+                .chain(&oidc_state)
                 .map(AsRef::as_ref)
                 .collect();
             let identity_state = identity_store.state();

@@ -91,9 +91,17 @@ impl Authorization for Authz {
             )));
         };
         let table = self.table.load();
+        let method = http::Method::from_bytes(http.method.as_bytes()).unwrap_or(http::Method::GET);
         let identity = crate::policy::Identity {
             signer: table.identity.as_deref(),
             host: &http.host,
+            method: &method,
+            path: &http.path,
+            scheme: if http.scheme.is_empty() {
+                "http"
+            } else {
+                &http.scheme
+            },
         };
         let grant = match policy
             .authenticate(&headers, client.to_canonical(), identity)
@@ -144,9 +152,12 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 /// The answer Envoy gives the client for a rule that failed, as the edge would.
 fn denied(host: &str, d: Denied) -> CheckResponse {
     let mut headers = vec![header("content-type", "text/plain; charset=utf-8")];
+    // Appended: an answer may carry several (two Set-Cookie on a sign-in).
     for (name, value) in &d.headers {
         if let Ok(value) = value.to_str() {
-            headers.push(header(name.as_str(), value));
+            let mut h = header(name.as_str(), value);
+            h.append_action = HeaderAppendAction::AppendIfExistsOrAdd as i32;
+            headers.push(h);
         }
     }
     let host = crate::edge::host_name(host);

@@ -320,6 +320,239 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
     rate_limit(front, &policies).await;
     basic_auth(stack, front, &policies).await;
     jwt(stack, front, &policies).await;
+    oidc(stack, front, &policies).await;
+}
+
+/// The OpenID Provider: npm's `oidc-provider` (certified), installed by `.ci/run` with
+/// `npm ci --prefix crates/portway/tests/oidc`, sending browsers back to `redirect`.
+async fn provider(redirect: &str) -> Process {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
+    assert!(
+        dir.join("node_modules/oidc-provider").exists(),
+        "the OIDC test needs npm's oidc-provider: npm ci --prefix {}",
+        dir.display()
+    );
+    let script = dir.join("provider.mjs").display().to_string();
+    Process::start(
+        "oidc-provider",
+        Path::new("node"),
+        [script.as_str(), redirect, "s3cret"],
+    )
+    .await
+    .unwrap()
+}
+
+/// A browser for the OIDC step: curl with a cookie jar of its own, `*.localhost` sent to
+/// `front`.
+struct Browser {
+    jar: tempfile::TempDir,
+    front: SocketAddr,
+}
+
+impl Browser {
+    fn new(front: SocketAddr) -> Self {
+        Self {
+            jar: tempfile::tempdir().unwrap(),
+            front,
+        }
+    }
+
+    /// `curl -i` of `url` with the jar (no redirects followed unless `extra` says):
+    /// status, headers and body.
+    async fn get(&self, url: &str, extra: &[&str]) -> (u16, String) {
+        let jar = self.jar.path().join("jar").display().to_string();
+        let resolve = format!(
+            "guarded.localhost:{}:{}",
+            self.front.port(),
+            self.front.ip()
+        );
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "20", "-c", &jar, "-b", &jar])
+            .args(["--resolve", &resolve])
+            .args(extra)
+            .arg(url)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // With -L, the last response's status.
+        let status = text
+            .lines()
+            .rfind(|l| l.starts_with("HTTP/"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    /// A cookie's value in the jar.
+    fn cookie(&self, prefix: &str) -> Option<String> {
+        let jar = std::fs::read_to_string(self.jar.path().join("jar")).ok()?;
+        jar.lines()
+            .map(|l| l.split('\t').collect::<Vec<_>>())
+            .find(|f| f.len() == 7 && f[5].starts_with(prefix) && !f[5].ends_with("-login"))
+            .map(|f| format!("{}={}", f[5], f[6]))
+    }
+
+    /// Signs `login` in at the provider, from the page the edge redirected to, through
+    /// its login and consent pages: where the provider then sends the browser back.
+    async fn sign_in_at_provider(&self, auth_url: &str, login: &str) -> String {
+        let form = |page: &str| -> String {
+            page.split("action=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_else(|| panic!("no form on the provider's page: {page}"))
+                .to_owned()
+        };
+        let (_, page) = self.get(auth_url, &["-L"]).await;
+        let login_form = form(&page);
+        let body = format!("prompt=login&login={login}&password=any");
+        let (_, page) = self.get(&login_form, &["-L", "--data", &body]).await;
+        let consent = form(&page);
+        let (_, text) = self.get(&consent, &["--data", "prompt=consent"]).await;
+        let (_, text) = self.get(&location(&text), &[]).await;
+        location(&text)
+    }
+}
+
+/// The `Location` of a response.
+fn location(text: &str) -> String {
+    text.lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no Location: {text}"))
+}
+
+/// OIDC login against a real provider: a page redirects to it; the provider's login and
+/// consent are driven through; the callback sets a session and returns to the page,
+/// where the app gets a signed identity and its own cookies but never the session;
+/// someone outside the allowed group is refused; a callback finished in another browser
+/// (login CSRF), a forged session cookie and a script without a session are refused;
+/// logout ends the session.
+async fn oidc(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
+    let site = format!("http://guarded.localhost:{}", front.port());
+    let provider = provider(&format!("{site}/.portway/oidc/callback")).await;
+    let issuer = provider.ready_str("issuer");
+    let (ok, out) = create_secret(
+        stack,
+        "oidc-client",
+        "portway.dev/oidc-client",
+        "--from-literal=clientSecret=s3cret",
+    )
+    .await;
+    assert!(ok, "{out}");
+    let browser = guarding(
+        "browser",
+        json!({"oidc": {"issuer": issuer, "clientID": "portway",
+            "clientSecretRef": {"name": "oidc-client"},
+            "scopes": ["openid", "email", "groups"], "allowedGroups": ["dev"]}}),
+    );
+    policies
+        .create(&PostParams::default(), &browser)
+        .await
+        .unwrap();
+    let ann = Browser::new(front);
+    let text = eventually("a page redirects to the provider", WAIT, || async {
+        let (status, reason) = condition(policies, "browser", "ResolvedRefs").await?;
+        ensure!(status == "True", "{status} {reason}");
+        let (status, text) = ann.get(&format!("{site}/headers?from=start"), &[]).await;
+        ensure!(status == 302, "{text}");
+        Ok(text)
+    })
+    .await;
+    let auth_url = location(&text);
+    assert!(
+        auth_url.starts_with(&format!("{issuer}/auth?")),
+        "{auth_url}"
+    );
+    for param in [
+        "code_challenge_method=S256",
+        "code_challenge=",
+        "nonce=",
+        "state=",
+    ] {
+        assert!(auth_url.contains(param), "{param}: {auth_url}");
+    }
+    let callback = ann.sign_in_at_provider(&auth_url, "ann").await;
+    assert!(
+        callback.starts_with(&format!("{site}/.portway/oidc/callback?code=")),
+        "{callback}"
+    );
+
+    // Login CSRF: the same callback in a browser that did not start the sign-in.
+    let (status, text) = Browser::new(front).get(&callback, &[]).await;
+    assert_eq!(status, 400, "{text}");
+
+    let (status, text) = ann.get(&callback, &[]).await;
+    assert_eq!(status, 302, "{text}");
+    assert_eq!(location(&text), "/headers?from=start");
+    let session = ann.cookie("portway-").expect("a session cookie");
+    let with_theme = format!("cookie: theme=dark; {session}");
+    let (status, text) = Browser::new(front)
+        .get(&format!("{site}/headers?from=start"), &["-H", &with_theme])
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("cookie: theme=dark\r\n") || text.contains("cookie: theme=dark\n"),
+        "the app gets its own cookies: {text}"
+    );
+    let name = session.split('=').next().unwrap();
+    assert!(
+        !text.contains(name),
+        "the app saw the session {name}: {text}"
+    );
+    let id = identity(front, &text).await;
+    assert_eq!(
+        (
+            id["sub"].as_str(),
+            id["auth"].as_str(),
+            id["email"].as_str()
+        ),
+        (Some("ann"), Some("oidc"), Some("ann@example.com")),
+        "{id:?}"
+    );
+    assert_eq!(id["groups"], json!(["dev"]));
+
+    // A changed session cookie is no session; a script without one gets 401.
+    let forged = format!("cookie: {}x", session);
+    let (status, text) = Browser::new(front)
+        .get(&format!("{site}/echo"), &["-H", &forged])
+        .await;
+    assert_eq!(status, 302, "{text}");
+    let (status, text) = Browser::new(front)
+        .get(&format!("{site}/echo"), &["--data", "x"])
+        .await;
+    assert_eq!(status, 401, "{text}");
+    assert!(!text.contains("POST /echo"), "the app was reached: {text}");
+
+    // Bob signs in at the provider but is not in the allowed group.
+    let bob = Browser::new(front);
+    let (_, text) = bob.get(&format!("{site}/"), &[]).await;
+    let callback = bob.sign_in_at_provider(&location(&text), "bob").await;
+    let (status, text) = bob.get(&callback, &[]).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("bob@example.com may not sign in here"),
+        "{text}"
+    );
+    assert!(bob.cookie("portway-").is_none(), "bob got a session");
+
+    // Logout ends ann's session.
+    let (status, text) = ann.get(&format!("{site}/.portway/oidc/logout"), &[]).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = ann.get(&format!("{site}/headers"), &[]).await;
+    assert_eq!(status, 302, "{text}");
+
+    policies
+        .delete("browser", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (ok, out) = kubectl(stack, &["delete", "secret", "oidc-client"]).await;
+    assert!(ok, "{out}");
+    drop(provider);
 }
 
 /// The identity header the app saw in `/headers` output, verified against the JWKS the
