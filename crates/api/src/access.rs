@@ -286,6 +286,17 @@ pub fn claim_header(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// On an AccessPolicy or Secret a device wrote (`portway http --basic-auth ...`): the
+/// device's connector. Such a policy guards only proxies whose backends all name that
+/// connector, so a device cannot guard (or lock out, or open) another's proxy, even one
+/// that later takes the name of a proxy it deleted; the API server lets a device write
+/// only policies and Secrets labelled with its own connector.
+pub const CONNECTOR_LABEL: &str = "portway.dev/connector";
+/// On an HTTPProxy: the AccessPolicy it must be guarded by. While no policy guards the
+/// proxy, its routes name this one anyway, so they answer 500 until it exists (the
+/// window between a device creating its proxy and its policy never serves unguarded).
+pub const POLICY_ANNOTATION: &str = "portway.dev/access-policy";
+
 /// The header that carries the caller's identity to the app after `basicAuth` or `jwt`:
 /// a JWT the data plane signs (EdDSA), for the app to check against the JWKS published
 /// at [`IDENTITY_JWKS_PATH`] on every public hostname. Any copy a client sends is removed.

@@ -371,6 +371,14 @@ async fn handle(
         return done(resp);
     }
 
+    // Behind a trusted balancer that ended TLS, the browser's scheme is https (sign-in's
+    // redirect URI and Secure cookies follow it).
+    let browser_scheme = if scheme == "http" && behind_tls() {
+        "https"
+    } else {
+        scheme
+    };
+
     // Which route.
     let (method, path, query) = (
         req.method().as_str().to_owned(),
@@ -463,7 +471,7 @@ async fn handle(
                 host: &host_raw,
                 method: &req.method().clone(),
                 path: &path,
-                scheme,
+                scheme: browser_scheme,
             };
             match p.authenticate(req.headers(), who, identity).await {
                 Ok(grant) => grant.apply(req.headers_mut()),

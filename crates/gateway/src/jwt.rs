@@ -56,6 +56,47 @@ struct Key {
 }
 
 impl Key {
+    /// Key `i` of a JWKS: `None` when it is for another use or algorithm.
+    fn read(i: usize, k: &Value) -> Result<Option<Self>, String> {
+        let s = |f: &str| k.get(f).and_then(Value::as_str);
+        let bytes = |f: &str| {
+            s(f).and_then(|v| B64.decode(v).ok())
+                .ok_or_else(|| format!("keys[{i}].{f} is not base64url"))
+        };
+        if s("use").is_some_and(|u| u != "sig") {
+            return Ok(None);
+        }
+        let public = match (s("kty"), s("crv")) {
+            (Some("RSA"), _) => Public::Rsa {
+                n: bytes("n")?,
+                e: bytes("e")?,
+            },
+            (Some("EC"), Some("P-256")) => {
+                let (x, y) = (bytes("x")?, bytes("y")?);
+                if x.len() != 32 || y.len() != 32 {
+                    return Err(format!("keys[{i}]: a P-256 x and y are 32 bytes each"));
+                }
+                Public::Ec([&[4u8][..], &x, &y].concat())
+            }
+            (Some("OKP"), Some("Ed25519")) => {
+                let x = bytes("x")?;
+                if x.len() != 32 {
+                    return Err(format!("keys[{i}]: an Ed25519 x is 32 bytes"));
+                }
+                Public::Ed(x)
+            }
+            _ => return Err(format!("keys[{i}]: not an RSA, P-256 or Ed25519 key")),
+        };
+        let key = Self {
+            kid: s("kid").map(str::to_owned),
+            public,
+        };
+        if s("alg").is_some_and(|a| Alg::from_name(a) != Some(key.alg())) {
+            return Ok(None);
+        }
+        Ok(Some(key))
+    }
+
     fn alg(&self) -> Alg {
         match self.public {
             Public::Rsa { .. } => Alg::Rs256,
@@ -93,45 +134,30 @@ impl Keys {
     /// A sentence naming the first bad key, or saying none is usable.
     pub fn parse(text: &str) -> Result<Self, String> {
         portway_api::access::jwks(text)?;
-        let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Self::read(text, false)
+    }
+
+    /// Reads an issuer's published JWKS: keys of other types (P-384, `oct`, ...) or that do
+    /// not decode are left out rather than failing the set, as issuers publish what they
+    /// like; at most 100 keys and 1 MiB are read.
+    ///
+    /// # Errors
+    /// When it is not a JWKS or holds no usable key.
+    pub fn parse_published(text: &str) -> Result<Self, String> {
+        Self::read(text, true)
+    }
+
+    fn read(text: &str, lenient: bool) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let list = v["keys"].as_array().ok_or("a JWKS is {\"keys\": [...]}")?;
         let mut keys = Vec::new();
-        for (i, k) in v["keys"].as_array().into_iter().flatten().enumerate() {
-            let s = |f: &str| k.get(f).and_then(Value::as_str);
-            let bytes = |f: &str| {
-                s(f).and_then(|v| B64.decode(v).ok())
-                    .ok_or_else(|| format!("keys[{i}].{f} is not base64url"))
-            };
-            if s("use").is_some_and(|u| u != "sig") {
-                continue;
+        for (i, k) in list.iter().take(100).enumerate() {
+            match Key::read(i, k) {
+                Ok(Some(key)) => keys.push(key),
+                Ok(None) => {}
+                Err(e) if !lenient => return Err(e),
+                Err(_) => {}
             }
-            let public = match s("kty") {
-                Some("RSA") => Public::Rsa {
-                    n: bytes("n")?,
-                    e: bytes("e")?,
-                },
-                Some("EC") => {
-                    let (x, y) = (bytes("x")?, bytes("y")?);
-                    if x.len() != 32 || y.len() != 32 {
-                        return Err(format!("keys[{i}]: a P-256 x and y are 32 bytes each"));
-                    }
-                    Public::Ec([&[4u8][..], &x, &y].concat())
-                }
-                _ => {
-                    let x = bytes("x")?;
-                    if x.len() != 32 {
-                        return Err(format!("keys[{i}]: an Ed25519 x is 32 bytes"));
-                    }
-                    Public::Ed(x)
-                }
-            };
-            let key = Key {
-                kid: s("kid").map(str::to_owned),
-                public,
-            };
-            if s("alg").is_some_and(|a| Alg::from_name(a) != Some(key.alg())) {
-                continue;
-            }
-            keys.push(key);
         }
         if keys.is_empty() {
             return Err("no signing key for RS256, ES256 or EdDSA".into());
@@ -399,7 +425,7 @@ impl RemoteKeys {
             .and_then(|body| {
                 let text =
                     String::from_utf8(body).map_err(|_| "the JWKS is not UTF-8".to_owned())?;
-                Keys::parse(&text)
+                Keys::parse_published(&text)
             })
             .map_err(|e| format!("fetching the JWKS at {}: {e}", self.uri));
         let mut f = self.state.lock();
@@ -712,6 +738,14 @@ mod tests {
         .unwrap();
         let token = format!("{signed}.{}", B64.encode(&sig));
         assert_eq!(Token::parse(&token).unwrap().verify(&keys), Ok(()));
+        // A published set keeps its usable keys beside ones of other types.
+        let mixed = json!({"keys": [{"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"},
+            {"kty": "oct", "k": "c2VjcmV0"}, jwks["keys"][0].clone()]});
+        assert!(Keys::parse(&mixed.to_string()).is_err());
+        assert_eq!(
+            Keys::parse_published(&mixed.to_string()).unwrap().0.len(),
+            1
+        );
         // An RSA key marked for another algorithm is not used.
         let other = json!({"keys": [{"kty": "RSA", "alg": "RS512", "n": B64.encode(n), "e": B64.encode(e)}]});
         assert!(Keys::parse(&other.to_string()).is_err());

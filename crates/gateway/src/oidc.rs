@@ -23,6 +23,9 @@ use crate::policy::{Denied, rules};
 
 /// How long a sign-in may take, from the redirect to the provider to the callback.
 const LOGIN_SECS: u64 = 600;
+/// Token and userinfo calls in flight, process-wide.
+static CALLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
 /// How long a provider's configuration is used before it is read again.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
@@ -143,11 +146,13 @@ impl Oidc {
         if path == OIDC_LOGOUT_PATH {
             let mut d = answer("logout", StatusCode::OK, "signed out");
             d.headers
-                .push(self.set_cookie(&self.cookie, "", 0, req.scheme));
+                .push(self.set_cookie(&self.session_cookie(req.scheme), "", 0, req.scheme));
             return Err(d);
         }
-        if let Some(claims) =
-            cookie(req.headers, &self.cookie).and_then(|v| self.open_session(signer, v, req.host))
+        // Every cookie of the name is tried: a sibling hostname can plant one of its own
+        // (Domain=) ahead of ours over plain HTTP, and must not lock the caller out.
+        if let Some(claims) = cookies(req.headers, &self.session_cookie(req.scheme))
+            .find_map(|v| self.open_session(signer, v, req.host))
         {
             return Ok(Session {
                 claims,
@@ -174,12 +179,15 @@ impl Oidc {
         let here = s.get("aud").and_then(Value::as_str)
             == Some(crate::model::normalize_host(host).as_str())
             && s.get("pol").and_then(Value::as_str) == Some(self.policy.as_str());
-        if !(fresh && here) {
+        // The lists are asked again at every request: a person taken off them is out at
+        // once, not when the cookie expires.
+        if !(fresh && here && self.allows(&s)) {
             return None;
         }
         s.remove("exp");
         s.remove("aud");
         s.remove("pol");
+        s.remove("email_verified");
         Some(s)
     }
 
@@ -195,8 +203,13 @@ impl Oidc {
             &ring::digest::SHA256,
             verifier.as_bytes(),
         ));
-        // Back to the page asked for, on this host only.
-        let back = if req.path.starts_with('/') && !req.path.starts_with("//") {
+        // Back to the page asked for, on this host only (`//x` and `/\x` name other hosts
+        // to browsers).
+        let back = if req.path.starts_with('/')
+            && !req.path.starts_with("//")
+            && !req.path.starts_with("/\\")
+            && !req.path.chars().any(|c| c.is_control() || c == '\\')
+        {
             req.path
         } else {
             "/"
@@ -225,8 +238,12 @@ impl Oidc {
         if let Ok(v) = HeaderValue::from_str(url.as_str()) {
             d.headers.push((header::LOCATION, v));
         }
-        d.headers
-            .push(self.set_cookie(&self.login_cookie(), &browser, LOGIN_SECS, req.scheme));
+        d.headers.push(self.set_cookie(
+            &self.login_cookie(req.scheme),
+            &browser,
+            LOGIN_SECS,
+            req.scheme,
+        ));
         d
     }
 
@@ -270,7 +287,8 @@ impl Oidc {
         if expired || field("pol") != self.policy {
             return bad("this sign-in expired or belongs elsewhere; start again");
         }
-        if cookie(req.headers, &self.login_cookie()).map(digest64) != Some(field("b").to_owned()) {
+        if !cookies(req.headers, &self.login_cookie(req.scheme)).any(|b| digest64(b) == field("b"))
+        {
             return bad("this sign-in was started in another browser; start again");
         }
         let d = match self.provider.discovery().await {
@@ -293,22 +311,39 @@ impl Oidc {
                 &format!("{who} may not sign in here"),
             );
             d.headers
-                .push(self.set_cookie(&self.login_cookie(), "", 0, req.scheme));
+                .push(self.set_cookie(&self.login_cookie(req.scheme), "", 0, req.scheme));
             return d;
         }
         let mut session = Map::new();
-        for k in ["sub", "email", "name"] {
+        for k in ["sub", "email", "name", "email_verified"] {
             if let Some(v) = claims.get(k) {
                 session.insert(k.into(), v.clone());
             }
         }
-        if let Some(g) = claims.get(&self.groups_claim) {
-            session.insert("groups".into(), g.clone());
+        // The groups that decide, or at most 32: a cookie past ~4 KB is dropped by
+        // browsers, and the caller would be sent to sign in again and again.
+        if let Some(Value::Array(g)) = claims.get(&self.groups_claim) {
+            let kept: Vec<Value> = g
+                .iter()
+                .filter(|v| self.groups.is_empty() || crate::jwt::claim_matches(v, &self.groups))
+                .take(32)
+                .cloned()
+                .collect();
+            session.insert(self.groups_claim.clone(), Value::Array(kept));
+        } else if let Some(g) = claims.get(&self.groups_claim) {
+            session.insert(self.groups_claim.clone(), g.clone());
         }
         session.insert("exp".into(), (crate::jwt::now() + self.session_secs).into());
         session.insert("aud".into(), crate::model::normalize_host(req.host).into());
         session.insert("pol".into(), self.policy.clone().into());
         let sealed = signer.seal(&self.cookie, Value::Object(session).to_string().as_bytes());
+        if sealed.len() > 3800 {
+            return answer(
+                "not-allowed",
+                StatusCode::FORBIDDEN,
+                "the provider's claims for this account are too large for a session",
+            );
+        }
         let mut d = answer("signed-in", StatusCode::FOUND, "signed in");
         if let Ok(v) = HeaderValue::from_str(field("r")) {
             d.headers.push((header::LOCATION, v));
@@ -316,7 +351,7 @@ impl Oidc {
         d.headers
             .push(self.set_cookie(&self.cookie, &sealed, self.session_secs, req.scheme));
         d.headers
-            .push(self.set_cookie(&self.login_cookie(), "", 0, req.scheme));
+            .push(self.set_cookie(&self.login_cookie(req.scheme), "", 0, req.scheme));
         d
     }
 
@@ -341,6 +376,17 @@ impl Oidc {
                 enc(&self.client_secret)
             ))
         );
+        // Calls to providers at once, process-wide: each may hold a connection and an
+        // answer for seconds, and a replayed callback must not pile them up.
+        let Ok(_call) = CALLS.try_acquire() else {
+            let mut d = answer(
+                "busy",
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many sign-ins at once; try again in a second",
+            );
+            d.headers.push((header::RETRY_AFTER, HeaderValue::from(1)));
+            return Err(d);
+        };
         let redirect = redirect_uri(req);
         let form = [
             ("grant_type", "authorization_code"),
@@ -368,11 +414,7 @@ impl Oidc {
         let invalid =
             |e: crate::jwt::Invalid| failed(format!("the provider's ID token: {}", e.message));
         let token = Token::parse(id).map_err(invalid)?;
-        let keys = d
-            .keys
-            .keys(token.kid.as_deref())
-            .await
-            .map_err(&failed)?;
+        let keys = d.keys.keys(token.kid.as_deref()).await.map_err(&failed)?;
         token.verify(&keys).map_err(invalid)?;
         token
             .check_claims(
@@ -384,6 +426,11 @@ impl Oidc {
         if token.claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
             return Err(failed(
                 "the provider's ID token is not for this sign-in (nonce)".into(),
+            ));
+        }
+        if !token.claims.get("sub").is_some_and(Value::is_string) {
+            return Err(failed(
+                "the provider's ID token names no subject (sub)".into(),
             ));
         }
         let mut claims = token.claims;
@@ -416,7 +463,9 @@ impl Oidc {
         if self.emails.is_empty() && self.domains.is_empty() && self.groups.is_empty() {
             return true;
         }
-        let verified = claims.get("email_verified") != Some(&Value::Bool(false));
+        // Providers that do not say (Entra) count as verified; some send "false" as text.
+        let verified = !matches!(claims.get("email_verified"), Some(Value::Bool(false)))
+            && claims.get("email_verified").and_then(Value::as_str) != Some("false");
         let email = claims
             .get("email")
             .and_then(Value::as_str)
@@ -441,8 +490,18 @@ impl Oidc {
         &self.issuer
     }
 
-    fn login_cookie(&self) -> String {
-        format!("{}-login", self.cookie)
+    /// The session cookie's name: over HTTPS with the `__Host-` prefix, which browsers
+    /// take only from this very host (no `Domain=` from a sibling hostname of the zone).
+    fn session_cookie(&self, scheme: &str) -> String {
+        if scheme == "https" {
+            format!("__Host-{}", self.cookie)
+        } else {
+            self.cookie.clone()
+        }
+    }
+
+    fn login_cookie(&self, scheme: &str) -> String {
+        format!("{}-login", self.session_cookie(scheme))
     }
 
     fn state_context(&self) -> String {
@@ -485,10 +544,12 @@ fn answer(reason: &'static str, status: StatusCode, message: &str) -> Denied {
 }
 
 fn unavailable(why: &str) -> Denied {
+    // Why (a URL, a connection error) is logged, not told to whoever asked.
+    tracing::warn!("oidc: {why}");
     let mut d = answer(
         "provider-unavailable",
         StatusCode::SERVICE_UNAVAILABLE,
-        &format!("the sign-in provider cannot be reached: {why}"),
+        "the sign-in provider cannot be reached now; try again shortly",
     );
     d.headers.push((header::RETRY_AFTER, HeaderValue::from(5)));
     d
@@ -506,33 +567,47 @@ fn digest64(s: &str) -> String {
     B64.encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()))
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The values of cookie `name` in the request's `Cookie` headers (several may come: one
+/// planted by a sibling hostname, say).
+pub fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         // Several Cookie headers may arrive joined by commas (Envoy's ext_authz joins
-        // repeated headers so); a cookie value never holds one (RFC 6265).
+        // repeated headers so); a cookie value of ours never holds one.
         .flat_map(|v| v.split([';', ',']))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
 }
 
-/// The request's cookies without Portway's (`prefix` and `prefix-*`): what the app gets.
+/// The request's cookies without Portway's (`prefix`, `__Host-prefix` and their `-login`):
+/// what the app gets. Split on `;` only, so an app's `prefs=a,b` reaches it whole.
 fn without_cookies(headers: &HeaderMap, prefix: &str) -> Option<HeaderValue> {
+    let host = format!("__Host-{prefix}");
+    let ours = |c: &str| {
+        let name = c.split_once('=').map_or(c, |(k, _)| k).trim();
+        [prefix, host.as_str()]
+            .iter()
+            .any(|p| name == *p || name.strip_prefix(p) == Some("-login"))
+    };
     let kept: Vec<&str> = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([';', ',']))
+        .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let name = c.split_once('=').map_or(*c, |(k, _)| k);
-            name != prefix && !name.starts_with(&format!("{prefix}-"))
+        // Two Cookie headers joined by a comma: ours may hide in a piece's part.
+        .flat_map(|c| {
+            if c.contains(',') && c.split(',').any(ours) {
+                c.split(',').map(str::trim).collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
         })
+        .filter(|c| !ours(c))
         .collect();
     (!kept.is_empty())
         .then(|| HeaderValue::from_str(&kept.join("; ")).ok())
@@ -545,6 +620,8 @@ fn without_cookies(headers: &HeaderMap, prefix: &str) -> Option<HeaderValue> {
 pub struct Provider {
     issuer: String,
     state: parking_lot::Mutex<Option<(Arc<Discovery>, Instant)>>,
+    /// The last failed read and why: not tried again for 5 s.
+    failed: parking_lot::Mutex<Option<(String, Instant)>>,
     fetching: tokio::sync::Mutex<()>,
 }
 
@@ -569,6 +646,7 @@ impl Provider {
         let p = Arc::new(Self {
             issuer: issuer.to_owned(),
             state: parking_lot::Mutex::default(),
+            failed: parking_lot::Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
         });
         all.insert(issuer.to_owned(), Arc::downgrade(&p));
@@ -588,14 +666,22 @@ impl Provider {
         if let Some(d) = fresh(&self.state.lock()) {
             return Ok(d);
         }
+        let stale = || self.state.lock().as_ref().map(|(d, _)| d.clone());
+        if let Some((why, at)) = &*self.failed.lock()
+            && at.elapsed() < Duration::from_secs(5)
+        {
+            return stale().ok_or_else(|| why.clone());
+        }
         match self.read().await {
             Ok(d) => {
                 let d = Arc::new(d);
                 *self.state.lock() = Some((d.clone(), Instant::now()));
+                *self.failed.lock() = None;
                 Ok(d)
             }
             Err(why) => {
                 tracing::warn!("{why}");
+                *self.failed.lock() = Some((why.clone(), Instant::now()));
                 // The configuration read before serves on while the provider is down.
                 self.state
                     .lock()
@@ -669,6 +755,24 @@ mod tests {
         assert!(!allows(json!({"email": "eve@evil.corp.example"})));
         assert!(allows(json!({"email": "eve@x", "groups": ["ops", "dev"]})));
         assert!(!allows(json!({"email": "eve@x", "groups": ["ops"]})));
+        assert!(!allows(
+            json!({"email": "bob@corp.example", "email_verified": "false"})
+        ));
+        // A session is held to the lists at every request: taken off them, out at once.
+        let signer = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+        let session = |email: &str| {
+            let s = json!({"sub": "x", "email": email, "aud": "app.example.com",
+                "pol": "p/guard/uid-1", "exp": crate::jwt::now() + 60});
+            signer.seal(&o.cookie, s.to_string().as_bytes())
+        };
+        assert!(
+            o.open_session(&signer, &session("ann@example.com"), "app.example.com")
+                .is_some()
+        );
+        assert!(
+            o.open_session(&signer, &session("eve@x"), "app.example.com")
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -706,8 +810,8 @@ mod tests {
         // The app gets its own cookies, never the session.
         let mut h = HeaderMap::new();
         let c = format!(
-            "theme=dark; {}={good}; {}-login=x; id=7",
-            o.cookie, o.cookie
+            "theme=dark; {}=planted; {}={good}; {}-login=x; prefs=a,b",
+            o.cookie, o.cookie, o.cookie
         );
         h.insert(header::COOKIE, HeaderValue::from_str(&c).unwrap());
         let req = Request {
@@ -718,7 +822,7 @@ mod tests {
             headers: &h,
         };
         let session = o.check(req, &signer).await.unwrap();
-        assert_eq!(session.cookie.unwrap(), "theme=dark; id=7");
+        assert_eq!(session.cookie.unwrap(), "theme=dark; prefs=a,b");
         // A callback this browser did not start is refused before the provider is asked.
         let cb = Request {
             path: "/.portway/oidc/callback?code=c&state=forged",

@@ -221,11 +221,12 @@ impl Jwt {
         let keys = match &self.keys {
             JwtKeys::Static(k) => k,
             JwtKeys::Remote(r) => {
-                fetched = r.keys(token.kid.as_deref()).await.map_err(|why| Denied {
+                fetched = r.keys(token.kid.as_deref()).await.map_err(|_| Denied {
                     rule: rules::JWT,
                     reason: "keys-unavailable",
                     status: StatusCode::SERVICE_UNAVAILABLE,
-                    message: format!("the issuer's keys cannot be had: {why}"),
+                    // Why (a URL, a connection error) is logged, not told to the caller.
+                    message: "the token issuer's keys cannot be had now; try again shortly".into(),
                     headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
                 })?;
                 &*fetched
@@ -813,6 +814,20 @@ impl Policy {
         match who {
             Some(claims) => grant.set.push((name, identity.sign(claims)?)),
             None => grant.remove.push(name),
+        }
+        // `x_user_email` is `X-User-Email` to CGI-style apps (Rack, WSGI, PHP): a client's
+        // spelling of a header Portway sets, with underscores, is removed too.
+        let ours: Vec<String> = grant
+            .set
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(grant.remove.iter().map(header::HeaderName::as_str))
+            .map(str::to_owned)
+            .collect();
+        for n in headers.keys() {
+            if n.as_str().contains('_') && ours.contains(&n.as_str().replace('_', "-")) {
+                grant.remove.push(n.clone());
+            }
         }
         Ok(grant)
     }

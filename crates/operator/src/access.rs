@@ -102,12 +102,14 @@ pub fn resolved_refs(
     })
 }
 
-/// The policy that guards the proxy `proxy` among `policies` (its namespace's): the
-/// oldest one naming it, so a newer policy can never loosen or replace one in force. An
-/// invalid one (stored before a rule existed, or around the API server) still guards: the
-/// data planes cannot compile it and answer 500, which is closed, where skipping it would
-/// open the proxy or hand it to a newer, looser policy.
-pub fn guarding<'a>(proxy: &str, policies: &[&'a AccessPolicy]) -> Option<&'a AccessPolicy> {
+/// The policy that guards `proxy` among `policies` (its namespace's): the oldest one
+/// naming it, so a newer policy can never loosen or replace one in force. An invalid one
+/// (stored before a rule existed, or around the API server) still guards: the data
+/// planes cannot compile it and answer 500, which is closed, where skipping it would open
+/// the proxy or hand it to a newer, looser policy. A policy a device wrote (labelled
+/// with its connector) is not even considered for a proxy of another connector.
+pub fn guarding<'a>(proxy: &HttpProxy, policies: &[&'a AccessPolicy]) -> Option<&'a AccessPolicy> {
+    let name = proxy.name_any();
     policies
         .iter()
         .copied()
@@ -116,13 +118,43 @@ pub fn guarding<'a>(proxy: &str, policies: &[&'a AccessPolicy]) -> Option<&'a Ac
             p.spec
                 .target_refs
                 .iter()
-                .any(|t| t.name == proxy && t.kind == TARGET_KIND && t.group == GROUP)
+                .any(|t| t.name == name && t.kind == TARGET_KIND && t.group == GROUP)
         })
+        .filter(|p| may_guard(p, proxy))
         .min_by(|a, b| {
             let at = |p: &AccessPolicy| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
             at(a)
                 .cmp(&at(b))
                 .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+        })
+}
+
+/// Whether `policy` may guard `proxy` at all: any policy may, unless a device wrote it
+/// (labelled `portway.dev/connector`), when every backend of the proxy must name that
+/// connector.
+pub fn may_guard(policy: &AccessPolicy, proxy: &HttpProxy) -> bool {
+    let Some(connector) = policy.labels().get(portway_api::access::CONNECTOR_LABEL) else {
+        return true;
+    };
+    let mut backends = proxy.spec.rules.iter().flat_map(|r| &r.backends).peekable();
+    backends.peek().is_some()
+        && backends.all(|b| {
+            b.connector
+                .as_ref()
+                .is_some_and(|c| c.name.as_deref() == Some(connector.as_str()))
+        })
+}
+
+/// The policy the proxy's routes name: the one guarding it, or, while none does, the one
+/// its `portway.dev/access-policy` annotation asks for (missing, so its routes answer 500).
+pub fn route_policy(proxy: &HttpProxy, policies: &[&AccessPolicy]) -> Option<String> {
+    guarding(proxy, policies)
+        .map(ResourceExt::name_any)
+        .or_else(|| {
+            proxy
+                .annotations()
+                .get(portway_api::access::POLICY_ANNOTATION)
+                .cloned()
         })
 }
 
@@ -166,14 +198,25 @@ pub fn status(
                         invalid.join("; ")
                     ),
                 )
-            } else if !proxies.iter().any(|p| p.name_any() == t.name) {
+            } else if let Some(proxy) = proxies
+                .iter()
+                .find(|p| p.name_any() == t.name)
+                .filter(|p| !may_guard(policy, p))
+            {
                 (
                     false,
                     reasons::TARGET_NOT_FOUND,
-                    format!("no HTTPProxy {:?} in this namespace", t.name),
+                    format!(
+                        "HTTPProxy {:?} is not of connector {:?}: a device's policy guards only its own proxies",
+                        proxy.name_any(),
+                        policy
+                            .labels()
+                            .get(portway_api::access::CONNECTOR_LABEL)
+                            .map_or("", String::as_str)
+                    ),
                 )
-            } else {
-                match guarding(&t.name, policies) {
+            } else if let Some(proxy) = proxies.iter().find(|p| p.name_any() == t.name) {
+                match guarding(proxy, policies) {
                     Some(p) if p.name_any() == name => (
                         true,
                         reasons::ACCEPTED,
@@ -191,6 +234,12 @@ pub fn status(
                     // Not reached: this policy is valid and names the proxy.
                     None => (false, reasons::CONFLICTED, "not attached".to_owned()),
                 }
+            } else {
+                (
+                    false,
+                    reasons::TARGET_NOT_FOUND,
+                    format!("no HTTPProxy {:?} in this namespace", t.name),
+                )
             };
             PolicyAncestorStatus {
                 ancestor_ref: PolicyTargetReference {
@@ -330,10 +379,12 @@ mod tests {
         broken.spec.methods = vec!["get".into()];
         let all = [&old, &new, &broken];
         // Invalid but oldest: it keeps the proxy (closed: 500), no newer one takes over.
-        assert_eq!(guarding("app", &all).unwrap().name_any(), "broken");
-        assert_eq!(guarding("app", &[&old, &new]).unwrap().name_any(), "old");
-        assert_eq!(guarding("api", &all).unwrap().name_any(), "new");
-        assert!(guarding("web", &all).is_none());
+        let g =
+            |name: &str, list: &[&AccessPolicy]| guarding(&proxy(name), list).map(|p| p.name_any());
+        assert_eq!(g("app", &all).unwrap(), "broken");
+        assert_eq!(g("app", &[&old, &new]).unwrap(), "old");
+        assert_eq!(g("api", &all).unwrap(), "new");
+        assert!(g("web", &all).is_none());
 
         let (app, api) = (proxy("app"), proxy("api"));
         let now = Timestamp::from_second(1_800_000_000).unwrap();
@@ -386,7 +437,7 @@ mod tests {
         assert_eq!((ok, reason), (false, reasons::INVALID_SECRET));
         assert!(!message.contains("hunter2"), "{message}");
         // Refused Secret or not, the policy still guards its proxy (fails closed).
-        assert_eq!(guarding("app", &[&p]).unwrap().name_any(), "p");
+        assert_eq!(guarding(&proxy("app"), &[&p]).unwrap().name_any(), "p");
         assert!(resolved_refs(&policy("q", 0, &["app"]), None).is_none());
     }
 
@@ -394,6 +445,44 @@ mod tests {
     fn a_deleted_policy_guards_nothing() {
         let mut p = policy("p", 0, &["app"]);
         p.metadata.deletion_timestamp = p.metadata.creation_timestamp.clone();
-        assert!(guarding("app", &[&p]).is_none());
+        assert!(guarding(&proxy("app"), &[&p]).is_none());
+    }
+
+    #[test]
+    fn a_devices_policy_guards_only_its_connectors_proxies() {
+        let of = |name: &str, connector: &str| -> HttpProxy {
+            serde_json::from_value(json!({
+                "apiVersion": "networking.datumapis.com/v1alpha", "kind": "HTTPProxy",
+                "metadata": {"name": name, "namespace": "p",
+                    "annotations": {"portway.dev/access-policy": format!("{name}-access")}},
+                "spec": {"rules": [{"backends": [
+                    {"endpoint": "http://127.0.0.1:1", "connector": {"name": connector}}]}]},
+            }))
+            .unwrap()
+        };
+        let mut b = policy("b-access", -10, &["web"]);
+        b.metadata.labels = Some([("portway.dev/connector".to_owned(), "b".to_owned())].into());
+        // Device b's older policy names "web", now device a's proxy: it guards nothing
+        // there, a's own (annotated) policy is named instead, and b's says why.
+        let web_of_a = of("web", "a");
+        assert!(guarding(&web_of_a, &[&b]).is_none());
+        assert_eq!(
+            route_policy(&web_of_a, &[&b]).as_deref(),
+            Some("web-access")
+        );
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let s = accepted(&status(&b, &[&web_of_a], &[&b], None, "c", now));
+        assert_eq!(s[0].2, reasons::TARGET_NOT_FOUND);
+        // Its own proxy it guards; an admin's policy (no label) guards either.
+        assert_eq!(
+            route_policy(&of("web", "b"), &[&b]).as_deref(),
+            Some("b-access")
+        );
+        let admin = policy("admin", 0, &["web"]);
+        assert_eq!(
+            route_policy(&web_of_a, &[&b, &admin]).as_deref(),
+            Some("admin")
+        );
+        assert!(route_policy(&proxy("web"), &[]).is_none());
     }
 }

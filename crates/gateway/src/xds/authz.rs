@@ -97,10 +97,13 @@ impl Authorization for Authz {
             host: &http.host,
             method: &method,
             path: &http.path,
-            scheme: if http.scheme.is_empty() {
-                "http"
-            } else {
-                &http.scheme
+            // Envoy sets X-Forwarded-Proto from the connection (use_remote_address), where
+            // `:scheme` is the client's to write over HTTP/2.
+            scheme: match http.headers.get("x-forwarded-proto").map(String::as_str) {
+                Some("https") => "https",
+                Some(_) => "http",
+                None if http.scheme == "https" => "https",
+                None => "http",
             },
         };
         let grant = match policy

@@ -259,7 +259,7 @@ pub(crate) async fn reconcile(proxy: Arc<HttpProxy>, ctx: Arc<Ctx>) -> Result<Ac
     });
     let policies = ctx.access.get(&ns);
     let policy_refs: Vec<&portway_api::AccessPolicy> = policies.iter().map(AsRef::as_ref).collect();
-    let guard = crate::access::guarding(&name, &policy_refs).map(ResourceExt::name_any);
+    let guard = crate::access::route_policy(&proxy, &policy_refs);
     let d = desired(&Inputs {
         proxy: &proxy,
         connectors: &connector_refs,

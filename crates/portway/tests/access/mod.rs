@@ -712,6 +712,9 @@ async fn jwt(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
             &auth(token(&issuer, quiet)),
             "-H",
             "x-user-email: forged@example.com",
+            // CGI-style apps read this as X-User-Email.
+            "-H",
+            "x_user_email: forged@example.com",
         ],
     )
     .await;
