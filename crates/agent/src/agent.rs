@@ -850,7 +850,11 @@ async fn sync_tunnels(s: &Shared, connector: &Connector, tunnels: &[Tunnel]) -> 
     let wanted = objects::desired(connector, tunnels, &requests);
     let mut keep = HashSet::new();
     apply_all(s, "ad", &wanted.advertisements, &mut keep).await?;
+    // Users before the proxy, the proxy (which names its policy, so it answers 500 until
+    // the policy is there) before the policy (which may name only an existing proxy).
+    apply_all(s, "secret", &wanted.secrets, &mut keep).await?;
     apply_all(s, "proxy", &wanted.proxies, &mut keep).await?;
+    apply_all(s, "policy", &wanted.policies, &mut keep).await?;
     apply_all(s, "tcpproxy", &wanted.tcp_proxies, &mut keep).await?;
     prune(
         s,
@@ -886,6 +890,10 @@ where
 
 async fn prune(s: &Shared, connector: &str, keep: &HashSet<(&str, String)>) -> Result<(), Error> {
     prune_kind::<ConnectorAdvertisement>(s, connector, "ad", keep).await?;
+    // Policies first: a proxy is never left without its policy while it lives. (A
+    // Secret of users left behind is not listed, as a device may not list Secrets; the
+    // Connector owns it, and it is rewritten when the tunnel is published again.)
+    prune_kind::<portway_api::AccessPolicy>(s, connector, "policy", keep).await?;
     prune_kind::<HttpProxy>(s, connector, "proxy", keep).await?;
     prune_kind::<portway_api::TcpProxy>(s, connector, "tcpproxy", keep).await
 }

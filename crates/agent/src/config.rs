@@ -232,6 +232,7 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
                 let dir = Path::new(d.get_ref());
                 path.parent().map_or(dir.to_owned(), |base| base.join(dir))
             }),
+            access: None,
         };
         if let Err((f, e)) = tunnel.check() {
             let span = match f {

@@ -65,6 +65,65 @@ pub struct Objects {
     pub proxies: Vec<HttpProxy>,
     /// One per tcp tunnel published at a public port, and per tls tunnel.
     pub tcp_proxies: Vec<TcpProxy>,
+    /// One per http tunnel with hostnames and access rules, guarding its proxy.
+    pub policies: Vec<portway_api::AccessPolicy>,
+    /// One per such tunnel with basic auth users (hashes only).
+    pub secrets: Vec<k8s_openapi::api::core::v1::Secret>,
+}
+
+/// The AccessPolicy guarding the proxy of `tunnel`'s object name `name`, and its users'
+/// Secret. The proxy names the policy (`portway.dev/access-policy`), so it answers 500
+/// rather than serve unguarded until the policy exists.
+fn access(
+    meta: &ObjectMeta,
+    name: &str,
+    a: &crate::tunnel::Access,
+) -> (
+    portway_api::AccessPolicy,
+    Option<k8s_openapi::api::core::v1::Secret>,
+) {
+    let users = format!("{name}-users");
+    let mut spec = a.rules.clone();
+    spec.target_refs = vec![portway_api::PolicyTargetReference {
+        group: portway_api::access::GROUP.into(),
+        kind: portway_api::access::TARGET_KIND.into(),
+        name: name.to_owned(),
+        section_name: None,
+    }];
+    let secret = a.htpasswd.as_ref().map(|text| {
+        spec.basic_auth = Some(portway_api::BasicAuth {
+            secret_ref: portway_api::SecretRef {
+                name: users.clone(),
+            },
+            realm: spec.basic_auth.as_ref().and_then(|b| b.realm.clone()),
+        });
+        k8s_openapi::api::core::v1::Secret {
+            metadata: ObjectMeta {
+                name: Some(users.clone()),
+                ..meta.clone()
+            },
+            type_: Some(portway_api::access::HTPASSWD_TYPE.into()),
+            string_data: Some(BTreeMap::from([(
+                portway_api::access::HTPASSWD_KEY.to_owned(),
+                text.clone(),
+            )])),
+            ..Default::default()
+        }
+    });
+    let policy = portway_api::AccessPolicy {
+        metadata: ObjectMeta {
+            name: Some(policy_name(name)),
+            ..meta.clone()
+        },
+        spec,
+        status: None,
+    };
+    (policy, secret)
+}
+
+/// The AccessPolicy of a proxy the agent writes.
+pub fn policy_name(proxy: &str) -> String {
+    format!("{proxy}-access")
 }
 
 /// The advertisements and proxies `tunnels` call for; `requests`: the certificate
@@ -78,6 +137,8 @@ pub fn desired(
     let mut advertisements = Vec::new();
     let mut proxies = Vec::new();
     let mut tcp_proxies = Vec::new();
+    let mut policies = Vec::new();
+    let mut secrets = Vec::new();
     for t in tunnels {
         advertisements.push(ConnectorAdvertisement {
             metadata: meta(connector, t),
@@ -104,8 +165,19 @@ pub fn desired(
             status: None,
         });
         if t.protocol == Protocol::Http && !t.hostnames.is_empty() {
+            let mut metadata = meta(connector, t);
+            if let Some(a) = &t.access {
+                let name = metadata.name.clone().unwrap_or_default();
+                let (policy, secret) = access(&metadata, &name, a);
+                metadata.annotations = Some(BTreeMap::from([(
+                    portway_api::access::POLICY_ANNOTATION.to_owned(),
+                    policy_name(&name),
+                )]));
+                policies.push(policy);
+                secrets.extend(secret);
+            }
             proxies.push(HttpProxy {
-                metadata: meta(connector, t),
+                metadata,
                 spec: HttpProxySpec {
                     hostnames: t.hostnames.clone(),
                     rules: vec![HttpProxyRule {
@@ -171,6 +243,8 @@ pub fn desired(
         advertisements,
         proxies,
         tcp_proxies,
+        policies,
+        secrets,
     }
 }
 
@@ -205,6 +279,7 @@ mod tests {
             public: None,
             proxy_protocol: false,
             cert_dir: None,
+            access: None,
         }
     }
 
@@ -223,6 +298,7 @@ mod tests {
             advertisements: ads,
             proxies,
             tcp_proxies,
+            ..
         } = desired(&connector(), &tunnels, &BTreeMap::new());
         assert_eq!(tcp_proxies.len(), 1, "published tcp tunnels only");
         let t = &tcp_proxies[0];
@@ -293,5 +369,55 @@ mod tests {
         assert_eq!(tls[0].certificate_request.as_deref(), Some("REQUEST"));
         assert_eq!(tls[0].hostnames, ["mail.example.com"]);
         assert_eq!(tls[1].certificate_request, None);
+    }
+
+    #[test]
+    fn access_rules_become_a_labelled_policy_its_users_and_a_proxy_naming_it() {
+        let flags = crate::tunnel::AccessFlags {
+            basic_auth: vec!["ann:s3cret".into()],
+            allow_ip: vec!["10.0.0.0/8".into()],
+            rate_limit: Some("100/m".into()),
+            ..Default::default()
+        };
+        let access = flags.access().unwrap();
+        let t = Tunnel {
+            access: access.clone(),
+            ..tunnel("web", Protocol::Http, &["web.example.com"])
+        };
+        let o = desired(&connector(), &[t], &BTreeMap::new());
+        let (p, policy, secret) = (&o.proxies[0], &o.policies[0], &o.secrets[0]);
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()[portway_api::access::POLICY_ANNOTATION],
+            "laptop-web-access"
+        );
+        assert_eq!(policy.metadata.name.as_deref(), Some("laptop-web-access"));
+        assert_eq!(policy.spec.target_refs[0].name, "laptop-web");
+        assert_eq!(
+            policy.spec.basic_auth.as_ref().unwrap().secret_ref.name,
+            "laptop-web-users"
+        );
+        for labels in [&policy.metadata.labels, &secret.metadata.labels] {
+            assert_eq!(labels.as_ref().unwrap()[CONNECTOR_LABEL], "laptop");
+        }
+        assert!(policy.validate().is_empty(), "{:?}", policy.validate());
+        assert!(secret.validate().is_empty(), "{:?}", secret.validate());
+        let text = &secret.string_data.as_ref().unwrap()["htpasswd"];
+        assert!(
+            text.starts_with("ann:$2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        // Bad flags say which; none: no policy.
+        let bad = crate::tunnel::AccessFlags {
+            allow_ip: vec!["10.0.0.0/33".into()],
+            ..Default::default()
+        };
+        assert!(bad.access().unwrap_err().starts_with("--allow-ip"));
+        assert_eq!(crate::tunnel::AccessFlags::default().access(), Ok(None));
+        let plain = desired(
+            &connector(),
+            &[tunnel("web", Protocol::Http, &["w.example.com"])],
+            &BTreeMap::new(),
+        );
+        assert!(plain.policies.is_empty() && plain.proxies[0].metadata.annotations.is_none());
     }
 }

@@ -42,7 +42,7 @@ impl Protocol {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Tunnel {
     /// Unique among the agent's tunnels; a DNS label.
     pub name: String,
@@ -59,6 +59,94 @@ pub struct Tunnel {
     /// the request for the tunnel's names (`request.pem`); the chain the control plane's
     /// issuer signed (`cert.pem`), renewed in place.
     pub cert_dir: Option<PathBuf>,
+    /// Who may call an http tunnel's hostnames (`portway http --basic-auth ...`): written
+    /// as an AccessPolicy guarding its HTTPProxy.
+    pub access: Option<Access>,
+}
+
+/// An http tunnel's access rules: the policy's rules (its `targetRefs` and basic auth's
+/// Secret are filled in), and the basic auth users as htpasswd text of hashes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Access {
+    pub rules: portway_api::AccessPolicySpec,
+    pub htpasswd: Option<String>,
+}
+
+/// The one-liner's access flags (`portway http --basic-auth ... --allow-ip ...`).
+#[derive(Clone, Debug, Default)]
+pub struct AccessFlags {
+    /// `USER:PASSWORD` pairs; hashed here (bcrypt), only the hash leaves the machine.
+    pub basic_auth: Vec<String>,
+    pub allow_ip: Vec<String>,
+    pub deny_ip: Vec<String>,
+    /// Per client address: `N/s`, `N/m` or `N/h`.
+    pub rate_limit: Option<String>,
+    /// An issuer whose keys its OpenID configuration names.
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Vec<String>,
+}
+
+impl AccessFlags {
+    /// The tunnel's access rules, or `None` when no flag asks for any.
+    ///
+    /// # Errors
+    /// A sentence naming the flag and what is wrong with its value.
+    pub fn access(&self) -> Result<Option<Access>, String> {
+        use portway_api::access;
+        let mut rules = portway_api::AccessPolicySpec::default();
+        for (flag, list) in [("--allow-ip", &self.allow_ip), ("--deny-ip", &self.deny_ip)] {
+            for c in list {
+                access::cidr(c).map_err(|e| format!("{flag}: {e}"))?;
+            }
+        }
+        if !self.allow_ip.is_empty() || !self.deny_ip.is_empty() {
+            rules.ip = Some(portway_api::IpRules {
+                allow: self.allow_ip.clone(),
+                deny: self.deny_ip.clone(),
+            });
+        }
+        if let Some(r) = &self.rate_limit {
+            let rate = access::parse_rate(r).map_err(|e| format!("--rate-limit: {e}"))?;
+            rules.rate_limit = Some(portway_api::RateLimit {
+                per_client: Some(rate),
+                per_tunnel: None,
+            });
+        }
+        if let Some(issuer) = &self.jwt_issuer {
+            access::fetch_url(issuer).map_err(|e| format!("--jwt-issuer: {e}"))?;
+            rules.jwt = Some(portway_api::JwtAuth {
+                issuer: issuer.clone(),
+                audiences: self.jwt_audience.clone(),
+                ..Default::default()
+            });
+        }
+        let mut htpasswd = None;
+        if !self.basic_auth.is_empty() {
+            if self.jwt_issuer.is_some() {
+                return Err(
+                    "--basic-auth and --jwt-issuer both read the Authorization header: choose one"
+                        .into(),
+                );
+            }
+            let mut lines = String::new();
+            for pair in &self.basic_auth {
+                let (user, password) = pair
+                    .split_once(':')
+                    .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+                    .ok_or("--basic-auth: expected USER:PASSWORD")?;
+                let hash = bcrypt::hash(password, 10).map_err(|e| format!("--basic-auth: {e}"))?;
+                lines.push_str(&format!("{user}:{hash}\n"));
+            }
+            access::htpasswd(&lines).map_err(|e| format!("--basic-auth: {}", e.join("; ")))?;
+            htpasswd = Some(lines);
+            // The Secret's name is the agent's to fill in.
+            rules.basic_auth = Some(portway_api::BasicAuth::default());
+        }
+        if rules == portway_api::AccessPolicySpec::default() {
+            return Ok(None);
+        }
+        Ok(Some(Access { rules, htpasswd }))
+    }
 }
 
 impl Tunnel {
@@ -83,6 +171,7 @@ impl Tunnel {
             public: None,
             proxy_protocol: false,
             cert_dir: None,
+            access: None,
         };
         for p in parts.filter(|p| !p.is_empty()) {
             match p {

@@ -132,6 +132,27 @@ impl Period {
     }
 }
 
+/// A rate as the one-liner takes it: `N/s`, `N/m` or `N/h` (or the words: `100/minute`).
+///
+/// # Errors
+/// A sentence with an example.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || format!("{s:?} is not a rate: N/s, N/m or N/h, e.g. 100/m");
+    let (n, per) = s.split_once('/').ok_or_else(bad)?;
+    let per = match per.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "second" => Period::Second,
+        "m" | "min" | "minute" => Period::Minute,
+        "h" | "hour" => Period::Hour,
+        _ => return Err(bad()),
+    };
+    let rate = Rate {
+        requests: n.trim().parse().map_err(|_| bad())?,
+        per,
+    };
+    rate_value(&rate)?;
+    Ok(rate)
+}
+
 /// A rate's count, checked.
 ///
 /// # Errors
@@ -172,7 +193,8 @@ pub struct JwtAuth {
     /// A token's `aud` must name one of these. Empty: any audience.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
-    /// Where the issuer's public keys are.
+    /// Where the issuer's public keys are; default (`{}`): found from the issuer.
+    #[serde(default)]
     pub jwks: JwksSource,
     /// Claims a token must hold: a string claim equal to one of `values`, or a list claim
     /// holding one of them (e.g. `groups`). A valid token without them gets 403.
@@ -187,7 +209,8 @@ pub struct JwtAuth {
 /// A JWKS (`{"keys": [...]}`): in a Secret of type `portway.dev/jwks`, key `jwks`; or at
 /// an `https://` URL (`http://` only on a loopback address), fetched by the data plane,
 /// cached for five minutes and fetched again (at most every 30 s) when a token names a
-/// key it does not hold. Exactly one of the two.
+/// key it does not hold. At most one of the two; neither: the `jwks_uri` the issuer's
+/// OpenID configuration (`<issuer>/.well-known/openid-configuration`) names.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JwksSource {
@@ -673,6 +696,22 @@ mod tests {
         let two = format!("ann:{bcrypt}\nbob:{argon}\n");
         assert_eq!(htpasswd(&two).unwrap().len(), 2);
         assert!(htpasswd("# nobody\n").is_err());
+    }
+
+    #[test]
+    fn rates_read_as_the_one_liner_writes_them() {
+        assert_eq!(
+            parse_rate("100/m"),
+            Ok(Rate {
+                requests: 100,
+                per: Period::Minute
+            })
+        );
+        assert_eq!(parse_rate("5/second").unwrap().per, Period::Second);
+        assert_eq!(parse_rate("1/h").unwrap().per, Period::Hour);
+        for bad in ["100", "x/m", "0/s", "10/day", "/m"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

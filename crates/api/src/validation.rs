@@ -1156,10 +1156,12 @@ fn jwt(errs: &mut Errors, j: &crate::access::JwtAuth) {
             errs.check("spec.jwt.jwks.secretRef.name", dns1123_subdomain(&r.name));
         }
         (None, Some(uri)) => errs.check("spec.jwt.jwks.uri", crate::access::fetch_url(uri)),
-        _ => errs.push(
+        // Neither: the issuer's OpenID configuration names its jwks_uri.
+        (None, None) => errs.check("spec.jwt.issuer", crate::access::fetch_url(&j.issuer)),
+        (Some(_), Some(_)) => errs.push(
             "spec.jwt.jwks",
-            FieldErrorKind::Required,
-            "name exactly one of secretRef (a Secret of type portway.dev/jwks) and uri",
+            FieldErrorKind::Invalid,
+            "name at most one of secretRef (a Secret of type portway.dev/jwks) and uri",
         ),
     }
     errs.max_items("spec.jwt.requiredClaims", &j.required_claims, MAX_ITEMS);

@@ -296,6 +296,12 @@ fn role_allows(role: Role, user: &User, a: &Access<'_>) -> bool {
             (true, "Connector" | "ConnectorAdvertisement" | "HTTPProxy" | "TCPProxy" | "Lease") => {
                 in_own_ns
             }
+            // A device guards its own proxies (`portway http --basic-auth`): policies, and
+            // the htpasswd Secrets they read, checked object by object in
+            // `devices::check_write` (a person with the agent role may not). Secrets are
+            // written, never read or listed: a device sees no other's password hashes.
+            (true, "AccessPolicy") => in_own_ns,
+            (true, "Secret") => in_own_ns && !a.verb.is_read() && user.device.is_some(),
             // A device reports its tunnels' life in its own project.
             (true, "Event") => in_own_ns,
             (true, _) => false,
@@ -508,6 +514,32 @@ mod tests {
         assert!(!status_ok(&agent, Verb::Patch, tcp_proxy, Some("p1")));
         assert!(!status_ok(&agent, Verb::Update, tcp_proxy, Some("p1")));
         assert!(status_ok(&agent, Verb::Get, tcp_proxy, Some("p1")));
+
+        // Secrets: a device writes (its own, checked object by object), never reads; a
+        // person with the agent role does neither.
+        let secret = reg.by_key("secrets").unwrap();
+        let policy = reg
+            .by_key("accesspolicies.networking.datumapis.com")
+            .unwrap();
+        let device = User {
+            device: Some(crate::devices::Binding {
+                ns: "p1".into(),
+                connector: "laptop".into(),
+                connector_uid: "u".into(),
+                node_id: "n".into(),
+            }),
+            ..user(Role::Agent, own.clone())
+        };
+        for verb in [Verb::Create, Verb::Patch, Verb::Update, Verb::Delete] {
+            assert!(ok(&device, verb, secret, Some("p1")), "{verb:?}");
+            assert!(!ok(&agent, verb, secret, Some("p1")), "{verb:?}");
+        }
+        for verb in [Verb::Get, Verb::List, Verb::Watch] {
+            assert!(!ok(&device, verb, secret, Some("p1")), "{verb:?}");
+        }
+        assert!(!ok(&device, Verb::Create, secret, Some("p2")));
+        assert!(ok(&device, Verb::Create, policy, Some("p1")));
+        assert!(!status_ok(&device, Verb::Patch, policy, Some("p1")));
 
         let viewer = user(Role::Viewer, own);
         assert!(ok(&viewer, Verb::List, route, Some("p1")));

@@ -745,6 +745,75 @@ fn owners(res: Res, obj: &Value) -> Option<Vec<String>> {
     }
 }
 
+/// 403 in Kubernetes' words: `<resource> is forbidden: User "<name>" <why>`.
+fn forbidden(res: Res, user: &User, why: &str) -> ApiError {
+    ApiError::forbidden(format!(
+        "{} is forbidden: User \"{}\" {why}",
+        res.key(),
+        user.name
+    ))
+}
+
+/// A device's AccessPolicies and their htpasswd Secrets (the one-liner's `--basic-auth`,
+/// `--allow-ip`, ...): labelled `portway.dev/connector` with its own connector, before and
+/// after; a policy names only existing HTTPProxies whose backends all name that connector
+/// (the operator holds a labelled policy to the same rule, for proxies that change hands
+/// later); a Secret is of type `portway.dev/htpasswd` only. People with the agent role
+/// write neither: whom a proxy admits is the device's word or an admin's.
+fn check_guard(
+    txn: &Txn<'_>,
+    user: &User,
+    res: Res,
+    ns: &str,
+    old: Option<&Value>,
+    new: Option<&Value>,
+) -> Result<(), ApiError> {
+    use portway_api::access::{CONNECTOR_LABEL, HTPASSWD_TYPE};
+    let forbid = |why: String| Err(forbidden(res, user, &why));
+    let Some(me) = &user.device else {
+        return forbid(format!(
+            "may not write {}: only admins and devices (for their own proxies) do",
+            res.plural
+        ));
+    };
+    for obj in old.into_iter().chain(new) {
+        let label = obj["metadata"]["labels"][CONNECTOR_LABEL].as_str();
+        if label != Some(me.connector.as_str()) {
+            return forbid(format!(
+                "may write only {} labelled {CONNECTOR_LABEL}={} (its own connector), not {}",
+                res.plural,
+                me.connector,
+                label.unwrap_or("unlabelled ones")
+            ));
+        }
+        if res.kind == "Secret" && obj["type"].as_str() != Some(HTPASSWD_TYPE) {
+            return forbid(format!(
+                "may write only Secrets of type {HTPASSWD_TYPE} (basic auth users)"
+            ));
+        }
+    }
+    let Some(new) = new.filter(|_| res.kind == "AccessPolicy") else {
+        return Ok(());
+    };
+    let proxies = crate::registry::registry()
+        .by_key("httpproxies.networking.datumapis.com")
+        .ok_or_else(|| ApiError::internal("no HTTPProxy kind"))?;
+    for t in new["spec"]["targetRefs"].as_array().into_iter().flatten() {
+        let name = t["name"].as_str().unwrap_or_default();
+        let mine = txn.get(proxies, ns, name).is_some_and(|p| {
+            owners(proxies, &p)
+                .is_some_and(|l| !l.is_empty() && l.iter().all(|c| *c == me.connector))
+        });
+        if !mine {
+            return forbid(format!(
+                "may guard only its own connector's HTTPProxies ({}); {name:?} is not one",
+                me.connector
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// NodeRestriction: what a write may do given who makes it. `old`/`new` are the stored
 /// and the resulting object (`new` is `None` for a delete).
 ///
@@ -758,13 +827,7 @@ pub fn check_write(
     old: Option<&Value>,
     new: Option<&Value>,
 ) -> Result<(), ApiError> {
-    let forbid = |why: String| {
-        Err(ApiError::forbidden(format!(
-            "{} is forbidden: User \"{}\" {why}",
-            res.key(),
-            user.name
-        )))
-    };
+    let forbid = |why: String| Err(forbidden(res, user, &why));
     // A device tells only its own story: events about its own Connector.
     if res.kind == "Event"
         && let Some(me) = &user.device
@@ -785,6 +848,14 @@ pub fn check_write(
             }
         }
         return Ok(());
+    }
+    if matches!(res.kind, "AccessPolicy" | "Secret")
+        && !user
+            .roles
+            .iter()
+            .any(|r| matches!(r, Role::Admin | Role::Operator))
+    {
+        return check_guard(txn, user, res, ns, old, new);
     }
     if !matches!(
         res.kind,

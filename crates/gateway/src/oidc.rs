@@ -637,7 +637,16 @@ static PROVIDERS: LazyLock<parking_lot::Mutex<HashMap<String, Weak<Provider>>>> 
     LazyLock::new(parking_lot::Mutex::default);
 
 impl Provider {
-    fn get(issuer: &str) -> Arc<Self> {
+    /// The keys at the provider's `jwks_uri` (for `jwt` rules that name no keys).
+    ///
+    /// # Errors
+    /// When its configuration cannot be read.
+    pub async fn jwks(&self) -> Result<Arc<RemoteKeys>, String> {
+        Ok(self.discovery().await?.keys.clone())
+    }
+
+    /// The provider of `issuer`, shared.
+    pub fn get(issuer: &str) -> Arc<Self> {
         let mut all = PROVIDERS.lock();
         if let Some(p) = all.get(issuer).and_then(Weak::upgrade) {
             return p;

@@ -120,8 +120,21 @@ pub struct Jwt {
 
 #[derive(Debug)]
 enum JwtKeys {
-    Static(crate::jwt::Keys),
+    Static(Arc<crate::jwt::Keys>),
     Remote(Arc<crate::jwt::RemoteKeys>),
+    /// At the `jwks_uri` of the issuer's OpenID configuration.
+    Discovered(Arc<crate::oidc::Provider>),
+}
+
+impl JwtKeys {
+    /// The keys to check a token naming `kid` against.
+    async fn get(&self, kid: Option<&str>) -> Result<Arc<crate::jwt::Keys>, String> {
+        match self {
+            Self::Static(k) => Ok(k.clone()),
+            Self::Remote(r) => r.keys(kid).await,
+            Self::Discovered(p) => p.jwks().await?.keys(kid).await,
+        }
+    }
 }
 
 impl Jwt {
@@ -147,13 +160,13 @@ impl Jwt {
                         portway_api::access::JWKS_KEY
                     )
                 })?;
-                JwtKeys::Static(
+                JwtKeys::Static(Arc::new(
                     crate::jwt::Keys::parse(&text)
                         .map_err(|e| format!("jwt: Secret {ns}/{name}: {e}"))?,
-                )
+                ))
             }
             (None, Some(uri)) => JwtKeys::Remote(crate::jwt::RemoteKeys::get(uri)),
-            (None, None) => return Err("jwt.jwks: name a secretRef or a uri".into()),
+            (None, None) => JwtKeys::Discovered(crate::oidc::Provider::get(&j.issuer)),
         };
         let to_headers = j
             .claim_to_headers
@@ -217,22 +230,19 @@ impl Jwt {
         };
         let bad = |e: crate::jwt::Invalid| unauthorized(e.reason, e.message, Some("invalid_token"));
         let token = crate::jwt::Token::parse(token).map_err(bad)?;
-        let fetched;
-        let keys = match &self.keys {
-            JwtKeys::Static(k) => k,
-            JwtKeys::Remote(r) => {
-                fetched = r.keys(token.kid.as_deref()).await.map_err(|_| Denied {
-                    rule: rules::JWT,
-                    reason: "keys-unavailable",
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    // Why (a URL, a connection error) is logged, not told to the caller.
-                    message: "the token issuer's keys cannot be had now; try again shortly".into(),
-                    headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
-                })?;
-                &*fetched
-            }
-        };
-        token.verify(keys).map_err(bad)?;
+        let keys = self
+            .keys
+            .get(token.kid.as_deref())
+            .await
+            .map_err(|_| Denied {
+                rule: rules::JWT,
+                reason: "keys-unavailable",
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                // Why (a URL, a connection error) is logged, not told to the caller.
+                message: "the token issuer's keys cannot be had now; try again shortly".into(),
+                headers: vec![(header::RETRY_AFTER, HeaderValue::from(5))],
+            })?;
+        token.verify(&keys).map_err(bad)?;
         token
             .check_claims(&self.issuer, &self.audiences, crate::jwt::now())
             .map_err(bad)?;

@@ -28,6 +28,9 @@ pub struct Config {
     pub lease: Duration,
     /// Reach the edge only through the relay.
     pub relay_only: bool,
+    /// Who may call the URL (`--basic-auth`, `--allow-ip`, ...): an AccessPolicy the
+    /// device writes for its proxy (http only).
+    pub access: Option<portway_agent::tunnel::Access>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +235,7 @@ pub(crate) fn local_tunnel(protocol: Protocol, port: u16) -> Tunnel {
         public: None,
         proxy_protocol: false,
         cert_dir: None,
+        access: None,
     }
 }
 
@@ -347,16 +351,28 @@ impl Http {
             .map_err(|e| Error::Hostname(hostname.clone(), e))?;
         let tunnel = Tunnel {
             hostnames: vec![hostname.clone()],
+            access: config.access.clone(),
             ..local_tunnel(Protocol::Http, config.port)
         };
         let (device, proxy) = start_device(&config, &hostname, tunnel).await?;
         let (agent, info, slot) = (device.agent, device.info, device.slot);
         let api: Api<HttpProxy> = Api::namespaced(device.client, &config.project);
         let deadline = Duration::from_secs(60);
+        // Only what the operator said about this very spec: a proxy of the same name left
+        // by an earlier run of this slot (another hostname, killed before it removed it)
+        // still carries its old conditions until the operator has looked again.
         let conditions = |p: Option<&HttpProxy>| {
-            p.and_then(|p| p.status.as_ref())
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default()
+            p.and_then(|p| {
+                let generation = p.metadata.generation;
+                p.status.as_ref().map(|s| {
+                    s.conditions
+                        .iter()
+                        .filter(|c| generation.is_none() || c.observed_generation == generation)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+            })
+            .unwrap_or_default()
         };
         // Another proxy owning the hostname will not change by waiting.
         let taken = |c: &[Condition]| {

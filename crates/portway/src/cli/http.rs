@@ -46,6 +46,7 @@ impl DeviceArgs {
             name: self.name,
             lease: std::time::Duration::from_secs(self.lease_seconds.max(2)),
             relay_only: self.relay_only,
+            access: None,
         }
     }
 }
@@ -58,7 +59,49 @@ pub struct Args {
     #[arg(long)]
     hostname: Option<String>,
     #[command(flatten)]
+    access: AccessArgs,
+    #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// Who may call the URL: written as an AccessPolicy guarding the tunnel's proxy, enforced
+/// by the edge (see README "Access policy").
+#[derive(ClapArgs, Default)]
+pub struct AccessArgs {
+    /// Ask for this user name and password (repeatable). The password is hashed here
+    /// (bcrypt) and only the hash leaves this machine.
+    #[arg(long = "basic-auth", value_name = "USER:PASSWORD")]
+    basic_auth: Vec<String>,
+    /// Answer only these client addresses (repeatable; CIDR or address).
+    #[arg(long = "allow-ip", value_name = "CIDR")]
+    allow_ip: Vec<String>,
+    /// Refuse these client addresses (repeatable; CIDR or address).
+    #[arg(long = "deny-ip", value_name = "CIDR")]
+    deny_ip: Vec<String>,
+    /// Requests per client address: N/s, N/m or N/h (e.g. 100/m); 429 past it.
+    #[arg(long = "rate-limit", value_name = "N/UNIT")]
+    rate_limit: Option<String>,
+    /// Ask for a bearer JWT from this issuer, its keys found from its OpenID
+    /// configuration (e.g. https://accounts.google.com).
+    #[arg(long = "jwt-issuer", value_name = "URL")]
+    jwt_issuer: Option<String>,
+    /// The audience a JWT must name (repeatable; with --jwt-issuer).
+    #[arg(long = "jwt-audience", value_name = "AUD", requires = "jwt_issuer")]
+    jwt_audience: Vec<String>,
+}
+
+impl AccessArgs {
+    fn access(&self) -> Result<Option<portway_agent::tunnel::Access>> {
+        let flags = portway_agent::tunnel::AccessFlags {
+            basic_auth: self.basic_auth.clone(),
+            allow_ip: self.allow_ip.clone(),
+            deny_ip: self.deny_ip.clone(),
+            rate_limit: self.rate_limit.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+        };
+        flags.access().map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Parser)]
@@ -124,7 +167,9 @@ fn one_line(e: portway_local::http::Error) -> anyhow::Error {
 
 pub async fn run(args: Args) -> Result<()> {
     let ready_file = args.device.ready_file.clone();
-    let config = args.device.config(args.port, args.hostname);
+    let access = args.access.access()?;
+    let mut config = args.device.config(args.port, args.hostname);
+    config.access = access;
     let started = tokio::time::Instant::now();
     let h = tokio::select! {
         h = portway_local::http::Http::start(config) => h.map_err(one_line)?,

@@ -321,6 +321,131 @@ pub(crate) async fn battery(stack: &Stack, front: SocketAddr, denials: Denials) 
     basic_auth(stack, front, &policies).await;
     jwt(stack, front, &policies).await;
     oidc(stack, front, &policies).await;
+    one_liner(stack, front, &policies).await;
+}
+
+/// `portway http PORT --basic-auth ... --allow-ip ... --rate-limit ...`: the device writes
+/// the policy and its users (hashed on the device) for its own proxy, and the URL is
+/// never served unguarded, not even while the policy is being written.
+async fn one_liner(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
+    // A bad flag is refused before anything is written, naming it.
+    let out = tokio::process::Command::new(bin())
+        .args(["http", "1", "--rate-limit", "often"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--rate-limit"),
+        "{err}"
+    );
+    let http = stack
+        .http_to(
+            stack.origin.addr.port(),
+            "flags.localhost",
+            30,
+            &[
+                "--basic-auth",
+                "ann:s3cret",
+                "--allow-ip",
+                "127.0.0.1",
+                "--rate-limit",
+                "4/m",
+            ],
+        )
+        .await
+        .unwrap();
+    let get = |source: &'static str, creds: Option<&'static str>| async move {
+        let mut args = vec!["-sS", "-i", "--max-time", "20", "--interface", source];
+        args.extend(["-H", "host: flags.localhost"]);
+        if let Some(c) = creds {
+            args.extend(["-u", c]);
+        }
+        let url = format!("http://{front}/headers");
+        let out = tokio::process::Command::new("curl")
+            .args(&args)
+            .arg(&url)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    };
+    // Ready: `portway http` waits until the proxy is programmed, and its policy is named
+    // by then: a request without credentials never reaches the app.
+    let (status, text) = get("127.0.0.1", None).await;
+    assert!(matches!(status, 401 | 500), "served unguarded: {text}");
+    eventually("the one-liner's policy is in force", WAIT, || async {
+        let (status, text) = get("127.0.0.1", None).await;
+        ensure!(status == 401, "{text}");
+        Ok(())
+    })
+    .await;
+    let (status, text) = get("127.0.0.1", Some("ann:s3cret")).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = get("127.0.0.2", Some("ann:s3cret")).await;
+    assert_eq!(status, 403, "--allow-ip: {text}");
+    // 4 a minute from this client: 2 were taken (the 401 and the 200), then 2 more pass.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(get("127.0.0.1", Some("ann:s3cret")).await.0);
+    }
+    assert!(seen.contains(&429), "--rate-limit 4/m: {seen:?}");
+    // What the device wrote: its policy, labelled with its connector; its users as a
+    // bcrypt hash, never the password.
+    let proxies: Api<portway_api::HttpProxy> =
+        Api::namespaced(policies.clone().into_client(), "default");
+    let proxy = proxies
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.hostnames.iter().any(|h| h == "flags.localhost"))
+        .expect("the one-liner's proxy");
+    let written = policies
+        .get(&format!(
+            "{}-access",
+            proxy.metadata.name.as_deref().unwrap()
+        ))
+        .await
+        .unwrap();
+    let connector = proxy.spec.rules[0].backends[0]
+        .connector
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
+    assert_eq!(
+        written
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get("portway.dev/connector"),
+        connector.as_ref()
+    );
+    let users = &written.spec.basic_auth.as_ref().unwrap().secret_ref.name;
+    let (ok, yaml) = kubectl(stack, &["get", "secret", users, "-o", "yaml"]).await;
+    assert!(ok, "{yaml}");
+    assert!(!yaml.contains("s3cret"), "{yaml}");
+    // Ctrl-C removes the tunnel, its policy with it.
+    let mut http = http;
+    http.terminate(Duration::from_secs(20)).await.unwrap();
+    let name = written.metadata.name.clone().unwrap();
+    eventually("the one-liner's policy goes with it", WAIT, || async {
+        ensure!(
+            policies.get_opt(&name).await?.is_none(),
+            "{name} is still there"
+        );
+        Ok(())
+    })
+    .await;
 }
 
 /// The OpenID Provider: npm's `oidc-provider` (certified), installed by `.ci/run` with
@@ -722,33 +847,49 @@ async fn jwt(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
     assert!(!text.contains("forged@example.com"), "{text}");
 
     // Keys from the issuer's URL: the data plane fetches them (a real HTTP server here).
-    let jwks_url = serve_jwks(stranger.jwks().to_owned()).await;
-    let mut p = policies.get("bearer").await.unwrap();
-    p.spec.jwt.as_mut().unwrap().jwks = serde_json::from_value(json!({"uri": jwks_url})).unwrap();
-    policies
-        .replace("bearer", &PostParams::default(), &p)
-        .await
-        .unwrap();
-    eventually("keys are fetched from the issuer's URL", WAIT, || async {
-        let (status, text) = curl_from(
-            "127.0.0.1",
-            front,
-            "/echo",
-            &["-H", &auth(token(&stranger, good.clone()))],
-        )
+    let elsewhere = serve_issuer(stranger.jwks().to_owned()).await;
+    let jwks_url = format!("{elsewhere}/jwks.json");
+    // The stranger's keys now, then (`--jwt-issuer`) no keys named: found from the
+    // issuer's OpenID configuration. Each time the key served passes, another does not.
+    let mut theirs = good.clone();
+    theirs["iss"] = json!(elsewhere);
+    for (what, iss, jwks, claims) in [
+        (
+            "fetched from the issuer's URL",
+            None,
+            json!({"uri": jwks_url}),
+            &good,
+        ),
+        (
+            "found from the issuer",
+            Some(&elsewhere),
+            json!({}),
+            &theirs,
+        ),
+    ] {
+        let mut p = policies.get("bearer").await.unwrap();
+        let j = p.spec.jwt.as_mut().unwrap();
+        if let Some(iss) = iss {
+            j.issuer.clone_from(iss);
+        }
+        j.jwks = serde_json::from_value(jwks).unwrap();
+        policies
+            .replace("bearer", &PostParams::default(), &p)
+            .await
+            .unwrap();
+        let bearer = |key: &portway_gateway::jwt::Signer| {
+            let header = auth(token(key, claims.clone()));
+            async move { curl_from("127.0.0.1", front, "/echo", &["-H", &header]).await }
+        };
+        eventually(&format!("keys are {what}"), WAIT, || async {
+            let (status, text) = bearer(&stranger).await;
+            ensure!(status == 200, "{text}");
+            Ok(())
+        })
         .await;
-        ensure!(status == 200, "{text}");
-        Ok(())
-    })
-    .await;
-    let (status, text) = curl_from(
-        "127.0.0.1",
-        front,
-        "/echo",
-        &["-H", &auth(token(&issuer, good.clone()))],
-    )
-    .await;
-    assert_eq!(status, 401, "a key the URL does not hold: {text}");
+        let (status, text) = bearer(&issuer).await;
+        assert_eq!(status, 401, "{what}: a key not published: {text}");
+    }
     policies
         .delete("bearer", &DeleteParams::default())
         .await
@@ -757,18 +898,28 @@ async fn jwt(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
     assert!(ok, "{out}");
 }
 
-/// A plain HTTP server on loopback answering every request with the JWKS in `jwks`: an
-/// issuer's key endpoint. Its URL.
-async fn serve_jwks(jwks: String) -> String {
+/// A plain HTTP server on loopback standing for a token issuer: its OpenID configuration
+/// at `/.well-known/openid-configuration` (naming itself and its `jwks_uri`), and `jwks`
+/// at `/jwks.json`. Its base URL (the issuer).
+async fn serve_issuer(jwks: String) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = json!({"issuer": base, "jwks_uri": format!("{base}/jwks.json"),
+        "authorization_endpoint": format!("{base}/auth"), "token_endpoint": format!("{base}/token")})
+    .to_string();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let body = jwks.clone();
+            let (jwks, config) = (jwks.clone(), config.clone());
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf).await;
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let body = if head.starts_with("GET /.well-known/openid-configuration ") {
+                    config
+                } else {
+                    jwks
+                };
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -777,7 +928,7 @@ async fn serve_jwks(jwks: String) -> String {
             });
         }
     });
-    format!("http://{addr}/jwks.json")
+    base
 }
 
 /// Rate limits: a client over its own rate gets 429 with `Retry-After`; another client

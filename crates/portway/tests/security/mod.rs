@@ -251,6 +251,7 @@ async fn attacks_on_isolation_are_refused() {
     let device_b = w.device("device-b").await;
 
     access_policies_stay_in_their_project(&w, &bob, &device_b).await;
+    a_device_guards_only_its_own_proxies(&w, &device_c).await;
 
     // 1. Cross-project routing through header filters: B's proxy, B's connector, but a
     //    backend filter naming A's device and port.
@@ -944,19 +945,7 @@ async fn access_policies_stay_in_their_project(
         .create(&PostParams::default(), &policy)
         .await
         .unwrap();
-    eventually("the cross-project policy finds no target", WAIT, || async {
-        let p = team_b.get("lock-out").await?;
-        let c = p
-            .status
-            .iter()
-            .flat_map(|s| &s.ancestors)
-            .flat_map(|a| &a.conditions)
-            .find(|c| c.type_ == "Accepted")
-            .context("no Accepted yet")?;
-        ensure!(c.status == "False" && c.reason == "TargetNotFound", "{c:?}");
-        Ok(())
-    })
-    .await;
+    finds_no_target(&team_b, "lock-out").await;
     w.serves("a.localhost", &w.stack.origin).await;
     team_b
         .delete("lock-out", &DeleteParams::default())
@@ -1002,6 +991,112 @@ async fn access_policies_stay_in_their_project(
         );
         assert_eq!(code, 403, "{message}");
     }
+}
+
+/// Waits until the policy `name` is refused as `Accepted=False/TargetNotFound`.
+async fn finds_no_target(policies: &Api<portway_api::AccessPolicy>, name: &str) {
+    eventually(&format!("policy {name} finds no target"), WAIT, || async {
+        let p = policies.get(name).await?;
+        let c = p
+            .status
+            .iter()
+            .flat_map(|s| &s.ancestors)
+            .flat_map(|a| &a.conditions)
+            .find(|c| c.type_ == "Accepted")
+            .context("no Accepted yet")?;
+        ensure!(c.status == "False" && c.reason == "TargetNotFound", "{c:?}");
+        Ok(())
+    })
+    .await;
+}
+
+/// A device writes AccessPolicies and htpasswd Secrets for its own proxies only
+/// (`portway http --basic-auth`): device-c, in team-a beside device-a, can neither guard
+/// (or lock out) device-a's proxy, nor pass a policy or Secret off as device-a's, nor
+/// read or overwrite device-a's users; and a device-labelled policy naming a proxy of
+/// another connector (one that took over a deleted proxy's name) guards nothing.
+async fn a_device_guards_only_its_own_proxies(w: &World, device_c: &kube::Client) {
+    let a_proxy = Api::<HttpProxy>::namespaced(w.admin.clone(), "team-a")
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.hostnames.iter().any(|h| h == "a.localhost"))
+        .and_then(|p| p.metadata.name)
+        .unwrap();
+    let policy = |name: &str, connector: &str| -> portway_api::AccessPolicy {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"portway.dev/connector": connector}},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": a_proxy}],
+                     "ip": {"deny": ["0.0.0.0/0", "::/0"]}},
+        }))
+        .unwrap()
+    };
+    let as_c = Api::<portway_api::AccessPolicy>::namespaced(device_c.clone(), "team-a");
+    for (name, label) in [("c-locks-a", "device-c"), ("c-as-a", "device-a")] {
+        let (code, message) = refusal(
+            as_c.create(&PostParams::default(), &policy(name, label))
+                .await,
+        );
+        assert_eq!(code, 403, "{name}: {message}");
+    }
+    // device-a's users (as its one-liner writes them): device-c may not read or replace them.
+    let users = |connector: &str| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": "device-a-web-users", "labels": {"portway.dev/connector": connector}},
+            "type": "portway.dev/htpasswd",
+            "stringData": {"htpasswd": "ann:$2y$05$abcdefghijklmnopqrstuuLBHxAyqSvrL8Q0zCD0Q26c1Y9VTn3NG"},
+        }))
+        .unwrap()
+    };
+    Api::<Secret>::namespaced(w.admin.clone(), "team-a")
+        .create(&PostParams::default(), &users("device-a"))
+        .await
+        .unwrap();
+    let secrets_c = Api::<Secret>::namespaced(device_c.clone(), "team-a");
+    let (code, message) = refusal(secrets_c.get("device-a-web-users").await);
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = refusal(secrets_c.list(&Default::default()).await);
+    assert_eq!(code, 403, "{message}");
+    let apply = kube::api::PatchParams::apply("portway-agent").force();
+    let (code, message) = refusal(
+        secrets_c
+            .patch(
+                "device-a-web-users",
+                &apply,
+                &kube::api::Patch::Apply(users("device-c")),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = refusal(
+        secrets_c
+            .delete("device-a-web-users", &Default::default())
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    // Its own users it may write: the rule is the label, not a ban.
+    let mut own = users("device-c");
+    own.metadata.name = Some("device-c-web-users".into());
+    secrets_c
+        .create(&PostParams::default(), &own)
+        .await
+        .expect("a device writes its own users");
+
+    // A policy labelled device-c that names device-a's proxy (written before that name
+    // changed hands): it guards nothing there, and device-a's tunnel stays open.
+    let team_a = Api::<portway_api::AccessPolicy>::namespaced(w.admin.clone(), "team-a");
+    team_a
+        .create(&PostParams::default(), &policy("stale", "device-c"))
+        .await
+        .unwrap();
+    finds_no_target(&team_a, "stale").await;
+    w.serves("a.localhost", &w.stack.origin).await;
+    team_a
+        .delete("stale", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// An installation that checks no proofs of control (`portway operator` without
