@@ -98,11 +98,6 @@ impl Oidc {
         let client_secret = portway_api::access::oidc_client_secret(secret)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| format!("oidc: Secret {ns}/{name} has no key {OIDC_CLIENT_KEY}"))?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, policy.as_bytes());
-        let tag: String = digest.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         let scopes = if o.scopes.is_empty() {
             "openid email profile".to_owned()
         } else {
@@ -123,7 +118,7 @@ impl Oidc {
             groups_claim: o.groups_claim.clone().unwrap_or_else(|| "groups".into()),
             session_secs: u64::from(o.session_seconds.unwrap_or(28_800)),
             policy: policy.to_owned(),
-            cookie: format!("portway-{tag}"),
+            cookie: cookie_name(policy),
             provider: Provider::get(&o.issuer),
         })
     }
@@ -525,6 +520,17 @@ impl Oidc {
             HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("")),
         )
     }
+}
+
+/// The session cookie's name (over plain HTTP) for the policy `namespace/name/uid`: one per
+/// policy, as a host may have several.
+pub fn cookie_name(policy: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, policy.as_bytes());
+    let tag: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("portway-{tag}")
 }
 
 /// Where the provider sends the browser back: this host's callback path.

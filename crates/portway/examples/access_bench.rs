@@ -1,5 +1,7 @@
 //! What each AccessPolicy rule costs on the built-in edge: requests/s through a tunnel
-//! with the rule, beside the same without any policy, in one run, as ratios.
+//! with the rule, beside the same without any policy, in one run, as ratios. The sign-in
+//! rules (basic auth, a bearer JWT, an OIDC session cookie) include signing the
+//! `portway-identity` header the app is sent.
 //!
 //! Needs nginx, wrk and curl (`apt-get install -y nginx wrk curl`) and release binaries:
 //!
@@ -141,7 +143,52 @@ async fn main() {
         .create(&PostParams::default(), &users)
         .await
         .unwrap();
-    let login: &[&str] = &["Authorization: Basic YW5uOnMzY3JldA=="];
+    let login = vec!["Authorization: Basic YW5uOnMzY3JldA==".to_owned()];
+    // A bearer JWT: the issuer's key in a JWKS Secret, one token for the whole run.
+    let issuer = {
+        use portway_gateway::jwt::Signer;
+        Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap()
+    };
+    let keys: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "keys"}, "type": "portway.dev/jwks",
+        "stringData": {"jwks": issuer.jwks()},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &keys).await.unwrap();
+    let claims = json!({"iss": "https://id.example", "aud": "bench", "sub": "ann",
+        "exp": portway_gateway::jwt::now() + 3600});
+    let bearer = vec![format!("Authorization: Bearer {}", issuer.sign(&claims))];
+    // An OIDC session: sealed here with the data planes' key (the bench is an admin, who
+    // can read it), as the edge seals one after a sign-in; no provider is asked.
+    let client_secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "oidc-client"}, "type": "portway.dev/oidc-client",
+        "stringData": {"clientSecret": "s3cret"},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &client_secret)
+        .await
+        .unwrap();
+    let system: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(secrets.clone().into_client(), "portway-system");
+    let key = system.get("portway-identity").await.unwrap();
+    let edge_key =
+        portway_gateway::jwt::Signer::from_pkcs8(&key.data.as_ref().unwrap()["ed25519.pk8"].0)
+            .unwrap();
+    let session = |p: &AccessPolicy| {
+        let policy = format!(
+            "default/{}/{}",
+            p.metadata.name.as_deref().unwrap(),
+            p.metadata.uid.as_deref().unwrap()
+        );
+        let name = portway_gateway::oidc::cookie_name(&policy);
+        let value = json!({"sub": "ann", "email": "ann@example.com", "aud": "bench.localhost",
+            "pol": policy, "exp": portway_gateway::jwt::now() + 3600});
+        vec![format!(
+            "Cookie: {name}={}",
+            edge_key.seal(&name, value.to_string().as_bytes())
+        )]
+    };
 
     // Warm the path.
     let _ = rps(edge, "bench.localhost", &[]);
@@ -153,28 +200,57 @@ async fn main() {
     let denied = ("127.0.0.9", &[][..], "http/1.1 403");
     let method = ("127.0.0.1", &["-X", "DELETE"][..], "allow: get, head");
     let anonymous = ("127.0.0.1", &[][..], "http/1.1 401");
+    // No session: the edge would send the browser to the provider, which here is nowhere
+    // (503), and no request of the run needs it.
+    let redirected = ("127.0.0.1", &[][..], "http/1.1 503");
     type Probe<'a> = (&'a str, &'a [&'a str], &'a str);
-    let cases: Vec<(&str, serde_json::Value, Probe<'_>, &[&str])> = vec![
-        ("ip (allow + deny)", json!({"ip": ip}), denied, &[]),
+    type Headers<'a> = Box<dyn Fn(&AccessPolicy) -> Vec<String> + 'a>;
+    let none = || -> Headers<'_> { Box::new(|_| Vec::new()) };
+    let fixed = |h: &Vec<String>| -> Headers<'_> {
+        let h = h.clone();
+        Box::new(move |_| h.clone())
+    };
+    let cases: Vec<(&str, serde_json::Value, Probe<'_>, Headers<'_>)> = vec![
+        ("ip (allow + deny)", json!({"ip": ip}), denied, none()),
         (
             "ip + rateLimit (per client and per tunnel, never reached)",
             json!({"ip": ip, "rateLimit": {"perClient": {"requests": 1_000_000, "per": "Second"},
                                            "perTunnel": {"requests": 1_000_000, "per": "Second"}}}),
             denied,
-            &[],
+            none(),
         ),
-        ("methods", json!({"methods": ["GET", "HEAD"]}), method, &[]),
+        (
+            "methods",
+            json!({"methods": ["GET", "HEAD"]}),
+            method,
+            none(),
+        ),
         (
             "methods + maxRequestBytes",
             json!({"methods": ["GET", "HEAD"], "maxRequestBytes": 1024}),
             method,
-            &[],
+            none(),
         ),
         (
             "basicAuth (bcrypt cost 12, verified once)",
             json!({"basicAuth": {"secretRef": {"name": "users"}}}),
             anonymous,
-            login,
+            fixed(&login),
+        ),
+        (
+            "jwt (EdDSA bearer token, claim to a header)",
+            json!({"jwt": {"issuer": "https://id.example", "audiences": ["bench"],
+                "jwks": {"secretRef": {"name": "keys"}},
+                "claimToHeaders": [{"claim": "sub", "header": "x-user"}]}}),
+            anonymous,
+            fixed(&bearer),
+        ),
+        (
+            "oidc (a signed-in session cookie)",
+            json!({"oidc": {"issuer": "http://127.0.0.1:9", "clientID": "bench",
+                "clientSecretRef": {"name": "oidc-client"}}}),
+            redirected,
+            Box::new(session),
         ),
         (
             "all of them",
@@ -182,7 +258,7 @@ async fn main() {
                    "basicAuth": {"secretRef": {"name": "users"}}, "methods": ["GET", "HEAD"],
                    "maxRequestBytes": 1024}),
             denied,
-            login,
+            fixed(&login),
         ),
     ];
     for (name, rules, probe, headers) in cases {
@@ -191,14 +267,16 @@ async fn main() {
             json!([{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": proxy}]);
         let policy: AccessPolicy =
             serde_json::from_value(json!({"metadata": {"name": "bench"}, "spec": spec})).unwrap();
-        policies
+        let policy = policies
             .create(&PostParams::default(), &policy)
             .await
             .unwrap();
         let (source, extra, refused) = probe;
         wait_until(name, || head(edge, source, extra).contains(refused));
         eprintln!("{name}");
-        rows.push((name, pairs(edge, headers)));
+        let headers = headers(&policy);
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        rows.push((name, pairs(edge, &headers)));
         policies
             .delete("bench", &DeleteParams::default())
             .await
