@@ -315,9 +315,10 @@ pub fn claim_header(name: &str) -> Result<(), String> {
 /// that later takes the name of a proxy it deleted; the API server lets a device write
 /// only policies and Secrets labelled with its own connector.
 pub const CONNECTOR_LABEL: &str = "portway.dev/connector";
-/// On an HTTPProxy: the AccessPolicy it must be guarded by. While no policy guards the
-/// proxy, its routes name this one anyway, so they answer 500 until it exists (the
-/// window between a device creating its proxy and its policy never serves unguarded).
+/// On an HTTPProxy: the AccessPolicy it waits for. While no policy guards the proxy, its
+/// routes answer 500 (the window between a device creating its proxy and its policy never
+/// serves unguarded). Only a policy that targets the proxy guards it, never one that
+/// merely has this name.
 pub const POLICY_ANNOTATION: &str = "portway.dev/access-policy";
 
 /// The header that carries the caller's identity to the app after `basicAuth` or `jwt`:

@@ -798,6 +798,38 @@ fn check_guard(
     let proxies = crate::registry::registry()
         .by_key("httpproxies.networking.datumapis.com")
         .ok_or_else(|| ApiError::internal("no HTTPProxy kind"))?;
+    // The Secrets it reads must be the device's own too: another's users would let the
+    // device's hostname guess their passwords, and an OIDC client secret would be sent
+    // to a provider of the device's choosing.
+    let secrets = crate::registry::registry()
+        .by_key("secrets")
+        .ok_or_else(|| ApiError::internal("no Secret kind"))?;
+    let spec = &new["spec"];
+    for (field, name) in [
+        (
+            "basicAuth.secretRef",
+            &spec["basicAuth"]["secretRef"]["name"],
+        ),
+        (
+            "oidc.clientSecretRef",
+            &spec["oidc"]["clientSecretRef"]["name"],
+        ),
+        (
+            "jwt.jwks.secretRef",
+            &spec["jwt"]["jwks"]["secretRef"]["name"],
+        ),
+    ] {
+        let Some(name) = name.as_str() else { continue };
+        let own = txn.get(secrets, ns, name).is_some_and(|s| {
+            s["metadata"]["labels"][CONNECTOR_LABEL].as_str() == Some(me.connector.as_str())
+        });
+        if !own {
+            return forbid(format!(
+                "may name in {field} only a Secret labelled {CONNECTOR_LABEL}={} (written first); {name:?} is not one",
+                me.connector
+            ));
+        }
+    }
     for t in new["spec"]["targetRefs"].as_array().into_iter().flatten() {
         let name = t["name"].as_str().unwrap_or_default();
         let mine = txn.get(proxies, ns, name).is_some_and(|p| {

@@ -469,12 +469,14 @@ pub fn commit(
     old: Option<&Value>,
     new: Value,
 ) -> Result<Arc<Value>> {
+    // Guarded before the no-op answer: that answer is the stored object, and an empty
+    // patch of a Secret a device may not read must not hand it over.
+    guard(txn, ctx, old, Some(&new))?;
     if let Some(old) = old
         && same(old, &new)
     {
         return Ok(Arc::new(old.clone()));
     }
-    guard(txn, ctx, old, Some(&new))?;
     if ctx.dry_run {
         return Ok(Arc::new(new));
     }

@@ -718,6 +718,18 @@ impl Policy {
         };
         let ip = p.spec.ip.clone().unwrap_or_default();
         let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+        // A device's policy (labelled with its connector) reads only that device's
+        // Secrets, as the API server admits it; checked again here for one stored around it.
+        let label = |o: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            o.labels
+                .as_ref()
+                .and_then(|l| l.get(portway_api::access::CONNECTOR_LABEL))
+                .cloned()
+        };
+        let device = label(&p.metadata);
+        let secret = |ns: &str, name: &str| {
+            secret(ns, name).filter(|s| device.is_none() || label(&s.metadata) == device)
+        };
         let basic = p
             .spec
             .basic_auth

@@ -145,18 +145,24 @@ pub fn may_guard(policy: &AccessPolicy, proxy: &HttpProxy) -> bool {
         })
 }
 
-/// The policy the proxy's routes name: the one guarding it, or, while none does, the one
-/// its `portway.dev/access-policy` annotation asks for (missing, so its routes answer 500).
+/// The policy the proxy's routes name: the one guarding it; or, while none does and its
+/// `portway.dev/access-policy` annotation asks for one, [`UNGUARDED`], which no policy can
+/// be named, so its routes answer 500. Never the annotated name itself: a policy of that
+/// name written by someone else (a device squatting `<proxy>-access`) must not guard it.
 pub fn route_policy(proxy: &HttpProxy, policies: &[&AccessPolicy]) -> Option<String> {
     guarding(proxy, policies)
         .map(ResourceExt::name_any)
         .or_else(|| {
             proxy
                 .annotations()
-                .get(portway_api::access::POLICY_ANNOTATION)
-                .cloned()
+                .contains_key(portway_api::access::POLICY_ANNOTATION)
+                .then(|| UNGUARDED.to_owned())
         })
 }
+
+/// What a proxy waiting for its policy names instead: not a DNS name, so no AccessPolicy
+/// has it, and the data planes refuse the route (500).
+pub const UNGUARDED: &str = "portway:awaiting-policy";
 
 /// The filter the proxy's route carries on every rule to name its policy.
 pub fn filter(policy: &str) -> HttpRouteRulesFilters {
@@ -463,12 +469,16 @@ mod tests {
         let mut b = policy("b-access", -10, &["web"]);
         b.metadata.labels = Some([("portway.dev/connector".to_owned(), "b".to_owned())].into());
         // Device b's older policy names "web", now device a's proxy: it guards nothing
-        // there, a's own (annotated) policy is named instead, and b's says why.
+        // there, the proxy waits for its own (a name no policy has: 500), and b's says why.
         let web_of_a = of("web", "a");
         assert!(guarding(&web_of_a, &[&b]).is_none());
+        assert_eq!(route_policy(&web_of_a, &[&b]).as_deref(), Some(UNGUARDED));
+        // Nor does a policy that merely has the annotated name (a squatter's).
+        let mut squat = policy("web-access", -20, &["elsewhere"]);
+        squat.metadata.labels = b.metadata.labels.clone();
         assert_eq!(
-            route_policy(&web_of_a, &[&b]).as_deref(),
-            Some("web-access")
+            route_policy(&web_of_a, &[&squat]).as_deref(),
+            Some(UNGUARDED)
         );
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let s = accepted(&status(&b, &[&web_of_a], &[&b], None, "c", now));

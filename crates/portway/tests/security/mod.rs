@@ -1076,6 +1076,17 @@ async fn a_device_guards_only_its_own_proxies(w: &World, device_c: &kube::Client
             .await,
     );
     assert_eq!(code, 403, "{message}");
+    // Nor read it through a write that changes nothing (the no-op answer is the object).
+    let (code, message) = refusal(
+        secrets_c
+            .patch(
+                "device-a-web-users",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({})),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "an empty patch read another's Secret: {message}");
     // Its own users it may write: the rule is the label, not a ban.
     let mut own = users("device-c");
     own.metadata.name = Some("device-c-web-users".into());
@@ -1083,6 +1094,74 @@ async fn a_device_guards_only_its_own_proxies(w: &World, device_c: &kube::Client
         .create(&PostParams::default(), &own)
         .await
         .expect("a device writes its own users");
+
+    // Its own proxy, waiting for its policy (as the one-liner writes it). A policy of any
+    // other name, even `<proxy>-access` written by someone else, does not guard it: it
+    // answers 500 until its own policy names it.
+    let ad: portway_api::ConnectorAdvertisement = serde_json::from_value(json!({
+        "metadata": {"name": "c-web"},
+        "spec": {"connectorRef": {"name": "device-c"}, "layer4": [{"name": "web", "services": [
+            {"address": "127.0.0.1", "ports": [{"name": "http", "port": 9, "protocol": "TCP"}]}]}]},
+    }))
+    .unwrap();
+    Api::<portway_api::ConnectorAdvertisement>::namespaced(device_c.clone(), "team-a")
+        .create(&PostParams::default(), &ad)
+        .await
+        .unwrap();
+    let mut c_web = proxy("c-web", &["c.localhost"], "device-c", 9, json!([]));
+    c_web.metadata.annotations = Some(
+        [(
+            "portway.dev/access-policy".to_owned(),
+            "c-web-access".to_owned(),
+        )]
+        .into(),
+    );
+    Api::<HttpProxy>::namespaced(device_c.clone(), "team-a")
+        .create(&PostParams::default(), &c_web)
+        .await
+        .unwrap();
+    let squat: portway_api::AccessPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "c-web-access", "labels": {"portway.dev/connector": "device-a"}},
+        "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": a_proxy}],
+                 "methods": ["GET"]},
+    }))
+    .unwrap();
+    Api::<portway_api::AccessPolicy>::namespaced(w.admin.clone(), "team-a")
+        .create(&PostParams::default(), &squat)
+        .await
+        .unwrap();
+    eventually("a proxy awaiting its policy answers 500", WAIT, || async {
+        let (status, body) = w.stack.get("c.localhost", "/hello").await?;
+        ensure!(
+            status == StatusCode::INTERNAL_SERVER_ERROR,
+            "{status}: {body}"
+        );
+        Ok(())
+    })
+    .await;
+    // Its policy may read only its own Secrets: naming device-a's users is refused.
+    let guard = |users: &str| -> portway_api::AccessPolicy {
+        serde_json::from_value(json!({
+            "metadata": {"name": "c-web-guard", "labels": {"portway.dev/connector": "device-c"}},
+            "spec": {"targetRefs": [{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "c-web"}],
+                     "basicAuth": {"secretRef": {"name": users}}},
+        }))
+        .unwrap()
+    };
+    let (code, message) = refusal(
+        as_c.create(&PostParams::default(), &guard("device-a-web-users"))
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    as_c.create(&PostParams::default(), &guard("device-c-web-users"))
+        .await
+        .expect("a device guards its own proxy with its own users");
+    eventually("its own policy guards it", WAIT, || async {
+        let (status, body) = w.stack.get("c.localhost", "/hello").await?;
+        ensure!(status == StatusCode::UNAUTHORIZED, "{status}: {body}");
+        Ok(())
+    })
+    .await;
 
     // A policy labelled device-c that names device-a's proxy (written before that name
     // changed hands): it guards nothing there, and device-a's tunnel stays open.
