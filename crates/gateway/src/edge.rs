@@ -461,19 +461,20 @@ async fn handle(
         // A client that cannot be told is counted as the proxy that sent it.
         let who = client.unwrap_or_else(|| remote.ip().to_canonical());
         if p.authenticates() {
-            let path = req
-                .uri()
-                .path_and_query()
-                .map_or("/", http::uri::PathAndQuery::as_str)
-                .to_owned();
             let identity = crate::policy::Identity {
                 signer: table.identity.as_deref(),
                 host: &host_raw,
-                method: &req.method().clone(),
-                path: &path,
+                method: req.method(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", http::uri::PathAndQuery::as_str),
                 scheme: browser_scheme,
             };
-            match p.authenticate(req.headers(), who, identity).await {
+            // Decided first: the request is borrowed for the check, then its headers
+            // changed by the grant.
+            let decided = p.authenticate(req.headers(), who, identity).await;
+            match decided {
                 Ok(grant) => grant.apply(req.headers_mut()),
                 Err(d) => return done(denied(&state.metrics, &hostname, d)),
             }

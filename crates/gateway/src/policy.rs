@@ -878,18 +878,21 @@ impl Policy {
         }
         // `x_user_email` is `X-User-Email` to CGI-style apps (Rack, WSGI, PHP): a client's
         // spelling of a header Portway sets, with underscores, is removed too.
-        let ours: Vec<String> = grant
-            .set
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .chain(grant.remove.iter().map(header::HeaderName::as_str))
-            .map(str::to_owned)
+        let smuggled: Vec<header::HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .filter(|n| {
+                let dashed = n.as_str().replace('_', "-");
+                grant
+                    .set
+                    .iter()
+                    .map(|(s, _)| s)
+                    .chain(&grant.remove)
+                    .any(|ours| ours.as_str() == dashed)
+            })
+            .cloned()
             .collect();
-        for n in headers.keys() {
-            if n.as_str().contains('_') && ours.contains(&n.as_str().replace('_', "-")) {
-                grant.remove.push(n.clone());
-            }
-        }
+        grant.remove.extend(smuggled);
         Ok(grant)
     }
 

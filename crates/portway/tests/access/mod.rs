@@ -73,7 +73,7 @@ async fn accepted(policies: &Api<AccessPolicy>, name: &str) -> anyhow::Result<(S
 }
 
 /// A condition of the policy's first target: status and reason.
-async fn condition(
+pub(crate) async fn condition(
     policies: &Api<AccessPolicy>,
     name: &str,
     type_: &str,
@@ -95,6 +95,23 @@ fn guarding(name: &str, rules: serde_json::Value) -> AccessPolicy {
     spec["targetRefs"] =
         json!([{"group": "networking.datumapis.com", "kind": "HTTPProxy", "name": "guarded"}]);
     serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+/// Waits until the policy `name` has resolved its Secret and a request without
+/// credentials gets 401; that answer.
+async fn challenged(policies: &Api<AccessPolicy>, name: &str, front: SocketAddr) -> String {
+    eventually(
+        &format!("policy {name} resolves its Secret and asks to sign in"),
+        WAIT,
+        || async {
+            let (status, reason) = condition(policies, name, "ResolvedRefs").await?;
+            ensure!(status == "True", "{status} {reason}");
+            let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+            ensure!(status == 401, "{text}");
+            Ok(text)
+        },
+    )
+    .await
 }
 
 /// `kubectl create secret generic NAME --type=TYPE --from-literal=KEY=VALUE` (`literal` is
@@ -756,15 +773,7 @@ async fn jwt(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolicy>) {
     let good = json!({"iss": "https://id.example", "aud": "guarded", "exp": now() + 300,
         "sub": "ann", "email": "ann@example.com", "groups": ["ops", "dev"]});
     let auth = |t: String| format!("authorization: Bearer {t}");
-    eventually("the bearer policy is in force", WAIT, || async {
-        let (status, reason) = condition(policies, "bearer", "ResolvedRefs").await?;
-        ensure!(status == "True", "{status} {reason}");
-        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
-        ensure!(status == 401, "{text}");
-        Ok(())
-    })
-    .await;
-    let (_, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+    let text = challenged(policies, "bearer", front).await;
     assert!(
         text.to_ascii_lowercase()
             .contains("www-authenticate: bearer"),
@@ -1017,15 +1026,7 @@ async fn basic_auth(stack: &Stack, front: SocketAddr, policies: &Api<AccessPolic
         .create(&PostParams::default(), &login)
         .await
         .unwrap();
-    eventually("the login policy resolves its Secret", WAIT, || async {
-        let (status, reason) = condition(policies, "login", "ResolvedRefs").await?;
-        ensure!(status == "True", "{status} {reason}");
-        let (status, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
-        ensure!(status == 401, "{text}");
-        Ok(())
-    })
-    .await;
-    let (_, text) = curl_from("127.0.0.1", front, "/echo", &[]).await;
+    let text = challenged(policies, "login", front).await;
     assert!(
         text.to_ascii_lowercase()
             .contains("www-authenticate: basic realm=\"guarded\""),

@@ -996,15 +996,11 @@ async fn access_policies_stay_in_their_project(
 /// Waits until the policy `name` is refused as `Accepted=False/TargetNotFound`.
 async fn finds_no_target(policies: &Api<portway_api::AccessPolicy>, name: &str) {
     eventually(&format!("policy {name} finds no target"), WAIT, || async {
-        let p = policies.get(name).await?;
-        let c = p
-            .status
-            .iter()
-            .flat_map(|s| &s.ancestors)
-            .flat_map(|a| &a.conditions)
-            .find(|c| c.type_ == "Accepted")
-            .context("no Accepted yet")?;
-        ensure!(c.status == "False" && c.reason == "TargetNotFound", "{c:?}");
+        let (status, reason) = super::access::condition(policies, name, "Accepted").await?;
+        ensure!(
+            status == "False" && reason == "TargetNotFound",
+            "{status} {reason}"
+        );
         Ok(())
     })
     .await;
