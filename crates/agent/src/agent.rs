@@ -30,9 +30,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::certificate;
+use crate::inspect::{Inspector, Traffic};
 use crate::objects;
 use crate::policy::{Gatekeeper, Offer, Policy};
-use crate::server::{Counters, Server};
+use crate::server::{Counters, GatewayPath, Server};
 use crate::tunnel::Tunnel;
 
 /// Annotation listing the label keys the agent set, so it can remove ones dropped from
@@ -63,6 +64,8 @@ pub struct Config {
     pub relay_only: bool,
     /// Default 30 s; renewed at half of it.
     pub lease_duration: Duration,
+    /// Record http tunnels' exchanges for the local inspector.
+    pub inspect: bool,
 }
 
 impl Config {
@@ -79,6 +82,7 @@ impl Config {
             bind_addr: None,
             relay_only: false,
             lease_duration: Duration::from_secs(30),
+            inspect: false,
         }
     }
 }
@@ -204,6 +208,65 @@ pub struct Agent {
     denied: Arc<AtomicU64>,
     tunnels: watch::Sender<Vec<Tunnel>>,
     control: JoinHandle<()>,
+    handle: Handle,
+}
+
+/// What the local UI reads and changes of a running agent.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    tunnels: watch::Sender<Vec<Tunnel>>,
+    server: Server,
+    traffic: Arc<Traffic>,
+    inspector: Option<Arc<Inspector>>,
+}
+
+impl Handle {
+    pub fn project(&self) -> &str {
+        &self.shared.config.project
+    }
+
+    pub fn node_id(&self) -> iroh::EndpointId {
+        self.shared.endpoint.id()
+    }
+
+    /// A short word on the control loop's state ("online", "reconnecting… (why)").
+    pub fn state(&self) -> String {
+        self.shared.state.borrow().clone()
+    }
+
+    pub fn registered(&self) -> Option<Registration> {
+        self.shared.registered.borrow().clone()
+    }
+
+    /// The agent's own API client (its device credential).
+    pub fn client(&self) -> kube::Client {
+        self.shared.client.clone()
+    }
+
+    /// The tunnels in effect.
+    pub fn tunnels(&self) -> Vec<Tunnel> {
+        self.tunnels.borrow().clone()
+    }
+
+    /// Replaces the tunnels; the control loop writes (and prunes) their objects.
+    pub fn set_tunnels(&self, tunnels: Vec<Tunnel>) {
+        self.tunnels.send_replace(tunnels);
+    }
+
+    pub fn traffic(&self) -> &Arc<Traffic> {
+        &self.traffic
+    }
+
+    /// Present when the agent was started with `inspect`.
+    pub fn inspector(&self) -> Option<&Arc<Inspector>> {
+        self.inspector.as_ref()
+    }
+
+    /// The path each gateway's connection to this device takes now.
+    pub fn paths(&self) -> Vec<GatewayPath> {
+        self.server.paths()
+    }
 }
 
 impl Agent {
@@ -236,6 +299,8 @@ impl Agent {
         .await?;
         let denied = Arc::new(AtomicU64::new(0));
         let (refusals_tx, refusals) = tokio::sync::mpsc::channel(64);
+        let traffic = Arc::new(Traffic::default());
+        let inspector = config.inspect.then(|| Arc::new(Inspector::default()));
         let server = Server::new(
             Gatekeeper {
                 policy: policy_rx,
@@ -243,10 +308,12 @@ impl Agent {
                 refusals: Some(refusals_tx),
             },
             config.name.clone(),
+            traffic.clone(),
+            inspector.clone(),
         );
         let counters = server.counters();
         let router = Router::builder(ep.clone())
-            .accept(TUNNEL_ALPN, server)
+            .accept(TUNNEL_ALPN, server.clone())
             .spawn();
         let (tunnels_tx, tunnels_rx) = watch::channel(config.tunnels.clone());
         // A request made by an earlier run is asked again, not replaced by a new one.
@@ -281,6 +348,13 @@ impl Agent {
         tokio::spawn(report_refusals(shared.clone(), refusals));
         let control = tokio::spawn(control_loop(shared.clone()));
         tracing::info!(node_id = %shared.endpoint.id(), "agent started");
+        let handle = Handle {
+            shared: shared.clone(),
+            tunnels: tunnels_tx.clone(),
+            server,
+            traffic,
+            inspector,
+        };
         Ok(Self {
             shared,
             router,
@@ -288,11 +362,17 @@ impl Agent {
             denied,
             tunnels: tunnels_tx,
             control,
+            handle,
         })
     }
 
     pub fn node_id(&self) -> iroh::EndpointId {
         self.shared.endpoint.id()
+    }
+
+    /// For the local UI.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -930,6 +1010,8 @@ fn targets(tunnels: &[Tunnel]) -> Vec<Offer> {
         .map(|t| Offer {
             proxy_protocol: t.proxy_protocol,
             udp: t.protocol == crate::tunnel::Protocol::Udp,
+            tunnel: t.name.clone(),
+            http: t.protocol == crate::tunnel::Protocol::Http,
             ..Offer::new(&t.target.host, t.target.port)
         })
         .collect()

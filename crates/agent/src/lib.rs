@@ -27,13 +27,16 @@
 mod agent;
 pub mod certificate;
 pub mod config;
+pub mod inspect;
 pub mod join;
 pub mod objects;
 pub mod policy;
 mod proxy_protocol;
 mod server;
+pub mod tap;
 pub mod tunnel;
 mod udp;
 
-pub use agent::{Agent, Config, Error, Registration, Stats, default_name, device_labels};
+pub use agent::{Agent, Config, Error, Handle, Registration, Stats, default_name, device_labels};
+pub use server::GatewayPath;
 pub use tunnel::{Protocol, PublicPort, Target, Tunnel};

@@ -31,6 +31,10 @@ pub struct Offer {
     pub proxy_protocol: bool,
     /// A UDP service: reached only by UDP tunnels (and a TCP one only by TCP tunnels).
     pub udp: bool,
+    /// The tunnel offering it, for its counters and pause switch.
+    pub tunnel: String,
+    /// An http tunnel: its streams carry HTTP/1.1, which the inspector may follow.
+    pub http: bool,
 }
 
 impl Offer {
@@ -40,6 +44,8 @@ impl Offer {
             port,
             proxy_protocol: false,
             udp: false,
+            tunnel: String::new(),
+            http: false,
         }
     }
 }

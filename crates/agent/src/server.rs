@@ -3,6 +3,7 @@
 //! proxy serves it, except that when the app cannot be reached the 502 says why: its
 //! `Proxy-Status` (RFC 9209) names the app, this device and what happened.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -26,7 +27,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::inspect::{Inspector, Traffic, TunnelTraffic};
 use crate::policy::Gatekeeper;
+use crate::tap::Conversation;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -68,17 +71,30 @@ struct Inner {
     /// This device's connector name, for the messages.
     device: String,
     counters: Arc<Counters>,
+    traffic: Arc<Traffic>,
+    /// Set while the local inspector is on: http tunnels' exchanges are recorded.
+    inspector: Option<Arc<Inspector>>,
+    /// The gateways' connections open now, for the path each takes.
+    connections: parking_lot::Mutex<HashMap<usize, Connection>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl Server {
-    pub fn new(gate: Gatekeeper, device: String) -> Self {
+    pub fn new(
+        gate: Gatekeeper,
+        device: String,
+        traffic: Arc<Traffic>,
+        inspector: Option<Arc<Inspector>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 gate,
                 device,
                 counters: Arc::default(),
+                traffic,
+                inspector,
+                connections: parking_lot::Mutex::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
             }),
@@ -88,11 +104,52 @@ impl Server {
     pub fn counters(&self) -> Arc<Counters> {
         self.inner.counters.clone()
     }
+
+    /// The path each gateway's connection takes now.
+    pub fn paths(&self) -> Vec<GatewayPath> {
+        let connections: Vec<Connection> =
+            self.inner.connections.lock().values().cloned().collect();
+        let mut out: Vec<GatewayPath> = connections
+            .iter()
+            .map(|c| {
+                let paths = c.paths();
+                let selected = paths.iter().find(|p| p.is_selected());
+                GatewayPath {
+                    gateway: c.remote_id(),
+                    path: match &selected {
+                        Some(p) if p.is_ip() => "direct",
+                        Some(p) if p.is_relay() => "relay",
+                        Some(_) => "other",
+                        None => "none",
+                    },
+                    rtt: selected.map(|p| p.rtt()),
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| p.gateway);
+        out
+    }
+}
+
+/// One gateway's connection to this device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayPath {
+    pub gateway: EndpointId,
+    /// `direct` (UDP, holepunched or on the same network), `relay`, `other`, or `none`
+    /// while no path is selected.
+    pub path: &'static str,
+    pub rtt: Option<Duration>,
 }
 
 impl ProtocolHandler for Server {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let remote = connection.remote_id();
+        let key = connection.stable_id();
+        self.inner
+            .connections
+            .lock()
+            .insert(key, connection.clone());
+        let _forget = Forget(&self.inner, key);
         loop {
             let (send, recv) = tokio::select! {
                 () = self.inner.shutdown.cancelled() => return Ok(()),
@@ -115,6 +172,15 @@ impl ProtocolHandler for Server {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inner.tasks.wait()).await;
+    }
+}
+
+/// Forgets a gateway's connection when its accept loop ends.
+struct Forget<'a>(&'a Inner, usize);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.connections.lock().remove(&self.1);
     }
 }
 
@@ -176,6 +242,26 @@ impl Inner {
             answer(&mut send, StatusCode::FORBIDDEN, None).await;
             return Ok(());
         };
+        let traffic = self.traffic.of(&offer.tunnel);
+        if traffic.paused() {
+            let details = format!(
+                "tunnel {} is paused on device {} (in its local UI)",
+                offer.tunnel, self.device
+            );
+            let status = proxy_status::value("destination_unavailable", &details);
+            answer(&mut send, StatusCode::SERVICE_UNAVAILABLE, Some(&status)).await;
+            return Ok(());
+        }
+        traffic.streams.fetch_add(1, Ordering::Relaxed);
+        // An http tunnel's exchanges are counted as the inspector sees them; a stream
+        // it does not follow counts as one.
+        let tap = match (&self.inspector, offer.http) {
+            (Some(inspector), true) => Some(Tap::new(inspector.clone(), offer.tunnel.clone())),
+            _ => {
+                traffic.requests.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
         let _active = Active::new(&self.counters);
         let target = format!("{}:{}", authority.host, authority.port);
         if udp {
@@ -217,7 +303,11 @@ impl Inner {
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], authority.port)));
                     crate::proxy_protocol::header(client, target)
                 });
-                tunnel(tcp, preface, rest, send, recv).await
+                let stopped = traffic.stopped();
+                tokio::select! {
+                    r = tunnel(tcp, preface, rest, send, recv, &traffic, tap.as_ref()) => r,
+                    () = stopped.cancelled() => Err("the tunnel was paused".into()),
+                }
             }
             HttpProxyRequestKind::Absolute { method, target } => {
                 let mut head = Request::new(());
@@ -356,6 +446,8 @@ async fn tunnel(
     rest: Bytes,
     mut send: SendStream,
     recv: RecvStream,
+    traffic: &TunnelTraffic,
+    tap: Option<&Tap>,
 ) -> Result<(), String> {
     send.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         .await
@@ -364,23 +456,103 @@ async fn tunnel(
         tcp.write_all(&preface).await.map_err(|e| e.to_string())?;
     }
     tcp.write_all(&rest).await.map_err(|e| e.to_string())?;
+    traffic.count(true, rest.len());
+    if let Some(tap) = tap {
+        tap.saw(true, &rest, traffic);
+    }
     let (tcp_read, tcp_write) = tcp.split();
-    tokio::try_join!(copy(recv, tcp_write), copy(tcp_read, send))
-        .map(drop)
-        .map_err(|e| e.to_string())
+    let result = tokio::try_join!(
+        copy(recv, tcp_write, true, traffic, tap),
+        copy(tcp_read, send, false, traffic, tap)
+    )
+    .map(drop)
+    .map_err(|e| e.to_string());
+    if let Some(tap) = tap {
+        tap.close(traffic);
+    }
+    result
 }
 
-/// Copies until `from` ends, then ends `to`; the buffer grows once a read fills it.
-async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> io::Result<()> {
+/// Copies until `from` ends, then ends `to`; the buffer grows once a read fills it. Each
+/// read is counted, and shown to the inspector's tap when there is one.
+async fn copy(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    from_client: bool,
+    traffic: &TunnelTraffic,
+    tap: Option<&Tap>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_SMALL];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
             return to.shutdown().await;
         }
+        // Shown before it is passed on: the app's answer can then never be seen before
+        // the request it answers.
+        traffic.count(from_client, n);
+        if let Some(tap) = tap {
+            tap.saw(from_client, &buf[..n], traffic);
+        }
         to.write_all(&buf[..n]).await?;
         if n == buf.len() && buf.len() < COPY_LARGE {
             buf.resize(COPY_LARGE, 0);
+        }
+    }
+}
+
+/// The inspector's view of one http stream: both directions' bytes go to one
+/// conversation, and each exchange it finishes is recorded.
+struct Tap {
+    conversation: parking_lot::Mutex<Conversation>,
+    /// Set once the conversation gave up, so reads no longer take the lock.
+    off: std::sync::atomic::AtomicBool,
+    inspector: Arc<Inspector>,
+    tunnel: String,
+}
+
+impl Tap {
+    fn new(inspector: Arc<Inspector>, tunnel: String) -> Self {
+        Self {
+            conversation: parking_lot::Mutex::new(Conversation::new(crate::inspect::BODY_CAP)),
+            off: std::sync::atomic::AtomicBool::new(false),
+            inspector,
+            tunnel,
+        }
+    }
+
+    fn saw(&self, from_client: bool, data: &[u8], traffic: &TunnelTraffic) {
+        if data.is_empty() || self.off.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut done = Vec::new();
+        {
+            let mut c = self.conversation.lock();
+            let now = std::time::Instant::now();
+            if from_client {
+                c.from_client(data, now, &mut done);
+            } else {
+                c.from_app(data, now, &mut done);
+            }
+            if c.is_off() {
+                self.off.store(true, Ordering::Relaxed);
+            }
+        }
+        self.recorded(done, traffic);
+    }
+
+    fn close(&self, traffic: &TunnelTraffic) {
+        let mut done = Vec::new();
+        self.conversation
+            .lock()
+            .close(std::time::Instant::now(), &mut done);
+        self.recorded(done, traffic);
+    }
+
+    fn recorded(&self, done: Vec<crate::tap::Exchange>, traffic: &TunnelTraffic) {
+        for exchange in done {
+            traffic.requests.fetch_add(1, Ordering::Relaxed);
+            self.inspector.record(&self.tunnel, exchange, None);
         }
     }
 }

@@ -330,6 +330,12 @@ impl From<OpenError> for DialError {
                 status: StatusCode::FORBIDDEN,
                 ..
             } => Self::Failed("the device refused the tunnel (this gateway is not authorised, or the target is not advertised)".into()),
+            // The device itself says the tunnel is not serving now (paused in its UI):
+            // unavailable, as for a device that is down.
+            OpenError::Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                details,
+            } => Self::Down(details.unwrap_or_else(|| "the device is not serving this tunnel now".into())),
             OpenError::Refused {
                 details: Some(details),
                 ..

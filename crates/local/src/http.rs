@@ -31,6 +31,8 @@ pub struct Config {
     /// Who may call the URL (`--basic-auth`, `--allow-ip`, ...): an AccessPolicy the
     /// device writes for its proxy (http only).
     pub access: Option<portway_agent::tunnel::Access>,
+    /// Record the tunnel's exchanges for the local inspector.
+    pub inspect: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +298,7 @@ pub(crate) async fn start_device(
     };
     agent_config.lease_duration = config.lease;
     agent_config.relay_only = config.relay_only;
+    agent_config.inspect = config.inspect;
     agent_config
         .labels
         .insert(portway_api::labels::EPHEMERAL.into(), "true".into());

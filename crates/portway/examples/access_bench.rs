@@ -52,22 +52,7 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 /// req/s with `Host: host` and `headers`, 64 connections for 5 s.
 fn rps(edge: SocketAddr, host: &str, headers: &[&str]) -> f64 {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t", "2", "-c", "64", "-d", "5s"]);
-    cmd.args(["-H", &format!("Host: {host}")]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd
-        .arg(format!("http://{edge}/small.txt"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(!text.contains("Non-2xx"), "wrk saw refusals:\n{text}");
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
+    portway_testkit::bench::wrk_rps(edge, host, "/small.txt", headers)
 }
 
 /// Five pairs of runs, `plain` then `bench` (with `headers`): the medians of each and of

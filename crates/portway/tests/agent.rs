@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, HttpProxy};
 use portway_discovery::endpoint;
-use portway_testkit::{HttpTarget, Process, eventually, kube_client, kubeconfig_with_token};
+use portway_testkit::{HttpTarget, Process, curl, eventually, kube_client, kubeconfig_with_token};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -601,5 +601,165 @@ async fn bad_config_and_corrupt_keys_fail_at_start_with_clear_messages() {
     assert_eq!(
         std::fs::read_to_string(state.join("key")).unwrap(),
         "garbage"
+    );
+}
+
+/// The local UI of `portway agent --config FILE` adds, edits and removes tunnels in that
+/// file (comments and other entries kept), and the agent applies them at once: objects
+/// written, then removed. A bad edit names its field and leaves the file alone.
+#[tokio::test]
+async fn the_local_ui_edits_the_agents_config_file() {
+    let env = env().await;
+    let config = env.dir.path().join("agent.toml");
+    let original = "# laptop\n[[tunnel]]\nname = \"web\"  # the blog\ntarget = \"127.0.0.1:3000\"\nhostnames = [\"web.example.com\"]\n";
+    std::fs::write(&config, original).unwrap();
+    let agent = env
+        .agent(
+            &config,
+            &["--ui", "127.0.0.1:0", "--tunnel", "cli=127.0.0.1:9"],
+        )
+        .await
+        .unwrap();
+    let base = agent.ready()["ui"]["url"].as_str().unwrap().to_owned();
+    let token = format!(
+        "x-portway-token: {}",
+        agent.ready()["ui"]["token"].as_str().unwrap()
+    );
+    let send = |method: &str, path: &str, body: &str| {
+        let args: Vec<String> = [
+            "-X",
+            method,
+            "-H",
+            &token,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            &format!("{base}{path}"),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&args).await
+        }
+    };
+    let (_, info) = curl(&[&format!("{base}api/info")]).await;
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        (info["mode"].as_str(), info["editable"].as_bool()),
+        (Some("agent"), Some(true))
+    );
+
+    let (status, body) = send(
+        "POST",
+        "api/tunnels",
+        r#"{"name":"api","target":"127.0.0.1:8000","protocol":"http","hostnames":["api.example.com"]}"#,
+    ).await;
+    assert_eq!(status, 201, "{body}");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.starts_with(original),
+        "the rest of the file is kept:\n{text}"
+    );
+    assert!(text.contains("name = \"api\""), "{text}");
+    let proxies: Api<HttpProxy> = Api::namespaced(env.admin.clone(), "default");
+    eventually("the new tunnel's proxy", WAIT, || async {
+        let p = proxies.get_opt("laptop-api").await?.context("not yet")?;
+        ensure!(
+            p.spec.hostnames == ["api.example.com"],
+            "{:?}",
+            p.spec.hostnames
+        );
+        Ok(())
+    })
+    .await;
+
+    let (status, body) = send(
+        "PUT",
+        "api/tunnels/api",
+        r#"{"name":"api","target":"127.0.0.1:8001","hostnames":["api2.example.com"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("127.0.0.1:8001")
+    );
+    eventually("the edited proxy", WAIT, || async {
+        let p = proxies.get("laptop-api").await?;
+        ensure!(
+            p.spec.hostnames == ["api2.example.com"],
+            "{:?}",
+            p.spec.hostnames
+        );
+        Ok(())
+    })
+    .await;
+
+    // Refused, naming the field; the file is untouched.
+    let before = std::fs::read_to_string(&config).unwrap();
+    for (method, path, body, status, field) in [
+        (
+            "POST",
+            "api/tunnels",
+            r#"{"name":"x","target":"nowhere"}"#,
+            422,
+            Some("target"),
+        ),
+        (
+            "POST",
+            "api/tunnels",
+            r#"{"name":"web","target":"127.0.0.1:1"}"#,
+            409,
+            Some("name"),
+        ),
+        (
+            "PUT",
+            "api/tunnels/cli",
+            r#"{"name":"cli","target":"127.0.0.1:1"}"#,
+            404,
+            None,
+        ),
+        (
+            "POST",
+            "api/tunnels",
+            r#"{"name":"cli","target":"127.0.0.1:1"}"#,
+            409,
+            None,
+        ),
+    ] {
+        let (got, answer) = send(method, path, body).await;
+        assert_eq!(got, status, "{method} {path} {body}: {answer}");
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["field"].as_str(), field, "{answer}");
+    }
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+
+    let (status, body) = send("DELETE", "api/tunnels/api", "").await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), original);
+    eventually("the removed tunnel's proxy is gone", WAIT, || async {
+        ensure!(
+            proxies.get_opt("laptop-api").await?.is_none(),
+            "still there"
+        );
+        Ok(())
+    })
+    .await;
+    let (_, all) = curl(&[&format!("{base}api/tunnels")]).await;
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let names: Vec<&str> = all["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web", "cli"]);
+    assert_eq!(
+        all["tunnels"][1]["editable"], false,
+        "flag tunnels are not edited"
     );
 }

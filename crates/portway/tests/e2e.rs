@@ -33,6 +33,7 @@ mod edge_tier;
 mod etcd;
 mod security;
 mod tcp;
+mod ui;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_portway"))

@@ -260,3 +260,27 @@ http {{ access_log off; sendfile on; tcp_nopush on; tcp_nodelay on; keepalive_re
     }
     (child, port)
 }
+
+/// wrk's requests/s for `http://edge{path}` with `Host: host` and `headers`, 64
+/// connections on 2 threads for 5 s; panics when any answer was not 2xx.
+///
+/// # Panics
+/// When wrk is missing, saw refusals, or printed no rate.
+pub fn wrk_rps(edge: std::net::SocketAddr, host: &str, path: &str, headers: &[&str]) -> f64 {
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args(["-t", "2", "-c", "64", "-d", "5s"]);
+    cmd.args(["-H", &format!("Host: {host}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://{edge}{path}"))
+        .output()
+        .expect("wrk (apt-get install -y wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("Non-2xx"), "wrk saw refusals:\n{text}");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
+}

@@ -571,3 +571,19 @@ fn balancer(
     .unwrap();
     (p, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
+
+/// `curl ARGS` (silent, 20 s at most): the status and the body.
+///
+/// # Panics
+/// When curl cannot be run.
+pub async fn curl(args: &[&str]) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs (apt-get install -y curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}

@@ -62,6 +62,8 @@ pub struct Args {
     /// Write the node id and connector here as JSON once registered.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    ui: super::http::UiArgs,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +107,7 @@ key:     {}",
         );
         return Ok(());
     }
+    args.ui.check()?;
     let file = match &args.config {
         Some(path) => portway_agent::config::load(path)?,
         None => portway_agent::config::FileConfig::default(),
@@ -154,6 +157,7 @@ key:     {}",
     config.bind_addr = args.bind;
     config.relay_only = args.relay_only;
     config.lease_duration = std::time::Duration::from_secs(args.lease_seconds.max(2));
+    config.inspect = args.ui.enabled();
     let client = agent_client(
         args.kubeconfig.as_deref(),
         args.join_token.as_deref(),
@@ -164,6 +168,27 @@ key:     {}",
         .await
         .context("starting the agent")?;
     eprintln!("agent {} starting", agent.node_id());
+    let config_file = match &args.config {
+        Some(p) => {
+            Some(std::path::absolute(p).with_context(|| format!("--config {}", p.display()))?)
+        }
+        None => None,
+    };
+    let ui = args
+        .ui
+        .start(
+            agent.handle(),
+            portway_ui::Options {
+                mode: "agent",
+                config_file,
+                flag_tunnels: flag_tunnels.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if let Some(ui) = &ui {
+        eprintln!("local UI: {}", ui.url());
+    }
     let _follow = args
         .config
         .clone()
@@ -177,7 +202,7 @@ key:     {}",
         if let Some(path) = &args.ready_file {
             write_ready_file(
                 path,
-                &json!({"node_id": agent.node_id().to_string(), "z32": agent.node_id().to_z32(), "project": reg.project, "connector": reg.connector}),
+                &json!({"node_id": agent.node_id().to_string(), "z32": agent.node_id().to_z32(), "project": reg.project, "connector": reg.connector, "ui": super::http::ui_ready(ui.as_ref())}),
             )?;
         }
         shutdown_signal().await;

@@ -47,6 +47,7 @@ impl DeviceArgs {
             lease: std::time::Duration::from_secs(self.lease_seconds.max(2)),
             relay_only: self.relay_only,
             access: None,
+            inspect: false,
         }
     }
 }
@@ -61,7 +62,61 @@ pub struct Args {
     #[command(flatten)]
     access: AccessArgs,
     #[command(flatten)]
+    ui: UiArgs,
+    #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// The local web UI and request inspector.
+#[derive(ClapArgs, Default)]
+pub struct UiArgs {
+    /// Serve the local UI here (loopback only; default 127.0.0.1:4040, or the next free
+    /// port).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_ui")]
+    ui: Option<std::net::SocketAddr>,
+    /// No local UI, and no request inspection.
+    #[arg(long)]
+    no_ui: bool,
+}
+
+impl UiArgs {
+    pub fn enabled(&self) -> bool {
+        !self.no_ui
+    }
+
+    /// Refuses a UI address off loopback before anything starts.
+    pub fn check(&self) -> Result<()> {
+        match self.ui {
+            Some(addr) if !addr.ip().is_loopback() => {
+                Err(portway_ui::Error::NotLoopback(addr).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts the UI for `agent` unless --no-ui.
+    pub async fn start(
+        &self,
+        agent: portway_agent::Handle,
+        options: portway_ui::Options,
+    ) -> Result<Option<portway_ui::Ui>> {
+        if self.no_ui {
+            return Ok(None);
+        }
+        let options = portway_ui::Options {
+            listen: self.ui,
+            ..options
+        };
+        Ok(Some(portway_ui::Ui::start(agent, options).await?))
+    }
+}
+
+/// The UI's part of a ready file.
+pub fn ui_ready(ui: Option<&portway_ui::Ui>) -> serde_json::Value {
+    match ui {
+        Some(ui) => json!({"url": ui.url(), "token": ui.token()}),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// Who may call the URL: written as an AccessPolicy guarding the tunnel's proxy, enforced
@@ -167,18 +222,37 @@ fn one_line(e: portway_local::http::Error) -> anyhow::Error {
 
 pub async fn run(args: Args) -> Result<()> {
     let ready_file = args.device.ready_file.clone();
+    args.ui.check()?;
     let access = args.access.access()?;
     let mut config = args.device.config(args.port, args.hostname);
     config.access = access;
+    config.inspect = args.ui.enabled();
     let started = tokio::time::Instant::now();
     let h = tokio::select! {
         h = portway_local::http::Http::start(config) => h.map_err(one_line)?,
         () = shutdown_signal() => return Ok(()),
     };
+    let handle = h.agent.handle();
+    let urls = handle
+        .tunnels()
+        .into_iter()
+        .map(|t| (t.name, vec![h.url.clone()]))
+        .collect();
+    let ui = args
+        .ui
+        .start(
+            handle,
+            portway_ui::Options {
+                mode: "http",
+                urls,
+                ..Default::default()
+            },
+        )
+        .await?;
     if let Some(path) = &ready_file {
         write_ready_file(
             path,
-            &json!({"url": h.url, "hostname": h.hostname, "proxy": h.proxy, "node_id": h.agent.node_id().to_string()}),
+            &json!({"url": h.url, "hostname": h.hostname, "proxy": h.proxy, "node_id": h.agent.node_id().to_string(), "ui": ui_ready(ui.as_ref())}),
         )?;
     }
     println!(
@@ -187,6 +261,9 @@ pub async fn run(args: Args) -> Result<()> {
         args.port,
         started.elapsed().as_millis()
     );
+    if let Some(ui) = &ui {
+        println!("inspect and replay requests: {}", ui.url());
+    }
     status_until_stopped(&h.agent).await;
     h.stop().await;
     eprintln!("tunnel removed");
