@@ -107,7 +107,18 @@ impl Record {
             .chain(&e.response_headers)
             .map(|(n, v)| n.len() + v.len())
             .sum();
-        heads + e.target.len() + e.request_body.bytes.len() + e.response_body.bytes.len() + 256
+        // Each header and string is an allocation of its own: 32 bytes of overhead apiece.
+        let strings = e.method.len()
+            + e.target.len()
+            + self.tunnel.len()
+            + self.client.as_ref().map_or(0, String::len)
+            + e.error.as_ref().map_or(0, String::len);
+        heads
+            + 32 * (e.request_headers.len() + e.response_headers.len())
+            + strings
+            + e.request_body.bytes.len()
+            + e.response_body.bytes.len()
+            + 256
     }
 }
 
@@ -130,7 +141,8 @@ impl Default for Inspector {
         Self {
             ring: Mutex::default(),
             next: AtomicU64::new(1),
-            feed: broadcast::channel(256).0,
+            // A stalled viewer holds at most this many records past the ring's budget.
+            feed: broadcast::channel(64).0,
         }
     }
 }
@@ -138,16 +150,17 @@ impl Default for Inspector {
 impl Inspector {
     pub fn record(&self, tunnel: &str, exchange: Exchange, replay_of: Option<u64>) -> Arc<Record> {
         let client = replay_of.is_none().then(|| client_of(&exchange)).flatten();
-        let record = Arc::new(Record {
-            id: self.next.fetch_add(1, Ordering::Relaxed),
-            tunnel: tunnel.to_owned(),
-            client,
-            replay_of,
-            exchange,
-        });
-        let weight = record.weight();
-        {
+        let record = {
             let mut ring = self.ring.lock();
+            // Numbered under the lock, so ids grow along the ring (`get` searches by id).
+            let record = Arc::new(Record {
+                id: self.next.fetch_add(1, Ordering::Relaxed),
+                tunnel: tunnel.to_owned(),
+                client,
+                replay_of,
+                exchange,
+            });
+            let weight = record.weight();
             ring.records.push_back(record.clone());
             ring.bytes += weight;
             while ring.records.len() > MAX_RECORDS || ring.bytes > MAX_BYTES {
@@ -156,7 +169,8 @@ impl Inspector {
                 };
                 ring.bytes -= old.weight();
             }
-        }
+            record
+        };
         // No viewer, no one to tell.
         let _ = self.feed.send(record.clone());
         record

@@ -243,6 +243,8 @@ impl Inner {
             return Ok(());
         };
         let traffic = self.traffic.of(&offer.tunnel);
+        // Taken before the check: a pause between the two still ends this stream.
+        let stopped = traffic.stopped();
         if traffic.paused() {
             let details = format!(
                 "tunnel {} is paused on device {} (in its local UI)",
@@ -263,59 +265,63 @@ impl Inner {
             }
         };
         let _active = Active::new(&self.counters);
-        let target = format!("{}:{}", authority.host, authority.port);
-        if udp {
-            return self.udp(&target, rest, send, recv).await;
-        }
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                let (error, details) = self.unreachable(&target, &e);
-                tracing::warn!(%details, "tunnel request failed (502)");
-                let status = proxy_status::value(error, &details);
-                answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
-                return Ok(());
+        // Every kind of stream ends when its tunnel is paused: TCP, UDP and absolute form.
+        let work = async move {
+            let target = format!("{}:{}", authority.host, authority.port);
+            if udp {
+                return self.udp(&target, rest, send, recv).await;
             }
-            Err(_) => {
-                let details = format!(
-                    "the app at {target} on device {} did not accept the connection within {}s",
-                    self.device,
-                    CONNECT_TIMEOUT.as_secs()
-                );
-                tracing::warn!(%details, "tunnel request failed (502)");
-                let status = proxy_status::value("connection_timeout", &details);
-                answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
-                return Ok(());
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        match req.kind {
-            HttpProxyRequestKind::Tunnel { .. } => {
-                // Before any byte of the client's: the target reads it first.
-                let preface = offer.proxy_protocol.then(|| {
-                    let client = req
-                        .headers
-                        .get(portway_api::headers::CLIENT_ADDRESS)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok());
-                    let target = tcp
-                        .peer_addr()
-                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], authority.port)));
-                    crate::proxy_protocol::header(client, target)
-                });
-                let stopped = traffic.stopped();
-                tokio::select! {
-                    r = tunnel(tcp, preface, rest, send, recv, &traffic, tap.as_ref()) => r,
-                    () = stopped.cancelled() => Err("the tunnel was paused".into()),
+            let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    let (error, details) = self.unreachable(&target, &e);
+                    tracing::warn!(%details, "tunnel request failed (502)");
+                    let status = proxy_status::value(error, &details);
+                    answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
+                    return Ok(());
+                }
+                Err(_) => {
+                    let details = format!(
+                        "the app at {target} on device {} did not accept the connection within {}s",
+                        self.device,
+                        CONNECT_TIMEOUT.as_secs()
+                    );
+                    tracing::warn!(%details, "tunnel request failed (502)");
+                    let status = proxy_status::value("connection_timeout", &details);
+                    answer(&mut send, StatusCode::BAD_GATEWAY, Some(&status)).await;
+                    return Ok(());
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match req.kind {
+                HttpProxyRequestKind::Tunnel { .. } => {
+                    // Before any byte of the client's: the target reads it first.
+                    let preface = offer.proxy_protocol.then(|| {
+                        let client = req
+                            .headers
+                            .get(portway_api::headers::CLIENT_ADDRESS)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok());
+                        let target = tcp
+                            .peer_addr()
+                            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], authority.port)));
+                        crate::proxy_protocol::header(client, target)
+                    });
+                    tunnel(tcp, preface, rest, send, recv, &traffic, tap.as_ref()).await
+                }
+                HttpProxyRequestKind::Absolute { method, target } => {
+                    let mut head = Request::new(());
+                    *head.method_mut() = method;
+                    *head.uri_mut() = target;
+                    *head.headers_mut() = req.headers;
+                    absolute(tcp, head, rest, send, recv).await
                 }
             }
-            HttpProxyRequestKind::Absolute { method, target } => {
-                let mut head = Request::new(());
-                *head.method_mut() = method;
-                *head.uri_mut() = target;
-                *head.headers_mut() = req.headers;
-                absolute(tcp, head, rest, send, recv).await
-            }
+        };
+        tokio::select! {
+            r = work => r,
+            () = stopped.cancelled() => Err("the tunnel was paused".into()),
         }
     }
 

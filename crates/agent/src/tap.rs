@@ -13,7 +13,7 @@ const HEAD_LIMIT: usize = 64 * 1024;
 /// The header slots handed to httparse; more headers than this and we give up.
 const MAX_HEADERS: usize = 100;
 /// Requests in flight on one connection; a client pipelining further is not worth the memory.
-const MAX_PENDING: usize = 64;
+const MAX_PENDING: usize = 8;
 /// Sixteen hex digits already fill a u64.
 const MAX_HEX_DIGITS: u8 = 16;
 /// Trailers are skipped, but not without end.

@@ -91,6 +91,10 @@ async fn main() {
     )
     .await;
     let ui = ready["ui"]["url"].as_str().unwrap().to_owned();
+    let token = format!(
+        "x-portway-token: {}",
+        ready["ui"]["token"].as_str().unwrap()
+    );
 
     // Warm both paths.
     let _ = rps(edge, "ui.localhost", "/small.txt");
@@ -105,7 +109,7 @@ async fn main() {
     }
     // A viewer: the page's live stream open throughout.
     let mut viewer = Command::new("curl")
-        .args(["-sN", &format!("{ui}api/events")])
+        .args(["-sN", "-H", &token, &format!("{ui}api/events")])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -117,7 +121,7 @@ async fn main() {
     let _ = viewer.kill();
     let _ = viewer.wait();
     let recorded = Command::new("curl")
-        .args(["-s", &format!("{ui}api/requests?limit=1")])
+        .args(["-s", "-H", &token, &format!("{ui}api/requests?limit=1")])
         .output()
         .unwrap();
     let last = String::from_utf8_lossy(&recorded.stdout);

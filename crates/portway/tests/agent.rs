@@ -645,7 +645,7 @@ async fn the_local_ui_edits_the_agents_config_file() {
             curl(&args).await
         }
     };
-    let (_, info) = curl(&[&format!("{base}api/info")]).await;
+    let (_, info) = curl(&["-H", &token, &format!("{base}api/info")]).await;
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         (info["mode"].as_str(), info["editable"].as_bool()),
@@ -749,7 +749,7 @@ async fn the_local_ui_edits_the_agents_config_file() {
         Ok(())
     })
     .await;
-    let (_, all) = curl(&[&format!("{base}api/tunnels")]).await;
+    let (_, all) = curl(&["-H", &token, &format!("{base}api/tunnels")]).await;
     let all: serde_json::Value = serde_json::from_str(&all).unwrap();
     let names: Vec<&str> = all["tunnels"]
         .as_array()

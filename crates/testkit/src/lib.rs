@@ -157,6 +157,11 @@ impl Process {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Where the process wrote its ready file (its own temporary directory).
+    pub fn ready_path(&self) -> PathBuf {
+        self._dir.path().join("ready.json")
+    }
+
     /// The JSON the process wrote to its ready file.
     pub fn ready(&self) -> &Value {
         &self.ready

@@ -82,7 +82,9 @@
   }
   async function api(method, url, body, withToken) {
     const opt = { method, headers: { Accept: 'application/json' }, cache: 'no-store', credentials: 'same-origin' };
-    if (method !== 'GET' || withToken) opt.headers['X-Portway-Token'] = TOKEN;
+    // Every call carries the token: the cookie lets the page in, the header is what
+    // changes and reveals need (a cross-site request cannot set it).
+    opt.headers['X-Portway-Token'] = TOKEN;
     if (body !== undefined) {
       opt.headers['Content-Type'] = 'application/json';
       opt.body = JSON.stringify(body);
@@ -785,7 +787,7 @@
     const bodyTa = h('textarea', { id: `${p}-b`, name: 'body', rows: 6, spellcheck: 'false', disabled: binary, 'aria-describedby': `${p}-bh` },
       binary ? '' : body.text || '');
     const bodyHint = binary ? 'The original body is binary and is sent unchanged.'
-      : body.truncated ? 'The captured body was truncated; if you leave it unchanged the original body is sent.' : 'Sent as-is.';
+      : body.truncated ? 'Only the start of the body was kept: edit it to replay (the whole original cannot be sent).' : 'Sent as-is.';
     const submit = h('button', { type: 'submit', class: 'btn primary' }, 'Send replay');
     const form = h('form', { class: 'replay-form', 'aria-labelledby': `${p}-t` },
       h('h3', { id: `${p}-t` }, 'Edit and replay'),
@@ -828,11 +830,13 @@
     const req = d.request || {};
     const url = d.public_url || `http://${d.host || 'localhost'}${d.path || '/'}`;
     const m = d.method || 'GET';
-    const parts = ['curl', '-X', /^[A-Za-z0-9!#$%&*+.^_`|~-]+$/.test(m) ? m : shq(m), shq(url)];
+    // Everything quoted: a method is any token, and tokens may hold ` $ | & for a shell.
+    const parts = ['curl', '-X', shq(m), shq(url)];
     for (const [n, v] of req.headers || []) if (!skip.test(n)) parts.push('-H', shq(`${n}: ${v}`));
     const b = req.body || {};
     let prefix = '';
-    if (b.text != null && b.text !== '') parts.push('--data-binary', shq(b.text));
+    // --data-raw: a body starting with @ is data, not a file for curl to read and send.
+    if (b.text != null && b.text !== '') parts.push('--data-raw', shq(b.text));
     else if (b.base64) { prefix = `printf %s ${shq(String(b.base64).replace(/\s+/g, ''))} | base64 -d | `; parts.push('--data-binary', '@-'); }
     return prefix + parts.join(' ');
   }
@@ -882,7 +886,8 @@
       const d = safeParse(e.data);
       if (d) setTunnels(Array.isArray(d) ? d : d.tunnels);
     });
-    es.addEventListener('cleared', () => clearList());
+    // The stream outran this page: the list is read again.
+    es.addEventListener('lagged', () => { loadRequests(); });
   }
   async function loadAll() {
     const info = api('GET', '/api/info').then((i) => { S.info = i; renderInfo(); })

@@ -311,10 +311,18 @@ async fn pause(
     Path(name): Path<String>,
     body: axum::Json<PauseBody>,
 ) -> Response {
-    if !ui.agent.tunnels().iter().any(|t| t.name == name) {
+    let tunnels = ui.agent.tunnels();
+    let Some(tunnel) = tunnels.iter().find(|t| t.name == name) else {
         return error(StatusCode::NOT_FOUND, format!("no tunnel {name:?}"), None);
+    };
+    // The edge asks the device for a target, not a tunnel: tunnels to one target are one
+    // to the device, and are switched together.
+    let udp = tunnel.protocol == portway_agent::Protocol::Udp;
+    for t in tunnels.iter().filter(|t| {
+        t.target == tunnel.target && (t.protocol == portway_agent::Protocol::Udp) == udp
+    }) {
+        ui.agent.traffic().of(&t.name).set_paused(body.paused);
     }
-    ui.agent.traffic().of(&name).set_paused(body.paused);
     tracing::info!(tunnel = %name, paused = body.paused, "tunnel switched in the local UI");
     match one_tunnel(&ui, &name).await {
         Some(t) => axum::Json(t).into_response(),

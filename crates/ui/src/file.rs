@@ -177,14 +177,26 @@ pub fn apply(
     {
         return Err(EditError::Flag(t.name.clone()));
     }
-    let tmp = path.with_extension("portway-ui.tmp");
-    std::fs::write(&tmp, &next)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| EditError::Io(path.to_owned(), e))?;
+    write(path, &next).map_err(|e| EditError::Io(path.to_owned(), e))?;
     tracing::info!(path = %path.display(), "config file edited in the local UI");
     let mut tunnels = parsed.tunnels;
     tunnels.extend(flags.iter().cloned());
     Ok(tunnels)
+}
+
+/// Replaces the file (the one a symlink points at) in one rename, keeping its
+/// permissions; the new text goes to a fresh temporary file of unpredictable name first,
+/// so no one else's file is written through a planted link.
+fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = std::fs::canonicalize(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file()
+        .set_permissions(std::fs::metadata(&path)?.permissions())?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
-//! Who may use the UI: a browser page of this very origin, or a local script.
+//! Who may use the UI: the person who started the agent (in a browser, through the link
+//! it printed), or their scripts (with the token from the ready file, which only they can
+//! read).
 //!
+//! - Other people and programs on the machine: every request needs the per-run token, as
+//!   the header `X-Portway-Token` or as the cookie the printed link (`/?token=…`) sets.
 //! - DNS rebinding: a page at `evil.example` whose name comes to resolve to 127.0.0.1 is
 //!   still sent with `Host: evil.example`, so only loopback Host values are answered.
 //! - Cross-site requests: a change (any method but GET/HEAD) and revealing secrets need
-//!   the per-run token, which only the page itself carries (no other origin can read it),
-//!   sent in a header (which a cross-site form or image cannot set); an `Origin` or
-//!   `Sec-Fetch-Site` saying another site is refused outright.
+//!   the token in the header (which a cross-site form or image cannot set; the cookie is
+//!   `SameSite=Strict` besides); an `Origin` or `Sec-Fetch-Site` saying another site is
+//!   refused outright.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -57,16 +61,42 @@ fn same_site(headers: &HeaderMap) -> bool {
 }
 
 /// Compares in time independent of where they differ.
-fn token_ok(headers: &HeaderMap, token: &str) -> bool {
-    let Some(given) = headers.get(TOKEN_HEADER).map(http::HeaderValue::as_bytes) else {
-        return false;
-    };
+fn same(given: &[u8], token: &str) -> bool {
     given.len() == token.len()
         && given
             .iter()
             .zip(token.as_bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+fn token_ok(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(TOKEN_HEADER)
+        .is_some_and(|given| same(given.as_bytes(), token))
+}
+
+/// The cookie the printed link sets: named after the port, since browsers share cookies
+/// across the ports of one host (two agents' UIs must not overwrite each other's).
+pub fn cookie_name(port: u16) -> String {
+    format!("portway-ui-{port}")
+}
+
+fn cookie_ok(headers: &HeaderMap, port: u16, token: &str) -> bool {
+    let name = cookie_name(port);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .any(|(n, v)| n == name && same(v.as_bytes(), token))
+}
+
+/// A query's `name`, percent-decoded as the handlers decode it.
+pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
+    pairs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
 /// Why a request is refused, if it is.
@@ -94,9 +124,19 @@ pub fn check(
             "cross-site requests are refused (Origin or Sec-Fetch-Site names another site)".into(),
         ));
     }
-    let reveal = query.is_some_and(|q| q.split('&').any(|p| p == "reveal=1" || p == "reveal=true"));
+    let reveal = query_value(query, "reveal").is_some_and(|v| v == "1" || v == "true");
     let changes = !matches!(*method, Method::GET | Method::HEAD);
-    if (changes || reveal) && !token_ok(headers, token) {
+    let header = token_ok(headers, token);
+    if !header && !cookie_ok(headers, port, token) {
+        return Some((
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "open the link portway printed (http://127.0.0.1:{port}/?token=…), or send the \
+                 {TOKEN_HEADER} header with the token from the ready file"
+            ),
+        ));
+    }
+    if (changes || reveal) && !header {
         return Some((
             StatusCode::FORBIDDEN,
             format!(
@@ -113,16 +153,8 @@ pub async fn layer(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some((status, why)) = check(
-        req.method(),
-        req.headers(),
-        req.uri().query(),
-        state.port,
-        &state.token,
-    ) {
-        return error(status, why, None).into_response();
-    }
-    let mut resp = next.run(req).await;
+    let mut resp = admit(&state, req, next).await;
+    // On every answer, refusals included.
     let h = resp.headers_mut();
     for (name, value) in [
         (
@@ -139,6 +171,38 @@ pub async fn layer(
         h.insert(name, http::HeaderValue::from_static(value));
     }
     resp
+}
+
+async fn admit(state: &crate::State, req: Request, next: Next) -> Response {
+    // The printed link: its token becomes the cookie, and the address bar loses it.
+    if req.method() == Method::GET
+        && req.uri().path() == "/"
+        && let Some(given) = query_value(req.uri().query(), "token")
+        && check(req.method(), req.headers(), None, state.port, &given)
+            .is_none_or(|(s, _)| s == StatusCode::UNAUTHORIZED)
+        && same(given.as_bytes(), &state.token)
+    {
+        let cookie = format!(
+            "{}={}; HttpOnly; SameSite=Strict; Path=/",
+            cookie_name(state.port),
+            state.token
+        );
+        let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+        if let Ok(v) = http::HeaderValue::from_str(&cookie) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        return resp;
+    }
+    if let Some((status, why)) = check(
+        req.method(),
+        req.headers(),
+        req.uri().query(),
+        state.port,
+        &state.token,
+    ) {
+        return error(status, why, None).into_response();
+    }
+    next.run(req).await
 }
 
 #[cfg(test)]
@@ -182,11 +246,28 @@ mod tests {
         let t = "secret";
         let get = Method::GET;
         let post = Method::POST;
-        let ok = [("host", "127.0.0.1:4040")];
+        let ok = [
+            ("host", "127.0.0.1:4040"),
+            ("cookie", "a=b; portway-ui-4040=secret"),
+        ];
         assert_eq!(check(&get, &headers(&ok), None, 4040, t), None);
-        let rebound = headers(&[("host", "evil.example:4040")]);
+        // Nothing without the token, not even a read.
+        let anyone = headers(&[("host", "127.0.0.1:4040")]);
+        assert_eq!(check(&get, &anyone, None, 4040, t).unwrap().0, 401);
+        for cookie in [
+            "portway-ui-4041=secret",
+            "portway-ui-4040=secreT",
+            "portway-ui-4040",
+        ] {
+            let h = headers(&[("host", "127.0.0.1:4040"), ("cookie", cookie)]);
+            assert_eq!(check(&get, &h, None, 4040, t).unwrap().0, 401, "{cookie}");
+        }
+        let rebound = headers(&[
+            ("host", "evil.example:4040"),
+            ("cookie", "portway-ui-4040=secret"),
+        ]);
         assert_eq!(check(&get, &rebound, None, 4040, t).unwrap().0, 403);
-        // A change needs the token.
+        // A change needs the token in the header: the cookie alone is not enough.
         assert_eq!(check(&post, &headers(&ok), None, 4040, t).unwrap().0, 403);
         let wrong = headers(&[("host", "127.0.0.1:4040"), (TOKEN_HEADER, "secreT")]);
         assert!(check(&post, &wrong, None, 4040, t).is_some());
@@ -195,8 +276,9 @@ mod tests {
         let good = headers(&[("host", "127.0.0.1:4040"), (TOKEN_HEADER, "secret")]);
         assert_eq!(check(&post, &good, None, 4040, t), None);
         assert_eq!(check(&Method::DELETE, &good, None, 4040, t), None);
-        // Revealing secrets is a read that needs it too.
+        // Revealing secrets is a read that needs it too, however the query spells it.
         assert!(check(&get, &headers(&ok), Some("reveal=1"), 4040, t).is_some());
+        assert!(check(&get, &headers(&ok), Some("reveal=%31"), 4040, t).is_some());
         assert_eq!(check(&get, &good, Some("a=b&reveal=1"), 4040, t), None);
         // Another site, even with the token (it cannot have it, but still).
         for extra in [
@@ -217,5 +299,21 @@ mod tests {
             ("sec-fetch-site", "same-origin"),
         ]);
         assert_eq!(check(&post, &own, None, 4040, t), None);
+    }
+}
+
+#[cfg(test)]
+mod query_tests {
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            super::query_value(Some("token=abc"), "token").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            super::query_value(Some("reveal=%31&a=b"), "reveal").as_deref(),
+            Some("1")
+        );
+        assert_eq!(super::query_value(None, "token"), None);
     }
 }

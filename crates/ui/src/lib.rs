@@ -93,9 +93,14 @@ impl Ui {
         self.addr
     }
 
-    /// The page's address, as printed.
+    /// The page's address.
     pub fn url(&self) -> String {
         format!("http://{}/", self.addr)
+    }
+
+    /// The link to print: it carries the token, which the page keeps as a cookie.
+    pub fn login_url(&self) -> String {
+        format!("http://{}/?token={}", self.addr, self.token)
     }
 
     /// What the API asks of changes (header `X-Portway-Token`), for scripts: it is in

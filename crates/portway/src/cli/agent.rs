@@ -187,7 +187,7 @@ key:     {}",
         )
         .await?;
     if let Some(ui) = &ui {
-        eprintln!("local UI: {}", ui.url());
+        eprintln!("local UI: {}", ui.login_url());
     }
     let _follow = args
         .config

@@ -114,7 +114,7 @@ impl UiArgs {
 /// The UI's part of a ready file.
 pub fn ui_ready(ui: Option<&portway_ui::Ui>) -> serde_json::Value {
     match ui {
-        Some(ui) => json!({"url": ui.url(), "token": ui.token()}),
+        Some(ui) => json!({"url": ui.url(), "token": ui.token(), "open": ui.login_url()}),
         None => serde_json::Value::Null,
     }
 }
@@ -262,7 +262,7 @@ pub async fn run(args: Args) -> Result<()> {
         started.elapsed().as_millis()
     );
     if let Some(ui) = &ui {
-        println!("inspect and replay requests: {}", ui.url());
+        println!("inspect and replay requests: {}", ui.login_url());
     }
     status_until_stopped(&h.agent).await;
     h.stop().await;

@@ -21,6 +21,8 @@ try {
     if (m.type() === 'error' && /Refused|Uncaught/.test(m.text())) errors.push(m.text());
   });
   let out = {};
+  // The link portway prints: its token becomes the page's cookie.
+  await page.goto(`${base}/?token=${process.env.PORTWAY_UI_TOKEN}`);
   if (step === 'screens') {
     const [id, path, dir] = args;
     await page.goto(`${base}/#/tunnels`);

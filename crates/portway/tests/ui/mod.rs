@@ -101,8 +101,10 @@ impl Ui {
         }
     }
 
+    /// A read, with the token as a script sends it.
     async fn get(&self, path: &str) -> (u16, String) {
-        curl(&[&format!("{}{path}", self.base)]).await
+        let token = format!("x-portway-token: {}", self.token);
+        curl(&["-H", &token, &format!("{}{path}", self.base)]).await
     }
 
     /// A change, with the token and a JSON body.
@@ -126,12 +128,13 @@ impl Ui {
 /// One step of `drive.mjs` in headless Chromium (Debian's, through npm's
 /// playwright-core, which `.ci/run` installs): what it saw, as JSON. A script error or a
 /// CSP refusal on the page fails it.
-async fn browser(base: &str, step: &[&str]) -> Value {
+async fn browser(base: &str, token: &str, step: &[&str]) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
     let run = tokio::process::Command::new("node")
         .arg(dir.join("drive.mjs"))
         .arg(base)
         .args(step)
+        .env("PORTWAY_UI_TOKEN", token)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(90), run)
@@ -173,7 +176,8 @@ async fn the_local_ui_inspects_replays_and_pauses() {
 
     // The live stream, open before the request, as the page keeps it.
     let mut events = tokio::process::Command::new("curl")
-        .args(["-sN", &format!("{}/api/events", ui.base)])
+        .args(["-sN", "-H", &format!("x-portway-token: {}", ui.token)])
+        .arg(format!("{}/api/events", ui.base))
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -237,8 +241,21 @@ async fn the_local_ui_inspects_replays_and_pauses() {
         detail["masked"],
         serde_json::json!(["authorization", "set-cookie"])
     );
-    let (status, _) = ui.get(&format!("/api/requests/{id}?reveal=1")).await;
-    assert_eq!(status, 403, "revealing needs the token");
+    let cookie = format!(
+        "cookie: portway-ui-{}={}",
+        ui.base.rsplit(':').next().unwrap(),
+        ui.token
+    );
+    let (status, _) = curl(&[
+        "-H",
+        &cookie,
+        &format!("{}/api/requests/{id}?reveal=%31", ui.base),
+    ])
+    .await;
+    assert_eq!(
+        status, 403,
+        "revealing needs the token in the header, however spelt"
+    );
     let (status, revealed) = ui
         .send("GET", &format!("/api/requests/{id}?reveal=1"), "")
         .await;
@@ -251,6 +268,7 @@ async fn the_local_ui_inspects_replays_and_pauses() {
     let dir = shots.display().to_string();
     let seen = browser(
         &ui.base,
+        &ui.token,
         &["screens", &id.to_string(), "/hooks/github?x=1", &dir],
     )
     .await;
@@ -283,7 +301,7 @@ async fn the_local_ui_inspects_replays_and_pauses() {
 
     // Replay, the detail's button, reaches the app again, once; an edited one (through
     // the API) sends the edit.
-    let seen = browser(&ui.base, &["replay", &id.to_string()]).await;
+    let seen = browser(&ui.base, &ui.token, &["replay", &id.to_string()]).await;
     assert_eq!(app.count(), 2, "{seen}");
     assert_eq!(*app.last.lock(), r#"{"hello":"inspector","n":[1,2]}"#);
     let (_, list) = ui.get("/api/requests?limit=1").await;
@@ -317,14 +335,14 @@ async fn the_local_ui_inspects_replays_and_pauses() {
     // The pause switch takes the tunnel offline: the public URL answers 503, pooled
     // connections included; resumed, it answers again.
     let name = format!("http-{}", app.addr.port());
-    let seen = browser(&ui.base, &["pause", &name]).await;
+    let seen = browser(&ui.base, &ui.token, &["pause", &name]).await;
     assert_eq!(seen["state"], "paused");
     let before = app.count();
     let (status, body) = curl(&["--resolve", &resolve, &format!("{public}/")]).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("paused"), "{body}");
     assert_eq!(app.count(), before, "nothing reached the app");
-    let seen = browser(&ui.base, &["pause", &name]).await;
+    let seen = browser(&ui.base, &ui.token, &["pause", &name]).await;
     assert_eq!(seen["state"], "online");
     eventually(
         "the tunnel answers again",
@@ -387,6 +405,21 @@ async fn the_local_ui_refuses_other_sites_and_requests_without_its_token() {
     let port = ui.base.rsplit(':').next().unwrap().to_owned();
     let token = format!("x-portway-token: {}", ui.token);
     for (what, args) in [
+        // Another user or program on the machine, without the token.
+        (
+            "a read without the token",
+            vec![format!("{}/api/requests", ui.base)],
+        ),
+        ("the page without the token", vec![format!("{}/", ui.base)]),
+        (
+            "the live stream without the token",
+            vec![
+                "--max-time".into(),
+                "3".into(),
+                format!("{}/api/events", ui.base),
+            ],
+        ),
+        ("a guessed link", vec![format!("{}/?token=0000", ui.base)]),
         // A page whose name now resolves to 127.0.0.1 (DNS rebinding) sends its own Host.
         (
             "rebinding read",
@@ -479,7 +512,8 @@ async fn the_local_ui_refuses_other_sites_and_requests_without_its_token() {
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (status, body) = curl(&args).await;
-        assert_eq!(status, 403, "{what}: {body}");
+        assert!(matches!(status, 401 | 403), "{what}: {status} {body}");
+        assert!(!body.contains(&ui.token), "{what} leaked the token");
         assert!(!body.contains("guarded.localhost"), "{what} leaked: {body}");
     }
     assert_eq!(app.count(), 1, "no replay reached the app");
@@ -502,9 +536,36 @@ async fn the_local_ui_refuses_other_sites_and_requests_without_its_token() {
         head.contains("x-frame-options: deny") && head.contains("frame-ancestors 'none'"),
         "{head}"
     );
-    // The page itself carries the token: only a same-origin reader gets it.
-    let (_, page) = ui.get("/").await;
+    // The printed link lets a browser in: its token becomes a SameSite=Strict cookie
+    // (and leaves the address bar), and the page then carries the token for its calls.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("{}/?token={}", ui.base, ui.token))
+        .output()
+        .await
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 303") && head.contains("location: /\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("httponly; samesite=strict"), "{head}");
+    let port = ui.base.rsplit(':').next().unwrap();
+    let (status, page) = curl(&[
+        "-H",
+        &format!("cookie: portway-ui-{port}={}", ui.token),
+        &format!("{}/", ui.base),
+    ])
+    .await;
+    assert_eq!(status, 200);
     assert!(page.contains(&ui.token));
+    // The ready file holding the token is the user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(http.ready_path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "ready file mode {mode:o}");
 
     // Listening anywhere but loopback is refused before anything starts.
     let refused = stack
