@@ -283,3 +283,4 @@ mod tests {
         assert!(!t.stopped().is_cancelled() && !t.paused());
     }
 }
+

@@ -12,9 +12,9 @@
 //! Path: wrk (64 connections, 2 threads, 5 s) → `portway up` edge → iroh → a `portway
 //! http` agent → nginx serving a 13-byte file (and, in a second case, a 64 KiB one). Two
 //! agents publish the same nginx: `ui.localhost` with the UI on (its default), `plain.localhost`
-//! with `--no-ui`. They are measured in turn, five times, and the median of the five ratios
-//! is reported (this machine's req/s drifts by ±30% over a minute, so only side-by-side
-//! pairs compare).
+//! with `--no-ui`. They are measured in turn, eight times (each first in every other
+//! pair), and the median of the eight ratios is reported (this machine's req/s drifts by
+//! ±30% over a minute, so only side-by-side pairs compare).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,16 +26,22 @@ fn rps(edge: SocketAddr, host: &str, path: &str) -> f64 {
     portway_testkit::bench::wrk_rps(edge, host, path, &[])
 }
 
-/// Five pairs, `plain` then `ui`: the medians of each and of the ratios.
+/// Eight pairs, `plain` and `ui` in turn, each going first in every other pair (the
+/// machine's rate drifts within a pair too): the medians of each and of the ratios.
 fn pairs(edge: SocketAddr, path: &str) -> (f64, f64, f64) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
     };
-    let runs: Vec<(f64, f64)> = (0..5)
-        .map(|_| {
-            let without = rps(edge, "plain.localhost", path);
-            let with = rps(edge, "ui.localhost", path);
+    let runs: Vec<(f64, f64)> = (0..8)
+        .map(|i| {
+            let (without, with) = if i % 2 == 0 {
+                let without = rps(edge, "plain.localhost", path);
+                (without, rps(edge, "ui.localhost", path))
+            } else {
+                let with = rps(edge, "ui.localhost", path);
+                (rps(edge, "plain.localhost", path), with)
+            };
             eprintln!("  {without:.0} → {with:.0}");
             (without, with)
         })
@@ -130,7 +136,7 @@ async fn main() {
         "the inspector recorded nothing: {last}"
     );
 
-    println!("| case | --no-ui req/s | UI on req/s | ratio (median of 5 pairs) |");
+    println!("| case | --no-ui req/s | UI on req/s | ratio (median of 8 pairs) |");
     println!("|---|---|---|---|");
     for (case, (without, with, ratio)) in rows {
         println!("| {case} | {without:.0} | {with:.0} | {ratio:.2} |");
