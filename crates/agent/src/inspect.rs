@@ -283,4 +283,3 @@ mod tests {
         assert!(!t.stopped().is_cancelled() && !t.paused());
     }
 }
-
