@@ -4,9 +4,11 @@
 //! with a pause switch, lets `portway agent` add, edit and remove tunnels in its config
 //! file, and inspects http tunnels' requests with replay against the local app.
 //!
-//! It listens on loopback only, answers only requests whose `Host` names loopback (a DNS
-//! rebinding page cannot reach it), and changes nothing without the per-run token that
-//! only its own page carries (no cross-site request can).
+//! It listens on loopback only, answers nothing without the per-run token (in the link it
+//! prints, kept by the browser as a cookie, and in the owner-only ready file), answers
+//! only requests whose `Host` names loopback (a DNS rebinding page cannot reach it), and
+//! changes nothing unless the token comes in a header, which no cross-site request can
+//! send.
 
 mod api;
 mod file;
@@ -26,8 +28,8 @@ use tokio::task::JoinHandle;
 /// How the UI is started.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// Where to listen; loopback only. With the default port taken, the next free one of
-    /// the twenty after it is used.
+    /// Where to listen; loopback only. Unset: the default, or the next free one of the
+    /// twenty ports after it, or else any free port.
     pub listen: Option<SocketAddr>,
     /// `http` for the one-liner, `agent` for `portway agent`.
     pub mode: &'static str,
