@@ -206,7 +206,6 @@ pub struct Agent {
     router: Router,
     counters: Arc<Counters>,
     denied: Arc<AtomicU64>,
-    tunnels: watch::Sender<Vec<Tunnel>>,
     control: JoinHandle<()>,
     handle: Handle,
 }
@@ -350,7 +349,7 @@ impl Agent {
         tracing::info!(node_id = %shared.endpoint.id(), "agent started");
         let handle = Handle {
             shared: shared.clone(),
-            tunnels: tunnels_tx.clone(),
+            tunnels: tunnels_tx,
             server,
             traffic,
             inspector,
@@ -360,7 +359,6 @@ impl Agent {
             router,
             counters,
             denied,
-            tunnels: tunnels_tx,
             control,
             handle,
         })
@@ -413,14 +411,14 @@ impl Agent {
 
     /// Replaces the tunnels; the control loop writes (and prunes) their objects.
     pub fn set_tunnels(&self, tunnels: Vec<Tunnel>) {
-        self.tunnels.send_replace(tunnels);
+        self.handle.set_tunnels(tunnels);
     }
 
     /// Re-reads `path` every two seconds when it changed, and applies its tunnels (plus
     /// `extra`, the ones from flags). An invalid file is reported and ignored: the
     /// tunnels in effect stay.
     pub fn follow_config_file(&self, path: PathBuf, extra: Vec<Tunnel>) -> JoinHandle<()> {
-        let tunnels = self.tunnels.clone();
+        let tunnels = self.handle.tunnels.clone();
         let shutdown = self.shared.shutdown.clone();
         tokio::spawn(async move {
             let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();

@@ -44,8 +44,6 @@ impl Traffic {
 /// One tunnel's counters and switch.
 #[derive(Debug, Default)]
 pub struct TunnelTraffic {
-    /// Streams the gateway opened to it.
-    pub streams: AtomicU64,
     /// HTTP exchanges seen (http tunnels while the inspector is on), else streams.
     pub requests: AtomicU64,
     /// Bytes from the public client toward the app, and back.

@@ -254,7 +254,6 @@ impl Inner {
             answer(&mut send, StatusCode::SERVICE_UNAVAILABLE, Some(&status)).await;
             return Ok(());
         }
-        traffic.streams.fetch_add(1, Ordering::Relaxed);
         // An http tunnel's exchanges are counted as the inspector sees them; a stream
         // it does not follow counts as one.
         let tap = match (&self.inspector, offer.http) {

@@ -33,7 +33,8 @@ pub struct Body {
 }
 
 impl Body {
-    fn keep(&mut self, chunk: &[u8], cap: usize) {
+    /// Counts `chunk` and keeps what of it fits within `cap`.
+    pub fn keep(&mut self, chunk: &[u8], cap: usize) {
         let room = cap.saturating_sub(self.bytes.len()).min(chunk.len());
         self.bytes
             .extend_from_slice(chunk.get(..room).unwrap_or_default());
@@ -62,6 +63,25 @@ pub struct Exchange {
     pub error: Option<String>,
     /// The app switched protocols (101) or accepted a CONNECT: the rest of the connection is not HTTP.
     pub upgraded: bool,
+}
+
+impl Exchange {
+    /// A request whose head is complete now, with nothing else seen yet.
+    pub fn new(method: String, target: String, request_headers: Vec<(String, Vec<u8>)>) -> Self {
+        Self {
+            started: SystemTime::now(),
+            method,
+            target,
+            request_headers,
+            request_body: Body::default(),
+            status: None,
+            response_headers: Vec::new(),
+            response_body: Body::default(),
+            duration: Duration::ZERO,
+            error: None,
+            upgraded: false,
+        }
+    }
 }
 
 /// One connection's two directions.
@@ -358,19 +378,7 @@ impl Conversation {
             head_only: head.method == "HEAD",
             connect,
             answered: false,
-            exchange: Exchange {
-                started: SystemTime::now(),
-                method: head.method,
-                target: head.target,
-                request_headers: head.headers,
-                request_body: Body::default(),
-                status: None,
-                response_headers: Vec::new(),
-                response_body: Body::default(),
-                duration: Duration::ZERO,
-                error: None,
-                upgraded: false,
-            },
+            exchange: Exchange::new(head.method, head.target, head.headers),
         });
         self.client = match payload {
             Some(payload) => Client::Body {

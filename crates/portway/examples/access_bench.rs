@@ -58,10 +58,6 @@ fn rps(edge: SocketAddr, host: &str, headers: &[&str]) -> f64 {
 /// Five pairs of runs, `plain` then `bench` (with `headers`): the medians of each and of
 /// the ratios.
 fn pairs(edge: SocketAddr, headers: &[&str]) -> (f64, f64, f64) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let runs: Vec<(f64, f64)> = (0..5)
         .map(|_| {
             let without = rps(edge, "plain.localhost", headers);
@@ -70,11 +66,7 @@ fn pairs(edge: SocketAddr, headers: &[&str]) -> (f64, f64, f64) {
             (without, with)
         })
         .collect();
-    (
-        median(runs.iter().map(|r| r.0).collect()),
-        median(runs.iter().map(|r| r.1).collect()),
-        median(runs.iter().map(|r| r.1 / r.0).collect()),
-    )
+    portway_testkit::bench::pair_medians(&runs)
 }
 
 #[tokio::main]

@@ -29,10 +29,6 @@ fn rps(edge: SocketAddr, host: &str, path: &str) -> f64 {
 /// Eight pairs, `plain` and `ui` in turn, each going first in every other pair (the
 /// machine's rate drifts within a pair too): the medians of each and of the ratios.
 fn pairs(edge: SocketAddr, path: &str) -> (f64, f64, f64) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
-    };
     let runs: Vec<(f64, f64)> = (0..8)
         .map(|i| {
             let (without, with) = if i % 2 == 0 {
@@ -46,11 +42,7 @@ fn pairs(edge: SocketAddr, path: &str) -> (f64, f64, f64) {
             (without, with)
         })
         .collect();
-    (
-        median(runs.iter().map(|r| r.0).collect()),
-        median(runs.iter().map(|r| r.1).collect()),
-        median(runs.iter().map(|r| r.1 / r.0).collect()),
-    )
+    portway_testkit::bench::pair_medians(&runs)
 }
 
 #[tokio::main]

@@ -14,7 +14,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use portway_api::{Connector, ConnectorAdvertisement, ConnectorClass, HttpProxy};
 use portway_discovery::endpoint;
-use portway_testkit::{HttpTarget, Process, curl, eventually, kube_client, kubeconfig_with_token};
+use portway_testkit::{
+    HttpTarget, LocalUi, Process, eventually, kube_client, kubeconfig_with_token,
+};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -620,41 +622,17 @@ async fn the_local_ui_edits_the_agents_config_file() {
         )
         .await
         .unwrap();
-    let base = agent.ready()["ui"]["url"].as_str().unwrap().to_owned();
-    let token = format!(
-        "x-portway-token: {}",
-        agent.ready()["ui"]["token"].as_str().unwrap()
-    );
-    let send = |method: &str, path: &str, body: &str| {
-        let args: Vec<String> = [
-            "-X",
-            method,
-            "-H",
-            &token,
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-            &format!("{base}{path}"),
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            curl(&args).await
-        }
-    };
-    let (_, info) = curl(&["-H", &token, &format!("{base}api/info")]).await;
+    let ui = LocalUi::of(&agent);
+    let (_, info) = ui.get("/api/info").await;
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         (info["mode"].as_str(), info["editable"].as_bool()),
         (Some("agent"), Some(true))
     );
 
-    let (status, body) = send(
+    let (status, body) = ui.send(
         "POST",
-        "api/tunnels",
+        "/api/tunnels",
         r#"{"name":"api","target":"127.0.0.1:8000","protocol":"http","hostnames":["api.example.com"]}"#,
     ).await;
     assert_eq!(status, 201, "{body}");
@@ -676,12 +654,13 @@ async fn the_local_ui_edits_the_agents_config_file() {
     })
     .await;
 
-    let (status, body) = send(
-        "PUT",
-        "api/tunnels/api",
-        r#"{"name":"api","target":"127.0.0.1:8001","hostnames":["api2.example.com"]}"#,
-    )
-    .await;
+    let (status, body) = ui
+        .send(
+            "PUT",
+            "/api/tunnels/api",
+            r#"{"name":"api","target":"127.0.0.1:8001","hostnames":["api2.example.com"]}"#,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(
         std::fs::read_to_string(&config)
@@ -704,41 +683,41 @@ async fn the_local_ui_edits_the_agents_config_file() {
     for (method, path, body, status, field) in [
         (
             "POST",
-            "api/tunnels",
+            "/api/tunnels",
             r#"{"name":"x","target":"nowhere"}"#,
             422,
             Some("target"),
         ),
         (
             "POST",
-            "api/tunnels",
+            "/api/tunnels",
             r#"{"name":"web","target":"127.0.0.1:1"}"#,
             409,
             Some("name"),
         ),
         (
             "PUT",
-            "api/tunnels/cli",
+            "/api/tunnels/cli",
             r#"{"name":"cli","target":"127.0.0.1:1"}"#,
             404,
             None,
         ),
         (
             "POST",
-            "api/tunnels",
+            "/api/tunnels",
             r#"{"name":"cli","target":"127.0.0.1:1"}"#,
             409,
             None,
         ),
     ] {
-        let (got, answer) = send(method, path, body).await;
+        let (got, answer) = ui.send(method, path, body).await;
         assert_eq!(got, status, "{method} {path} {body}: {answer}");
         let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
         assert_eq!(answer["field"].as_str(), field, "{answer}");
     }
     assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
 
-    let (status, body) = send("DELETE", "api/tunnels/api", "").await;
+    let (status, body) = ui.send("DELETE", "/api/tunnels/api", "").await;
     assert_eq!(status, 204, "{body}");
     assert_eq!(std::fs::read_to_string(&config).unwrap(), original);
     eventually("the removed tunnel's proxy is gone", WAIT, || async {
@@ -749,7 +728,7 @@ async fn the_local_ui_edits_the_agents_config_file() {
         Ok(())
     })
     .await;
-    let (_, all) = curl(&["-H", &token, &format!("{base}api/tunnels")]).await;
+    let (_, all) = ui.get("/api/tunnels").await;
     let all: serde_json::Value = serde_json::from_str(&all).unwrap();
     let names: Vec<&str> = all["tunnels"]
         .as_array()

@@ -284,3 +284,16 @@ pub fn wrk_rps(edge: std::net::SocketAddr, host: &str, path: &str, headers: &[&s
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"))
 }
+
+/// Side-by-side pairs `(without, with)`: the medians of each side and of the ratios.
+pub fn pair_medians(runs: &[(f64, f64)]) -> (f64, f64, f64) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+    };
+    (
+        median(runs.iter().map(|r| r.0).collect()),
+        median(runs.iter().map(|r| r.1).collect()),
+        median(runs.iter().map(|r| r.1 / r.0).collect()),
+    )
+}

@@ -592,3 +592,53 @@ pub async fn curl(args: &[&str]) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
+
+/// The local UI of a running `portway http` or `portway agent`, as a script uses it:
+/// the address and token from its ready file, every call with the token header.
+pub struct LocalUi {
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub base: String,
+    pub token: String,
+}
+
+impl LocalUi {
+    /// # Panics
+    /// When the ready file has no `ui`.
+    pub fn of(process: &Process) -> Self {
+        let ui = &process.ready()["ui"];
+        Self {
+            base: ui["url"]
+                .as_str()
+                .expect("ui url in the ready file")
+                .trim_end_matches('/')
+                .to_owned(),
+            token: ui["token"].as_str().expect("ui token").to_owned(),
+        }
+    }
+
+    /// The token as the header a script sends.
+    pub fn header(&self) -> String {
+        format!("x-portway-token: {}", self.token)
+    }
+
+    /// A read of `path` (from `/`).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        curl(&["-H", &self.header(), &format!("{}{path}", self.base)]).await
+    }
+
+    /// `method path` with a JSON body.
+    pub async fn send(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        curl(&[
+            "-X",
+            method,
+            "-H",
+            &self.header(),
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            &format!("{}{path}", self.base),
+        ])
+        .await
+    }
+}

@@ -300,20 +300,17 @@ mod tests {
         ]);
         assert_eq!(check(&post, &own, None, 4040, t), None);
     }
-}
 
-#[cfg(test)]
-mod query_tests {
     #[test]
     fn query_values_are_decoded() {
         assert_eq!(
-            super::query_value(Some("token=abc"), "token").as_deref(),
+            query_value(Some("token=abc"), "token").as_deref(),
             Some("abc")
         );
         assert_eq!(
-            super::query_value(Some("reveal=%31&a=b"), "reveal").as_deref(),
+            query_value(Some("reveal=%31&a=b"), "reveal").as_deref(),
             Some("1")
         );
-        assert_eq!(super::query_value(None, "token"), None);
+        assert_eq!(query_value(None, "token"), None);
     }
 }

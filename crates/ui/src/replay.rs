@@ -1,7 +1,7 @@
 //! Replay: a recorded request sent again, as it was or edited, straight to the tunnel's
 //! local target (never anywhere else), and its answer recorded like any other exchange.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
@@ -120,26 +120,18 @@ impl Request {
 /// Sends `req` to `target` on a connection of its own; the exchange says what happened
 /// (its `error` when no answer came).
 pub async fn send(target: &Target, req: Request) -> Exchange {
-    let started = SystemTime::now();
     let at = Instant::now();
-    let mut exchange = Exchange {
-        started,
-        method: req.method.to_string(),
-        target: req.path.clone(),
-        request_headers: req.headers.clone(),
-        request_body: capture(&req.body, req.body.len() as u64),
-        status: None,
-        response_headers: Vec::new(),
-        response_body: Body::default(),
-        duration: Duration::ZERO,
-        error: None,
-        upgraded: false,
-    };
+    let mut exchange = Exchange::new(
+        req.method.to_string(),
+        req.path.clone(),
+        req.headers.clone(),
+    );
+    exchange.request_body.keep(&req.body, BODY_CAP);
     match tokio::time::timeout(ANSWER_TIMEOUT, exchange_with(target, req)).await {
-        Ok(Ok((status, headers, body, size))) => {
+        Ok(Ok((status, headers, body))) => {
             exchange.status = Some(status);
             exchange.response_headers = headers;
-            exchange.response_body = capture(&body, size);
+            exchange.response_body = body;
         }
         Ok(Err(why)) => exchange.error = Some(why),
         Err(_) => {
@@ -153,15 +145,7 @@ pub async fn send(target: &Target, req: Request) -> Exchange {
     exchange
 }
 
-fn capture(bytes: &[u8], size: u64) -> Body {
-    Body {
-        bytes: bytes[..bytes.len().min(BODY_CAP)].to_vec(),
-        size,
-        truncated: size > BODY_CAP as u64,
-    }
-}
-
-type Answer = (u16, Vec<(String, Vec<u8>)>, Vec<u8>, u64);
+type Answer = (u16, Vec<(String, Vec<u8>)>, Body);
 
 async fn exchange_with(target: &Target, req: Request) -> Result<Answer, String> {
     let addr = target.to_string();
@@ -204,19 +188,16 @@ async fn exchange_with(target: &Target, req: Request) -> Result<Answer, String> 
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
         .collect();
-    let mut body = resp.into_body();
-    let mut kept = Vec::new();
-    let mut size = 0u64;
-    while let Some(frame) = body.frame().await {
+    let mut incoming = resp.into_body();
+    let mut body = Body::default();
+    while let Some(frame) = incoming.frame().await {
         let frame = frame.map_err(|e| format!("the app's answer broke off: {e}"))?;
         if let Ok(data) = frame.into_data() {
-            size += data.len() as u64;
-            let room = BODY_CAP.saturating_sub(kept.len());
-            kept.extend_from_slice(&data[..data.len().min(room)]);
+            body.keep(&data, BODY_CAP);
         }
     }
     conn.abort();
-    Ok((status, headers, kept, size))
+    Ok((status, headers, body))
 }
 
 #[cfg(test)]
@@ -224,26 +205,17 @@ mod tests {
     use super::*;
 
     fn original() -> Exchange {
-        Exchange {
-            started: SystemTime::now(),
-            method: "POST".into(),
-            target: "/hook".into(),
-            request_headers: vec![
+        let mut e = Exchange::new(
+            "POST".into(),
+            "/hook".into(),
+            vec![
                 ("Host".into(), b"a.example".to_vec()),
                 ("Authorization".into(), b"Bearer t".to_vec()),
             ],
-            request_body: Body {
-                bytes: b"{}".to_vec(),
-                size: 2,
-                truncated: false,
-            },
-            status: Some(200),
-            response_headers: Vec::new(),
-            response_body: Body::default(),
-            duration: Duration::ZERO,
-            error: None,
-            upgraded: false,
-        }
+        );
+        e.request_body.keep(b"{}", BODY_CAP);
+        e.status = Some(200);
+        e
     }
 
     #[test]

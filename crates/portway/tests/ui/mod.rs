@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use portway_testkit::{Process, curl, eventually};
+use portway_testkit::{LocalUi, Process, curl, eventually};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
@@ -82,49 +82,6 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-/// The local UI of a running `portway http`.
-struct Ui {
-    base: String,
-    token: String,
-}
-
-impl Ui {
-    fn of(http: &Process) -> Self {
-        let ui = &http.ready()["ui"];
-        Self {
-            base: ui["url"]
-                .as_str()
-                .expect("ui url in the ready file")
-                .trim_end_matches('/')
-                .to_owned(),
-            token: ui["token"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    /// A read, with the token as a script sends it.
-    async fn get(&self, path: &str) -> (u16, String) {
-        let token = format!("x-portway-token: {}", self.token);
-        curl(&["-H", &token, &format!("{}{path}", self.base)]).await
-    }
-
-    /// A change, with the token and a JSON body.
-    async fn send(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let token = format!("x-portway-token: {}", self.token);
-        curl(&[
-            "-X",
-            method,
-            "-H",
-            &token,
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-            &format!("{}{path}", self.base),
-        ])
-        .await
-    }
-}
-
 /// One step of `drive.mjs` in headless Chromium (Debian's, through npm's
 /// playwright-core, which `.ci/run` installs): what it saw, as JSON. A script error or a
 /// CSP refusal on the page fails it.
@@ -161,22 +118,29 @@ fn screenshots() -> PathBuf {
     dir
 }
 
-#[tokio::test]
-async fn the_local_ui_inspects_replays_and_pauses() {
+/// `portway up`, a counting app, and `portway http` publishing it at `host` with its UI
+/// on a free port; and curl's `--resolve` for `host` at the edge.
+async fn published(host: &str) -> (Stack, App, Process, LocalUi, String) {
     let stack = Stack::start().await;
     let app = App::spawn().await;
-    let host = "inspect.localhost";
     let http = stack
         .http_to(app.addr.port(), host, 30, &["--ui", "127.0.0.1:0"])
         .await
         .unwrap();
-    let ui = Ui::of(&http);
-    let public = format!("http://{host}:{}", stack.edge.port());
+    let ui = LocalUi::of(&http);
     let resolve = format!("{host}:{}:127.0.0.1", stack.edge.port());
+    (stack, app, http, ui, resolve)
+}
+
+#[tokio::test]
+async fn the_local_ui_inspects_replays_and_pauses() {
+    let host = "inspect.localhost";
+    let (stack, app, http, ui, resolve) = published(host).await;
+    let public = format!("http://{host}:{}", stack.edge.port());
 
     // The live stream, open before the request, as the page keeps it.
     let mut events = tokio::process::Command::new("curl")
-        .args(["-sN", "-H", &format!("x-portway-token: {}", ui.token)])
+        .args(["-sN", "-H", &ui.header()])
         .arg(format!("{}/api/events", ui.base))
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -383,15 +347,8 @@ async fn the_local_ui_inspects_replays_and_pauses() {
 /// Origin) and a local script without the token get nothing and change nothing.
 #[tokio::test]
 async fn the_local_ui_refuses_other_sites_and_requests_without_its_token() {
-    let stack = Stack::start().await;
-    let app = App::spawn().await;
     let host = "guarded.localhost";
-    let http = stack
-        .http_to(app.addr.port(), host, 30, &["--ui", "127.0.0.1:0"])
-        .await
-        .unwrap();
-    let ui = Ui::of(&http);
-    let resolve = format!("{host}:{}:127.0.0.1", stack.edge.port());
+    let (stack, app, http, ui, resolve) = published(host).await;
     curl(&[
         "--resolve",
         &resolve,
@@ -403,7 +360,7 @@ async fn the_local_ui_refuses_other_sites_and_requests_without_its_token() {
     let id = json(&list)["requests"][0]["id"].as_u64().unwrap();
     let replay = format!("{}/api/requests/{id}/replay", ui.base);
     let port = ui.base.rsplit(':').next().unwrap().to_owned();
-    let token = format!("x-portway-token: {}", ui.token);
+    let token = ui.header();
     for (what, args) in [
         // Another user or program on the machine, without the token.
         (
