@@ -27,8 +27,10 @@ try {
     const [id, path, dir] = args;
     await page.goto(`${base}/#/tunnels`);
     await page.waitForSelector('[data-tunnel][data-state="online"]');
-    // The chart has a second of samples.
-    await page.waitForTimeout(1200);
+    // The chart shows the request made before (a second's sample of it).
+    await page.waitForFunction(() =>
+      [...document.querySelectorAll('[data-tunnel] svg rect')]
+        .some((r) => parseFloat(r.getAttribute('height') || '0') > 0));
     await page.screenshot({ path: `${dir}/tunnels.png`, fullPage: true });
     out.tunnels = await page.locator('[data-tunnel]').first().innerText();
     await page.goto(`${base}/#/inspect`);
